@@ -1,0 +1,75 @@
+# nbd-mirror: the project's vocabulary as make targets.
+#
+#   make build        release binaries (target/release/mirrord, mirrorctl)
+#   make test         deps, fmt check, clippy, all cargo tests (unit, sim,
+#                     integration with real NBD clients); what CI runs
+#   make lint         fmt check, clippy, script syntax checks
+#   make test-reference   the NBD client/bad-input tests against qemu-nbd,
+#                     to tell a test bug from a server bug
+#   make demo         tools/demo.sh
+#   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10)
+#   make fuzz         tools/fuzz.sh (FUZZ_SECONDS, default 60)
+#   make vm-smoke / vm-test   from vm-images/vm.mk, when present
+#
+# Which binaries the integration tests run: the ones cargo builds for the
+# test run itself (debug profile, so debug_assert! invariants are live).
+# Set MIRRORD_BIN / MIRRORCTL_BIN to test other builds, e.g.
+#   make test MIRRORD_BIN=$PWD/target/release/mirrord MIRRORCTL_BIN=$PWD/target/release/mirrorctl
+# The benchmark always uses the release build.
+
+CARGO ?= cargo
+FUZZ_SECONDS ?= 60
+BENCH_SECONDS ?= 10
+PYTHON := /usr/bin/python3
+
+export MIRRORD_BIN
+export MIRRORCTL_BIN
+
+SHELL_SCRIPTS := $(wildcard tools/*.sh tools/bench/*.sh .ci/run)
+PY_SCRIPTS := $(wildcard tests/clients/*.py tools/bench/*.py)
+
+.PHONY: all build deps test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz
+
+all: build
+
+build:
+	$(CARGO) build --release --bins
+
+deps:
+	tools/install-deps.sh
+
+test: deps lint cargo-test
+
+cargo-test:
+	$(CARGO) test --all-targets
+	$(CARGO) test --doc
+
+lint: fmt-check clippy scripts-check
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+scripts-check:
+	@for f in $(SHELL_SCRIPTS); do bash -n "$$f" || exit 1; done
+	@if command -v shellcheck >/dev/null 2>&1; then shellcheck -S warning $(SHELL_SCRIPTS); fi
+	@$(PYTHON) -c 'import ast, sys; [ast.parse(open(f).read(), f) for f in sys.argv[1:]]' $(PY_SCRIPTS)
+	@echo "scripts-check: $(words $(SHELL_SCRIPTS)) shell and $(words $(PY_SCRIPTS)) python scripts parse"
+
+test-reference: deps
+	NBD_TEST_SERVER=qemu-nbd $(CARGO) test --test nbd_qemu_clients --test nbd_libnbd_clients \
+		--test nbd_fio --test nbd_bad_input --test sigterm
+
+demo: build
+	tools/demo.sh
+
+bench: deps build
+	BENCH_SECONDS=$(BENCH_SECONDS) tools/bench/bench.sh
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) tools/fuzz.sh
+
+# vm-smoke / vm-test (written separately; absent is fine).
+-include vm-images/vm.mk

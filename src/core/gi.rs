@@ -1,0 +1,144 @@
+//! Generation identifiers and the sync decision on connect (docs/SYNC-DECISION.md).
+
+use crate::peer::Gis;
+
+/// What one side brings to the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side {
+    pub gis: Gis,
+    /// The disk holds a whole, consistent image (up-to-date or outdated).
+    pub consistent: bool,
+    /// It was up to date when last known (not outdated).
+    pub up_to_date: bool,
+    pub crashed_primary: bool,
+    /// The disk was never synced since create-md.
+    pub full_sync_needed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Same data; nothing to move.
+    InSync,
+    /// This node sends; `full` = every block, else the merged bitmap.
+    Source { full: bool },
+    Target { full: bool },
+    /// Both changed independently since they last agreed.
+    SplitBrain { full: bool },
+    /// Neither disk is consistent: wait for `primary --force` on one.
+    NoGoodData,
+    /// The identifiers share no history: refuse.
+    Unrelated,
+}
+
+impl Decision {
+    /// The same decision seen from the peer.
+    pub fn mirrored(self) -> Decision {
+        match self {
+            Decision::Source { full } => Decision::Target { full },
+            Decision::Target { full } => Decision::Source { full },
+            other => other,
+        }
+    }
+}
+
+/// Decides from both sides' identifiers. `me_first` breaks ties deterministically
+/// (true on the node whose name sorts first); `decide(a, b, t) == decide(b, a, !t).mirrored()`.
+pub fn decide(me: &Side, peer: &Side, me_first: bool) -> Decision {
+    match (me.consistent, peer.consistent) {
+        (false, false) => return Decision::NoGoodData,
+        (true, false) => return Decision::Source { full: peer.full_sync_needed || !related(me, peer) },
+        (false, true) => return Decision::Target { full: me.full_sync_needed || !related(me, peer) },
+        (true, true) => {}
+    }
+    let (mc, pc) = (me.gis.current, peer.gis.current);
+    if mc == pc {
+        return match (me.crashed_primary, peer.crashed_primary) {
+            (false, false) => Decision::InSync,
+            (true, false) => Decision::Source { full: false },
+            (false, true) => Decision::Target { full: false },
+            (true, true) => {
+                if me_first {
+                    Decision::Source { full: false }
+                } else {
+                    Decision::Target { full: false }
+                }
+            }
+        };
+    }
+    let mb = me.gis.bitmap;
+    let pb = peer.gis.bitmap;
+    if mb != 0 && mb == pc {
+        return Decision::Source { full: false };
+    }
+    if pb != 0 && pb == mc {
+        return Decision::Target { full: false };
+    }
+    if mb != 0 && mb == pb {
+        return Decision::SplitBrain { full: false };
+    }
+    if me.gis.history.contains(&pc) && pc != 0 {
+        return Decision::Source { full: true };
+    }
+    if peer.gis.history.contains(&mc) && mc != 0 {
+        return Decision::Target { full: true };
+    }
+    if related(me, peer) {
+        return Decision::SplitBrain { full: true };
+    }
+    Decision::Unrelated
+}
+
+fn related(a: &Side, b: &Side) -> bool {
+    let ids = |s: &Side| [s.gis.current, s.gis.bitmap, s.gis.history[0], s.gis.history[1]];
+    let bs = ids(b);
+    ids(a).iter().any(|x| *x != 0 && bs.contains(x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn side(current: u64, bitmap: u64, history: [u64; 2]) -> Side {
+        Side {
+            gis: Gis { current, bitmap, history },
+            consistent: true,
+            up_to_date: true,
+            crashed_primary: false,
+            full_sync_needed: false,
+        }
+    }
+
+    fn both(a: &Side, b: &Side) -> Decision {
+        let d = decide(a, b, true);
+        assert_eq!(decide(b, a, false), d.mirrored(), "asymmetric for {a:?} {b:?}");
+        d
+    }
+
+    #[test]
+    fn table() {
+        // Same data.
+        assert_eq!(both(&side(10, 0, [0, 0]), &side(10, 0, [0, 0])), Decision::InSync);
+        // A went on alone (bitmap = old current).
+        assert_eq!(both(&side(20, 10, [0, 0]), &side(10, 0, [0, 0])), Decision::Source { full: false });
+        assert_eq!(both(&side(10, 0, [0, 0]), &side(20, 10, [0, 0])), Decision::Target { full: false });
+        // Both went on alone from 10.
+        assert_eq!(both(&side(20, 10, [0, 0]), &side(30, 10, [0, 0])), Decision::SplitBrain { full: false });
+        // A's bitmap no longer reaches back to B: full sync.
+        assert_eq!(both(&side(40, 30, [10, 0]), &side(10, 0, [0, 0])), Decision::Source { full: true });
+        // Unrelated.
+        assert_eq!(both(&side(1, 0, [0, 0]), &side(2, 0, [0, 0])), Decision::Unrelated);
+        // Crashed primary is the source.
+        let mut c = side(10, 0, [0, 0]);
+        c.crashed_primary = true;
+        assert_eq!(both(&c, &side(10, 0, [0, 0])), Decision::Source { full: false });
+        // Inconsistent side is the target.
+        let mut i = side(10, 0, [0, 0]);
+        i.consistent = false;
+        assert_eq!(both(&side(12, 10, [0, 0]), &i), Decision::Source { full: false });
+        i.full_sync_needed = true;
+        assert_eq!(both(&side(12, 10, [0, 0]), &i), Decision::Source { full: true });
+        let mut j = i;
+        j.gis.current = 99;
+        assert_eq!(both(&i, &j), Decision::NoGoodData);
+    }
+}

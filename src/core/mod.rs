@@ -1,0 +1,19 @@
+//! The node core: the sans-IO replication state machine.
+//!
+//! It owns the role, disk and connection states, the generation identifiers,
+//! the per-disk write order, the in-flight request table, the out-of-sync
+//! bitmap and the activity log. The daemon (or the simulator) feeds it
+//! [`Event`]s and carries out the [`Action`]s it returns; it never does I/O and
+//! never reads a clock.
+
+pub mod activity_log;
+pub mod bitmap;
+pub mod gi;
+mod node;
+pub mod ordering;
+mod replication;
+mod resync;
+mod types;
+
+pub use node::Node;
+pub use types::*;

@@ -1,0 +1,979 @@
+//! The node state machine: local NBD requests, the disk order, the activity log,
+//! roles and metadata. Peer messages are in `replication.rs`, resync in `resync.rs`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::activity_log::{ActivityLog, Admit, EXTENT};
+use super::bitmap::{Bitmap, BLOCK};
+use super::ordering::{DiskOrder, Range};
+use super::resync::Resync;
+use super::types::*;
+use crate::peer::{Gis, Message, PeerDisk, PeerRole};
+
+/// What the peer told us about itself.
+#[derive(Debug, Clone)]
+pub(super) struct PeerView {
+    pub role: Role,
+    pub disk: DiskState,
+    pub hello: crate::peer::Hello,
+}
+
+/// Between the peer's Hello and the sync decision.
+#[derive(Debug, Default)]
+pub(super) struct Handshake {
+    pub peer_words: Vec<u64>,
+    pub bitmap_done: bool,
+}
+
+#[derive(Debug)]
+pub(super) enum Io {
+    /// One piece of a write entry.
+    WritePart { write: u64 },
+    Read { conn: ConnId, cookie: u64 },
+    Flush { req: u64 },
+    /// A flush the peer asked for.
+    PeerFlush { id: u64 },
+    /// A read the peer asked for (we are its sync source).
+    PeerRead { id: u64 },
+    /// Resync or checksum read of the local disk.
+    ResyncRead { write: u64 },
+    /// Read to answer a peer's checksum request.
+    ChecksumRead { id: u64, verify: bool },
+}
+
+#[derive(Debug)]
+pub(super) enum Origin {
+    Local { req: u64 },
+    Peer { seq: u64, resync: bool, epoch: u64 },
+    /// A resync read on the sync source; holds the order until its data is queued.
+    ResyncRead,
+}
+
+/// An entry of the disk order.
+#[derive(Debug)]
+pub(super) struct WriteEntry {
+    pub range: Range,
+    pub origin: Origin,
+    /// What to submit once it may start (a trimmed peer write may have several pieces or none).
+    pub pieces: Vec<DiskOp>,
+    pub parts_pending: u32,
+    pub ready: bool,
+    pub al_ok: bool,
+    pub submitted: bool,
+    pub error: u32,
+}
+
+#[derive(Debug)]
+pub(super) struct Req {
+    pub conn: ConnId,
+    pub cookie: u64,
+    pub range: Range,
+    pub is_flush: bool,
+    pub local_pending: bool,
+    /// The reply waits for the peer's RecvAck (protocol B).
+    pub wait_recv: bool,
+    /// The reply waits for the peer's WriteAck / FlushAck (protocol C, FUA, flush).
+    pub wait_ack: bool,
+    pub ack_outstanding: bool,
+    pub recv_got: bool,
+    pub error: u32,
+    pub replied: bool,
+    pub al_held: bool,
+}
+
+/// A local write the peer has not acknowledged yet (for conflict detection).
+#[derive(Debug)]
+pub(super) struct Recent {
+    pub range: Range,
+    pub req: Option<u64>,
+    pub sent_ms: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct PeerFlush {
+    pub id: u64,
+    pub waiting: BTreeSet<u64>,
+}
+
+pub struct Node {
+    pub(super) cfg: CoreConfig,
+    pub(super) rng: u64,
+    pub(super) role: Role,
+    pub(super) disk: DiskState,
+    pub(super) meta: MetaState,
+    pub(super) conn: ConnState,
+    pub(super) repl: Replication,
+    pub(super) peer: Option<PeerView>,
+    pub(super) want_connect: bool,
+    pub(super) discard_my_data: bool,
+    pub(super) handshake: Option<Handshake>,
+    pub(super) held: Vec<(ConnId, u64, IoRequest)>,
+    pub(super) clients: BTreeSet<ConnId>,
+    pub(super) next_id: u64,
+    pub(super) ios: HashMap<u64, Io>,
+    pub(super) reqs: HashMap<u64, Req>,
+    pub(super) order: DiskOrder,
+    pub(super) writes: HashMap<u64, WriteEntry>,
+    pub(super) bitmap: Bitmap,
+    pub(super) al: Option<ActivityLog>,
+    pub(super) al_waiting: Vec<u64>,
+    pub(super) al_txn: Option<u64>,
+    pub(super) sb_txn: Option<u64>,
+    pub(super) sb_again: bool,
+    /// Local writes wait while a superblock with new identifiers is being persisted.
+    pub(super) gate_writes: bool,
+    pub(super) seq: u64,
+    pub(super) peer_seen: u64,
+    pub(super) recent: BTreeMap<u64, Recent>,
+    pub(super) peer_flushes: Vec<PeerFlush>,
+    pub(super) peer_reads: HashMap<u64, (ConnId, u64)>,
+    pub(super) now_ms: u64,
+    pub(super) last_ping_ms: u64,
+    pub(super) ping_outstanding: Option<u64>,
+    pub(super) last_bitmap_save_ms: u64,
+    pub(super) out: Vec<Action>,
+    pub(super) resync: Option<Resync>,
+    pub(super) split_brain: bool,
+    pub(super) suspended: bool,
+    /// This node crashed while primary and has not synced since.
+    pub(super) crashed_primary: bool,
+    /// Incremented on every new peer connection; acks of older links are dropped.
+    pub(super) link_epoch: u64,
+    pub(super) last_verify: Option<u64>,
+}
+
+impl Node {
+    /// A node starting from persisted metadata. `bitmap_words` and `active_extents`
+    /// come from the metadata store; `seed` feeds the generator of new identifiers.
+    pub fn new(cfg: CoreConfig, meta: MetaState, bitmap_words: &[u64], active_extents: &[u32], seed: u64) -> Node {
+        let mut bitmap = Bitmap::from_words(cfg.data_size, cfg.bitmap_bits_per_page, bitmap_words);
+        let crashed = meta.flags & md_flags::PRIMARY != 0;
+        // Whatever was hot in the activity log may differ from the peer: mark it.
+        let mut replayed = 0;
+        for e in active_extents {
+            let start = *e as u64 * EXTENT;
+            if start < cfg.data_size {
+                let len = EXTENT.min(cfg.data_size - start);
+                replayed += bitmap.set_range(Range::new(start, len));
+            }
+        }
+        let disk = if meta.flags & md_flags::CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else if meta.flags & md_flags::WAS_UP_TO_DATE == 0 {
+            DiskState::Outdated
+        } else {
+            DiskState::UpToDate
+        };
+        let al = cfg.peer.as_ref().map(|_| ActivityLog::new(cfg.al_slots, &[]));
+        let mut node = Node {
+            rng: seed | 1,
+            role: Role::Secondary,
+            disk,
+            conn: ConnState::Standalone,
+            repl: Replication::Off,
+            peer: None,
+            want_connect: cfg.peer.is_some(),
+            discard_my_data: false,
+            handshake: None,
+            held: Vec::new(),
+            clients: BTreeSet::new(),
+            next_id: 1,
+            ios: HashMap::new(),
+            reqs: HashMap::new(),
+            order: DiskOrder::new(),
+            writes: HashMap::new(),
+            bitmap,
+            al,
+            al_waiting: Vec::new(),
+            al_txn: None,
+            sb_txn: None,
+            sb_again: false,
+            gate_writes: false,
+            seq: 0,
+            peer_seen: 0,
+            recent: BTreeMap::new(),
+            peer_flushes: Vec::new(),
+            peer_reads: HashMap::new(),
+            now_ms: 0,
+            last_ping_ms: 0,
+            ping_outstanding: None,
+            last_bitmap_save_ms: 0,
+            out: Vec::new(),
+            resync: None,
+            split_brain: false,
+            suspended: false,
+            crashed_primary: false,
+            link_epoch: 0,
+            last_verify: None,
+            meta: meta.clone(),
+            cfg,
+        };
+        if crashed || replayed > 0 || !active_extents.is_empty() {
+            // Persist the replayed bitmap and an empty activity log, keep the crash mark
+            // (it tells the peer this node was a crashed primary) until the next sync.
+            let pages = node.bitmap.take_dirty();
+            node.persist_bitmap_pages(pages);
+            if node.al.is_some() {
+                let id = node.new_id();
+                node.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(Vec::new()) });
+            }
+            node.notify("activity-log-replayed", json!({ "blocks": replayed, "crashed_primary": crashed }));
+        }
+        // The primary mark is set again on promotion; the crash is remembered
+        // (and told to the peer) until the next completed sync.
+        node.meta.flags &= !md_flags::PRIMARY;
+        node.crashed_primary = crashed;
+        if node.cfg.peer.is_some() {
+            node.out.push(Action::Connect);
+            node.conn = ConnState::Connecting;
+        }
+        node
+    }
+
+    /// Takes the actions produced so far.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// Appends the actions produced so far to `out`.
+    pub fn drain_actions(&mut self, out: &mut Vec<Action>) {
+        out.append(&mut self.out);
+    }
+
+    pub(super) fn new_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// A fresh, nonzero generation identifier with the low bit clear.
+    pub(super) fn new_gi(&mut self) -> u64 {
+        loop {
+            // splitmix64
+            self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let v = z & !1;
+            if v != 0 {
+                return v;
+            }
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn disk_state(&self) -> DiskState {
+        self.disk
+    }
+
+    pub fn meta(&self) -> &MetaState {
+        &self.meta
+    }
+
+    pub fn bitmap_words(&self) -> &[u64] {
+        self.bitmap.words()
+    }
+
+    pub fn out_of_sync_blocks(&self) -> u64 {
+        self.bitmap.count()
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.reqs.is_empty() && self.writes.is_empty() && self.ios.is_empty() && self.resync.is_none()
+    }
+
+    pub(super) fn notify(&mut self, event: &str, mut detail: serde_json::Value) {
+        if let Some(obj) = detail.as_object_mut() {
+            obj.insert("event".into(), json!(event));
+            obj.insert("resource".into(), json!(self.cfg.resource));
+            obj.insert("node".into(), json!(self.cfg.node));
+        }
+        self.out.push(Action::Notify(detail));
+    }
+
+    pub(super) fn peer_disk_of(d: DiskState) -> PeerDisk {
+        match d {
+            DiskState::UpToDate => PeerDisk::UpToDate,
+            DiskState::Inconsistent => PeerDisk::Inconsistent,
+            DiskState::Outdated => PeerDisk::Outdated,
+            DiskState::Failed => PeerDisk::Failed,
+            DiskState::Diskless => PeerDisk::Diskless,
+        }
+    }
+
+    pub(super) fn peer_role_of(r: Role) -> PeerRole {
+        match r {
+            Role::Primary => PeerRole::Primary,
+            Role::Secondary => PeerRole::Secondary,
+        }
+    }
+
+    /// Whether writes are currently mirrored to the peer.
+    pub(super) fn replicating(&self) -> bool {
+        self.conn == ConnState::Connected && self.handshake.is_none() && self.repl != Replication::Off
+    }
+
+    pub(super) fn send(&mut self, m: Message) {
+        if self.conn == ConnState::Connected {
+            self.out.push(Action::Send(m));
+        }
+    }
+
+    pub(super) fn send_state(&mut self) {
+        let m = Message::State { role: Self::peer_role_of(self.role), disk: Self::peer_disk_of(self.disk) };
+        self.send(m);
+    }
+
+    // ----- events -----
+
+    pub fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Request { conn, cookie, req } => self.on_request(conn, cookie, req),
+            Event::DiskDone { id, result } => self.on_disk_done(id, result),
+            Event::MetaDone { id, ok } => self.on_meta_done(id, ok),
+            Event::PeerUp { hello } => self.on_peer_up(hello),
+            Event::PeerMsg(m) => self.on_peer_msg(m),
+            Event::PeerDown { reason } => self.on_peer_down(&reason),
+            Event::Tick { now_ms } => self.on_tick(now_ms),
+            Event::Admin { id, cmd } => self.on_admin(id, cmd),
+        }
+    }
+
+    /// An NBD client wants the export: Ok if this node serves I/O (auto-promoting
+    /// if allowed), else the reason it does not.
+    pub fn attach_client(&mut self, conn: ConnId) -> Result<(), String> {
+        if self.role != Role::Primary {
+            if !self.cfg.auto_promote {
+                return Err(format!(
+                    "resource {} is secondary on {} (auto-promote is off; run `mirrorctl primary`)",
+                    self.cfg.resource, self.cfg.node
+                ));
+            }
+            self.promote(false)?;
+        }
+        self.clients.insert(conn);
+        self.notify("client-attached", json!({ "conn": conn, "clients": self.clients.len() }));
+        Ok(())
+    }
+
+    /// The NBD connection is gone and all its requests have been answered.
+    pub fn detach_client(&mut self, conn: ConnId) {
+        if self.clients.remove(&conn) {
+            self.notify("client-detached", json!({ "conn": conn, "clients": self.clients.len() }));
+            if self.clients.is_empty() && self.cfg.auto_promote && self.role == Role::Primary {
+                self.demote();
+            }
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        Status {
+            resource: self.cfg.resource.clone(),
+            node: self.cfg.node.clone(),
+            role: self.role,
+            disk: self.disk,
+            size_bytes: self.cfg.data_size,
+            out_of_sync_bytes: self.bitmap.bytes(),
+            nbd_clients: self.clients.len(),
+            peer: self.cfg.peer.as_ref().map(|name| PeerStatus {
+                name: name.clone(),
+                connection: self.conn,
+                replication: if self.conn == ConnState::Connected { self.repl } else { Replication::Off },
+                role: self.peer.as_ref().map(|p| p.role),
+                disk: self.peer.as_ref().map(|p| p.disk),
+            }),
+            resync: self.resync.as_ref().map(|r| r.status(self.now_ms)),
+            split_brain: self.split_brain,
+            suspended: self.suspended,
+        }
+    }
+
+    // ----- roles -----
+
+    pub(super) fn promote(&mut self, force: bool) -> Result<(), String> {
+        if self.role == Role::Primary {
+            return Ok(());
+        }
+        if self.handshake.is_some() {
+            return Err("the peer link is in its handshake; try again in a moment".into());
+        }
+        if let Some(p) = &self.peer {
+            if self.conn == ConnState::Connected && p.role == Role::Primary && !self.cfg.allow_two_primaries {
+                return Err(format!(
+                    "peer {} is primary and allow-two-primaries is false",
+                    self.cfg.peer.clone().unwrap_or_default()
+                ));
+            }
+        }
+        match self.disk {
+            DiskState::UpToDate => {}
+            DiskState::Inconsistent if self.repl == Replication::SyncTarget && !force => {
+                // A sync target may be primary: it reads missing blocks from the source.
+            }
+            DiskState::Inconsistent | DiskState::Outdated if force => {
+                if self.repl == Replication::SyncTarget {
+                    return Err("cannot force primary while being sync target".into());
+                }
+                self.disk = DiskState::UpToDate;
+                self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
+                self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
+                self.bump_current_gi();
+                self.notify("forced-up-to-date", json!({}));
+            }
+            other => {
+                return Err(format!(
+                    "disk is {} on {}; refusing to become primary (use --force to make this node's data the one that wins)",
+                    serde_json::to_value(other).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                    self.cfg.node
+                ))
+            }
+        }
+        self.role = Role::Primary;
+        self.meta.flags |= md_flags::PRIMARY;
+        if self.cfg.peer.is_some() && !self.replicating() {
+            // Writes from now on are not on the peer: start a new data generation.
+            self.bump_current_gi();
+        }
+        self.persist_superblock(true);
+        self.send_state();
+        self.notify("role", json!({ "role": "primary" }));
+        if force && self.replicating() {
+            if let Some(p) = &self.peer {
+                if p.disk != DiskState::UpToDate {
+                    self.start_resync_as_source(true, false);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn demote(&mut self) {
+        if self.role == Role::Secondary {
+            return;
+        }
+        self.role = Role::Secondary;
+        self.meta.flags &= !md_flags::PRIMARY;
+        self.persist_superblock(false);
+        self.send_state();
+        self.notify("role", json!({ "role": "secondary" }));
+    }
+
+    /// Starts a new data generation: this node's data now differs from the last common one.
+    pub(super) fn bump_current_gi(&mut self) {
+        let g = &mut self.meta.gis;
+        if g.bitmap == 0 {
+            g.bitmap = g.current;
+        } else if g.current != g.bitmap {
+            g.history = [g.current, g.history[0]];
+        }
+        let new = self.new_gi();
+        self.meta.gis.current = new;
+        self.notify("new-current-gi", json!({ "gis": gis_json(&self.meta.gis) }));
+    }
+
+    // ----- metadata -----
+
+    /// Queues a superblock write; with `gate`, local writes wait until it is durable.
+    pub(super) fn persist_superblock(&mut self, gate: bool) {
+        if gate {
+            self.gate_writes = true;
+        }
+        if self.sb_txn.is_some() {
+            self.sb_again = true;
+            return;
+        }
+        let id = self.new_id();
+        self.sb_txn = Some(id);
+        self.out.push(Action::Persist { id, write: MetaWrite::Superblock(self.meta.clone()) });
+    }
+
+    pub(super) fn persist_bitmap_pages(&mut self, pages: Vec<usize>) {
+        if pages.is_empty() {
+            return;
+        }
+        let id = self.new_id();
+        let words = std::sync::Arc::new(self.bitmap.words().to_vec());
+        self.out.push(Action::Persist { id, write: MetaWrite::BitmapPages { pages, words } });
+    }
+
+    fn on_meta_done(&mut self, id: u64, ok: bool) {
+        if !ok {
+            self.disk_failed("metadata write failed");
+        }
+        if self.al_txn == Some(id) {
+            self.al_txn = None;
+            if let Some(al) = self.al.as_mut() {
+                al.committed();
+            }
+            self.readmit_al_waiters();
+        }
+        if self.sb_txn == Some(id) {
+            self.sb_txn = None;
+            if self.sb_again {
+                self.sb_again = false;
+                self.persist_superblock(false);
+            } else if self.gate_writes {
+                self.gate_writes = false;
+                let ids: Vec<u64> = self.writes.keys().copied().collect();
+                for w in ids {
+                    self.try_start(w);
+                }
+            }
+        }
+    }
+
+    pub(super) fn disk_failed(&mut self, why: &str) {
+        if self.disk != DiskState::Failed {
+            self.disk = DiskState::Failed;
+            self.notify("disk-failed", json!({ "reason": why }));
+            self.send_state();
+        }
+    }
+
+    // ----- local requests -----
+
+    fn on_request(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
+        if self.role != Role::Primary || !self.clients.contains(&conn) {
+            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EPERM) });
+            return;
+        }
+        if self.handshake.is_some() {
+            self.held.push((conn, cookie, req));
+            return;
+        }
+        match req {
+            IoRequest::Read { offset, len } => self.local_read(conn, cookie, offset, len),
+            IoRequest::Flush => self.local_flush(conn, cookie),
+            IoRequest::Write { offset, data, fua } => {
+                let len = data.len() as u64;
+                self.local_write(conn, cookie, Range::new(offset, len), DiskOp::Write { offset, data, fua }, fua)
+            }
+            IoRequest::Trim { offset, len } => {
+                self.local_write(conn, cookie, Range::new(offset, len as u64), DiskOp::Trim { offset, len: len as u64 }, false)
+            }
+            IoRequest::WriteZeroes { offset, len, may_trim } => self.local_write(
+                conn,
+                cookie,
+                Range::new(offset, len as u64),
+                DiskOp::WriteZeroes { offset, len: len as u64, may_trim },
+                false,
+            ),
+        }
+    }
+
+    /// Requests held during the connection handshake go on now.
+    pub(super) fn release_held(&mut self) {
+        for (conn, cookie, req) in std::mem::take(&mut self.held) {
+            self.on_request(conn, cookie, req);
+        }
+    }
+
+    /// Whether local data can answer a read of `r`.
+    fn local_data_good(&self, r: Range) -> bool {
+        match self.disk {
+            DiskState::UpToDate => true,
+            DiskState::Inconsistent => self.repl == Replication::SyncTarget && !self.bitmap.any_in(r),
+            _ => false,
+        }
+    }
+
+    fn local_read(&mut self, conn: ConnId, cookie: u64, offset: u64, len: u32) {
+        let r = Range::new(offset, len as u64);
+        if len == 0 {
+            self.out.push(Action::Reply { conn, cookie, result: Ok(Some(Bytes::new())) });
+            return;
+        }
+        if self.local_data_good(r) {
+            let id = self.new_id();
+            self.ios.insert(id, Io::Read { conn, cookie });
+            self.out.push(Action::Disk { id, op: DiskOp::Read { offset, len } });
+        } else if self.replicating() && self.peer.as_ref().is_some_and(|p| p.disk == DiskState::UpToDate) {
+            let id = self.new_id();
+            self.peer_reads.insert(id, (conn, cookie));
+            self.send(Message::ReadRequest { id, offset, len });
+        } else {
+            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+        }
+    }
+
+    fn local_flush(&mut self, conn: ConnId, cookie: u64) {
+        let rid = self.new_id();
+        let mirrored = self.replicating();
+        self.reqs.insert(
+            rid,
+            Req {
+                conn,
+                cookie,
+                range: Range::new(0, 0),
+                is_flush: true,
+                local_pending: true,
+                wait_recv: false,
+                wait_ack: mirrored,
+                ack_outstanding: mirrored,
+                recv_got: false,
+                error: 0,
+                replied: false,
+                al_held: false,
+            },
+        );
+        let id = self.new_id();
+        self.ios.insert(id, Io::Flush { req: rid });
+        self.out.push(Action::Disk { id, op: DiskOp::Flush });
+        if mirrored {
+            self.send(Message::Flush { id: rid });
+        }
+    }
+
+    fn local_write(&mut self, conn: ConnId, cookie: u64, range: Range, op: DiskOp, fua: bool) {
+        if matches!(self.disk, DiskState::Failed | DiskState::Diskless) {
+            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+            return;
+        }
+        let rid = self.new_id();
+        let mirrored = self.replicating();
+        let (wait_recv, wait_ack) = match (mirrored, self.cfg.protocol) {
+            (false, _) => (false, false),
+            (true, Protocol::C) => (false, true),
+            (true, Protocol::B) => (!fua, fua),
+            (true, Protocol::A) => (false, fua),
+        };
+        self.reqs.insert(
+            rid,
+            Req {
+                conn,
+                cookie,
+                range,
+                is_flush: false,
+                local_pending: true,
+                wait_recv,
+                wait_ack,
+                ack_outstanding: mirrored,
+                recv_got: false,
+                error: 0,
+                replied: false,
+                al_held: false,
+            },
+        );
+        if mirrored {
+            self.seq += 1;
+            let seq = self.seq;
+            let kind = match &op {
+                DiskOp::Write { data, .. } => crate::peer::WriteKind::Data(data.clone()),
+                DiskOp::Trim { len, .. } => crate::peer::WriteKind::Trim { len: *len as u32 },
+                DiskOp::WriteZeroes { len, may_trim, .. } => {
+                    crate::peer::WriteKind::Zeroes { len: *len as u32, may_trim: *may_trim }
+                }
+                other => unreachable!("not a write: {other:?}"),
+            };
+            self.recent.insert(seq, Recent { range, req: Some(rid), sent_ms: self.now_ms });
+            self.send(Message::Write { seq, seen: self.peer_seen, offset: range.start, kind, fua, resync: false });
+        } else if self.cfg.peer.is_some() {
+            self.bitmap.set_range(range);
+        }
+        let wid = self.new_id();
+        let ready = self.order.push(wid, range);
+        let al_ok = match self.al.as_mut() {
+            None => true,
+            Some(al) => al.admit(range) == Admit::Go,
+        };
+        if al_ok {
+            if let Some(r) = self.reqs.get_mut(&rid) {
+                r.al_held = self.al.is_some();
+            }
+        }
+        self.writes.insert(
+            wid,
+            WriteEntry {
+                range,
+                origin: Origin::Local { req: rid },
+                pieces: vec![op],
+                parts_pending: 0,
+                ready,
+                al_ok,
+                submitted: false,
+                error: 0,
+            },
+        );
+        if !al_ok {
+            self.al_waiting.push(wid);
+            self.try_al_transaction();
+        }
+        self.try_start(wid);
+    }
+
+    // ----- activity log -----
+
+    pub(super) fn try_al_transaction(&mut self) {
+        if self.al_txn.is_some() || self.al_waiting.is_empty() {
+            return;
+        }
+        let ranges: Vec<Range> = self.al_waiting.iter().filter_map(|w| self.writes.get(w).map(|e| e.range)).collect();
+        let Some(al) = self.al.as_mut() else { return };
+        let Some((set, evicted)) = al.plan(&ranges) else { return };
+        // Bits of evicted extents must be durable before the log forgets them.
+        let mut pages = Vec::new();
+        for e in evicted {
+            let first = e as u64 * EXTENT / BLOCK;
+            let last = ((e as u64 + 1) * EXTENT / BLOCK).min(self.bitmap.bits());
+            pages.extend(self.bitmap.take_dirty_in(first..last));
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        self.persist_bitmap_pages(pages);
+        let id = self.new_id();
+        self.al_txn = Some(id);
+        self.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(set) });
+    }
+
+    fn readmit_al_waiters(&mut self) {
+        let waiting = std::mem::take(&mut self.al_waiting);
+        let mut still = Vec::new();
+        for wid in waiting {
+            let Some(range) = self.writes.get(&wid).map(|e| e.range) else { continue };
+            let go = self.al.as_mut().map(|al| al.admit(range) == Admit::Go).unwrap_or(true);
+            if go {
+                if let Some(e) = self.writes.get_mut(&wid) {
+                    e.al_ok = true;
+                    if let Origin::Local { req } = e.origin {
+                        if let Some(r) = self.reqs.get_mut(&req) {
+                            r.al_held = self.al.is_some();
+                        }
+                    }
+                }
+                self.try_start(wid);
+            } else {
+                still.push(wid);
+            }
+        }
+        self.al_waiting = still;
+        self.try_al_transaction();
+    }
+
+    // ----- the disk order -----
+
+    /// Submits a write entry if it is first in line for its range and admitted.
+    pub(super) fn try_start(&mut self, wid: u64) {
+        let gate = self.gate_writes;
+        let Some(e) = self.writes.get_mut(&wid) else { return };
+        let local = matches!(e.origin, Origin::Local { .. });
+        if e.submitted || !e.ready || !e.al_ok || (local && gate) {
+            return;
+        }
+        e.submitted = true;
+        let pieces = std::mem::take(&mut e.pieces);
+        e.parts_pending = pieces.len() as u32;
+        if pieces.is_empty() {
+            self.write_done(wid);
+            return;
+        }
+        for op in pieces {
+            let id = self.new_id();
+            let io = if matches!(op, DiskOp::Read { .. }) { Io::ResyncRead { write: wid } } else { Io::WritePart { write: wid } };
+            self.ios.insert(id, io);
+            self.out.push(Action::Disk { id, op });
+        }
+    }
+
+    fn on_disk_done(&mut self, id: u64, result: Result<Option<Bytes>, u32>) {
+        let Some(io) = self.ios.remove(&id) else {
+            debug_assert!(false, "completion for unknown disk op {id}");
+            return;
+        };
+        match io {
+            Io::WritePart { write } => {
+                let Some(e) = self.writes.get_mut(&write) else { return };
+                if let Err(code) = result {
+                    e.error = code;
+                }
+                e.parts_pending -= 1;
+                if e.parts_pending == 0 {
+                    self.write_done(write);
+                }
+            }
+            Io::Read { conn, cookie } => {
+                if result.is_err() {
+                    self.disk_failed("read error");
+                }
+                self.out.push(Action::Reply { conn, cookie, result });
+            }
+            Io::Flush { req } => {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.local_pending = false;
+                    if let Err(code) = result {
+                        r.error = code;
+                    }
+                }
+                self.maybe_finish(req);
+            }
+            Io::PeerFlush { id } => {
+                let error = result.err().unwrap_or(0);
+                self.send(Message::FlushAck { id, error });
+            }
+            Io::PeerRead { id } => {
+                let m = match result {
+                    Ok(data) => Message::ReadReply { id, error: 0, data: data.unwrap_or_default() },
+                    Err(error) => Message::ReadReply { id, error, data: Bytes::new() },
+                };
+                self.send(m);
+            }
+            Io::ResyncRead { write } => self.on_resync_read_done(write, result),
+            Io::ChecksumRead { id, verify } => self.on_checksum_read_done(id, verify, result),
+        }
+    }
+
+    /// Every piece of a disk-order entry is done.
+    pub(super) fn write_done(&mut self, wid: u64) {
+        let Some(e) = self.writes.remove(&wid) else { return };
+        for next in self.order.complete(wid) {
+            if let Some(n) = self.writes.get_mut(&next) {
+                n.ready = true;
+            }
+            self.try_start(next);
+        }
+        match e.origin {
+            Origin::Local { req } => {
+                if let Some(r) = self.reqs.get_mut(&req) {
+                    r.local_pending = false;
+                    r.error = e.error;
+                }
+                if e.error != 0 {
+                    self.disk_failed("write error");
+                }
+                self.maybe_finish(req);
+            }
+            Origin::Peer { seq, resync, epoch } => {
+                if e.error != 0 {
+                    self.disk_failed("write error on a peer's write");
+                } else if resync {
+                    self.resync_write_durable(e.range);
+                }
+                if epoch == self.link_epoch {
+                    self.send(Message::WriteAck { seq, error: e.error });
+                }
+                self.peer_write_finished(wid);
+            }
+            Origin::ResyncRead => {}
+        }
+    }
+
+    /// Replies when the protocol allows, and forgets the request when all is done.
+    pub(super) fn maybe_finish(&mut self, rid: u64) {
+        let Some(r) = self.reqs.get_mut(&rid) else { return };
+        let peer_ok = !(r.wait_ack && r.ack_outstanding) && !(r.wait_recv && !r.recv_got && r.ack_outstanding);
+        if !r.replied && !r.local_pending && peer_ok {
+            r.replied = true;
+            let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
+            self.out.push(Action::Reply { conn: r.conn, cookie: r.cookie, result });
+        }
+        if r.replied && !r.local_pending && !r.ack_outstanding {
+            let done = self.reqs.remove(&rid);
+            if let Some(d) = done {
+                if d.al_held {
+                    if let Some(al) = self.al.as_mut() {
+                        al.release(d.range);
+                    }
+                    if !self.al_waiting.is_empty() {
+                        self.try_al_transaction();
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- time -----
+
+    fn on_tick(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        if self.conn == ConnState::Connected {
+            if let Some(sent) = self.ping_outstanding {
+                if now_ms.saturating_sub(sent) > self.cfg.ping_timeout_ms {
+                    self.drop_peer("ping timeout: the peer did not answer", true);
+                    return;
+                }
+            } else if now_ms.saturating_sub(self.last_ping_ms) >= self.cfg.ping_interval_ms {
+                self.last_ping_ms = now_ms;
+                self.ping_outstanding = Some(now_ms);
+                self.send(Message::Ping);
+            }
+            let limit = self.cfg.timeout_ms.saturating_mul(self.cfg.ko_count.max(1));
+            if let Some((_, oldest)) = self.recent.iter().next() {
+                if now_ms.saturating_sub(oldest.sent_ms) > limit {
+                    self.drop_peer(&format!("the peer did not complete a write within {limit} ms (timeout x ko-count)"), true);
+                    return;
+                }
+            }
+        }
+        self.resync_tick();
+        if self.bitmap.has_dirty() && now_ms.saturating_sub(self.last_bitmap_save_ms) >= 1000 && self.resync.is_some() {
+            self.last_bitmap_save_ms = now_ms;
+            let pages = self.bitmap.take_dirty();
+            self.persist_bitmap_pages(pages);
+        }
+    }
+
+    /// Clean shutdown: persist the whole bitmap state, an empty activity log if
+    /// idle, and the superblock without the primary mark.
+    pub fn shutdown(&mut self) {
+        let pages = self.bitmap.take_dirty();
+        self.persist_bitmap_pages(pages);
+        if let Some(al) = self.al.as_mut() {
+            if al.reset_idle() {
+                let id = self.new_id();
+                self.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(Vec::new()) });
+            }
+        }
+        if self.writes.is_empty() && self.reqs.is_empty() {
+            self.meta.flags &= !md_flags::PRIMARY;
+        }
+        self.persist_superblock(false);
+    }
+
+    // ----- admin -----
+
+    fn on_admin(&mut self, id: u64, cmd: AdminCmd) {
+        let result = match cmd {
+            AdminCmd::Primary { force } => self.promote(force).map(|_| "primary".to_string()),
+            AdminCmd::Secondary => {
+                if !self.clients.is_empty() {
+                    Err(format!("{} NBD client(s) attached; disconnect them first", self.clients.len()))
+                } else {
+                    self.demote();
+                    Ok("secondary".into())
+                }
+            }
+            AdminCmd::Connect { discard_my_data } => self.admin_connect(discard_my_data),
+            AdminCmd::Disconnect => {
+                self.want_connect = false;
+                if self.cfg.peer.is_none() {
+                    Err("this resource has no peer".into())
+                } else {
+                    self.drop_peer("disconnected by the operator", false);
+                    Ok("standalone".into())
+                }
+            }
+            AdminCmd::Resync { full, checksum } => self.admin_resync(full, checksum),
+            AdminCmd::Verify => self.admin_verify(),
+            AdminCmd::Invalidate => self.admin_invalidate(),
+        };
+        self.out.push(Action::AdminReply { id, result });
+    }
+}
+
+pub(super) fn gis_json(g: &Gis) -> serde_json::Value {
+    json!({
+        "current": format!("{:016X}", g.current),
+        "bitmap": format!("{:016X}", g.bitmap),
+        "history": [format!("{:016X}", g.history[0]), format!("{:016X}", g.history[1])],
+    })
+}

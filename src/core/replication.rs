@@ -1,0 +1,580 @@
+//! The peer side of the node core: connection handshake, mirrored writes,
+//! acknowledgements, flushes, remote reads, and losing the peer.
+
+use serde_json::json;
+
+use super::gi::{self, Decision, Side};
+use super::node::{gis_json, Handshake, Node, Origin, PeerFlush, PeerView, WriteEntry};
+use super::ordering::{subtract, Range};
+use super::types::*;
+use crate::config::SbPolicy;
+use crate::peer::{Hello, Message, PeerDisk, PeerRole, WriteKind, PROTOCOL_VERSION};
+
+/// Words of the bitmap per BitmapChunk message (32 KiB).
+const BITMAP_CHUNK_WORDS: usize = 4096;
+
+fn role_of(r: PeerRole) -> Role {
+    match r {
+        PeerRole::Primary => Role::Primary,
+        PeerRole::Secondary => Role::Secondary,
+    }
+}
+
+fn disk_of(d: PeerDisk) -> DiskState {
+    match d {
+        PeerDisk::UpToDate => DiskState::UpToDate,
+        PeerDisk::Inconsistent => DiskState::Inconsistent,
+        PeerDisk::Outdated => DiskState::Outdated,
+        PeerDisk::Failed => DiskState::Failed,
+        PeerDisk::Diskless => DiskState::Diskless,
+    }
+}
+
+impl Node {
+    /// The Hello this node sends once the link is authenticated.
+    pub fn hello(&self) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            resource: self.cfg.resource.clone(),
+            node: self.cfg.node.clone(),
+            data_size: self.cfg.data_size,
+            protocol: match self.cfg.protocol {
+                Protocol::A => b'A',
+                Protocol::B => b'B',
+                Protocol::C => b'C',
+            },
+            two_primaries: self.cfg.allow_two_primaries,
+            role: Self::peer_role_of(self.role),
+            disk: Self::peer_disk_of(self.disk),
+            gis: self.meta.gis,
+            crashed_primary: self.crashed_primary,
+            out_of_sync_blocks: self.bitmap.count(),
+            discard_my_data: self.discard_my_data,
+        }
+    }
+
+    /// True on the node whose name sorts first: its writes win concurrent conflicts.
+    pub(super) fn local_wins(&self) -> bool {
+        self.cfg.peer.as_deref().is_some_and(|p| self.cfg.node.as_str() < p)
+    }
+
+    pub(super) fn admin_connect(&mut self, discard_my_data: bool) -> Result<String, String> {
+        if self.cfg.peer.is_none() {
+            return Err("this resource has no peer".into());
+        }
+        self.want_connect = true;
+        self.discard_my_data = discard_my_data;
+        if self.conn == ConnState::Standalone {
+            self.conn = ConnState::Connecting;
+            self.split_brain = false;
+            self.out.push(Action::Connect);
+        }
+        Ok("connecting".into())
+    }
+
+    /// Drops the link (the daemon closes it) and updates the state now.
+    pub(super) fn drop_peer(&mut self, reason: &str, reconnect: bool) {
+        if !reconnect {
+            self.want_connect = false;
+        }
+        if self.conn == ConnState::Connected {
+            self.out.push(Action::Send(Message::Bye { reason: reason.to_string() }));
+        }
+        self.out.push(Action::DropPeer { reason: reason.to_string(), reconnect: reconnect && self.want_connect });
+        self.on_peer_down(reason);
+    }
+
+    pub(super) fn on_peer_up(&mut self, hello: Hello) {
+        let refuse = |why: String| Some(why);
+        let problem = if hello.version != PROTOCOL_VERSION {
+            refuse(format!("peer speaks protocol version {}, we speak {}", hello.version, PROTOCOL_VERSION))
+        } else if hello.resource != self.cfg.resource {
+            refuse(format!("peer serves resource {}, not {}", hello.resource, self.cfg.resource))
+        } else if Some(&hello.node) != self.cfg.peer.as_ref() {
+            refuse(format!("peer calls itself {}, expected {}", hello.node, self.cfg.peer.clone().unwrap_or_default()))
+        } else if hello.data_size != self.cfg.data_size {
+            refuse(format!(
+                "device size mismatch: peer {} has {} bytes, we have {}",
+                hello.node, hello.data_size, self.cfg.data_size
+            ))
+        } else if hello.protocol != self.hello().protocol {
+            refuse(format!("peer uses protocol {}, we use {}", hello.protocol as char, self.hello().protocol as char))
+        } else if hello.two_primaries != self.cfg.allow_two_primaries {
+            refuse("allow-two-primaries differs between the nodes".to_string())
+        } else if hello.role == PeerRole::Primary && self.role == Role::Primary && !self.cfg.allow_two_primaries {
+            refuse("both nodes are primary and allow-two-primaries is false".to_string())
+        } else {
+            None
+        };
+        self.conn = ConnState::Connected;
+        self.link_epoch += 1;
+        self.seq = 0;
+        self.peer_seen = 0;
+        self.ping_outstanding = None;
+        self.last_ping_ms = self.now_ms;
+        if let Some(why) = problem {
+            self.notify("connect-refused", json!({ "reason": why }));
+            self.drop_peer(&why, false);
+            return;
+        }
+        self.peer = Some(PeerView { role: role_of(hello.role), disk: disk_of(hello.disk), hello });
+        self.handshake = Some(Handshake::default());
+        self.notify("peer-connected", json!({ "peer": self.cfg.peer }));
+        self.send_bitmap();
+    }
+
+    /// Sends our whole bitmap in chunks.
+    pub(super) fn send_bitmap(&mut self) {
+        let words = self.bitmap.words().to_vec();
+        if words.is_empty() {
+            self.send(Message::BitmapChunk { first_word: 0, words: Vec::new(), last: true });
+            return;
+        }
+        let n = words.len().div_ceil(BITMAP_CHUNK_WORDS);
+        for (i, chunk) in words.chunks(BITMAP_CHUNK_WORDS).enumerate() {
+            self.send(Message::BitmapChunk {
+                first_word: (i * BITMAP_CHUNK_WORDS) as u64,
+                words: chunk.to_vec(),
+                last: i + 1 == n,
+            });
+        }
+    }
+
+    pub(super) fn on_peer_down(&mut self, reason: &str) {
+        let was_connected = self.conn == ConnState::Connected;
+        let was_replicating = self.replicating();
+        self.conn = if self.want_connect { ConnState::Connecting } else { ConnState::Standalone };
+        self.repl = Replication::Off;
+        self.handshake = None;
+        self.peer = None;
+        self.ping_outstanding = None;
+        // Everything the peer did not acknowledge may differ now.
+        let recent = std::mem::take(&mut self.recent);
+        for (_, r) in recent {
+            self.bitmap.set_range(r.range);
+            if let Some(req) = r.req {
+                if let Some(q) = self.reqs.get_mut(&req) {
+                    q.ack_outstanding = false;
+                }
+                self.maybe_finish(req);
+            }
+        }
+        let flushes: Vec<u64> = self.reqs.iter().filter(|(_, r)| r.is_flush && r.ack_outstanding).map(|(k, _)| *k).collect();
+        for f in flushes {
+            if let Some(q) = self.reqs.get_mut(&f) {
+                q.ack_outstanding = false;
+            }
+            self.maybe_finish(f);
+        }
+        for (_, (conn, cookie)) in std::mem::take(&mut self.peer_reads) {
+            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+        }
+        self.peer_flushes.clear();
+        self.stop_resync();
+        self.seq = 0;
+        self.peer_seen = 0;
+        if was_replicating && self.role == Role::Primary {
+            self.bump_current_gi();
+            self.persist_superblock(true);
+        }
+        let pages = self.bitmap.take_dirty();
+        self.persist_bitmap_pages(pages);
+        if was_connected {
+            self.notify("peer-disconnected", json!({ "reason": reason }));
+        }
+        self.release_held();
+    }
+
+    pub(super) fn on_peer_msg(&mut self, m: Message) {
+        if self.conn != ConnState::Connected {
+            return;
+        }
+        match m {
+            Message::Hello(_) => self.drop_peer("protocol error: a second Hello", true),
+            Message::State { role, disk } => {
+                let (role, disk) = (role_of(role), disk_of(disk));
+                if let Some(p) = self.peer.as_mut() {
+                    p.role = role;
+                    p.disk = disk;
+                }
+                self.notify("peer-state", json!({ "role": role, "disk": disk }));
+                if role == Role::Primary && self.role == Role::Primary && !self.cfg.allow_two_primaries {
+                    self.drop_peer("both nodes became primary and allow-two-primaries is false", false);
+                }
+            }
+            Message::BitmapChunk { first_word, words, last } => self.on_bitmap_chunk(first_word, words, last),
+            Message::Write { seq, seen, offset, kind, fua, resync } => {
+                self.on_peer_write(seq, seen, offset, kind, fua, resync)
+            }
+            Message::RecvAck { seq } => {
+                if let Some(req) = self.recent.get(&seq).and_then(|r| r.req) {
+                    if let Some(q) = self.reqs.get_mut(&req) {
+                        q.recv_got = true;
+                    }
+                    self.maybe_finish(req);
+                }
+            }
+            Message::WriteAck { seq, error } => self.on_write_ack(seq, error),
+            Message::Flush { id } => {
+                let waiting = self
+                    .writes
+                    .iter()
+                    .filter(|(_, e)| matches!(e.origin, Origin::Peer { .. }))
+                    .map(|(k, _)| *k)
+                    .collect::<std::collections::BTreeSet<u64>>();
+                if waiting.is_empty() {
+                    self.peer_flush_now(id);
+                } else {
+                    self.peer_flushes.push(PeerFlush { id, waiting });
+                }
+            }
+            Message::FlushAck { id, error } => {
+                if let Some(q) = self.reqs.get_mut(&id) {
+                    q.ack_outstanding = false;
+                    if error != 0 && q.error == 0 {
+                        // The peer's disk failed to flush: it is no longer a durable copy.
+                        q.error = 0;
+                    }
+                }
+                self.maybe_finish(id);
+            }
+            Message::ReadRequest { id, offset, len } => {
+                if offset.checked_add(len as u64).is_none_or(|e| e > self.cfg.data_size) {
+                    self.drop_peer("protocol error: read request past the end", true);
+                    return;
+                }
+                if self.disk != DiskState::UpToDate {
+                    self.send(Message::ReadReply { id, error: errno::EIO, data: bytes::Bytes::new() });
+                    return;
+                }
+                let io = self.new_id();
+                self.ios.insert(io, super::node::Io::PeerRead { id });
+                self.out.push(Action::Disk { id: io, op: DiskOp::Read { offset, len } });
+            }
+            Message::ReadReply { id, error, data } => {
+                if let Some((conn, cookie)) = self.peer_reads.remove(&id) {
+                    let result = if error == 0 { Ok(Some(data)) } else { Err(error) };
+                    self.out.push(Action::Reply { conn, cookie, result });
+                }
+            }
+            Message::StartSync { mode, source_gis } => self.on_start_sync(mode, source_gis),
+            Message::StartVerify => {
+                self.repl = Replication::VerifyTarget;
+                self.notify("verify-started", json!({ "role": "target" }));
+            }
+            Message::ChecksumRequest { id, offset, len, verify } => self.on_checksum_request(id, offset, len, verify),
+            Message::ChecksumReply { id, error, sums } => self.on_checksum_reply(id, error, sums),
+            Message::SyncDone { source_gis } => self.on_sync_done(source_gis),
+            Message::VerifyDone { differing_blocks } => {
+                self.repl = Replication::Established;
+                self.last_verify = Some(differing_blocks);
+                self.notify("verify-finished", json!({ "differing_blocks": differing_blocks, "role": "target" }));
+            }
+            Message::SplitBrain => {
+                self.split_brain = true;
+                self.drop_peer("the peer detected a split brain", false);
+            }
+            Message::Ping => self.send(Message::PingAck),
+            Message::PingAck => self.ping_outstanding = None,
+            Message::Bye { reason } => self.drop_peer(&format!("the peer said goodbye: {reason}"), true),
+        }
+    }
+
+    fn peer_flush_now(&mut self, id: u64) {
+        let io = self.new_id();
+        self.ios.insert(io, super::node::Io::PeerFlush { id });
+        self.out.push(Action::Disk { id: io, op: DiskOp::Flush });
+    }
+
+    /// A peer-originated entry left the disk order.
+    pub(super) fn peer_write_finished(&mut self, wid: u64) {
+        let mut ready = Vec::new();
+        for f in self.peer_flushes.iter_mut() {
+            f.waiting.remove(&wid);
+            if f.waiting.is_empty() {
+                ready.push(f.id);
+            }
+        }
+        self.peer_flushes.retain(|f| !f.waiting.is_empty());
+        for id in ready {
+            self.peer_flush_now(id);
+        }
+    }
+
+    fn on_write_ack(&mut self, seq: u64, error: u32) {
+        let Some(r) = self.recent.remove(&seq) else { return };
+        if error != 0 {
+            self.bitmap.set_range(r.range);
+        }
+        match r.req {
+            Some(req) => {
+                if let Some(q) = self.reqs.get_mut(&req) {
+                    q.ack_outstanding = false;
+                    q.recv_got = true;
+                }
+                self.maybe_finish(req);
+            }
+            None => self.resync_write_acked(r.range, error),
+        }
+    }
+
+    fn on_peer_write(&mut self, seq: u64, seen: u64, offset: u64, kind: WriteKind, fua: bool, resync: bool) {
+        if seq != self.peer_seen + 1 {
+            self.drop_peer(&format!("protocol error: write seq {} after {}", seq, self.peer_seen), true);
+            return;
+        }
+        let len = kind.len();
+        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.cfg.data_size) {
+            self.drop_peer(&format!("protocol error: write of {len} bytes at {offset} outside the device"), true);
+            return;
+        }
+        if !self.replicating() || matches!(self.disk, DiskState::Failed | DiskState::Diskless) {
+            // Not applied: the peer sees the NegAck and marks the range out of sync.
+            self.peer_seen = seq;
+            self.send(Message::WriteAck { seq, error: errno::EIO });
+            return;
+        }
+        self.peer_seen = seq;
+        if self.cfg.protocol == Protocol::B {
+            self.send(Message::RecvAck { seq });
+        }
+        let range = Range::new(offset, len);
+        // Local writes the peer had not seen and that overlap: concurrent.
+        let wins = resync || self.local_wins();
+        let mut holes = Vec::new();
+        if wins {
+            for (_, r) in self.recent.range(seen + 1..) {
+                if r.req.is_some() && r.range.overlaps(&range) {
+                    holes.push(r.range);
+                }
+            }
+        }
+        if !holes.is_empty() {
+            self.notify("write-conflict", json!({ "offset": offset, "len": len, "resolved": "local write wins", "resync": resync }));
+        }
+        let pieces: Vec<DiskOp> = subtract(range, &holes)
+            .into_iter()
+            .map(|p| {
+                let rel = (p.start - offset) as usize;
+                match &kind {
+                    WriteKind::Data(d) => {
+                        DiskOp::Write { offset: p.start, data: d.slice(rel..rel + p.len() as usize), fua: fua || resync }
+                    }
+                    WriteKind::Trim { .. } => DiskOp::Trim { offset: p.start, len: p.len() },
+                    WriteKind::Zeroes { may_trim, .. } => DiskOp::WriteZeroes { offset: p.start, len: p.len(), may_trim: *may_trim },
+                }
+            })
+            .collect();
+        let wid = self.new_id();
+        let ready = self.order.push(wid, range);
+        self.writes.insert(
+            wid,
+            WriteEntry {
+                range,
+                origin: Origin::Peer { seq, resync, epoch: self.link_epoch },
+                pieces,
+                parts_pending: 0,
+                ready,
+                al_ok: true,
+                submitted: false,
+                error: 0,
+            },
+        );
+        self.try_start(wid);
+    }
+
+    fn on_bitmap_chunk(&mut self, first_word: u64, words: Vec<u64>, last: bool) {
+        let Some(hs) = self.handshake.as_mut() else {
+            // Outside the handshake: the sync source shares the blocks it will send.
+            let mut all = vec![0u64; first_word as usize];
+            all.extend(words);
+            self.bitmap.merge(&all);
+            return;
+        };
+        if first_word as usize != hs.peer_words.len() {
+            self.drop_peer("protocol error: bitmap chunks out of order", true);
+            return;
+        }
+        hs.peer_words.extend(words);
+        if hs.peer_words.len() > self.bitmap.words().len() {
+            self.drop_peer("protocol error: bitmap larger than the device", true);
+            return;
+        }
+        if last {
+            hs.bitmap_done = true;
+            self.decide_sync();
+        }
+    }
+
+    fn side_of_self(&self) -> Side {
+        Side {
+            gis: self.meta.gis,
+            consistent: matches!(self.disk, DiskState::UpToDate | DiskState::Outdated),
+            up_to_date: self.disk == DiskState::UpToDate,
+            crashed_primary: self.crashed_primary,
+            full_sync_needed: self.meta.flags & md_flags::FULL_SYNC_NEEDED != 0,
+        }
+    }
+
+    fn decide_sync(&mut self) {
+        let Some(peer) = self.peer.clone() else { return };
+        let Some(hs) = self.handshake.take() else { return };
+        let h = &peer.hello;
+        let peer_side = Side {
+            gis: h.gis,
+            consistent: matches!(disk_of(h.disk), DiskState::UpToDate | DiskState::Outdated),
+            up_to_date: h.disk == PeerDisk::UpToDate,
+            crashed_primary: h.crashed_primary,
+            full_sync_needed: false,
+        };
+        let me = self.side_of_self();
+        let mut decision = gi::decide(&me, &peer_side, self.local_wins());
+        self.notify(
+            "sync-decision",
+            json!({ "decision": format!("{decision:?}"), "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis) }),
+        );
+        if let Decision::SplitBrain { full } = decision {
+            self.split_brain = true;
+            self.out.push(Action::SplitBrainHandler);
+            self.notify("split-brain", json!({ "peer": h.node }));
+            decision = match self.resolve_split_brain(&hs.peer_words, full) {
+                Some(d) => {
+                    self.notify("split-brain-resolved", json!({ "decision": format!("{d:?}") }));
+                    d
+                }
+                None => {
+                    self.drop_peer("split brain detected; resolve it manually (`mirrorctl connect --discard-my-data` on the victim)", false);
+                    return;
+                }
+            };
+        }
+        match decision {
+            Decision::Unrelated => {
+                self.drop_peer("the peers' data is unrelated (no common generation identifier); refusing to sync", false);
+            }
+            Decision::NoGoodData => {
+                self.repl = Replication::Established;
+                self.notify("no-good-data", json!({ "hint": "neither disk is up to date: run `mirrorctl primary --force` on the node whose data should win" }));
+                self.release_held();
+            }
+            Decision::InSync => {
+                self.repl = Replication::Established;
+                let n = self.bitmap.bits();
+                self.bitmap.clear_blocks(0..n);
+                if self.crashed_primary {
+                    self.crashed_primary = false;
+                }
+                self.split_brain = false;
+                self.persist_superblock(false);
+                let pages = self.bitmap.take_dirty();
+                self.persist_bitmap_pages(pages);
+                self.release_held();
+            }
+            Decision::Source { full } => {
+                if full {
+                    self.bitmap.set_all();
+                } else {
+                    self.bitmap.merge(&hs.peer_words);
+                }
+                self.split_brain = false;
+                self.release_held();
+                self.start_resync_as_source(full, self.cfg.sync_checksum && !full);
+            }
+            Decision::Target { full } => {
+                if full {
+                    self.bitmap.set_all();
+                } else {
+                    self.bitmap.merge(&hs.peer_words);
+                }
+                self.split_brain = false;
+                self.become_sync_target();
+                self.release_held();
+            }
+            Decision::SplitBrain { .. } => unreachable!("resolved above"),
+        }
+    }
+
+    /// The after-sb-* policies. Returns the decision, or None to disconnect.
+    fn resolve_split_brain(&mut self, peer_words: &[u64], full: bool) -> Option<Decision> {
+        let peer = self.peer.clone()?;
+        let me_discard = self.discard_my_data;
+        let peer_discard = peer.hello.discard_my_data;
+        if me_discard && !peer_discard {
+            return Some(Decision::Target { full });
+        }
+        if peer_discard && !me_discard {
+            return Some(Decision::Source { full });
+        }
+        let primaries = (self.role == Role::Primary) as u8 + (peer.role == Role::Primary) as u8;
+        let policy = match primaries {
+            0 => self.cfg.split_brain.after_sb_0pri.clone(),
+            1 => self.cfg.split_brain.after_sb_1pri.clone(),
+            _ => self.cfg.split_brain.after_sb_2pri.clone(),
+        };
+        let my_changes = self.bitmap.count();
+        let peer_changes: u64 = peer_words.iter().map(|w| w.count_ones() as u64).sum();
+        self.sb_policy_0pri(&policy, my_changes, peer_changes, &peer, full)
+    }
+
+    fn sb_policy_0pri(
+        &mut self,
+        policy: &SbPolicy,
+        mine: u64,
+        theirs: u64,
+        peer: &PeerView,
+        full: bool,
+    ) -> Option<Decision> {
+        let me_first = self.local_wins();
+        let by_name = |lose_me: bool| if lose_me { Decision::Target { full } } else { Decision::Source { full } };
+        match policy {
+            SbPolicy::Disconnect => None,
+            SbPolicy::DiscardZeroChanges => match (mine, theirs) {
+                (0, 0) => Some(by_name(!me_first)),
+                (0, _) => Some(Decision::Target { full }),
+                (_, 0) => Some(Decision::Source { full }),
+                _ => None,
+            },
+            SbPolicy::DiscardLeastChanges => Some(if mine == theirs { by_name(!me_first) } else { by_name(mine < theirs) }),
+            SbPolicy::DiscardYoungerPrimary | SbPolicy::DiscardOlderPrimary => {
+                // The primary that took over later is the one whose current identifier
+                // is newer: its bitmap identifier is the other's current one... when both
+                // diverged from the same point we cannot tell; fall back to the roles.
+                let younger_is_me = match (self.role, peer.role) {
+                    (Role::Primary, Role::Secondary) => true,
+                    (Role::Secondary, Role::Primary) => false,
+                    _ => !me_first,
+                };
+                let discard_me = matches!(policy, SbPolicy::DiscardYoungerPrimary) == younger_is_me;
+                Some(by_name(discard_me))
+            }
+            SbPolicy::DiscardNode(name) => Some(by_name(*name == self.cfg.node)),
+            SbPolicy::DiscardSecondary => match (self.role, peer.role) {
+                (Role::Secondary, Role::Primary) => Some(Decision::Target { full }),
+                (Role::Primary, Role::Secondary) => Some(Decision::Source { full }),
+                _ => None,
+            },
+            SbPolicy::Consensus => {
+                // Discard the secondary if after-sb-0pri would discard it too.
+                let zero = self.sb_policy_0pri(&self.cfg.split_brain.after_sb_0pri.clone(), mine, theirs, peer, full);
+                let sec = self.sb_policy_0pri(&SbPolicy::DiscardSecondary, mine, theirs, peer, full);
+                if zero.is_some() && zero == sec {
+                    zero
+                } else {
+                    None
+                }
+            }
+            SbPolicy::CallPriLostAfterSb | SbPolicy::ViolentlyAs0p => {
+                let d = self.sb_policy_0pri(&self.cfg.split_brain.after_sb_0pri.clone(), mine, theirs, peer, full)?;
+                if matches!(policy, SbPolicy::CallPriLostAfterSb) && matches!(d, Decision::Target { .. }) && self.role == Role::Primary {
+                    // The losing primary must give up its role: it is demoted if no client holds it.
+                    self.notify("pri-lost-after-sb", json!({}));
+                    if !self.clients.is_empty() {
+                        return None;
+                    }
+                    self.demote();
+                }
+                Some(d)
+            }
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! Resync and online verify, driven by the sync source: it walks the out-of-sync
+//! bitmap (or, for verify, every block), reads through the disk order so
+//! application writes and resync data reach the peer in disk order, and sends
+//! the data as resync writes that take the normal peer write path.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::bitmap::BLOCK;
+use super::node::{gis_json, Io, Node, Origin, WriteEntry};
+use super::ordering::Range;
+use super::types::*;
+use crate::peer::{Gis, Message, SyncMode, WriteKind};
+
+/// Largest run of blocks moved by one resync request.
+const RUN_BLOCKS: u64 = 64;
+/// Resync requests in flight at once.
+const MAX_INFLIGHT: usize = 16;
+
+#[derive(Debug)]
+struct Batch {
+    range: Range,
+    /// The peer's checksums, for checksum resync and verify.
+    sums: Option<Vec<u32>>,
+    /// Resync writes sent for this batch and not yet acknowledged.
+    writes_out: u32,
+}
+
+#[derive(Debug)]
+pub(super) struct Resync {
+    pub verify: bool,
+    pub checksum: bool,
+    pub full: bool,
+    total_blocks: u64,
+    done_blocks: u64,
+    /// Next block to consider.
+    cursor: u64,
+    started_ms: u64,
+    budget: i64,
+    last_refill_ms: u64,
+    batches: HashMap<u64, Batch>,
+    /// Disk-order entry id -> batch id for reads in flight.
+    reads: HashMap<u64, u64>,
+    pub bytes_sent: u64,
+    pub differing_blocks: u64,
+    /// Application requests were waiting during the last tick: back off.
+    app_busy: bool,
+}
+
+impl Resync {
+    pub fn status(&self, now_ms: u64) -> ResyncStatus {
+        let elapsed = now_ms.saturating_sub(self.started_ms).max(1);
+        let done = self.done_blocks * BLOCK;
+        let total = self.total_blocks * BLOCK;
+        let rate = done * 1000 / elapsed;
+        let eta = if rate == 0 { 0 } else { total.saturating_sub(done) / rate };
+        ResyncStatus {
+            done_bytes: done,
+            total_bytes: total,
+            rate_bytes_per_sec: rate,
+            eta_seconds: eta,
+            verify: self.verify,
+            differing_blocks: self.differing_blocks,
+        }
+    }
+}
+
+fn block_sums(data: &[u8]) -> Vec<u32> {
+    data.chunks(BLOCK as usize).map(crc32fast::hash).collect()
+}
+
+impl Node {
+    fn new_resync(&self, verify: bool, checksum: bool, full: bool) -> Resync {
+        let total = if verify { self.bitmap.bits() } else { self.bitmap.count() };
+        Resync {
+            verify,
+            checksum: checksum || verify,
+            full,
+            total_blocks: total,
+            done_blocks: 0,
+            cursor: 0,
+            started_ms: self.now_ms,
+            budget: (self.cfg.sync_rate / 10) as i64,
+            last_refill_ms: self.now_ms,
+            batches: HashMap::new(),
+            reads: HashMap::new(),
+            bytes_sent: 0,
+            differing_blocks: 0,
+            app_busy: false,
+        }
+    }
+
+    pub(super) fn start_resync_as_source(&mut self, full: bool, checksum: bool) {
+        if full {
+            self.bitmap.set_all();
+        }
+        let mode = if full { SyncMode::Full } else { SyncMode::Bitmap };
+        self.repl = Replication::SyncSource;
+        self.resync = Some(self.new_resync(false, checksum, full));
+        self.send(Message::StartSync { mode, source_gis: self.meta.gis });
+        self.notify(
+            "resync-started",
+            json!({ "role": "source", "full": full, "checksum": checksum, "total_bytes": self.bitmap.bytes() }),
+        );
+        self.resync_pump();
+    }
+
+    /// This node receives a resync: its disk is inconsistent until it ends.
+    pub(super) fn become_sync_target(&mut self) {
+        self.repl = Replication::SyncTarget;
+        self.disk = DiskState::Inconsistent;
+        self.meta.flags &= !md_flags::CONSISTENT;
+        self.meta.flags |= md_flags::SYNC_TARGET;
+        self.persist_superblock(false);
+        let pages = self.bitmap.take_dirty();
+        self.persist_bitmap_pages(pages);
+        self.send_state();
+        self.notify("resync-started", json!({ "role": "target", "total_bytes": self.bitmap.bytes() }));
+    }
+
+    pub(super) fn on_start_sync(&mut self, mode: SyncMode, _source_gis: Gis) {
+        match mode {
+            SyncMode::None => {}
+            SyncMode::Full => {
+                self.bitmap.set_all();
+                if self.repl != Replication::SyncTarget {
+                    self.become_sync_target();
+                }
+            }
+            SyncMode::Bitmap => {
+                if self.repl != Replication::SyncTarget {
+                    self.become_sync_target();
+                }
+            }
+        }
+    }
+
+    pub(super) fn stop_resync(&mut self) {
+        if let Some(r) = self.resync.take() {
+            self.notify(
+                "resync-stopped",
+                json!({ "done_bytes": r.done_blocks * BLOCK, "total_bytes": r.total_blocks * BLOCK, "verify": r.verify }),
+            );
+        }
+    }
+
+    pub(super) fn admin_resync(&mut self, full: bool, checksum: bool) -> Result<String, String> {
+        if !self.replicating() {
+            return Err("not connected to the peer".into());
+        }
+        if self.disk != DiskState::UpToDate {
+            return Err("this node's disk is not up to date; it cannot be the sync source".into());
+        }
+        if self.resync.is_some() || self.repl != Replication::Established {
+            return Err("a resync or verify is already running".into());
+        }
+        if full {
+            self.bitmap.set_all();
+        }
+        if self.bitmap.count() == 0 {
+            return Ok("nothing to resync: no out-of-sync blocks".into());
+        }
+        // Tell the target which blocks will come (it serves reads of them from us).
+        self.send_bitmap();
+        self.start_resync_as_source(full, checksum || self.cfg.sync_checksum);
+        Ok(format!("resync started: {} bytes", self.bitmap.bytes()))
+    }
+
+    pub(super) fn admin_verify(&mut self) -> Result<String, String> {
+        if !self.replicating() || self.repl != Replication::Established {
+            return Err("verify needs a connected peer with no resync running".into());
+        }
+        if self.disk != DiskState::UpToDate || self.peer.as_ref().is_none_or(|p| p.disk != DiskState::UpToDate) {
+            return Err("verify needs both disks up to date".into());
+        }
+        self.repl = Replication::VerifySource;
+        self.resync = Some(self.new_resync(true, true, false));
+        self.last_verify = None;
+        self.send(Message::StartVerify);
+        self.notify("verify-started", json!({ "role": "source", "total_bytes": self.cfg.data_size }));
+        self.resync_pump();
+        Ok("verify started".into())
+    }
+
+    pub(super) fn admin_invalidate(&mut self) -> Result<String, String> {
+        if self.role == Role::Primary {
+            return Err("refusing to invalidate a primary; make it secondary first".into());
+        }
+        if self.resync.is_some() {
+            return Err("a resync or verify is running".into());
+        }
+        self.bitmap.set_all();
+        self.disk = DiskState::Inconsistent;
+        self.meta.flags &= !(md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE);
+        self.meta.flags |= md_flags::FULL_SYNC_NEEDED;
+        self.persist_superblock(false);
+        let pages = self.bitmap.take_dirty();
+        self.persist_bitmap_pages(pages);
+        self.notify("invalidated", json!({}));
+        if self.conn == ConnState::Connected {
+            // Reconnect so that the sync decision makes this node a full sync target.
+            self.drop_peer("invalidated: reconnecting to resync from the peer", true);
+            self.want_connect = true;
+            self.out.push(Action::Connect);
+            Ok("invalidated; full resync from the peer follows".into())
+        } else {
+            Ok("invalidated; a full resync follows when the peer connects".into())
+        }
+    }
+
+    /// Called on each tick: refill the rate budget and send more.
+    pub(super) fn resync_tick(&mut self) {
+        let now = self.now_ms;
+        let rate = self.cfg.sync_rate;
+        let app_busy = !self.reqs.is_empty() || !self.held.is_empty();
+        let Some(r) = self.resync.as_mut() else { return };
+        let dt = now.saturating_sub(r.last_refill_ms);
+        r.last_refill_ms = now;
+        // Back off to a quarter of the cap while application I/O waits (at least 4 MiB/s).
+        let effective = if app_busy || r.app_busy { (rate / 4).max(4 << 20).min(rate) } else { rate };
+        r.app_busy = app_busy;
+        let cap = (effective / 5) as i64; // at most 200 ms of burst
+        r.budget = (r.budget + (effective * dt / 1000) as i64).min(cap.max(RUN_BLOCKS as i64 * BLOCK as i64));
+        self.resync_pump();
+    }
+
+    /// Starts as many resync requests as the budget and the in-flight limit allow.
+    fn resync_pump(&mut self) {
+        loop {
+            let Some(r) = self.resync.as_ref() else { return };
+            if r.batches.len() >= MAX_INFLIGHT || r.budget <= 0 {
+                return;
+            }
+            let verify = r.verify;
+            let cursor = r.cursor;
+            let bits = self.bitmap.bits();
+            // Next run: for verify every block in order, else the next set bits.
+            let start = if verify {
+                (cursor < bits).then_some(cursor)
+            } else {
+                self.bitmap.next_set(cursor)
+            };
+            let Some(first) = start else {
+                self.maybe_finish_resync();
+                return;
+            };
+            let mut last = first + 1;
+            while last < bits && last - first < RUN_BLOCKS && (verify || self.bitmap.get(last)) {
+                last += 1;
+            }
+            let offset = first * BLOCK;
+            let end = (last * BLOCK).min(self.cfg.data_size);
+            let range = Range { start: offset, end };
+            let checksum = r.checksum;
+            let bid = self.new_id();
+            if let Some(r) = self.resync.as_mut() {
+                r.cursor = last;
+                r.budget -= range.len() as i64;
+                r.batches.insert(bid, Batch { range, sums: None, writes_out: 0 });
+            }
+            if checksum {
+                self.send(Message::ChecksumRequest { id: bid, offset, len: range.len() as u32, verify });
+            } else {
+                self.resync_read(bid, range);
+            }
+        }
+    }
+
+    /// Reads a batch through the disk order.
+    fn resync_read(&mut self, bid: u64, range: Range) {
+        let wid = self.new_id();
+        let ready = self.order.push(wid, range);
+        self.writes.insert(
+            wid,
+            WriteEntry {
+                range,
+                origin: Origin::ResyncRead,
+                pieces: vec![DiskOp::Read { offset: range.start, len: range.len() as u32 }],
+                parts_pending: 0,
+                ready,
+                al_ok: true,
+                submitted: false,
+                error: 0,
+            },
+        );
+        if let Some(r) = self.resync.as_mut() {
+            r.reads.insert(wid, bid);
+        }
+        self.try_start(wid);
+    }
+
+    pub(super) fn on_resync_read_done(&mut self, wid: u64, result: Result<Option<Bytes>, u32>) {
+        let bid = self.resync.as_mut().and_then(|r| r.reads.remove(&wid));
+        let Some(bid) = bid else {
+            // The resync stopped meanwhile: just leave the order.
+            self.write_done_after_read(wid);
+            return;
+        };
+        let data = match result {
+            Ok(d) => d.unwrap_or_default(),
+            Err(_) => {
+                self.write_done_after_read(wid);
+                self.disk_failed("read error during resync");
+                self.stop_resync();
+                return;
+            }
+        };
+        let Some(batch) = self.resync.as_mut().and_then(|r| r.batches.remove(&bid)) else {
+            self.write_done_after_read(wid);
+            return;
+        };
+        let verify = self.resync.as_ref().is_some_and(|r| r.verify);
+        let first_block = batch.range.start / BLOCK;
+        // Which blocks to send: all, or those whose checksums differ.
+        let mine = block_sums(&data);
+        let differs: Vec<bool> = match &batch.sums {
+            Some(theirs) => mine.iter().enumerate().map(|(i, s)| theirs.get(i) != Some(s)).collect(),
+            None => vec![true; mine.len()],
+        };
+        let mut writes_out = 0;
+        if verify {
+            let n = differs.iter().filter(|d| **d).count() as u64;
+            for (i, d) in differs.iter().enumerate() {
+                if *d {
+                    self.bitmap.set_range(Range::new((first_block + i as u64) * BLOCK, BLOCK));
+                }
+            }
+            if let Some(r) = self.resync.as_mut() {
+                r.differing_blocks += n;
+                r.done_blocks += differs.len() as u64;
+            }
+        } else {
+            let mut i = 0;
+            while i < differs.len() {
+                if !differs[i] {
+                    // Equal on both sides: in sync.
+                    let b = first_block + i as u64;
+                    self.bitmap.clear_blocks(b..b + 1);
+                    if let Some(r) = self.resync.as_mut() {
+                        r.done_blocks += 1;
+                    }
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < differs.len() && differs[j] {
+                    j += 1;
+                }
+                let start = i * BLOCK as usize;
+                let end = (j * BLOCK as usize).min(data.len());
+                self.seq += 1;
+                let seq = self.seq;
+                let offset = batch.range.start + start as u64;
+                let piece = data.slice(start..end);
+                let range = Range::new(offset, piece.len() as u64);
+                self.recent.insert(seq, super::node::Recent { range, req: None, sent_ms: self.now_ms });
+                if let Some(r) = self.resync.as_mut() {
+                    r.bytes_sent += piece.len() as u64;
+                }
+                self.send(Message::Write { seq, seen: self.peer_seen, offset, kind: WriteKind::Data(piece), fua: true, resync: true });
+                writes_out += 1;
+                i = j;
+            }
+        }
+        // The data is queued to the peer: application writes behind it may go now.
+        self.write_done_after_read(wid);
+        if writes_out > 0 {
+            if let Some(r) = self.resync.as_mut() {
+                r.batches.insert(bid, Batch { range: batch.range, sums: None, writes_out });
+            }
+        }
+        self.resync_pump();
+    }
+
+    fn write_done_after_read(&mut self, wid: u64) {
+        if let Some(e) = self.writes.get_mut(&wid) {
+            e.parts_pending = 0;
+        }
+        self.write_done(wid);
+    }
+
+    /// A resync write we sent was acknowledged (on the source).
+    pub(super) fn resync_write_acked(&mut self, range: Range, error: u32) {
+        let Some(r) = self.resync.as_mut() else { return };
+        let bid = r.batches.iter().find(|(_, b)| b.range.start <= range.start && range.end <= b.range.end).map(|(k, _)| *k);
+        let Some(bid) = bid else { return };
+        if let Some(b) = r.batches.get_mut(&bid) {
+            b.writes_out -= 1;
+            if b.writes_out == 0 {
+                r.batches.remove(&bid);
+            }
+        }
+        if error == 0 {
+            let blocks = range.start / BLOCK..range.end.div_ceil(BLOCK);
+            let n = blocks.end - blocks.start;
+            self.bitmap.clear_blocks(blocks);
+            if let Some(r) = self.resync.as_mut() {
+                r.done_blocks += n;
+            }
+        } else {
+            self.bitmap.set_range(range);
+            self.stop_resync();
+            self.notify("resync-failed", json!({ "reason": "the peer failed to write resync data" }));
+            return;
+        }
+        self.resync_pump();
+    }
+
+    /// A resync write is durable on this node (the target).
+    pub(super) fn resync_write_durable(&mut self, range: Range) {
+        let first = range.start.div_ceil(BLOCK);
+        let last = range.end / BLOCK;
+        if first < last {
+            self.bitmap.clear_blocks(first..last);
+        }
+    }
+
+    fn maybe_finish_resync(&mut self) {
+        let Some(r) = self.resync.as_ref() else { return };
+        if !r.batches.is_empty() || !r.reads.is_empty() {
+            return;
+        }
+        let Some(r) = self.resync.take() else { return };
+        if r.verify {
+            self.repl = Replication::Established;
+            self.last_verify = Some(r.differing_blocks);
+            self.send(Message::VerifyDone { differing_blocks: r.differing_blocks });
+            self.notify("verify-finished", json!({ "differing_blocks": r.differing_blocks, "role": "source" }));
+            let pages = self.bitmap.take_dirty();
+            self.persist_bitmap_pages(pages);
+            return;
+        }
+        if self.bitmap.count() > 0 {
+            // Blocks dirtied behind the cursor (write errors): go round again.
+            self.resync = Some(self.new_resync(false, r.checksum, false));
+            self.resync_pump();
+            return;
+        }
+        let g = &mut self.meta.gis;
+        if g.bitmap != 0 {
+            g.history = [g.bitmap, g.history[0]];
+            g.bitmap = 0;
+        }
+        self.crashed_primary = false;
+        self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
+        self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
+        self.repl = Replication::Established;
+        self.persist_superblock(false);
+        let pages = self.bitmap.take_dirty();
+        self.persist_bitmap_pages(pages);
+        self.send(Message::SyncDone { source_gis: self.meta.gis });
+        self.notify(
+            "resync-finished",
+            json!({ "role": "source", "bytes_sent": r.bytes_sent, "total_bytes": r.total_blocks * BLOCK, "gis": gis_json(&self.meta.gis) }),
+        );
+    }
+
+    pub(super) fn on_sync_done(&mut self, source_gis: Gis) {
+        let n = self.bitmap.bits();
+        self.bitmap.clear_blocks(0..n);
+        self.meta.gis = Gis { bitmap: 0, ..source_gis };
+        self.disk = DiskState::UpToDate;
+        self.crashed_primary = false;
+        self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
+        self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
+        self.repl = Replication::Established;
+        self.persist_superblock(false);
+        let pages = self.bitmap.take_dirty();
+        self.persist_bitmap_pages(pages);
+        self.send_state();
+        self.notify("resync-finished", json!({ "role": "target", "gis": gis_json(&self.meta.gis) }));
+    }
+
+    pub(super) fn on_checksum_request(&mut self, id: u64, offset: u64, len: u32, verify: bool) {
+        if len == 0 || offset.checked_add(len as u64).is_none_or(|e| e > self.cfg.data_size) {
+            self.drop_peer("protocol error: checksum request outside the device", true);
+            return;
+        }
+        let io = self.new_id();
+        self.ios.insert(io, Io::ChecksumRead { id, verify });
+        self.out.push(Action::Disk { id: io, op: DiskOp::Read { offset, len } });
+    }
+
+    pub(super) fn on_checksum_read_done(&mut self, id: u64, _verify: bool, result: Result<Option<Bytes>, u32>) {
+        let m = match result {
+            Ok(d) => Message::ChecksumReply { id, error: 0, sums: block_sums(&d.unwrap_or_default()) },
+            Err(error) => Message::ChecksumReply { id, error, sums: Vec::new() },
+        };
+        self.send(m);
+    }
+
+    pub(super) fn on_checksum_reply(&mut self, id: u64, error: u32, sums: Vec<u32>) {
+        let Some(range) = self.resync.as_mut().and_then(|r| {
+            let b = r.batches.get_mut(&id)?;
+            if error == 0 {
+                b.sums = Some(sums);
+            }
+            Some(b.range)
+        }) else {
+            return;
+        };
+        self.resync_read(id, range);
+    }
+}

@@ -1,0 +1,214 @@
+//! Types at the boundary of the node core.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::peer::{Gis, Message};
+
+/// An NBD connection, as numbered by the daemon.
+pub type ConnId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    UpToDate,
+    Inconsistent,
+    Outdated,
+    Failed,
+    Diskless,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnState {
+    Standalone,
+    Connecting,
+    Connected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replication {
+    Off,
+    Established,
+    SyncSource,
+    SyncTarget,
+    VerifySource,
+    VerifyTarget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    A,
+    B,
+    C,
+}
+
+/// What the core needs to know about its resource; built by the daemon from config.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub resource: String,
+    pub node: String,
+    /// The peer's name, if the resource has two nodes.
+    pub peer: Option<String>,
+    pub data_size: u64,
+    pub protocol: Protocol,
+    pub allow_two_primaries: bool,
+    pub auto_promote: bool,
+    pub al_slots: usize,
+    /// Bits of the out-of-sync bitmap per persisted metadata page.
+    pub bitmap_bits_per_page: u64,
+    pub sync_rate: u64,
+    pub sync_checksum: bool,
+    pub split_brain: crate::config::SplitBrain,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub timeout_ms: u64,
+    pub ko_count: u64,
+    /// Largest I/O the NBD side accepts (bytes).
+    pub max_io: u32,
+}
+
+/// Persisted metadata flags (the storage layer stores them as a u32).
+pub mod md_flags {
+    pub const CONSISTENT: u32 = 1 << 0;
+    pub const WAS_UP_TO_DATE: u32 = 1 << 1;
+    pub const PRIMARY: u32 = 1 << 2;
+    pub const PEER_OUTDATED: u32 = 1 << 3;
+    pub const SYNC_TARGET: u32 = 1 << 4;
+    pub const FULL_SYNC_NEEDED: u32 = 1 << 5;
+}
+
+/// The metadata the core starts from and asks the daemon to persist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaState {
+    pub gis: Gis,
+    pub flags: u32,
+    pub resync_offset: u64,
+}
+
+/// An NBD-level request, already validated against the export by the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IoRequest {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u32 },
+    WriteZeroes { offset: u64, len: u32, may_trim: bool },
+}
+
+/// A disk operation for the daemon's disk engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskOp {
+    Read { offset: u64, len: u32 },
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64, may_trim: bool },
+}
+
+/// What to persist. The daemon writes these in the order given, durably, then
+/// reports [`Event::MetaDone`] with the same id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaWrite {
+    Superblock(MetaState),
+    ActivityLog(Vec<u32>),
+    /// Bitmap pages, with a snapshot of the whole bitmap to take them from.
+    BitmapPages { pages: Vec<usize>, words: std::sync::Arc<Vec<u64>> },
+}
+
+/// Operator commands (from the control socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCmd {
+    Primary { force: bool },
+    Secondary,
+    Connect { discard_my_data: bool },
+    Disconnect,
+    Resync { full: bool, checksum: bool },
+    Verify,
+    Invalidate,
+}
+
+/// NBD errno values the core answers with (the daemon passes them through).
+pub mod errno {
+    pub const EIO: u32 = 5;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const ESHUTDOWN: u32 = 108;
+    pub const EPERM: u32 = 1;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// An NBD request from connection `conn` with the client's `cookie`.
+    Request { conn: ConnId, cookie: u64, req: IoRequest },
+    DiskDone { id: u64, result: Result<Option<Bytes>, u32> },
+    MetaDone { id: u64, ok: bool },
+    /// The link is authenticated and the peer's Hello arrived.
+    PeerUp { hello: crate::peer::Hello },
+    PeerMsg(Message),
+    /// The link broke or was dropped.
+    PeerDown { reason: String },
+    /// Time passes (milliseconds on a monotonic clock).
+    Tick { now_ms: u64 },
+    Admin { id: u64, cmd: AdminCmd },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Disk { id: u64, op: DiskOp },
+    Reply { conn: ConnId, cookie: u64, result: Result<Option<Bytes>, u32> },
+    Send(Message),
+    Persist { id: u64, write: MetaWrite },
+    /// Start the peer link (dial and accept).
+    Connect,
+    /// Drop the peer link and stay standalone until `Connect`.
+    DropPeer { reason: String, reconnect: bool },
+    AdminReply { id: u64, result: Result<String, String> },
+    /// A state change for `mirrorctl events` and the log.
+    Notify(serde_json::Value),
+    /// Run the split-brain handler (fire and forget).
+    SplitBrainHandler,
+}
+
+/// A snapshot for `mirrorctl status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub resource: String,
+    pub node: String,
+    pub role: Role,
+    pub disk: DiskState,
+    pub size_bytes: u64,
+    pub out_of_sync_bytes: u64,
+    pub nbd_clients: usize,
+    pub peer: Option<PeerStatus>,
+    pub resync: Option<ResyncStatus>,
+    pub split_brain: bool,
+    pub suspended: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub connection: ConnState,
+    pub replication: Replication,
+    pub role: Option<Role>,
+    pub disk: Option<DiskState>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResyncStatus {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    pub rate_bytes_per_sec: u64,
+    pub eta_seconds: u64,
+    pub verify: bool,
+    pub differing_blocks: u64,
+}

@@ -1,0 +1,336 @@
+//! The tokio edge: NBD listener, peer link, control socket, metadata writer,
+//! signals. It feeds the node core events and carries out its actions; it
+//! makes no replication decision of its own.
+
+mod control;
+mod meta_writer;
+mod nbd_conn;
+pub mod notify;
+mod peer_link;
+pub mod setup;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+
+use crate::config::Settings;
+use crate::core::{Action, AdminCmd, ConnId, DiskOp, Event, Node};
+use crate::storage::engine::{Disk, DiskOutput};
+use meta_writer::MetaWriter;
+use nbd_conn::ConnMsg;
+
+/// Largest NBD request payload we accept (and advertise as the maximum block size).
+pub const MAX_IO: u32 = 32 << 20;
+
+/// State shared by every task of the daemon.
+pub struct Shared {
+    pub settings: Settings,
+    core: Mutex<Node>,
+    pub disk: Disk,
+    meta: Mutex<Option<MetaWriter>>,
+    conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<ConnMsg>>>,
+    peer: Mutex<peer_link::PeerCtl>,
+    peer_wake: Notify,
+    admin: Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>,
+    next_admin: AtomicU64,
+    next_conn: AtomicU64,
+    pub events: broadcast::Sender<String>,
+    started: Instant,
+    stopping: AtomicBool,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    pub stop_rx: tokio::sync::watch::Receiver<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge the daemon: take the data as it is.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn core(&self) -> MutexGuard<'_, Node> {
+        lock(&self.core)
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Feeds one event to the core and carries out what it asks.
+    pub fn handle(self: &Arc<Self>, ev: Event) {
+        self.handle_many(std::iter::once(ev));
+    }
+
+    /// Feeds several events under one lock.
+    pub fn handle_many(self: &Arc<Self>, evs: impl IntoIterator<Item = Event>) {
+        let mut actions = Vec::new();
+        {
+            let mut core = self.core();
+            for ev in evs {
+                core.handle(ev);
+            }
+            core.drain_actions(&mut actions);
+            // Peer messages and metadata writes keep the core's order: queue them under the lock.
+            self.dispatch_ordered(&mut actions);
+        }
+        self.dispatch(actions);
+    }
+
+    /// Runs `f` on the core and carries out the actions it produced.
+    pub fn with_core<R>(self: &Arc<Self>, f: impl FnOnce(&mut Node) -> R) -> R {
+        let mut actions = Vec::new();
+        let r = {
+            let mut core = self.core();
+            let r = f(&mut core);
+            core.drain_actions(&mut actions);
+            self.dispatch_ordered(&mut actions);
+            r
+        };
+        self.dispatch(actions);
+        r
+    }
+
+    fn dispatch_ordered(&self, actions: &mut Vec<Action>) {
+        actions.retain_mut(|a| match a {
+            Action::Send(m) => {
+                lock(&self.peer).send(std::mem::replace(m, crate::peer::Message::Ping));
+                false
+            }
+            Action::Persist { id, write } => {
+                if let Some(w) = lock(&self.meta).as_ref() {
+                    w.submit(*id, write.clone());
+                }
+                false
+            }
+            Action::Notify(v) => {
+                let line = v.to_string();
+                tracing::info!(target: "nbd_mirror::events", "{line}");
+                let _ = self.events.send(line);
+                false
+            }
+            _ => true,
+        });
+    }
+
+    fn dispatch(self: &Arc<Self>, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Disk { id, op } => self.submit_disk(id, op),
+                Action::Reply { conn, cookie, result } => {
+                    if let Some(tx) = lock(&self.conns).get(&conn) {
+                        let _ = tx.send(ConnMsg::Reply { idx: cookie, result });
+                    }
+                }
+                Action::AdminReply { id, result } => {
+                    if let Some(tx) = lock(&self.admin).remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Action::Connect => {
+                    lock(&self.peer).want = true;
+                    self.peer_wake.notify_waiters();
+                    self.peer_wake.notify_one();
+                }
+                Action::DropPeer { reason, reconnect } => {
+                    tracing::warn!("dropping the peer link: {reason}");
+                    let mut p = lock(&self.peer);
+                    p.drop_active();
+                    p.want = reconnect;
+                    drop(p);
+                    self.peer_wake.notify_one();
+                }
+                Action::SplitBrainHandler => self.run_handler("split-brain"),
+                Action::Send(_) | Action::Persist { .. } | Action::Notify(_) => {
+                    unreachable!("dispatched under the core lock")
+                }
+            }
+        }
+    }
+
+    fn submit_disk(self: &Arc<Self>, id: u64, op: DiskOp) {
+        use crate::storage::engine::DiskOp as E;
+        let op = match op {
+            DiskOp::Read { offset, len } => E::Read { offset, len },
+            DiskOp::Write { offset, data, fua } => E::Write { offset, data, fua },
+            DiskOp::Flush => E::Flush,
+            DiskOp::Trim { offset, len } => E::Trim { offset, len },
+            DiskOp::WriteZeroes { offset, len, may_trim } => E::WriteZeroes { offset, len, may_trim },
+        };
+        let me = self.clone();
+        self.disk.submit(
+            op,
+            Box::new(move |r| {
+                let result = match r {
+                    Ok(DiskOutput::Done) => Ok(None),
+                    Ok(DiskOutput::Data(d)) => Ok(Some(d)),
+                    Err(e) => {
+                        tracing::error!("disk I/O failed: {e}");
+                        Err(crate::core::errno::EIO)
+                    }
+                };
+                me.handle(Event::DiskDone { id, result });
+            }),
+        );
+    }
+
+    fn run_handler(&self, which: &str) {
+        let path = match which {
+            "split-brain" => self.settings.handlers.split_brain.clone(),
+            _ => self.settings.handlers.fence_peer.clone(),
+        };
+        let Some(path) = path else { return };
+        let res = std::process::Command::new(&path)
+            .env("RESOURCE", &self.settings.resource)
+            .env("NODE", &self.settings.node().name)
+            .env("PEER", self.settings.peer().map(|p| p.name.as_str()).unwrap_or(""))
+            .spawn();
+        match res {
+            Ok(mut child) => {
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
+            }
+            Err(e) => tracing::error!("cannot run {which} handler {}: {e}", path.display()),
+        }
+    }
+
+    /// Sends an operator command to the core and waits for its answer.
+    pub async fn admin(self: &Arc<Self>, cmd: AdminCmd) -> Result<String, String> {
+        let id = self.next_admin.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.admin).insert(id, tx);
+        self.handle(Event::Admin { id, cmd });
+        rx.await.unwrap_or_else(|_| Err("the daemon is shutting down".into()))
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs `mirrord` for one resource until SIGTERM/SIGINT.
+pub fn run(settings: Settings) -> Result<(), String> {
+    let opened = setup::open(&settings)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("mirrord")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(serve(settings, opened))
+}
+
+async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> {
+    let setup::Opened { store, loaded, disk } = opened;
+    let data_size = store.layout().data_size;
+    let cfg = setup::core_config(&settings, data_size, loaded.superblock.al_slots, MAX_IO);
+    let seed = crate::storage::meta::new_generation_id().map_err(|e| e.to_string())?;
+    let node = Node::new(cfg, setup::meta_state(&loaded), &loaded.bitmap, &loaded.active_extents, seed);
+    tracing::info!(
+        "resource {} node {}: disk {} ({} bytes, engine {}), metadata {}",
+        settings.resource,
+        settings.node().name,
+        settings.node().disk.display(),
+        data_size,
+        disk.engine(),
+        setup::meta_location(&settings).path().display()
+    );
+    let (events, _) = broadcast::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let template = loaded.superblock.clone();
+    let shared = Arc::new(Shared {
+        core: Mutex::new(node),
+        disk,
+        meta: Mutex::new(None),
+        conns: Mutex::new(HashMap::new()),
+        peer: Mutex::new(peer_link::PeerCtl::default()),
+        peer_wake: Notify::new(),
+        admin: Mutex::new(HashMap::new()),
+        next_admin: AtomicU64::new(1),
+        next_conn: AtomicU64::new(1),
+        events,
+        started: Instant::now(),
+        stopping: AtomicBool::new(false),
+        stop_tx,
+        stop_rx,
+        settings,
+    });
+    let weak = Arc::downgrade(&shared);
+    let writer = MetaWriter::start(store, template, move |ev| {
+        if let Some(s) = weak.upgrade() {
+            s.handle(ev);
+        }
+    });
+    *lock(&shared.meta) = Some(writer);
+    // Actions the core produced while starting (replayed log, connect).
+    shared.with_core(|_| ());
+
+    std::fs::create_dir_all(&shared.settings.run_dir)
+        .map_err(|e| format!("cannot create run-dir {}: {e}", shared.settings.run_dir.display()))?;
+    let nbd_listener = nbd_conn::bind(&shared.settings.nbd_listen).await?;
+    let ctl_listener = control::bind(&shared.settings.control_socket())?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(nbd_conn::accept_loop(shared.clone(), nbd_listener));
+    tasks.spawn(control::accept_loop(shared.clone(), ctl_listener));
+    if shared.settings.peer().is_some() {
+        tasks.spawn(peer_link::run(shared.clone()));
+    }
+    tasks.spawn(tick_loop(shared.clone()));
+    tracing::info!("serving NBD export {} on {}", shared.settings.resource, shared.settings.nbd_listen);
+    notify::notify("READY=1");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    notify::notify("STOPPING=1");
+    shared.stopping.store(true, Ordering::Relaxed);
+    let _ = shared.stop_tx.send(true);
+    tasks.abort_all();
+    // Let clients' in-flight requests finish (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if shared.core().is_idle() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shared.with_core(|c| c.shutdown());
+    if let Err(e) = shared.disk.run(crate::storage::engine::DiskOp::Flush).await {
+        tracing::error!("final flush failed: {e}");
+    }
+    let writer = lock(&shared.meta).take();
+    if let Some(w) = writer {
+        tokio::task::spawn_blocking(move || w.finish()).await.ok();
+    }
+    lock(&shared.peer).drop_active();
+    shared.disk.shutdown();
+    let _ = std::fs::remove_file(shared.settings.control_socket());
+    if let crate::config::Listen::Unix(p) = &shared.settings.nbd_listen {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn tick_loop(shared: Arc<Shared>) {
+    let mut iv = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        iv.tick().await;
+        let now_ms = shared.now_ms();
+        shared.handle(Event::Tick { now_ms });
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; running until killed");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,16 @@
+//! nbd-mirror: a userspace, DRBD-style replicated block device served over NBD.
+//!
+//! Layers, top to bottom (a layer imports only layers below it):
+//! - `daemon`: the tokio edge (NBD listener, peer link, control socket, signals).
+//! - `core`: the sans-IO replication state machine.
+//! - `nbd`, `peer`: sans-IO codecs.
+//! - `storage`: disk engine and on-disk metadata.
+//! - `config`: TOML to typed, validated settings.
+
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod nbd;
+pub mod peer;
+pub mod storage;
+pub mod core;

@@ -1,0 +1,15 @@
+//! The peer wire protocol, sans-IO: message types, framing with CRC32, and the
+//! mutual HMAC authentication that precedes every other message.
+
+pub mod auth;
+pub mod codec;
+pub mod frame;
+pub mod message;
+
+pub use auth::{AuthError, AuthStep, Authenticator};
+pub use codec::{encode, encode_split, msg_type, Decoder};
+pub use frame::{DecodeError, DEFAULT_MAX_PAYLOAD, MAX_DATA_LEN};
+pub use message::*;
+
+#[cfg(test)]
+mod tests;

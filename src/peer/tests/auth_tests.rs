@@ -1,0 +1,285 @@
+//! Tests of the mutual authentication exchange.
+
+use bytes::{BufMut, BytesMut};
+use proptest::prelude::*;
+
+use crate::peer::auth::{AUTH_MAGIC, CHALLENGE_LEN};
+use crate::peer::*;
+
+fn side(secret: &[u8], node: &str, resource: &str) -> Authenticator {
+    Authenticator::new(secret, node, resource).expect("authenticator")
+}
+
+/// Runs both sides against each other, delivering `chunk` bytes at a time,
+/// until both finish. Returns each side's outcome.
+fn run(
+    a: &mut Authenticator,
+    b: &mut Authenticator,
+    chunk: usize,
+) -> (Result<AuthStep, AuthError>, Result<AuthStep, AuthError>) {
+    let (mut a_to_b, mut b_to_a) = (BytesMut::new(), BytesMut::new());
+    let (mut b_in, mut a_in) = (BytesMut::new(), BytesMut::new());
+    let mut ra = Ok(AuthStep::NeedMore);
+    let mut rb = Ok(AuthStep::NeedMore);
+    for _ in 0..10_000 {
+        a.take_output(&mut a_to_b);
+        b.take_output(&mut b_to_a);
+        let n = chunk.min(a_to_b.len());
+        b_in.extend_from_slice(&a_to_b.split_to(n));
+        let n = chunk.min(b_to_a.len());
+        a_in.extend_from_slice(&b_to_a.split_to(n));
+        if ra == Ok(AuthStep::NeedMore) {
+            ra = a.feed(&mut a_in);
+        }
+        if rb == Ok(AuthStep::NeedMore) {
+            rb = b.feed(&mut b_in);
+        }
+        let settled = |r: &Result<AuthStep, AuthError>| r != &Ok(AuthStep::NeedMore);
+        if settled(&ra) && settled(&rb) && !a.has_output() && !b.has_output() {
+            break;
+        }
+        if a_to_b.is_empty() && b_to_a.is_empty() && !a.has_output() && !b.has_output() {
+            break; // nothing in flight: a stuck side stays NeedMore
+        }
+    }
+    (ra, rb)
+}
+
+fn done(node: &str) -> Result<AuthStep, AuthError> {
+    Ok(AuthStep::Done { peer_node: node.to_string() })
+}
+
+#[test]
+fn same_secret_both_sides_succeed_and_learn_names() {
+    for chunk in [1, 3, 7, 1000] {
+        let mut a = side(b"s3cret", "alpha", "r0");
+        let mut b = side(b"s3cret", "beta", "r0");
+        assert_eq!(run(&mut a, &mut b, chunk), (done("beta"), done("alpha")), "chunk {chunk}");
+        // Repeated feeds repeat the outcome.
+        assert_eq!(a.feed(&mut BytesMut::new()), done("beta"));
+    }
+}
+
+#[test]
+fn bytes_after_the_auth_frames_stay_for_the_message_decoder() {
+    let mut a = side(b"k", "alpha", "r0");
+    let mut b = side(b"k", "beta", "r0");
+    let mut a_out = BytesMut::new();
+    let mut b_out = BytesMut::new();
+    a.take_output(&mut a_out);
+    b.take_output(&mut b_out);
+    assert_eq!(b.feed(&mut a_out), Ok(AuthStep::NeedMore));
+    assert!(a_out.is_empty());
+    b.take_output(&mut b_out); // b's challenge, then its response
+    encode(&Message::Ping, &mut b_out); // pipelined right after auth
+    assert_eq!(a.feed(&mut b_out), done("beta"));
+    assert_eq!(Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut b_out), Ok(Some(Message::Ping)));
+    a.take_output(&mut a_out);
+    assert_eq!(b.feed(&mut a_out), done("alpha"));
+    assert!(a_out.is_empty());
+}
+
+#[test]
+fn wrong_secret_fails_on_both_sides() {
+    let mut a = side(b"right", "alpha", "r0");
+    let mut b = side(b"wrong", "beta", "r0");
+    let (ra, rb) = run(&mut a, &mut b, 1000);
+    assert_eq!(ra, Err(AuthError::WrongSecret));
+    assert_eq!(rb, Err(AuthError::WrongSecret));
+    assert!(ra.unwrap_err().to_string().contains("wrong shared secret"));
+    // The failure is sticky.
+    assert_eq!(a.feed(&mut BytesMut::new()), Err(AuthError::WrongSecret));
+}
+
+#[test]
+fn empty_secret_only_matches_empty_secret() {
+    let mut a = side(b"", "alpha", "r0");
+    let mut b = side(b"", "beta", "r0");
+    assert_eq!(run(&mut a, &mut b, 1000), (done("beta"), done("alpha")));
+    let mut a = side(b"", "alpha", "r0");
+    let mut b = side(b"x", "beta", "r0");
+    let (ra, rb) = run(&mut a, &mut b, 1000);
+    assert_eq!((ra, rb), (Err(AuthError::WrongSecret), Err(AuthError::WrongSecret)));
+}
+
+#[test]
+fn different_resource_fails_on_both_sides() {
+    let mut a = side(b"k", "alpha", "r0");
+    let mut b = side(b"k", "beta", "r1");
+    let (ra, rb) = run(&mut a, &mut b, 1000);
+    assert_eq!(ra, Err(AuthError::ResourceMismatch { ours: "r0".into(), theirs: "r1".into() }));
+    assert_eq!(rb, Err(AuthError::ResourceMismatch { ours: "r1".into(), theirs: "r0".into() }));
+    let text = ra.unwrap_err().to_string();
+    assert!(text.contains("`r1`") && text.contains("`r0`"), "{text}");
+}
+
+/// Builds a challenge frame as an attacker would.
+fn challenge_frame(resource: &str, node: &str, challenge: &[u8; CHALLENGE_LEN]) -> BytesMut {
+    let mut f = BytesMut::new();
+    f.put_u32(AUTH_MAGIC);
+    f.put_u8(1);
+    f.put_u8(resource.len() as u8);
+    f.put_slice(resource.as_bytes());
+    f.put_u8(node.len() as u8);
+    f.put_slice(node.as_bytes());
+    f.put_slice(challenge);
+    f
+}
+
+/// Splits a side's output into its challenge (the first frame) and the
+/// bytes after it.
+fn challenge_of(out: &[u8], resource: &str, node: &str) -> [u8; CHALLENGE_LEN] {
+    let at = 4 + 1 + 1 + resource.len() + 1 + node.len();
+    let mut c = [0u8; CHALLENGE_LEN];
+    c.copy_from_slice(&out[at..at + CHALLENGE_LEN]);
+    c
+}
+
+#[test]
+fn reflected_response_fails() {
+    // The attacker, claiming to be beta, answers alpha with alpha's own response.
+    let mut a = side(b"k", "alpha", "r0");
+    let mut a_out = BytesMut::new();
+    a.take_output(&mut a_out);
+    let mut input = challenge_frame("r0", "beta", &[7u8; CHALLENGE_LEN]);
+    assert_eq!(a.feed(&mut input), Ok(AuthStep::NeedMore));
+    let mut response = BytesMut::new();
+    a.take_output(&mut response);
+    assert_eq!(a.feed(&mut response), Err(AuthError::WrongSecret));
+}
+
+#[test]
+fn response_obtained_from_a_second_session_fails() {
+    // Session 1: the attacker (claiming beta) gets alpha's challenge c1.
+    let mut a1 = side(b"k", "alpha", "r0");
+    let mut out1 = BytesMut::new();
+    a1.take_output(&mut out1);
+    let c1 = challenge_of(&out1, "r0", "alpha");
+    let mut input = challenge_frame("r0", "beta", &[9u8; CHALLENGE_LEN]);
+    assert_eq!(a1.feed(&mut input), Ok(AuthStep::NeedMore));
+
+    // Session 2: the attacker sends c1 as its own challenge, so alpha signs c1.
+    let mut a2 = side(b"k", "alpha", "r0");
+    let mut out2 = BytesMut::new();
+    a2.take_output(&mut out2);
+    let mut input = challenge_frame("r0", "beta", &c1);
+    assert_eq!(a2.feed(&mut input), Ok(AuthStep::NeedMore));
+    let mut out2 = BytesMut::new();
+    a2.take_output(&mut out2);
+    assert_eq!(out2.len(), 37, "only the response is pending");
+
+    // Alpha's tag over c1 is useless in session 1.
+    assert_eq!(a1.feed(&mut out2), Err(AuthError::WrongSecret));
+}
+
+#[test]
+fn replayed_session_fails() {
+    // Record beta's side of a good session with alpha.
+    let mut a = side(b"k", "alpha", "r0");
+    let mut b = side(b"k", "beta", "r0");
+    let mut a_out = BytesMut::new();
+    a.take_output(&mut a_out);
+    assert_eq!(b.feed(&mut a_out), Ok(AuthStep::NeedMore));
+    let mut recorded = BytesMut::new();
+    b.take_output(&mut recorded);
+    assert_eq!(a.feed(&mut recorded.clone()), done("beta"));
+
+    // Replaying it to a new session of alpha fails: its challenge is fresh.
+    let mut a2 = side(b"k", "alpha", "r0");
+    assert_eq!(a2.feed(&mut recorded), Err(AuthError::WrongSecret));
+}
+
+#[test]
+fn echoed_challenge_is_refused() {
+    let mut a = side(b"k", "alpha", "r0");
+    let mut out = BytesMut::new();
+    a.take_output(&mut out);
+    let c = challenge_of(&out, "r0", "alpha");
+    let mut input = challenge_frame("r0", "beta", &c);
+    assert_eq!(a.feed(&mut input), Err(AuthError::ReflectedChallenge));
+    // No response was produced for the echoed challenge.
+    assert!(!a.has_output());
+}
+
+#[test]
+fn peer_claiming_our_name_is_refused() {
+    let mut a = side(b"k", "alpha", "r0");
+    let mut input = challenge_frame("r0", "alpha", &[1u8; CHALLENGE_LEN]);
+    assert_eq!(a.feed(&mut input), Err(AuthError::SameNode("alpha".into())));
+    let mut a = side(b"k", "alpha", "r0");
+    let mut b = side(b"k", "alpha", "r0");
+    let (ra, rb) = run(&mut a, &mut b, 1000);
+    assert_eq!((ra, rb), (Err(AuthError::SameNode("alpha".into())), Err(AuthError::SameNode("alpha".into()))));
+}
+
+#[test]
+fn non_auth_input_is_refused_early() {
+    let mut a = side(b"k", "alpha", "r0");
+    let mut ping = BytesMut::new();
+    encode(&Message::Ping, &mut ping);
+    let res = a.feed(&mut ping);
+    assert_eq!(res, Err(AuthError::BadMagic(0x6e6d_7031)));
+    // A wrong magic is seen as soon as 4 bytes are in.
+    let mut a = side(b"k", "alpha", "r0");
+    assert_eq!(a.feed(&mut BytesMut::from(&b"GET "[..])), Err(AuthError::BadMagic(0x4745_5420)));
+    // A response frame where a challenge is due.
+    let mut a = side(b"k", "alpha", "r0");
+    let mut f = BytesMut::new();
+    f.put_u32(AUTH_MAGIC);
+    f.put_u8(2);
+    assert_eq!(a.feed(&mut f), Err(AuthError::UnexpectedKind { expected: "challenge", got: 2 }));
+    // Empty names.
+    let mut a = side(b"k", "alpha", "r0");
+    let mut f = challenge_frame("r0", "", &[1u8; CHALLENGE_LEN]);
+    assert_eq!(a.feed(&mut f), Err(AuthError::Malformed("empty name")));
+}
+
+#[test]
+fn names_must_fit_and_challenges_are_random() {
+    assert!(Authenticator::new(b"k", "", "r0").is_err());
+    assert!(Authenticator::new(b"k", "alpha", &"r".repeat(256)).is_err());
+    assert!(Authenticator::new(b"k", &"n".repeat(255), "r0").is_ok());
+    let (mut x, mut y) = (BytesMut::new(), BytesMut::new());
+    side(b"k", "alpha", "r0").take_output(&mut x);
+    side(b"k", "alpha", "r0").take_output(&mut y);
+    assert_eq!(x.len(), y.len());
+    assert_ne!(x, y, "two challenges are equal");
+}
+
+#[test]
+fn debug_output_does_not_show_the_secret() {
+    let a = side(b"topsecretvalue", "alpha", "r0");
+    let text = format!("{a:?}");
+    assert!(text.contains("alpha") && !text.contains("topsecret"), "{text}");
+}
+
+proptest! {
+    #[test]
+    fn garbage_input_never_panics(data in proptest::collection::vec(any::<u8>(), 0..400), chunk in 1usize..50) {
+        let mut a = Authenticator::with_challenge(b"k", "alpha", "r0", [3u8; CHALLENGE_LEN])
+            .expect("authenticator");
+        let mut input = BytesMut::new();
+        for piece in data.chunks(chunk) {
+            input.extend_from_slice(piece);
+            if a.feed(&mut input).is_err() {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn valid_looking_challenges_never_pass_without_the_secret(
+        node in "[a-z]{1,10}",
+        challenge in any::<[u8; CHALLENGE_LEN]>(),
+        tag in any::<[u8; 32]>(),
+    ) {
+        prop_assume!(node != "alpha");
+        let mut a = Authenticator::with_challenge(b"k", "alpha", "r0", [3u8; CHALLENGE_LEN])
+            .expect("authenticator");
+        let mut input = challenge_frame("r0", &node, &challenge);
+        input.put_u32(AUTH_MAGIC);
+        input.put_u8(2);
+        input.put_slice(&tag);
+        prop_assert_eq!(a.feed(&mut input), Err(AuthError::WrongSecret));
+    }
+}

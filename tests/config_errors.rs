@@ -1,0 +1,155 @@
+//! Config validation through the binaries: a bad config makes `mirrorctl
+//! check-config` and `mirrord` exit 2 with a message that names the file,
+//! the key and the problem; a good one passes; `status` without a daemon
+//! exits 3.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::process::own_binary;
+use common::{run, ClusterSpec, CmdOutput};
+
+const T: Duration = Duration::from_secs(30);
+
+fn mirrorctl(config: &Path, node: &str, args: &[&str]) -> CmdOutput {
+    let mut cmd = Command::new(own_binary("mirrorctl"));
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--node")
+        .arg(node)
+        .args(args);
+    run(&mut cmd, T)
+}
+
+fn mirrord(config: &Path, node: &str) -> CmdOutput {
+    let mut cmd = Command::new(own_binary("mirrord"));
+    cmd.arg("--config").arg(config).arg("--node").arg(node);
+    run(&mut cmd, T)
+}
+
+/// Both binaries must refuse `config` with exit 2 and a message holding
+/// the file name and every one of `needles` (case-insensitive).
+fn assert_refused(config: &Path, node: &str, needles: &[&str]) {
+    let file = config.display().to_string();
+    for out in [
+        mirrorctl(config, node, &["check-config"]),
+        mirrord(config, node),
+    ] {
+        assert_eq!(
+            out.code(),
+            Some(2),
+            "want exit 2 for a bad config\n{}",
+            out.describe()
+        );
+        let msg = format!("{}{}", out.stderr, out.stdout);
+        assert!(
+            msg.contains(&file),
+            "message should name the file {file}\n{}",
+            out.describe()
+        );
+        let lower = msg.to_lowercase();
+        for n in needles {
+            assert!(
+                lower.contains(&n.to_lowercase()),
+                "message should mention `{n}`\n{}",
+                out.describe()
+            );
+        }
+    }
+}
+
+/// The harness's valid config, edited by `edit`, written next to it.
+fn variant(c: &common::Cluster, name: &str, edit: impl Fn(&str) -> String) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&c.config).expect("read config");
+    let new = edit(&text);
+    assert_ne!(new, text, "the edit for {name} changed nothing");
+    let p = c.dir.join(name);
+    std::fs::write(&p, new).expect("write config variant");
+    p
+}
+
+#[test]
+fn valid_config_passes_check_config() {
+    let c = ClusterSpec::new(2).mirrord_only().build();
+    for node in ["alpha", "beta"] {
+        let out = mirrorctl(&c.config, node, &["check-config"]);
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "valid config refused\n{}",
+            out.describe()
+        );
+        assert!(
+            out.stdout.contains(node),
+            "resolved settings should name the node {node}\n{}",
+            out.describe()
+        );
+    }
+}
+
+#[test]
+fn unknown_key_is_refused() {
+    let c = ClusterSpec::new(1).mirrord_only().build();
+    let p = variant(&c, "unknown-key.toml", |t| {
+        t.replacen("[resource]\n", "[resource]\nbogus-key = 1\n", 1)
+    });
+    assert_refused(&p, "alpha", &["bogus-key", "unknown"]);
+    let p = variant(&c, "unknown-node-key.toml", |t| {
+        t.replacen("[[node]]\n", "[[node]]\ndiks = \"/dev/null\"\n", 1)
+    });
+    assert_refused(&p, "alpha", &["diks", "unknown"]);
+}
+
+#[test]
+fn missing_required_key_is_refused() {
+    let c = ClusterSpec::new(1).mirrord_only().build();
+    let p = variant(&c, "missing-disk.toml", |t| {
+        t.lines()
+            .filter(|l| !l.starts_with("disk ="))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    });
+    assert_refused(&p, "alpha", &["disk", "missing"]);
+    let p = variant(&c, "missing-name.toml", |t| {
+        t.replacen("name = \"r0\"\n", "", 1)
+    });
+    assert_refused(&p, "alpha", &["name", "missing"]);
+}
+
+#[test]
+fn bad_size_is_refused() {
+    let c = ClusterSpec::new(1)
+        .mirrord_only()
+        .table("[sync]\nrate = \"250XiB\"")
+        .build();
+    assert_refused(&c.config, "alpha", &["rate", "250XiB"]);
+}
+
+#[test]
+fn node_matching_no_node_is_refused() {
+    let c = ClusterSpec::new(2).mirrord_only().build();
+    assert_refused(&c.config, "gamma", &["gamma"]);
+}
+
+#[test]
+fn status_without_daemon_exits_3() {
+    let c = ClusterSpec::new(1).mirrord_only().build();
+    let out = c.mirrorctl(0, &["status"]);
+    assert_eq!(
+        out.code(),
+        Some(3),
+        "status with no daemon running\n{}",
+        out.describe()
+    );
+    let out = c.mirrorctl(0, &["status", "--json"]);
+    assert_eq!(
+        out.code(),
+        Some(3),
+        "status --json with no daemon running\n{}",
+        out.describe()
+    );
+}

@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# Benchmarks mirrord against reference NBD servers with fio's nbd engine.
+#
+# The same prefilled image file is served, one server after another, by
+#   mirrord     (release build, one node standalone, external metadata so
+#                the export is exactly the file; direct-io off)
+#   qemu-nbd    (default writeback cache: the host page cache)
+#   nbdkit      (file plugin, default cache: the host page cache)
+#   nbd-server  (config file in the work dir; buffered I/O)
+# and fio also runs on the plain file (psync, page cache kept) as the ceiling.
+# Every server listens on a unix socket; fio connects with ioengine=nbd.
+#
+# Jobs (each BENCH_SECONDS, default 10, after a 1 s ramp):
+#   4K random write QD32, 4K random read QD32 (IOPS),
+#   1M sequential write QD8, 1M sequential read QD8 (MiB/s),
+#   4K random write QD1 (mean latency, usec, lower is better).
+#
+# Output: a table on stdout and in target/bench/results.md; fio JSON per
+# server and job in target/bench/raw/SERVER/JOB.json.
+#
+# Environment:
+#   BENCH_SECONDS  seconds per job (10)
+#   BENCH_SIZE     image size, fio size syntax (1G)
+#   BENCH_SERVERS  which rows, in order ("file mirrord qemu-nbd nbdkit nbd-server")
+#   BENCH_OUT      output dir (target/bench)
+#   MIRRORD_BIN / MIRRORCTL_BIN   binaries (target/release/...)
+#
+# Adding a row: write start_server_NAME (dashes become underscores) that
+# starts the server(s) for "$IMG", appends every pid to PIDS and sets URI
+# (or FIO_TARGET), then add NAME to ROLE below and to BENCH_SERVERS.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+JOB_SECONDS=${BENCH_SECONDS:-10}
+SIZE=${BENCH_SIZE:-1G}
+SERVERS=${BENCH_SERVERS:-"file mirrord qemu-nbd nbdkit nbd-server"}
+OUT=${BENCH_OUT:-$ROOT/target/bench}
+MIRRORD=${MIRRORD_BIN:-$ROOT/target/release/mirrord}
+MIRRORCTL=${MIRRORCTL_BIN:-$ROOT/target/release/mirrorctl}
+PY=/usr/bin/python3
+
+# ceiling: not NBD; subject: ours (gets ratio rows); reference: others.
+declare -A ROLE=(
+    [file]=ceiling
+    [mirrord]=subject
+    [qemu-nbd]=reference
+    [nbdkit]=reference
+    [nbd-server]=reference
+)
+
+# name -> fio arguments
+declare -A JOBS=(
+    [randwrite-4k-qd32]="--rw=randwrite --bs=4k --iodepth=32"
+    [randread-4k-qd32]="--rw=randread --bs=4k --iodepth=32"
+    [seqwrite-1m-qd8]="--rw=write --bs=1m --iodepth=8"
+    [seqread-1m-qd8]="--rw=read --bs=1m --iodepth=8"
+    [lat-4k-qd1]="--rw=randwrite --bs=4k --iodepth=1"
+)
+JOB_ORDER="seqwrite-1m-qd8 randwrite-4k-qd32 lat-4k-qd1 seqread-1m-qd8 randread-4k-qd32"
+
+WORK=$OUT/work
+RAW=$OUT/raw
+RESULTS=$OUT/results.md
+IMG=$WORK/disk.img
+PIDS=()
+URI=""
+FIO_TARGET=()
+
+log() { echo "bench: $*" >&2; }
+
+stop_servers() {
+    local pid i
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        for ((i = 0; i < 200; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "pid $pid ignored SIGTERM for 20 s; SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    PIDS=()
+}
+trap stop_servers EXIT
+
+# Waits (bounded) until $URI answers an NBD handshake.
+wait_nbd() {
+    local i pid
+    for ((i = 0; i < 300; i++)); do
+        if nbdinfo --size "$URI" >/dev/null 2>&1; then
+            return 0
+        fi
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null || { log "server pid $pid exited"; return 1; }
+        done
+        sleep 0.1
+    done
+    log "no NBD handshake on $URI within 30 s"
+    return 1
+}
+
+free_port() {
+    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+start_server_file() {
+    # psync on the page cache is the fastest way to this file here (io_uring
+    # and libaio are slower for buffered I/O); invalidate=0 keeps the cache
+    # warm like the servers see it. iodepth means nothing to psync.
+    FIO_TARGET=(--ioengine=psync --invalidate=0 --filename="$IMG")
+}
+
+start_server_mirrord() {
+    [ -x "$MIRRORD" ] || { echo "$MIRRORD not built (make build)" >"$RAW/mirrord/ERROR"; return 1; }
+    local dir=$WORK/mirrord
+    mkdir -p "$dir/run"
+    echo "bench-secret" >"$dir/secret"
+    chmod 600 "$dir/secret"
+    cat >"$dir/r0.toml" <<EOF
+[resource]
+name = "r0"
+shared-secret-file = "$dir/secret"
+run-dir = "$dir/run"
+
+[nbd]
+listen = "unix:$dir/run/r0.nbd"
+
+[[node]]
+name = "bench"
+address = "127.0.0.1:$(free_port)"
+disk = "$IMG"
+meta-disk = "$dir/r0.md"
+EOF
+    if ! "$MIRRORCTL" --config "$dir/r0.toml" --node bench create-md --force >"$dir/create-md.log" 2>&1; then
+        { echo "create-md failed:"; tail -5 "$dir/create-md.log"; } >"$RAW/mirrord/ERROR"
+        return 1
+    fi
+    "$MIRRORD" --config "$dir/r0.toml" --node bench >"$dir/mirrord.log" 2>&1 &
+    PIDS+=($!)
+    URI="nbd+unix:///r0?socket=$dir/run/r0.nbd"
+}
+
+start_server_qemu_nbd() {
+    local sock=$WORK/qemu-nbd.sock
+    rm -f "$sock"
+    qemu-nbd -f raw -x r0 -k "$sock" --shared=16 --persistent --discard=unmap "$IMG" >"$WORK/qemu-nbd.log" 2>&1 &
+    PIDS+=($!)
+    URI="nbd+unix:///r0?socket=$sock"
+}
+
+start_server_nbdkit() {
+    local sock=$WORK/nbdkit.sock
+    rm -f "$sock"
+    nbdkit -f -U "$sock" file "$IMG" >"$WORK/nbdkit.log" 2>&1 &
+    PIDS+=($!)
+    URI="nbd+unix:///r0?socket=$sock"
+}
+
+start_server_nbd_server() {
+    local sock=$WORK/nbd-server.sock pidfile=$WORK/nbd-server.pid i
+    rm -f "$sock" "$pidfile"
+    cat >"$WORK/nbd-server.conf" <<EOF
+[generic]
+    unixsock = $sock
+    allowlist = true
+[r0]
+    exportname = $IMG
+    flush = true
+    fua = true
+    trim = true
+EOF
+    # nbd-server daemonizes; take its pid from the pid file.
+    nbd-server -C "$WORK/nbd-server.conf" -p "$pidfile" >"$WORK/nbd-server.log" 2>&1
+    for ((i = 0; i < 100; i++)); do
+        [ -s "$pidfile" ] && break
+        sleep 0.1
+    done
+    [ -s "$pidfile" ] || { echo "nbd-server wrote no pid file" >"$RAW/nbd-server/ERROR"; return 1; }
+    PIDS+=("$(cat "$pidfile")")
+    URI="nbd+unix:///r0?socket=$sock"
+}
+
+run_job() {
+    local server=$1 job=$2
+    # shellcheck disable=SC2086 # JOBS values are word lists on purpose
+    fio --name="$job" "${FIO_TARGET[@]}" ${JOBS[$job]} \
+        --size="$SIZE" --time_based=1 --runtime="$JOB_SECONDS" --ramp_time=1 \
+        --norandommap=1 --randrepeat=0 \
+        --output-format=json --output="$RAW/$server/$job.json" >"$RAW/$server/$job.log" 2>&1 ||
+        log "$server $job: fio failed (see $RAW/$server/$job.log)"
+}
+
+main() {
+    command -v fio >/dev/null || { log "fio missing: run tools/install-deps.sh"; exit 1; }
+    mkdir -p "$WORK"
+    rm -rf "$RAW"
+    mkdir -p "$RAW"
+
+    log "prefilling $IMG ($SIZE) so reads hit allocated data"
+    rm -f "$IMG"
+    fio --name=prefill --ioengine=io_uring --filename="$IMG" --rw=write --bs=1m --iodepth=8 \
+        --size="$SIZE" --output="$WORK/prefill.log" >/dev/null
+    sync
+
+    local server fn job roles=()
+    for server in $SERVERS; do
+        [ -n "${ROLE[$server]:-}" ] || { log "unknown server $server (add it to ROLE)"; exit 2; }
+        roles+=("$server:${ROLE[$server]}")
+        mkdir -p "$RAW/$server"
+        fn="start_server_${server//-/_}"
+        URI=""
+        FIO_TARGET=()
+        sync
+        log "== $server"
+        if ! "$fn"; then
+            log "$server: could not start; its row will read n/a"
+            [ -e "$RAW/$server/ERROR" ] || echo "did not start" >"$RAW/$server/ERROR"
+            stop_servers
+            continue
+        fi
+        if [ -n "$URI" ]; then
+            if ! wait_nbd; then
+                echo "no NBD handshake within 30 s" >"$RAW/$server/ERROR"
+                stop_servers
+                continue
+            fi
+            FIO_TARGET=(--ioengine=nbd --uri="$URI")
+        fi
+        for job in $JOB_ORDER; do
+            log "$server: $job (${JOB_SECONDS}s)"
+            run_job "$server" "$job"
+        done
+        stop_servers
+    done
+
+    {
+        echo "# nbd-mirror benchmark"
+        echo
+        echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs; $(uname -sr); image $SIZE (prefilled);"
+        echo "$JOB_SECONDS s per job after 1 s ramp; fio $(fio --version) ioengine=nbd (libnbd) over unix sockets;"
+        echo "the ceiling row is fio psync on the plain file (page cache). All servers use the host page cache"
+        echo "(mirrord direct-io off, qemu-nbd default writeback cache, nbdkit file default, nbd-server buffered)."
+        echo "Servers: $(qemu-nbd --version | head -1); nbdkit $(nbdkit --version | awk '{print $2}');"
+        echo "nbd-server $(nbd-server -V 2>&1 | awk '/version/ {print $NF}'); mirrord from $MIRRORD."
+        echo
+    } >"$RESULTS"
+    "$PY" "$ROOT/tools/bench/fio_report.py" "$RAW" "$RESULTS" "${roles[@]}"
+    log "results in $RESULTS, fio JSON in $RAW"
+}
+
+main "$@"

@@ -1,0 +1,141 @@
+#!/usr/bin/python3
+"""Turns the fio JSON files written by tools/bench/bench.sh into a markdown
+report: one table of raw numbers (a row per server, a column per job) and
+one table of ratios for each "subject" server (mirrord, and any later rows
+such as replicated mirrord) against each reference server and the best one.
+
+usage: fio_report.py RAWDIR OUT.md SERVER:ROLE [SERVER:ROLE ...]
+  ROLE is ceiling (plain file), subject (ours) or reference (others).
+  RAWDIR/SERVER/JOB.json are fio --output-format=json files; a missing or
+  failed file shows as "n/a" (RAWDIR/SERVER/ERROR, if present, says why).
+
+Ratios: for IOPS and MiB/s, subject / reference (above 1 means the subject
+is faster); for latency, reference / subject (above 1 still means the
+subject is better).
+"""
+import json
+import os
+import sys
+
+# job name -> (title, fio section, metric, unit, higher_is_better)
+JOBS = [
+    ("randwrite-4k-qd32", "4K rand write QD32", "write", "iops", "IOPS", True),
+    ("randread-4k-qd32", "4K rand read QD32", "read", "iops", "IOPS", True),
+    ("seqwrite-1m-qd8", "1M seq write QD8", "write", "mib", "MiB/s", True),
+    ("seqread-1m-qd8", "1M seq read QD8", "read", "mib", "MiB/s", True),
+    ("lat-4k-qd1", "4K write QD1 latency", "write", "lat_us", "usec", False),
+]
+
+
+def metric(path, section, kind):
+    """The number for one job, or None if the run is missing or failed."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return None
+    # fio's nbd engine may print a line before the JSON when --output is not used.
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        data = json.loads(text[start:])
+        job = data["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        return None
+    if job.get("error", 0) != 0:
+        return None
+    s = job[section]
+    if s.get("io_bytes", 0) == 0:
+        return None
+    if kind == "iops":
+        return float(s["iops"])
+    if kind == "mib":
+        return float(s["bw_bytes"]) / (1024 * 1024)
+    if kind == "lat_us":
+        return float(s["lat_ns"]["mean"]) / 1000.0
+    raise ValueError(kind)
+
+
+def fmt(v, unit):
+    if v is None:
+        return "n/a"
+    if unit == "usec":
+        return f"{v:.1f}"
+    return f"{v:,.0f}"
+
+
+def ratio(subject, ref, higher_is_better):
+    if subject is None or ref is None or subject == 0 or ref == 0:
+        return None
+    return subject / ref if higher_is_better else ref / subject
+
+
+def main():
+    if len(sys.argv) < 4:
+        sys.exit(__doc__)
+    rawdir, out = sys.argv[1], sys.argv[2]
+    servers = []
+    for arg in sys.argv[3:]:
+        name, _, role = arg.partition(":")
+        if role not in ("ceiling", "subject", "reference"):
+            sys.exit(f"bad role in {arg!r}")
+        servers.append((name, role))
+
+    values = {}
+    for name, _ in servers:
+        for job, _, section, kind, _, _ in JOBS:
+            values[(name, job)] = metric(os.path.join(rawdir, name, job + ".json"), section, kind)
+
+    lines = []
+    head = "| server | " + " | ".join(f"{t} ({u})" for _, t, _, _, u, _ in JOBS) + " |"
+    lines.append(head)
+    lines.append("|---|" + "---:|" * len(JOBS))
+    for name, role in servers:
+        label = f"{name} (ceiling)" if role == "ceiling" else name
+        cells = [fmt(values[(name, job)], unit) for job, _, _, _, unit, _ in JOBS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    notes = []
+    for name, _ in servers:
+        err = os.path.join(rawdir, name, "ERROR")
+        if os.path.exists(err):
+            with open(err) as f:
+                notes.append(f"- {name}: {f.read().strip()}")
+
+    refs = [n for n, r in servers if r == "reference"]
+    ratio_lines = []
+    for subject, role in servers:
+        if role != "subject":
+            continue
+        ratio_lines.append("")
+        ratio_lines.append(f"Ratios for **{subject}** (above 1.00 means {subject} is better):")
+        ratio_lines.append("")
+        ratio_lines.append("| vs | " + " | ".join(t for _, t, _, _, _, _ in JOBS) + " |")
+        ratio_lines.append("|---|" + "---:|" * len(JOBS))
+        for ref in refs:
+            cells = []
+            for job, _, _, _, _, hib in JOBS:
+                r = ratio(values[(subject, job)], values[(ref, job)], hib)
+                cells.append("n/a" if r is None else f"{r:.2f}")
+            ratio_lines.append(f"| {ref} | " + " | ".join(cells) + " |")
+        cells = []
+        for job, _, _, _, _, hib in JOBS:
+            present = [values[(r, job)] for r in refs if values[(r, job)] is not None]
+            if not present:
+                cells.append("n/a")
+                continue
+            best = max(present) if hib else min(present)
+            r = ratio(values[(subject, job)], best, hib)
+            cells.append("n/a" if r is None else f"{r:.2f}")
+        ratio_lines.append("| best reference | " + " | ".join(cells) + " |")
+
+    text = "\n".join(lines + ratio_lines)
+    if notes:
+        text += "\n\nNot measured:\n" + "\n".join(notes)
+    print(text)
+    with open(out, "a") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

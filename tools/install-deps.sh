@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the integration tests and benchmarks drive.
+# Idempotent and quick when everything is present: it asks dpkg first and
+# runs apt-get (update + install) only for what is missing.
+#
+#   tools/install-deps.sh            # tests + bench
+#   tools/install-deps.sh --check    # exit 1 listing what is missing, install nothing
+set -euo pipefail
+
+PACKAGES=(
+    qemu-utils        # qemu-io, qemu-img, qemu-nbd
+    libnbd-bin        # nbdinfo, nbdcopy, nbdsh
+    python3-libnbd    # python client scripts in tests/clients (Debian's /usr/bin/python3)
+    python3           # /usr/bin/python3 itself
+    nbdkit            # reference server for tools/bench
+    fio               # fio with the nbd engine (tests, bench)
+    nbd-server        # reference server for tools/bench
+    nbd-client        # kernel client (vm tests, demo)
+    procps            # pgrep/ps used by scripts
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "install-deps: all ${#PACKAGES[@]} packages present"
+    exit 0
+fi
+
+if [ "${1:-}" = "--check" ]; then
+    echo "install-deps: missing: ${missing[*]}" >&2
+    exit 1
+fi
+
+echo "install-deps: installing ${missing[*]}"
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -qq
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+
+# nbd-server's package starts a system service we do not want.
+if systemctl is-active --quiet nbd-server 2>/dev/null; then
+    "${SUDO[@]}" systemctl stop nbd-server || true
+fi
+
+/usr/bin/python3 -c 'import nbd' || {
+    echo "install-deps: /usr/bin/python3 cannot import nbd after installing python3-libnbd" >&2
+    exit 1
+}
+echo "install-deps: done"

@@ -1,0 +1,210 @@
+#!/bin/bash
+# Build the guest root image for the VM tests (User-Mode Linux and QEMU).
+#
+#   vm-images/build-image.sh            build (or reuse) the image; print its path
+#
+# Two cached layers under $VM_CACHE (default: <repo>/.cache/vm):
+#   base-<key>.tar   Debian bookworm root from mmdebstrap (minbase + packages.txt),
+#                    docs and locales stripped, UML kernel modules added.
+#                    Key: this script, packages.txt, the host's apt sources, the
+#                    user-mode-linux package version.               (~1 min)
+#   image-<key>.img  ext4 image made with `mkfs.ext4 -d` (no loop mounts) from the
+#                    base plus mirrord/mirrorctl, tools/systemd units and the guest
+#                    helpers in vm-images/guest. Key: base key + those files. (~10 s)
+# A layer is rebuilt only when its key changes. Old layers are pruned.
+#
+# Environment:
+#   VM_CACHE        cache directory
+#   MIRRORD_BIN     mirrord to install (default: target/release, else target/debug)
+#   MIRRORCTL_BIN   mirrorctl to install (same default)
+#   VM_NO_BINARIES  =1: build without mirrord/mirrorctl (stand-in tests only)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+cache=${VM_CACHE:-$repo/.cache/vm}
+sources=/etc/apt/sources.list.d/debian.sources
+[ -f "$sources" ] || sources=/etc/apt/sources.list
+
+log() { echo "build-image: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- host tools -------------------------------------------------------------
+ensure_host_tools() {
+    local missing=()
+    command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+    command -v linux.uml >/dev/null || missing+=(user-mode-linux)
+    command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+    command -v sha256sum >/dev/null || missing+=(coreutils)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing host packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    timeout 600 apt-get install -y --no-install-recommends "${missing[@]}" >&2 ||
+        { timeout 300 apt-get update >&2 &&
+          timeout 600 apt-get install -y --no-install-recommends "${missing[@]}" >&2; } ||
+        die "could not install ${missing[*]}"
+}
+
+uml_kernel_release() {
+    local d
+    d=$(find /usr/lib/uml/modules -mindepth 1 -maxdepth 1 -type d | sort | tail -n 1)
+    [ -n "$d" ] || die "no UML modules under /usr/lib/uml/modules"
+    basename "$d"
+}
+
+packages() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$here/packages.txt" | grep -v '^$' | paste -sd, -; }
+
+find_bin() {
+    local name=$1 explicit=$2
+    if [ -n "$explicit" ]; then
+        [ -x "$explicit" ] || die "$name: $explicit is not an executable"
+        echo "$explicit"; return
+    fi
+    local p
+    for p in "$repo/target/release/$name" "$repo/target/debug/$name"; do
+        [ -x "$p" ] && { echo "$p"; return; }
+    done
+    die "$name not built (cargo build --release --bins), or set VM_NO_BINARIES=1"
+}
+
+# --- base layer ---------------------------------------------------------------
+build_base() {
+    local out=$1 kver=$2 t0 tmp
+    t0=$(now)
+    tmp="$out.tmp.$$"
+    log "mmdebstrap bookworm minbase + $(packages)"
+    # --dpkgopt path-exclude keeps docs, man pages and locales out of the root.
+    timeout 900 mmdebstrap --mode=root --variant=minbase --format=tar \
+        --include="$(packages)" \
+        --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+        --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/info/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' \
+        --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+        --dpkgopt='path-exclude=/usr/share/lintian/*' \
+        --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/debconf/*-old' \
+        --customize-hook="mkdir -p \"\$1\"/lib/modules && cp -a /usr/lib/uml/modules/$kver \"\$1\"/lib/modules/" \
+        bookworm "$tmp" "$sources" >&2 || { rm -f "$tmp"; die "mmdebstrap failed"; }
+    mv "$tmp" "$out"
+    log "base root built in $(elapsed "$t0") s ($(du -h "$out" | cut -f1))"
+}
+
+# --- image layer --------------------------------------------------------------
+# Guest configuration that does not depend on the packages: console, mounts,
+# units to mask (nothing periodic or network-waiting in a test guest).
+configure_root() {
+    local root=$1
+    echo vmguest >"$root/etc/hostname"
+    printf '127.0.0.1 localhost\n127.0.1.1 vmguest\n' >"$root/etc/hosts"
+    printf '/dev/ubda / ext4 rw,noatime 0 1\n' >"$root/etc/fstab"
+    : >"$root/etc/machine-id"
+    passwd -R "$root" -d root >/dev/null 2>&1 || sed -i 's/^root:[^:]*:/root::/' "$root/etc/shadow"
+    mkdir -p "$root/mnt/host" "$root/etc/nbd-mirror" "$root/var/lib/nbd-mirror"
+    local u
+    for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
+             fstrim.timer dpkg-db-backup.timer systemd-timesyncd.service \
+             getty.target getty-static.service getty@tty1.service serial-getty@ttyS0.service \
+             systemd-networkd-wait-online.service console-getty.service \
+             o2cb.service ocfs2.service nbd.service \
+             systemd-tmpfiles-clean.timer systemd-journal-flush.service systemd-update-utmp.service \
+             systemd-update-utmp-runlevel.service ldconfig.service systemd-hwdb-update.service \
+             systemd-random-seed.service systemd-pstore.service systemd-firstboot.service \
+             systemd-machine-id-commit.service systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \
+             dev-hugepages.mount dev-mqueue.mount sys-fs-fuse-connections.mount sys-kernel-tracing.mount \
+             modprobe@drm.service modprobe@efi_pstore.service modprobe@fuse.service \
+             systemd-pcrphase.service systemd-pcrphase-sysinit.service systemd-sysusers.service \
+             systemd-udev-trigger.service systemd-user-sessions.service; do
+        ln -sf /dev/null "$root/etc/systemd/system/$u"
+    done
+    # Generators run on every boot and reload; a test guest needs only fstab's.
+    mkdir -p "$root/etc/systemd/system-generators"
+    for u in systemd-cryptsetup-generator systemd-getty-generator systemd-gpt-auto-generator \
+             systemd-hibernate-resume-generator systemd-integritysetup-generator \
+             systemd-rc-local-generator systemd-system-update-generator systemd-sysv-generator \
+             systemd-veritysetup-generator; do
+        ln -sf /dev/null "$root/etc/systemd/system-generators/$u"
+    done
+    # The journal stays in memory; the test copies what it needs to the share.
+    mkdir -p "$root/etc/systemd/journald.conf.d"
+    printf '[Journal]\nStorage=volatile\nForwardToConsole=no\n' \
+        >"$root/etc/systemd/journald.conf.d/vm.conf"
+}
+
+install_payload() {
+    local root=$1
+    install -m 0755 "$here/guest/vm-init" "$root/usr/local/sbin/vm-init"
+    install -m 0755 "$here/guest/vm-run" "$root/usr/local/sbin/vm-run"
+    install -m 0644 "$here/guest/vm-test.service" "$root/etc/systemd/system/vm-test.service"
+    mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
+    ln -sf /etc/systemd/system/vm-test.service "$root/etc/systemd/system/multi-user.target.wants/vm-test.service"
+    local f
+    for f in "$repo"/tools/systemd/*; do
+        [ -f "$f" ] && install -m 0644 "$f" "$root/etc/systemd/system/$(basename "$f")"
+    done
+    if [ "${VM_NO_BINARIES:-0}" != 1 ]; then
+        install -m 0755 "$MIRRORD" "$root/usr/sbin/mirrord"
+        install -m 0755 "$MIRRORCTL" "$root/usr/sbin/mirrorctl"
+    fi
+}
+
+build_image() {
+    local base=$1 out=$2 t0 root tmp size_mb
+    t0=$(now)
+    root=$(mktemp -d "$cache/root.XXXXXX")
+    tmp="$out.tmp.$$"
+    # shellcheck disable=SC2064
+    trap "rm -rf '$root' '$tmp'" EXIT
+    tar -C "$root" --numeric-owner -xpf "$base"
+    configure_root "$root"
+    install_payload "$root"
+    # Used space plus 256 MiB of room for logs and test files (runs use a COW
+    # overlay, so the image itself is never written).
+    size_mb=$(( $(du -sm "$root" | cut -f1) + 256 ))
+    mkfs.ext4 -q -F -L vmroot -d "$root" "$tmp" "${size_mb}M" >&2 || die "mkfs.ext4 -d failed"
+    mv "$tmp" "$out"
+    rm -rf "$root"
+    trap - EXIT
+    log "image built in $(elapsed "$t0") s (${size_mb} MiB)"
+}
+
+main() {
+    local t0 kver base_key base image_key image
+    t0=$(now)
+    ensure_host_tools
+    mkdir -p "$cache"
+    kver=$(uml_kernel_release)
+    # The base key covers the code that builds the base, not the whole script.
+    base_key=$( { declare -f build_base packages; cat "$here/packages.txt" "$sources";
+                  dpkg-query -W -f='${Version}\n' user-mode-linux; echo "$kver"; } |
+                sha256sum | cut -c1-16)
+    base="$cache/base-$base_key.tar"
+    if [ -f "$base" ]; then log "base root cached: $base"; else build_base "$base" "$kver"; fi
+
+    if [ "${VM_NO_BINARIES:-0}" = 1 ]; then
+        MIRRORD=; MIRRORCTL=
+    else
+        MIRRORD=$(find_bin mirrord "${MIRRORD_BIN:-}")
+        MIRRORCTL=$(find_bin mirrorctl "${MIRRORCTL_BIN:-}")
+    fi
+    image_key=$( { echo "$base_key"; echo "nobin=${VM_NO_BINARIES:-0}";
+                   declare -f configure_root install_payload build_image;
+                   cat "$here"/guest/* "$repo"/tools/systemd/* 2>/dev/null;
+                   [ -n "$MIRRORD" ] && cat "$MIRRORD" "$MIRRORCTL"; true; } |
+                 sha256sum | cut -c1-16)
+    image="$cache/image-$image_key.img"
+    if [ -f "$image" ]; then log "image cached: $image"; else build_image "$base" "$image"; fi
+
+    # Keep the current layers and at most the two newest others of each kind.
+    find "$cache" -maxdepth 1 -name 'image-*.img' ! -name "$(basename "$image")" -printf '%T@ %p\n' |
+        sort -rn | tail -n +3 | cut -d' ' -f2- | xargs -r rm -f
+    find "$cache" -maxdepth 1 -name 'base-*.tar' ! -name "$(basename "$base")" -printf '%T@ %p\n' |
+        sort -rn | tail -n +2 | cut -d' ' -f2- | xargs -r rm -f
+    ln -sfn "$(basename "$image")" "$cache/current.img"
+    log "done in $(elapsed "$t0") s"
+    echo "$image"
+}
+
+main "$@"
