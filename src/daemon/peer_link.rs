@@ -208,6 +208,11 @@ async fn greet(
         }
         match auth.feed(inbuf).map_err(|e| format!("failed authentication: {e}"))? {
             AuthStep::NeedMore => {
+                auth.take_output(&mut out);
+                if !out.is_empty() {
+                    s.write_all(&out).await.map_err(|e| format!("write during authentication: {e}"))?;
+                    out.clear();
+                }
                 if s.read_buf(inbuf).await.map_err(|e| format!("read during authentication: {e}"))? == 0 {
                     return Err("closed the connection during authentication".into());
                 }

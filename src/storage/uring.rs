@@ -218,6 +218,12 @@ fn setup(ctx: &FileCtx) -> io::Result<IoUring> {
 
 /// Best ring flags first; older kernels reject the newer flags with EINVAL.
 fn build_ring() -> io::Result<IoUring> {
+    // EXPERIMENT (remove): force ring mode
+    match std::env::var("NBDM_URING_MODE").as_deref() {
+        Ok("plain") => return IoUring::builder().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES),
+        Ok("coop") => return IoUring::builder().setup_coop_taskrun().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES),
+        _ => {}
+    }
     let best = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
@@ -523,10 +529,11 @@ fn sqe(ctx: &FileCtx, slot: &mut Slot, idx: u32) -> squeue::Entry {
             // SAFETY: done < len, so the pointer stays inside the buffer.
             let ptr = unsafe { buf.as_ptr().add(done as usize) };
             let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-            opcode::Write::new(fd, ptr, rest as u32)
+            let e = opcode::Write::new(fd, ptr, rest as u32)
                 .offset(*offset + done)
                 .rw_flags(flags)
-                .build()
+                .build();
+            if std::env::var_os("NBDM_WRITE_ASYNC").is_some() { e.flags(squeue::Flags::ASYNC) } else { e }
         }
         Job::Flush => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)

@@ -138,6 +138,28 @@ stop_all() {
     echo "mirrord@$R stopped: Result=$result ExecMainStatus=$status"
     [ "$result" = success ] && [ "$status" = 0 ]
 }
+crash_restart() {
+    # mirrord dies (SIGKILL): nbd-attach@ goes with it (BindsTo=), systemd
+    # restarts mirrord (Restart=on-failure) despite its stale sockets, and the
+    # enabled nbd-attach@ (WantedBy=mirrord@%i) attaches again.
+    systemctl enable "nbd-attach@$R.service"
+    local old pid i
+    old=$(systemctl show -p MainPID --value "mirrord@$R.service")
+    systemctl kill -s SIGKILL "mirrord@$R.service"
+    for i in $(seq 120); do
+        pid=$(systemctl show -p MainPID --value "mirrord@$R.service")
+        if [ "$pid" != 0 ] && [ "$pid" != "$old" ] &&
+            systemctl is-active --quiet "mirrord@$R.service" &&
+            systemctl is-active --quiet "nbd-attach@$R.service"; then
+            echo "mirrord restarted: pid $old -> $pid after ~$((i / 2))s; nbd-attach active"
+            [ "$(cat /sys/block/nbd0/size)" -gt 0 ]
+            return 0
+        fi
+        sleep 0.5
+    done
+    systemctl status --no-pager "mirrord@$R.service" "nbd-attach@$R.service" || true
+    return 1
+}
 
 echo "guest kernel $(uname -r), mode: $([ -f "$S/standin" ] && echo stand-in nbdkit || echo mirrord)"
 step config install_config
@@ -154,6 +176,8 @@ step fs-check fs_check
 step stop stop_all
 step reattach attach
 step fs-check-after-restart fs_check
+step crash-restart crash_restart
+step fs-check-after-crash fs_check
 collect_logs
 # mirrord@ and nbd-attach@ stay up: the systemd poweroff that follows must
 # detach /dev/nbd0 before it stops mirrord (the host checks the console).
