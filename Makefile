@@ -60,7 +60,7 @@ scripts-check:
 
 test-reference: deps
 	NBD_TEST_SERVER=qemu-nbd $(CARGO) test --test nbd_qemu_clients --test nbd_libnbd_clients \
-		--test nbd_fio --test nbd_bad_input --test sigterm
+		--test nbd_fio --test nbd_bad_input --test daemon_lifecycle
 
 demo: build
 	tools/demo.sh

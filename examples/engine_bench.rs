@@ -3,7 +3,7 @@
 //! a channel to another thread, which submits the next operation).
 //!
 //! Usage: cargo run --release --example engine_bench -- [--seconds N] [--size-mib M]
-//!        [--path FILE] [--direct] [--engine uring|threads]
+//!        [--path FILE] [--direct] [--engine uring|threads] [--only TEST-NAME-PART]
 //!
 //! Runs, for each engine: 4 KiB random write QD32, 4 KiB random read QD32, 4 KiB write QD1
 //! (latency), 1 MiB sequential write and read QD8. The file is filled first so reads hit data.
@@ -21,6 +21,8 @@ struct Args {
     path: Option<PathBuf>,
     direct: bool,
     engines: Vec<EngineKind>,
+    /// Run only the tests whose name contains this.
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -30,6 +32,7 @@ fn parse_args() -> Result<Args, String> {
         path: None,
         direct: false,
         engines: vec![EngineKind::Uring, EngineKind::Threads],
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
             "--path" => args.path = Some(PathBuf::from(value("--path")?)),
             "--direct" => args.direct = true,
             "--engine" => args.engines = vec![value("--engine")?.parse()?],
+            "--only" => args.only = Some(value("--only")?),
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -83,6 +87,18 @@ struct Outcome {
     bytes: u64,
     elapsed: Duration,
     mean_latency: Duration,
+    /// CPU time (user + system, all threads of this process) per operation.
+    cpu_per_op: Duration,
+}
+
+/// CPU time used by this process so far (all threads, including io_uring workers).
+fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain data; getrusage fills it in.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// Keeps `depth` operations in flight for `seconds` (or until `max_ops` were submitted), then
@@ -128,6 +144,7 @@ fn drive(
             }),
         );
     };
+    let cpu_start = cpu_time();
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(seconds);
     let depth = depth.min(usize::try_from(max_ops).unwrap_or(usize::MAX));
@@ -161,6 +178,7 @@ fn drive(
         bytes: ops * u64::from(block),
         elapsed: start.elapsed(),
         mean_latency: latency / u32::try_from(ops.max(1)).unwrap_or(u32::MAX),
+        cpu_per_op: (cpu_time() - cpu_start) / u32::try_from(ops.max(1)).unwrap_or(u32::MAX),
     }
 }
 
@@ -180,7 +198,7 @@ fn main() {
             tmp.path().to_owned()
         }
     };
-    if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) < args.size {
+    if Disk::device_size(&path).unwrap_or(0) < args.size {
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
@@ -228,13 +246,21 @@ fn main() {
             ("1M seqread   QD8 ", Pattern::SeqRead, 1 << 20, 8),
         ];
         for (name, pattern, block, depth) in tests {
+            if args
+                .only
+                .as_ref()
+                .is_some_and(|only| !name.contains(only.as_str()))
+            {
+                continue;
+            }
             let out = drive(&disk, pattern, block, depth, args.seconds, u64::MAX);
             let secs = out.elapsed.as_secs_f64();
             println!(
-                "  {name}: {:>9.0} IOPS {:>8.1} MiB/s  mean latency {:>7.1} us",
+                "  {name}: {:>9.0} IOPS {:>8.1} MiB/s  mean latency {:>7.1} us  cpu/op {:>6.1} us",
                 out.ops as f64 / secs,
                 out.bytes as f64 / secs / f64::from(1 << 20),
-                out.mean_latency.as_secs_f64() * 1e6
+                out.mean_latency.as_secs_f64() * 1e6,
+                out.cpu_per_op.as_secs_f64() * 1e6
             );
         }
         disk.shutdown();

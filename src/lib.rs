@@ -14,3 +14,4 @@ pub mod nbd;
 pub mod peer;
 pub mod storage;
 pub mod core;
+pub mod sim;

@@ -122,11 +122,11 @@ fn missing_required_key_is_refused() {
 
 #[test]
 fn bad_size_is_refused() {
-    let c = ClusterSpec::new(1)
-        .mirrord_only()
-        .table("[sync]\nrate = \"250XiB\"")
-        .build();
-    assert_refused(&c.config, "alpha", &["rate", "250XiB"]);
+    let c = ClusterSpec::new(1).mirrord_only().build();
+    let p = variant(&c, "bad-size.toml", |t| {
+        t.replacen("\n[[node]]", "\n[sync]\nrate = \"250XiB\"\n\n[[node]]", 1)
+    });
+    assert_refused(&p, "alpha", &["rate", "250XiB"]);
 }
 
 #[test]

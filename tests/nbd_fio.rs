@@ -20,11 +20,14 @@ fn fio_verify(uri: &str, dir: &std::path::Path, name: &str, extra: &[&str]) {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ])
         .arg(format!("--uri={uri}"))
         .args(["--output-format=json", "--runtime=120"])
         .arg(format!("--output={}", json.display()))
         .args(extra);
+    // fio may drop state files in its working directory: use the temp dir.
+    cmd.current_dir(dir);
     let out = run(&mut cmd, T);
     out.assert_success();
     let text = std::fs::read_to_string(&json)

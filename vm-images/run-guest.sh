@@ -19,6 +19,8 @@
 #   --timeout S       hard limit for the whole guest run (default 300)
 #   --console FILE    kernel/systemd console output (default DIR/console.log)
 #   --name ID         UML instance id (default vm-PID)
+#   --append ARG      extra kernel command line word (e.g. vm.node=alpha), repeatable;
+#                     the guest test reads it from /proc/cmdline
 #
 # Exit status: the test's own exit status from DIR/rc when the guest
 # finished in time; 124 on timeout; 125 when the guest produced no rc.
@@ -30,8 +32,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-share= test= image= mode=systemd mem=768M tmo=300 console= name="vm-$$"
-disks=() taps=()
+share='' test='' image='' mode=systemd mem=768M tmo=300 console='' name="vm-$$"
+disks=() taps=() extra=()
 
 die() { echo "run-guest: error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -46,6 +48,7 @@ while [ $# -gt 0 ]; do
         --timeout) tmo=$2; shift 2 ;;
         --console) console=$2; shift 2 ;;
         --name) name=$2; shift 2 ;;
+        --append) extra+=("$2"); shift 2 ;;
         *) die "unknown argument $1" ;;
     esac
 done
@@ -61,6 +64,7 @@ command -v linux.uml >/dev/null || die "linux.uml not found (apt-get install use
 rundir=$(mktemp -d "${TMPDIR:-/tmp}/uml-$name.XXXXXX")
 trap 'rm -rf "$rundir"' EXIT
 
+# shellcheck disable=SC2054 # commas belong to UML options
 args=(mem="$mem" "ubd0=$rundir/root.cow,$image" root=/dev/ubda rw
       con=null con0=null,fd:1 ssl=null "umid=$name" "uml_dir=$rundir"
       "vm.share=$share" "vm.test=$test" "vm.timeout=$tmo")
@@ -80,6 +84,7 @@ for t in "${taps[@]}"; do
     args+=("vec$i:transport=tap,ifname=$ifname,depth=128,gro=1$mac")
     i=$((i + 1))
 done
+args+=("${extra[@]}")
 case $mode in
     systemd) args+=(systemd.unit=multi-user.target systemd.show_status=1) ;;
     script) args+=(init=/usr/local/sbin/vm-init) ;;

@@ -5,7 +5,7 @@ VM_SAVED_DEFAULT_GOAL := $(.DEFAULT_GOAL)
 VM_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 CARGO ?= cargo
 
-.PHONY: vm-bins vm-image vm-smoke vm-smoke-standin vm-clean vm-test
+.PHONY: vm-bins vm-image vm-smoke vm-smoke-standin vm-two-host vm-clean vm-test
 
 # The project's vocabulary target; more VM tests join it as they land.
 vm-test: vm-smoke
@@ -24,6 +24,10 @@ vm-smoke: vm-bins
 # The same test with nbdkit standing in for mirrord (checks the harness alone).
 vm-smoke-standin:
 	VM_SMOKE_SERVER=standin $(VM_DIR)/smoke.sh
+
+# Skeleton, not part of vm-test yet: two guests, mirrord peers, OCFS2 on both.
+vm-two-host: vm-bins
+	$(VM_DIR)/two-host.sh
 
 vm-clean:
 	rm -rf $(VM_DIR)/../.cache/vm

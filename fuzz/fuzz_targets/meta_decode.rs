@@ -64,7 +64,11 @@ fn bitmap_page(mut b: Vec<u8>, fix: bool, bits_seed: u8) {
         b[0..4].copy_from_slice(b"NMBP");
         seal(&mut b, 4);
     }
-    let (page, uuid) = if b.len() >= 24 { (get_u32(&b, 8), get_u64(&b, 16)) } else { (0, 0) };
+    let (page, uuid) = if b.len() >= 24 {
+        (get_u32(&b, 8), get_u64(&b, 16))
+    } else {
+        (0, 0)
+    };
     let bits = BITMAP_BITS_PER_PAGE - u64::from(bits_seed) * 127;
     let mut words = vec![0u64; bits.div_ceil(64) as usize];
     if decode_bitmap_page(&b, page, uuid, bits, &mut words).is_ok() {

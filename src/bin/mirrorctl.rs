@@ -33,7 +33,11 @@ enum Cmd {
         force: bool,
     },
     /// Print the metadata as JSON.
-    DumpMd,
+    DumpMd {
+        /// List every out-of-sync range (default: the first 16).
+        #[arg(long)]
+        all_ranges: bool,
+    },
     /// Validate the config and print the resolved settings for this node.
     CheckConfig,
     /// Show the resource's state.
@@ -125,8 +129,8 @@ fn run(args: Args) -> Result<(), Fail> {
             println!("{msg}");
             Ok(())
         }
-        Cmd::DumpMd => {
-            let v = setup::dump_md(&s).map_err(Fail::Op)?;
+        Cmd::DumpMd { all_ranges } => {
+            let v = setup::dump_md(&s, all_ranges).map_err(Fail::Op)?;
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(())
         }

@@ -48,22 +48,6 @@ pub enum DiskEngine {
     Threads,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SizeMismatch {
-    /// Refuse to connect to a peer whose data area differs in size.
-    Refuse,
-    /// Both sides use the smaller size.
-    UseSmaller,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Fencing {
-    DontCare,
-    ResourceOnly,
-    ResourceAndStonith,
-}
 
 /// The after-sb-* policies, named as in DRBD.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,7 +93,6 @@ pub struct SplitBrain {
 pub struct DiskSettings {
     pub engine: DiskEngine,
     pub direct_io: bool,
-    pub size_mismatch: SizeMismatch,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -157,7 +140,6 @@ pub struct Settings {
     pub allow_two_primaries: bool,
     pub auto_promote: bool,
     pub shared_secret_file: Option<PathBuf>,
-    pub fencing: Fencing,
     /// Run directory of this node (per-node override applied).
     pub run_dir: PathBuf,
     /// NBD listen address of this node (per-node override applied).
@@ -266,15 +248,6 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
     }
     let auto_promote = res.bool_or("auto-promote", true).map_err(err)?;
     let shared_secret_file = res.opt_str("shared-secret-file").map_err(err)?.map(PathBuf::from);
-    let fencing = match res
-        .choice_or("fencing", "dont-care", &["dont-care", "resource-only", "resource-and-stonith"])
-        .map_err(err)?
-        .as_str()
-    {
-        "resource-only" => Fencing::ResourceOnly,
-        "resource-and-stonith" => Fencing::ResourceAndStonith,
-        _ => Fencing::DontCare,
-    };
     let default_run_dir = PathBuf::from(res.str_or("run-dir", "/run/nbd-mirror").map_err(err)?);
     res.finish().map_err(err)?;
 
@@ -293,14 +266,6 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             _ => DiskEngine::Uring,
         },
         direct_io: dk.bool_or("direct-io", false).map_err(err)?,
-        size_mismatch: match dk
-            .choice_or("size-mismatch", "refuse", &["refuse", "use-smaller"])
-            .map_err(err)?
-            .as_str()
-        {
-            "use-smaller" => SizeMismatch::UseSmaller,
-            _ => SizeMismatch::Refuse,
-        },
     };
     dk.finish().map_err(err)?;
 
@@ -436,7 +401,6 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         allow_two_primaries,
         auto_promote,
         shared_secret_file,
-        fencing,
         run_dir,
         nbd_listen,
         disk,

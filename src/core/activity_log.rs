@@ -103,8 +103,10 @@ impl ActivityLog {
             return None;
         }
         let mut need: BTreeSet<u32> = BTreeSet::new();
+        let mut wanted_extents: BTreeSet<u32> = BTreeSet::new();
         for r in wanted.iter().filter(|r| !r.is_empty()) {
             for e in extents_of(*r) {
+                wanted_extents.insert(e);
                 if !self.active.contains_key(&e) {
                     need.insert(e);
                 }
@@ -113,8 +115,15 @@ impl ActivityLog {
         if need.is_empty() {
             return None;
         }
-        let mut idle: Vec<(u64, u32)> =
-            self.active.iter().filter(|(_, x)| x.refs == 0).map(|(e, x)| (x.used, *e)).collect();
+        // Never evict an extent a waiting write needs: a write spanning two
+        // extents would otherwise evict one to load the other, forever (found by
+        // the simulator: an endless stream of activity-log transactions).
+        let mut idle: Vec<(u64, u32)> = self
+            .active
+            .iter()
+            .filter(|(e, x)| x.refs == 0 && !wanted_extents.contains(e))
+            .map(|(e, x)| (x.used, *e))
+            .collect();
         idle.sort_unstable();
         let free = self.slots.saturating_sub(self.active.len());
         let mut evict = Vec::new();
@@ -196,5 +205,26 @@ mod tests {
         al.committed();
         assert_eq!(al.admit(r12), Admit::Go);
         assert_eq!(al.active(), vec![1, 2]);
+    }
+
+    /// Regression (simulator): with extents 0 and 1 busy and 2 active, a write
+    /// spanning 2 and 3 used to evict 2 to load 3, then 3 to load 2, forever.
+    #[test]
+    fn never_evicts_an_extent_the_waiting_write_needs() {
+        let mut al = ActivityLog::new(3, &[]);
+        let (r0, r1, r2) = (Range::new(0, 512), Range::new(EXTENT, 512), Range::new(2 * EXTENT, 512));
+        al.plan(&[r0, r1, r2]).unwrap();
+        al.committed();
+        assert_eq!(al.admit(r0), Admit::Go);
+        assert_eq!(al.admit(r1), Admit::Go);
+        let r23 = Range::new(3 * EXTENT - 512, 1024);
+        assert_eq!(al.admit(r23), Admit::Wait);
+        // No room without evicting extent 2, which the write needs: wait.
+        assert!(al.plan(&[r23]).is_none());
+        al.release(r0);
+        let (set, evict) = al.plan(&[r23]).unwrap();
+        assert_eq!((set, evict), (vec![1, 2, 3], vec![0]));
+        al.committed();
+        assert_eq!(al.admit(r23), Admit::Go);
     }
 }

@@ -42,6 +42,10 @@ pub(super) enum Io {
     ResyncRead { write: u64 },
     /// Read to answer a peer's checksum request.
     ChecksumRead { id: u64, verify: bool },
+    /// Data flush before an activity-log transaction that evicts extents.
+    AlFlush { set: Vec<u32> },
+    /// Flush before the read that answers a checksum-resync request.
+    ChecksumFlush { id: u64, offset: u64, len: u32 },
 }
 
 #[derive(Debug)]
@@ -128,11 +132,27 @@ pub struct Node {
     pub(super) seq: u64,
     pub(super) peer_seen: u64,
     pub(super) recent: BTreeMap<u64, Recent>,
+    /// Local writes the peer acknowledged (seq -> range) but has not flushed yet:
+    /// if the peer loses power they may be gone from its disk, so they are marked
+    /// out of sync when the link is lost (like DRBD's transfer log up to a barrier).
+    pub(super) unflushed: BTreeMap<u64, Range>,
+    /// Flushes sent to the peer (id -> our highest write seq when sent).
+    pub(super) flush_marks: BTreeMap<u64, u64>,
+    pub(super) last_peer_flush_ms: u64,
     pub(super) peer_flushes: Vec<PeerFlush>,
     pub(super) peer_reads: HashMap<u64, (ConnId, u64)>,
     pub(super) now_ms: u64,
     pub(super) last_ping_ms: u64,
     pub(super) ping_outstanding: Option<u64>,
+    /// Pings sent and PingAcks received on this link (the peer answers in order).
+    pub(super) pings_sent: u64,
+    pub(super) pings_acked: u64,
+    /// Promoted while connected: I/O waits until the peer answered a ping sent
+    /// after our new role (then it knows we are primary), or the link goes.
+    pub(super) promote_confirm: Option<u64>,
+    /// What our last Hello told the peer (identifiers, disk, role, crashed), the
+    /// basis of its sync decision.
+    pub(super) announced: std::cell::Cell<Option<(Gis, DiskState, Role, bool)>>,
     pub(super) last_bitmap_save_ms: u64,
     pub(super) out: Vec<Action>,
     pub(super) resync: Option<Resync>,
@@ -140,9 +160,13 @@ pub struct Node {
     pub(super) suspended: bool,
     /// This node crashed while primary and has not synced since.
     pub(super) crashed_primary: bool,
+    /// Primary because an NBD client arrived: demoted when the last one leaves.
+    pub(super) auto_promoted: bool,
     /// Incremented on every new peer connection; acks of older links are dropped.
     pub(super) link_epoch: u64,
     pub(super) last_verify: Option<u64>,
+    /// Deliberate bugs for the simulator's fault tests (never set by the daemon).
+    pub(super) faults: Faults,
 }
 
 impl Node {
@@ -195,19 +219,28 @@ impl Node {
             seq: 0,
             peer_seen: 0,
             recent: BTreeMap::new(),
+            unflushed: BTreeMap::new(),
+            flush_marks: BTreeMap::new(),
+            last_peer_flush_ms: 0,
             peer_flushes: Vec::new(),
             peer_reads: HashMap::new(),
             now_ms: 0,
             last_ping_ms: 0,
             ping_outstanding: None,
+            pings_sent: 0,
+            pings_acked: 0,
+            promote_confirm: None,
+            announced: std::cell::Cell::new(None),
             last_bitmap_save_ms: 0,
             out: Vec::new(),
             resync: None,
             split_brain: false,
             suspended: false,
             crashed_primary: false,
+            auto_promoted: false,
             link_epoch: 0,
             last_verify: None,
+            faults: Faults::default(),
             meta: meta.clone(),
             cfg,
         };
@@ -263,6 +296,12 @@ impl Node {
                 return v;
             }
         }
+    }
+
+    /// Turns on deliberate bugs (see [`Faults`]). Only the simulator's fault
+    /// tests call this; the daemon never does.
+    pub fn inject_faults(&mut self, faults: Faults) {
+        self.faults = faults;
     }
 
     pub fn config(&self) -> &CoreConfig {
@@ -361,6 +400,7 @@ impl Node {
                 ));
             }
             self.promote(false)?;
+            self.auto_promoted = true;
         }
         self.clients.insert(conn);
         self.notify("client-attached", json!({ "conn": conn, "clients": self.clients.len() }));
@@ -371,7 +411,7 @@ impl Node {
     pub fn detach_client(&mut self, conn: ConnId) {
         if self.clients.remove(&conn) {
             self.notify("client-detached", json!({ "conn": conn, "clients": self.clients.len() }));
-            if self.clients.is_empty() && self.cfg.auto_promote && self.role == Role::Primary {
+            if self.clients.is_empty() && self.auto_promoted && self.role == Role::Primary {
                 self.demote();
             }
         }
@@ -447,6 +487,18 @@ impl Node {
         }
         self.persist_superblock(true);
         self.send_state();
+        if self.replicating() && !self.cfg.allow_two_primaries {
+            // The peer may have become primary too, its State still on the way (or
+            // the link silently dead): serve nothing until it answers a ping sent
+            // after our State. Both nodes otherwise served I/O as primaries on a
+            // "connected" pair, reads missing the other's writes (simulator finding).
+            self.pings_sent += 1;
+            self.promote_confirm = Some(self.pings_sent);
+            if self.ping_outstanding.is_none() {
+                self.ping_outstanding = Some(self.now_ms);
+            }
+            self.send(Message::Ping);
+        }
         self.notify("role", json!({ "role": "primary" }));
         if force && self.replicating() {
             if let Some(p) = &self.peer {
@@ -459,6 +511,7 @@ impl Node {
     }
 
     pub(super) fn demote(&mut self) {
+        self.auto_promoted = false;
         if self.role == Role::Secondary {
             return;
         }
@@ -538,6 +591,14 @@ impl Node {
             self.disk = DiskState::Failed;
             self.notify("disk-failed", json!({ "reason": why }));
             self.send_state();
+            if self.cfg.peer.is_some() {
+                // It may miss writes: after a restart it is outdated (no promotion
+                // without --force) until a sync. Coming back up to date let it be
+                // promoted and serve stale data, then become a sync source that
+                // discarded acknowledged writes (simulator finding).
+                self.meta.flags &= !md_flags::WAS_UP_TO_DATE;
+                self.persist_superblock(false);
+            }
         }
     }
 
@@ -548,7 +609,7 @@ impl Node {
             self.out.push(Action::Reply { conn, cookie, result: Err(errno::EPERM) });
             return;
         }
-        if self.handshake.is_some() {
+        if self.handshake.is_some() || self.promote_confirm.is_some() {
             self.held.push((conn, cookie, req));
             return;
         }
@@ -608,6 +669,13 @@ impl Node {
     }
 
     fn local_flush(&mut self, conn: ConnId, cookie: u64) {
+        // As for writes: with no up-to-date disk reachable, nothing can be made
+        // durable where it counts (simulator finding: a sync target's flush
+        // succeeded locally after its source was lost, the data then was not).
+        if !self.has_good_copy() {
+            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+            return;
+        }
         let rid = self.new_id();
         let mirrored = self.replicating();
         self.reqs.insert(
@@ -631,23 +699,25 @@ impl Node {
         self.ios.insert(id, Io::Flush { req: rid });
         self.out.push(Action::Disk { id, op: DiskOp::Flush });
         if mirrored {
-            self.send(Message::Flush { id: rid });
+            self.send_peer_flush(rid);
         }
     }
 
+    /// Whether writes can reach an up-to-date disk: ours, or the peer's over the link.
+    fn has_good_copy(&self) -> bool {
+        let peer_good = self.replicating() && self.peer.as_ref().is_some_and(|p| p.disk == DiskState::UpToDate);
+        self.disk == DiskState::UpToDate || peer_good
+    }
+
     fn local_write(&mut self, conn: ConnId, cookie: u64, range: Range, op: DiskOp, fua: bool) {
-        if matches!(self.disk, DiskState::Failed | DiskState::Diskless) {
+        // A disk that is not up to date, without an up-to-date peer (e.g. a sync
+        // target that lost its source) holds no good copy: a write acknowledged
+        // there would be overwritten by the next resync (simulator finding).
+        if matches!(self.disk, DiskState::Failed | DiskState::Diskless) || !self.has_good_copy() {
             self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
             return;
         }
         let rid = self.new_id();
-        let mirrored = self.replicating();
-        let (wait_recv, wait_ack) = match (mirrored, self.cfg.protocol) {
-            (false, _) => (false, false),
-            (true, Protocol::C) => (false, true),
-            (true, Protocol::B) => (!fua, fua),
-            (true, Protocol::A) => (false, fua),
-        };
         self.reqs.insert(
             rid,
             Req {
@@ -656,36 +726,23 @@ impl Node {
                 range,
                 is_flush: false,
                 local_pending: true,
-                wait_recv,
-                wait_ack,
-                ack_outstanding: mirrored,
+                wait_recv: false,
+                wait_ack: false,
+                ack_outstanding: false,
                 recv_got: false,
                 error: 0,
                 replied: false,
                 al_held: false,
             },
         );
-        if mirrored {
-            self.seq += 1;
-            let seq = self.seq;
-            let kind = match &op {
-                DiskOp::Write { data, .. } => crate::peer::WriteKind::Data(data.clone()),
-                DiskOp::Trim { len, .. } => crate::peer::WriteKind::Trim { len: *len as u32 },
-                DiskOp::WriteZeroes { len, may_trim, .. } => {
-                    crate::peer::WriteKind::Zeroes { len: *len as u32, may_trim: *may_trim }
-                }
-                other => unreachable!("not a write: {other:?}"),
-            };
-            self.recent.insert(seq, Recent { range, req: Some(rid), sent_ms: self.now_ms });
-            self.send(Message::Write { seq, seen: self.peer_seen, offset: range.start, kind, fua, resync: false });
-        } else if self.cfg.peer.is_some() {
-            self.bitmap.set_range(range);
-        }
         let wid = self.new_id();
-        let ready = self.order.push(wid, range);
+        // First come, first served: while a write waits for the activity log, later
+        // ones wait behind it, else a stream of writes to active extents starves a
+        // write that needs an extent loaded (simulator finding).
+        let queue_empty = self.al_waiting.is_empty();
         let al_ok = match self.al.as_mut() {
             None => true,
-            Some(al) => al.admit(range) == Admit::Go,
+            Some(al) => queue_empty && al.admit(range) == Admit::Go,
         };
         if al_ok {
             if let Some(r) = self.reqs.get_mut(&rid) {
@@ -699,15 +756,66 @@ impl Node {
                 origin: Origin::Local { req: rid },
                 pieces: vec![op],
                 parts_pending: 0,
-                ready,
+                ready: false,
                 al_ok,
                 submitted: false,
                 error: 0,
             },
         );
-        if !al_ok {
+        if al_ok {
+            self.issue_local_write(wid, fua);
+        } else {
             self.al_waiting.push(wid);
             self.try_al_transaction();
+        }
+    }
+
+    /// A local write whose extents are in the durable activity log enters the
+    /// disk order and goes to the peer, both at once: it must not reach the peer
+    /// before its extent is in the activity log, or a crash leaves the peer with
+    /// data nobody marks (simulator finding), and entering the disk order at the
+    /// same moment keeps both nodes' order of it against peer writes the same.
+    fn issue_local_write(&mut self, wid: u64, fua: bool) {
+        let Some(e) = self.writes.get(&wid) else { return };
+        let Origin::Local { req: rid } = e.origin else { return };
+        let range = e.range;
+        let kind = match e.pieces.first() {
+            Some(DiskOp::Write { data, .. }) => crate::peer::WriteKind::Data(data.clone()),
+            Some(DiskOp::Trim { len, .. }) => crate::peer::WriteKind::Trim { len: *len as u32 },
+            Some(DiskOp::WriteZeroes { len, may_trim, .. }) => crate::peer::WriteKind::Zeroes { len: *len as u32, may_trim: *may_trim },
+            other => unreachable!("not a write: {other:?}"),
+        };
+        let mirrored = self.replicating();
+        let (wait_recv, wait_ack) = match (mirrored, self.cfg.protocol) {
+            (false, _) => (false, false),
+            // Fault injection (simulator only): ack before the peer's disk.
+            (true, Protocol::C) => (false, !self.faults.ack_before_peer),
+            (true, Protocol::B) => (!fua, fua),
+            (true, Protocol::A) => (false, fua),
+        };
+        // Without an up-to-date local disk the peer holds the only good copy: the
+        // write is done when the peer's disk has it, whatever the protocol
+        // (simulator finding: protocol A acked a sync target's write that was then lost).
+        let wait_ack = wait_ack || (mirrored && self.disk != DiskState::UpToDate);
+        let wait_recv = wait_recv && !wait_ack;
+        if let Some(r) = self.reqs.get_mut(&rid) {
+            r.wait_recv = wait_recv;
+            r.wait_ack = wait_ack;
+            r.ack_outstanding = mirrored;
+        }
+        if mirrored {
+            self.seq += 1;
+            let seq = self.seq;
+            self.recent.insert(seq, Recent { range, req: Some(rid), sent_ms: self.now_ms });
+            self.send(Message::Write { seq, seen: self.peer_seen, offset: range.start, kind, fua, resync: false });
+            // This write overtakes the data of resync reads queued before it (simulator finding).
+            self.resync_note_local_write(range);
+        } else if self.cfg.peer.is_some() {
+            self.bitmap.set_range(range);
+        }
+        let ready = self.order.push(wid, range);
+        if let Some(e) = self.writes.get_mut(&wid) {
+            e.ready = ready;
         }
         self.try_start(wid);
     }
@@ -718,10 +826,23 @@ impl Node {
         if self.al_txn.is_some() || self.al_waiting.is_empty() {
             return;
         }
-        let ranges: Vec<Range> = self.al_waiting.iter().filter_map(|w| self.writes.get(w).map(|e| e.range)).collect();
+        // For the first waiting write only (the others wait behind it).
+        let ranges: Vec<Range> = self.al_waiting.iter().take(1).filter_map(|w| self.writes.get(w).map(|e| e.range)).collect();
         let Some(al) = self.al.as_mut() else { return };
         let Some((set, evicted)) = al.plan(&ranges) else { return };
         // Bits of evicted extents must be durable before the log forgets them.
+        let evicting = !evicted.is_empty();
+        // So must the knowledge of writes there that the peer has not flushed: if
+        // both nodes crashed, no replay would look at them (simulator finding).
+        for e in &evicted {
+            let ext = Range::new(*e as u64 * EXTENT, EXTENT);
+            let hit: Vec<u64> = self.unflushed.iter().filter(|(_, r)| r.overlaps(&ext)).map(|(k, _)| *k).collect();
+            for k in hit {
+                if let Some(r) = self.unflushed.remove(&k) {
+                    self.bitmap.set_range(r);
+                }
+            }
+        }
         let mut pages = Vec::new();
         for e in evicted {
             let first = e as u64 * EXTENT / BLOCK;
@@ -733,6 +854,24 @@ impl Node {
         self.persist_bitmap_pages(pages);
         let id = self.new_id();
         self.al_txn = Some(id);
+        if evicting {
+            // What was written in the evicted extents may still sit in the disk's
+            // volatile cache: flush it before the log forgets them, or a crash
+            // loses it where no replay looks (simulator finding).
+            self.ios.insert(id, Io::AlFlush { set });
+            self.out.push(Action::Disk { id, op: DiskOp::Flush });
+        } else {
+            self.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(set) });
+        }
+    }
+
+    /// The data flush before an evicting activity-log transaction is done.
+    fn on_al_flush_done(&mut self, set: Vec<u32>, result: Result<Option<Bytes>, u32>) {
+        if result.is_err() {
+            self.disk_failed("flush error");
+        }
+        let id = self.new_id();
+        self.al_txn = Some(id);
         self.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(set) });
     }
 
@@ -741,17 +880,20 @@ impl Node {
         let mut still = Vec::new();
         for wid in waiting {
             let Some(range) = self.writes.get(&wid).map(|e| e.range) else { continue };
-            let go = self.al.as_mut().map(|al| al.admit(range) == Admit::Go).unwrap_or(true);
+            // In order: once one must wait, so do the ones behind it.
+            let go = still.is_empty() && self.al.as_mut().map(|al| al.admit(range) == Admit::Go).unwrap_or(true);
             if go {
+                let mut fua = false;
                 if let Some(e) = self.writes.get_mut(&wid) {
                     e.al_ok = true;
+                    fua = matches!(e.pieces.first(), Some(DiskOp::Write { fua: true, .. }));
                     if let Origin::Local { req } = e.origin {
                         if let Some(r) = self.reqs.get_mut(&req) {
                             r.al_held = self.al.is_some();
                         }
                     }
                 }
-                self.try_start(wid);
+                self.issue_local_write(wid, fua);
             } else {
                 still.push(wid);
             }
@@ -829,6 +971,8 @@ impl Node {
             }
             Io::ResyncRead { write } => self.on_resync_read_done(write, result),
             Io::ChecksumRead { id, verify } => self.on_checksum_read_done(id, verify, result),
+            Io::AlFlush { set } => self.on_al_flush_done(set, result),
+            Io::ChecksumFlush { id, offset, len } => self.on_checksum_flush_done(id, offset, len, result),
         }
     }
 
@@ -845,10 +989,21 @@ impl Node {
             Origin::Local { req } => {
                 if let Some(r) = self.reqs.get_mut(&req) {
                     r.local_pending = false;
-                    r.error = e.error;
+                    // Keep an error the peer side already set (no good copy left).
+                    if e.error != 0 {
+                        r.error = e.error;
+                    }
                 }
                 if e.error != 0 {
+                    // The peer may have the write, this disk not (or partly): mark
+                    // it, durably, or the next connect finds nothing to resync
+                    // (simulator finding).
+                    if self.cfg.peer.is_some() {
+                        self.bitmap.set_range(e.range);
+                    }
                     self.disk_failed("write error");
+                    let pages = self.bitmap.take_dirty();
+                    self.persist_bitmap_pages(pages);
                 }
                 self.maybe_finish(req);
             }
@@ -904,6 +1059,7 @@ impl Node {
             } else if now_ms.saturating_sub(self.last_ping_ms) >= self.cfg.ping_interval_ms {
                 self.last_ping_ms = now_ms;
                 self.ping_outstanding = Some(now_ms);
+                self.pings_sent += 1;
                 self.send(Message::Ping);
             }
             let limit = self.cfg.timeout_ms.saturating_mul(self.cfg.ko_count.max(1));
@@ -913,9 +1069,19 @@ impl Node {
                     return;
                 }
             }
+            // Keep the peer's unflushed writes few: they would all be resynced if
+            // the peer lost power.
+            if !self.unflushed.is_empty() && now_ms.saturating_sub(self.last_peer_flush_ms) >= 1000 {
+                let id = self.new_id();
+                self.send_peer_flush(id);
+            }
         }
         self.resync_tick();
-        if self.bitmap.has_dirty() && now_ms.saturating_sub(self.last_bitmap_save_ms) >= 1000 && self.resync.is_some() {
+        // Keep the persisted bitmap close to memory while it changes (resync, or
+        // writes without the peer): an interrupted resync resumes near where it was,
+        // and `dump-md` on a running node shows what is out of sync.
+        let changing = self.resync.is_some() || (self.cfg.peer.is_some() && !self.replicating());
+        if changing && self.bitmap.has_dirty() && now_ms.saturating_sub(self.last_bitmap_save_ms) >= 1000 {
             self.last_bitmap_save_ms = now_ms;
             let pages = self.bitmap.take_dirty();
             self.persist_bitmap_pages(pages);
@@ -943,7 +1109,11 @@ impl Node {
 
     fn on_admin(&mut self, id: u64, cmd: AdminCmd) {
         let result = match cmd {
-            AdminCmd::Primary { force } => self.promote(force).map(|_| "primary".to_string()),
+            AdminCmd::Primary { force } => self.promote(force).map(|_| {
+                // An explicit promotion stays until `secondary`.
+                self.auto_promoted = false;
+                "primary".to_string()
+            }),
             AdminCmd::Secondary => {
                 if !self.clients.is_empty() {
                     Err(format!("{} NBD client(s) attached; disconnect them first", self.clients.len()))

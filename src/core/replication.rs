@@ -33,6 +33,12 @@ fn disk_of(d: PeerDisk) -> DiskState {
 impl Node {
     /// The Hello this node sends once the link is authenticated.
     pub fn hello(&self) -> Hello {
+        self.announced.set(Some((self.meta.gis, self.disk, self.role, self.crashed_primary)));
+        self.hello_now()
+    }
+
+    /// Our Hello as of now, without recording it as announced.
+    fn hello_now(&self) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             resource: self.cfg.resource.clone(),
@@ -97,8 +103,8 @@ impl Node {
                 "device size mismatch: peer {} has {} bytes, we have {}",
                 hello.node, hello.data_size, self.cfg.data_size
             ))
-        } else if hello.protocol != self.hello().protocol {
-            refuse(format!("peer uses protocol {}, we use {}", hello.protocol as char, self.hello().protocol as char))
+        } else if hello.protocol != self.hello_now().protocol {
+            refuse(format!("peer uses protocol {}, we use {}", hello.protocol as char, self.hello_now().protocol as char))
         } else if hello.two_primaries != self.cfg.allow_two_primaries {
             refuse("allow-two-primaries differs between the nodes".to_string())
         } else if hello.role == PeerRole::Primary && self.role == Role::Primary && !self.cfg.allow_two_primaries {
@@ -111,6 +117,9 @@ impl Node {
         self.seq = 0;
         self.peer_seen = 0;
         self.ping_outstanding = None;
+        self.pings_sent = 0;
+        self.pings_acked = 0;
+        self.promote_confirm = None;
         self.last_ping_ms = self.now_ms;
         if let Some(why) = problem {
             self.notify("connect-refused", json!({ "reason": why }));
@@ -148,13 +157,25 @@ impl Node {
         self.handshake = None;
         self.peer = None;
         self.ping_outstanding = None;
+        self.promote_confirm = None;
+        // Writes the peer acknowledged but had not flushed may be lost if it lost
+        // power (simulator finding: nobody marked them, the disks stayed different).
+        for (_, r) in std::mem::take(&mut self.unflushed) {
+            self.bitmap.set_range(r);
+        }
+        self.flush_marks.clear();
         // Everything the peer did not acknowledge may differ now.
         let recent = std::mem::take(&mut self.recent);
+        let local_good = self.disk == DiskState::UpToDate;
         for (_, r) in recent {
             self.bitmap.set_range(r.range);
             if let Some(req) = r.req {
                 if let Some(q) = self.reqs.get_mut(&req) {
                     q.ack_outstanding = false;
+                    if !local_good && q.error == 0 {
+                        // Not on any good copy.
+                        q.error = errno::EIO;
+                    }
                 }
                 self.maybe_finish(req);
             }
@@ -229,6 +250,13 @@ impl Node {
                 }
             }
             Message::FlushAck { id, error } => {
+                if let Some(upto) = self.flush_marks.remove(&id) {
+                    if error == 0 {
+                        // Everything we had sent before this flush is durable on the peer.
+                        let later = self.unflushed.split_off(&(upto + 1));
+                        self.unflushed = later;
+                    }
+                }
                 if let Some(q) = self.reqs.get_mut(&id) {
                     q.ack_outstanding = false;
                     if error != 0 && q.error == 0 {
@@ -275,9 +303,23 @@ impl Node {
                 self.drop_peer("the peer detected a split brain", false);
             }
             Message::Ping => self.send(Message::PingAck),
-            Message::PingAck => self.ping_outstanding = None,
+            Message::PingAck => {
+                self.ping_outstanding = None;
+                self.pings_acked += 1;
+                if self.promote_confirm.is_some_and(|n| self.pings_acked >= n) {
+                    self.promote_confirm = None;
+                    self.release_held();
+                }
+            }
             Message::Bye { reason } => self.drop_peer(&format!("the peer said goodbye: {reason}"), true),
         }
+    }
+
+    /// Asks the peer to flush; its FlushAck makes our writes sent so far durable there.
+    pub(super) fn send_peer_flush(&mut self, id: u64) {
+        self.flush_marks.insert(id, self.seq);
+        self.last_peer_flush_ms = self.now_ms;
+        self.send(Message::Flush { id });
     }
 
     fn peer_flush_now(&mut self, id: u64) {
@@ -305,12 +347,20 @@ impl Node {
         let Some(r) = self.recent.remove(&seq) else { return };
         if error != 0 {
             self.bitmap.set_range(r.range);
+        } else if r.req.is_some() {
+            // On the peer's disk, not yet on its medium (resync writes are FUA).
+            self.unflushed.insert(seq, r.range);
         }
+        let local_good = self.disk == DiskState::UpToDate;
         match r.req {
             Some(req) => {
                 if let Some(q) = self.reqs.get_mut(&req) {
                     q.ack_outstanding = false;
                     q.recv_got = true;
+                    if error != 0 && !local_good && q.error == 0 {
+                        // The peer failed it and the local disk is no good copy.
+                        q.error = error;
+                    }
                 }
                 self.maybe_finish(req);
             }
@@ -365,6 +415,13 @@ impl Node {
                 }
             })
             .collect();
+        let mut pieces = pieces;
+        if fua && !holes.is_empty() {
+            // The winner's bytes now stand for this FUA write: make them durable
+            // too before acknowledging (simulator finding: the ack came with the
+            // range still volatile).
+            pieces.push(DiskOp::Flush);
+        }
         let wid = self.new_id();
         let ready = self.order.push(wid, range);
         self.writes.insert(
@@ -428,7 +485,70 @@ impl Node {
             full_sync_needed: false,
         };
         let me = self.side_of_self();
+        let now = (self.meta.gis, self.disk, self.role, self.crashed_primary);
+        if self.announced.get().is_some_and(|a| a != now) {
+            // The peer decides from our Hello: if we changed since (e.g. promoted
+            // and started a new generation before the link was up on our side),
+            // the two decisions disagree (simulator finding: both became sync
+            // source). Start over with fresh Hellos.
+            self.drop_peer("our state changed during the connection handshake; reconnecting", true);
+            return;
+        }
+        let failed = |d: DiskState| matches!(d, DiskState::Failed | DiskState::Diskless);
+        let (me_failed, peer_failed) = (failed(self.disk), failed(disk_of(h.disk)));
+        if me_failed || peer_failed {
+            // A failed disk cannot be resynced now. Deciding as if it were merely
+            // inconsistent silently discarded a diverged side's data (simulator
+            // finding). Compare the generations as if it were whole: if the other
+            // side holds the same or newer data it serves the I/O, else neither has
+            // the latest data reachable and the link is dropped until the failed
+            // disk is back (then the normal decision, split-brain detection included).
+            let whole = |s: gi::Side| gi::Side { consistent: true, up_to_date: true, ..s };
+            let d = gi::decide(&whole(me), &whole(peer_side), self.local_wins());
+            let failed_side_behind = match d {
+                Decision::InSync => true,
+                Decision::Target { .. } => me_failed && !peer_failed,
+                Decision::Source { .. } => peer_failed && !me_failed,
+                _ => false,
+            };
+            self.notify(
+                "sync-decision",
+                json!({ "decision": if failed_side_behind { "FailedDisk" } else { "FailedDiskAhead" }, "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis) }),
+            );
+            if failed_side_behind {
+                self.repl = Replication::Established;
+                self.release_held();
+            } else {
+                self.drop_peer("a failed disk holds data the peer lacks; waiting for it to come back", !me_failed);
+            }
+            return;
+        }
         let mut decision = gi::decide(&me, &peer_side, self.local_wins());
+        if decision == Decision::InSync {
+            // Same generation, yet blocks may differ: a node replayed its activity
+            // log after a crash, or a write failed on one side. Clearing the bits
+            // would leave those blocks different for good (simulator finding), so
+            // resync them: from the side that has bits, by name if both have.
+            let mine = self.bitmap.count() > 0;
+            let theirs = hs.peer_words.iter().any(|w| *w != 0);
+            decision = match (mine, theirs) {
+                (false, false) => Decision::InSync,
+                // An outdated disk (it failed) never wins over an up-to-date one.
+                _ if me.up_to_date && !peer_side.up_to_date => Decision::Source { full: false },
+                _ if !me.up_to_date && peer_side.up_to_date => Decision::Target { full: false },
+                (true, false) => Decision::Source { full: false },
+                (false, true) => Decision::Target { full: false },
+                (true, true) if self.local_wins() => Decision::Source { full: false },
+                (true, true) => Decision::Target { full: false },
+            };
+        }
+        if self.faults.wrong_sync_direction && me.gis.current != peer_side.gis.current {
+            // Fault injection (simulator only): the wrong side of a bitmap resync
+            // between diverged generations becomes the source.
+            if let Decision::Source { full: false } | Decision::Target { full: false } = decision {
+                decision = decision.mirrored();
+            }
+        }
         self.notify(
             "sync-decision",
             json!({ "decision": format!("{decision:?}"), "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis) }),
@@ -461,6 +581,7 @@ impl Node {
                 self.repl = Replication::Established;
                 let n = self.bitmap.bits();
                 self.bitmap.clear_blocks(0..n);
+                self.outdated_now_current();
                 if self.crashed_primary {
                     self.crashed_primary = false;
                 }
@@ -491,6 +612,15 @@ impl Node {
                 self.release_held();
             }
             Decision::SplitBrain { .. } => unreachable!("resolved above"),
+        }
+    }
+
+    /// An outdated disk (it had failed) holds the same data as its peer now.
+    pub(super) fn outdated_now_current(&mut self) {
+        if self.disk == DiskState::Outdated {
+            self.disk = DiskState::UpToDate;
+            self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
+            self.send_state();
         }
     }
 

@@ -26,13 +26,19 @@ struct Batch {
     sums: Option<Vec<u32>>,
     /// Resync writes sent for this batch and not yet acknowledged.
     writes_out: u32,
+    /// Local writes issued while this batch's read was in the disk order: they
+    /// went to the peer before the read's (older) data will, so the blocks they
+    /// touch must not be sent from this read.
+    dirtied: Vec<Range>,
+    /// The peer's writes this node had placed in its disk order when the read
+    /// was ordered: the data reflects those and no later ones.
+    seen: u64,
 }
 
 #[derive(Debug)]
 pub(super) struct Resync {
     pub verify: bool,
     pub checksum: bool,
-    pub full: bool,
     total_blocks: u64,
     done_blocks: u64,
     /// Next block to consider.
@@ -72,12 +78,11 @@ fn block_sums(data: &[u8]) -> Vec<u32> {
 }
 
 impl Node {
-    fn new_resync(&self, verify: bool, checksum: bool, full: bool) -> Resync {
+    fn new_resync(&self, verify: bool, checksum: bool) -> Resync {
         let total = if verify { self.bitmap.bits() } else { self.bitmap.count() };
         Resync {
             verify,
             checksum: checksum || verify,
-            full,
             total_blocks: total,
             done_blocks: 0,
             cursor: 0,
@@ -98,7 +103,7 @@ impl Node {
         }
         let mode = if full { SyncMode::Full } else { SyncMode::Bitmap };
         self.repl = Replication::SyncSource;
-        self.resync = Some(self.new_resync(false, checksum, full));
+        self.resync = Some(self.new_resync(false, checksum));
         self.send(Message::StartSync { mode, source_gis: self.meta.gis });
         self.notify(
             "resync-started",
@@ -176,7 +181,7 @@ impl Node {
             return Err("verify needs both disks up to date".into());
         }
         self.repl = Replication::VerifySource;
-        self.resync = Some(self.new_resync(true, true, false));
+        self.resync = Some(self.new_resync(true, true));
         self.last_verify = None;
         self.send(Message::StartVerify);
         self.notify("verify-started", json!({ "role": "source", "total_bytes": self.cfg.data_size }));
@@ -258,7 +263,7 @@ impl Node {
             if let Some(r) = self.resync.as_mut() {
                 r.cursor = last;
                 r.budget -= range.len() as i64;
-                r.batches.insert(bid, Batch { range, sums: None, writes_out: 0 });
+                r.batches.insert(bid, Batch { range, sums: None, writes_out: 0, dirtied: Vec::new(), seen: 0 });
             }
             if checksum {
                 self.send(Message::ChecksumRequest { id: bid, offset, len: range.len() as u32, verify });
@@ -285,8 +290,12 @@ impl Node {
                 error: 0,
             },
         );
+        let seen = self.peer_seen;
         if let Some(r) = self.resync.as_mut() {
             r.reads.insert(wid, bid);
+            if let Some(b) = r.batches.get_mut(&bid) {
+                b.seen = seen;
+            }
         }
         self.try_start(wid);
     }
@@ -332,8 +341,21 @@ impl Node {
                 r.done_blocks += differs.len() as u64;
             }
         } else {
+            // Blocks a later local write touched: that write reached the peer before
+            // this (older) data would. Leave them out of sync; the next round reads
+            // them again, behind the write in the disk order.
+            let skip: Vec<bool> = (0..differs.len() as u64)
+                .map(|i| {
+                    let b = Range::new((first_block + i) * BLOCK, BLOCK);
+                    batch.dirtied.iter().any(|d| d.overlaps(&b))
+                })
+                .collect();
             let mut i = 0;
             while i < differs.len() {
+                if skip[i] {
+                    i += 1;
+                    continue;
+                }
                 if !differs[i] {
                     // Equal on both sides: in sync.
                     let b = first_block + i as u64;
@@ -345,7 +367,7 @@ impl Node {
                     continue;
                 }
                 let mut j = i;
-                while j < differs.len() && differs[j] {
+                while j < differs.len() && differs[j] && !skip[j] {
                     j += 1;
                 }
                 let start = i * BLOCK as usize;
@@ -355,12 +377,24 @@ impl Node {
                 let offset = batch.range.start + start as u64;
                 let piece = data.slice(start..end);
                 let range = Range::new(offset, piece.len() as u64);
-                self.recent.insert(seq, super::node::Recent { range, req: None, sent_ms: self.now_ms });
                 if let Some(r) = self.resync.as_mut() {
                     r.bytes_sent += piece.len() as u64;
                 }
-                self.send(Message::Write { seq, seen: self.peer_seen, offset, kind: WriteKind::Data(piece), fua: true, resync: true });
-                writes_out += 1;
+                if self.faults.clear_resync_bit_early {
+                    // Fault injection (simulator only): count the blocks as synced
+                    // once queued, before the target has written them.
+                    let n = self.bitmap.clear_blocks(range.start / BLOCK..range.end.div_ceil(BLOCK));
+                    if let Some(r) = self.resync.as_mut() {
+                        r.done_blocks += n;
+                    }
+                } else {
+                    self.recent.insert(seq, super::node::Recent { range, req: None, sent_ms: self.now_ms });
+                    writes_out += 1;
+                }
+                // `seen` as of the read, not now: peer writes ordered after the read
+                // are not in this data, so the target must not let it overwrite
+                // them (simulator finding).
+                self.send(Message::Write { seq, seen: batch.seen, offset, kind: WriteKind::Data(piece), fua: true, resync: true });
                 i = j;
             }
         }
@@ -368,10 +402,26 @@ impl Node {
         self.write_done_after_read(wid);
         if writes_out > 0 {
             if let Some(r) = self.resync.as_mut() {
-                r.batches.insert(bid, Batch { range: batch.range, sums: None, writes_out });
+                r.batches.insert(bid, Batch { range: batch.range, sums: None, writes_out, dirtied: Vec::new(), seen: batch.seen });
             }
         }
         self.resync_pump();
+    }
+
+    /// A local write to `range` was just sent to the peer: resync reads already
+    /// in the disk order ahead of it must not send their older data for it.
+    pub(super) fn resync_note_local_write(&mut self, range: Range) {
+        let Some(r) = self.resync.as_mut() else { return };
+        if r.verify {
+            return;
+        }
+        for bid in r.reads.values() {
+            if let Some(b) = r.batches.get_mut(bid) {
+                if b.range.overlaps(&range) {
+                    b.dirtied.push(range);
+                }
+            }
+        }
     }
 
     fn write_done_after_read(&mut self, wid: u64) {
@@ -434,7 +484,7 @@ impl Node {
         }
         if self.bitmap.count() > 0 {
             // Blocks dirtied behind the cursor (write errors): go round again.
-            self.resync = Some(self.new_resync(false, r.checksum, false));
+            self.resync = Some(self.new_resync(false, r.checksum));
             self.resync_pump();
             return;
         }
@@ -447,6 +497,7 @@ impl Node {
         self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
         self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
         self.repl = Replication::Established;
+        self.outdated_now_current();
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
@@ -478,8 +529,29 @@ impl Node {
             self.drop_peer("protocol error: checksum request outside the device", true);
             return;
         }
+        if verify {
+            let io = self.new_id();
+            self.ios.insert(io, Io::ChecksumRead { id, verify });
+            self.out.push(Action::Disk { id: io, op: DiskOp::Read { offset, len } });
+            return;
+        }
+        // Checksum resync clears the source's bit when the sums match, so what
+        // matched must be on this disk's medium, not only in its cache: flush
+        // first (simulator finding: a block acknowledged but not yet flushed here
+        // matched, its bit was cleared, then a power loss here lost it).
         let io = self.new_id();
-        self.ios.insert(io, Io::ChecksumRead { id, verify });
+        self.ios.insert(io, Io::ChecksumFlush { id, offset, len });
+        self.out.push(Action::Disk { id: io, op: DiskOp::Flush });
+    }
+
+    /// The flush before a checksum resync read is done: read now.
+    pub(super) fn on_checksum_flush_done(&mut self, id: u64, offset: u64, len: u32, result: Result<Option<Bytes>, u32>) {
+        if let Err(error) = result {
+            self.send(Message::ChecksumReply { id, error, sums: Vec::new() });
+            return;
+        }
+        let io = self.new_id();
+        self.ios.insert(io, Io::ChecksumRead { id, verify: false });
         self.out.push(Action::Disk { id: io, op: DiskOp::Read { offset, len } });
     }
 

@@ -212,3 +212,21 @@ pub struct ResyncStatus {
     pub verify: bool,
     pub differing_blocks: u64,
 }
+
+/// Deliberate bugs for the deterministic simulator (`src/sim`) to prove that
+/// its invariants catch real mistakes. All false by default; the daemon never
+/// sets them (only `Node::inject_faults` does, called by the simulator's
+/// fault tests). Kept in the normal build rather than behind a cargo feature so
+/// that the code the simulator tests is the code the daemon runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Protocol C: reply to a write when the local disk is done, without
+    /// waiting for the peer's WriteAck.
+    pub ack_before_peer: bool,
+    /// Resync source: clear a block's out-of-sync bit as soon as its resync
+    /// data is queued to the peer, before the target has written it.
+    pub clear_resync_bit_early: bool,
+    /// Sync decision: for a bitmap-based resync between diverged generations,
+    /// pick the wrong sync source.
+    pub wrong_sync_direction: bool,
+}

@@ -41,6 +41,9 @@ pub struct Shared {
     started: Instant,
     stopping: AtomicBool,
     stop_tx: tokio::sync::watch::Sender<bool>,
+    /// Test instrumentation: with `MIRRORD_DISK_TRACE=FILE`, every completed
+    /// flush and write is appended to FILE as it completes (proof of what reached the disk).
+    disk_trace: Option<Mutex<std::fs::File>>,
     pub stop_rx: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -159,9 +162,19 @@ impl Shared {
             DiskOp::WriteZeroes { offset, len, may_trim } => E::WriteZeroes { offset, len, may_trim },
         };
         let me = self.clone();
+        let traced = self.disk_trace.as_ref().and_then(|_| match &op {
+            E::Flush => Some("flush".to_string()),
+            E::Write { offset, data, fua: true } => Some(format!("fua-write {offset} {}", data.len())),
+            E::Write { offset, data, fua: false } => Some(format!("write {offset} {}", data.len())),
+            _ => None,
+        });
         self.disk.submit(
             op,
             Box::new(move |r| {
+                if let (Some(t), Some(line), true) = (&me.disk_trace, &traced, r.is_ok()) {
+                    use std::io::Write;
+                    let _ = writeln!(lock(t), "{line}");
+                }
                 let result = match r {
                     Ok(DiskOutput::Done) => Ok(None),
                     Ok(DiskOutput::Data(d)) => Ok(Some(d)),
@@ -255,6 +268,9 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
         stopping: AtomicBool::new(false),
         stop_tx,
         stop_rx,
+        disk_trace: std::env::var_os("MIRRORD_DISK_TRACE")
+            .and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok())
+            .map(Mutex::new),
         settings,
     });
     let weak = Arc::downgrade(&shared);

@@ -103,11 +103,22 @@ pub fn create_md(s: &Settings, force: bool) -> Result<String, String> {
     ))
 }
 
-pub fn dump_md(s: &Settings) -> Result<serde_json::Value, String> {
+/// `mirrorctl dump-md`; with `all_ranges` every out-of-sync range is listed.
+pub fn dump_md(s: &Settings, all_ranges: bool) -> Result<serde_json::Value, String> {
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
     let (layout, loaded) = MetaStore::inspect(&meta_location(s), device_size).map_err(|e| e.to_string())?;
-    Ok(meta::dump_json(&loaded, &layout))
+    let mut v = meta::dump_json(&loaded, &layout);
+    if all_ranges {
+        let ranges: Vec<serde_json::Value> = meta::out_of_sync_ranges(&loaded.bitmap, layout.bitmap_bits(), usize::MAX)
+            .into_iter()
+            .map(|(start, len)| serde_json::json!({ "offset": start * meta::BLOCK_SIZE, "length": len * meta::BLOCK_SIZE }))
+            .collect();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("out_of_sync_ranges_all".into(), serde_json::Value::Array(ranges));
+        }
+    }
+    Ok(v)
 }
 
 pub fn secret(s: &Settings) -> Result<Vec<u8>, String> {

@@ -111,13 +111,22 @@ impl fmt::Display for AuthError {
                 theirs.escape_debug()
             ),
             AuthError::SameNode(name) => {
-                write!(f, "peer claims to be this node (`{name}`); check the node names")
+                write!(
+                    f,
+                    "peer claims to be this node (`{name}`); check the node names"
+                )
             }
             AuthError::ReflectedChallenge => {
-                write!(f, "peer sent this node's own challenge back (reflection attempt)")
+                write!(
+                    f,
+                    "peer sent this node's own challenge back (reflection attempt)"
+                )
             }
             AuthError::WrongSecret => {
-                write!(f, "wrong shared secret (the peer's response does not verify)")
+                write!(
+                    f,
+                    "wrong shared secret (the peer's response does not verify)"
+                )
             }
         }
     }
@@ -130,8 +139,13 @@ enum State {
     /// Our challenge is queued; waiting for the peer's.
     AwaitChallenge,
     /// Our response is queued; waiting for the peer's.
-    AwaitResponse { peer_node: String, peer_challenge: [u8; CHALLENGE_LEN] },
-    Done { peer_node: String },
+    AwaitResponse {
+        peer_node: String,
+        peer_challenge: [u8; CHALLENGE_LEN],
+    },
+    Done {
+        peer_node: String,
+    },
     Failed(AuthError),
 }
 
@@ -219,20 +233,25 @@ impl Authenticator {
             let next = match &self.state {
                 State::Failed(e) => return Err(e.clone()),
                 State::Done { peer_node } => {
-                    return Ok(AuthStep::Done { peer_node: peer_node.clone() })
+                    return Ok(AuthStep::Done {
+                        peer_node: peer_node.clone(),
+                    })
                 }
                 State::AwaitChallenge => match self.take_challenge(input) {
                     Ok(None) => return Ok(AuthStep::NeedMore),
                     Ok(Some(next)) => next,
                     Err(e) => State::Failed(e),
                 },
-                State::AwaitResponse { peer_node, peer_challenge } => {
-                    match self.take_response(input, peer_node, peer_challenge) {
-                        Ok(None) => return Ok(AuthStep::NeedMore),
-                        Ok(Some(())) => State::Done { peer_node: peer_node.clone() },
-                        Err(e) => State::Failed(e),
-                    }
-                }
+                State::AwaitResponse {
+                    peer_node,
+                    peer_challenge,
+                } => match self.take_response(input, peer_node, peer_challenge) {
+                    Ok(None) => return Ok(AuthStep::NeedMore),
+                    Ok(Some(())) => State::Done {
+                        peer_node: peer_node.clone(),
+                    },
+                    Err(e) => State::Failed(e),
+                },
             };
             self.state = next;
         }
@@ -252,8 +271,8 @@ impl Authenticator {
                 theirs: String::from_utf8_lossy(&frame.resource).into_owned(),
             });
         }
-        let peer_node =
-            String::from_utf8(frame.node).map_err(|_| AuthError::Malformed("node name is not UTF-8"))?;
+        let peer_node = String::from_utf8(frame.node)
+            .map_err(|_| AuthError::Malformed("node name is not UTF-8"))?;
         if peer_node == self.my_node {
             return Err(AuthError::SameNode(peer_node));
         }
@@ -261,13 +280,21 @@ impl Authenticator {
             return Err(AuthError::ReflectedChallenge);
         }
         let tag = self
-            .tag(self.my_node.as_bytes(), peer_node.as_bytes(), &frame.challenge, &self.my_challenge)
+            .tag(
+                self.my_node.as_bytes(),
+                peer_node.as_bytes(),
+                &frame.challenge,
+                &self.my_challenge,
+            )
             .finalize()
             .into_bytes();
         self.output.put_u32(AUTH_MAGIC);
         self.output.put_u8(KIND_RESPONSE);
         self.output.put_slice(&tag);
-        Ok(Some(State::AwaitResponse { peer_node, peer_challenge: frame.challenge }))
+        Ok(Some(State::AwaitResponse {
+            peer_node,
+            peer_challenge: frame.challenge,
+        }))
     }
 
     /// Parses and verifies the peer's response frame.
@@ -283,7 +310,12 @@ impl Authenticator {
         };
         let tag = &frame[5..];
         let verified = self
-            .tag(peer_node.as_bytes(), self.my_node.as_bytes(), &self.my_challenge, peer_challenge)
+            .tag(
+                peer_node.as_bytes(),
+                self.my_node.as_bytes(),
+                &self.my_challenge,
+                peer_challenge,
+            )
             .verify_slice(tag);
         input.advance(RESPONSE_LEN);
         verified.map(Some).map_err(|_| AuthError::WrongSecret)
@@ -306,10 +338,10 @@ impl Authenticator {
         prefixed(AUTH_LABEL);
         prefixed(b"response");
         prefixed(self.resource.as_bytes());
-        let _ = (sender, receiver);
-        let mut x = [0u8; 32];
-        for i in 0..32 { x[i] = receiver_challenge[i] ^ sender_challenge[i]; }
-        mac.update(&x);
+        prefixed(sender);
+        prefixed(receiver);
+        mac.update(receiver_challenge);
+        mac.update(sender_challenge);
         mac
     }
 }
@@ -325,7 +357,10 @@ fn random_challenge() -> io::Result<[u8; CHALLENGE_LEN]> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut challenge))
         .map_err(|e| {
-            io::Error::new(e.kind(), format!("reading /dev/urandom for the peer auth challenge: {e}"))
+            io::Error::new(
+                e.kind(),
+                format!("reading /dev/urandom for the peer auth challenge: {e}"),
+            )
         })?;
     Ok(challenge)
 }
@@ -339,7 +374,10 @@ fn check_head(input: &[u8], kind: u8, kind_name: &'static str) -> Result<(), Aut
         }
     }
     match input.get(4) {
-        Some(&got) if got != kind => Err(AuthError::UnexpectedKind { expected: kind_name, got }),
+        Some(&got) if got != kind => Err(AuthError::UnexpectedKind {
+            expected: kind_name,
+            got,
+        }),
         _ => Ok(()),
     }
 }
@@ -380,5 +418,10 @@ fn parse_challenge(input: &[u8]) -> Result<Option<ChallengeFrame>, AuthError> {
     };
     let mut fixed = [0u8; CHALLENGE_LEN];
     fixed.copy_from_slice(challenge);
-    Ok(Some(ChallengeFrame { resource, node, challenge: fixed, consumed: at + CHALLENGE_LEN }))
+    Ok(Some(ChallengeFrame {
+        resource,
+        node,
+        challenge: fixed,
+        consumed: at + CHALLENGE_LEN,
+    }))
 }

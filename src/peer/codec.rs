@@ -90,7 +90,11 @@ impl Decoder {
         }
         let got = frame_crc(&head_bytes, &[&buf[HEADER_LEN..total]]);
         if got != header.crc {
-            return Err(DecodeError::BadCrc { expected: header.crc, got, msg_type: header.msg_type });
+            return Err(DecodeError::BadCrc {
+                expected: header.crc,
+                got,
+                msg_type: header.msg_type,
+            });
         }
         let mut payload = buf.split_to(total);
         payload.advance(HEADER_LEN);
@@ -120,9 +124,18 @@ pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Bytes {
     let fixed_len = out.len() - start - HEADER_LEN;
     let payload_len = fixed_len + tail.len();
     let len = u32::try_from(payload_len).unwrap_or_else(|_| {
-        panic!("peer {} payload of {payload_len} bytes does not fit a frame", type_name(msg_type))
+        panic!(
+            "peer {} payload of {payload_len} bytes does not fit a frame",
+            type_name(msg_type)
+        )
     });
-    let mut header = FrameHeader { magic: FRAME_MAGIC, msg_type, flags, len, crc: 0 };
+    let mut header = FrameHeader {
+        magic: FRAME_MAGIC,
+        msg_type,
+        flags,
+        len,
+        crc: 0,
+    };
     header.crc = frame_crc(&header.to_bytes(), &[&out[start + HEADER_LEN..], &tail]);
     out[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
     tail
@@ -170,7 +183,8 @@ fn put_gis(out: &mut BytesMut, gis: &Gis) {
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
-    let len = u32::try_from(s.len()).unwrap_or_else(|_| panic!("string of {} bytes in a peer message", s.len()));
+    let len = u32::try_from(s.len())
+        .unwrap_or_else(|_| panic!("string of {} bytes in a peer message", s.len()));
     out.put_u32(len);
     out.put_slice(s.as_bytes());
 }
@@ -199,7 +213,11 @@ fn put_fixed_fields(msg: &Message, out: &mut BytesMut) -> (u16, u16, Bytes) {
             out.put_u8(*role as u8);
             out.put_u8(*disk as u8);
         }
-        Message::BitmapChunk { first_word, words, last } => {
+        Message::BitmapChunk {
+            first_word,
+            words,
+            last,
+        } => {
             flags = flag(*last, FLAG_BITMAP_LAST);
             out.reserve(8 + words.len() * 8);
             out.put_u64(*first_word);
@@ -211,7 +229,14 @@ fn put_fixed_fields(msg: &Message, out: &mut BytesMut) -> (u16, u16, Bytes) {
             out.put_u8(sync_mode_code(*mode));
             put_gis(out, source_gis);
         }
-        Message::Write { seq, seen, offset, kind, fua, resync } => {
+        Message::Write {
+            seq,
+            seen,
+            offset,
+            kind,
+            fua,
+            resync,
+        } => {
             flags = flag(*fua, FLAG_WRITE_FUA) | flag(*resync, FLAG_WRITE_RESYNC);
             out.put_u64(*seq);
             out.put_u64(*seen);
@@ -248,7 +273,12 @@ fn put_fixed_fields(msg: &Message, out: &mut BytesMut) -> (u16, u16, Bytes) {
             out.put_u32(*error);
             tail = data.clone();
         }
-        Message::ChecksumRequest { id, offset, len, verify } => {
+        Message::ChecksumRequest {
+            id,
+            offset,
+            len,
+            verify,
+        } => {
             flags = flag(*verify, FLAG_CHECKSUM_VERIFY);
             out.put_u64(*id);
             out.put_u64(*offset);
@@ -305,7 +335,11 @@ impl<'a> Reader<'a> {
     }
 
     fn gis(&mut self) -> Result<Gis, &'static str> {
-        Ok(Gis { current: self.u64()?, bitmap: self.u64()?, history: [self.u64()?, self.u64()?] })
+        Ok(Gis {
+            current: self.u64()?,
+            bitmap: self.u64()?,
+            history: [self.u64()?, self.u64()?],
+        })
     }
 
     fn string(&mut self) -> Result<String, &'static str> {
@@ -380,7 +414,11 @@ fn decode_payload(msg_type: u16, flags: u16, payload: BytesMut) -> Result<Messag
     parse_payload(msg_type, flags, payload).map_err(malformed)
 }
 
-fn parse_payload(msg_type: u16, flags: u16, mut payload: BytesMut) -> Result<Message, &'static str> {
+fn parse_payload(
+    msg_type: u16,
+    flags: u16,
+    mut payload: BytesMut,
+) -> Result<Message, &'static str> {
     let has = |bit: u16| flags & bit != 0;
     let mut r = Reader { rest: &payload[..] };
     let msg = match msg_type {
@@ -409,7 +447,10 @@ fn parse_payload(msg_type: u16, flags: u16, mut payload: BytesMut) -> Result<Mes
                 discard_my_data: has(FLAG_HELLO_DISCARD_MY_DATA),
             })
         }
-        TYPE_STATE => Message::State { role: r.role()?, disk: r.disk()? },
+        TYPE_STATE => Message::State {
+            role: r.role()?,
+            disk: r.disk()?,
+        },
         TYPE_BITMAP_CHUNK => {
             let first_word = r.u64()?;
             if r.rest.len() % 8 != 0 {
@@ -419,9 +460,16 @@ fn parse_payload(msg_type: u16, flags: u16, mut payload: BytesMut) -> Result<Mes
             while !r.rest.is_empty() {
                 words.push(r.u64()?);
             }
-            Message::BitmapChunk { first_word, words, last: has(FLAG_BITMAP_LAST) }
+            Message::BitmapChunk {
+                first_word,
+                words,
+                last: has(FLAG_BITMAP_LAST),
+            }
         }
-        TYPE_START_SYNC => Message::StartSync { mode: r.sync_mode()?, source_gis: r.gis()? },
+        TYPE_START_SYNC => Message::StartSync {
+            mode: r.sync_mode()?,
+            source_gis: r.gis()?,
+        },
         TYPE_WRITE => {
             let seq = r.u64()?;
             let seen = r.u64()?;
@@ -444,7 +492,10 @@ fn parse_payload(msg_type: u16, flags: u16, mut payload: BytesMut) -> Result<Mes
                 WRITE_KIND_ZEROES => {
                     let len = r.u32()?;
                     r.finish()?;
-                    WriteKind::Zeroes { len, may_trim: has(FLAG_WRITE_MAY_TRIM) }
+                    WriteKind::Zeroes {
+                        len,
+                        may_trim: has(FLAG_WRITE_MAY_TRIM),
+                    }
                 }
                 _ => return Err("unknown write kind"),
             };
@@ -458,16 +509,30 @@ fn parse_payload(msg_type: u16, flags: u16, mut payload: BytesMut) -> Result<Mes
             });
         }
         TYPE_RECV_ACK => Message::RecvAck { seq: r.u64()? },
-        TYPE_WRITE_ACK => Message::WriteAck { seq: r.u64()?, error: r.u32()? },
+        TYPE_WRITE_ACK => Message::WriteAck {
+            seq: r.u64()?,
+            error: r.u32()?,
+        },
         TYPE_FLUSH => Message::Flush { id: r.u64()? },
-        TYPE_FLUSH_ACK => Message::FlushAck { id: r.u64()?, error: r.u32()? },
-        TYPE_READ_REQUEST => Message::ReadRequest { id: r.u64()?, offset: r.u64()?, len: r.u32()? },
+        TYPE_FLUSH_ACK => Message::FlushAck {
+            id: r.u64()?,
+            error: r.u32()?,
+        },
+        TYPE_READ_REQUEST => Message::ReadRequest {
+            id: r.u64()?,
+            offset: r.u64()?,
+            len: r.u32()?,
+        },
         TYPE_READ_REPLY => {
             let id = r.u64()?;
             let error = r.u32()?;
             debug_assert_eq!(payload.len() - r.rest.len(), READ_REPLY_PREFIX_LEN);
             payload.advance(READ_REPLY_PREFIX_LEN);
-            return Ok(Message::ReadReply { id, error, data: payload.freeze() });
+            return Ok(Message::ReadReply {
+                id,
+                error,
+                data: payload.freeze(),
+            });
         }
         TYPE_CHECKSUM_REQUEST => Message::ChecksumRequest {
             id: r.u64()?,
@@ -487,8 +552,12 @@ fn parse_payload(msg_type: u16, flags: u16, mut payload: BytesMut) -> Result<Mes
             }
             Message::ChecksumReply { id, error, sums }
         }
-        TYPE_SYNC_DONE => Message::SyncDone { source_gis: r.gis()? },
-        TYPE_VERIFY_DONE => Message::VerifyDone { differing_blocks: r.u64()? },
+        TYPE_SYNC_DONE => Message::SyncDone {
+            source_gis: r.gis()?,
+        },
+        TYPE_VERIFY_DONE => Message::VerifyDone {
+            differing_blocks: r.u64()?,
+        },
         TYPE_START_VERIFY => Message::StartVerify,
         TYPE_SPLIT_BRAIN => Message::SplitBrain,
         TYPE_PING => Message::Ping,

@@ -114,9 +114,17 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// Reads the header fields from exactly [`HEADER_LEN`] bytes; checks nothing.
     pub fn parse(bytes: &[u8; HEADER_LEN]) -> Self {
-        let be32 = |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let be32 = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
         let be16 = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
-        Self { magic: be32(0), msg_type: be16(4), flags: be16(6), len: be32(8), crc: be32(12) }
+        Self {
+            magic: be32(0),
+            msg_type: be16(4),
+            flags: be16(6),
+            len: be32(8),
+            crc: be32(12),
+        }
     }
 
     /// The header's wire bytes.
@@ -150,7 +158,11 @@ pub enum DecodeError {
     BadMagic(u32),
     /// The frame's CRC does not match. `expected` is the CRC carried in the
     /// header, `got` the CRC computed over the bytes that arrived.
-    BadCrc { expected: u32, got: u32, msg_type: u16 },
+    BadCrc {
+        expected: u32,
+        got: u32,
+        msg_type: u16,
+    },
     /// A well-formed frame of a type this version does not know.
     UnknownType(u16),
     /// The header announces a payload longer than the decoder's limit.

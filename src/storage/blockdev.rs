@@ -92,18 +92,25 @@ pub(crate) fn has_write_zeroes(rdev: u64) -> bool {
         .is_some_and(|n| n > 0)
 }
 
-/// Whether the file system holding `file` zeroes ranges cheaply with fallocate.
-pub(crate) fn fs_has_cheap_zero_range(file: &File) -> bool {
+/// The statfs magic number of the file system holding `file`.
+fn fs_magic(file: &File) -> Option<i64> {
     // SAFETY: statfs is plain data; fstatfs fills it in.
     let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and out-pointer.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut buf) };
-    if rc < 0 {
-        return false;
-    }
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
-    let magic = buf.f_type as i64;
-    matches!(magic, EXT4_MAGIC | XFS_MAGIC | BTRFS_MAGIC)
+    (rc == 0).then_some(buf.f_type as i64)
+}
+
+/// Whether the file system holding `file` zeroes ranges cheaply with fallocate.
+pub(crate) fn fs_has_cheap_zero_range(file: &File) -> bool {
+    matches!(fs_magic(file), Some(EXT4_MAGIC | XFS_MAGIC | BTRFS_MAGIC))
+}
+
+/// Whether the file system holding `file` does buffered writes without blocking under
+/// io_uring (XFS since Linux 6.0, btrfs since 6.1); others (ext4) punt them to io-wq.
+pub(crate) fn fs_has_async_buffered_writes(file: &File) -> bool {
+    matches!(fs_magic(file), Some(XFS_MAGIC | BTRFS_MAGIC))
 }
 
 /// The offset/length alignment O_DIRECT needs on this regular file (statx STATX_DIOALIGN,

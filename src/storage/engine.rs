@@ -179,7 +179,11 @@ impl fmt::Display for DiskError {
                 path.display()
             ),
             DiskError::Engine { path, source } => {
-                write!(f, "cannot start the disk engine for {}: {source}", path.display())
+                write!(
+                    f,
+                    "cannot start the disk engine for {}: {source}",
+                    path.display()
+                )
             }
         }
     }
@@ -290,20 +294,23 @@ impl Disk {
         } else {
             blockdev::fs_has_cheap_zero_range(&file)
         };
+        let async_buffered_writes = !blockdev && blockdev::fs_has_async_buffered_writes(&file);
         let ctx = Arc::new(FileCtx {
             file,
             blockdev,
             direct: opts.direct_io,
+            async_buffered_writes,
             block,
             punch_ok: AtomicBool::new(true),
             zero_range_ok: AtomicBool::new(true),
             fast_zero: AtomicBool::new(fast_zero),
             zeroes: AlignedBuf::zeroed(ZERO_CHUNK),
         });
-        let backend = start_backend(&ctx, opts.engine, path).map_err(|source| DiskError::Engine {
-            path: path.to_owned(),
-            source,
-        })?;
+        let backend =
+            start_backend(&ctx, opts.engine, path).map_err(|source| DiskError::Engine {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(Disk {
             inner: Arc::new(Inner {
                 ctx,
@@ -368,8 +375,11 @@ impl Disk {
                 let _ = tx.send(result);
             }),
         );
-        rx.await
-            .unwrap_or_else(|_| Err(io::Error::other("disk operation dropped without completion")))
+        rx.await.unwrap_or_else(|_| {
+            Err(io::Error::other(
+                "disk operation dropped without completion",
+            ))
+        })
     }
 
     /// Allocation status of `[offset, offset + len)`, as consecutive extents covering exactly
@@ -401,7 +411,8 @@ impl Disk {
         let size = self.inner.size;
         let block = u64::from(ctx.block);
         let in_range = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= size);
-        let aligned = |offset: u64, len: u64| !ctx.direct || (offset % block == 0 && len % block == 0);
+        let aligned =
+            |offset: u64, len: u64| !ctx.direct || (offset % block == 0 && len % block == 0);
         let einval = blockdev::einval;
         let enospc = || io::Error::from_raw_os_error(libc::ENOSPC);
         match op {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
-use super::aligned::{is_aligned, AlignedBuf};
+use super::aligned::{is_aligned, AlignedBuf, POOL_MIN};
 use super::engine::DiskOutput;
 
 /// Size of the shared zero buffer used when zeroes must be written out.
@@ -21,6 +21,8 @@ pub(crate) struct FileCtx {
     pub(crate) file: File,
     pub(crate) blockdev: bool,
     pub(crate) direct: bool,
+    /// Buffered writes complete without blocking in io_uring (XFS, btrfs).
+    pub(crate) async_buffered_writes: bool,
     /// Offset/length granularity: O_DIRECT alignment, or the device's logical block size.
     pub(crate) block: u32,
     /// Cleared when FALLOC_FL_PUNCH_HOLE says EOPNOTSUPP.
@@ -122,9 +124,10 @@ pub(crate) enum ReadBuf {
 }
 
 impl ReadBuf {
+    /// O_DIRECT and large reads use recycled aligned buffers; small buffered reads use malloc.
     pub(crate) fn new(len: usize, direct: bool) -> ReadBuf {
-        if direct {
-            ReadBuf::Aligned(AlignedBuf::zeroed(len))
+        if direct || len >= POOL_MIN {
+            ReadBuf::Aligned(AlignedBuf::scratch(len))
         } else {
             ReadBuf::Heap(Vec::with_capacity(len), len)
         }
@@ -194,11 +197,25 @@ impl WriteBuf {
 
 /// A validated, non-empty operation with its buffers ready.
 pub(crate) enum Job {
-    Read { offset: u64, buf: ReadBuf },
-    Write { offset: u64, buf: WriteBuf, fua: bool },
+    Read {
+        offset: u64,
+        buf: ReadBuf,
+    },
+    Write {
+        offset: u64,
+        buf: WriteBuf,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64 },
-    Zero { offset: u64, len: u64, may_trim: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+    },
 }
 
 /// The completion callback type, as in the public API.
@@ -230,6 +247,7 @@ impl FileCtx {
             file,
             blockdev: false,
             direct: false,
+            async_buffered_writes: false,
             block: 512,
             punch_ok: AtomicBool::new(true),
             zero_range_ok: AtomicBool::new(true),
@@ -251,14 +269,26 @@ mod tests {
     fn zero_steps_in_order() {
         let ctx = ctx();
         assert_eq!(ctx.zero_step(0, 4096, true, None), ZeroStep::Punch);
-        assert_eq!(ctx.zero_step(0, 4096, true, Some(ZeroStep::Punch)), ZeroStep::ZeroRange);
-        assert_eq!(ctx.zero_step(0, 4096, true, Some(ZeroStep::ZeroRange)), ZeroStep::Write);
+        assert_eq!(
+            ctx.zero_step(0, 4096, true, Some(ZeroStep::Punch)),
+            ZeroStep::ZeroRange
+        );
+        assert_eq!(
+            ctx.zero_step(0, 4096, true, Some(ZeroStep::ZeroRange)),
+            ZeroStep::Write
+        );
         assert_eq!(ctx.zero_step(0, 4096, false, None), ZeroStep::ZeroRange);
-        assert_eq!(ctx.zero_step(0, 4096, false, Some(ZeroStep::ZeroRange)), ZeroStep::Write);
+        assert_eq!(
+            ctx.zero_step(0, 4096, false, Some(ZeroStep::ZeroRange)),
+            ZeroStep::Write
+        );
         ctx.note_unsupported(ZeroStep::ZeroRange);
         assert!(!ctx.fast_zero.load(Ordering::Relaxed));
         assert_eq!(ctx.zero_step(0, 4096, false, None), ZeroStep::Write);
-        assert_eq!(ctx.zero_step(0, 4096, true, Some(ZeroStep::Punch)), ZeroStep::Write);
+        assert_eq!(
+            ctx.zero_step(0, 4096, true, Some(ZeroStep::Punch)),
+            ZeroStep::Write
+        );
     }
 
     #[test]

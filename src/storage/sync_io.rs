@@ -10,7 +10,11 @@ use super::engine::DiskOutput;
 use super::job::{FileCtx, Job, ReadBuf, WriteBuf, ZeroStep, MAX_RETRIES, ZERO_CHUNK};
 
 /// Runs one job to completion on the calling thread.
-pub(crate) fn execute(ctx: &FileCtx, rwf_dsync_ok: &AtomicBool, job: Job) -> io::Result<DiskOutput> {
+pub(crate) fn execute(
+    ctx: &FileCtx,
+    rwf_dsync_ok: &AtomicBool,
+    job: Job,
+) -> io::Result<DiskOutput> {
     match job {
         Job::Read { offset, mut buf } => {
             read_full(ctx, &mut buf, offset)?;

@@ -45,7 +45,11 @@ pub(crate) struct ThreadsEngine {
 
 impl ThreadsEngine {
     /// Starts `workers` threads named `{name}-{i}`.
-    pub(crate) fn start(ctx: Arc<FileCtx>, workers: usize, name: &str) -> io::Result<ThreadsEngine> {
+    pub(crate) fn start(
+        ctx: Arc<FileCtx>,
+        workers: usize,
+        name: &str,
+    ) -> io::Result<ThreadsEngine> {
         debug_assert!(workers > 0);
         let shared = Arc::new(Shared {
             ctx,

@@ -4,26 +4,32 @@
 //! into the submission ring in batches, submits and waits with a single `io_uring_enter`, and
 //! runs completion callbacks.
 //!
-//! Waking the engine: while it blocks in `io_uring_enter(GETEVENTS, min_complete = 1)`, a read
-//! of an eventfd is always armed in the ring. A submitter that finds the engine `parked` writes
-//! that eventfd; the read completes, which ends the wait. This wakes the engine with no added
-//! delay and needs no second wait primitive. A submitter pays the eventfd write (one syscall)
-//! only when the engine announced it is about to sleep; while the engine is busy, a submit is
-//! a queue push and one atomic load. The alternatives are worse: an enter timeout trades
-//! latency for idle CPU, SQPOLL burns a core (we have two), and futex-waiting via io_uring
-//! needs Linux 6.7.
+//! Waking the engine. The engine announces in `state` where it is about to sleep:
+//! - `RING`: operations are in flight, so it blocks in `io_uring_enter(GETEVENTS,
+//!   min_complete = 1)`. A read of an eventfd is kept armed in the ring; a submitter writes
+//!   the eventfd, the read completes, and the wait ends at once.
+//! - `IDLE`: nothing is in flight, so it parks on a futex (`thread::park`); a submitter
+//!   unparks it. This is the QD1 path, and a futex wake is cheaper than an eventfd wake
+//!   (which goes through poll and task work in the ring).
+//!
+//! A submitter that swaps the state to `RUNNING` owns the wake-up; while the engine is busy a
+//! submit is a queue push and one atomic load, no syscall. The alternatives are worse: an
+//! enter timeout trades latency for idle CPU, SQPOLL burns a core (we have two), and
+//! futex-waiting inside io_uring needs Linux 6.7.
 //!
 //! The ring is set up with SINGLE_ISSUER|DEFER_TASKRUN when the kernel has it (6.1+), so
 //! completion work runs in our own `io_uring_enter` instead of interrupting other threads.
 //!
-//! Block-device discard (an ioctl, which io_uring cannot issue) goes to a one-thread helper.
+//! A few kinds of job go to a small blocking thread pool instead (see `goes_to_pool`): block
+//! device discard, buffered writes on file systems without async buffered writes (ext4), and
+//! large buffered reads.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::{self, JoinHandle, ThreadId};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::{self, JoinHandle, Thread, ThreadId};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, CompletionQueue, IoUring, Probe, SubmissionQueue};
@@ -32,6 +38,12 @@ use super::engine::DiskOutput;
 use super::job::{self, Done, FileCtx, Job, ZeroStep, MAX_RETRIES, ZERO_CHUNK};
 use super::sync_io;
 use super::threads::ThreadsEngine;
+
+/// Threads of the blocking pool (see `goes_to_pool`). Few: on ext4, buffered writes to one
+/// file serialise on the inode lock anyway, and large copies saturate the cores with a few.
+const POOL_WORKERS: usize = 4;
+/// Buffered reads at least this large go to the pool (see `goes_to_pool`).
+const POOL_READ_MIN: usize = 128 * 1024;
 
 /// Submission ring size; one entry is kept for the eventfd read.
 const SQ_ENTRIES: u32 = 256;
@@ -51,12 +63,18 @@ struct Queue {
     closed: bool,
 }
 
+/// Engine states (see the module comment).
+const RUNNING: u8 = 0;
+const RING: u8 = 1;
+const IDLE: u8 = 2;
+
 struct Shared {
     queue: Mutex<Queue>,
-    /// Set by the engine before it may block in the kernel; a submitter that swaps it from
-    /// true to false owns the duty to write the eventfd.
-    parked: AtomicBool,
+    /// RUNNING, RING or IDLE: where the engine may be sleeping.
+    state: AtomicU8,
     eventfd: OwnedFd,
+    /// The engine thread, for unpark.
+    engine: OnceLock<Thread>,
 }
 
 impl Shared {
@@ -64,7 +82,27 @@ impl Shared {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn wake(&self) {
+    /// Wakes the engine if it announced it may sleep. Called after pushing to the queue: the
+    /// mutex orders our load after the engine's announcement if the engine looked at the queue
+    /// before our push; if it looked after, it has our job anyway.
+    fn notify(&self) {
+        if self.state.load(Ordering::Relaxed) == RUNNING {
+            return;
+        }
+        match self.state.swap(RUNNING, Ordering::AcqRel) {
+            RING => self.write_eventfd(),
+            IDLE => self.unpark(),
+            _ => {}
+        }
+    }
+
+    fn unpark(&self) {
+        if let Some(engine) = self.engine.get() {
+            engine.unpark();
+        }
+    }
+
+    fn write_eventfd(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our eventfd. It cannot block: the engine
         // resets the counter with every read, far below the overflow limit.
@@ -77,14 +115,36 @@ pub(crate) struct UringEngine {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     thread_id: ThreadId,
-    /// Block devices only: runs BLKDISCARD.
-    helper: Option<ThreadsEngine>,
+    /// Blocking helpers for what the ring does badly (see `goes_to_pool`); None with O_DIRECT
+    /// on a regular file, where the ring does everything.
+    pool: Option<ThreadsEngine>,
+    ctx: Arc<FileCtx>,
+}
+
+/// Whether a job runs on the blocking pool instead of the ring:
+/// - block-device discard: an ioctl, which io_uring cannot issue;
+/// - buffered writes, unless the file system does them asynchronously (XFS, btrfs): io_uring
+///   would punt them to its io-wq, where writes to one file are serialised behind one worker,
+///   after a failed non-blocking attempt; the pool measured faster;
+/// - large buffered reads: a page-cache hit is copied inline by the thread that submits, so
+///   the engine thread would copy every MiB alone; the pool copies on every core.
+fn goes_to_pool(ctx: &FileCtx, job: &Job) -> bool {
+    match job {
+        Job::Trim { .. } => ctx.blockdev,
+        Job::Write { .. } => !ctx.direct && !ctx.async_buffered_writes,
+        Job::Read { buf, .. } => !ctx.direct && buf.len() >= POOL_READ_MIN,
+        _ => false,
+    }
 }
 
 impl UringEngine {
     /// Sets up the ring on a new engine thread. Fails if io_uring is unavailable or lacks an
     /// opcode we need; the caller then falls back to the thread pool.
     pub(crate) fn start(ctx: Arc<FileCtx>) -> io::Result<UringEngine> {
+        #[cfg(test)]
+        if FAIL_SETUP.get() {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         // SAFETY: plain syscall; we take ownership of the returned fd.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if raw < 0 {
@@ -97,8 +157,9 @@ impl UringEngine {
                 jobs: VecDeque::with_capacity(256),
                 closed: false,
             }),
-            parked: AtomicBool::new(false),
+            state: AtomicU8::new(RUNNING),
             eventfd,
+            engine: OnceLock::new(),
         });
 
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
@@ -107,6 +168,7 @@ impl UringEngine {
         let handle = thread::Builder::new()
             .name("disk-uring".into())
             .spawn(move || {
+                let _ = thread_shared.engine.set(thread::current());
                 // The ring is created on this thread: SINGLE_ISSUER binds it to its creator.
                 match setup(&thread_ctx) {
                     Ok(ring) => {
@@ -130,14 +192,15 @@ impl UringEngine {
             shared,
             thread: Mutex::new(Some(handle)),
             thread_id,
-            helper: None,
+            pool: None,
+            ctx: Arc::clone(&ctx),
         };
-        if !ctx.blockdev {
+        if !ctx.blockdev && ctx.direct {
             return Ok(engine);
         }
-        match ThreadsEngine::start(ctx, 1, "disk-discard") {
-            Ok(helper) => Ok(UringEngine {
-                helper: Some(helper),
+        match ThreadsEngine::start(ctx, POOL_WORKERS, "disk-pool") {
+            Ok(pool) => Ok(UringEngine {
+                pool: Some(pool),
                 ..engine
             }),
             Err(err) => {
@@ -148,9 +211,11 @@ impl UringEngine {
     }
 
     pub(crate) fn submit(&self, job: Job, done: Done) {
-        if let (Job::Trim { .. }, Some(helper)) = (&job, &self.helper) {
-            helper.submit(job, done);
-            return;
+        if let Some(pool) = &self.pool {
+            if goes_to_pool(&self.ctx, &job) {
+                pool.submit(job, done);
+                return;
+            }
         }
         let mut queue = self.shared.lock();
         if queue.closed {
@@ -160,19 +225,15 @@ impl UringEngine {
         }
         queue.jobs.push_back((job, done));
         drop(queue);
-        // The mutex orders this load after the engine's `parked = true` if the engine looked at
-        // the queue before our push; if it looked after, it has our job anyway.
-        if self.shared.parked.load(Ordering::Relaxed)
-            && self.shared.parked.swap(false, Ordering::AcqRel)
-        {
-            self.shared.wake();
-        }
+        self.shared.notify();
     }
 
     /// Completes everything queued and in flight, then joins the engine thread. Idempotent.
     pub(crate) fn shutdown(&self) {
         self.shared.lock().closed = true;
-        self.shared.wake();
+        // Wherever the engine sleeps, wake it.
+        self.shared.write_eventfd();
+        self.shared.unpark();
         if thread::current().id() != self.thread_id {
             let handle = self
                 .thread
@@ -185,10 +246,17 @@ impl UringEngine {
                 }
             }
         }
-        if let Some(helper) = &self.helper {
-            helper.shutdown();
+        if let Some(pool) = &self.pool {
+            pool.shutdown();
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set this to make `UringEngine::start` fail on this thread, as a kernel that
+    /// refuses io_uring would.
+    pub(crate) static FAIL_SETUP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Creates the ring, checks the opcodes we use, registers the file.
@@ -211,19 +279,12 @@ fn setup(ctx: &FileCtx) -> io::Result<IoUring> {
             ));
         }
     }
-    ring.submitter()
-        .register_files(&[ctx.file.as_raw_fd()])?;
+    ring.submitter().register_files(&[ctx.file.as_raw_fd()])?;
     Ok(ring)
 }
 
 /// Best ring flags first; older kernels reject the newer flags with EINVAL.
 fn build_ring() -> io::Result<IoUring> {
-    // EXPERIMENT (remove): force ring mode
-    match std::env::var("NBDM_URING_MODE").as_deref() {
-        Ok("plain") => return IoUring::builder().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES),
-        Ok("coop") => return IoUring::builder().setup_coop_taskrun().setup_cqsize(CQ_ENTRIES).build(SQ_ENTRIES),
-        _ => {}
-    }
     let best = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
@@ -304,18 +365,27 @@ impl Engine {
         let _ = submitter.register_ring_fd();
         let mut enter_errors = 0u32;
         loop {
-            self.shared.parked.store(true, Ordering::SeqCst);
+            self.shared.state.store(RING, Ordering::SeqCst);
             self.take_queue();
             self.flush_overflow(&mut sq);
             self.start_pending(&mut sq);
             if self.closed && self.pending.is_empty() && self.in_flight() == 0 {
-                self.shared.parked.store(false, Ordering::Relaxed);
+                self.shared.state.store(RUNNING, Ordering::Relaxed);
                 break;
             }
             if !self.eventfd_armed {
                 self.arm_eventfd(&mut sq);
             }
             sq.sync();
+            if self.in_flight() == 0 && self.overflow.is_empty() {
+                // Nothing for the kernel to finish: park on the futex instead (after handing
+                // over a re-armed eventfd read, if any).
+                if !sq.is_empty() {
+                    let _ = submitter.submit();
+                }
+                self.park();
+                continue;
+            }
             match submitter.submit_and_wait(1) {
                 Ok(_) => enter_errors = 0,
                 Err(err) if is_busy(&err) => {}
@@ -325,14 +395,14 @@ impl Engine {
                         tracing::error!("io_uring_enter failed: {err}");
                     }
                     if enter_errors >= MAX_ENTER_ERRORS {
-                        self.shared.parked.store(false, Ordering::Relaxed);
+                        self.shared.state.store(RUNNING, Ordering::Relaxed);
                         self.abandon(err);
                         return;
                     }
                     thread::sleep(Duration::from_millis(1));
                 }
             }
-            self.shared.parked.store(false, Ordering::Relaxed);
+            self.shared.state.store(RUNNING, Ordering::Relaxed);
             // Learn how far the kernel consumed the submission ring, so pushes see the space.
             sq.sync();
             cq.sync();
@@ -345,6 +415,20 @@ impl Engine {
             }
         }
         self.disarm_eventfd(&submitter, &mut sq, &mut cq);
+    }
+
+    /// Sleeps until a submitter (or shutdown) unparks us, unless work arrived meanwhile.
+    fn park(&mut self) {
+        self.shared.state.store(IDLE, Ordering::SeqCst);
+        let has_work = {
+            let queue = self.shared.lock();
+            !queue.jobs.is_empty() || queue.closed
+        };
+        if !has_work {
+            // Spurious returns are fine: the loop re-checks everything.
+            thread::park();
+        }
+        self.shared.state.store(RUNNING, Ordering::Relaxed);
     }
 
     /// Moves everything queued by submitters into our pending queue.
@@ -529,11 +613,10 @@ fn sqe(ctx: &FileCtx, slot: &mut Slot, idx: u32) -> squeue::Entry {
             // SAFETY: done < len, so the pointer stays inside the buffer.
             let ptr = unsafe { buf.as_ptr().add(done as usize) };
             let flags = if *fua { libc::RWF_DSYNC } else { 0 };
-            let e = opcode::Write::new(fd, ptr, rest as u32)
+            opcode::Write::new(fd, ptr, rest as u32)
                 .offset(*offset + done)
                 .rw_flags(flags)
-                .build();
-            if std::env::var_os("NBDM_WRITE_ASYNC").is_some() { e.flags(squeue::Flags::ASYNC) } else { e }
+                .build()
         }
         Job::Flush => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
@@ -697,8 +780,14 @@ mod tests {
             fua: false,
         });
         // EAGAIN/EINTR: retried without progress.
-        assert!(matches!(next_step(&ctx, &mut slot, -libc::EAGAIN), Next::Resubmit));
-        assert!(matches!(next_step(&ctx, &mut slot, -libc::EINTR), Next::Resubmit));
+        assert!(matches!(
+            next_step(&ctx, &mut slot, -libc::EAGAIN),
+            Next::Resubmit
+        ));
+        assert!(matches!(
+            next_step(&ctx, &mut slot, -libc::EINTR),
+            Next::Resubmit
+        ));
         assert_eq!((slot.progress, slot.retries), (0, 2));
         // First 3000 bytes "written" (we write them by hand), the rest via resubmission.
         ctx.file.write_all_at(&data[..3000], 100).expect("prefix");
@@ -732,7 +821,10 @@ mod tests {
         });
         slot.step = ctx.zero_step(10, 9000, false, None);
         assert_eq!(slot.step, ZeroStep::ZeroRange);
-        assert!(matches!(next_step(&ctx, &mut slot, -libc::EOPNOTSUPP), Next::Resubmit));
+        assert!(matches!(
+            next_step(&ctx, &mut slot, -libc::EOPNOTSUPP),
+            Next::Resubmit
+        ));
         assert_eq!(slot.step, ZeroStep::Write);
         assert!(!ctx.fast_zero.load(Ordering::Relaxed));
         let result = run_step(&mut ring, &ctx, &mut slot);
@@ -751,7 +843,10 @@ mod tests {
     #[test]
     fn unsupported_trim_succeeds() {
         let ctx = FileCtx::for_test(tempfile::tempfile().expect("tempfile"));
-        let mut slot = slot(Job::Trim { offset: 0, len: 4096 });
+        let mut slot = slot(Job::Trim {
+            offset: 0,
+            len: 4096,
+        });
         assert!(matches!(
             next_step(&ctx, &mut slot, -libc::EOPNOTSUPP),
             Next::Finish(Ok(DiskOutput::Done))

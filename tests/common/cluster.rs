@@ -371,6 +371,36 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("status --json is not JSON: {e}\n{}", out.describe()))
     }
 
+    /// Polls `status --json` of node `i` (every 100 ms, at most `bound`)
+    /// until `pred` holds; returns that status, or panics with the last
+    /// status and the node logs.
+    pub fn wait_status(
+        &self,
+        i: usize,
+        bound: Duration,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + bound;
+        let mut last = serde_json::Value::Null;
+        loop {
+            let out = self.mirrorctl(i, &["status", "--json"]);
+            if out.success() {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&out.stdout) {
+                    if pred(&v) {
+                        return v;
+                    }
+                    last = v;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                // The logs follow from the cluster's drop.
+                panic!("node {i}: not {what} within {bound:?}; last status: {last:#}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The export size clients should see, when the harness knows it
     /// (external metadata or qemu-nbd: exactly the file size).
     pub fn expected_export_size(&self) -> Option<u64> {

@@ -2,7 +2,7 @@
 //! stderr in a log file; stopped on drop (SIGTERM, then SIGKILL after a bound).
 
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -85,11 +85,22 @@ impl Daemon {
     pub fn wait_ready(&mut self, addr: &NbdAddr) {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
+            let probe = Some(Duration::from_secs(2));
             let ok = match addr {
-                NbdAddr::Unix(p) => UnixStream::connect(p).is_ok(),
-                NbdAddr::Tcp(a) => {
-                    TcpStream::connect_timeout(a, Duration::from_millis(500)).is_ok()
-                }
+                NbdAddr::Unix(p) => UnixStream::connect(p)
+                    .map(|s| {
+                        let _ = s.set_read_timeout(probe);
+                        let _ = s.set_write_timeout(probe);
+                        polite_probe(s)
+                    })
+                    .is_ok(),
+                NbdAddr::Tcp(a) => TcpStream::connect_timeout(a, Duration::from_millis(500))
+                    .map(|s| {
+                        let _ = s.set_read_timeout(probe);
+                        let _ = s.set_write_timeout(probe);
+                        polite_probe(s)
+                    })
+                    .is_ok(),
             };
             if ok {
                 return;
@@ -142,6 +153,25 @@ impl Daemon {
             let status = self.child.wait().expect("wait after SIGKILL");
             self.exit = Some(status);
         }
+    }
+}
+
+/// After a successful connect: read the greeting and end the session with
+/// NBD_OPT_ABORT, so the probe does not show up as a client error in the
+/// server's log. Best effort; the connect alone means ready.
+fn polite_probe(mut s: impl Read + Write) {
+    let mut greeting = [0u8; 18];
+    if s.read_exact(&mut greeting).is_err() {
+        return;
+    }
+    let mut m = Vec::with_capacity(20);
+    m.extend_from_slice(&1u32.to_be_bytes()); // NBD_FLAG_C_FIXED_NEWSTYLE
+    m.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes()); // IHAVEOPT
+    m.extend_from_slice(&2u32.to_be_bytes()); // NBD_OPT_ABORT
+    m.extend_from_slice(&0u32.to_be_bytes());
+    if s.write_all(&m).is_ok() {
+        let mut reply = [0u8; 20];
+        let _ = s.read_exact(&mut reply);
     }
 }
 

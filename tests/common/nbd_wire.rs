@@ -412,6 +412,16 @@ impl RawConn {
         );
     }
 
+    /// A WRITE with NBD_CMD_FLAG_FUA.
+    pub fn write_fua_at(&mut self, offset: u64, data: &[u8]) {
+        let len = u32::try_from(data.len()).expect("write fits u32");
+        let (err, _) = self.request(1, CMD_WRITE, offset, len, data);
+        assert_eq!(
+            err, 0,
+            "FUA WRITE offset {offset} len {len} failed with error {err}"
+        );
+    }
+
     pub fn flush(&mut self) {
         let (err, _) = self.request(0, CMD_FLUSH, 0, 0, &[]);
         assert_eq!(err, 0, "FLUSH failed with error {err}");

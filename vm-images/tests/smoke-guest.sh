@@ -165,7 +165,7 @@ echo "guest kernel $(uname -r), mode: $([ -f "$S/standin" ] && echo stand-in nbd
 step config install_config
 step create-md create_md
 step start start_daemon
-step primary initial_primary
+step up-to-date initial_primary
 step attach attach
 step multi-conn multi_conn
 step status status_json

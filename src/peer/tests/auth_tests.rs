@@ -46,7 +46,9 @@ fn run(
 }
 
 fn done(node: &str) -> Result<AuthStep, AuthError> {
-    Ok(AuthStep::Done { peer_node: node.to_string() })
+    Ok(AuthStep::Done {
+        peer_node: node.to_string(),
+    })
 }
 
 #[test]
@@ -54,7 +56,11 @@ fn same_secret_both_sides_succeed_and_learn_names() {
     for chunk in [1, 3, 7, 1000] {
         let mut a = side(b"s3cret", "alpha", "r0");
         let mut b = side(b"s3cret", "beta", "r0");
-        assert_eq!(run(&mut a, &mut b, chunk), (done("beta"), done("alpha")), "chunk {chunk}");
+        assert_eq!(
+            run(&mut a, &mut b, chunk),
+            (done("beta"), done("alpha")),
+            "chunk {chunk}"
+        );
         // Repeated feeds repeat the outcome.
         assert_eq!(a.feed(&mut BytesMut::new()), done("beta"));
     }
@@ -73,7 +79,10 @@ fn bytes_after_the_auth_frames_stay_for_the_message_decoder() {
     b.take_output(&mut b_out); // b's challenge, then its response
     encode(&Message::Ping, &mut b_out); // pipelined right after auth
     assert_eq!(a.feed(&mut b_out), done("beta"));
-    assert_eq!(Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut b_out), Ok(Some(Message::Ping)));
+    assert_eq!(
+        Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut b_out),
+        Ok(Some(Message::Ping))
+    );
     a.take_output(&mut a_out);
     assert_eq!(b.feed(&mut a_out), done("alpha"));
     assert!(a_out.is_empty());
@@ -99,7 +108,10 @@ fn empty_secret_only_matches_empty_secret() {
     let mut a = side(b"", "alpha", "r0");
     let mut b = side(b"x", "beta", "r0");
     let (ra, rb) = run(&mut a, &mut b, 1000);
-    assert_eq!((ra, rb), (Err(AuthError::WrongSecret), Err(AuthError::WrongSecret)));
+    assert_eq!(
+        (ra, rb),
+        (Err(AuthError::WrongSecret), Err(AuthError::WrongSecret))
+    );
 }
 
 #[test]
@@ -107,8 +119,20 @@ fn different_resource_fails_on_both_sides() {
     let mut a = side(b"k", "alpha", "r0");
     let mut b = side(b"k", "beta", "r1");
     let (ra, rb) = run(&mut a, &mut b, 1000);
-    assert_eq!(ra, Err(AuthError::ResourceMismatch { ours: "r0".into(), theirs: "r1".into() }));
-    assert_eq!(rb, Err(AuthError::ResourceMismatch { ours: "r1".into(), theirs: "r0".into() }));
+    assert_eq!(
+        ra,
+        Err(AuthError::ResourceMismatch {
+            ours: "r0".into(),
+            theirs: "r1".into()
+        })
+    );
+    assert_eq!(
+        rb,
+        Err(AuthError::ResourceMismatch {
+            ours: "r1".into(),
+            theirs: "r0".into()
+        })
+    );
     let text = ra.unwrap_err().to_string();
     assert!(text.contains("`r1`") && text.contains("`r0`"), "{text}");
 }
@@ -150,26 +174,30 @@ fn reflected_response_fails() {
 
 #[test]
 fn response_obtained_from_a_second_session_fails() {
-    // Session 1: the attacker (claiming beta) gets alpha's challenge c1.
+    // The classic reflection attack, in its strongest order. Session 1: the
+    // attacker (claiming beta) gets alpha's challenge c1 and holds back its own.
     let mut a1 = side(b"k", "alpha", "r0");
     let mut out1 = BytesMut::new();
     a1.take_output(&mut out1);
     let c1 = challenge_of(&out1, "r0", "alpha");
-    let mut input = challenge_frame("r0", "beta", &[9u8; CHALLENGE_LEN]);
-    assert_eq!(a1.feed(&mut input), Ok(AuthStep::NeedMore));
 
-    // Session 2: the attacker sends c1 as its own challenge, so alpha signs c1.
+    // Session 2: alpha sends c2; the attacker sends c1 as its own challenge,
+    // so alpha signs (c1, c2).
     let mut a2 = side(b"k", "alpha", "r0");
     let mut out2 = BytesMut::new();
     a2.take_output(&mut out2);
+    let c2 = challenge_of(&out2, "r0", "alpha");
     let mut input = challenge_frame("r0", "beta", &c1);
     assert_eq!(a2.feed(&mut input), Ok(AuthStep::NeedMore));
-    let mut out2 = BytesMut::new();
-    a2.take_output(&mut out2);
-    assert_eq!(out2.len(), 37, "only the response is pending");
+    let mut tag_c1_c2 = BytesMut::new();
+    a2.take_output(&mut tag_c1_c2);
+    assert_eq!(tag_c1_c2.len(), 37, "only the response is pending");
 
-    // Alpha's tag over c1 is useless in session 1.
-    assert_eq!(a1.feed(&mut out2), Err(AuthError::WrongSecret));
+    // Back in session 1 the attacker claims c2 as its challenge and offers
+    // alpha's tag over (c1, c2): refused, because alpha signed as alpha.
+    let mut input = challenge_frame("r0", "beta", &c2);
+    input.extend_from_slice(&tag_c1_c2);
+    assert_eq!(a1.feed(&mut input), Err(AuthError::WrongSecret));
 }
 
 #[test]
@@ -209,7 +237,13 @@ fn peer_claiming_our_name_is_refused() {
     let mut a = side(b"k", "alpha", "r0");
     let mut b = side(b"k", "alpha", "r0");
     let (ra, rb) = run(&mut a, &mut b, 1000);
-    assert_eq!((ra, rb), (Err(AuthError::SameNode("alpha".into())), Err(AuthError::SameNode("alpha".into()))));
+    assert_eq!(
+        (ra, rb),
+        (
+            Err(AuthError::SameNode("alpha".into())),
+            Err(AuthError::SameNode("alpha".into()))
+        )
+    );
 }
 
 #[test]
@@ -221,13 +255,22 @@ fn non_auth_input_is_refused_early() {
     assert_eq!(res, Err(AuthError::BadMagic(0x6e6d_7031)));
     // A wrong magic is seen as soon as 4 bytes are in.
     let mut a = side(b"k", "alpha", "r0");
-    assert_eq!(a.feed(&mut BytesMut::from(&b"GET "[..])), Err(AuthError::BadMagic(0x4745_5420)));
+    assert_eq!(
+        a.feed(&mut BytesMut::from(&b"GET "[..])),
+        Err(AuthError::BadMagic(0x4745_5420))
+    );
     // A response frame where a challenge is due.
     let mut a = side(b"k", "alpha", "r0");
     let mut f = BytesMut::new();
     f.put_u32(AUTH_MAGIC);
     f.put_u8(2);
-    assert_eq!(a.feed(&mut f), Err(AuthError::UnexpectedKind { expected: "challenge", got: 2 }));
+    assert_eq!(
+        a.feed(&mut f),
+        Err(AuthError::UnexpectedKind {
+            expected: "challenge",
+            got: 2
+        })
+    );
     // Empty names.
     let mut a = side(b"k", "alpha", "r0");
     let mut f = challenge_frame("r0", "", &[1u8; CHALLENGE_LEN]);
@@ -250,7 +293,10 @@ fn names_must_fit_and_challenges_are_random() {
 fn debug_output_does_not_show_the_secret() {
     let a = side(b"topsecretvalue", "alpha", "r0");
     let text = format!("{a:?}");
-    assert!(text.contains("alpha") && !text.contains("topsecret"), "{text}");
+    assert!(
+        text.contains("alpha") && !text.contains("topsecret"),
+        "{text}"
+    );
 }
 
 proptest! {

@@ -55,7 +55,10 @@ fn write_frame_layout_is_big_endian_with_flags_in_header() {
     };
     let bytes = encoded(&msg);
     assert_eq!(&bytes[4..6], &TYPE_WRITE.to_be_bytes());
-    assert_eq!(&bytes[6..8], &(FLAG_WRITE_FUA | FLAG_WRITE_RESYNC).to_be_bytes());
+    assert_eq!(
+        &bytes[6..8],
+        &(FLAG_WRITE_FUA | FLAG_WRITE_RESYNC).to_be_bytes()
+    );
     assert_eq!(&bytes[8..12], &(25u32 + 3).to_be_bytes());
     let p = &bytes[HEADER_LEN..];
     assert_eq!(&p[0..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
@@ -76,7 +79,10 @@ fn encode_split_plus_tail_equals_encode() {
         let tail = encode_split(&msg, &mut head);
         let has_bulk = matches!(
             msg,
-            Message::Write { kind: WriteKind::Data(_), .. } | Message::ReadReply { .. }
+            Message::Write {
+                kind: WriteKind::Data(_),
+                ..
+            } | Message::ReadReply { .. }
         );
         assert_eq!(!tail.is_empty(), has_bulk, "{msg:?}");
         head.extend_from_slice(&tail);
@@ -130,7 +136,13 @@ fn truncated_frames_wait_without_consuming() {
 #[test]
 fn oversized_length_is_rejected_before_allocating() {
     for len in [1001u32, 1 << 20, u32::MAX] {
-        let mut header = FrameHeader { magic: FRAME_MAGIC, msg_type: TYPE_WRITE, flags: 0, len, crc: 0 };
+        let mut header = FrameHeader {
+            magic: FRAME_MAGIC,
+            msg_type: TYPE_WRITE,
+            flags: 0,
+            len,
+            crc: 0,
+        };
         header.crc = 0x1234_5678;
         let mut buf = BytesMut::with_capacity(HEADER_LEN);
         buf.extend_from_slice(&header.to_bytes());
@@ -143,7 +155,10 @@ fn oversized_length_is_rejected_before_allocating() {
     // Exactly at the limit is accepted.
     let frame = raw_frame(TYPE_READ_REPLY, 0, &[0u8; 1000]);
     let res = Decoder::new(1000).decode(&mut BytesMut::from(&frame[..]));
-    assert!(matches!(res, Ok(Some(Message::ReadReply { .. }))), "{res:?}");
+    assert!(
+        matches!(res, Ok(Some(Message::ReadReply { .. }))),
+        "{res:?}"
+    );
 }
 
 #[test]
@@ -166,7 +181,11 @@ fn largest_data_block_fits_the_default_limit() {
             fua: true,
             resync: true,
         },
-        Message::ReadReply { id: u64::MAX, error: u32::MAX, data },
+        Message::ReadReply {
+            id: u64::MAX,
+            error: u32::MAX,
+            data,
+        },
     ] {
         let bytes = encoded(&msg);
         assert_eq!(decode_one(&bytes), Ok(Some(msg)));
@@ -177,14 +196,28 @@ fn largest_data_block_fits_the_default_limit() {
 fn data_is_sliced_out_of_the_input_without_copying() {
     let data = Bytes::from(vec![0x42; 8192]);
     for msg in [
-        Message::Write { seq: 1, seen: 0, offset: 0, kind: WriteKind::Data(data.clone()), fua: false, resync: false },
-        Message::ReadReply { id: 1, error: 0, data: data.clone() },
+        Message::Write {
+            seq: 1,
+            seen: 0,
+            offset: 0,
+            kind: WriteKind::Data(data.clone()),
+            fua: false,
+            resync: false,
+        },
+        Message::ReadReply {
+            id: 1,
+            error: 0,
+            data: data.clone(),
+        },
     ] {
         let mut buf = encoded(&msg);
         let range = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
         let decoded = Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut buf);
         let got = match decoded {
-            Ok(Some(Message::Write { kind: WriteKind::Data(d), .. })) => d,
+            Ok(Some(Message::Write {
+                kind: WriteKind::Data(d),
+                ..
+            })) => d,
             Ok(Some(Message::ReadReply { data, .. })) => data,
             other => panic!("unexpected {other:?}"),
         };
@@ -198,9 +231,15 @@ fn bad_magic_is_reported_with_what_was_there() {
     let mut bytes = encoded(&Message::Ping);
     bytes[0..4].copy_from_slice(b"NBDM");
     let res = decode_one(&bytes);
-    assert_eq!(res, Err(DecodeError::BadMagic(u32::from_be_bytes(*b"NBDM"))));
+    assert_eq!(
+        res,
+        Err(DecodeError::BadMagic(u32::from_be_bytes(*b"NBDM")))
+    );
     let text = res.unwrap_err().to_string();
-    assert!(text.contains("0x4e42444d") && text.contains("magic"), "{text}");
+    assert!(
+        text.contains("0x4e42444d") && text.contains("magic"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -208,11 +247,19 @@ fn corrupted_payload_is_a_crc_error() {
     let mut bytes = encoded(&Message::Flush { id: 77 });
     bytes[HEADER_LEN + 3] ^= 0x10;
     let res = decode_one(&bytes);
-    let Err(DecodeError::BadCrc { expected, got, msg_type }) = res.clone() else {
+    let Err(DecodeError::BadCrc {
+        expected,
+        got,
+        msg_type,
+    }) = res.clone()
+    else {
         panic!("expected BadCrc, got {res:?}");
     };
     assert_eq!(msg_type, TYPE_FLUSH);
-    assert_eq!(expected, u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]));
+    assert_eq!(
+        expected,
+        u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]])
+    );
     assert_ne!(expected, got);
     let text = res.unwrap_err().to_string();
     assert!(text.contains("CRC") && text.contains("Flush"), "{text}");
@@ -224,9 +271,16 @@ fn unknown_type_with_good_crc_is_consumed_and_reported() {
     buf.extend_from_slice(&encoded(&Message::Ping));
     let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
     assert_eq!(dec.decode(&mut buf), Err(DecodeError::UnknownType(999)));
-    assert_eq!(dec.decode(&mut buf), Ok(Some(Message::Ping)), "stream stays framed");
+    assert_eq!(
+        dec.decode(&mut buf),
+        Ok(Some(Message::Ping)),
+        "stream stays framed"
+    );
     assert_eq!(raw_frame(0, 0, b"").len(), HEADER_LEN);
-    assert_eq!(decode_one(&raw_frame(0, 0, b"")), Err(DecodeError::UnknownType(0)));
+    assert_eq!(
+        decode_one(&raw_frame(0, 0, b"")),
+        Err(DecodeError::UnknownType(0))
+    );
 }
 
 fn malformed(msg_type: u16, flags: u16, payload: &[u8]) -> &'static str {
@@ -241,14 +295,32 @@ fn malformed(msg_type: u16, flags: u16, payload: &[u8]) -> &'static str {
 
 #[test]
 fn malformed_payloads_say_what_is_wrong() {
-    assert_eq!(malformed(TYPE_PING, 0, b"x"), "trailing bytes after the last field");
-    assert_eq!(malformed(TYPE_PING, 1, b""), "unknown flag bits for this type");
-    assert_eq!(malformed(TYPE_FLUSH, 0, &[0; 7]), "payload ends inside a field");
+    assert_eq!(
+        malformed(TYPE_PING, 0, b"x"),
+        "trailing bytes after the last field"
+    );
+    assert_eq!(
+        malformed(TYPE_PING, 1, b""),
+        "unknown flag bits for this type"
+    );
+    assert_eq!(
+        malformed(TYPE_FLUSH, 0, &[0; 7]),
+        "payload ends inside a field"
+    );
     assert_eq!(malformed(TYPE_STATE, 0, &[3, 1]), "unknown role code");
     assert_eq!(malformed(TYPE_STATE, 0, &[1, 0]), "unknown disk state code");
-    assert_eq!(malformed(TYPE_START_SYNC, 0, &[3; 33]), "unknown sync mode code");
-    assert_eq!(malformed(TYPE_BITMAP_CHUNK, 0, &[0; 12]), "bitmap words are not a multiple of 8 bytes");
-    assert_eq!(malformed(TYPE_CHECKSUM_REPLY, 0, &[0; 14]), "checksums are not a multiple of 4 bytes");
+    assert_eq!(
+        malformed(TYPE_START_SYNC, 0, &[3; 33]),
+        "unknown sync mode code"
+    );
+    assert_eq!(
+        malformed(TYPE_BITMAP_CHUNK, 0, &[0; 12]),
+        "bitmap words are not a multiple of 8 bytes"
+    );
+    assert_eq!(
+        malformed(TYPE_CHECKSUM_REPLY, 0, &[0; 14]),
+        "checksums are not a multiple of 4 bytes"
+    );
     assert_eq!(malformed(TYPE_BYE, 0, &[0xff, 0xfe]), "reason is not UTF-8");
     let mut write = vec![0u8; 24];
     write.push(7);
@@ -260,7 +332,10 @@ fn malformed_payloads_say_what_is_wrong() {
     );
     write[24] = 1;
     write.extend_from_slice(&[0, 0, 0, 1, 9]);
-    assert_eq!(malformed(TYPE_WRITE, 0, &write), "trailing bytes after the last field");
+    assert_eq!(
+        malformed(TYPE_WRITE, 0, &write),
+        "trailing bytes after the last field"
+    );
 
     // A Hello whose node-name length runs past the end.
     let hello = one_of_each().remove(0);
@@ -269,14 +344,26 @@ fn malformed_payloads_say_what_is_wrong() {
     let node_len_at = payload.len() - "alpha".len() - 4;
     payload[node_len_at..node_len_at + 4].copy_from_slice(&6u32.to_be_bytes());
     let flags = u16::from_be_bytes([bytes[6], bytes[7]]);
-    assert_eq!(malformed(TYPE_HELLO, flags, &payload), "string length runs past the payload");
+    assert_eq!(
+        malformed(TYPE_HELLO, flags, &payload),
+        "string length runs past the payload"
+    );
     payload[node_len_at..node_len_at + 4].copy_from_slice(&5u32.to_be_bytes());
     let last = payload.len() - 1;
     payload[last] = 0xc3;
-    assert_eq!(malformed(TYPE_HELLO, flags, &payload), "string is not UTF-8");
+    assert_eq!(
+        malformed(TYPE_HELLO, flags, &payload),
+        "string is not UTF-8"
+    );
 
-    let text = DecodeError::Malformed { msg_type: TYPE_HELLO, why: "x" }.to_string();
+    let text = DecodeError::Malformed {
+        msg_type: TYPE_HELLO,
+        why: "x",
+    }
+    .to_string();
     assert_eq!(text, "malformed Hello frame (type 1): x");
-    assert!(DecodeError::TooLong(5).to_string().contains("5-byte payload"));
+    assert!(DecodeError::TooLong(5)
+        .to_string()
+        .contains("5-byte payload"));
     assert!(DecodeError::UnknownType(42).to_string().contains("42"));
 }

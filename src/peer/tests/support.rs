@@ -22,12 +22,19 @@ pub fn disk() -> impl Strategy<Value = PeerDisk> {
 }
 
 pub fn gis() -> impl Strategy<Value = Gis> {
-    (any::<u64>(), any::<u64>(), any::<[u64; 2]>())
-        .prop_map(|(current, bitmap, history)| Gis { current, bitmap, history })
+    (any::<u64>(), any::<u64>(), any::<[u64; 2]>()).prop_map(|(current, bitmap, history)| Gis {
+        current,
+        bitmap,
+        history,
+    })
 }
 
 pub fn sync_mode() -> impl Strategy<Value = SyncMode> {
-    prop_oneof![Just(SyncMode::None), Just(SyncMode::Bitmap), Just(SyncMode::Full)]
+    prop_oneof![
+        Just(SyncMode::None),
+        Just(SyncMode::Bitmap),
+        Just(SyncMode::Full)
+    ]
 }
 
 /// Data blocks: empty, small, or up to `max` bytes.
@@ -43,14 +50,29 @@ pub fn write_kind(max_data: usize) -> impl Strategy<Value = WriteKind> {
     prop_oneof![
         data(max_data).prop_map(WriteKind::Data),
         any::<u32>().prop_map(|len| WriteKind::Trim { len }),
-        (any::<u32>(), any::<bool>()).prop_map(|(len, may_trim)| WriteKind::Zeroes { len, may_trim }),
+        (any::<u32>(), any::<bool>())
+            .prop_map(|(len, may_trim)| WriteKind::Zeroes { len, may_trim }),
     ]
 }
 
 pub fn hello() -> impl Strategy<Value = Hello> {
     (
-        (any::<u32>(), ".{0,20}", "\\PC{0,20}", any::<u64>(), any::<u8>(), any::<bool>()),
-        (role(), disk(), gis(), any::<bool>(), any::<u64>(), any::<bool>()),
+        (
+            any::<u32>(),
+            ".{0,20}",
+            "\\PC{0,20}",
+            any::<u64>(),
+            any::<u8>(),
+            any::<bool>(),
+        ),
+        (
+            role(),
+            disk(),
+            gis(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<bool>(),
+        ),
     )
         .prop_map(
             |(
@@ -78,10 +100,22 @@ pub fn message(max_data: usize) -> impl Strategy<Value = Message> {
     prop_oneof![
         hello().prop_map(Message::Hello),
         (role(), disk()).prop_map(|(role, disk)| Message::State { role, disk }),
-        (any::<u64>(), vec(any::<u64>(), 0..200), any::<bool>())
-            .prop_map(|(first_word, words, last)| Message::BitmapChunk { first_word, words, last }),
+        (any::<u64>(), vec(any::<u64>(), 0..200), any::<bool>()).prop_map(
+            |(first_word, words, last)| Message::BitmapChunk {
+                first_word,
+                words,
+                last
+            }
+        ),
         (sync_mode(), gis()).prop_map(|(mode, source_gis)| Message::StartSync { mode, source_gis }),
-        (any::<u64>(), any::<u64>(), any::<u64>(), write_kind(max_data), any::<bool>(), any::<bool>())
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            write_kind(max_data),
+            any::<bool>(),
+            any::<bool>()
+        )
             .prop_map(|(seq, seen, offset, kind, fua, resync)| Message::Write {
                 seq,
                 seen,
@@ -99,7 +133,12 @@ pub fn message(max_data: usize) -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u32>(), data(max_data))
             .prop_map(|(id, error, data)| Message::ReadReply { id, error, data }),
         (any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()).prop_map(
-            |(id, offset, len, verify)| Message::ChecksumRequest { id, offset, len, verify }
+            |(id, offset, len, verify)| Message::ChecksumRequest {
+                id,
+                offset,
+                len,
+                verify
+            }
         ),
         (any::<u64>(), any::<u32>(), vec(any::<u32>(), 0..300))
             .prop_map(|(id, error, sums)| Message::ChecksumReply { id, error, sums }),
@@ -115,7 +154,11 @@ pub fn message(max_data: usize) -> impl Strategy<Value = Message> {
 
 /// One of each variant, with small fixed contents.
 pub fn one_of_each() -> Vec<Message> {
-    let gis = Gis { current: 0x1111, bitmap: 0x2222, history: [0x3333, 0x4444] };
+    let gis = Gis {
+        current: 0x1111,
+        bitmap: 0x2222,
+        history: [0x3333, 0x4444],
+    };
     vec![
         Message::Hello(Hello {
             version: PROTOCOL_VERSION,
@@ -131,9 +174,19 @@ pub fn one_of_each() -> Vec<Message> {
             out_of_sync_blocks: 7,
             discard_my_data: true,
         }),
-        Message::State { role: PeerRole::Secondary, disk: PeerDisk::Outdated },
-        Message::BitmapChunk { first_word: 5, words: vec![1, u64::MAX, 0], last: true },
-        Message::StartSync { mode: SyncMode::Bitmap, source_gis: gis },
+        Message::State {
+            role: PeerRole::Secondary,
+            disk: PeerDisk::Outdated,
+        },
+        Message::BitmapChunk {
+            first_word: 5,
+            words: vec![1, u64::MAX, 0],
+            last: true,
+        },
+        Message::StartSync {
+            mode: SyncMode::Bitmap,
+            source_gis: gis,
+        },
         Message::Write {
             seq: 1,
             seen: 2,
@@ -154,7 +207,10 @@ pub fn one_of_each() -> Vec<Message> {
             seq: 4,
             seen: 0,
             offset: 8192,
-            kind: WriteKind::Zeroes { len: 4096, may_trim: true },
+            kind: WriteKind::Zeroes {
+                len: 4096,
+                may_trim: true,
+            },
             fua: false,
             resync: false,
         },
@@ -162,17 +218,38 @@ pub fn one_of_each() -> Vec<Message> {
         Message::WriteAck { seq: 9, error: 5 },
         Message::Flush { id: 3 },
         Message::FlushAck { id: 3, error: 0 },
-        Message::ReadRequest { id: 4, offset: 512, len: 4096 },
-        Message::ReadReply { id: 4, error: 0, data: Bytes::from(vec![0xab; 4096]) },
-        Message::ChecksumRequest { id: 6, offset: 0, len: 1 << 20, verify: true },
-        Message::ChecksumReply { id: 6, error: 0, sums: vec![1, 2, 3, 0xdead_beef] },
+        Message::ReadRequest {
+            id: 4,
+            offset: 512,
+            len: 4096,
+        },
+        Message::ReadReply {
+            id: 4,
+            error: 0,
+            data: Bytes::from(vec![0xab; 4096]),
+        },
+        Message::ChecksumRequest {
+            id: 6,
+            offset: 0,
+            len: 1 << 20,
+            verify: true,
+        },
+        Message::ChecksumReply {
+            id: 6,
+            error: 0,
+            sums: vec![1, 2, 3, 0xdead_beef],
+        },
         Message::SyncDone { source_gis: gis },
         Message::StartVerify,
-        Message::VerifyDone { differing_blocks: 12 },
+        Message::VerifyDone {
+            differing_blocks: 12,
+        },
         Message::SplitBrain,
         Message::Ping,
         Message::PingAck,
-        Message::Bye { reason: "shutting down".into() },
+        Message::Bye {
+            reason: "shutting down".into(),
+        },
     ]
 }
 

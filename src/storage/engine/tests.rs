@@ -10,6 +10,13 @@ use super::*;
 
 const MIB: u64 = 1 << 20;
 const BOTH: [EngineKind; 2] = [EngineKind::Uring, EngineKind::Threads];
+/// Engine and O_DIRECT combinations that take different paths: with io_uring, buffered
+/// writes and large buffered reads run on its blocking pool, O_DIRECT runs all in the ring.
+const PATHS: [(EngineKind, bool); 3] = [
+    (EngineKind::Uring, false),
+    (EngineKind::Uring, true),
+    (EngineKind::Threads, false),
+];
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A temp file of `len` bytes (sparse) and the Disk over it.
@@ -98,6 +105,16 @@ fn uring_is_chosen_when_the_kernel_allows_it() {
 }
 
 #[test]
+fn refused_uring_falls_back_to_threads() {
+    crate::storage::uring::FAIL_SETUP.set(true);
+    let (_f, disk) = open_disk(EngineKind::Uring, MIB, false);
+    crate::storage::uring::FAIL_SETUP.set(false);
+    assert_eq!(disk.engine(), EngineKind::Threads);
+    write(&disk, 10, b"fallback");
+    assert_eq!(read(&disk, 10, 8), b"fallback");
+}
+
+#[test]
 fn threads_can_be_forced() {
     let (_f, disk) = open_disk(EngineKind::Threads, MIB, false);
     assert_eq!(disk.engine(), EngineKind::Threads);
@@ -148,7 +165,11 @@ fn round_trip_at_many_offsets() {
         for (i, (offset, len)) in cases.into_iter().enumerate() {
             let data = pattern(i as u64 + 1, len);
             write(&disk, offset, &data);
-            assert_eq!(read(&disk, offset, len as u32), data, "{engine} at {offset}");
+            assert_eq!(
+                read(&disk, offset, len as u32),
+                data,
+                "{engine} at {offset}"
+            );
         }
         // Never-written space reads as zeros.
         assert!(read(&disk, 7 * MIB, 4096).iter().all(|&b| b == 0));
@@ -160,7 +181,14 @@ fn round_trip_at_many_offsets() {
         assert_eq!(&both[50..], &[2; 50]);
         // Empty requests succeed without I/O.
         assert_eq!(
-            run_sync(&disk, DiskOp::Read { offset: size, len: 0 }).expect("empty read"),
+            run_sync(
+                &disk,
+                DiskOp::Read {
+                    offset: size,
+                    len: 0
+                }
+            )
+            .expect("empty read"),
             DiskOutput::Data(Bytes::new())
         );
     }
@@ -177,7 +205,10 @@ fn fua_writes_and_flush_reach_the_file() {
             fua: true,
         };
         assert_eq!(run_sync(&disk, op).expect("fua write"), DiskOutput::Done);
-        assert_eq!(run_sync(&disk, DiskOp::Flush).expect("flush"), DiskOutput::Done);
+        assert_eq!(
+            run_sync(&disk, DiskOp::Flush).expect("flush"),
+            DiskOutput::Done
+        );
         let mut other = std::fs::File::open(file.path()).expect("reopen");
         other.seek(SeekFrom::Start(4096)).expect("seek");
         let mut seen = vec![0; 8192];
@@ -205,13 +236,24 @@ fn trim_makes_a_hole() {
         assert_eq!(
             after,
             vec![
-                Extent { len: MIB, hole: true, zero: true },
-                Extent { len: MIB, hole: false, zero: false },
+                Extent {
+                    len: MIB,
+                    hole: true,
+                    zero: true
+                },
+                Extent {
+                    len: MIB,
+                    hole: false,
+                    zero: false
+                },
             ],
             "{engine}"
         );
         // The untrimmed half kept its data.
-        assert_eq!(read(&disk, 2 * MIB, 4096), pattern(3, 2 * MIB as usize)[MIB as usize..][..4096]);
+        assert_eq!(
+            read(&disk, 2 * MIB, 4096),
+            pattern(3, 2 * MIB as usize)[MIB as usize..][..4096]
+        );
     }
 }
 
@@ -245,12 +287,23 @@ fn write_zeroes_all_methods() {
         }
         for chunk in 0..8 {
             let got = read(&disk, chunk * MIB, MIB as u32);
-            assert!(got == model[(chunk * MIB) as usize..][..MIB as usize], "{engine} MiB {chunk}");
+            assert!(
+                got == model[(chunk * MIB) as usize..][..MIB as usize],
+                "{engine} MiB {chunk}"
+            );
         }
         // may_trim on a file punches a hole.
         run_sync(&disk, DiskOp::Flush).expect("flush");
         let status = disk.block_status(2 * MIB, MIB).expect("status");
-        assert_eq!(status, vec![Extent { len: MIB, hole: true, zero: true }], "{engine}");
+        assert_eq!(
+            status,
+            vec![Extent {
+                len: MIB,
+                hole: true,
+                zero: true
+            }],
+            "{engine}"
+        );
     }
 }
 
@@ -259,9 +312,15 @@ fn out_of_range_and_bad_requests_are_rejected() {
     for engine in BOTH {
         let size = MIB;
         let (_f, disk) = open_disk(engine, size, false);
-        let read_past = DiskOp::Read { offset: size - 10, len: 11 };
+        let read_past = DiskOp::Read {
+            offset: size - 10,
+            len: 11,
+        };
         assert_eq!(errno_of(run_sync(&disk, read_past)), libc::EINVAL);
-        let read_far = DiskOp::Read { offset: u64::MAX, len: 1 };
+        let read_far = DiskOp::Read {
+            offset: u64::MAX,
+            len: 1,
+        };
         assert_eq!(errno_of(run_sync(&disk, read_far)), libc::EINVAL);
         let write_past = DiskOp::Write {
             offset: size,
@@ -269,7 +328,10 @@ fn out_of_range_and_bad_requests_are_rejected() {
             fua: false,
         };
         assert_eq!(errno_of(run_sync(&disk, write_past)), libc::ENOSPC);
-        let trim_past = DiskOp::Trim { offset: 0, len: size + 1 };
+        let trim_past = DiskOp::Trim {
+            offset: 0,
+            len: size + 1,
+        };
         assert_eq!(errno_of(run_sync(&disk, trim_past)), libc::EINVAL);
         let zero_past = DiskOp::WriteZeroes {
             offset: u64::MAX - 1,
@@ -291,8 +353,8 @@ fn many_concurrent_random_writes_match_a_model() {
     const BLOCKS: u64 = 2048; // 8 MiB
     const WRITES: u32 = 10_000;
     const WINDOW: usize = 64;
-    for engine in BOTH {
-        let (_f, disk) = open_disk(engine, BLOCK * BLOCKS, false);
+    for (engine, direct) in PATHS {
+        let (_f, disk) = open_disk(engine, BLOCK * BLOCKS, direct);
         let mut model: Vec<Option<u32>> = vec![None; BLOCKS as usize];
         let (tx, rx) = mpsc::channel::<(u64, io::Result<DiskOutput>)>();
         let mut busy: HashSet<u64> = HashSet::new();
@@ -336,7 +398,10 @@ fn many_concurrent_random_writes_match_a_model() {
         for block in 0..BLOCKS {
             let tx = tx.clone();
             disk.submit(
-                DiskOp::Read { offset: block * BLOCK, len: BLOCK as u32 },
+                DiskOp::Read {
+                    offset: block * BLOCK,
+                    len: BLOCK as u32,
+                },
                 Box::new(move |r| {
                     let _ = tx.send((block, r));
                 }),
@@ -351,7 +416,10 @@ fn many_concurrent_random_writes_match_a_model() {
                 Some(seq) => pattern(u64::from(seq) + 1, BLOCK as usize),
                 None => vec![0; BLOCK as usize],
             };
-            assert!(data[..] == want[..], "{engine}: block {block} differs");
+            assert!(
+                data[..] == want[..],
+                "{engine} direct={direct}: block {block} differs"
+            );
         }
     }
 }
@@ -377,15 +445,18 @@ fn read_past_a_truncated_end_fails_cleanly() {
 
 #[test]
 fn shutdown_completes_ops_in_flight() {
-    for engine in BOTH {
-        let (_f, disk) = open_disk(engine, 16 * MIB, false);
+    for (engine, direct) in PATHS {
+        let (_f, disk) = open_disk(engine, 16 * MIB, direct);
         let ok = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicUsize::new(0));
         let count = 3000u64;
         for i in 0..count {
             let (ok, failed) = (Arc::clone(&ok), Arc::clone(&failed));
             let op = if i % 3 == 0 {
-                DiskOp::Read { offset: (i % 4096) * 4096, len: 4096 }
+                DiskOp::Read {
+                    offset: (i % 4096) * 4096,
+                    len: 4096,
+                }
             } else {
                 DiskOp::Write {
                     offset: (i % 4096) * 4096,
@@ -412,12 +483,21 @@ fn shutdown_completes_ops_in_flight() {
 
 #[test]
 fn dropping_the_last_handle_in_a_callback_does_not_hang() {
-    for engine in BOTH {
+    // Flush runs in the io_uring ring, a buffered write on its blocking pool.
+    let ops = [
+        DiskOp::Flush,
+        DiskOp::Write {
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+            fua: false,
+        },
+    ];
+    for (engine, op) in BOTH.into_iter().flat_map(|e| ops.clone().map(|op| (e, op))) {
         let (_f, disk) = open_disk(engine, MIB, false);
         let clone = disk.clone();
         let (tx, rx) = mpsc::channel();
         disk.submit(
-            DiskOp::Flush,
+            op,
             Box::new(move |r| {
                 // Give the submitter time to drop its handle: this clone is then the last.
                 std::thread::sleep(Duration::from_millis(50));
@@ -444,8 +524,18 @@ fn run_works_from_tokio() {
                 fua: true,
             };
             assert_eq!(disk.run(op).await.expect("write"), DiskOutput::Done);
-            let got = disk.run(DiskOp::Read { offset: 100, len: 5 }).await.expect("read");
-            assert_eq!(got, DiskOutput::Data(Bytes::from_static(b"async")), "{engine}");
+            let got = disk
+                .run(DiskOp::Read {
+                    offset: 100,
+                    len: 5,
+                })
+                .await
+                .expect("read");
+            assert_eq!(
+                got,
+                DiskOutput::Data(Bytes::from_static(b"async")),
+                "{engine}"
+            );
         });
     }
 }
@@ -456,7 +546,11 @@ fn block_status_reports_data_and_holes() {
         let (_f, disk) = open_disk(engine, 4 * MIB, false);
         assert_eq!(
             disk.block_status(0, 4 * MIB).expect("status"),
-            vec![Extent { len: 4 * MIB, hole: true, zero: true }]
+            vec![Extent {
+                len: 4 * MIB,
+                hole: true,
+                zero: true
+            }]
         );
         write(&disk, MIB, &pattern(1, 65536));
         run_sync(&disk, DiskOp::Flush).expect("flush");
@@ -464,16 +558,32 @@ fn block_status_reports_data_and_holes() {
         assert_eq!(
             status,
             vec![
-                Extent { len: MIB, hole: true, zero: true },
-                Extent { len: 65536, hole: false, zero: false },
-                Extent { len: 3 * MIB - 65536, hole: true, zero: true },
+                Extent {
+                    len: MIB,
+                    hole: true,
+                    zero: true
+                },
+                Extent {
+                    len: 65536,
+                    hole: false,
+                    zero: false
+                },
+                Extent {
+                    len: 3 * MIB - 65536,
+                    hole: true,
+                    zero: true
+                },
             ],
             "{engine}"
         );
         // A query inside the data extent is clipped to the query.
         assert_eq!(
             disk.block_status(MIB + 100, 1000).expect("status"),
-            vec![Extent { len: 1000, hole: false, zero: false }]
+            vec![Extent {
+                len: 1000,
+                hole: false,
+                zero: false
+            }]
         );
         assert!(disk.block_status(0, 0).expect("empty").is_empty());
     }
@@ -489,15 +599,30 @@ fn direct_io_aligns_and_rejects_misaligned() {
         // Source bytes deliberately not page-aligned: the engine copies them.
         let backing = Bytes::from(pattern(11, 3 * block as usize + 1));
         let data = backing.slice(1..);
-        let op = DiskOp::Write { offset: b, data: data.clone(), fua: true };
+        let op = DiskOp::Write {
+            offset: b,
+            data: data.clone(),
+            fua: true,
+        };
         assert_eq!(run_sync(&disk, op).expect("direct write"), DiskOutput::Done);
         assert_eq!(read(&disk, b, 3 * block), data.to_vec(), "{engine}");
 
-        let misaligned = DiskOp::Read { offset: 1, len: block };
+        let misaligned = DiskOp::Read {
+            offset: 1,
+            len: block,
+        };
         assert_eq!(errno_of(run_sync(&disk, misaligned)), libc::EINVAL);
-        let short = DiskOp::Write { offset: 0, data: Bytes::from_static(b"abc"), fua: false };
+        let short = DiskOp::Write {
+            offset: 0,
+            data: Bytes::from_static(b"abc"),
+            fua: false,
+        };
         assert_eq!(errno_of(run_sync(&disk, short)), libc::EINVAL);
-        let zero = DiskOp::WriteZeroes { offset: b, len: b, may_trim: false };
+        let zero = DiskOp::WriteZeroes {
+            offset: b,
+            len: b,
+            may_trim: false,
+        };
         assert_eq!(run_sync(&disk, zero).expect("zero"), DiskOutput::Done);
         assert!(read(&disk, b, block).iter().all(|&x| x == 0));
     }
@@ -527,32 +652,56 @@ fn block_device_via_loop() {
         .arg(backing.path())
         .output()
         .expect("losetup");
-    assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let detach = || {
-        let _ = std::process::Command::new("losetup").args(["-d", &dev]).status();
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status();
     };
     let result = std::panic::catch_unwind(|| {
         for engine in BOTH {
             let path = Path::new(&dev);
             assert_eq!(Disk::device_size(path).expect("size"), 16 * MIB);
-            let opts = DiskOptions { engine, direct_io: false };
+            let opts = DiskOptions {
+                engine,
+                direct_io: false,
+            };
             let disk = Disk::open(path, Some(8 * MIB), &opts).expect("open device");
             assert_eq!(disk.size(), 8 * MIB);
             assert_eq!(disk.logical_block_size(), 512);
             write(&disk, 4096, &pattern(2, 8192));
             assert_eq!(read(&disk, 4096, 8192), pattern(2, 8192));
-            let trim = DiskOp::Trim { offset: 100, len: MIB };
+            let trim = DiskOp::Trim {
+                offset: 100,
+                len: MIB,
+            };
             assert_eq!(run_sync(&disk, trim).expect("trim"), DiskOutput::Done);
-            for (offset, len, may_trim) in [(0, 65536, true), (MIB, 65536, false), (2 * MIB + 7, 100, false)] {
+            for (offset, len, may_trim) in [
+                (0, 65536, true),
+                (MIB, 65536, false),
+                (2 * MIB + 7, 100, false),
+            ] {
                 write(&disk, offset, &pattern(4, len as usize));
-                let op = DiskOp::WriteZeroes { offset, len, may_trim };
+                let op = DiskOp::WriteZeroes {
+                    offset,
+                    len,
+                    may_trim,
+                };
                 assert_eq!(run_sync(&disk, op).expect("zero"), DiskOutput::Done);
                 assert!(read(&disk, offset, len as u32).iter().all(|&b| b == 0));
             }
             assert_eq!(
                 disk.block_status(0, MIB).expect("status"),
-                vec![Extent { len: MIB, hole: false, zero: false }]
+                vec![Extent {
+                    len: MIB,
+                    hole: false,
+                    zero: false
+                }]
             );
             disk.shutdown();
         }

@@ -1,0 +1,561 @@
+//! The simulated cluster: two node cores (the production `core::Node`), their
+//! disks and metadata stores, the network between them, the clients, and the
+//! event loop that drives it all from one seed.
+
+use std::collections::BTreeMap;
+
+use super::data;
+use super::disk::SimDisk;
+use super::meta::{Durable, SimMeta};
+use super::model::Model;
+use super::net::Net;
+use super::rng::Rng;
+use super::scenario::{Scenario, Start, NAMES};
+use super::world::World;
+use crate::core::{md_flags, AdminCmd, ConnId, Event, MetaState, Node, Role, Status};
+use crate::peer::Gis;
+
+/// Something that happens at a simulated time.
+#[derive(Debug)]
+pub enum Ev {
+    Tick { node: usize, inc: u64 },
+    DiskDone { node: usize, inc: u64, op: u64 },
+    MetaDone { node: usize, inc: u64 },
+    Deliver { link: u64, dir: usize },
+    Dial,
+    Restart(usize),
+    StopStep { node: usize, inc: u64 },
+    Client { node: usize, inc: u64, conn: ConnId },
+    Admin { node: usize, cmd: AdminCmd },
+    Workload,
+    Fault,
+    Operator,
+}
+
+#[derive(Debug, Clone)]
+pub enum ReqKind {
+    Read { first: u64, n: u64, linear: bool, gen: u64 },
+    Write(u32),
+    /// `gen`: the link generation if the flush was mirrored; `peer_errors`: the
+    /// peer disk's failure count then.
+    Flush { gen: Option<u64>, peer_errors: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub kind: ReqKind,
+    pub issue: u64,
+    pub issued_us: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Client {
+    pub inflight: BTreeMap<u64, Req>,
+    pub next_cookie: u64,
+    pub close_at: u64,
+    pub closing: bool,
+}
+
+/// A clean stop in progress (the daemon's SIGTERM path).
+#[derive(Debug, Clone, Copy)]
+pub struct Stopping {
+    pub since: u64,
+    pub shut_down: bool,
+}
+
+pub struct SimNode {
+    pub core: Option<Node>,
+    /// Incremented at every crash or stop: events of older incarnations are dropped.
+    pub inc: u64,
+    pub boot_us: u64,
+    pub disk: SimDisk,
+    pub meta: SimMeta,
+    /// The daemon wants a peer link (Connect, or DropPeer with reconnect).
+    pub want_link: bool,
+    pub clients: BTreeMap<ConnId, Client>,
+    pub stopping: Option<Stopping>,
+    pub restart_at: Option<u64>,
+    /// Changes whenever this node's core gains or loses the peer.
+    pub link_gen: u64,
+    /// The node's bitmap just before it read the peer's last handshake bitmap chunk.
+    pub bitmap_before: Vec<u64>,
+    pub failed_since: Option<u64>,
+    pub last_verify: Option<u64>,
+    /// The operator invalidated this node's data; its next sync as target discards it.
+    pub invalidated: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Violation {
+    pub time_us: u64,
+    pub kind: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Faults,
+    Calm,
+    Settle,
+    Final,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub events: u64,
+    pub requests: u64,
+    pub replies: u64,
+    pub reads_checked: u64,
+    pub crashes: u64,
+    pub restarts: u64,
+    pub links: u64,
+    pub decisions: u64,
+    pub split_brains: u64,
+    pub rebases: u64,
+    pub violations_checked: u64,
+}
+
+pub struct Sim {
+    pub seed: u64,
+    pub sc: Scenario,
+    pub world: World<Ev>,
+    pub step: u64,
+    pub nodes: [SimNode; 2],
+    pub net: Net,
+    pub model: Model,
+    pub phase: Phase,
+    pub violation: Option<Violation>,
+    pub trace: bool,
+    pub stats: Stats,
+    pub hash: u64,
+    pub rng_net: Rng,
+    pub rng_disk: Rng,
+    pub rng_work: Rng,
+    pub rng_fault: Rng,
+    pub rng_core: Rng,
+    pub next_conn: ConnId,
+    pub next_admin: u64,
+    /// Bound on a reply's delay, µs.
+    pub reply_bound: u64,
+    pub settle_started: u64,
+    /// The operator saw the cluster settled (connected, in sync, idle).
+    pub settled: bool,
+    /// The node whose role the workload prefers for a new client.
+    pub favourite: usize,
+}
+
+fn words_for(data_size: u64) -> usize {
+    data_size.div_ceil(4096).div_ceil(64) as usize
+}
+
+impl Sim {
+    pub fn new(seed: u64, faults: crate::core::Faults, trace: bool) -> Sim {
+        let mut rng = Rng::new(seed);
+        let sc = Scenario::draw(&mut rng, faults);
+        let sectors = sc.data_size / data::SECTOR;
+        let words = words_for(sc.data_size);
+        let in_sync = |gi: u64| Durable {
+            meta: MetaState {
+                gis: Gis { current: gi, bitmap: 0, history: [0, 0] },
+                flags: md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE,
+                resync_offset: 0,
+            },
+            words: vec![0; words],
+            active_extents: Vec::new(),
+        };
+        let fresh = |gi: u64| Durable {
+            meta: MetaState {
+                gis: Gis { current: gi, bitmap: 0, history: [0, 0] },
+                flags: md_flags::FULL_SYNC_NEEDED,
+                resync_offset: 0,
+            },
+            words: vec![u64::MAX; words],
+            active_extents: Vec::new(),
+        };
+        let garbage = |r: &mut Rng| (0..sectors).map(|s| data::garbage(r.next_u64(), s)).collect::<Vec<u64>>();
+        let common = rng.next_u64() & !1 | 2;
+        let (m0, m1, d0, d1) = match sc.start {
+            Start::InSync => (in_sync(common), in_sync(common), vec![0; sectors as usize], vec![0; sectors as usize]),
+            Start::SecondFresh => (in_sync(common), fresh(rng.next_u64() & !1 | 4), vec![0; sectors as usize], garbage(&mut rng)),
+            Start::BothFresh => {
+                let g0 = garbage(&mut rng);
+                let g1 = garbage(&mut rng);
+                (fresh(common), fresh(rng.next_u64() & !1 | 8), g0, g1)
+            }
+        };
+        let model = Model::new(&d0);
+        let bpp = sc.bits_per_page;
+        let mk = |m: Durable, d: Vec<u64>| SimNode {
+            core: None,
+            inc: 0,
+            boot_us: 0,
+            disk: SimDisk::new(d),
+            meta: SimMeta::new(m, bpp),
+            want_link: false,
+            clients: BTreeMap::new(),
+            stopping: None,
+            restart_at: None,
+            link_gen: 0,
+            bitmap_before: Vec::new(),
+            failed_since: None,
+            last_verify: None,
+            invalidated: false,
+        };
+        let reply_bound = sc.reply_bound_us();
+        let mut sim = Sim {
+            seed,
+            world: World::default(),
+            step: 0,
+            nodes: [mk(m0, d0), mk(m1, d1)],
+            net: Net::default(),
+            model,
+            phase: Phase::Faults,
+            violation: None,
+            trace,
+            stats: Stats::default(),
+            hash: 0xCBF2_9CE4_8422_2325,
+            rng_net: rng.fork(),
+            rng_disk: rng.fork(),
+            rng_work: rng.fork(),
+            rng_fault: rng.fork(),
+            rng_core: rng.fork(),
+            next_conn: 1,
+            next_admin: 1,
+            reply_bound,
+            settle_started: 0,
+            settled: false,
+            favourite: 0,
+            sc,
+        };
+        if trace {
+            println!("seed {seed}: {:?}", sim.sc);
+        }
+        for n in 0..2 {
+            sim.boot(n);
+        }
+        let retry = sim.sc.connect_retry_us;
+        sim.world.after(retry, Ev::Dial);
+        sim.world.after(100_000, Ev::Workload);
+        sim.world.after(sim.sc.fault_gap_us, Ev::Fault);
+        sim.world.after(500_000, Ev::Operator);
+        if sim.sc.start == Start::BothFresh {
+            // The operator picks the data to start from.
+            sim.world.after(300_000, Ev::Admin { node: 0, cmd: AdminCmd::Primary { force: true } });
+            sim.world.after(400_000, Ev::Admin { node: 0, cmd: AdminCmd::Secondary });
+        }
+        sim
+    }
+
+    pub fn next_step(&mut self) -> u64 {
+        self.step += 1;
+        self.step
+    }
+
+    pub fn now(&self) -> u64 {
+        self.world.now
+    }
+
+    pub fn name(n: usize) -> &'static str {
+        NAMES[n]
+    }
+
+    pub fn trace_line(&self, node: Option<usize>, what: impl FnOnce() -> String) {
+        if self.trace {
+            let who = node.map(|n| NAMES[n]).unwrap_or("sim");
+            println!("{:>12.6} {:<6} {}", self.world.now as f64 / 1e6, who, what());
+        }
+    }
+
+    pub fn violate(&mut self, kind: &str, detail: String) {
+        if self.violation.is_none() {
+            self.trace_line(None, || format!("VIOLATION {kind}: {detail}"));
+            self.violation = Some(Violation { time_us: self.world.now, kind: kind.to_string(), detail });
+        }
+    }
+
+    pub fn mix(&mut self, x: u64) {
+        self.hash ^= x;
+        self.hash = self.hash.wrapping_mul(0x0100_0000_01B3);
+    }
+
+    pub fn status(&self, n: usize) -> Option<Status> {
+        self.nodes[n].core.as_ref().map(|c| c.status())
+    }
+
+    /// Whether node `n`'s core mirrors writes now.
+    pub fn replicating(&self, n: usize) -> bool {
+        self.status(n).and_then(|s| s.peer).is_some_and(|p| {
+            p.connection == crate::core::ConnState::Connected && p.replication != crate::core::Replication::Off
+        })
+    }
+
+    pub fn alive(&self, n: usize) -> bool {
+        self.nodes[n].core.is_some()
+    }
+
+    /// Starts node `n`'s daemon from what its metadata store holds.
+    pub fn boot(&mut self, n: usize) {
+        let cfg = self.sc.core_config(n);
+        let d = self.nodes[n].meta.durable.clone();
+        let seed = self.rng_core.next_u64();
+        let mut node = Node::new(cfg, d.meta.clone(), &d.words, &d.active_extents, seed);
+        node.inject_faults(self.sc.faults);
+        let now = self.world.now;
+        let sn = &mut self.nodes[n];
+        sn.core = Some(node);
+        sn.inc += 1;
+        sn.boot_us = now;
+        sn.want_link = false;
+        sn.stopping = None;
+        sn.restart_at = None;
+        sn.failed_since = None;
+        sn.link_gen += 1;
+        let inc = sn.inc;
+        self.stats.restarts += 1;
+        self.trace_line(Some(n), || {
+            format!("boot: meta {:?} gis {:x?} bitmap bits {} al {:?}", d.meta.flags, d.meta.gis, d.words.iter().map(|w| w.count_ones()).sum::<u32>(), d.active_extents)
+        });
+        self.world.after(100_000, Ev::Tick { node: n, inc });
+        self.run_core(n, |_| ());
+    }
+
+    /// Node `n` dies; `power`: its volatile caches are lost too.
+    pub fn crash(&mut self, n: usize, power: bool) {
+        if !self.alive(n) {
+            return;
+        }
+        let step = self.next_step();
+        self.trace_line(Some(n), || format!("CRASH ({})", if power { "power loss" } else { "process killed" }));
+        self.stats.crashes += 1;
+        // Any crash of the node acknowledging a write may lose it unless flushed: a
+        // killed primary's peer may take over without it (power loss or not).
+        self.model.crash(n, step, true);
+        let sn = &mut self.nodes[n];
+        sn.clients.clear();
+        sn.core = None;
+        sn.inc += 1;
+        sn.link_gen += 1;
+        sn.stopping = None;
+        sn.want_link = false;
+        if power {
+            sn.disk.power_loss(&mut self.rng_disk);
+            sn.meta.power_loss(&mut self.rng_disk);
+        } else {
+            sn.disk.process_crash();
+            sn.meta.process_crash(&mut self.rng_disk);
+        }
+        // A killed process's kernel resets the connection; a dead machine is silent.
+        self.net.crash(n, !power);
+        self.wake_links();
+    }
+
+    /// Schedules deliveries every direction of every link may need.
+    pub fn wake_links(&mut self) {
+        let now = self.world.now;
+        for id in self.net.ids() {
+            for dir in 0..2 {
+                if let Some(t) = self.net.wake(id, dir, now) {
+                    self.world.at(t, Ev::Deliver { link: id, dir });
+                }
+            }
+        }
+    }
+
+    /// Begins a clean stop (SIGTERM) of node `n`; it restarts `down_us` later.
+    pub fn begin_stop(&mut self, n: usize) {
+        if !self.alive(n) || self.nodes[n].stopping.is_some() {
+            return;
+        }
+        self.trace_line(Some(n), || "clean stop begins".into());
+        let now = self.world.now;
+        let sn = &mut self.nodes[n];
+        sn.stopping = Some(Stopping { since: now, shut_down: false });
+        for c in sn.clients.values_mut() {
+            c.closing = true;
+        }
+        let inc = sn.inc;
+        self.world.after(10_000, Ev::StopStep { node: n, inc });
+    }
+
+    pub fn stop_step(&mut self, n: usize) {
+        let now = self.world.now;
+        let Some(st) = self.nodes[n].stopping else { return };
+        let inc = self.nodes[n].inc;
+        let sn = &self.nodes[n];
+        if !st.shut_down {
+            let idle = sn.core.as_ref().is_some_and(|c| c.is_idle()) && sn.clients.values().all(|c| c.inflight.is_empty());
+            if idle || now - st.since > 20_000_000 {
+                // Clients go away with the daemon (no detach: the process exits).
+                self.nodes[n].clients.clear();
+                self.run_core(n, |c| c.shutdown());
+                if let Some(s) = self.nodes[n].stopping.as_mut() {
+                    s.shut_down = true;
+                    s.since = now;
+                }
+            }
+            self.world.after(10_000, Ev::StopStep { node: n, inc });
+            return;
+        }
+        let drained = sn.meta.is_idle() && sn.disk.is_idle();
+        if !drained && now - st.since < 5_000_000 {
+            self.world.after(10_000, Ev::StopStep { node: n, inc });
+            return;
+        }
+        // Final flush, close the link, exit.
+        let step = self.next_step();
+        self.model.crash(n, step, false);
+        let sn = &mut self.nodes[n];
+        sn.disk.flush_all();
+        sn.disk.process_crash();
+        sn.meta.process_crash(&mut self.rng_disk);
+        sn.core = None;
+        sn.inc += 1;
+        sn.link_gen += 1;
+        sn.stopping = None;
+        sn.want_link = false;
+        for id in self.net.ids() {
+            if !self.net.links[&id].closed[n] {
+                self.net.close(id, n);
+            }
+        }
+        self.wake_links();
+        self.trace_line(Some(n), || "stopped cleanly".into());
+        let down = self.rng_fault.range(50_000, 2_000_000);
+        self.schedule_restart(n, down);
+    }
+
+    pub fn schedule_restart(&mut self, n: usize, after: u64) {
+        if self.nodes[n].restart_at.is_none() {
+            let t = self.world.now + after;
+            self.nodes[n].restart_at = Some(t);
+            self.world.at(t, Ev::Restart(n));
+        }
+    }
+
+    /// Runs `f` on node `n`'s core and carries out what it asks.
+    pub fn run_core<R>(&mut self, n: usize, f: impl FnOnce(&mut Node) -> R) -> Option<R> {
+        let core = self.nodes[n].core.as_mut()?;
+        let r = f(core);
+        let actions = core.take_actions();
+        self.dispatch(n, actions);
+        Some(r)
+    }
+
+    pub fn admin(&mut self, n: usize, cmd: AdminCmd) {
+        if !self.alive(n) || self.nodes[n].stopping.is_some() {
+            return;
+        }
+        let id = self.next_admin;
+        self.next_admin += 1;
+        self.trace_line(Some(n), || format!("admin {id}: {cmd:?}"));
+        self.run_core(n, |c| c.handle(Event::Admin { id, cmd }));
+    }
+
+    pub fn role(&self, n: usize) -> Option<Role> {
+        self.nodes[n].core.as_ref().map(|c| c.role())
+    }
+
+    /// Handles one event; false when the queue is empty.
+    pub fn step_once(&mut self) -> bool {
+        let Some(ev) = self.world.pop() else { return false };
+        self.stats.events += 1;
+        let now = self.world.now;
+        self.mix(now);
+        match ev {
+            Ev::Tick { node, inc } => {
+                if self.nodes[node].inc == inc && self.alive(node) {
+                    let now_ms = (now - self.nodes[node].boot_us) / 1000;
+                    self.run_core(node, |c| c.handle(Event::Tick { now_ms }));
+                    self.world.after(100_000, Ev::Tick { node, inc });
+                }
+            }
+            Ev::DiskDone { node, inc, op } => {
+                self.mix(op);
+                if self.nodes[node].inc == inc {
+                    self.disk_done(node, op);
+                }
+            }
+            Ev::MetaDone { node, inc } => {
+                if self.nodes[node].inc == inc {
+                    self.meta_done(node);
+                }
+            }
+            Ev::Deliver { link, dir } => {
+                self.mix(link * 2 + dir as u64);
+                self.deliver(link, dir);
+            }
+            Ev::Dial => {
+                self.dial();
+                let retry = self.sc.connect_retry_us;
+                self.world.after(retry, Ev::Dial);
+            }
+            Ev::Restart(n) => {
+                self.nodes[n].restart_at = None;
+                if !self.alive(n) {
+                    self.boot(n);
+                }
+            }
+            Ev::StopStep { node, inc } => {
+                if self.nodes[node].inc == inc {
+                    self.stop_step(node);
+                }
+            }
+            Ev::Client { node, inc, conn } => {
+                if self.nodes[node].inc == inc {
+                    self.client_step(node, conn);
+                }
+            }
+            Ev::Admin { node, cmd } => self.admin(node, cmd),
+            Ev::Workload => self.workload_tick(),
+            Ev::Fault => self.fault_tick(),
+            Ev::Operator => self.operator_tick(),
+        }
+        true
+    }
+
+    fn disk_done(&mut self, n: usize, op: u64) {
+        let now = self.world.now;
+        let Some(c) = self.nodes[n].disk.complete(op, now, &mut self.rng_disk) else { return };
+        if let Some(p) = c.problem {
+            self.violate("bad disk op", format!("{} submitted {p}", NAMES[n]));
+        }
+        if c.result.is_err() {
+            self.trace_line(Some(n), || format!("disk op {} failed (EIO)", c.core_id));
+        }
+        let (id, result) = (c.core_id, c.result);
+        self.run_core(n, |core| core.handle(Event::DiskDone { id, result }));
+    }
+
+    fn meta_done(&mut self, n: usize) {
+        let Some((id, more)) = self.nodes[n].meta.complete_head() else { return };
+        if more {
+            let d = self.rng_disk.range(100, 3_000);
+            let inc = self.nodes[n].inc;
+            self.world.after(d, Ev::MetaDone { node: n, inc });
+        }
+        self.run_core(n, |core| core.handle(Event::MetaDone { id, ok: true }));
+    }
+
+    /// Both daemons dial; a link comes up when both want one and nothing is in the way.
+    fn dial(&mut self) {
+        let now = self.world.now;
+        let ready = (0..2).all(|n| {
+            self.alive(n) && self.nodes[n].want_link && self.nodes[n].stopping.is_none() && !self.net.has_open_end(n)
+        });
+        if !ready || self.net.partitioned(now) {
+            self.net.collect();
+            return;
+        }
+        let hellos: Vec<_> = (0..2).map(|n| self.nodes[n].core.as_ref().map(|c| c.hello())).collect();
+        let id = self.net.open();
+        self.stats.links += 1;
+        self.trace_line(None, || format!("link {id} connects"));
+        for (n, h) in hellos.into_iter().enumerate() {
+            if let Some(h) = h {
+                if let Some(t) = self.net.push(id, n, crate::peer::Message::Hello(h), now, &mut self.rng_net) {
+                    self.world.at(t, Ev::Deliver { link: id, dir: n });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Carrying out what a core asks (its `Action`s), and delivering what the
+//! network carries to the receiving core.
+
+use bytes::BytesMut;
+
+use super::cluster::{Ev, Sim};
+use super::data::{self, SECTOR};
+use super::model::Kind;
+use super::net::Step;
+use crate::core::{Action, Event};
+use crate::peer::{Decoder, Message, WriteKind, DEFAULT_MAX_PAYLOAD};
+
+impl Sim {
+    pub fn dispatch(&mut self, n: usize, actions: Vec<Action>) {
+        for a in actions {
+            self.mix(n as u64 + 1);
+            match a {
+                Action::Disk { id, op } => {
+                    self.trace_line(Some(n), || format!("disk {id}: {}", super::trace::disk_op(&op)));
+                    let now = self.now();
+                    let (sid, delay) = self.nodes[n].disk.submit(id, op, now, &mut self.rng_disk);
+                    let inc = self.nodes[n].inc;
+                    self.world.after(delay, Ev::DiskDone { node: n, inc, op: sid });
+                }
+                Action::Reply { conn, cookie, result } => self.on_reply(n, conn, cookie, result),
+                Action::Send(m) => self.on_send(n, m),
+                Action::Persist { id, write } => {
+                    self.trace_line(Some(n), || format!("persist {id}: {}", super::trace::meta_write(&write)));
+                    if self.nodes[n].meta.push(id, write) {
+                        let d = self.rng_disk.range(100, 3_000);
+                        let inc = self.nodes[n].inc;
+                        self.world.after(d, Ev::MetaDone { node: n, inc });
+                    }
+                }
+                Action::Connect => {
+                    self.trace_line(Some(n), || "wants the peer link".into());
+                    self.nodes[n].want_link = true;
+                }
+                Action::DropPeer { reason, reconnect } => {
+                    self.trace_line(Some(n), || format!("drops the peer link (reconnect {reconnect}): {reason}"));
+                    self.nodes[n].want_link = reconnect;
+                    self.nodes[n].link_gen += 1;
+                    for id in self.net.ids() {
+                        if !self.net.links[&id].closed[n] {
+                            self.net.close(id, n);
+                        }
+                    }
+                    self.wake_links();
+                }
+                Action::AdminReply { id, result } => {
+                    self.trace_line(Some(n), || format!("admin {id} -> {result:?}"));
+                }
+                Action::Notify(v) => self.on_notify(n, v),
+                Action::SplitBrainHandler => self.trace_line(Some(n), || "runs the split-brain handler".into()),
+            }
+        }
+    }
+
+    /// The simulator's write id for an application write node `n` mirrors.
+    fn mirrored_write(&mut self, n: usize, offset: u64, kind: &WriteKind) -> Option<u32> {
+        match kind {
+            WriteKind::Data(d) => {
+                let vals = match data::decode(d) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.violate("corrupt data sent", format!("{} mirrored a write at {offset} whose bytes are not ours: {e}", Sim::name(n)));
+                        return None;
+                    }
+                };
+                let id = vals.first().and_then(|v| data::write_of(*v))?;
+                let ok = self.model.rec(id).is_some_and(|w| w.node == n && w.first == offset / SECTOR && w.n == vals.len() as u64);
+                if !ok {
+                    self.violate("wrong data sent", format!("{} mirrored write {id} at {offset} with data that is not that write's", Sim::name(n)));
+                    return None;
+                }
+                Some(id)
+            }
+            WriteKind::Trim { len } | WriteKind::Zeroes { len, .. } => {
+                let want = if matches!(kind, WriteKind::Trim { .. }) { Kind::Trim } else { Kind::Zeroes };
+                let (first, count) = (offset / SECTOR, *len as u64 / SECTOR);
+                self.model.pending(n).iter().copied().find(|id| {
+                    let w = &self.model.writes[*id as usize];
+                    w.kind == want && w.first == first && w.n == count && w.mirror.is_none()
+                })
+            }
+        }
+    }
+
+    fn on_send(&mut self, n: usize, m: Message) {
+        self.trace_line(Some(n), || format!("send {}", super::trace::message(&m)));
+        let Some(link) = self.net.active_link(n) else {
+            self.trace_line(Some(n), || "  (no link: dropped)".into());
+            return;
+        };
+        match &m {
+            Message::BitmapChunk { words, last, .. } => {
+                let d = &mut self.net.links.get_mut(&link).expect("active link").dirs[n];
+                if !d.bitmap_done {
+                    d.bitmap.extend_from_slice(words);
+                    d.bitmap_done = *last;
+                }
+            }
+            Message::Write { seq, offset, kind, resync: false, .. } => {
+                if let Some(id) = self.mirrored_write(n, *offset, kind) {
+                    self.model.writes[id as usize].mirror = Some((link, *seq));
+                    self.net.links.get_mut(&link).expect("active link").dirs[n].writes.insert(*seq, id);
+                }
+            }
+            Message::WriteAck { seq, error: 0 } => {
+                let id = self.net.links[&link].dirs[1 - n].writes.get(seq).copied();
+                if let Some(id) = id {
+                    self.check_peer_has_write(n, id);
+                }
+            }
+            _ => {}
+        }
+        let now = self.now();
+        if let Some(t) = self.net.push(link, n, m, now, &mut self.rng_net) {
+            self.world.at(t, Ev::Deliver { link, dir: n });
+        }
+    }
+
+    /// The next delivery on direction `dir` (from node `dir`) of `link`.
+    pub fn deliver(&mut self, link: u64, dir: usize) {
+        let now = self.now();
+        let to = 1 - dir;
+        match self.net.pop(link, dir, now) {
+            Step::Nothing => {}
+            Step::Eof => {
+                let l = &self.net.links[&link];
+                if !l.closed[to] {
+                    let was_active = l.active[to];
+                    self.net.close(link, to);
+                    if was_active {
+                        self.nodes[to].link_gen += 1;
+                        self.trace_line(Some(to), || format!("link {link}: the peer closed the connection"));
+                        self.run_core(to, |c| c.handle(Event::PeerDown { reason: "the peer closed the connection".into() }));
+                    }
+                    self.wake_links();
+                }
+            }
+            Step::Msg(m, corrupt) => {
+                if corrupt {
+                    self.deliver_corrupt(link, to, &m);
+                } else {
+                    self.round_trip(&m);
+                    self.deliver_msg(link, to, m);
+                }
+            }
+        }
+        if let Some(t) = self.net.wake(link, dir, self.now()) {
+            self.world.at(t, Ev::Deliver { link, dir });
+        }
+    }
+
+    /// Every message goes through the real codec once, as on the wire.
+    fn round_trip(&mut self, m: &Message) {
+        let mut buf = BytesMut::new();
+        crate::peer::encode(m, &mut buf);
+        match Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut buf) {
+            Ok(Some(back)) if &back == m && buf.is_empty() => {}
+            other => self.violate("codec", format!("{} does not survive encode/decode: {other:?}", super::trace::message(m))),
+        }
+    }
+
+    /// A frame with a flipped bit reaches node `to`: its decoder must refuse it.
+    fn deliver_corrupt(&mut self, link: u64, to: usize, m: &Message) {
+        let mut buf = BytesMut::new();
+        crate::peer::encode(m, &mut buf);
+        let bit = self.rng_net.below(buf.len() as u64 * 8) as usize;
+        buf[bit / 8] ^= 1 << (bit % 8);
+        self.net.corrupted += 1;
+        let reason = match Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut buf) {
+            Ok(Some(back)) => {
+                self.violate(
+                    "corruption accepted",
+                    format!("a {} with bit {bit} flipped decoded as {}", super::trace::message(m), super::trace::message(&back)),
+                );
+                return;
+            }
+            // A longer length field: the reader waits for bytes that belong to
+            // later frames, whose CRC then fails.
+            Ok(None) => "bad message from the peer: framing lost".to_string(),
+            Err(e) => format!("bad message from the peer: {e}"),
+        };
+        self.trace_line(Some(to), || format!("link {link}: corrupted {} refused: {reason}", super::trace::message(m)));
+        let was_active = self.net.links[&link].active[to];
+        self.net.close(link, to);
+        if was_active {
+            self.nodes[to].link_gen += 1;
+            self.run_core(to, |c| c.handle(Event::PeerDown { reason }));
+        }
+        self.wake_links();
+    }
+
+    fn deliver_msg(&mut self, link: u64, to: usize, m: Message) {
+        if !self.alive(to) || self.net.links[&link].closed[to] {
+            return;
+        }
+        self.trace_line(Some(to), || format!("recv {}", super::trace::message(&m)));
+        if let Message::Hello(h) = m {
+            self.net.links.get_mut(&link).expect("link").active[to] = true;
+            self.nodes[to].link_gen += 1;
+            self.run_core(to, |c| c.handle(Event::PeerUp { hello: h }));
+            return;
+        }
+        if !self.net.links[&link].active[to] {
+            return;
+        }
+        match &m {
+            Message::BitmapChunk { last: true, .. } => {
+                if let Some(c) = self.nodes[to].core.as_ref() {
+                    self.nodes[to].bitmap_before = c.bitmap_words().to_vec();
+                }
+            }
+            Message::WriteAck { seq, error } => {
+                if let Some(id) = self.net.links[&link].dirs[to].writes.get(seq).copied() {
+                    self.model.writes[id as usize].peer_ack = Some(*error);
+                }
+            }
+            Message::RecvAck { seq } => {
+                if let Some(id) = self.net.links[&link].dirs[to].writes.get(seq).copied() {
+                    self.model.writes[id as usize].recv_acked = true;
+                }
+            }
+            _ => {}
+        }
+        self.run_core(to, |c| c.handle(Event::PeerMsg(m)));
+    }
+
+    fn on_notify(&mut self, n: usize, v: serde_json::Value) {
+        let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("").to_string();
+        self.trace_line(Some(n), || format!("event {v}"));
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        match event.as_str() {
+            "sync-decision" => {
+                self.stats.decisions += 1;
+                let d = s("decision");
+                self.on_decision(n, &d, false);
+            }
+            "split-brain" => self.stats.split_brains += 1,
+            "split-brain-resolved" => {
+                let d = s("decision");
+                self.on_decision(n, &d, true);
+            }
+            "forced-up-to-date" => {
+                self.rebase(n, "primary --force");
+            }
+            "verify-finished" => {
+                if s("role") == "source" {
+                    self.nodes[n].last_verify = v.get("differing_blocks").and_then(|x| x.as_u64());
+                }
+            }
+            "disk-failed" => {
+                let now = self.now();
+                self.nodes[n].failed_since.get_or_insert(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// The data of every block is now what node `source`'s disk holds.
+    pub fn rebase(&mut self, source: usize, why: &str) {
+        self.stats.rebases += 1;
+        self.trace_line(Some(source), || format!("model rebased on this disk ({why})"));
+        let step = self.next_step();
+        self.model.rebase(&self.nodes[source].disk, source, step);
+    }
+}

@@ -1,0 +1,360 @@
+//! The model of acknowledged data: for every sector, which values a read may
+//! return, from the history of the writes the clients issued and the replies
+//! they got.
+//!
+//! Time here is the simulator's step counter (every event has its own step, so
+//! "before" is strict). A write W *supersedes* an earlier write V when W was
+//! issued after V's reply. A read that starts at step `t` may return the value
+//! of any write issued before the read ended that is not superseded by a write
+//! acknowledged (successfully, and certainly still there) before `t`. Writes
+//! that were concurrent therefore all stay acceptable, and a write whose reply
+//! was an error may or may not have landed.
+//!
+//! Crashes: a write is *durable* once it was FUA, or a flush issued after its
+//! reply succeeded on the node that acknowledged it. When that node loses
+//! power, its acknowledged writes that were not durable become *uncertain*:
+//! they may be gone, so they no longer supersede anything.
+//!
+//! Justified data loss (a split brain resolved by policy or by the operator,
+//! `invalidate`, `primary --force`) *rebases* the model on the surviving
+//! disk's contents.
+
+use super::data::value_of;
+use super::disk::SimDisk;
+
+pub const NOT_DONE: u64 = u64::MAX;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Write,
+    Trim,
+    Zeroes,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteRec {
+    pub node: usize,
+    pub first: u64,
+    pub n: u64,
+    pub kind: Kind,
+    pub fua: bool,
+    pub issue: u64,
+    /// Step of the reply (or of the crash that ended it).
+    pub done: u64,
+    pub ok: bool,
+    pub durable: bool,
+    pub uncertain: bool,
+    /// Link and seq it was mirrored with.
+    pub mirror: Option<(u64, u64)>,
+    pub recv_acked: bool,
+    pub peer_ack: Option<u32>,
+    /// The issuing node's link generation if it replicated when the write was issued.
+    pub replicating_at_issue: Option<u64>,
+    /// The acknowledging node's own disk was not up to date: the peer held the only good copy.
+    pub peer_only: bool,
+}
+
+impl WriteRec {
+    pub fn value(&self, id: u32, s: u64) -> u64 {
+        match self.kind {
+            Kind::Write => value_of(id, s),
+            Kind::Trim | Kind::Zeroes => 0,
+        }
+    }
+
+    pub fn sectors(&self) -> std::ops::Range<u64> {
+        self.first..self.first + self.n
+    }
+}
+
+#[derive(Debug)]
+pub struct Model {
+    /// Index = write id (0 unused).
+    pub writes: Vec<WriteRec>,
+    hist: Vec<Vec<u32>>,
+    /// Per sector: values of the base (the last is what the base disk showed; the
+    /// others are what it could fall back to on power loss), or None once superseded.
+    base: Vec<Option<Vec<u64>>>,
+    base_t: u64,
+    /// The node whose disk the base was taken from (None: the initial contents).
+    base_node: Option<usize>,
+    base_durable: bool,
+    base_uncertain: bool,
+    /// Acknowledged, not yet durable writes, per acknowledging node.
+    nondurable: [Vec<u32>; 2],
+    /// Writes not replied yet, per node.
+    pending: [Vec<u32>; 2],
+    /// Durable writes whose superseded history can be forgotten once no read
+    /// that started before their reply is in flight.
+    prunable: Vec<u32>,
+}
+
+impl Model {
+    pub fn new(initial: &[u64]) -> Model {
+        Model {
+            writes: vec![WriteRec {
+                node: 0,
+                first: 0,
+                n: 0,
+                kind: Kind::Write,
+                fua: false,
+                issue: 0,
+                done: 0,
+                ok: false,
+                durable: true,
+                uncertain: false,
+                mirror: None,
+                recv_acked: false,
+                peer_ack: None,
+                replicating_at_issue: None,
+                peer_only: false,
+            }],
+            hist: vec![Vec::new(); initial.len()],
+            base: initial.iter().map(|v| Some(vec![*v])).collect(),
+            base_t: 0,
+            base_node: None,
+            base_durable: true,
+            base_uncertain: false,
+            nondurable: [Vec::new(), Vec::new()],
+            pending: [Vec::new(), Vec::new()],
+            prunable: Vec::new(),
+        }
+    }
+
+    pub fn rec(&self, id: u32) -> Option<&WriteRec> {
+        if id == 0 {
+            return None;
+        }
+        self.writes.get(id as usize)
+    }
+
+    pub fn issue(&mut self, node: usize, first: u64, n: u64, kind: Kind, fua: bool, step: u64) -> u32 {
+        let id = self.writes.len() as u32;
+        self.writes.push(WriteRec {
+            node,
+            first,
+            n,
+            kind,
+            fua,
+            issue: step,
+            done: NOT_DONE,
+            ok: false,
+            durable: false,
+            uncertain: false,
+            mirror: None,
+            recv_acked: false,
+            peer_ack: None,
+            replicating_at_issue: None,
+            peer_only: false,
+        });
+        for s in first..first + n {
+            self.hist[s as usize].push(id);
+        }
+        self.pending[node].push(id);
+        id
+    }
+
+    /// The client got its reply.
+    pub fn reply(&mut self, id: u32, ok: bool, step: u64) {
+        let node = self.writes[id as usize].node;
+        self.pending[node].retain(|w| *w != id);
+        let w = &mut self.writes[id as usize];
+        w.done = step;
+        w.ok = ok;
+        // A write a justified loss may have discarded promises nothing.
+        if ok && !w.uncertain {
+            if w.fua {
+                self.make_durable(id);
+            } else {
+                self.nondurable[node].push(id);
+            }
+        }
+    }
+
+    /// Acknowledged, not yet durable writes of `node` replied before `step`.
+    pub fn nondurable_before(&self, node: usize, step: u64) -> Vec<u32> {
+        self.nondurable[node].iter().copied().filter(|w| self.writes[*w as usize].done < step).collect()
+    }
+
+    /// A flush issued at `issue` succeeded on `node`.
+    pub fn flushed(&mut self, node: usize, issue: u64) {
+        for id in self.nondurable_before(node, issue) {
+            self.make_durable(id);
+        }
+        if self.base_node == Some(node) && self.base_t < issue {
+            self.base_durable = true;
+        }
+    }
+
+    fn make_durable(&mut self, id: u32) {
+        let node = self.writes[id as usize].node;
+        self.nondurable[node].retain(|w| *w != id);
+        let w = &mut self.writes[id as usize];
+        w.durable = true;
+        if !w.uncertain {
+            self.prunable.push(id);
+        }
+    }
+
+    /// Forgets history no read can return any more: what durable writes
+    /// superseded, once every read in flight started after their reply.
+    pub fn prune(&mut self, oldest_read_start: u64) {
+        let ids = std::mem::take(&mut self.prunable);
+        for id in ids {
+            let w = &self.writes[id as usize];
+            if w.done >= oldest_read_start || w.uncertain {
+                if !w.uncertain {
+                    self.prunable.push(id);
+                }
+                continue;
+            }
+            let (issue, sectors) = (w.issue, w.sectors());
+            for s in sectors {
+                let writes = &self.writes;
+                self.hist[s as usize].retain(|v| writes[*v as usize].done >= issue);
+                if self.base_t < issue {
+                    self.base[s as usize] = None;
+                }
+            }
+        }
+    }
+
+    /// Node `node` crashed (or stopped) at `step`; with `lose_unflushed` the writes
+    /// it acknowledged that were not durable may be gone.
+    pub fn crash(&mut self, node: usize, step: u64, lose_unflushed: bool) {
+        for id in std::mem::take(&mut self.pending[node]) {
+            let w = &mut self.writes[id as usize];
+            w.done = step;
+            w.ok = false;
+        }
+        if lose_unflushed {
+            for id in std::mem::take(&mut self.nondurable[node]) {
+                self.writes[id as usize].uncertain = true;
+            }
+            // The other node's writes whose only good copy was here.
+            let other = 1 - node;
+            let (lost, kept): (Vec<u32>, Vec<u32>) =
+                self.nondurable[other].iter().partition(|id| self.writes[**id as usize].peer_only);
+            self.nondurable[other] = kept;
+            for id in lost {
+                self.writes[id as usize].uncertain = true;
+            }
+            if self.base_node == Some(node) && !self.base_durable {
+                self.base_uncertain = true;
+            }
+        }
+    }
+
+    /// The values a read of sector `s` that ran from `start` to `end` may return.
+    pub fn acceptable(&self, s: u64, start: u64, end: u64) -> Vec<u64> {
+        let hist = &self.hist[s as usize];
+        let mut sup = 0;
+        for id in hist {
+            let w = &self.writes[*id as usize];
+            if w.ok && w.done < start && !w.uncertain {
+                sup = sup.max(w.issue);
+            }
+        }
+        let mut out = Vec::new();
+        if let Some(base) = &self.base[s as usize] {
+            if sup <= self.base_t {
+                if self.base_uncertain {
+                    out.extend(base.iter().copied());
+                } else if let Some(v) = base.last() {
+                    out.push(*v);
+                }
+            }
+        }
+        for id in hist {
+            let w = &self.writes[*id as usize];
+            if w.issue < end && w.done >= sup {
+                out.push(w.value(*id, s));
+            }
+        }
+        out
+    }
+
+    /// Whether a write older than W (replied before W was issued) is what `v` is.
+    pub fn older_than(&self, v: u64, w: &WriteRec) -> bool {
+        match super::data::write_of(v) {
+            Some(id) => self.rec(id).is_some_and(|r| r.done < w.issue),
+            None => v != 0,
+        }
+    }
+
+    /// The data of every sector is now what `disk` (of `node`) holds: a justified
+    /// loss of the other disk's data. Writes still in flight stay possible; the
+    /// other node's become uncertain.
+    pub fn rebase(&mut self, disk: &SimDisk, node: usize, step: u64) {
+        // The discarded side's writes still in flight may or may not survive.
+        for id in self.pending[1 - node].clone() {
+            self.writes[id as usize].uncertain = true;
+        }
+        for s in 0..self.hist.len() as u64 {
+            let mut vals = disk.possible_after_power_loss(s);
+            vals.dedup();
+            // The last one is what the disk shows now.
+            let now = disk.view(s);
+            vals.retain(|v| *v != now);
+            vals.push(now);
+            self.base[s as usize] = Some(vals);
+            let writes = &self.writes;
+            self.hist[s as usize].retain(|w| writes[*w as usize].done == NOT_DONE);
+        }
+        self.base_t = step;
+        self.base_node = Some(node);
+        self.base_durable = false;
+        self.base_uncertain = false;
+        self.nondurable = [Vec::new(), Vec::new()];
+        self.prunable.clear();
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.hist.len() as u64
+    }
+
+    pub fn pending(&self, node: usize) -> &[u32] {
+        &self.pending[node]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superseding_concurrency_and_crash() {
+        let mut m = Model::new(&[0; 4]);
+        let a = m.issue(0, 1, 1, Kind::Write, false, 10);
+        m.reply(a, true, 11);
+        // Read after a's reply: only a.
+        assert_eq!(m.acceptable(1, 12, 13), vec![value_of(a, 1)]);
+        // A read that started before the reply may see the old zero.
+        assert_eq!(m.acceptable(1, 10, 13), vec![0, value_of(a, 1)]);
+        // Concurrent b and c: both stay acceptable.
+        let b = m.issue(0, 1, 1, Kind::Write, false, 20);
+        let c = m.issue(1, 1, 1, Kind::Write, false, 21);
+        m.reply(b, true, 22);
+        m.reply(c, true, 23);
+        assert_eq!(m.acceptable(1, 30, 31), vec![value_of(b, 1), value_of(c, 1)]);
+        // Power loss of node 0 before a flush: b is uncertain now, but c (node 1's,
+        // issued after a's reply) still keeps a out.
+        m.crash(0, 40, true);
+        assert_eq!(m.acceptable(1, 41, 42), vec![value_of(b, 1), value_of(c, 1)]);
+        // On a sector only node 0 wrote, the crash brings the old value back.
+        let e = m.issue(0, 2, 1, Kind::Write, false, 43);
+        m.reply(e, true, 44);
+        m.crash(0, 45, true);
+        assert_eq!(m.acceptable(2, 46, 47), vec![0, value_of(e, 2)]);
+        // A durable write after everything wins for good.
+        let d = m.issue(1, 1, 1, Kind::Zeroes, true, 50);
+        m.reply(d, true, 51);
+        // A read that started before d's reply may still see c.
+        m.prune(45);
+        assert!(m.acceptable(1, 45, 52).contains(&value_of(c, 1)));
+        m.prune(u64::MAX);
+        m.crash(1, 60, true);
+        assert_eq!(m.acceptable(1, 61, 62), vec![0]);
+        assert!(m.older_than(value_of(a, 1), &m.writes[d as usize].clone()));
+    }
+}

@@ -1,0 +1,199 @@
+//! The clients: NBD connections that come and go on either node (which makes
+//! the roles change through auto-promote, or through `primary`/`secondary`
+//! when it is off), each with requests in flight: reads, writes (some FUA),
+//! trims, write-zeroes and flushes, mostly on a small hot area so that they
+//! overlap.
+
+use super::cluster::{Client, Ev, Phase, Req, ReqKind, Sim};
+use super::data::{self, SECTOR};
+use super::model::Kind;
+use crate::core::{AdminCmd, ConnId, Event, IoRequest, Role};
+
+impl Sim {
+    fn workload_on(&self) -> bool {
+        matches!(self.phase, Phase::Faults | Phase::Calm)
+    }
+
+    pub fn workload_tick(&mut self) {
+        if !self.workload_on() {
+            return;
+        }
+        if self.rng_work.chance(0.03) {
+            self.favourite = 1 - self.favourite;
+        }
+        for n in 0..2 {
+            if !self.alive(n) || self.nodes[n].stopping.is_some() || !self.nodes[n].clients.is_empty() {
+                continue;
+            }
+            let p = if self.sc.two_primaries || n == self.favourite { 0.4 } else { 0.08 };
+            if self.rng_work.chance(p) {
+                self.start_client(n);
+            }
+        }
+        let gap = self.rng_work.range(50_000, 500_000);
+        self.world.after(gap, Ev::Workload);
+    }
+
+    fn start_client(&mut self, n: usize) {
+        if !self.sc.auto_promote && self.role(n) != Some(Role::Primary) {
+            self.admin(n, AdminCmd::Primary { force: false });
+        }
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let r = self.run_core(n, |c| c.attach_client(conn));
+        match r {
+            Some(Ok(())) => {
+                let close_at = self.now() + self.rng_work.range(300_000, 6_000_000);
+                self.nodes[n].clients.insert(conn, Client { close_at, ..Default::default() });
+                self.trace_line(Some(n), || format!("client {conn} attached"));
+                let inc = self.nodes[n].inc;
+                self.world.after(1_000, Ev::Client { node: n, inc, conn });
+            }
+            Some(Err(e)) => self.trace_line(Some(n), || format!("client {conn} refused: {e}")),
+            None => {}
+        }
+    }
+
+    pub fn client_step(&mut self, n: usize, conn: ConnId) {
+        let now = self.now();
+        let on = self.workload_on() && self.nodes[n].stopping.is_none();
+        let Some(c) = self.nodes[n].clients.get_mut(&conn) else { return };
+        if !on || now >= c.close_at {
+            c.closing = true;
+        }
+        let inc = self.nodes[n].inc;
+        if c.closing {
+            if c.inflight.is_empty() {
+                self.nodes[n].clients.remove(&conn);
+                self.trace_line(Some(n), || format!("client {conn} detaches"));
+                self.run_core(n, |core| core.detach_client(conn));
+                if !self.sc.auto_promote && self.nodes[n].clients.is_empty() {
+                    self.admin(n, AdminCmd::Secondary);
+                }
+            } else {
+                self.world.after(5_000, Ev::Client { node: n, inc, conn });
+            }
+            return;
+        }
+        if c.inflight.len() < self.sc.queue_depth {
+            self.issue_request(n, conn, None);
+        }
+        let mean = self.sc.request_gap_us;
+        let gap = self.rng_work.range(mean / 4, mean * 2);
+        self.world.after(gap, Ev::Client { node: n, inc, conn });
+    }
+
+    /// Where the next request goes: `(first sector, sectors)`.
+    fn pick_range(&mut self) -> (u64, u64) {
+        let sectors = self.model.sectors();
+        let r = &mut self.rng_work;
+        let len = match r.below(20) {
+            0 => r.range(64, 256),
+            1..=5 => r.range(8, 64),
+            _ => r.range(1, 8),
+        };
+        let extents = sectors / 8192;
+        let first = match r.below(10) {
+            0..=4 => r.below(256),
+            5 | 6 if extents > 0 => (r.range(1, extents) * 8192).saturating_sub(64) + r.below(128),
+            _ => r.below(sectors),
+        };
+        let first = first.min(sectors - 1);
+        (first, len.min(sectors - first))
+    }
+
+    pub fn issue_request(&mut self, n: usize, conn: ConnId, roll: Option<u64>) {
+        let (first, count) = self.pick_range();
+        let (offset, len) = (first * SECTOR, count * SECTOR);
+        let replicating = self.replicating(n);
+        // A connected pair: both ends hold the same live link (not one end that
+        // has not noticed yet that the other restarted).
+        let paired = replicating && self.net.active_link(n).is_some() && self.net.active_link(n) == self.net.active_link(1 - n);
+        let gen = self.nodes[n].link_gen;
+        let step = self.next_step();
+        let roll = roll.unwrap_or_else(|| self.rng_work.below(100));
+        let (kind, req) = match roll {
+            0..=34 => (ReqKind::Read { first, n: count, linear: paired, gen }, IoRequest::Read { offset, len: len as u32 }),
+            35..=74 => {
+                let fua = self.rng_work.chance(0.2);
+                let id = self.model.issue(n, first, count, Kind::Write, fua, step);
+                let vals: Vec<u64> = (first..first + count).map(|s| data::value_of(id, s)).collect();
+                (ReqKind::Write(id), IoRequest::Write { offset, data: data::encode(&vals), fua })
+            }
+            75..=84 => {
+                let peer_errors = self.nodes[1 - n].disk.errors;
+                (ReqKind::Flush { gen: replicating.then_some(gen), peer_errors }, IoRequest::Flush)
+            }
+            85..=89 => {
+                let id = self.model.issue(n, first, count, Kind::Trim, false, step);
+                (ReqKind::Write(id), IoRequest::Trim { offset, len: len as u32 })
+            }
+            _ => {
+                let id = self.model.issue(n, first, count, Kind::Zeroes, false, step);
+                (ReqKind::Write(id), IoRequest::WriteZeroes { offset, len: len as u32, may_trim: self.rng_work.chance(0.5) })
+            }
+        };
+        let Some(c) = self.nodes[n].clients.get_mut(&conn) else { return };
+        let cookie = c.next_cookie;
+        c.next_cookie += 1;
+        let issued_us = self.world.now;
+        c.inflight.insert(cookie, Req { kind: kind.clone(), issue: step, issued_us });
+        self.stats.requests += 1;
+        self.trace_line(Some(n), || format!("request {conn}/{cookie}: {} ({kind:?})", super::trace::io_request(&req)));
+        self.run_core(n, |core| core.handle(Event::Request { conn, cookie, req }));
+        if let ReqKind::Write(id) = kind {
+            self.model.writes[id as usize].replicating_at_issue = replicating.then_some(gen);
+        }
+    }
+
+    pub fn on_reply(&mut self, n: usize, conn: ConnId, cookie: u64, result: Result<Option<bytes::Bytes>, u32>) {
+        let Some(c) = self.nodes[n].clients.get_mut(&conn) else {
+            if conn >= self.next_conn {
+                self.violate("reply to nobody", format!("{} replied on unknown connection {conn}", Sim::name(n)));
+            }
+            return;
+        };
+        let Some(req) = c.inflight.remove(&cookie) else {
+            self.violate("duplicate reply", format!("{} replied twice (or unasked) to {conn}/{cookie}", Sim::name(n)));
+            return;
+        };
+        let step = self.next_step();
+        self.stats.replies += 1;
+        self.trace_line(Some(n), || {
+            let r = match &result {
+                Ok(Some(d)) => format!("ok, {} bytes", d.len()),
+                Ok(None) => "ok".into(),
+                Err(e) => format!("error {e}"),
+            };
+            format!("reply {conn}/{cookie}: {r}")
+        });
+        match req.kind {
+            ReqKind::Read { first, n: count, linear, gen } => match result {
+                Ok(Some(data)) => {
+                    let paired = self.net.active_link(n).is_some() && self.net.active_link(n) == self.net.active_link(1 - n);
+                    let linear = linear && gen == self.nodes[n].link_gen && self.replicating(n) && paired;
+                    self.check_read(n, first, count, &data, linear, req.issue);
+                }
+                Ok(None) => self.violate("read without data", format!("{} answered a read with no data", Sim::name(n))),
+                Err(_) => {}
+            },
+            ReqKind::Write(id) => {
+                let w = &self.model.writes[id as usize];
+                let same_link = w.replicating_at_issue == Some(self.nodes[n].link_gen) && self.replicating(n);
+                if result.is_ok() && same_link && w.mirror.is_none() {
+                    self.violate("not mirrored", format!("{} acknowledged write {id} without sending it to the peer it replicated to", Sim::name(n)));
+                    return;
+                }
+                self.check_write_reply(n, id, result.is_ok());
+                let own_good = self.nodes[n].core.as_ref().is_some_and(|c| c.disk_state() == crate::core::DiskState::UpToDate);
+                self.model.writes[id as usize].peer_only = !own_good;
+                self.model.reply(id, result.is_ok(), step);
+            }
+            ReqKind::Flush { gen, peer_errors } => {
+                if result.is_ok() {
+                    self.check_flush(n, req.issue, gen, peer_errors);
+                }
+            }
+        }
+    }
+}
