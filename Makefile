@@ -73,3 +73,20 @@ fuzz:
 
 # vm-smoke / vm-test (written separately; absent is fine).
 -include vm-images/vm.mk
+
+# The deterministic simulator (src/sim, mirror-sim): SEEDS seeds (default 1000),
+# release build with debug assertions and overflow checks on, in its own target
+# dir so `make build` is not rebuilt. A failing seed prints its replay command.
+SEEDS ?= 1000
+SIM_BIN := target/sim/release/mirror-sim
+SIM_BUILD := CARGO_TARGET_DIR=target/sim CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true \
+	CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true $(CARGO) build --release --bin mirror-sim
+
+.PHONY: sim sim-long
+sim:
+	$(SIM_BUILD)
+	$(SIM_BIN) --seeds $(SEEDS)
+
+sim-long:
+	$(SIM_BUILD)
+	$(SIM_BIN) --seeds 100000

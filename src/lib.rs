@@ -8,10 +8,10 @@
 //! - `config`: TOML to typed, validated settings.
 
 pub mod config;
+pub mod core;
 pub mod ctl;
 pub mod daemon;
 pub mod nbd;
 pub mod peer;
-pub mod storage;
-pub mod core;
 pub mod sim;
+pub mod storage;

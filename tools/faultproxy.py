@@ -58,12 +58,20 @@ def main():
     print("listening", flush=True)
     flag = {"done": False}
     lock = threading.Lock()
-    for n in range(args.max_connections):
+    served = 0
+    for _ in range(args.max_connections):
         a, _ = ls.accept()
-        b = socket.create_connection(("127.0.0.1", args.target_port))
+        try:
+            b = socket.create_connection(("127.0.0.1", args.target_port), timeout=5)
+            b.settimeout(None)
+        except OSError:
+            # Target not up yet: refuse this one, keep serving.
+            a.close()
+            continue
         for s in (a, b):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        first = n == 0
+        first = served == 0
+        served += 1
         c_a2b = args.corrupt_at if first and args.direction == "a2b" else None
         c_b2a = args.corrupt_at if first and args.direction == "b2a" else None
         threading.Thread(target=pump, args=(a, b, c_a2b, flag, lock), daemon=True).start()

@@ -21,9 +21,13 @@
 #   --name ID         UML instance id (default vm-PID)
 #   --append ARG      extra kernel command line word (e.g. vm.node=alpha), repeatable;
 #                     the guest test reads it from /proc/cmdline
+#   --pid-file FILE   write the host PID of the UML kernel process there once it
+#                     runs (for a test that powers the guest off abruptly with
+#                     SIGKILL); a guest killed that way exits 137 here
 #
 # Exit status: the test's own exit status from DIR/rc when the guest
-# finished in time; 124 on timeout; 125 when the guest produced no rc.
+# finished in time; 124 on timeout; 137 when the UML process was killed
+# (--pid-file user, or timeout's -k); 125 when the guest produced no rc.
 # The root image is never written: each run gets a fresh copy-on-write file.
 #
 # Runner choice: UML boots in about 2 s and costs about 150 MB per guest;
@@ -32,7 +36,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-share='' test='' image='' mode=systemd mem=768M tmo=300 console='' name="vm-$$"
+share='' test='' image='' mode=systemd mem=768M tmo=300 console='' name="vm-$$" pidfile=''
 disks=() taps=() extra=()
 
 die() { echo "run-guest: error: $*" >&2; exit 2; }
@@ -49,6 +53,7 @@ while [ $# -gt 0 ]; do
         --console) console=$2; shift 2 ;;
         --name) name=$2; shift 2 ;;
         --append) extra+=("$2"); shift 2 ;;
+        --pid-file) pidfile=$2; shift 2 ;;
         *) die "unknown argument $1" ;;
     esac
 done
@@ -102,13 +107,28 @@ mem_mb=$(numfmt --from=iec "${mem%B}" 2>/dev/null | awk '{ printf "%d", $1 / 104
 shm_mb=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 { print $4 }')
 [ -n "$shm_mb" ] && [ -n "$mem_mb" ] && [ "$shm_mb" -gt "$((mem_mb + 256))" ] || memdir=$rundir
 TMPDIR=$memdir timeout -k 10 "$((tmo + 30))" linux.uml "${args[@]}" \
-    </dev/null >"$console" 2>&1
+    </dev/null >"$console" 2>&1 &
+tpid=$!
+if [ -n "$pidfile" ]; then
+    # UML writes its kernel process id to UML_DIR/UMID/pid early in boot.
+    rm -f "$pidfile"
+    for _ in $(seq 300); do
+        if [ -s "$rundir/$name/pid" ]; then cp "$rundir/$name/pid" "$pidfile"; break; fi
+        kill -0 "$tpid" 2>/dev/null || break
+        sleep 0.1
+    done
+fi
+wait "$tpid"
 uml_rc=$?
 set -e
 secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-if [ $uml_rc -eq 124 ] || [ $uml_rc -eq 137 ]; then
+if [ $uml_rc -eq 124 ]; then
     echo "run-guest: guest $name timed out after ${secs}s (console: $console)" >&2
     exit 124
+fi
+if [ $uml_rc -eq 137 ]; then
+    echo "run-guest: guest $name was killed (SIGKILL: power cut or timeout -k) after ${secs}s (console: $console)" >&2
+    exit 137
 fi
 if [ ! -f "$share/rc" ]; then
     echo "run-guest: guest $name exited ($uml_rc) after ${secs}s without a result (console: $console)" >&2

@@ -1,32 +1,58 @@
 #!/bin/bash
-# SKELETON (not in vm-test yet): two UML guests, alpha and beta, each with its
-# own 1 GiB disk, mirrord@r0 mirroring between them (dual primary), each
-# attaching /dev/nbd0 and mounting one OCFS2 file system; each guest writes a
-# file and reads the other's. Needs mirrord's peer link; until that works the
-# guests stop at the sync step and this script fails there.
+# make vm-two-host (part of make vm-test): two UML guests, alpha and beta, each
+# with its own 1 GiB disk, mirrord@r0 under systemd mirroring between them
+# (protocol C, allow-two-primaries), /dev/nbd0 attached on both
+# (nbd-attach@r0), an o2cb cluster of two nodes (local heartbeat) and one
+# OCFS2 file system mounted on both. The guests run tests/two-host-guest.sh:
+#
+#   initial sync (primary --force on alpha, wait-sync), mkfs.ocfs2 -N 2 once,
+#   mount on both; each reads the other's file; both write 40 files into one
+#   directory at the same time and see the same 80 files with the same sums;
+#   then this script kills beta's UML process (power cut) while alpha keeps
+#   writing; beta boots again on the same disk, mirrord resyncs, OCFS2 mounts,
+#   every file is there and equal; fsck.ocfs2 -fn on each node; clean stop.
+#
+# Afterwards the data areas of both disks (size_bytes of status --json; the
+# internal metadata behind it differs per node) must be byte-identical.
 #
 # Network: a namespace created here (ip netns), a bridge and one tap per guest
 # inside it; the guests use 10.99.0.1 and 10.99.0.2 on that bridge only. No
 # address outside the namespace is used. The namespace is deleted on exit.
 #
-# Environment: VM_TIMEOUT (per guest, default 420), VM_SMOKE_KEEP=1 keeps logs.
+# Environment: VM_TIMEOUT (alpha's limit, default 900 s), VM_KEEP=1 (or
+# VM_SMOKE_KEEP=1) keeps the work folder with all logs after a pass.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-fail() { echo "vm-two-host: FAIL: $*" >&2; echo "vm-two-host: logs in $work" >&2; exit 1; }
+say() { echo "vm-two-host: $(date +%H:%M:%S) $*"; }
+fail() {
+    say "FAIL: $*" >&2
+    [ -n "${work:-}" ] && say "logs in $work" >&2
+    exit 1
+}
 
 t_all=$(now)
+t=$(now)
 image=$("$here/build-image.sh")
+t_image=$(since "$t")
 mkdir -p "$repo/.cache/vm"
 work=$(mktemp -d "$repo/.cache/vm/two-host.XXXXXX")
 ns="nbdm-vm-$$"
+common=$work/common
+declare -A pids=()
 
+# Kill only the guests this script started (their run-guest.sh and the UML
+# kernel processes recorded in the pid files), then delete the namespace.
 cleanup() {
-    local pid
-    for pid in ${guest_pids:-}; do kill "$pid" 2>/dev/null || true; done
+    local k pid
+    for k in "${!pids[@]}"; do kill "${pids[$k]}" 2>/dev/null || true; done
+    for k in alpha beta-1 beta-2; do
+        pid=$(cat "$work/$k.pid" 2>/dev/null) || continue
+        kill -9 "$pid" 2>/dev/null || true
+    done
     wait 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
 }
@@ -43,8 +69,7 @@ for n in alpha beta; do
     ip -n "$ns" link set "tap-$n" up
 done
 
-# --- shared config and per-guest shares --------------------------------------
-common=$work/common
+# --- shared config ------------------------------------------------------------
 mkdir -p "$common"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$common/r0.secret"
 cat >"$common/r0.toml" <<'EOF'
@@ -72,35 +97,106 @@ address = "10.99.0.2:7789"
 disk = "/dev/ubdb"
 meta-disk = "internal"
 EOF
-cp "$here/tests/two-host-guest.sh" "$common/test.sh"
+truncate -s 1G "$work/alpha.img" "$work/beta.img"
 
-guest_pids=
-i=1
-for n in alpha beta; do
-    mkdir -p "$work/$n"
-    cp "$common/test.sh" "$work/$n/test.sh"
-    truncate -s 1G "$work/$n/disk0.img"
-    ip netns exec "$ns" "$here/run-guest.sh" --image "$image" --share "$work/$n" \
-        --test test.sh --disk "$work/$n/disk0.img" --tap "tap-$n,52:54:00:99:00:0$i" \
+# boot KEY NODE PHASE TIMEOUT: one guest in the background; KEY names its
+# share folder, logs and pid file.
+boot() {
+    local key=$1 n=$2 phase=$3 tmo=$4 i=1
+    [ "$n" = beta ] && i=2
+    mkdir -p "$work/$key"
+    cp "$here/tests/two-host-guest.sh" "$work/$key/test.sh"
+    ip netns exec "$ns" "$here/run-guest.sh" --image "$image" --share "$work/$key" \
+        --test test.sh --disk "$work/$n.img" --tap "tap-$n,52:54:00:99:00:0$i" \
         --append "vm.node=$n" --append "vm.common=$common" --append "vm.ip=10.99.0.$i/24" \
-        --mode systemd --mem 1024M --timeout "${VM_TIMEOUT:-420}" --name "vm-$n-$$" \
-        >"$work/$n.run.log" 2>&1 &
-    guest_pids="$guest_pids $!"
-    i=$((i + 1))
-done
+        --append "vm.phase=$phase" --pid-file "$work/$key.pid" \
+        --mode systemd --mem 768M --timeout "$tmo" --name "vm-$key-$$" \
+        >"$work/$key.run.log" 2>&1 &
+    pids[$key]=$!
+    say "booted $key ($n, phase $phase), run-guest pid ${pids[$key]}"
+}
+# finish KEY: wait for the guest's run-guest.sh; its exit status in $rc.
+finish() {
+    rc=0
+    wait "${pids[$1]}" || rc=$?
+    unset "pids[$1]"
+}
+# await FILE SECONDS: a marker in the common folder; fails early when a guest
+# reports a failure or alpha's run ended.
+await() {
+    local f=$1 secs=$2 i
+    for i in $(seq $((secs * 2))); do
+        [ -e "$common/$f" ] && return 0
+        ls "$common"/*.failed >/dev/null 2>&1 && fail "a guest failed while waiting for $f: $(ls "$common"/*.failed)"
+        kill -0 "${pids[alpha]}" 2>/dev/null || fail "alpha ended while waiting for $f"
+        sleep 0.5
+    done
+    fail "no $f after ${secs}s"
+}
+show() { local k; for k in "$@"; do echo "--- $k:"; cat "$work/$k/result" 2>/dev/null || true; done; }
+# Leftover processes of a guest (the UML kernel forks helpers with the same
+# command line): none may survive it.
+no_leftovers() {
+    local umid=$1 left
+    left=$(ps -eo pid=,args= | awk -v u="umid=$umid " 'index($0 " ", u) && !/awk/ { print $1 }')
+    [ -z "$left" ] || fail "processes of $umid still running: $left"
+}
 
-rcs=()
-for pid in $guest_pids; do
-    set +e; wait "$pid"; rcs+=($?); set -e
+# --- phase 1: both guests up, OCFS2 on both, concurrent writes ---------------------
+t_guests=$(now)
+boot alpha alpha first "${VM_TIMEOUT:-900}"
+boot beta-1 beta first 900
+await beta.crash-ready 600
+t_phase1=$(since "$t_guests")
+say "beta is ready for the power cut (phase 1 took ${t_phase1}s)"
+
+# --- power cut: SIGKILL beta's UML kernel while alpha writes -------------------------
+await alpha.writing 120
+sleep 2
+bpid=$(cat "$work/beta-1.pid") || fail "no pid file for beta-1"
+[[ $bpid =~ ^[0-9]+$ ]] || fail "bad pid file for beta-1"
+kill -9 "$bpid"
+now >"$common/host.beta-killed"
+say "killed beta's UML kernel (pid $bpid)"
+finish beta-1
+[ "$rc" -eq 137 ] || fail "beta-1 exited $rc, expected 137 (killed)"
+no_leftovers "vm-beta-1-$$"
+show beta-1
+grep -q '^ok conc-compare ' "$work/beta-1/result" || fail "beta's first boot did not pass its steps"
+
+await alpha.wrote-while-down 300
+say "alpha kept writing with beta down: $(cat "$work/alpha/write-pause.txt" 2>/dev/null)"
+
+# --- beta boots again on the same disk -------------------------------------------------
+t_rejoin=$(now)
+boot beta-2 beta rejoin 600
+finish beta-2
+rc_b=$rc
+t_rejoin=$(since "$t_rejoin")
+finish alpha
+rc_a=$rc
+t_guests=$(since "$t_guests")
+show alpha beta-2
+for k in alpha beta-2; do echo "--- $k run:"; cat "$work/$k.run.log"; done
+[ "$rc_a" -eq 0 ] || fail "alpha exited $rc_a"
+[ "$rc_b" -eq 0 ] || fail "beta's second boot exited $rc_b"
+grep -q '^TWO-HOST PASSED$' "$work/alpha/guest.log" || fail "alpha did not pass"
+grep -q '^TWO-HOST PASSED$' "$work/beta-2/guest.log" || fail "beta did not pass"
+for k in alpha beta-2; do
+    grep -q 'reboot: System halted\|reboot: Power down' "$work/$k/console.log" || fail "$k did not power off cleanly"
 done
-guest_pids=
-for n in alpha beta; do
-    echo "--- $n:"; cat "$work/$n/result" 2>/dev/null || true; cat "$work/$n.run.log"
-done
-[ "${rcs[0]}" -eq 0 ] || fail "alpha exited ${rcs[0]}"
-[ "${rcs[1]}" -eq 0 ] || fail "beta exited ${rcs[1]}"
-for n in alpha beta; do
-    grep -q '^TWO-HOST PASSED$' "$work/$n/guest.log" || fail "$n did not pass"
-done
-echo "vm-two-host: PASS (total $(since "$t_all")s)"
-if [ "${VM_SMOKE_KEEP:-0}" = 1 ]; then echo "vm-two-host: kept $work"; else rm -rf "$work"; fi
+no_leftovers "vm-alpha-$$"
+no_leftovers "vm-beta-2-$$"
+
+# --- both disks, compared from the host --------------------------------------------------
+t=$(now)
+size_a=$(jq -r .size_bytes "$common/alpha.status-final.json")
+size_b=$(jq -r .size_bytes "$common/beta.status-final.json")
+[[ $size_a =~ ^[0-9]+$ ]] && [ "$size_a" -gt 0 ] || fail "no size_bytes from alpha"
+[ "$size_a" = "$size_b" ] || fail "data sizes differ: alpha $size_a, beta $size_b"
+cmp -n "$size_a" "$work/alpha.img" "$work/beta.img" || fail "the data areas of the two disks differ"
+sum=$(head -c "$size_a" "$work/alpha.img" | sha256sum | cut -c1-16)
+say "data areas identical ($size_a bytes, sha256 $sum...; compared in $(since "$t")s)"
+
+say "PASS (image ${t_image}s, phase 1 ${t_phase1}s, beta rejoin ${t_rejoin}s, guests ${t_guests}s, total $(since "$t_all")s)"
+if [ "${VM_KEEP:-${VM_SMOKE_KEEP:-0}}" = 1 ]; then say "kept $work"; else rm -rf "$work"; fi

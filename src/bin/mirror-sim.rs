@@ -15,7 +15,10 @@ use nbd_mirror::core::Faults;
 use nbd_mirror::sim::{self, Options, Outcome};
 
 #[derive(Parser, Debug)]
-#[command(name = "mirror-sim", about = "Deterministic simulation of two nbd-mirror node cores under faults")]
+#[command(
+    name = "mirror-sim",
+    about = "Deterministic simulation of two nbd-mirror node cores under faults"
+)]
 struct Args {
     /// Number of seeds to run.
     #[arg(long, default_value_t = 100)]
@@ -45,12 +48,21 @@ fn main() {
     let mut faults = Faults::default();
     for f in &args.faults {
         if !sim::set_fault(&mut faults, f) {
-            eprintln!("mirror-sim: unknown fault `{f}` (known: {})", sim::FAULT_NAMES.join(", "));
+            eprintln!(
+                "mirror-sim: unknown fault `{f}` (known: {})",
+                sim::FAULT_NAMES.join(", ")
+            );
             std::process::exit(2);
         }
     }
-    let me = std::env::args().next().unwrap_or_else(|| "mirror-sim".into());
-    let fault_args: String = args.faults.iter().map(|f| format!(" --fault {f}")).collect();
+    let me = std::env::args()
+        .next()
+        .unwrap_or_else(|| "mirror-sim".into());
+    let fault_args: String = args
+        .faults
+        .iter()
+        .map(|f| format!(" --fault {f}"))
+        .collect();
     let (first, count) = match args.seed {
         Some(s) => (s, 1),
         None => (args.first, args.seeds),
@@ -59,7 +71,14 @@ fn main() {
     if !trace {
         sim::quiet_panics();
     }
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+    let threads = args
+        .threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
     let started = Instant::now();
     let next = AtomicU64::new(first);
     let results: Mutex<Vec<Outcome>> = Mutex::new(Vec::new());
@@ -102,7 +121,13 @@ fn main() {
         sbs += o.stats.split_brains;
         if let Some(v) = &o.violation {
             failed += 1;
-            println!("seed {} FAILED at {:.6} s: {}: {}", o.seed, v.time_us as f64 / 1e6, v.kind, v.detail);
+            println!(
+                "seed {} FAILED at {:.6} s: {}: {}",
+                o.seed,
+                v.time_us as f64 / 1e6,
+                v.kind,
+                v.detail
+            );
             println!("  replay: {me} --seed {}{fault_args} --trace", o.seed);
         }
     }

@@ -112,14 +112,18 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Fail> {
-    let s = config::load(&args.config, args.node.as_deref()).map_err(|e| Fail::Config(e.to_string()))?;
+    let s = config::load(&args.config, args.node.as_deref())
+        .map_err(|e| Fail::Config(e.to_string()))?;
     match args.cmd {
         Cmd::CheckConfig => {
             let v = serde_json::to_value(&s).map_err(|e| Fail::Op(e.to_string()))?;
             let mut v = v;
             if let Some(o) = v.as_object_mut() {
                 o.insert("node".into(), Value::String(s.node().name.clone()));
-                o.insert("control_socket".into(), Value::String(s.control_socket().display().to_string()));
+                o.insert(
+                    "control_socket".into(),
+                    Value::String(s.control_socket().display().to_string()),
+                );
             }
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(())
@@ -150,7 +154,11 @@ fn run(args: Args) -> Result<(), Fail> {
             loop {
                 line.clear();
                 match r.read_line(&mut line) {
-                    Ok(0) => return Err(Fail::Unreachable("the daemon closed the event stream".into())),
+                    Ok(0) => {
+                        return Err(Fail::Unreachable(
+                            "the daemon closed the event stream".into(),
+                        ))
+                    }
                     Ok(_) => {
                         let mut o = out.lock();
                         let _ = o.write_all(line.as_bytes());
@@ -165,7 +173,11 @@ fn run(args: Args) -> Result<(), Fail> {
         Cmd::Connect { discard_my_data } => simple(&s, CtlRequest::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&s, CtlRequest::Disconnect),
         Cmd::Invalidate => simple(&s, CtlRequest::Invalidate),
-        Cmd::Resync { full, checksum, wait } => {
+        Cmd::Resync {
+            full,
+            checksum,
+            wait,
+        } => {
             simple(&s, CtlRequest::Resync { full, checksum })?;
             if wait {
                 wait_progress(&s, false)?;
@@ -188,7 +200,10 @@ fn run(args: Args) -> Result<(), Fail> {
                     return Ok(());
                 }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(Fail::Op(format!("timed out after {timeout}s: {}", one_line(&st))));
+                    return Err(Fail::Op(format!(
+                        "timed out after {timeout}s: {}",
+                        one_line(&st)
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
@@ -200,7 +215,10 @@ fn in_sync(st: &Value) -> bool {
     let disk_ok = st["disk"] == "up-to-date";
     match st.get("peer") {
         Some(p) if !p.is_null() => {
-            disk_ok && p["connection"] == "connected" && p["replication"] == "established" && p["disk"] == "up-to-date"
+            disk_ok
+                && p["connection"] == "connected"
+                && p["replication"] == "established"
+                && p["disk"] == "up-to-date"
         }
         _ => disk_ok,
     }
@@ -220,20 +238,29 @@ fn one_line(st: &Value) -> String {
 
 fn connect(s: &Settings, req: &CtlRequest) -> Result<BufReader<UnixStream>, Fail> {
     let path = s.control_socket();
-    let mut sock = UnixStream::connect(&path)
-        .map_err(|e| Fail::Unreachable(format!("cannot reach mirrord for {} at {}: {e}", s.resource, path.display())))?;
+    let mut sock = UnixStream::connect(&path).map_err(|e| {
+        Fail::Unreachable(format!(
+            "cannot reach mirrord for {} at {}: {e}",
+            s.resource,
+            path.display()
+        ))
+    })?;
     let mut line = serde_json::to_string(req).map_err(|e| Fail::Op(e.to_string()))?;
     line.push('\n');
-    sock.write_all(line.as_bytes()).map_err(|e| Fail::Unreachable(format!("writing to {}: {e}", path.display())))?;
+    sock.write_all(line.as_bytes())
+        .map_err(|e| Fail::Unreachable(format!("writing to {}: {e}", path.display())))?;
     Ok(BufReader::new(sock))
 }
 
 fn request(s: &Settings, req: &CtlRequest) -> Result<CtlResponse, Fail> {
     let mut r = connect(s, req)?;
     let mut line = String::new();
-    r.read_line(&mut line).map_err(|e| Fail::Unreachable(format!("reading the answer: {e}")))?;
+    r.read_line(&mut line)
+        .map_err(|e| Fail::Unreachable(format!("reading the answer: {e}")))?;
     if line.is_empty() {
-        return Err(Fail::Unreachable("the daemon closed the connection without answering".into()));
+        return Err(Fail::Unreachable(
+            "the daemon closed the connection without answering".into(),
+        ));
     }
     serde_json::from_str(&line).map_err(|e| Fail::Op(format!("bad answer from the daemon: {e}")))
 }
@@ -277,17 +304,30 @@ fn human(bytes: u64) -> String {
 fn status_table(st: &Value) -> String {
     let mut out = String::new();
     let g = |v: &Value| v.as_str().unwrap_or("-").to_string();
-    out.push_str(&format!("{} role:{} node:{}\n", g(&st["resource"]), g(&st["role"]), g(&st["node"])));
+    out.push_str(&format!(
+        "{} role:{} node:{}\n",
+        g(&st["resource"]),
+        g(&st["role"]),
+        g(&st["node"])
+    ));
     out.push_str(&format!(
         "  disk:{} size:{} out-of-sync:{} nbd-clients:{}{}\n",
         g(&st["disk"]),
         human(st["size_bytes"].as_u64().unwrap_or(0)),
         human(st["out_of_sync_bytes"].as_u64().unwrap_or(0)),
         st["nbd_clients"],
-        if st["split_brain"] == true { " split-brain:yes" } else { "" }
+        if st["split_brain"] == true {
+            " split-brain:yes"
+        } else {
+            ""
+        }
     ));
     if let Some(p) = st.get("peer").filter(|p| !p.is_null()) {
-        out.push_str(&format!("  {} connection:{}\n", g(&p["name"]), g(&p["connection"])));
+        out.push_str(&format!(
+            "  {} connection:{}\n",
+            g(&p["name"]),
+            g(&p["connection"])
+        ));
         out.push_str(&format!(
             "    replication:{} peer-role:{} peer-disk:{}\n",
             g(&p["replication"]),
@@ -300,13 +340,21 @@ fn status_table(st: &Value) -> String {
         let total = r["total_bytes"].as_u64().unwrap_or(0).max(1);
         out.push_str(&format!(
             "    {}: {:.1}% ({} of {}) rate:{}/s eta:{}s{}\n",
-            if r["verify"] == true { "verify" } else { "resync" },
+            if r["verify"] == true {
+                "verify"
+            } else {
+                "resync"
+            },
             done as f64 * 100.0 / total as f64,
             human(done),
             human(total),
             human(r["rate_bytes_per_sec"].as_u64().unwrap_or(0)),
             r["eta_seconds"],
-            if r["verify"] == true { format!(" differing-blocks:{}", r["differing_blocks"]) } else { String::new() }
+            if r["verify"] == true {
+                format!(" differing-blocks:{}", r["differing_blocks"])
+            } else {
+                String::new()
+            }
         ));
     }
     out
@@ -324,10 +372,16 @@ fn wait_progress(s: &Settings, verify: bool) -> Result<(), Fail> {
                 println!();
             }
             if st["peer"]["connection"] != "connected" {
-                return Err(Fail::Op(format!("the peer link went down: {}", one_line(&st))));
+                return Err(Fail::Op(format!(
+                    "the peer link went down: {}",
+                    one_line(&st)
+                )));
             }
             if verify {
-                println!("verify finished; out-of-sync now {}", human(st["out_of_sync_bytes"].as_u64().unwrap_or(0)));
+                println!(
+                    "verify finished; out-of-sync now {}",
+                    human(st["out_of_sync_bytes"].as_u64().unwrap_or(0))
+                );
             } else {
                 println!("resync finished: {}", one_line(&st));
             }

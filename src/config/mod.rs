@@ -48,7 +48,6 @@ pub enum DiskEngine {
     Threads,
 }
 
-
 /// The after-sb-* policies, named as in DRBD.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -160,7 +159,11 @@ impl Settings {
     }
 
     pub fn peer(&self) -> Option<&NodeConfig> {
-        self.nodes.iter().enumerate().find(|(i, _)| *i != self.this).map(|(_, n)| n)
+        self.nodes
+            .iter()
+            .enumerate()
+            .find(|(i, _)| *i != self.this)
+            .map(|(_, n)| n)
     }
 
     pub fn control_socket(&self) -> PathBuf {
@@ -179,7 +182,13 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.key {
-            Some(k) => write!(f, "config {}: key `{}`: {}", self.file.display(), k, self.reason),
+            Some(k) => write!(
+                f,
+                "config {}: key `{}`: {}",
+                self.file.display(),
+                k,
+                self.reason
+            ),
             None => write!(f, "config {}: {}", self.file.display(), self.reason),
         }
     }
@@ -215,7 +224,11 @@ pub fn load(file: &Path, node_cli: Option<&str>) -> Result<Settings, ConfigError
 
 /// Parses config text (the file name is only used in messages).
 pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings, ConfigError> {
-    let err = |e: KeyError| ConfigError { file: file.to_path_buf(), key: Some(e.key), reason: e.reason };
+    let err = |e: KeyError| ConfigError {
+        file: file.to_path_buf(),
+        key: Some(e.key),
+        reason: e.reason,
+    };
     let root: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError {
         file: file.to_path_buf(),
         key: None,
@@ -225,16 +238,27 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
     let empty = toml::Table::new();
 
     let res_table = top.table("resource").map_err(err)?.ok_or_else(|| {
-        err(KeyError { key: "resource".into(), reason: "missing required table [resource]".into() })
+        err(KeyError {
+            key: "resource".into(),
+            reason: "missing required table [resource]".into(),
+        })
     })?;
     let mut res = Section::new("resource", res_table);
     let resource = res.req_str("name").map_err(err)?;
-    if !resource.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    if !resource
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         || resource.len() > 63
     {
-        return Err(err(res.error("name", "use at most 63 letters, digits, '-', '_' or '.'")));
+        return Err(err(
+            res.error("name", "use at most 63 letters, digits, '-', '_' or '.'")
+        ));
     }
-    let protocol = match res.choice_or("protocol", "C", &["A", "B", "C"]).map_err(err)?.as_str() {
+    let protocol = match res
+        .choice_or("protocol", "C", &["A", "B", "C"])
+        .map_err(err)?
+        .as_str()
+    {
         "A" => Protocol::A,
         "B" => Protocol::B,
         _ => Protocol::C,
@@ -247,7 +271,10 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         )));
     }
     let auto_promote = res.bool_or("auto-promote", true).map_err(err)?;
-    let shared_secret_file = res.opt_str("shared-secret-file").map_err(err)?.map(PathBuf::from);
+    let shared_secret_file = res
+        .opt_str("shared-secret-file")
+        .map_err(err)?
+        .map(PathBuf::from);
     let default_run_dir = PathBuf::from(res.str_or("run-dir", "/run/nbd-mirror").map_err(err)?);
     res.finish().map_err(err)?;
 
@@ -261,7 +288,11 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
 
     let mut dk = Section::new("disk", top.table("disk").map_err(err)?.unwrap_or(&empty));
     let disk = DiskSettings {
-        engine: match dk.choice_or("engine", "uring", &["uring", "threads"]).map_err(err)?.as_str() {
+        engine: match dk
+            .choice_or("engine", "uring", &["uring", "threads"])
+            .map_err(err)?
+            .as_str()
+        {
             "threads" => DiskEngine::Threads,
             _ => DiskEngine::Uring,
         },
@@ -271,39 +302,75 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
 
     let mut sy = Section::new("sync", top.table("sync").map_err(err)?.unwrap_or(&empty));
     let sync = SyncSettings {
-        rate: sy.parsed_or("rate", 250 << 20, units::parse_size).map_err(err)?,
+        rate: sy
+            .parsed_or("rate", 250 << 20, units::parse_size)
+            .map_err(err)?,
         checksum: sy.bool_or("checksum", true).map_err(err)?,
     };
     if sync.rate < 4096 {
-        return Err(err(KeyError { key: "sync.rate".into(), reason: "must be at least 4KiB per second".into() }));
+        return Err(err(KeyError {
+            key: "sync.rate".into(),
+            reason: "must be at least 4KiB per second".into(),
+        }));
     }
     sy.finish().map_err(err)?;
 
-    let mut sb = Section::new("split-brain", top.table("split-brain").map_err(err)?.unwrap_or(&empty));
-    let mut policy = |key: &'static str, default: &str, allowed: &[&str]| -> Result<SbPolicy, ConfigError> {
-        let v = sb.str_or(key, default).map_err(err)?;
-        let ok = allowed.contains(&v.as_str()) || (allowed.contains(&"discard-node-NAME") && v.starts_with("discard-node-"));
-        match SbPolicy::parse(&v) {
-            Some(p) if ok => Ok(p),
-            _ => Err(err(sb.error(key, format!("`{v}` is not one of: {}", allowed.join(", "))))),
-        }
-    };
+    let mut sb = Section::new(
+        "split-brain",
+        top.table("split-brain").map_err(err)?.unwrap_or(&empty),
+    );
+    let mut policy =
+        |key: &'static str, default: &str, allowed: &[&str]| -> Result<SbPolicy, ConfigError> {
+            let v = sb.str_or(key, default).map_err(err)?;
+            let ok = allowed.contains(&v.as_str())
+                || (allowed.contains(&"discard-node-NAME") && v.starts_with("discard-node-"));
+            match SbPolicy::parse(&v) {
+                Some(p) if ok => Ok(p),
+                _ => Err(err(sb.error(
+                    key,
+                    format!("`{v}` is not one of: {}", allowed.join(", ")),
+                ))),
+            }
+        };
     let after_sb_0pri = policy(
         "after-sb-0pri",
         "disconnect",
-        &["disconnect", "discard-zero-changes", "discard-least-changes", "discard-younger-primary", "discard-older-primary", "discard-node-NAME"],
+        &[
+            "disconnect",
+            "discard-zero-changes",
+            "discard-least-changes",
+            "discard-younger-primary",
+            "discard-older-primary",
+            "discard-node-NAME",
+        ],
     )?;
     let after_sb_1pri = policy(
         "after-sb-1pri",
         "disconnect",
-        &["disconnect", "consensus", "discard-secondary", "call-pri-lost-after-sb", "violently-as0p"],
+        &[
+            "disconnect",
+            "consensus",
+            "discard-secondary",
+            "call-pri-lost-after-sb",
+            "violently-as0p",
+        ],
     )?;
-    let after_sb_2pri =
-        policy("after-sb-2pri", "disconnect", &["disconnect", "call-pri-lost-after-sb", "violently-as0p"])?;
+    let after_sb_2pri = policy(
+        "after-sb-2pri",
+        "disconnect",
+        &["disconnect", "call-pri-lost-after-sb", "violently-as0p"],
+    )?;
     sb.finish().map_err(err)?;
-    let split_brain = SplitBrain { after_sb_0pri, after_sb_1pri, after_sb_2pri };
+    let split_brain = SplitBrain {
+        after_sb_0pri,
+        after_sb_1pri,
+        after_sb_2pri,
+    };
 
-    let mut hd = Section::new("handlers", top.table("handlers").map_err(err)?.unwrap_or(&empty));
+    let mut hd = Section::new(
+        "handlers",
+        top.table("handlers").map_err(err)?.unwrap_or(&empty),
+    );
     let handlers = Handlers {
         fence_peer: hd.opt_str("fence-peer").map_err(err)?.map(PathBuf::from),
         split_brain: hd.opt_str("split-brain").map_err(err)?.map(PathBuf::from),
@@ -312,15 +379,31 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
 
     let mut nt = Section::new("net", top.table("net").map_err(err)?.unwrap_or(&empty));
     let net = NetSettings {
-        ping_interval_ms: nt.parsed_or("ping-interval", 2_000, units::parse_duration_ms).map_err(err)?,
-        ping_timeout_ms: nt.parsed_or("ping-timeout", 1_000, units::parse_duration_ms).map_err(err)?,
-        timeout_ms: nt.parsed_or("timeout", 6_000, units::parse_duration_ms).map_err(err)?,
+        ping_interval_ms: nt
+            .parsed_or("ping-interval", 2_000, units::parse_duration_ms)
+            .map_err(err)?,
+        ping_timeout_ms: nt
+            .parsed_or("ping-timeout", 1_000, units::parse_duration_ms)
+            .map_err(err)?,
+        timeout_ms: nt
+            .parsed_or("timeout", 6_000, units::parse_duration_ms)
+            .map_err(err)?,
         ko_count: nt.u64_or("ko-count", 7).map_err(err)?,
-        connect_retry_ms: nt.parsed_or("connect-retry", 1_000, units::parse_duration_ms).map_err(err)?,
+        connect_retry_ms: nt
+            .parsed_or("connect-retry", 1_000, units::parse_duration_ms)
+            .map_err(err)?,
     };
-    for (key, v) in [("ping-interval", net.ping_interval_ms), ("ping-timeout", net.ping_timeout_ms), ("timeout", net.timeout_ms), ("connect-retry", net.connect_retry_ms)] {
+    for (key, v) in [
+        ("ping-interval", net.ping_interval_ms),
+        ("ping-timeout", net.ping_timeout_ms),
+        ("timeout", net.timeout_ms),
+        ("connect-retry", net.connect_retry_ms),
+    ] {
         if v == 0 {
-            return Err(err(KeyError { key: format!("net.{key}"), reason: "must be greater than zero".into() }));
+            return Err(err(KeyError {
+                key: format!("net.{key}"),
+                reason: "must be greater than zero".into(),
+            }));
         }
     }
     nt.finish().map_err(err)?;
@@ -328,10 +411,19 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
     let node_tables = top.table_array("node").map_err(err)?;
     top.finish().map_err(err)?;
     if node_tables.is_empty() {
-        return Err(err(KeyError { key: "node".into(), reason: "at least one [[node]] is required".into() }));
+        return Err(err(KeyError {
+            key: "node".into(),
+            reason: "at least one [[node]] is required".into(),
+        }));
     }
     if node_tables.len() > 2 {
-        return Err(err(KeyError { key: "node".into(), reason: format!("{} [[node]] entries; at most two are supported", node_tables.len()) }));
+        return Err(err(KeyError {
+            key: "node".into(),
+            reason: format!(
+                "{} [[node]] entries; at most two are supported",
+                node_tables.len()
+            ),
+        }));
     }
     let mut nodes = Vec::new();
     for (i, t) in node_tables.iter().enumerate() {
@@ -339,7 +431,12 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         let name = ns.req_str("name").map_err(err)?;
         let address = match ns.opt_str("address").map_err(err)? {
             Some(a) => Some(resolve(&a).map_err(|r| err(ns.error("address", r)))?),
-            None if node_tables.len() > 1 => return Err(err(ns.error("address", "missing required key (two nodes need peer-link addresses)"))),
+            None if node_tables.len() > 1 => {
+                return Err(err(ns.error(
+                    "address",
+                    "missing required key (two nodes need peer-link addresses)",
+                )))
+            }
             None => None,
         };
         let disk = PathBuf::from(ns.req_str("disk").map_err(err)?);
@@ -355,16 +452,33 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         };
         ns.finish().map_err(err)?;
         if nodes.iter().any(|n: &NodeConfig| n.name == name) {
-            return Err(err(KeyError { key: format!("node[{i}].name"), reason: format!("node name `{name}` appears twice") }));
+            return Err(err(KeyError {
+                key: format!("node[{i}].name"),
+                reason: format!("node name `{name}` appears twice"),
+            }));
         }
-        nodes.push(NodeConfig { name, address, disk, meta_disk, run_dir, nbd_listen });
+        nodes.push(NodeConfig {
+            name,
+            address,
+            disk,
+            meta_disk,
+            run_dir,
+            nbd_listen,
+        });
     }
     if nodes.len() == 2 && nodes[0].address == nodes[1].address {
-        return Err(err(KeyError { key: "node[1].address".into(), reason: "both nodes have the same address".into() }));
+        return Err(err(KeyError {
+            key: "node[1].address".into(),
+            reason: "both nodes have the same address".into(),
+        }));
     }
 
     let Some(chosen) = choose_node_name(node_cli) else {
-        return Err(ConfigError { file: file.to_path_buf(), key: None, reason: "no node name: pass --node, set MIRROR_NODE, or set the host name".into() });
+        return Err(ConfigError {
+            file: file.to_path_buf(),
+            key: None,
+            reason: "no node name: pass --node, set MIRROR_NODE, or set the host name".into(),
+        });
     };
     let this = nodes
         .iter()
@@ -378,12 +492,19 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             key: Some("node.name".into()),
             reason: format!(
                 "this node is `{chosen}`, which matches no [[node]] (have: {})",
-                nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+                nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         })?;
     if let SbPolicy::DiscardNode(victim) = &split_brain.after_sb_0pri {
         if !nodes.iter().any(|n| &n.name == victim) {
-            return Err(err(KeyError { key: "split-brain.after-sb-0pri".into(), reason: format!("discard-node-{victim}: no [[node]] is named `{victim}`") }));
+            return Err(err(KeyError {
+                key: "split-brain.after-sb-0pri".into(),
+                reason: format!("discard-node-{victim}: no [[node]] is named `{victim}`"),
+            }));
         }
     }
 

@@ -21,7 +21,11 @@ pub struct Section<'a> {
 
 impl<'a> Section<'a> {
     pub fn new(path: impl Into<String>, table: &'a Table) -> Self {
-        Section { path: path.into(), table, seen: BTreeSet::new() }
+        Section {
+            path: path.into(),
+            table,
+            seen: BTreeSet::new(),
+        }
     }
 
     pub fn key_path(&self, key: &str) -> String {
@@ -33,7 +37,10 @@ impl<'a> Section<'a> {
     }
 
     pub fn error(&self, key: &str, reason: impl Into<String>) -> KeyError {
-        KeyError { key: self.key_path(key), reason: reason.into() }
+        KeyError {
+            key: self.key_path(key),
+            reason: reason.into(),
+        }
     }
 
     fn get(&mut self, key: &'static str) -> Option<&'a Value> {
@@ -45,7 +52,9 @@ impl<'a> Section<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(self.error(key, format!("expected a string, got {}", other.type_str()))),
+            Some(other) => {
+                Err(self.error(key, format!("expected a string, got {}", other.type_str())))
+            }
         }
     }
 
@@ -65,7 +74,10 @@ impl<'a> Section<'a> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::Boolean(b)) => Ok(*b),
-            Some(other) => Err(self.error(key, format!("expected true or false, got {}", other.type_str()))),
+            Some(other) => Err(self.error(
+                key,
+                format!("expected true or false, got {}", other.type_str()),
+            )),
         }
     }
 
@@ -73,8 +85,13 @@ impl<'a> Section<'a> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::Integer(i)) if *i >= 0 => Ok(*i as u64),
-            Some(Value::Integer(i)) => Err(self.error(key, format!("must not be negative, got {i}"))),
-            Some(other) => Err(self.error(key, format!("expected a whole number, got {}", other.type_str()))),
+            Some(Value::Integer(i)) => {
+                Err(self.error(key, format!("must not be negative, got {i}")))
+            }
+            Some(other) => Err(self.error(
+                key,
+                format!("expected a whole number, got {}", other.type_str()),
+            )),
         }
     }
 
@@ -89,7 +106,9 @@ impl<'a> Section<'a> {
             None => Ok(default),
             Some(Value::String(s)) => parse(s).map_err(|e| self.error(key, e)),
             Some(Value::Integer(_)) => self.u64_or(key, default),
-            Some(other) => Err(self.error(key, format!("expected a string, got {}", other.type_str()))),
+            Some(other) => {
+                Err(self.error(key, format!("expected a string, got {}", other.type_str())))
+            }
         }
     }
 
@@ -113,7 +132,10 @@ impl<'a> Section<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Table(t)) => Ok(Some(t)),
-            Some(other) => Err(self.error(key, format!("expected a table [{key}], got {}", other.type_str()))),
+            Some(other) => Err(self.error(
+                key,
+                format!("expected a table [{key}], got {}", other.type_str()),
+            )),
         }
     }
 
@@ -125,10 +147,16 @@ impl<'a> Section<'a> {
                 .iter()
                 .map(|v| match v {
                     Value::Table(t) => Ok(t),
-                    other => Err(self.error(key, format!("expected [[{key}]] tables, got {}", other.type_str()))),
+                    other => Err(self.error(
+                        key,
+                        format!("expected [[{key}]] tables, got {}", other.type_str()),
+                    )),
                 })
                 .collect(),
-            Some(other) => Err(self.error(key, format!("expected [[{key}]] tables, got {}", other.type_str()))),
+            Some(other) => Err(self.error(
+                key,
+                format!("expected [[{key}]] tables, got {}", other.type_str()),
+            )),
         }
     }
 

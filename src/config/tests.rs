@@ -40,7 +40,10 @@ fn defaults_and_resolution() {
 
     let b = p(TWO, "beta").unwrap();
     assert_eq!(b.run_dir, PathBuf::from("/tmp/rb"));
-    assert_eq!(b.nbd_listen, Listen::Tcp("127.0.0.1:10809".parse().unwrap()));
+    assert_eq!(
+        b.nbd_listen,
+        Listen::Tcp("127.0.0.1:10809".parse().unwrap())
+    );
     assert_eq!(b.node().meta_disk, MetaDisk::External("/tmp/b.md".into()));
     assert_eq!(b.peer().unwrap().name, "alpha");
 }
@@ -54,35 +57,125 @@ fn expect_err(text: &str, node: &str, key: Option<&str>, reason_part: &str) {
 
 #[test]
 fn errors_name_file_key_and_reason() {
-    expect_err(&TWO.replace("name = \"r0\"", "name = \"r0\"\nbogus = 1"), "alpha", Some("resource.bogus"), "unknown key");
-    expect_err(&TWO.replace("name = \"r0\"\n", ""), "alpha", Some("resource.name"), "missing required");
-    expect_err(&format!("{TWO}\n[sync]\nrate = \"250XiB\"\n"), "alpha", Some("sync.rate"), "unknown unit");
-    expect_err(TWO, "gamma", Some("node.name"), "matches no [[node]]");
-    expect_err(&TWO.replace("disk = \"/tmp/a.img\"", ""), "alpha", Some("node[0].disk"), "missing required");
-    expect_err(&format!("{TWO}\n[sync]\nrate = true\n"), "alpha", Some("sync.rate"), "expected a string");
-    expect_err(&TWO.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\""), "alpha", Some("resource.protocol"), "not one of");
     expect_err(
-        &TWO.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"A\"\nallow-two-primaries = true"),
+        &TWO.replace("name = \"r0\"", "name = \"r0\"\nbogus = 1"),
+        "alpha",
+        Some("resource.bogus"),
+        "unknown key",
+    );
+    expect_err(
+        &TWO.replace("name = \"r0\"\n", ""),
+        "alpha",
+        Some("resource.name"),
+        "missing required",
+    );
+    expect_err(
+        &format!("{TWO}\n[sync]\nrate = \"250XiB\"\n"),
+        "alpha",
+        Some("sync.rate"),
+        "unknown unit",
+    );
+    expect_err(TWO, "gamma", Some("node.name"), "matches no [[node]]");
+    expect_err(
+        &TWO.replace("disk = \"/tmp/a.img\"", ""),
+        "alpha",
+        Some("node[0].disk"),
+        "missing required",
+    );
+    expect_err(
+        &format!("{TWO}\n[sync]\nrate = true\n"),
+        "alpha",
+        Some("sync.rate"),
+        "expected a string",
+    );
+    expect_err(
+        &TWO.replace("name = \"r0\"", "name = \"r0\"\nprotocol = \"D\""),
+        "alpha",
+        Some("resource.protocol"),
+        "not one of",
+    );
+    expect_err(
+        &TWO.replace(
+            "name = \"r0\"",
+            "name = \"r0\"\nprotocol = \"A\"\nallow-two-primaries = true",
+        ),
         "alpha",
         Some("resource.allow-two-primaries"),
         "protocol C",
     );
-    expect_err(&format!("{TWO}\n[split-brain]\nafter-sb-0pri = \"consensus\"\n"), "alpha", Some("split-brain.after-sb-0pri"), "not one of");
-    expect_err(&format!("{TWO}\n[split-brain]\nafter-sb-0pri = \"discard-node-zeta\"\n"), "alpha", Some("split-brain.after-sb-0pri"), "zeta");
-    expect_err(&TWO.replace("127.0.0.1:7790", "127.0.0.1:7789"), "alpha", Some("node[1].address"), "same address");
-    expect_err(&TWO.replace("address = \"127.0.0.1:7790\"", ""), "alpha", Some("node[1].address"), "missing");
-    expect_err(&TWO.replace("nbd-listen = \"127.0.0.1:10809\"", "nbd-listen = \"unix:relative\""), "beta", Some("node[1].nbd-listen"), "absolute");
-    expect_err(&format!("{TWO}\n[net]\nko-count = -1\n"), "alpha", Some("net.ko-count"), "negative");
-    expect_err(&format!("{TWO}\n[net]\ntimeout = \"0s\"\n"), "alpha", Some("net.timeout"), "greater than zero");
+    expect_err(
+        &format!("{TWO}\n[split-brain]\nafter-sb-0pri = \"consensus\"\n"),
+        "alpha",
+        Some("split-brain.after-sb-0pri"),
+        "not one of",
+    );
+    expect_err(
+        &format!("{TWO}\n[split-brain]\nafter-sb-0pri = \"discard-node-zeta\"\n"),
+        "alpha",
+        Some("split-brain.after-sb-0pri"),
+        "zeta",
+    );
+    expect_err(
+        &TWO.replace("127.0.0.1:7790", "127.0.0.1:7789"),
+        "alpha",
+        Some("node[1].address"),
+        "same address",
+    );
+    expect_err(
+        &TWO.replace("address = \"127.0.0.1:7790\"", ""),
+        "alpha",
+        Some("node[1].address"),
+        "missing",
+    );
+    expect_err(
+        &TWO.replace(
+            "nbd-listen = \"127.0.0.1:10809\"",
+            "nbd-listen = \"unix:relative\"",
+        ),
+        "beta",
+        Some("node[1].nbd-listen"),
+        "absolute",
+    );
+    expect_err(
+        &format!("{TWO}\n[net]\nko-count = -1\n"),
+        "alpha",
+        Some("net.ko-count"),
+        "negative",
+    );
+    expect_err(
+        &format!("{TWO}\n[net]\ntimeout = \"0s\"\n"),
+        "alpha",
+        Some("net.timeout"),
+        "greater than zero",
+    );
     expect_err("[resource\nname=1", "alpha", None, "not valid TOML");
-    expect_err("[[node]]\nname=\"a\"\ndisk=\"/x\"\n", "a", Some("resource"), "missing required table");
-    expect_err("[resource]\nname=\"r0\"\n", "a", Some("node"), "at least one");
-    expect_err(&format!("{TWO}\n[extra]\n"), "alpha", Some("extra"), "unknown key");
+    expect_err(
+        "[[node]]\nname=\"a\"\ndisk=\"/x\"\n",
+        "a",
+        Some("resource"),
+        "missing required table",
+    );
+    expect_err(
+        "[resource]\nname=\"r0\"\n",
+        "a",
+        Some("node"),
+        "at least one",
+    );
+    expect_err(
+        &format!("{TWO}\n[extra]\n"),
+        "alpha",
+        Some("extra"),
+        "unknown key",
+    );
 }
 
 #[test]
 fn single_node_needs_no_address() {
-    let s = p("[resource]\nname = \"r0\"\n[[node]]\nname = \"solo\"\ndisk = \"/tmp/x\"\n", "solo").unwrap();
+    let s = p(
+        "[resource]\nname = \"r0\"\n[[node]]\nname = \"solo\"\ndisk = \"/tmp/x\"\n",
+        "solo",
+    )
+    .unwrap();
     assert!(s.peer().is_none());
     assert_eq!(s.node().address, None);
 }
@@ -91,7 +184,10 @@ fn single_node_needs_no_address() {
 fn policies_parse() {
     let text = format!("{TWO}\n[split-brain]\nafter-sb-0pri = \"discard-node-beta\"\nafter-sb-1pri = \"discard-secondary\"\nafter-sb-2pri = \"call-pri-lost-after-sb\"\n");
     let s = p(&text, "alpha").unwrap();
-    assert_eq!(s.split_brain.after_sb_0pri, SbPolicy::DiscardNode("beta".into()));
+    assert_eq!(
+        s.split_brain.after_sb_0pri,
+        SbPolicy::DiscardNode("beta".into())
+    );
     assert_eq!(s.split_brain.after_sb_1pri, SbPolicy::DiscardSecondary);
     assert_eq!(s.split_brain.after_sb_2pri, SbPolicy::CallPriLostAfterSb);
 }

@@ -8,7 +8,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() {
-        return Err(format!("`{text}` is not a size (expected e.g. \"250MiB\", \"4G\", \"4096\")"));
+        return Err(format!(
+            "`{text}` is not a size (expected e.g. \"250MiB\", \"4G\", \"4096\")"
+        ));
     }
     let n: u64 = digits
         .parse()
@@ -35,7 +37,9 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() {
-        return Err(format!("`{text}` is not a duration (expected e.g. \"500ms\", \"10s\")"));
+        return Err(format!(
+            "`{text}` is not a duration (expected e.g. \"500ms\", \"10s\")"
+        ));
     }
     let n: u64 = digits
         .parse()

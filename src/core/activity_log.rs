@@ -45,7 +45,12 @@ pub fn extents_of(r: Range) -> std::ops::RangeInclusive<u32> {
 impl ActivityLog {
     pub fn new(slots: usize, active: &[u32]) -> ActivityLog {
         assert!(slots >= 2, "activity log needs at least two slots");
-        let mut al = ActivityLog { slots, active: HashMap::new(), clock: 0, pending: None };
+        let mut al = ActivityLog {
+            slots,
+            active: HashMap::new(),
+            clock: 0,
+            pending: None,
+        };
         for e in active.iter().take(slots) {
             al.active.insert(*e, Ext::default());
         }
@@ -198,7 +203,10 @@ mod tests {
         assert_eq!((set, evict), (vec![0, 1], vec![]));
         al.committed();
         assert_eq!(al.admit(r12), Admit::Wait);
-        assert!(al.plan(&[r12]).is_none(), "extent 0 busy, 1 needed: no room");
+        assert!(
+            al.plan(&[r12]).is_none(),
+            "extent 0 busy, 1 needed: no room"
+        );
         al.release(r0);
         let (set, evict) = al.plan(&[r12]).unwrap();
         assert_eq!((set, evict), (vec![1, 2], vec![0]));
@@ -212,7 +220,11 @@ mod tests {
     #[test]
     fn never_evicts_an_extent_the_waiting_write_needs() {
         let mut al = ActivityLog::new(3, &[]);
-        let (r0, r1, r2) = (Range::new(0, 512), Range::new(EXTENT, 512), Range::new(2 * EXTENT, 512));
+        let (r0, r1, r2) = (
+            Range::new(0, 512),
+            Range::new(EXTENT, 512),
+            Range::new(2 * EXTENT, 512),
+        );
         al.plan(&[r0, r1, r2]).unwrap();
         al.committed();
         assert_eq!(al.admit(r0), Admit::Go);

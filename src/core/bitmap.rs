@@ -19,9 +19,18 @@ pub struct Bitmap {
 impl Bitmap {
     /// A clear bitmap for `data_size` bytes; `bits_per_page` is the persistence unit.
     pub fn new(data_size: u64, bits_per_page: u64) -> Bitmap {
-        assert!(bits_per_page > 0 && bits_per_page % 64 == 0, "page must hold whole words");
+        assert!(
+            bits_per_page > 0 && bits_per_page % 64 == 0,
+            "page must hold whole words"
+        );
         let bits = data_size.div_ceil(BLOCK);
-        Bitmap { words: vec![0; bits.div_ceil(64) as usize], bits, set: 0, bits_per_page, dirty: BTreeSet::new() }
+        Bitmap {
+            words: vec![0; bits.div_ceil(64) as usize],
+            bits,
+            set: 0,
+            bits_per_page,
+            dirty: BTreeSet::new(),
+        }
     }
 
     /// Loads persisted words (extra words and bits past the end are ignored).

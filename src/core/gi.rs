@@ -20,10 +20,16 @@ pub enum Decision {
     /// Same data; nothing to move.
     InSync,
     /// This node sends; `full` = every block, else the merged bitmap.
-    Source { full: bool },
-    Target { full: bool },
+    Source {
+        full: bool,
+    },
+    Target {
+        full: bool,
+    },
     /// Both changed independently since they last agreed.
-    SplitBrain { full: bool },
+    SplitBrain {
+        full: bool,
+    },
     /// Neither disk is consistent: wait for `primary --force` on one.
     NoGoodData,
     /// The identifiers share no history: refuse.
@@ -46,8 +52,16 @@ impl Decision {
 pub fn decide(me: &Side, peer: &Side, me_first: bool) -> Decision {
     match (me.consistent, peer.consistent) {
         (false, false) => return Decision::NoGoodData,
-        (true, false) => return Decision::Source { full: peer.full_sync_needed || !related(me, peer) },
-        (false, true) => return Decision::Target { full: me.full_sync_needed || !related(me, peer) },
+        (true, false) => {
+            return Decision::Source {
+                full: peer.full_sync_needed || !related(me, peer),
+            }
+        }
+        (false, true) => {
+            return Decision::Target {
+                full: me.full_sync_needed || !related(me, peer),
+            }
+        }
         (true, true) => {}
     }
     let (mc, pc) = (me.gis.current, peer.gis.current);
@@ -89,7 +103,14 @@ pub fn decide(me: &Side, peer: &Side, me_first: bool) -> Decision {
 }
 
 fn related(a: &Side, b: &Side) -> bool {
-    let ids = |s: &Side| [s.gis.current, s.gis.bitmap, s.gis.history[0], s.gis.history[1]];
+    let ids = |s: &Side| {
+        [
+            s.gis.current,
+            s.gis.bitmap,
+            s.gis.history[0],
+            s.gis.history[1],
+        ]
+    };
     let bs = ids(b);
     ids(a).iter().any(|x| *x != 0 && bs.contains(x))
 }
@@ -100,7 +121,11 @@ mod tests {
 
     fn side(current: u64, bitmap: u64, history: [u64; 2]) -> Side {
         Side {
-            gis: Gis { current, bitmap, history },
+            gis: Gis {
+                current,
+                bitmap,
+                history,
+            },
             consistent: true,
             up_to_date: true,
             crashed_primary: false,
@@ -110,33 +135,64 @@ mod tests {
 
     fn both(a: &Side, b: &Side) -> Decision {
         let d = decide(a, b, true);
-        assert_eq!(decide(b, a, false), d.mirrored(), "asymmetric for {a:?} {b:?}");
+        assert_eq!(
+            decide(b, a, false),
+            d.mirrored(),
+            "asymmetric for {a:?} {b:?}"
+        );
         d
     }
 
     #[test]
     fn table() {
         // Same data.
-        assert_eq!(both(&side(10, 0, [0, 0]), &side(10, 0, [0, 0])), Decision::InSync);
+        assert_eq!(
+            both(&side(10, 0, [0, 0]), &side(10, 0, [0, 0])),
+            Decision::InSync
+        );
         // A went on alone (bitmap = old current).
-        assert_eq!(both(&side(20, 10, [0, 0]), &side(10, 0, [0, 0])), Decision::Source { full: false });
-        assert_eq!(both(&side(10, 0, [0, 0]), &side(20, 10, [0, 0])), Decision::Target { full: false });
+        assert_eq!(
+            both(&side(20, 10, [0, 0]), &side(10, 0, [0, 0])),
+            Decision::Source { full: false }
+        );
+        assert_eq!(
+            both(&side(10, 0, [0, 0]), &side(20, 10, [0, 0])),
+            Decision::Target { full: false }
+        );
         // Both went on alone from 10.
-        assert_eq!(both(&side(20, 10, [0, 0]), &side(30, 10, [0, 0])), Decision::SplitBrain { full: false });
+        assert_eq!(
+            both(&side(20, 10, [0, 0]), &side(30, 10, [0, 0])),
+            Decision::SplitBrain { full: false }
+        );
         // A's bitmap no longer reaches back to B: full sync.
-        assert_eq!(both(&side(40, 30, [10, 0]), &side(10, 0, [0, 0])), Decision::Source { full: true });
+        assert_eq!(
+            both(&side(40, 30, [10, 0]), &side(10, 0, [0, 0])),
+            Decision::Source { full: true }
+        );
         // Unrelated.
-        assert_eq!(both(&side(1, 0, [0, 0]), &side(2, 0, [0, 0])), Decision::Unrelated);
+        assert_eq!(
+            both(&side(1, 0, [0, 0]), &side(2, 0, [0, 0])),
+            Decision::Unrelated
+        );
         // Crashed primary is the source.
         let mut c = side(10, 0, [0, 0]);
         c.crashed_primary = true;
-        assert_eq!(both(&c, &side(10, 0, [0, 0])), Decision::Source { full: false });
+        assert_eq!(
+            both(&c, &side(10, 0, [0, 0])),
+            Decision::Source { full: false }
+        );
         // Inconsistent side is the target.
         let mut i = side(10, 0, [0, 0]);
         i.consistent = false;
-        assert_eq!(both(&side(12, 10, [0, 0]), &i), Decision::Source { full: false });
+        assert_eq!(
+            both(&side(12, 10, [0, 0]), &i),
+            Decision::Source { full: false }
+        );
         i.full_sync_needed = true;
-        assert_eq!(both(&side(12, 10, [0, 0]), &i), Decision::Source { full: true });
+        assert_eq!(
+            both(&side(12, 10, [0, 0]), &i),
+            Decision::Source { full: true }
+        );
         let mut j = i;
         j.gis.current = 99;
         assert_eq!(both(&i, &j), Decision::NoGoodData);

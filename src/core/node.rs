@@ -31,27 +31,55 @@ pub(super) struct Handshake {
 #[derive(Debug)]
 pub(super) enum Io {
     /// One piece of a write entry.
-    WritePart { write: u64 },
-    Read { conn: ConnId, cookie: u64 },
-    Flush { req: u64 },
+    WritePart {
+        write: u64,
+    },
+    Read {
+        conn: ConnId,
+        cookie: u64,
+    },
+    Flush {
+        req: u64,
+    },
     /// A flush the peer asked for.
-    PeerFlush { id: u64 },
+    PeerFlush {
+        id: u64,
+    },
     /// A read the peer asked for (we are its sync source).
-    PeerRead { id: u64 },
+    PeerRead {
+        id: u64,
+    },
     /// Resync or checksum read of the local disk.
-    ResyncRead { write: u64 },
+    ResyncRead {
+        write: u64,
+    },
     /// Read to answer a peer's checksum request.
-    ChecksumRead { id: u64, verify: bool },
+    ChecksumRead {
+        id: u64,
+        verify: bool,
+    },
     /// Data flush before an activity-log transaction that evicts extents.
-    AlFlush { set: Vec<u32> },
+    AlFlush {
+        set: Vec<u32>,
+    },
     /// Flush before the read that answers a checksum-resync request.
-    ChecksumFlush { id: u64, offset: u64, len: u32 },
+    ChecksumFlush {
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
 }
 
 #[derive(Debug)]
 pub(super) enum Origin {
-    Local { req: u64 },
-    Peer { seq: u64, resync: bool, epoch: u64 },
+    Local {
+        req: u64,
+    },
+    Peer {
+        seq: u64,
+        resync: bool,
+        epoch: u64,
+    },
     /// A resync read on the sync source; holds the order until its data is queued.
     ResyncRead,
 }
@@ -172,7 +200,13 @@ pub struct Node {
 impl Node {
     /// A node starting from persisted metadata. `bitmap_words` and `active_extents`
     /// come from the metadata store; `seed` feeds the generator of new identifiers.
-    pub fn new(cfg: CoreConfig, meta: MetaState, bitmap_words: &[u64], active_extents: &[u32], seed: u64) -> Node {
+    pub fn new(
+        cfg: CoreConfig,
+        meta: MetaState,
+        bitmap_words: &[u64],
+        active_extents: &[u32],
+        seed: u64,
+    ) -> Node {
         let mut bitmap = Bitmap::from_words(cfg.data_size, cfg.bitmap_bits_per_page, bitmap_words);
         let crashed = meta.flags & md_flags::PRIMARY != 0;
         // Whatever was hot in the activity log may differ from the peer: mark it.
@@ -191,7 +225,10 @@ impl Node {
         } else {
             DiskState::UpToDate
         };
-        let al = cfg.peer.as_ref().map(|_| ActivityLog::new(cfg.al_slots, &[]));
+        let al = cfg
+            .peer
+            .as_ref()
+            .map(|_| ActivityLog::new(cfg.al_slots, &[]));
         let mut node = Node {
             rng: seed | 1,
             role: Role::Secondary,
@@ -251,9 +288,15 @@ impl Node {
             node.persist_bitmap_pages(pages);
             if node.al.is_some() {
                 let id = node.new_id();
-                node.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(Vec::new()) });
+                node.out.push(Action::Persist {
+                    id,
+                    write: MetaWrite::ActivityLog(Vec::new()),
+                });
             }
-            node.notify("activity-log-replayed", json!({ "blocks": replayed, "crashed_primary": crashed }));
+            node.notify(
+                "activity-log-replayed",
+                json!({ "blocks": replayed, "crashed_primary": crashed }),
+            );
         }
         // The primary mark is set again on promotion; the crash is remembered
         // (and told to the peer) until the next completed sync.
@@ -329,7 +372,10 @@ impl Node {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.reqs.is_empty() && self.writes.is_empty() && self.ios.is_empty() && self.resync.is_none()
+        self.reqs.is_empty()
+            && self.writes.is_empty()
+            && self.ios.is_empty()
+            && self.resync.is_none()
     }
 
     pub(super) fn notify(&mut self, event: &str, mut detail: serde_json::Value) {
@@ -360,7 +406,9 @@ impl Node {
 
     /// Whether writes are currently mirrored to the peer.
     pub(super) fn replicating(&self) -> bool {
-        self.conn == ConnState::Connected && self.handshake.is_none() && self.repl != Replication::Off
+        self.conn == ConnState::Connected
+            && self.handshake.is_none()
+            && self.repl != Replication::Off
     }
 
     pub(super) fn send(&mut self, m: Message) {
@@ -370,7 +418,10 @@ impl Node {
     }
 
     pub(super) fn send_state(&mut self) {
-        let m = Message::State { role: Self::peer_role_of(self.role), disk: Self::peer_disk_of(self.disk) };
+        let m = Message::State {
+            role: Self::peer_role_of(self.role),
+            disk: Self::peer_disk_of(self.disk),
+        };
         self.send(m);
     }
 
@@ -403,14 +454,20 @@ impl Node {
             self.auto_promoted = true;
         }
         self.clients.insert(conn);
-        self.notify("client-attached", json!({ "conn": conn, "clients": self.clients.len() }));
+        self.notify(
+            "client-attached",
+            json!({ "conn": conn, "clients": self.clients.len() }),
+        );
         Ok(())
     }
 
     /// The NBD connection is gone and all its requests have been answered.
     pub fn detach_client(&mut self, conn: ConnId) {
         if self.clients.remove(&conn) {
-            self.notify("client-detached", json!({ "conn": conn, "clients": self.clients.len() }));
+            self.notify(
+                "client-detached",
+                json!({ "conn": conn, "clients": self.clients.len() }),
+            );
             if self.clients.is_empty() && self.auto_promoted && self.role == Role::Primary {
                 self.demote();
             }
@@ -429,7 +486,11 @@ impl Node {
             peer: self.cfg.peer.as_ref().map(|name| PeerStatus {
                 name: name.clone(),
                 connection: self.conn,
-                replication: if self.conn == ConnState::Connected { self.repl } else { Replication::Off },
+                replication: if self.conn == ConnState::Connected {
+                    self.repl
+                } else {
+                    Replication::Off
+                },
                 role: self.peer.as_ref().map(|p| p.role),
                 disk: self.peer.as_ref().map(|p| p.disk),
             }),
@@ -449,7 +510,10 @@ impl Node {
             return Err("the peer link is in its handshake; try again in a moment".into());
         }
         if let Some(p) = &self.peer {
-            if self.conn == ConnState::Connected && p.role == Role::Primary && !self.cfg.allow_two_primaries {
+            if self.conn == ConnState::Connected
+                && p.role == Role::Primary
+                && !self.cfg.allow_two_primaries
+            {
                 return Err(format!(
                     "peer {} is primary and allow-two-primaries is false",
                     self.cfg.peer.clone().unwrap_or_default()
@@ -548,7 +612,10 @@ impl Node {
         }
         let id = self.new_id();
         self.sb_txn = Some(id);
-        self.out.push(Action::Persist { id, write: MetaWrite::Superblock(self.meta.clone()) });
+        self.out.push(Action::Persist {
+            id,
+            write: MetaWrite::Superblock(self.meta.clone()),
+        });
     }
 
     pub(super) fn persist_bitmap_pages(&mut self, pages: Vec<usize>) {
@@ -557,7 +624,10 @@ impl Node {
         }
         let id = self.new_id();
         let words = std::sync::Arc::new(self.bitmap.words().to_vec());
-        self.out.push(Action::Persist { id, write: MetaWrite::BitmapPages { pages, words } });
+        self.out.push(Action::Persist {
+            id,
+            write: MetaWrite::BitmapPages { pages, words },
+        });
     }
 
     fn on_meta_done(&mut self, id: u64, ok: bool) {
@@ -578,7 +648,10 @@ impl Node {
                 self.persist_superblock(false);
             } else if self.gate_writes {
                 self.gate_writes = false;
-                let ids: Vec<u64> = self.writes.keys().copied().collect();
+                // In id (arrival) order: HashMap order would make the disk
+                // submission order, hence replays, differ from run to run.
+                let mut ids: Vec<u64> = self.writes.keys().copied().collect();
+                ids.sort_unstable();
                 for w in ids {
                     self.try_start(w);
                 }
@@ -606,7 +679,11 @@ impl Node {
 
     fn on_request(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
         if self.role != Role::Primary || !self.clients.contains(&conn) {
-            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EPERM) });
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Err(errno::EPERM),
+            });
             return;
         }
         if self.handshake.is_some() || self.promote_confirm.is_some() {
@@ -618,16 +695,37 @@ impl Node {
             IoRequest::Flush => self.local_flush(conn, cookie),
             IoRequest::Write { offset, data, fua } => {
                 let len = data.len() as u64;
-                self.local_write(conn, cookie, Range::new(offset, len), DiskOp::Write { offset, data, fua }, fua)
+                self.local_write(
+                    conn,
+                    cookie,
+                    Range::new(offset, len),
+                    DiskOp::Write { offset, data, fua },
+                    fua,
+                )
             }
-            IoRequest::Trim { offset, len } => {
-                self.local_write(conn, cookie, Range::new(offset, len as u64), DiskOp::Trim { offset, len: len as u64 }, false)
-            }
-            IoRequest::WriteZeroes { offset, len, may_trim } => self.local_write(
+            IoRequest::Trim { offset, len } => self.local_write(
                 conn,
                 cookie,
                 Range::new(offset, len as u64),
-                DiskOp::WriteZeroes { offset, len: len as u64, may_trim },
+                DiskOp::Trim {
+                    offset,
+                    len: len as u64,
+                },
+                false,
+            ),
+            IoRequest::WriteZeroes {
+                offset,
+                len,
+                may_trim,
+            } => self.local_write(
+                conn,
+                cookie,
+                Range::new(offset, len as u64),
+                DiskOp::WriteZeroes {
+                    offset,
+                    len: len as u64,
+                    may_trim,
+                },
                 false,
             ),
         }
@@ -644,7 +742,9 @@ impl Node {
     fn local_data_good(&self, r: Range) -> bool {
         match self.disk {
             DiskState::UpToDate => true,
-            DiskState::Inconsistent => self.repl == Replication::SyncTarget && !self.bitmap.any_in(r),
+            DiskState::Inconsistent => {
+                self.repl == Replication::SyncTarget && !self.bitmap.any_in(r)
+            }
             _ => false,
         }
     }
@@ -652,19 +752,35 @@ impl Node {
     fn local_read(&mut self, conn: ConnId, cookie: u64, offset: u64, len: u32) {
         let r = Range::new(offset, len as u64);
         if len == 0 {
-            self.out.push(Action::Reply { conn, cookie, result: Ok(Some(Bytes::new())) });
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Ok(Some(Bytes::new())),
+            });
             return;
         }
         if self.local_data_good(r) {
             let id = self.new_id();
             self.ios.insert(id, Io::Read { conn, cookie });
-            self.out.push(Action::Disk { id, op: DiskOp::Read { offset, len } });
-        } else if self.replicating() && self.peer.as_ref().is_some_and(|p| p.disk == DiskState::UpToDate) {
+            self.out.push(Action::Disk {
+                id,
+                op: DiskOp::Read { offset, len },
+            });
+        } else if self.replicating()
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.disk == DiskState::UpToDate)
+        {
             let id = self.new_id();
             self.peer_reads.insert(id, (conn, cookie));
             self.send(Message::ReadRequest { id, offset, len });
         } else {
-            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Err(errno::EIO),
+            });
         }
     }
 
@@ -673,7 +789,11 @@ impl Node {
         // durable where it counts (simulator finding: a sync target's flush
         // succeeded locally after its source was lost, the data then was not).
         if !self.has_good_copy() {
-            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Err(errno::EIO),
+            });
             return;
         }
         let rid = self.new_id();
@@ -697,7 +817,10 @@ impl Node {
         );
         let id = self.new_id();
         self.ios.insert(id, Io::Flush { req: rid });
-        self.out.push(Action::Disk { id, op: DiskOp::Flush });
+        self.out.push(Action::Disk {
+            id,
+            op: DiskOp::Flush,
+        });
         if mirrored {
             self.send_peer_flush(rid);
         }
@@ -705,7 +828,11 @@ impl Node {
 
     /// Whether writes can reach an up-to-date disk: ours, or the peer's over the link.
     fn has_good_copy(&self) -> bool {
-        let peer_good = self.replicating() && self.peer.as_ref().is_some_and(|p| p.disk == DiskState::UpToDate);
+        let peer_good = self.replicating()
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.disk == DiskState::UpToDate);
         self.disk == DiskState::UpToDate || peer_good
     }
 
@@ -714,7 +841,11 @@ impl Node {
         // target that lost its source) holds no good copy: a write acknowledged
         // there would be overwritten by the next resync (simulator finding).
         if matches!(self.disk, DiskState::Failed | DiskState::Diskless) || !self.has_good_copy() {
-            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Err(errno::EIO),
+            });
             return;
         }
         let rid = self.new_id();
@@ -776,13 +907,20 @@ impl Node {
     /// data nobody marks (simulator finding), and entering the disk order at the
     /// same moment keeps both nodes' order of it against peer writes the same.
     fn issue_local_write(&mut self, wid: u64, fua: bool) {
-        let Some(e) = self.writes.get(&wid) else { return };
-        let Origin::Local { req: rid } = e.origin else { return };
+        let Some(e) = self.writes.get(&wid) else {
+            return;
+        };
+        let Origin::Local { req: rid } = e.origin else {
+            return;
+        };
         let range = e.range;
         let kind = match e.pieces.first() {
             Some(DiskOp::Write { data, .. }) => crate::peer::WriteKind::Data(data.clone()),
             Some(DiskOp::Trim { len, .. }) => crate::peer::WriteKind::Trim { len: *len as u32 },
-            Some(DiskOp::WriteZeroes { len, may_trim, .. }) => crate::peer::WriteKind::Zeroes { len: *len as u32, may_trim: *may_trim },
+            Some(DiskOp::WriteZeroes { len, may_trim, .. }) => crate::peer::WriteKind::Zeroes {
+                len: *len as u32,
+                may_trim: *may_trim,
+            },
             other => unreachable!("not a write: {other:?}"),
         };
         let mirrored = self.replicating();
@@ -806,8 +944,22 @@ impl Node {
         if mirrored {
             self.seq += 1;
             let seq = self.seq;
-            self.recent.insert(seq, Recent { range, req: Some(rid), sent_ms: self.now_ms });
-            self.send(Message::Write { seq, seen: self.peer_seen, offset: range.start, kind, fua, resync: false });
+            self.recent.insert(
+                seq,
+                Recent {
+                    range,
+                    req: Some(rid),
+                    sent_ms: self.now_ms,
+                },
+            );
+            self.send(Message::Write {
+                seq,
+                seen: self.peer_seen,
+                offset: range.start,
+                kind,
+                fua,
+                resync: false,
+            });
             // This write overtakes the data of resync reads queued before it (simulator finding).
             self.resync_note_local_write(range);
         } else if self.cfg.peer.is_some() {
@@ -827,16 +979,28 @@ impl Node {
             return;
         }
         // For the first waiting write only (the others wait behind it).
-        let ranges: Vec<Range> = self.al_waiting.iter().take(1).filter_map(|w| self.writes.get(w).map(|e| e.range)).collect();
+        let ranges: Vec<Range> = self
+            .al_waiting
+            .iter()
+            .take(1)
+            .filter_map(|w| self.writes.get(w).map(|e| e.range))
+            .collect();
         let Some(al) = self.al.as_mut() else { return };
-        let Some((set, evicted)) = al.plan(&ranges) else { return };
+        let Some((set, evicted)) = al.plan(&ranges) else {
+            return;
+        };
         // Bits of evicted extents must be durable before the log forgets them.
         let evicting = !evicted.is_empty();
         // So must the knowledge of writes there that the peer has not flushed: if
         // both nodes crashed, no replay would look at them (simulator finding).
         for e in &evicted {
             let ext = Range::new(*e as u64 * EXTENT, EXTENT);
-            let hit: Vec<u64> = self.unflushed.iter().filter(|(_, r)| r.overlaps(&ext)).map(|(k, _)| *k).collect();
+            let hit: Vec<u64> = self
+                .unflushed
+                .iter()
+                .filter(|(_, r)| r.overlaps(&ext))
+                .map(|(k, _)| *k)
+                .collect();
             for k in hit {
                 if let Some(r) = self.unflushed.remove(&k) {
                     self.bitmap.set_range(r);
@@ -859,9 +1023,15 @@ impl Node {
             // volatile cache: flush it before the log forgets them, or a crash
             // loses it where no replay looks (simulator finding).
             self.ios.insert(id, Io::AlFlush { set });
-            self.out.push(Action::Disk { id, op: DiskOp::Flush });
+            self.out.push(Action::Disk {
+                id,
+                op: DiskOp::Flush,
+            });
         } else {
-            self.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(set) });
+            self.out.push(Action::Persist {
+                id,
+                write: MetaWrite::ActivityLog(set),
+            });
         }
     }
 
@@ -872,16 +1042,26 @@ impl Node {
         }
         let id = self.new_id();
         self.al_txn = Some(id);
-        self.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(set) });
+        self.out.push(Action::Persist {
+            id,
+            write: MetaWrite::ActivityLog(set),
+        });
     }
 
     fn readmit_al_waiters(&mut self) {
         let waiting = std::mem::take(&mut self.al_waiting);
         let mut still = Vec::new();
         for wid in waiting {
-            let Some(range) = self.writes.get(&wid).map(|e| e.range) else { continue };
+            let Some(range) = self.writes.get(&wid).map(|e| e.range) else {
+                continue;
+            };
             // In order: once one must wait, so do the ones behind it.
-            let go = still.is_empty() && self.al.as_mut().map(|al| al.admit(range) == Admit::Go).unwrap_or(true);
+            let go = still.is_empty()
+                && self
+                    .al
+                    .as_mut()
+                    .map(|al| al.admit(range) == Admit::Go)
+                    .unwrap_or(true);
             if go {
                 let mut fua = false;
                 if let Some(e) = self.writes.get_mut(&wid) {
@@ -907,7 +1087,9 @@ impl Node {
     /// Submits a write entry if it is first in line for its range and admitted.
     pub(super) fn try_start(&mut self, wid: u64) {
         let gate = self.gate_writes;
-        let Some(e) = self.writes.get_mut(&wid) else { return };
+        let Some(e) = self.writes.get_mut(&wid) else {
+            return;
+        };
         let local = matches!(e.origin, Origin::Local { .. });
         if e.submitted || !e.ready || !e.al_ok || (local && gate) {
             return;
@@ -921,7 +1103,11 @@ impl Node {
         }
         for op in pieces {
             let id = self.new_id();
-            let io = if matches!(op, DiskOp::Read { .. }) { Io::ResyncRead { write: wid } } else { Io::WritePart { write: wid } };
+            let io = if matches!(op, DiskOp::Read { .. }) {
+                Io::ResyncRead { write: wid }
+            } else {
+                Io::WritePart { write: wid }
+            };
             self.ios.insert(id, io);
             self.out.push(Action::Disk { id, op });
         }
@@ -934,7 +1120,9 @@ impl Node {
         };
         match io {
             Io::WritePart { write } => {
-                let Some(e) = self.writes.get_mut(&write) else { return };
+                let Some(e) = self.writes.get_mut(&write) else {
+                    return;
+                };
                 if let Err(code) = result {
                     e.error = code;
                 }
@@ -947,7 +1135,11 @@ impl Node {
                 if result.is_err() {
                     self.disk_failed("read error");
                 }
-                self.out.push(Action::Reply { conn, cookie, result });
+                self.out.push(Action::Reply {
+                    conn,
+                    cookie,
+                    result,
+                });
             }
             Io::Flush { req } => {
                 if let Some(r) = self.reqs.get_mut(&req) {
@@ -964,21 +1156,33 @@ impl Node {
             }
             Io::PeerRead { id } => {
                 let m = match result {
-                    Ok(data) => Message::ReadReply { id, error: 0, data: data.unwrap_or_default() },
-                    Err(error) => Message::ReadReply { id, error, data: Bytes::new() },
+                    Ok(data) => Message::ReadReply {
+                        id,
+                        error: 0,
+                        data: data.unwrap_or_default(),
+                    },
+                    Err(error) => Message::ReadReply {
+                        id,
+                        error,
+                        data: Bytes::new(),
+                    },
                 };
                 self.send(m);
             }
             Io::ResyncRead { write } => self.on_resync_read_done(write, result),
             Io::ChecksumRead { id, verify } => self.on_checksum_read_done(id, verify, result),
             Io::AlFlush { set } => self.on_al_flush_done(set, result),
-            Io::ChecksumFlush { id, offset, len } => self.on_checksum_flush_done(id, offset, len, result),
+            Io::ChecksumFlush { id, offset, len } => {
+                self.on_checksum_flush_done(id, offset, len, result)
+            }
         }
     }
 
     /// Every piece of a disk-order entry is done.
     pub(super) fn write_done(&mut self, wid: u64) {
-        let Some(e) = self.writes.remove(&wid) else { return };
+        let Some(e) = self.writes.remove(&wid) else {
+            return;
+        };
         for next in self.order.complete(wid) {
             if let Some(n) = self.writes.get_mut(&next) {
                 n.ready = true;
@@ -1014,7 +1218,10 @@ impl Node {
                     self.resync_write_durable(e.range);
                 }
                 if epoch == self.link_epoch {
-                    self.send(Message::WriteAck { seq, error: e.error });
+                    self.send(Message::WriteAck {
+                        seq,
+                        error: e.error,
+                    });
                 }
                 self.peer_write_finished(wid);
             }
@@ -1024,12 +1231,22 @@ impl Node {
 
     /// Replies when the protocol allows, and forgets the request when all is done.
     pub(super) fn maybe_finish(&mut self, rid: u64) {
-        let Some(r) = self.reqs.get_mut(&rid) else { return };
-        let peer_ok = !(r.wait_ack && r.ack_outstanding) && !(r.wait_recv && !r.recv_got && r.ack_outstanding);
+        let Some(r) = self.reqs.get_mut(&rid) else {
+            return;
+        };
+        // C/FUA/flush wait for the peer's WriteAck/FlushAck; B for its RecvAck; the link
+        // going down clears `ack_outstanding`.
+        let waiting_ack = r.wait_ack && r.ack_outstanding;
+        let waiting_recv = r.wait_recv && !r.recv_got && r.ack_outstanding;
+        let peer_ok = !waiting_ack && !waiting_recv;
         if !r.replied && !r.local_pending && peer_ok {
             r.replied = true;
             let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
-            self.out.push(Action::Reply { conn: r.conn, cookie: r.cookie, result });
+            self.out.push(Action::Reply {
+                conn: r.conn,
+                cookie: r.cookie,
+                result,
+            });
         }
         if r.replied && !r.local_pending && !r.ack_outstanding {
             let done = self.reqs.remove(&rid);
@@ -1071,7 +1288,8 @@ impl Node {
             }
             // Keep the peer's unflushed writes few: they would all be resynced if
             // the peer lost power.
-            if !self.unflushed.is_empty() && now_ms.saturating_sub(self.last_peer_flush_ms) >= 1000 {
+            if !self.unflushed.is_empty() && now_ms.saturating_sub(self.last_peer_flush_ms) >= 1000
+            {
                 let id = self.new_id();
                 self.send_peer_flush(id);
             }
@@ -1081,7 +1299,10 @@ impl Node {
         // writes without the peer): an interrupted resync resumes near where it was,
         // and `dump-md` on a running node shows what is out of sync.
         let changing = self.resync.is_some() || (self.cfg.peer.is_some() && !self.replicating());
-        if changing && self.bitmap.has_dirty() && now_ms.saturating_sub(self.last_bitmap_save_ms) >= 1000 {
+        if changing
+            && self.bitmap.has_dirty()
+            && now_ms.saturating_sub(self.last_bitmap_save_ms) >= 1000
+        {
             self.last_bitmap_save_ms = now_ms;
             let pages = self.bitmap.take_dirty();
             self.persist_bitmap_pages(pages);
@@ -1091,12 +1312,21 @@ impl Node {
     /// Clean shutdown: persist the whole bitmap state, an empty activity log if
     /// idle, and the superblock without the primary mark.
     pub fn shutdown(&mut self) {
+        // The link goes with the process: writes the peer has not flushed yet may
+        // still be lost there (simulator finding: after a clean stop and the peer's
+        // power loss, an in-sync reconnect left the blocks different).
+        for (_, r) in std::mem::take(&mut self.unflushed) {
+            self.bitmap.set_range(r);
+        }
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
         if let Some(al) = self.al.as_mut() {
             if al.reset_idle() {
                 let id = self.new_id();
-                self.out.push(Action::Persist { id, write: MetaWrite::ActivityLog(Vec::new()) });
+                self.out.push(Action::Persist {
+                    id,
+                    write: MetaWrite::ActivityLog(Vec::new()),
+                });
             }
         }
         if self.writes.is_empty() && self.reqs.is_empty() {
@@ -1116,7 +1346,10 @@ impl Node {
             }),
             AdminCmd::Secondary => {
                 if !self.clients.is_empty() {
-                    Err(format!("{} NBD client(s) attached; disconnect them first", self.clients.len()))
+                    Err(format!(
+                        "{} NBD client(s) attached; disconnect them first",
+                        self.clients.len()
+                    ))
                 } else {
                     self.demote();
                     Ok("secondary".into())

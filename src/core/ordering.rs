@@ -14,7 +14,10 @@ pub struct Range {
 impl Range {
     pub fn new(start: u64, len: u64) -> Range {
         debug_assert!(start.checked_add(len).is_some());
-        Range { start, end: start + len }
+        Range {
+            start,
+            end: start + len,
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -41,10 +44,16 @@ pub fn subtract(range: Range, holes: &[Range]) -> Vec<Range> {
                 continue;
             }
             if p.start < h.start {
-                next.push(Range { start: p.start, end: h.start });
+                next.push(Range {
+                    start: p.start,
+                    end: h.start,
+                });
             }
             if h.end < p.end {
-                next.push(Range { start: h.end, end: p.end });
+                next.push(Range {
+                    start: h.end,
+                    end: p.end,
+                });
             }
         }
         pieces = next;
@@ -82,9 +91,16 @@ impl DiskOrder {
     /// Appends `id` at the end of the order. Returns true when it may start now
     /// (nothing earlier overlaps it); the caller then submits it.
     pub fn push(&mut self, id: u64, range: Range) -> bool {
-        debug_assert!(self.slots.iter().all(|s| s.id != id), "id {id} pushed twice");
+        debug_assert!(
+            self.slots.iter().all(|s| s.id != id),
+            "id {id} pushed twice"
+        );
         let free = !self.slots.iter().any(|s| s.range.overlaps(&range));
-        self.slots.push_back(Slot { id, range, started: free });
+        self.slots.push_back(Slot {
+            id,
+            range,
+            started: free,
+        });
         free
     }
 
@@ -140,7 +156,10 @@ mod tests {
         assert_eq!(subtract(r(0, 10), &[]), vec![r(0, 10)]);
         assert_eq!(subtract(r(0, 10), &[r(3, 5)]), vec![r(0, 3), r(5, 10)]);
         assert_eq!(subtract(r(0, 10), &[r(0, 10)]), vec![]);
-        assert_eq!(subtract(r(0, 10), &[r(8, 20), r(-0i64 as u64, 2)]), vec![r(2, 8)]);
+        assert_eq!(
+            subtract(r(0, 10), &[r(8, 20), r(-0i64 as u64, 2)]),
+            vec![r(2, 8)]
+        );
         assert_eq!(subtract(r(5, 10), &[r(0, 4)]), vec![r(5, 10)]);
     }
 

@@ -33,7 +33,12 @@ fn disk_of(d: PeerDisk) -> DiskState {
 impl Node {
     /// The Hello this node sends once the link is authenticated.
     pub fn hello(&self) -> Hello {
-        self.announced.set(Some((self.meta.gis, self.disk, self.role, self.crashed_primary)));
+        self.announced.set(Some((
+            self.meta.gis,
+            self.disk,
+            self.role,
+            self.crashed_primary,
+        )));
         self.hello_now()
     }
 
@@ -61,7 +66,10 @@ impl Node {
 
     /// True on the node whose name sorts first: its writes win concurrent conflicts.
     pub(super) fn local_wins(&self) -> bool {
-        self.cfg.peer.as_deref().is_some_and(|p| self.cfg.node.as_str() < p)
+        self.cfg
+            .peer
+            .as_deref()
+            .is_some_and(|p| self.cfg.node.as_str() < p)
     }
 
     pub(super) fn admin_connect(&mut self, discard_my_data: bool) -> Result<String, String> {
@@ -84,30 +92,52 @@ impl Node {
             self.want_connect = false;
         }
         if self.conn == ConnState::Connected {
-            self.out.push(Action::Send(Message::Bye { reason: reason.to_string() }));
+            self.out.push(Action::Send(Message::Bye {
+                reason: reason.to_string(),
+            }));
         }
-        self.out.push(Action::DropPeer { reason: reason.to_string(), reconnect: reconnect && self.want_connect });
+        self.out.push(Action::DropPeer {
+            reason: reason.to_string(),
+            reconnect: reconnect && self.want_connect,
+        });
         self.on_peer_down(reason);
     }
 
     pub(super) fn on_peer_up(&mut self, hello: Hello) {
         let refuse = |why: String| Some(why);
         let problem = if hello.version != PROTOCOL_VERSION {
-            refuse(format!("peer speaks protocol version {}, we speak {}", hello.version, PROTOCOL_VERSION))
+            refuse(format!(
+                "peer speaks protocol version {}, we speak {}",
+                hello.version, PROTOCOL_VERSION
+            ))
         } else if hello.resource != self.cfg.resource {
-            refuse(format!("peer serves resource {}, not {}", hello.resource, self.cfg.resource))
+            refuse(format!(
+                "peer serves resource {}, not {}",
+                hello.resource, self.cfg.resource
+            ))
         } else if Some(&hello.node) != self.cfg.peer.as_ref() {
-            refuse(format!("peer calls itself {}, expected {}", hello.node, self.cfg.peer.clone().unwrap_or_default()))
+            refuse(format!(
+                "peer calls itself {}, expected {}",
+                hello.node,
+                self.cfg.peer.clone().unwrap_or_default()
+            ))
         } else if hello.data_size != self.cfg.data_size {
             refuse(format!(
                 "device size mismatch: peer {} has {} bytes, we have {}",
                 hello.node, hello.data_size, self.cfg.data_size
             ))
         } else if hello.protocol != self.hello_now().protocol {
-            refuse(format!("peer uses protocol {}, we use {}", hello.protocol as char, self.hello_now().protocol as char))
+            refuse(format!(
+                "peer uses protocol {}, we use {}",
+                hello.protocol as char,
+                self.hello_now().protocol as char
+            ))
         } else if hello.two_primaries != self.cfg.allow_two_primaries {
             refuse("allow-two-primaries differs between the nodes".to_string())
-        } else if hello.role == PeerRole::Primary && self.role == Role::Primary && !self.cfg.allow_two_primaries {
+        } else if hello.role == PeerRole::Primary
+            && self.role == Role::Primary
+            && !self.cfg.allow_two_primaries
+        {
             refuse("both nodes are primary and allow-two-primaries is false".to_string())
         } else {
             None
@@ -126,7 +156,11 @@ impl Node {
             self.drop_peer(&why, false);
             return;
         }
-        self.peer = Some(PeerView { role: role_of(hello.role), disk: disk_of(hello.disk), hello });
+        self.peer = Some(PeerView {
+            role: role_of(hello.role),
+            disk: disk_of(hello.disk),
+            hello,
+        });
         self.handshake = Some(Handshake::default());
         self.notify("peer-connected", json!({ "peer": self.cfg.peer }));
         self.send_bitmap();
@@ -136,7 +170,11 @@ impl Node {
     pub(super) fn send_bitmap(&mut self) {
         let words = self.bitmap.words().to_vec();
         if words.is_empty() {
-            self.send(Message::BitmapChunk { first_word: 0, words: Vec::new(), last: true });
+            self.send(Message::BitmapChunk {
+                first_word: 0,
+                words: Vec::new(),
+                last: true,
+            });
             return;
         }
         let n = words.len().div_ceil(BITMAP_CHUNK_WORDS);
@@ -152,7 +190,11 @@ impl Node {
     pub(super) fn on_peer_down(&mut self, reason: &str) {
         let was_connected = self.conn == ConnState::Connected;
         let was_replicating = self.replicating();
-        self.conn = if self.want_connect { ConnState::Connecting } else { ConnState::Standalone };
+        self.conn = if self.want_connect {
+            ConnState::Connecting
+        } else {
+            ConnState::Standalone
+        };
         self.repl = Replication::Off;
         self.handshake = None;
         self.peer = None;
@@ -180,15 +222,28 @@ impl Node {
                 self.maybe_finish(req);
             }
         }
-        let flushes: Vec<u64> = self.reqs.iter().filter(|(_, r)| r.is_flush && r.ack_outstanding).map(|(k, _)| *k).collect();
+        let mut flushes: Vec<u64> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.is_flush && r.ack_outstanding)
+            .map(|(k, _)| *k)
+            .collect();
+        flushes.sort_unstable(); // deterministic reply order
         for f in flushes {
             if let Some(q) = self.reqs.get_mut(&f) {
                 q.ack_outstanding = false;
             }
             self.maybe_finish(f);
         }
-        for (_, (conn, cookie)) in std::mem::take(&mut self.peer_reads) {
-            self.out.push(Action::Reply { conn, cookie, result: Err(errno::EIO) });
+        let mut reads: Vec<(u64, (ConnId, u64))> =
+            std::mem::take(&mut self.peer_reads).into_iter().collect();
+        reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
+        for (_, (conn, cookie)) in reads {
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Err(errno::EIO),
+            });
         }
         self.peer_flushes.clear();
         self.stop_resync();
@@ -219,14 +274,29 @@ impl Node {
                     p.disk = disk;
                 }
                 self.notify("peer-state", json!({ "role": role, "disk": disk }));
-                if role == Role::Primary && self.role == Role::Primary && !self.cfg.allow_two_primaries {
-                    self.drop_peer("both nodes became primary and allow-two-primaries is false", false);
+                if role == Role::Primary
+                    && self.role == Role::Primary
+                    && !self.cfg.allow_two_primaries
+                {
+                    self.drop_peer(
+                        "both nodes became primary and allow-two-primaries is false",
+                        false,
+                    );
                 }
             }
-            Message::BitmapChunk { first_word, words, last } => self.on_bitmap_chunk(first_word, words, last),
-            Message::Write { seq, seen, offset, kind, fua, resync } => {
-                self.on_peer_write(seq, seen, offset, kind, fua, resync)
-            }
+            Message::BitmapChunk {
+                first_word,
+                words,
+                last,
+            } => self.on_bitmap_chunk(first_word, words, last),
+            Message::Write {
+                seq,
+                seen,
+                offset,
+                kind,
+                fua,
+                resync,
+            } => self.on_peer_write(seq, seen, offset, kind, fua, resync),
             Message::RecvAck { seq } => {
                 if let Some(req) = self.recent.get(&seq).and_then(|r| r.req) {
                     if let Some(q) = self.reqs.get_mut(&req) {
@@ -259,30 +329,49 @@ impl Node {
                 }
                 if let Some(q) = self.reqs.get_mut(&id) {
                     q.ack_outstanding = false;
-                    if error != 0 && q.error == 0 {
-                        // The peer's disk failed to flush: it is no longer a durable copy.
-                        q.error = 0;
-                    }
+                }
+                if error != 0 {
+                    // The peer's disk failed to flush: it is no longer a durable copy.
+                    // The client's data is durable here; the peer will be resynced.
+                    self.drop_peer("the peer failed to flush its disk", true);
                 }
                 self.maybe_finish(id);
             }
             Message::ReadRequest { id, offset, len } => {
-                if offset.checked_add(len as u64).is_none_or(|e| e > self.cfg.data_size) {
+                if offset
+                    .checked_add(len as u64)
+                    .is_none_or(|e| e > self.cfg.data_size)
+                {
                     self.drop_peer("protocol error: read request past the end", true);
                     return;
                 }
                 if self.disk != DiskState::UpToDate {
-                    self.send(Message::ReadReply { id, error: errno::EIO, data: bytes::Bytes::new() });
+                    self.send(Message::ReadReply {
+                        id,
+                        error: errno::EIO,
+                        data: bytes::Bytes::new(),
+                    });
                     return;
                 }
                 let io = self.new_id();
                 self.ios.insert(io, super::node::Io::PeerRead { id });
-                self.out.push(Action::Disk { id: io, op: DiskOp::Read { offset, len } });
+                self.out.push(Action::Disk {
+                    id: io,
+                    op: DiskOp::Read { offset, len },
+                });
             }
             Message::ReadReply { id, error, data } => {
                 if let Some((conn, cookie)) = self.peer_reads.remove(&id) {
-                    let result = if error == 0 { Ok(Some(data)) } else { Err(error) };
-                    self.out.push(Action::Reply { conn, cookie, result });
+                    let result = if error == 0 {
+                        Ok(Some(data))
+                    } else {
+                        Err(error)
+                    };
+                    self.out.push(Action::Reply {
+                        conn,
+                        cookie,
+                        result,
+                    });
                 }
             }
             Message::StartSync { mode, source_gis } => self.on_start_sync(mode, source_gis),
@@ -290,13 +379,21 @@ impl Node {
                 self.repl = Replication::VerifyTarget;
                 self.notify("verify-started", json!({ "role": "target" }));
             }
-            Message::ChecksumRequest { id, offset, len, verify } => self.on_checksum_request(id, offset, len, verify),
+            Message::ChecksumRequest {
+                id,
+                offset,
+                len,
+                verify,
+            } => self.on_checksum_request(id, offset, len, verify),
             Message::ChecksumReply { id, error, sums } => self.on_checksum_reply(id, error, sums),
             Message::SyncDone { source_gis } => self.on_sync_done(source_gis),
             Message::VerifyDone { differing_blocks } => {
                 self.repl = Replication::Established;
                 self.last_verify = Some(differing_blocks);
-                self.notify("verify-finished", json!({ "differing_blocks": differing_blocks, "role": "target" }));
+                self.notify(
+                    "verify-finished",
+                    json!({ "differing_blocks": differing_blocks, "role": "target" }),
+                );
             }
             Message::SplitBrain => {
                 self.split_brain = true;
@@ -311,7 +408,9 @@ impl Node {
                     self.release_held();
                 }
             }
-            Message::Bye { reason } => self.drop_peer(&format!("the peer said goodbye: {reason}"), true),
+            Message::Bye { reason } => {
+                self.drop_peer(&format!("the peer said goodbye: {reason}"), true)
+            }
         }
     }
 
@@ -325,7 +424,10 @@ impl Node {
     fn peer_flush_now(&mut self, id: u64) {
         let io = self.new_id();
         self.ios.insert(io, super::node::Io::PeerFlush { id });
-        self.out.push(Action::Disk { id: io, op: DiskOp::Flush });
+        self.out.push(Action::Disk {
+            id: io,
+            op: DiskOp::Flush,
+        });
     }
 
     /// A peer-originated entry left the disk order.
@@ -344,7 +446,9 @@ impl Node {
     }
 
     fn on_write_ack(&mut self, seq: u64, error: u32) {
-        let Some(r) = self.recent.remove(&seq) else { return };
+        let Some(r) = self.recent.remove(&seq) else {
+            return;
+        };
         if error != 0 {
             self.bitmap.set_range(r.range);
         } else if r.req.is_some() {
@@ -368,20 +472,41 @@ impl Node {
         }
     }
 
-    fn on_peer_write(&mut self, seq: u64, seen: u64, offset: u64, kind: WriteKind, fua: bool, resync: bool) {
+    fn on_peer_write(
+        &mut self,
+        seq: u64,
+        seen: u64,
+        offset: u64,
+        kind: WriteKind,
+        fua: bool,
+        resync: bool,
+    ) {
         if seq != self.peer_seen + 1 {
-            self.drop_peer(&format!("protocol error: write seq {} after {}", seq, self.peer_seen), true);
+            self.drop_peer(
+                &format!("protocol error: write seq {} after {}", seq, self.peer_seen),
+                true,
+            );
             return;
         }
         let len = kind.len();
-        if len == 0 || offset.checked_add(len).is_none_or(|e| e > self.cfg.data_size) {
-            self.drop_peer(&format!("protocol error: write of {len} bytes at {offset} outside the device"), true);
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|e| e > self.cfg.data_size)
+        {
+            self.drop_peer(
+                &format!("protocol error: write of {len} bytes at {offset} outside the device"),
+                true,
+            );
             return;
         }
         if !self.replicating() || matches!(self.disk, DiskState::Failed | DiskState::Diskless) {
             // Not applied: the peer sees the NegAck and marks the range out of sync.
             self.peer_seen = seq;
-            self.send(Message::WriteAck { seq, error: errno::EIO });
+            self.send(Message::WriteAck {
+                seq,
+                error: errno::EIO,
+            });
             return;
         }
         self.peer_seen = seq;
@@ -407,11 +532,20 @@ impl Node {
             .map(|p| {
                 let rel = (p.start - offset) as usize;
                 match &kind {
-                    WriteKind::Data(d) => {
-                        DiskOp::Write { offset: p.start, data: d.slice(rel..rel + p.len() as usize), fua: fua || resync }
-                    }
-                    WriteKind::Trim { .. } => DiskOp::Trim { offset: p.start, len: p.len() },
-                    WriteKind::Zeroes { may_trim, .. } => DiskOp::WriteZeroes { offset: p.start, len: p.len(), may_trim: *may_trim },
+                    WriteKind::Data(d) => DiskOp::Write {
+                        offset: p.start,
+                        data: d.slice(rel..rel + p.len() as usize),
+                        fua: fua || resync,
+                    },
+                    WriteKind::Trim { .. } => DiskOp::Trim {
+                        offset: p.start,
+                        len: p.len(),
+                    },
+                    WriteKind::Zeroes { may_trim, .. } => DiskOp::WriteZeroes {
+                        offset: p.start,
+                        len: p.len(),
+                        may_trim: *may_trim,
+                    },
                 }
             })
             .collect();
@@ -428,7 +562,11 @@ impl Node {
             wid,
             WriteEntry {
                 range,
-                origin: Origin::Peer { seq, resync, epoch: self.link_epoch },
+                origin: Origin::Peer {
+                    seq,
+                    resync,
+                    epoch: self.link_epoch,
+                },
                 pieces,
                 parts_pending: 0,
                 ready,
@@ -474,8 +612,12 @@ impl Node {
     }
 
     fn decide_sync(&mut self) {
-        let Some(peer) = self.peer.clone() else { return };
-        let Some(hs) = self.handshake.take() else { return };
+        let Some(peer) = self.peer.clone() else {
+            return;
+        };
+        let Some(hs) = self.handshake.take() else {
+            return;
+        };
         let h = &peer.hello;
         let peer_side = Side {
             gis: h.gis,
@@ -491,7 +633,10 @@ impl Node {
             // and started a new generation before the link was up on our side),
             // the two decisions disagree (simulator finding: both became sync
             // source). Start over with fresh Hellos.
-            self.drop_peer("our state changed during the connection handshake; reconnecting", true);
+            self.drop_peer(
+                "our state changed during the connection handshake; reconnecting",
+                true,
+            );
             return;
         }
         let failed = |d: DiskState| matches!(d, DiskState::Failed | DiskState::Diskless);
@@ -503,7 +648,11 @@ impl Node {
             // side holds the same or newer data it serves the I/O, else neither has
             // the latest data reachable and the link is dropped until the failed
             // disk is back (then the normal decision, split-brain detection included).
-            let whole = |s: gi::Side| gi::Side { consistent: true, up_to_date: true, ..s };
+            let whole = |s: gi::Side| gi::Side {
+                consistent: true,
+                up_to_date: true,
+                ..s
+            };
             let d = gi::decide(&whole(me), &whole(peer_side), self.local_wins());
             let failed_side_behind = match d {
                 Decision::InSync => true,
@@ -519,7 +668,10 @@ impl Node {
                 self.repl = Replication::Established;
                 self.release_held();
             } else {
-                self.drop_peer("a failed disk holds data the peer lacks; waiting for it to come back", !me_failed);
+                self.drop_peer(
+                    "a failed disk holds data the peer lacks; waiting for it to come back",
+                    !me_failed,
+                );
             }
             return;
         }
@@ -559,7 +711,10 @@ impl Node {
             self.notify("split-brain", json!({ "peer": h.node }));
             decision = match self.resolve_split_brain(&hs.peer_words, full) {
                 Some(d) => {
-                    self.notify("split-brain-resolved", json!({ "decision": format!("{d:?}") }));
+                    self.notify(
+                        "split-brain-resolved",
+                        json!({ "decision": format!("{d:?}") }),
+                    );
                     d
                 }
                 None => {
@@ -655,7 +810,13 @@ impl Node {
         full: bool,
     ) -> Option<Decision> {
         let me_first = self.local_wins();
-        let by_name = |lose_me: bool| if lose_me { Decision::Target { full } } else { Decision::Source { full } };
+        let by_name = |lose_me: bool| {
+            if lose_me {
+                Decision::Target { full }
+            } else {
+                Decision::Source { full }
+            }
+        };
         match policy {
             SbPolicy::Disconnect => None,
             SbPolicy::DiscardZeroChanges => match (mine, theirs) {
@@ -664,7 +825,11 @@ impl Node {
                 (_, 0) => Some(Decision::Source { full }),
                 _ => None,
             },
-            SbPolicy::DiscardLeastChanges => Some(if mine == theirs { by_name(!me_first) } else { by_name(mine < theirs) }),
+            SbPolicy::DiscardLeastChanges => Some(if mine == theirs {
+                by_name(!me_first)
+            } else {
+                by_name(mine < theirs)
+            }),
             SbPolicy::DiscardYoungerPrimary | SbPolicy::DiscardOlderPrimary => {
                 // The primary that took over later is the one whose current identifier
                 // is newer: its bitmap identifier is the other's current one... when both
@@ -685,8 +850,15 @@ impl Node {
             },
             SbPolicy::Consensus => {
                 // Discard the secondary if after-sb-0pri would discard it too.
-                let zero = self.sb_policy_0pri(&self.cfg.split_brain.after_sb_0pri.clone(), mine, theirs, peer, full);
-                let sec = self.sb_policy_0pri(&SbPolicy::DiscardSecondary, mine, theirs, peer, full);
+                let zero = self.sb_policy_0pri(
+                    &self.cfg.split_brain.after_sb_0pri.clone(),
+                    mine,
+                    theirs,
+                    peer,
+                    full,
+                );
+                let sec =
+                    self.sb_policy_0pri(&SbPolicy::DiscardSecondary, mine, theirs, peer, full);
                 if zero.is_some() && zero == sec {
                     zero
                 } else {
@@ -694,8 +866,17 @@ impl Node {
                 }
             }
             SbPolicy::CallPriLostAfterSb | SbPolicy::ViolentlyAs0p => {
-                let d = self.sb_policy_0pri(&self.cfg.split_brain.after_sb_0pri.clone(), mine, theirs, peer, full)?;
-                if matches!(policy, SbPolicy::CallPriLostAfterSb) && matches!(d, Decision::Target { .. }) && self.role == Role::Primary {
+                let d = self.sb_policy_0pri(
+                    &self.cfg.split_brain.after_sb_0pri.clone(),
+                    mine,
+                    theirs,
+                    peer,
+                    full,
+                )?;
+                if matches!(policy, SbPolicy::CallPriLostAfterSb)
+                    && matches!(d, Decision::Target { .. })
+                    && self.role == Role::Primary
+                {
                     // The losing primary must give up its role: it is demoted if no client holds it.
                     self.notify("pri-lost-after-sb", json!({}));
                     if !self.clients.is_empty() {

@@ -61,7 +61,7 @@ impl Resync {
         let done = self.done_blocks * BLOCK;
         let total = self.total_blocks * BLOCK;
         let rate = done * 1000 / elapsed;
-        let eta = if rate == 0 { 0 } else { total.saturating_sub(done) / rate };
+        let eta = total.saturating_sub(done).checked_div(rate).unwrap_or(0);
         ResyncStatus {
             done_bytes: done,
             total_bytes: total,
@@ -79,7 +79,11 @@ fn block_sums(data: &[u8]) -> Vec<u32> {
 
 impl Node {
     fn new_resync(&self, verify: bool, checksum: bool) -> Resync {
-        let total = if verify { self.bitmap.bits() } else { self.bitmap.count() };
+        let total = if verify {
+            self.bitmap.bits()
+        } else {
+            self.bitmap.count()
+        };
         Resync {
             verify,
             checksum: checksum || verify,
@@ -101,10 +105,17 @@ impl Node {
         if full {
             self.bitmap.set_all();
         }
-        let mode = if full { SyncMode::Full } else { SyncMode::Bitmap };
+        let mode = if full {
+            SyncMode::Full
+        } else {
+            SyncMode::Bitmap
+        };
         self.repl = Replication::SyncSource;
         self.resync = Some(self.new_resync(false, checksum));
-        self.send(Message::StartSync { mode, source_gis: self.meta.gis });
+        self.send(Message::StartSync {
+            mode,
+            source_gis: self.meta.gis,
+        });
         self.notify(
             "resync-started",
             json!({ "role": "source", "full": full, "checksum": checksum, "total_bytes": self.bitmap.bytes() }),
@@ -122,7 +133,10 @@ impl Node {
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
         self.send_state();
-        self.notify("resync-started", json!({ "role": "target", "total_bytes": self.bitmap.bytes() }));
+        self.notify(
+            "resync-started",
+            json!({ "role": "target", "total_bytes": self.bitmap.bytes() }),
+        );
     }
 
     pub(super) fn on_start_sync(&mut self, mode: SyncMode, _source_gis: Gis) {
@@ -177,14 +191,22 @@ impl Node {
         if !self.replicating() || self.repl != Replication::Established {
             return Err("verify needs a connected peer with no resync running".into());
         }
-        if self.disk != DiskState::UpToDate || self.peer.as_ref().is_none_or(|p| p.disk != DiskState::UpToDate) {
+        if self.disk != DiskState::UpToDate
+            || self
+                .peer
+                .as_ref()
+                .is_none_or(|p| p.disk != DiskState::UpToDate)
+        {
             return Err("verify needs both disks up to date".into());
         }
         self.repl = Replication::VerifySource;
         self.resync = Some(self.new_resync(true, true));
         self.last_verify = None;
         self.send(Message::StartVerify);
-        self.notify("verify-started", json!({ "role": "source", "total_bytes": self.cfg.data_size }));
+        self.notify(
+            "verify-started",
+            json!({ "role": "source", "total_bytes": self.cfg.data_size }),
+        );
         self.resync_pump();
         Ok("verify started".into())
     }
@@ -220,21 +242,30 @@ impl Node {
         let now = self.now_ms;
         let rate = self.cfg.sync_rate;
         let app_busy = !self.reqs.is_empty() || !self.held.is_empty();
-        let Some(r) = self.resync.as_mut() else { return };
+        let Some(r) = self.resync.as_mut() else {
+            return;
+        };
         let dt = now.saturating_sub(r.last_refill_ms);
         r.last_refill_ms = now;
         // Back off to a quarter of the cap while application I/O waits (at least 4 MiB/s).
-        let effective = if app_busy || r.app_busy { (rate / 4).max(4 << 20).min(rate) } else { rate };
+        let effective = if app_busy || r.app_busy {
+            (rate / 4).max(4 << 20).min(rate)
+        } else {
+            rate
+        };
         r.app_busy = app_busy;
         let cap = (effective / 5) as i64; // at most 200 ms of burst
-        r.budget = (r.budget + (effective * dt / 1000) as i64).min(cap.max(RUN_BLOCKS as i64 * BLOCK as i64));
+        r.budget = (r.budget + (effective * dt / 1000) as i64)
+            .min(cap.max(RUN_BLOCKS as i64 * BLOCK as i64));
         self.resync_pump();
     }
 
     /// Starts as many resync requests as the budget and the in-flight limit allow.
     fn resync_pump(&mut self) {
         loop {
-            let Some(r) = self.resync.as_ref() else { return };
+            let Some(r) = self.resync.as_ref() else {
+                return;
+            };
             if r.batches.len() >= MAX_INFLIGHT || r.budget <= 0 {
                 return;
             }
@@ -263,10 +294,24 @@ impl Node {
             if let Some(r) = self.resync.as_mut() {
                 r.cursor = last;
                 r.budget -= range.len() as i64;
-                r.batches.insert(bid, Batch { range, sums: None, writes_out: 0, dirtied: Vec::new(), seen: 0 });
+                r.batches.insert(
+                    bid,
+                    Batch {
+                        range,
+                        sums: None,
+                        writes_out: 0,
+                        dirtied: Vec::new(),
+                        seen: 0,
+                    },
+                );
             }
             if checksum {
-                self.send(Message::ChecksumRequest { id: bid, offset, len: range.len() as u32, verify });
+                self.send(Message::ChecksumRequest {
+                    id: bid,
+                    offset,
+                    len: range.len() as u32,
+                    verify,
+                });
             } else {
                 self.resync_read(bid, range);
             }
@@ -282,7 +327,10 @@ impl Node {
             WriteEntry {
                 range,
                 origin: Origin::ResyncRead,
-                pieces: vec![DiskOp::Read { offset: range.start, len: range.len() as u32 }],
+                pieces: vec![DiskOp::Read {
+                    offset: range.start,
+                    len: range.len() as u32,
+                }],
                 parts_pending: 0,
                 ready,
                 al_ok: true,
@@ -325,7 +373,11 @@ impl Node {
         // Which blocks to send: all, or those whose checksums differ.
         let mine = block_sums(&data);
         let differs: Vec<bool> = match &batch.sums {
-            Some(theirs) => mine.iter().enumerate().map(|(i, s)| theirs.get(i) != Some(s)).collect(),
+            Some(theirs) => mine
+                .iter()
+                .enumerate()
+                .map(|(i, s)| theirs.get(i) != Some(s))
+                .collect(),
             None => vec![true; mine.len()],
         };
         let mut writes_out = 0;
@@ -333,7 +385,8 @@ impl Node {
             let n = differs.iter().filter(|d| **d).count() as u64;
             for (i, d) in differs.iter().enumerate() {
                 if *d {
-                    self.bitmap.set_range(Range::new((first_block + i as u64) * BLOCK, BLOCK));
+                    self.bitmap
+                        .set_range(Range::new((first_block + i as u64) * BLOCK, BLOCK));
                 }
             }
             if let Some(r) = self.resync.as_mut() {
@@ -383,18 +436,34 @@ impl Node {
                 if self.faults.clear_resync_bit_early {
                     // Fault injection (simulator only): count the blocks as synced
                     // once queued, before the target has written them.
-                    let n = self.bitmap.clear_blocks(range.start / BLOCK..range.end.div_ceil(BLOCK));
+                    let n = self
+                        .bitmap
+                        .clear_blocks(range.start / BLOCK..range.end.div_ceil(BLOCK));
                     if let Some(r) = self.resync.as_mut() {
                         r.done_blocks += n;
                     }
                 } else {
-                    self.recent.insert(seq, super::node::Recent { range, req: None, sent_ms: self.now_ms });
+                    self.recent.insert(
+                        seq,
+                        super::node::Recent {
+                            range,
+                            req: None,
+                            sent_ms: self.now_ms,
+                        },
+                    );
                     writes_out += 1;
                 }
                 // `seen` as of the read, not now: peer writes ordered after the read
                 // are not in this data, so the target must not let it overwrite
                 // them (simulator finding).
-                self.send(Message::Write { seq, seen: batch.seen, offset, kind: WriteKind::Data(piece), fua: true, resync: true });
+                self.send(Message::Write {
+                    seq,
+                    seen: batch.seen,
+                    offset,
+                    kind: WriteKind::Data(piece),
+                    fua: true,
+                    resync: true,
+                });
                 i = j;
             }
         }
@@ -402,7 +471,16 @@ impl Node {
         self.write_done_after_read(wid);
         if writes_out > 0 {
             if let Some(r) = self.resync.as_mut() {
-                r.batches.insert(bid, Batch { range: batch.range, sums: None, writes_out, dirtied: Vec::new(), seen: batch.seen });
+                r.batches.insert(
+                    bid,
+                    Batch {
+                        range: batch.range,
+                        sums: None,
+                        writes_out,
+                        dirtied: Vec::new(),
+                        seen: batch.seen,
+                    },
+                );
             }
         }
         self.resync_pump();
@@ -411,7 +489,9 @@ impl Node {
     /// A local write to `range` was just sent to the peer: resync reads already
     /// in the disk order ahead of it must not send their older data for it.
     pub(super) fn resync_note_local_write(&mut self, range: Range) {
-        let Some(r) = self.resync.as_mut() else { return };
+        let Some(r) = self.resync.as_mut() else {
+            return;
+        };
         if r.verify {
             return;
         }
@@ -433,8 +513,14 @@ impl Node {
 
     /// A resync write we sent was acknowledged (on the source).
     pub(super) fn resync_write_acked(&mut self, range: Range, error: u32) {
-        let Some(r) = self.resync.as_mut() else { return };
-        let bid = r.batches.iter().find(|(_, b)| b.range.start <= range.start && range.end <= b.range.end).map(|(k, _)| *k);
+        let Some(r) = self.resync.as_mut() else {
+            return;
+        };
+        let bid = r
+            .batches
+            .iter()
+            .find(|(_, b)| b.range.start <= range.start && range.end <= b.range.end)
+            .map(|(k, _)| *k);
         let Some(bid) = bid else { return };
         if let Some(b) = r.batches.get_mut(&bid) {
             b.writes_out -= 1;
@@ -452,7 +538,10 @@ impl Node {
         } else {
             self.bitmap.set_range(range);
             self.stop_resync();
-            self.notify("resync-failed", json!({ "reason": "the peer failed to write resync data" }));
+            self.notify(
+                "resync-failed",
+                json!({ "reason": "the peer failed to write resync data" }),
+            );
             return;
         }
         self.resync_pump();
@@ -468,7 +557,9 @@ impl Node {
     }
 
     fn maybe_finish_resync(&mut self) {
-        let Some(r) = self.resync.as_ref() else { return };
+        let Some(r) = self.resync.as_ref() else {
+            return;
+        };
         if !r.batches.is_empty() || !r.reads.is_empty() {
             return;
         }
@@ -476,8 +567,13 @@ impl Node {
         if r.verify {
             self.repl = Replication::Established;
             self.last_verify = Some(r.differing_blocks);
-            self.send(Message::VerifyDone { differing_blocks: r.differing_blocks });
-            self.notify("verify-finished", json!({ "differing_blocks": r.differing_blocks, "role": "source" }));
+            self.send(Message::VerifyDone {
+                differing_blocks: r.differing_blocks,
+            });
+            self.notify(
+                "verify-finished",
+                json!({ "differing_blocks": r.differing_blocks, "role": "source" }),
+            );
             let pages = self.bitmap.take_dirty();
             self.persist_bitmap_pages(pages);
             return;
@@ -501,7 +597,9 @@ impl Node {
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        self.send(Message::SyncDone { source_gis: self.meta.gis });
+        self.send(Message::SyncDone {
+            source_gis: self.meta.gis,
+        });
         self.notify(
             "resync-finished",
             json!({ "role": "source", "bytes_sent": r.bytes_sent, "total_bytes": r.total_blocks * BLOCK, "gis": gis_json(&self.meta.gis) }),
@@ -511,7 +609,10 @@ impl Node {
     pub(super) fn on_sync_done(&mut self, source_gis: Gis) {
         let n = self.bitmap.bits();
         self.bitmap.clear_blocks(0..n);
-        self.meta.gis = Gis { bitmap: 0, ..source_gis };
+        self.meta.gis = Gis {
+            bitmap: 0,
+            ..source_gis
+        };
         self.disk = DiskState::UpToDate;
         self.crashed_primary = false;
         self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
@@ -521,18 +622,28 @@ impl Node {
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
         self.send_state();
-        self.notify("resync-finished", json!({ "role": "target", "gis": gis_json(&self.meta.gis) }));
+        self.notify(
+            "resync-finished",
+            json!({ "role": "target", "gis": gis_json(&self.meta.gis) }),
+        );
     }
 
     pub(super) fn on_checksum_request(&mut self, id: u64, offset: u64, len: u32, verify: bool) {
-        if len == 0 || offset.checked_add(len as u64).is_none_or(|e| e > self.cfg.data_size) {
+        if len == 0
+            || offset
+                .checked_add(len as u64)
+                .is_none_or(|e| e > self.cfg.data_size)
+        {
             self.drop_peer("protocol error: checksum request outside the device", true);
             return;
         }
         if verify {
             let io = self.new_id();
             self.ios.insert(io, Io::ChecksumRead { id, verify });
-            self.out.push(Action::Disk { id: io, op: DiskOp::Read { offset, len } });
+            self.out.push(Action::Disk {
+                id: io,
+                op: DiskOp::Read { offset, len },
+            });
             return;
         }
         // Checksum resync clears the source's bit when the sums match, so what
@@ -541,24 +652,53 @@ impl Node {
         // matched, its bit was cleared, then a power loss here lost it).
         let io = self.new_id();
         self.ios.insert(io, Io::ChecksumFlush { id, offset, len });
-        self.out.push(Action::Disk { id: io, op: DiskOp::Flush });
+        self.out.push(Action::Disk {
+            id: io,
+            op: DiskOp::Flush,
+        });
     }
 
     /// The flush before a checksum resync read is done: read now.
-    pub(super) fn on_checksum_flush_done(&mut self, id: u64, offset: u64, len: u32, result: Result<Option<Bytes>, u32>) {
+    pub(super) fn on_checksum_flush_done(
+        &mut self,
+        id: u64,
+        offset: u64,
+        len: u32,
+        result: Result<Option<Bytes>, u32>,
+    ) {
         if let Err(error) = result {
-            self.send(Message::ChecksumReply { id, error, sums: Vec::new() });
+            self.send(Message::ChecksumReply {
+                id,
+                error,
+                sums: Vec::new(),
+            });
             return;
         }
         let io = self.new_id();
         self.ios.insert(io, Io::ChecksumRead { id, verify: false });
-        self.out.push(Action::Disk { id: io, op: DiskOp::Read { offset, len } });
+        self.out.push(Action::Disk {
+            id: io,
+            op: DiskOp::Read { offset, len },
+        });
     }
 
-    pub(super) fn on_checksum_read_done(&mut self, id: u64, _verify: bool, result: Result<Option<Bytes>, u32>) {
+    pub(super) fn on_checksum_read_done(
+        &mut self,
+        id: u64,
+        _verify: bool,
+        result: Result<Option<Bytes>, u32>,
+    ) {
         let m = match result {
-            Ok(d) => Message::ChecksumReply { id, error: 0, sums: block_sums(&d.unwrap_or_default()) },
-            Err(error) => Message::ChecksumReply { id, error, sums: Vec::new() },
+            Ok(d) => Message::ChecksumReply {
+                id,
+                error: 0,
+                sums: block_sums(&d.unwrap_or_default()),
+            },
+            Err(error) => Message::ChecksumReply {
+                id,
+                error,
+                sums: Vec::new(),
+            },
         };
         self.send(m);
     }

@@ -97,21 +97,49 @@ pub struct MetaState {
 /// An NBD-level request, already validated against the export by the daemon.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IoRequest {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32, may_trim: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        may_trim: bool,
+    },
 }
 
 /// A disk operation for the daemon's disk engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskOp {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64, may_trim: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+    },
 }
 
 /// What to persist. The daemon writes these in the order given, durably, then
@@ -121,7 +149,10 @@ pub enum MetaWrite {
     Superblock(MetaState),
     ActivityLog(Vec<u32>),
     /// Bitmap pages, with a snapshot of the whole bitmap to take them from.
-    BitmapPages { pages: Vec<usize>, words: std::sync::Arc<Vec<u64>> },
+    BitmapPages {
+        pages: Vec<usize>,
+        words: std::sync::Arc<Vec<u64>>,
+    },
 }
 
 /// Operator commands (from the control socket).
@@ -148,30 +179,65 @@ pub mod errno {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// An NBD request from connection `conn` with the client's `cookie`.
-    Request { conn: ConnId, cookie: u64, req: IoRequest },
-    DiskDone { id: u64, result: Result<Option<Bytes>, u32> },
-    MetaDone { id: u64, ok: bool },
+    Request {
+        conn: ConnId,
+        cookie: u64,
+        req: IoRequest,
+    },
+    DiskDone {
+        id: u64,
+        result: Result<Option<Bytes>, u32>,
+    },
+    MetaDone {
+        id: u64,
+        ok: bool,
+    },
     /// The link is authenticated and the peer's Hello arrived.
-    PeerUp { hello: crate::peer::Hello },
+    PeerUp {
+        hello: crate::peer::Hello,
+    },
     PeerMsg(Message),
     /// The link broke or was dropped.
-    PeerDown { reason: String },
+    PeerDown {
+        reason: String,
+    },
     /// Time passes (milliseconds on a monotonic clock).
-    Tick { now_ms: u64 },
-    Admin { id: u64, cmd: AdminCmd },
+    Tick {
+        now_ms: u64,
+    },
+    Admin {
+        id: u64,
+        cmd: AdminCmd,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Disk { id: u64, op: DiskOp },
-    Reply { conn: ConnId, cookie: u64, result: Result<Option<Bytes>, u32> },
+    Disk {
+        id: u64,
+        op: DiskOp,
+    },
+    Reply {
+        conn: ConnId,
+        cookie: u64,
+        result: Result<Option<Bytes>, u32>,
+    },
     Send(Message),
-    Persist { id: u64, write: MetaWrite },
+    Persist {
+        id: u64,
+        write: MetaWrite,
+    },
     /// Start the peer link (dial and accept).
     Connect,
     /// Drop the peer link and stay standalone until `Connect`.
-    DropPeer { reason: String, reconnect: bool },
-    AdminReply { id: u64, result: Result<String, String> },
+    DropPeer {
+        reason: String,
+        reconnect: bool,
+    },
+    AdminReply {
+        id: u64,
+        result: Result<String, String>,
+    },
     /// A state change for `mirrorctl events` and the log.
     Notify(serde_json::Value),
     /// Run the split-brain handler (fire and forget).

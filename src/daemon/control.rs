@@ -14,10 +14,12 @@ use crate::ctl::{CtlRequest, CtlResponse};
 
 pub fn bind(path: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).map_err(|e| format!("cannot listen on control socket {}: {e}", path.display()))?;
+    let l = UnixListener::bind(path)
+        .map_err(|e| format!("cannot listen on control socket {}: {e}", path.display()))?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
     Ok(l)
 }
@@ -52,7 +54,14 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
         Ok(r) => r,
         Err(e) => {
             let _ = wr
-                .write_all(reply(CtlResponse { ok: false, message: Some(format!("bad request: {e}")), status: None }).as_bytes())
+                .write_all(
+                    reply(CtlResponse {
+                        ok: false,
+                        message: Some(format!("bad request: {e}")),
+                        status: None,
+                    })
+                    .as_bytes(),
+                )
                 .await;
             return;
         }
@@ -61,7 +70,16 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
         CtlRequest::Status => {
             let st = shared.core().status();
             let status = serde_json::to_value(&st).ok();
-            let _ = wr.write_all(reply(CtlResponse { ok: true, message: None, status }).as_bytes()).await;
+            let _ = wr
+                .write_all(
+                    reply(CtlResponse {
+                        ok: true,
+                        message: None,
+                        status,
+                    })
+                    .as_bytes(),
+                )
+                .await;
             return;
         }
         CtlRequest::Events => {
@@ -79,7 +97,8 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        let l = serde_json::json!({ "event": "lagged", "missed": n }).to_string() + "\n";
+                        let l = serde_json::json!({ "event": "lagged", "missed": n }).to_string()
+                            + "\n";
                         if wr.write_all(l.as_bytes()).await.is_err() {
                             return;
                         }
@@ -98,8 +117,16 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
     };
     let r = shared.admin(cmd).await;
     let resp = match r {
-        Ok(m) => CtlResponse { ok: true, message: Some(m), status: None },
-        Err(m) => CtlResponse { ok: false, message: Some(m), status: None },
+        Ok(m) => CtlResponse {
+            ok: true,
+            message: Some(m),
+            status: None,
+        },
+        Err(m) => CtlResponse {
+            ok: false,
+            message: Some(m),
+            status: None,
+        },
     };
     let _ = wr.write_all(reply(resp).as_bytes()).await;
 }

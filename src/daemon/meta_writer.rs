@@ -13,7 +13,11 @@ pub struct MetaWriter {
 
 impl MetaWriter {
     /// `done` is called on the writer thread after each write.
-    pub fn start(mut store: MetaStore, template: Superblock, done: impl Fn(Event) + Send + 'static) -> MetaWriter {
+    pub fn start(
+        mut store: MetaStore,
+        template: Superblock,
+        done: impl Fn(Event) + Send + 'static,
+    ) -> MetaWriter {
         let (tx, rx) = mpsc::channel::<(u64, MetaWrite)>();
         let join = std::thread::Builder::new()
             .name("meta-writer".into())
@@ -22,7 +26,11 @@ impl MetaWriter {
                     let result = match &write {
                         MetaWrite::Superblock(m) => {
                             let sb = Superblock {
-                                gi: GenerationIds { current: m.gis.current, bitmap: m.gis.bitmap, history: m.gis.history },
+                                gi: GenerationIds {
+                                    current: m.gis.current,
+                                    bitmap: m.gis.bitmap,
+                                    history: m.gis.history,
+                                },
                                 flags: m.flags,
                                 resync_offset: m.resync_offset,
                                 ..template.clone()
@@ -30,16 +38,24 @@ impl MetaWriter {
                             store.write_superblock(&sb)
                         }
                         MetaWrite::ActivityLog(set) => store.write_activity_log(set),
-                        MetaWrite::BitmapPages { pages, words } => store.write_bitmap_pages(words, pages),
+                        MetaWrite::BitmapPages { pages, words } => {
+                            store.write_bitmap_pages(words, pages)
+                        }
                     };
                     if let Err(e) = &result {
                         tracing::error!("metadata write failed: {e}");
                     }
-                    done(Event::MetaDone { id, ok: result.is_ok() });
+                    done(Event::MetaDone {
+                        id,
+                        ok: result.is_ok(),
+                    });
                 }
             })
             .expect("spawning the metadata writer thread");
-        MetaWriter { tx, join: Some(join) }
+        MetaWriter {
+            tx,
+            join: Some(join),
+        }
     }
 
     pub fn submit(&self, id: u64, write: MetaWrite) {

@@ -121,9 +121,16 @@ impl Shared {
         for a in actions {
             match a {
                 Action::Disk { id, op } => self.submit_disk(id, op),
-                Action::Reply { conn, cookie, result } => {
+                Action::Reply {
+                    conn,
+                    cookie,
+                    result,
+                } => {
                     if let Some(tx) = lock(&self.conns).get(&conn) {
-                        let _ = tx.send(ConnMsg::Reply { idx: cookie, result });
+                        let _ = tx.send(ConnMsg::Reply {
+                            idx: cookie,
+                            result,
+                        });
                     }
                 }
                 Action::AdminReply { id, result } => {
@@ -159,13 +166,29 @@ impl Shared {
             DiskOp::Write { offset, data, fua } => E::Write { offset, data, fua },
             DiskOp::Flush => E::Flush,
             DiskOp::Trim { offset, len } => E::Trim { offset, len },
-            DiskOp::WriteZeroes { offset, len, may_trim } => E::WriteZeroes { offset, len, may_trim },
+            DiskOp::WriteZeroes {
+                offset,
+                len,
+                may_trim,
+            } => E::WriteZeroes {
+                offset,
+                len,
+                may_trim,
+            },
         };
         let me = self.clone();
         let traced = self.disk_trace.as_ref().and_then(|_| match &op {
             E::Flush => Some("flush".to_string()),
-            E::Write { offset, data, fua: true } => Some(format!("fua-write {offset} {}", data.len())),
-            E::Write { offset, data, fua: false } => Some(format!("write {offset} {}", data.len())),
+            E::Write {
+                offset,
+                data,
+                fua: true,
+            } => Some(format!("fua-write {offset} {}", data.len())),
+            E::Write {
+                offset,
+                data,
+                fua: false,
+            } => Some(format!("write {offset} {}", data.len())),
             _ => None,
         });
         self.disk.submit(
@@ -197,7 +220,10 @@ impl Shared {
         let res = std::process::Command::new(&path)
             .env("RESOURCE", &self.settings.resource)
             .env("NODE", &self.settings.node().name)
-            .env("PEER", self.settings.peer().map(|p| p.name.as_str()).unwrap_or(""))
+            .env(
+                "PEER",
+                self.settings.peer().map(|p| p.name.as_str()).unwrap_or(""),
+            )
             .spawn();
         match res {
             Ok(mut child) => {
@@ -215,7 +241,8 @@ impl Shared {
         let (tx, rx) = oneshot::channel();
         lock(&self.admin).insert(id, tx);
         self.handle(Event::Admin { id, cmd });
-        rx.await.unwrap_or_else(|_| Err("the daemon is shutting down".into()))
+        rx.await
+            .unwrap_or_else(|_| Err("the daemon is shutting down".into()))
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -236,11 +263,21 @@ pub fn run(settings: Settings) -> Result<(), String> {
 }
 
 async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> {
-    let setup::Opened { store, loaded, disk } = opened;
+    let setup::Opened {
+        store,
+        loaded,
+        disk,
+    } = opened;
     let data_size = store.layout().data_size;
     let cfg = setup::core_config(&settings, data_size, loaded.superblock.al_slots, MAX_IO);
     let seed = crate::storage::meta::new_generation_id().map_err(|e| e.to_string())?;
-    let node = Node::new(cfg, setup::meta_state(&loaded), &loaded.bitmap, &loaded.active_extents, seed);
+    let node = Node::new(
+        cfg,
+        setup::meta_state(&loaded),
+        &loaded.bitmap,
+        &loaded.active_extents,
+        seed,
+    );
     tracing::info!(
         "resource {} node {}: disk {} ({} bytes, engine {}), metadata {}",
         settings.resource,
@@ -269,7 +306,13 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
         stop_tx,
         stop_rx,
         disk_trace: std::env::var_os("MIRRORD_DISK_TRACE")
-            .and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok())
+            .and_then(|p| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .ok()
+            })
             .map(Mutex::new),
         settings,
     });
@@ -283,8 +326,12 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
     // Actions the core produced while starting (replayed log, connect).
     shared.with_core(|_| ());
 
-    std::fs::create_dir_all(&shared.settings.run_dir)
-        .map_err(|e| format!("cannot create run-dir {}: {e}", shared.settings.run_dir.display()))?;
+    std::fs::create_dir_all(&shared.settings.run_dir).map_err(|e| {
+        format!(
+            "cannot create run-dir {}: {e}",
+            shared.settings.run_dir.display()
+        )
+    })?;
     let nbd_listener = nbd_conn::bind(&shared.settings.nbd_listen).await?;
     let ctl_listener = control::bind(&shared.settings.control_socket())?;
     let mut tasks = tokio::task::JoinSet::new();
@@ -294,7 +341,11 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
         tasks.spawn(peer_link::run(shared.clone()));
     }
     tasks.spawn(tick_loop(shared.clone()));
-    tracing::info!("serving NBD export {} on {}", shared.settings.resource, shared.settings.nbd_listen);
+    tracing::info!(
+        "serving NBD export {} on {}",
+        shared.settings.resource,
+        shared.settings.nbd_listen
+    );
     notify::notify("READY=1");
 
     wait_for_signal().await;
@@ -340,7 +391,10 @@ async fn tick_loop(shared: Arc<Shared>) {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; running until killed");
         std::future::pending::<()>().await;
         return;

@@ -15,9 +15,9 @@ use crate::config::Listen;
 use crate::core::{ConnId, Event, IoRequest};
 use crate::nbd::consts::*;
 use crate::nbd::{
-    chunk_block_status, chunk_error, chunk_none, chunk_offset_data_header, simple_reply, transmission_flags,
-    validate, Command, Decoded, ExportInfo, ExportQuery, HandshakeOptions, HandshakeStep, Negotiated, RequestDecoder,
-    ServerHandshake,
+    chunk_block_status, chunk_error, chunk_none, chunk_offset_data_header, simple_reply,
+    transmission_flags, validate, Command, Decoded, ExportInfo, ExportQuery, HandshakeOptions,
+    HandshakeStep, Negotiated, RequestDecoder, ServerHandshake,
 };
 
 /// How long a client may take to finish the handshake.
@@ -28,12 +28,29 @@ const ZERO_COPY_MIN: usize = 64 * 1024;
 /// What the reader (and the core, through the dispatcher) tells the writer.
 pub enum ConnMsg {
     /// A request handed to the core as `idx`.
-    Register { idx: u64, cookie: u64, command: Command, offset: u64, flush_after: bool },
+    Register {
+        idx: u64,
+        cookie: u64,
+        command: Command,
+        offset: u64,
+        flush_after: bool,
+    },
     /// The core's answer for `idx`.
-    Reply { idx: u64, result: Result<Option<Bytes>, u32> },
+    Reply {
+        idx: u64,
+        result: Result<Option<Bytes>, u32>,
+    },
     /// An answer decided without the core (validation errors, no-ops).
-    Direct { cookie: u64, command: Command, error: u32 },
-    BlockStatus { cookie: u64, context: u32, extents: Vec<(u32, u32)> },
+    Direct {
+        cookie: u64,
+        command: Command,
+        error: u32,
+    },
+    BlockStatus {
+        cookie: u64,
+        context: u32,
+        extents: Vec<(u32, u32)>,
+    },
     /// The reader stopped: finish what is registered, then close.
     ReaderDone,
 }
@@ -47,7 +64,8 @@ pub async fn bind(listen: &Listen) -> Result<Listener, String> {
     match listen {
         Listen::Unix(path) => {
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
             let _ = std::fs::remove_file(path);
             tokio::net::UnixListener::bind(path)
@@ -63,7 +81,9 @@ pub async fn bind(listen: &Listen) -> Result<Listener, String> {
 
 pub async fn accept_loop(shared: Arc<Shared>, listener: Listener) {
     loop {
-        let conn = shared.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let conn = shared
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &listener {
             Listener::Unix(l) => match l.accept().await {
                 Ok((s, _)) => {
@@ -89,10 +109,18 @@ async fn accept_error(e: std::io::Error) {
 
 fn export_info(shared: &Shared) -> ExportInfo {
     let s = &shared.settings;
-    let min_block = if s.disk.direct_io { shared.disk.logical_block_size() } else { 1 };
+    let min_block = if s.disk.direct_io {
+        shared.disk.logical_block_size()
+    } else {
+        1
+    };
     ExportInfo {
         name: s.resource.clone(),
-        description: format!("nbd-mirror resource {} on node {}", s.resource, s.node().name),
+        description: format!(
+            "nbd-mirror resource {} on node {}",
+            s.resource,
+            s.node().name
+        ),
         size: shared.disk.size(),
         flags: transmission_flags(false),
         min_block,
@@ -101,10 +129,19 @@ fn export_info(shared: &Shared) -> ExportInfo {
     }
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(shared: Arc<Shared>, conn: ConnId, stream: S, peer: String) {
+async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
+    shared: Arc<Shared>,
+    conn: ConnId,
+    stream: S,
+    peer: String,
+) {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
-    let neg = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&shared, conn, &mut rd, &mut wr, &mut inbuf)).await
+    let neg = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&shared, conn, &mut rd, &mut wr, &mut inbuf),
+    )
+    .await
     {
         Ok(Ok(Some(neg))) => neg,
         Ok(Ok(None)) => return,
@@ -122,7 +159,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(shared: Arc<Shared>, 
     tracing::debug!("NBD client {peer} (conn {conn}) attached");
     let (tx, rx) = mpsc::unbounded_channel();
     lock(&shared.conns).insert(conn, tx.clone());
-    let writer = tokio::spawn(write_loop(shared.clone(), conn, wr, rx, neg.structured_replies));
+    let writer = tokio::spawn(write_loop(
+        shared.clone(),
+        conn,
+        wr,
+        rx,
+        neg.structured_replies,
+    ));
     if let Err(e) = read_loop(&shared, conn, &mut rd, inbuf, &tx, &neg).await {
         tracing::warn!("NBD client {peer} (conn {conn}): {e}; closing");
     }
@@ -143,35 +186,54 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
 ) -> Result<Option<Negotiated>, String> {
     let s = &shared.settings;
     let mut hs = ServerHandshake::new(HandshakeOptions {
-        exports: vec![(s.resource.clone(), format!("nbd-mirror resource {} on node {}", s.resource, s.node().name))],
+        exports: vec![(
+            s.resource.clone(),
+            format!(
+                "nbd-mirror resource {} on node {}",
+                s.resource,
+                s.node().name
+            ),
+        )],
         allow_structured_replies: true,
     });
     let mut out = BytesMut::new();
     loop {
         hs.take_output(&mut out);
         if !out.is_empty() {
-            wr.write_all(&out).await.map_err(|e| format!("write during handshake: {e}"))?;
+            wr.write_all(&out)
+                .await
+                .map_err(|e| format!("write during handshake: {e}"))?;
             out.clear();
         }
         match hs.feed(inbuf).map_err(|e| e.to_string())? {
             HandshakeStep::NeedMore => {
                 hs.take_output(&mut out);
                 if !out.is_empty() {
-                    wr.write_all(&out).await.map_err(|e| format!("write during handshake: {e}"))?;
+                    wr.write_all(&out)
+                        .await
+                        .map_err(|e| format!("write during handshake: {e}"))?;
                     out.clear();
                 }
-                let n = rd.read_buf(inbuf).await.map_err(|e| format!("read during handshake: {e}"))?;
+                let n = rd
+                    .read_buf(inbuf)
+                    .await
+                    .map_err(|e| format!("read during handshake: {e}"))?;
                 if n == 0 {
                     return Ok(None);
                 }
             }
             HandshakeStep::ExportLookup { name, query } => {
                 let answer = if name != s.resource && !name.is_empty() {
-                    Err(format!("no export named {name:?}; this server exports {:?}", s.resource))
+                    Err(format!(
+                        "no export named {name:?}; this server exports {:?}",
+                        s.resource
+                    ))
                 } else if query == ExportQuery::Info {
                     Ok(export_info(shared))
                 } else {
-                    shared.with_core(|c| c.attach_client(conn)).map(|_| export_info(shared))
+                    shared
+                        .with_core(|c| c.attach_client(conn))
+                        .map(|_| export_info(shared))
                 };
                 if let Err(e) = &answer {
                     tracing::warn!("NBD conn {conn}: refused export {name:?}: {e}");
@@ -180,7 +242,9 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
             HandshakeStep::Done(neg) => {
                 hs.take_output(&mut out);
-                wr.write_all(&out).await.map_err(|e| format!("write during handshake: {e}"))?;
+                wr.write_all(&out)
+                    .await
+                    .map_err(|e| format!("write during handshake: {e}"))?;
                 return Ok(Some(neg));
             }
             HandshakeStep::Closed => {
@@ -212,12 +276,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let (req, payload) = match d {
                 Decoded::Request { req, payload } => (req, payload),
                 Decoded::Oversized { req } => {
-                    let _ = tx.send(ConnMsg::Direct { cookie: req.cookie, command: req.command, error: NBD_EINVAL });
+                    let _ = tx.send(ConnMsg::Direct {
+                        cookie: req.cookie,
+                        command: req.command,
+                        error: NBD_EINVAL,
+                    });
                     continue;
                 }
             };
             if let Err(error) = validate(&req, neg) {
-                let _ = tx.send(ConnMsg::Direct { cookie: req.cookie, command: req.command, error });
+                let _ = tx.send(ConnMsg::Direct {
+                    cookie: req.cookie,
+                    command: req.command,
+                    error,
+                });
                 continue;
             }
             let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
@@ -228,19 +300,43 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Command::Cache => None,
                 Command::BlockStatus => {
-                    let extents = block_status(shared, req.offset, req.length, req.flags & NBD_CMD_FLAG_REQ_ONE != 0);
+                    let extents = block_status(
+                        shared,
+                        req.offset,
+                        req.length,
+                        req.flags & NBD_CMD_FLAG_REQ_ONE != 0,
+                    );
                     let context = neg.base_allocation_context.unwrap_or(0);
-                    let _ = tx.send(ConnMsg::BlockStatus { cookie: req.cookie, context, extents });
+                    let _ = tx.send(ConnMsg::BlockStatus {
+                        cookie: req.cookie,
+                        context,
+                        extents,
+                    });
                     continue;
                 }
-                _ if req.length == 0 => None,
-                Command::Read => Some(IoRequest::Read { offset: req.offset, len: req.length }),
-                Command::Write => Some(IoRequest::Write { offset: req.offset, data: payload, fua }),
                 Command::Flush => Some(IoRequest::Flush),
-                Command::Trim => Some(IoRequest::Trim { offset: req.offset, len: req.length }),
+                // Zero-length data commands: success without I/O (FLUSH is handled above).
+                _ if req.length == 0 => None,
+                Command::Read => Some(IoRequest::Read {
+                    offset: req.offset,
+                    len: req.length,
+                }),
+                Command::Write => Some(IoRequest::Write {
+                    offset: req.offset,
+                    data: payload,
+                    fua,
+                }),
+                Command::Trim => Some(IoRequest::Trim {
+                    offset: req.offset,
+                    len: req.length,
+                }),
                 Command::WriteZeroes => {
                     if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 && !fast_zero {
-                        let _ = tx.send(ConnMsg::Direct { cookie: req.cookie, command: req.command, error: NBD_ENOTSUP });
+                        let _ = tx.send(ConnMsg::Direct {
+                            cookie: req.cookie,
+                            command: req.command,
+                            error: NBD_ENOTSUP,
+                        });
                         continue;
                     }
                     Some(IoRequest::WriteZeroes {
@@ -250,18 +346,36 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     })
                 }
                 Command::Unknown(_) => {
-                    let _ = tx.send(ConnMsg::Direct { cookie: req.cookie, command: req.command, error: NBD_EINVAL });
+                    let _ = tx.send(ConnMsg::Direct {
+                        cookie: req.cookie,
+                        command: req.command,
+                        error: NBD_EINVAL,
+                    });
                     continue;
                 }
             };
             let Some(io) = io else {
-                let _ = tx.send(ConnMsg::Direct { cookie: req.cookie, command: req.command, error: 0 });
+                let _ = tx.send(ConnMsg::Direct {
+                    cookie: req.cookie,
+                    command: req.command,
+                    error: 0,
+                });
                 continue;
             };
             idx += 1;
             let flush_after = fua && matches!(req.command, Command::Trim | Command::WriteZeroes);
-            let _ = tx.send(ConnMsg::Register { idx, cookie: req.cookie, command: req.command, offset: req.offset, flush_after });
-            events.push(Event::Request { conn, cookie: idx, req: io });
+            let _ = tx.send(ConnMsg::Register {
+                idx,
+                cookie: req.cookie,
+                command: req.command,
+                offset: req.offset,
+                flush_after,
+            });
+            events.push(Event::Request {
+                conn,
+                cookie: idx,
+                req: io,
+            });
         }
         if !events.is_empty() {
             shared.handle_many(events.drain(..));
@@ -287,7 +401,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
 fn block_status(shared: &Shared, offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
     let good = shared.core().disk_state() == crate::core::DiskState::UpToDate;
-    let exts = if good { shared.disk.block_status(offset, len as u64).ok() } else { None };
+    let exts = if good {
+        shared.disk.block_status(offset, len as u64).ok()
+    } else {
+        None
+    };
     let mut out = Vec::new();
     match exts {
         Some(exts) if !exts.is_empty() => {
@@ -300,7 +418,8 @@ fn block_status(shared: &Shared, offset: u64, len: u32, req_one: bool) -> Vec<(u
                 if l == 0 {
                     break;
                 }
-                let flags = (if e.hole { NBD_STATE_HOLE } else { 0 }) | (if e.zero { NBD_STATE_ZERO } else { 0 });
+                let flags = (if e.hole { NBD_STATE_HOLE } else { 0 })
+                    | (if e.zero { NBD_STATE_ZERO } else { 0 });
                 out.push((l as u32, flags));
                 left -= l;
                 if req_one {
@@ -338,14 +457,36 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let mut batch = 0;
         while let Some(m) = msg.take() {
             match m {
-                ConnMsg::Register { idx, cookie, command, offset, flush_after } => {
-                    pending.insert(idx, Pending { cookie, command, offset, flush_after });
+                ConnMsg::Register {
+                    idx,
+                    cookie,
+                    command,
+                    offset,
+                    flush_after,
+                } => {
+                    pending.insert(
+                        idx,
+                        Pending {
+                            cookie,
+                            command,
+                            offset,
+                            flush_after,
+                        },
+                    );
                 }
                 ConnMsg::ReaderDone => reader_done = true,
-                ConnMsg::Direct { cookie, command, error } => {
+                ConnMsg::Direct {
+                    cookie,
+                    command,
+                    error,
+                } => {
                     encode_reply(&mut out, structured, cookie, command, 0, error, None);
                 }
-                ConnMsg::BlockStatus { cookie, context, extents } => {
+                ConnMsg::BlockStatus {
+                    cookie,
+                    context,
+                    extents,
+                } => {
                     chunk_block_status(&mut out, cookie, context, &extents, true);
                 }
                 ConnMsg::Reply { idx, result } => {
@@ -357,24 +498,56 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                         // FUA on trim/zeroes: answer after a flush that follows the operation.
                         next_internal += 1;
                         let idx2 = next_internal;
-                        pending.insert(idx2, Pending { flush_after: false, ..p });
-                        shared.handle(Event::Request { conn, cookie: idx2, req: IoRequest::Flush });
+                        pending.insert(
+                            idx2,
+                            Pending {
+                                flush_after: false,
+                                ..p
+                            },
+                        );
+                        shared.handle(Event::Request {
+                            conn,
+                            cookie: idx2,
+                            req: IoRequest::Flush,
+                        });
                         continue;
                     }
                     match result {
                         Ok(Some(data)) if data.len() >= ZERO_COPY_MIN && !broken => {
-                            encode_reply(&mut out, structured, p.cookie, p.command, p.offset, 0, Some(data.len()));
-                            if wr.write_all(&out).await.is_err() || wr.write_all(&data).await.is_err() {
+                            encode_reply(
+                                &mut out,
+                                structured,
+                                p.cookie,
+                                p.command,
+                                p.offset,
+                                0,
+                                Some(data.len()),
+                            );
+                            if wr.write_all(&out).await.is_err()
+                                || wr.write_all(&data).await.is_err()
+                            {
                                 broken = true;
                             }
                             out.clear();
                         }
                         Ok(Some(data)) => {
-                            encode_reply(&mut out, structured, p.cookie, p.command, p.offset, 0, Some(data.len()));
+                            encode_reply(
+                                &mut out,
+                                structured,
+                                p.cookie,
+                                p.command,
+                                p.offset,
+                                0,
+                                Some(data.len()),
+                            );
                             out.extend_from_slice(&data);
                         }
-                        Ok(None) => encode_reply(&mut out, structured, p.cookie, p.command, p.offset, 0, None),
-                        Err(e) => encode_reply(&mut out, structured, p.cookie, p.command, p.offset, e, None),
+                        Ok(None) => encode_reply(
+                            &mut out, structured, p.cookie, p.command, p.offset, 0, None,
+                        ),
+                        Err(e) => encode_reply(
+                            &mut out, structured, p.cookie, p.command, p.offset, e, None,
+                        ),
                     }
                 }
             }

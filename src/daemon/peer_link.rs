@@ -54,7 +54,10 @@ impl PeerCtl {
 }
 
 pub async fn run(shared: Arc<Shared>) {
-    let (Some(me), Some(peer)) = (shared.settings.node().address, shared.settings.peer().and_then(|p| p.address)) else {
+    let (Some(me), Some(peer)) = (
+        shared.settings.node().address,
+        shared.settings.peer().and_then(|p| p.address),
+    ) else {
         return;
     };
     let listener = loop {
@@ -87,7 +90,10 @@ pub async fn run(shared: Arc<Shared>) {
 }
 
 fn i_sort_first(shared: &Shared) -> bool {
-    shared.settings.peer().is_some_and(|p| shared.settings.node().name < p.name)
+    shared
+        .settings
+        .peer()
+        .is_some_and(|p| shared.settings.node().name < p.name)
 }
 
 async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr) {
@@ -112,7 +118,9 @@ async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr) {
                 continue;
             }
         }
-        match tokio::time::timeout(retry.max(Duration::from_secs(1)), TcpStream::connect(peer)).await {
+        match tokio::time::timeout(retry.max(Duration::from_secs(1)), TcpStream::connect(peer))
+            .await
+        {
             Ok(Ok(s)) => establish(shared.clone(), s, peer, true).await,
             Ok(Err(e)) => tracing::debug!("connecting to peer {peer}: {e}"),
             Err(_) => tracing::debug!("connecting to peer {peer}: timed out"),
@@ -136,7 +144,12 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
     };
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let me = shared.settings.node().name.clone();
-    let hello = match tokio::time::timeout(AUTH_TIMEOUT, greet(&shared, &mut s, &mut inbuf, &secret, &me)).await {
+    let hello = match tokio::time::timeout(
+        AUTH_TIMEOUT,
+        greet(&shared, &mut s, &mut inbuf, &secret, &me),
+    )
+    .await
+    {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
             tracing::warn!("peer {addr}: {e}");
@@ -173,15 +186,26 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         had
     };
     if replaced {
-        shared.handle(Event::PeerDown { reason: "replaced by the preferred connection".into() });
+        shared.handle(Event::PeerDown {
+            reason: "replaced by the preferred connection".into(),
+        });
     }
     tokio::spawn(write_loop(shared.clone(), id, wr, rx));
     let reader = tokio::spawn(read_loop(shared.clone(), id, rd, inbuf));
     {
         let mut p = lock(&shared.peer);
-        p.active = Some(Active { id, tx, preferred, reader: reader.abort_handle() });
+        p.active = Some(Active {
+            id,
+            tx,
+            preferred,
+            reader: reader.abort_handle(),
+        });
     }
-    tracing::info!("peer link up with {} at {addr} ({})", hello.node, if dialed { "dialed" } else { "accepted" });
+    tracing::info!(
+        "peer link up with {} at {addr} ({})",
+        hello.node,
+        if dialed { "dialed" } else { "accepted" }
+    );
     // PeerUp is fed under the core lock only if this link is still the active one.
     shared.with_core(|c| {
         if lock(&shared.peer).is_active(id) {
@@ -198,29 +222,43 @@ async fn greet(
     secret: &[u8],
     me: &str,
 ) -> Result<Hello, String> {
-    let mut auth = Authenticator::new(secret, me, &shared.settings.resource).map_err(|e| format!("authentication setup: {e}"))?;
+    let mut auth = Authenticator::new(secret, me, &shared.settings.resource)
+        .map_err(|e| format!("authentication setup: {e}"))?;
     let mut out = BytesMut::new();
     loop {
         auth.take_output(&mut out);
         if !out.is_empty() {
-            s.write_all(&out).await.map_err(|e| format!("write during authentication: {e}"))?;
+            s.write_all(&out)
+                .await
+                .map_err(|e| format!("write during authentication: {e}"))?;
             out.clear();
         }
-        match auth.feed(inbuf).map_err(|e| format!("failed authentication: {e}"))? {
+        match auth
+            .feed(inbuf)
+            .map_err(|e| format!("failed authentication: {e}"))?
+        {
             AuthStep::NeedMore => {
                 auth.take_output(&mut out);
                 if !out.is_empty() {
-                    s.write_all(&out).await.map_err(|e| format!("write during authentication: {e}"))?;
+                    s.write_all(&out)
+                        .await
+                        .map_err(|e| format!("write during authentication: {e}"))?;
                     out.clear();
                 }
-                if s.read_buf(inbuf).await.map_err(|e| format!("read during authentication: {e}"))? == 0 {
+                if s.read_buf(inbuf)
+                    .await
+                    .map_err(|e| format!("read during authentication: {e}"))?
+                    == 0
+                {
                     return Err("closed the connection during authentication".into());
                 }
             }
             AuthStep::Done { .. } => {
                 auth.take_output(&mut out);
                 if !out.is_empty() {
-                    s.write_all(&out).await.map_err(|e| format!("write during authentication: {e}"))?;
+                    s.write_all(&out)
+                        .await
+                        .map_err(|e| format!("write during authentication: {e}"))?;
                     out.clear();
                 }
                 break;
@@ -229,14 +267,23 @@ async fn greet(
     }
     let hello = shared.core().hello();
     encode(&Message::Hello(hello), &mut out);
-    s.write_all(&out).await.map_err(|e| format!("write of Hello: {e}"))?;
+    s.write_all(&out)
+        .await
+        .map_err(|e| format!("write of Hello: {e}"))?;
     let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
     loop {
-        match dec.decode(inbuf).map_err(|e| format!("bad message before Hello: {e}"))? {
+        match dec
+            .decode(inbuf)
+            .map_err(|e| format!("bad message before Hello: {e}"))?
+        {
             Some(Message::Hello(h)) => return Ok(h),
             Some(other) => return Err(format!("expected Hello, got {other:?}")),
             None => {
-                if s.read_buf(inbuf).await.map_err(|e| format!("read of Hello: {e}"))? == 0 {
+                if s.read_buf(inbuf)
+                    .await
+                    .map_err(|e| format!("read of Hello: {e}"))?
+                    == 0
+                {
                     return Err("closed the connection before Hello".into());
                 }
             }
@@ -244,7 +291,12 @@ async fn greet(
     }
 }
 
-async fn read_loop(shared: Arc<Shared>, id: u64, mut rd: tokio::net::tcp::OwnedReadHalf, mut buf: BytesMut) {
+async fn read_loop(
+    shared: Arc<Shared>,
+    id: u64,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut buf: BytesMut,
+) {
     let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
     let reason = loop {
         let mut msgs = Vec::new();
@@ -319,7 +371,9 @@ fn link_ended(shared: &Arc<Shared>, id: u64, reason: &str) {
     };
     if was_active {
         tracing::warn!("peer link lost: {reason}");
-        shared.handle(Event::PeerDown { reason: reason.to_string() });
+        shared.handle(Event::PeerDown {
+            reason: reason.to_string(),
+        });
         shared.peer_wake.notify_one();
     }
 }

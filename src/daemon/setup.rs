@@ -26,7 +26,8 @@ pub fn open(s: &Settings) -> Result<Opened, String> {
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
     let loc = meta_location(s);
-    let (store, loaded) = MetaStore::open(&loc, device_size, &s.resource, &node.name).map_err(|e| e.to_string())?;
+    let (store, loaded) =
+        MetaStore::open(&loc, device_size, &s.resource, &node.name).map_err(|e| e.to_string())?;
     let data_size = store.layout().data_size;
     let opts = DiskOptions {
         engine: match s.disk.engine {
@@ -36,7 +37,11 @@ pub fn open(s: &Settings) -> Result<Opened, String> {
         direct_io: s.disk.direct_io,
     };
     let disk = Disk::open(&node.disk, Some(data_size), &opts).map_err(|e| e.to_string())?;
-    Ok(Opened { store, loaded, disk })
+    Ok(Opened {
+        store,
+        loaded,
+        disk,
+    })
 }
 
 pub fn core_config(s: &Settings, data_size: u64, al_slots: u32, max_io: u32) -> CoreConfig {
@@ -68,7 +73,11 @@ pub fn core_config(s: &Settings, data_size: u64, al_slots: u32, max_io: u32) -> 
 pub fn meta_state(l: &Loaded) -> MetaState {
     let g = l.superblock.gi;
     MetaState {
-        gis: Gis { current: g.current, bitmap: g.bitmap, history: g.history },
+        gis: Gis {
+            current: g.current,
+            bitmap: g.bitmap,
+            history: g.history,
+        },
         flags: l.superblock.flags,
         resync_offset: l.superblock.resync_offset,
     }
@@ -81,15 +90,18 @@ pub fn create_md(s: &Settings, force: bool) -> Result<String, String> {
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
     let loc = meta_location(s);
-    let loaded = MetaStore::create(&loc, device_size, &s.resource, &node.name, force).map_err(|e| e.to_string())?;
+    let loaded = MetaStore::create(&loc, device_size, &s.resource, &node.name, force)
+        .map_err(|e| e.to_string())?;
     if s.peer().is_none() {
-        let (mut store, loaded) =
-            MetaStore::open(&loc, device_size, &s.resource, &node.name).map_err(|e| e.to_string())?;
+        let (mut store, loaded) = MetaStore::open(&loc, device_size, &s.resource, &node.name)
+            .map_err(|e| e.to_string())?;
         let mut sb = loaded.superblock.clone();
         sb.flags = meta::flags::CONSISTENT | meta::flags::WAS_UP_TO_DATE;
         let clear = vec![0u64; loaded.bitmap.len()];
         let pages: Vec<usize> = (0..store.bitmap_page_count()).collect();
-        store.write_bitmap_pages(&clear, &pages).map_err(|e| e.to_string())?;
+        store
+            .write_bitmap_pages(&clear, &pages)
+            .map_err(|e| e.to_string())?;
         store.write_superblock(&sb).map_err(|e| e.to_string())?;
     }
     Ok(format!(
@@ -97,9 +109,17 @@ pub fn create_md(s: &Settings, force: bool) -> Result<String, String> {
         s.resource,
         node.name,
         loc.path().display(),
-        if loc.is_internal() { "internal" } else { "external" },
+        if loc.is_internal() {
+            "internal"
+        } else {
+            "external"
+        },
         loaded.superblock.data_size,
-        if s.peer().is_none() { ", standalone: up to date" } else { ", all blocks out of sync" }
+        if s.peer().is_none() {
+            ", standalone: up to date"
+        } else {
+            ", all blocks out of sync"
+        }
     ))
 }
 
@@ -107,7 +127,8 @@ pub fn create_md(s: &Settings, force: bool) -> Result<String, String> {
 pub fn dump_md(s: &Settings, all_ranges: bool) -> Result<serde_json::Value, String> {
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
-    let (layout, loaded) = MetaStore::inspect(&meta_location(s), device_size).map_err(|e| e.to_string())?;
+    let (layout, loaded) =
+        MetaStore::inspect(&meta_location(s), device_size).map_err(|e| e.to_string())?;
     let mut v = meta::dump_json(&loaded, &layout);
     if all_ranges {
         let ranges: Vec<serde_json::Value> = meta::out_of_sync_ranges(&loaded.bitmap, layout.bitmap_bits(), usize::MAX)
@@ -115,7 +136,10 @@ pub fn dump_md(s: &Settings, all_ranges: bool) -> Result<serde_json::Value, Stri
             .map(|(start, len)| serde_json::json!({ "offset": start * meta::BLOCK_SIZE, "length": len * meta::BLOCK_SIZE }))
             .collect();
         if let Some(o) = v.as_object_mut() {
-            o.insert("out_of_sync_ranges_all".into(), serde_json::Value::Array(ranges));
+            o.insert(
+                "out_of_sync_ranges_all".into(),
+                serde_json::Value::Array(ranges),
+            );
         }
     }
     Ok(v)

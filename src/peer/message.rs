@@ -86,35 +86,85 @@ pub enum SyncMode {
 pub enum Message {
     Hello(Hello),
     /// Role or disk state changed.
-    State { role: PeerRole, disk: PeerDisk },
+    State {
+        role: PeerRole,
+        disk: PeerDisk,
+    },
     /// The sender's whole out-of-sync bitmap, in chunks, sent after Hello.
-    BitmapChunk { first_word: u64, words: Vec<u64>, last: bool },
+    BitmapChunk {
+        first_word: u64,
+        words: Vec<u64>,
+        last: bool,
+    },
     /// The sync decision: the receiver becomes sync target (`source_gis` are the
     /// source's identifiers, adopted by the target when the resync ends).
-    StartSync { mode: SyncMode, source_gis: Gis },
+    StartSync {
+        mode: SyncMode,
+        source_gis: Gis,
+    },
     /// A write originated by the sender, `seen` = highest peer seq the sender had received.
-    Write { seq: u64, seen: u64, offset: u64, kind: WriteKind, fua: bool, resync: bool },
+    Write {
+        seq: u64,
+        seen: u64,
+        offset: u64,
+        kind: WriteKind,
+        fua: bool,
+        resync: bool,
+    },
     /// Protocol B: write received.
-    RecvAck { seq: u64 },
+    RecvAck {
+        seq: u64,
+    },
     /// Write completed on the receiver's disk (error 0) or failed (NBD errno).
-    WriteAck { seq: u64, error: u32 },
-    Flush { id: u64 },
-    FlushAck { id: u64, error: u32 },
-    ReadRequest { id: u64, offset: u64, len: u32 },
-    ReadReply { id: u64, error: u32, data: Bytes },
+    WriteAck {
+        seq: u64,
+        error: u32,
+    },
+    Flush {
+        id: u64,
+    },
+    FlushAck {
+        id: u64,
+        error: u32,
+    },
+    ReadRequest {
+        id: u64,
+        offset: u64,
+        len: u32,
+    },
+    ReadReply {
+        id: u64,
+        error: u32,
+        data: Bytes,
+    },
     /// Checksum resync / verify: the sender's CRC32C of each 4 KiB block starting at offset.
-    ChecksumRequest { id: u64, offset: u64, len: u32, verify: bool },
-    ChecksumReply { id: u64, error: u32, sums: Vec<u32> },
+    ChecksumRequest {
+        id: u64,
+        offset: u64,
+        len: u32,
+        verify: bool,
+    },
+    ChecksumReply {
+        id: u64,
+        error: u32,
+        sums: Vec<u32>,
+    },
     /// Resync has covered every block; identifiers of the source for the target to adopt.
-    SyncDone { source_gis: Gis },
+    SyncDone {
+        source_gis: Gis,
+    },
     /// The sender starts an online verify as verify source.
     StartVerify,
     /// Verify finished (sent by the verify source with its count of differing blocks).
-    VerifyDone { differing_blocks: u64 },
+    VerifyDone {
+        differing_blocks: u64,
+    },
     /// The sender detected a split brain and disconnects.
     SplitBrain,
     Ping,
     PingAck,
     /// Orderly goodbye with a reason.
-    Bye { reason: String },
+    Bye {
+        reason: String,
+    },
 }

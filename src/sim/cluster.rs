@@ -34,11 +34,19 @@ pub enum Ev {
 
 #[derive(Debug, Clone)]
 pub enum ReqKind {
-    Read { first: u64, n: u64, linear: bool, gen: u64 },
+    Read {
+        first: u64,
+        n: u64,
+        linear: bool,
+        gen: u64,
+    },
     Write(u32),
     /// `gen`: the link generation if the flush was mirrored; `peer_errors`: the
     /// peer disk's failure count then.
-    Flush { gen: Option<u64>, peer_errors: u64 },
+    Flush {
+        gen: Option<u64>,
+        peer_errors: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -156,7 +164,11 @@ impl Sim {
         let words = words_for(sc.data_size);
         let in_sync = |gi: u64| Durable {
             meta: MetaState {
-                gis: Gis { current: gi, bitmap: 0, history: [0, 0] },
+                gis: Gis {
+                    current: gi,
+                    bitmap: 0,
+                    history: [0, 0],
+                },
                 flags: md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE,
                 resync_offset: 0,
             },
@@ -165,18 +177,36 @@ impl Sim {
         };
         let fresh = |gi: u64| Durable {
             meta: MetaState {
-                gis: Gis { current: gi, bitmap: 0, history: [0, 0] },
+                gis: Gis {
+                    current: gi,
+                    bitmap: 0,
+                    history: [0, 0],
+                },
                 flags: md_flags::FULL_SYNC_NEEDED,
                 resync_offset: 0,
             },
             words: vec![u64::MAX; words],
             active_extents: Vec::new(),
         };
-        let garbage = |r: &mut Rng| (0..sectors).map(|s| data::garbage(r.next_u64(), s)).collect::<Vec<u64>>();
+        let garbage = |r: &mut Rng| {
+            (0..sectors)
+                .map(|s| data::garbage(r.next_u64(), s))
+                .collect::<Vec<u64>>()
+        };
         let common = rng.next_u64() & !1 | 2;
         let (m0, m1, d0, d1) = match sc.start {
-            Start::InSync => (in_sync(common), in_sync(common), vec![0; sectors as usize], vec![0; sectors as usize]),
-            Start::SecondFresh => (in_sync(common), fresh(rng.next_u64() & !1 | 4), vec![0; sectors as usize], garbage(&mut rng)),
+            Start::InSync => (
+                in_sync(common),
+                in_sync(common),
+                vec![0; sectors as usize],
+                vec![0; sectors as usize],
+            ),
+            Start::SecondFresh => (
+                in_sync(common),
+                fresh(rng.next_u64() & !1 | 4),
+                vec![0; sectors as usize],
+                garbage(&mut rng),
+            ),
             Start::BothFresh => {
                 let g0 = garbage(&mut rng);
                 let g1 = garbage(&mut rng);
@@ -240,8 +270,20 @@ impl Sim {
         sim.world.after(500_000, Ev::Operator);
         if sim.sc.start == Start::BothFresh {
             // The operator picks the data to start from.
-            sim.world.after(300_000, Ev::Admin { node: 0, cmd: AdminCmd::Primary { force: true } });
-            sim.world.after(400_000, Ev::Admin { node: 0, cmd: AdminCmd::Secondary });
+            sim.world.after(
+                300_000,
+                Ev::Admin {
+                    node: 0,
+                    cmd: AdminCmd::Primary { force: true },
+                },
+            );
+            sim.world.after(
+                400_000,
+                Ev::Admin {
+                    node: 0,
+                    cmd: AdminCmd::Secondary,
+                },
+            );
         }
         sim
     }
@@ -262,14 +304,23 @@ impl Sim {
     pub fn trace_line(&self, node: Option<usize>, what: impl FnOnce() -> String) {
         if self.trace {
             let who = node.map(|n| NAMES[n]).unwrap_or("sim");
-            println!("{:>12.6} {:<6} {}", self.world.now as f64 / 1e6, who, what());
+            println!(
+                "{:>12.6} {:<6} {}",
+                self.world.now as f64 / 1e6,
+                who,
+                what()
+            );
         }
     }
 
     pub fn violate(&mut self, kind: &str, detail: String) {
         if self.violation.is_none() {
             self.trace_line(None, || format!("VIOLATION {kind}: {detail}"));
-            self.violation = Some(Violation { time_us: self.world.now, kind: kind.to_string(), detail });
+            self.violation = Some(Violation {
+                time_us: self.world.now,
+                kind: kind.to_string(),
+                detail,
+            });
         }
     }
 
@@ -285,7 +336,8 @@ impl Sim {
     /// Whether node `n`'s core mirrors writes now.
     pub fn replicating(&self, n: usize) -> bool {
         self.status(n).and_then(|s| s.peer).is_some_and(|p| {
-            p.connection == crate::core::ConnState::Connected && p.replication != crate::core::Replication::Off
+            p.connection == crate::core::ConnState::Connected
+                && p.replication != crate::core::Replication::Off
         })
     }
 
@@ -313,7 +365,13 @@ impl Sim {
         let inc = sn.inc;
         self.stats.restarts += 1;
         self.trace_line(Some(n), || {
-            format!("boot: meta {:?} gis {:x?} bitmap bits {} al {:?}", d.meta.flags, d.meta.gis, d.words.iter().map(|w| w.count_ones()).sum::<u32>(), d.active_extents)
+            format!(
+                "boot: meta {:?} gis {:x?} bitmap bits {} al {:?}",
+                d.meta.flags,
+                d.meta.gis,
+                d.words.iter().map(|w| w.count_ones()).sum::<u32>(),
+                d.active_extents
+            )
         });
         self.world.after(100_000, Ev::Tick { node: n, inc });
         self.run_core(n, |_| ());
@@ -325,7 +383,16 @@ impl Sim {
             return;
         }
         let step = self.next_step();
-        self.trace_line(Some(n), || format!("CRASH ({})", if power { "power loss" } else { "process killed" }));
+        self.trace_line(Some(n), || {
+            format!(
+                "CRASH ({})",
+                if power {
+                    "power loss"
+                } else {
+                    "process killed"
+                }
+            )
+        });
         self.stats.crashes += 1;
         // Any crash of the node acknowledging a write may lose it unless flushed: a
         // killed primary's peer may take over without it (power loss or not).
@@ -369,7 +436,10 @@ impl Sim {
         self.trace_line(Some(n), || "clean stop begins".into());
         let now = self.world.now;
         let sn = &mut self.nodes[n];
-        sn.stopping = Some(Stopping { since: now, shut_down: false });
+        sn.stopping = Some(Stopping {
+            since: now,
+            shut_down: false,
+        });
         for c in sn.clients.values_mut() {
             c.closing = true;
         }
@@ -379,11 +449,14 @@ impl Sim {
 
     pub fn stop_step(&mut self, n: usize) {
         let now = self.world.now;
-        let Some(st) = self.nodes[n].stopping else { return };
+        let Some(st) = self.nodes[n].stopping else {
+            return;
+        };
         let inc = self.nodes[n].inc;
         let sn = &self.nodes[n];
         if !st.shut_down {
-            let idle = sn.core.as_ref().is_some_and(|c| c.is_idle()) && sn.clients.values().all(|c| c.inflight.is_empty());
+            let idle = sn.core.as_ref().is_some_and(|c| c.is_idle())
+                && sn.clients.values().all(|c| c.inflight.is_empty());
             if idle || now - st.since > 20_000_000 {
                 // Clients go away with the daemon (no detach: the process exits).
                 self.nodes[n].clients.clear();
@@ -457,7 +530,9 @@ impl Sim {
 
     /// Handles one event; false when the queue is empty.
     pub fn step_once(&mut self) -> bool {
-        let Some(ev) = self.world.pop() else { return false };
+        let Some(ev) = self.world.pop() else {
+            return false;
+        };
         self.stats.events += 1;
         let now = self.world.now;
         self.mix(now);
@@ -515,7 +590,9 @@ impl Sim {
 
     fn disk_done(&mut self, n: usize, op: u64) {
         let now = self.world.now;
-        let Some(c) = self.nodes[n].disk.complete(op, now, &mut self.rng_disk) else { return };
+        let Some(c) = self.nodes[n].disk.complete(op, now, &mut self.rng_disk) else {
+            return;
+        };
         if let Some(p) = c.problem {
             self.violate("bad disk op", format!("{} submitted {p}", NAMES[n]));
         }
@@ -527,7 +604,9 @@ impl Sim {
     }
 
     fn meta_done(&mut self, n: usize) {
-        let Some((id, more)) = self.nodes[n].meta.complete_head() else { return };
+        let Some((id, more)) = self.nodes[n].meta.complete_head() else {
+            return;
+        };
         if more {
             let d = self.rng_disk.range(100, 3_000);
             let inc = self.nodes[n].inc;
@@ -540,19 +619,30 @@ impl Sim {
     fn dial(&mut self) {
         let now = self.world.now;
         let ready = (0..2).all(|n| {
-            self.alive(n) && self.nodes[n].want_link && self.nodes[n].stopping.is_none() && !self.net.has_open_end(n)
+            self.alive(n)
+                && self.nodes[n].want_link
+                && self.nodes[n].stopping.is_none()
+                && !self.net.has_open_end(n)
         });
         if !ready || self.net.partitioned(now) {
             self.net.collect();
             return;
         }
-        let hellos: Vec<_> = (0..2).map(|n| self.nodes[n].core.as_ref().map(|c| c.hello())).collect();
+        let hellos: Vec<_> = (0..2)
+            .map(|n| self.nodes[n].core.as_ref().map(|c| c.hello()))
+            .collect();
         let id = self.net.open();
         self.stats.links += 1;
         self.trace_line(None, || format!("link {id} connects"));
         for (n, h) in hellos.into_iter().enumerate() {
             if let Some(h) = h {
-                if let Some(t) = self.net.push(id, n, crate::peer::Message::Hello(h), now, &mut self.rng_net) {
+                if let Some(t) = self.net.push(
+                    id,
+                    n,
+                    crate::peer::Message::Hello(h),
+                    now,
+                    &mut self.rng_net,
+                ) {
                     self.world.at(t, Ev::Deliver { link: id, dir: n });
                 }
             }

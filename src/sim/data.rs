@@ -61,7 +61,10 @@ pub fn encode(values: &[u64]) -> Bytes {
 /// The values of whole sectors, or why the bytes are not ones we wrote.
 pub fn decode(data: &[u8]) -> Result<Vec<u64>, String> {
     if data.len() % SECTOR as usize != 0 {
-        return Err(format!("{} bytes is not a whole number of sectors", data.len()));
+        return Err(format!(
+            "{} bytes is not a whole number of sectors",
+            data.len()
+        ));
     }
     let mut out = Vec::with_capacity(data.len() / SECTOR as usize);
     for (n, sector) in data.chunks(SECTOR as usize).enumerate() {
@@ -71,9 +74,15 @@ pub fn decode(data: &[u8]) -> Result<Vec<u64>, String> {
             u64::from_le_bytes(a)
         };
         let v = w(0);
-        let ok = if v == 0 { sector.iter().all(|b| *b == 0) } else { (1..WORDS).all(|i| w(i) == word(v, i)) };
+        let ok = if v == 0 {
+            sector.iter().all(|b| *b == 0)
+        } else {
+            (1..WORDS).all(|i| w(i) == word(v, i))
+        };
         if !ok {
-            return Err(format!("sector {n} of the buffer does not hold a simulator pattern (first word {v:#x})"));
+            return Err(format!(
+                "sector {n} of the buffer does not hold a simulator pattern (first word {v:#x})"
+            ));
         }
         out.push(v);
     }

@@ -48,7 +48,6 @@ pub struct SimDisk {
     pub errors: u64,
 }
 
-
 impl SimDisk {
     pub fn new(contents: Vec<u64>) -> SimDisk {
         SimDisk {
@@ -119,10 +118,15 @@ impl SimDisk {
 
     /// Accepts an operation; returns the simulator's id and its delay in µs.
     pub fn submit(&mut self, core_id: u64, op: DiskOp, now: u64, rng: &mut Rng) -> (u64, u64) {
-        let marks = matches!(op, DiskOp::Flush).then(|| self.cache.iter().map(|(s, c)| (*s, c.len())).collect());
+        let marks = matches!(op, DiskOp::Flush)
+            .then(|| self.cache.iter().map(|(s, c)| (*s, c.len())).collect());
         let id = self.next_op;
         self.next_op += 1;
-        let mut delay = if rng.chance(0.05) { rng.range(2_000, 20_000) } else { rng.range(20, 1_500) };
+        let mut delay = if rng.chance(0.05) {
+            rng.range(2_000, 20_000)
+        } else {
+            rng.range(20, 1_500)
+        };
         if matches!(op, DiskOp::Flush) {
             delay += rng.range(100, 3_000);
         }
@@ -153,34 +157,38 @@ impl SimDisk {
                     Ok(Some(data::encode(&vals)))
                 }
             },
-            DiskOp::Write { offset, data, fua } => match (self.span(offset, data.len() as u64), data::decode(&data)) {
-                (Err(e), _) | (_, Err(e)) => {
-                    problem = Some(format!("write at {offset}: {e}"));
-                    Err(errno::EIO)
-                }
-                (Ok((first, _)), Ok(vals)) => {
-                    self.apply(first, &vals, fua, fail, rng);
-                    if fail {
+            DiskOp::Write { offset, data, fua } => {
+                match (self.span(offset, data.len() as u64), data::decode(&data)) {
+                    (Err(e), _) | (_, Err(e)) => {
+                        problem = Some(format!("write at {offset}: {e}"));
                         Err(errno::EIO)
-                    } else {
-                        Ok(None)
+                    }
+                    (Ok((first, _)), Ok(vals)) => {
+                        self.apply(first, &vals, fua, fail, rng);
+                        if fail {
+                            Err(errno::EIO)
+                        } else {
+                            Ok(None)
+                        }
                     }
                 }
-            },
-            DiskOp::Trim { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => match self.span(offset, len) {
-                Err(e) => {
-                    problem = Some(e);
-                    Err(errno::EIO)
-                }
-                Ok((first, n)) => {
-                    self.apply(first, &vec![0; n as usize], false, fail, rng);
-                    if fail {
+            }
+            DiskOp::Trim { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+                match self.span(offset, len) {
+                    Err(e) => {
+                        problem = Some(e);
                         Err(errno::EIO)
-                    } else {
-                        Ok(None)
+                    }
+                    Ok((first, n)) => {
+                        self.apply(first, &vec![0; n as usize], false, fail, rng);
+                        if fail {
+                            Err(errno::EIO)
+                        } else {
+                            Ok(None)
+                        }
                     }
                 }
-            },
+            }
             DiskOp::Flush => {
                 if fail {
                     Err(errno::EIO)
@@ -192,7 +200,11 @@ impl SimDisk {
                 }
             }
         };
-        Some(Completion { core_id: p.core_id, result, problem })
+        Some(Completion {
+            core_id: p.core_id,
+            result,
+            problem,
+        })
     }
 
     /// Writes values at `first`; a failing write lands on a random subset of its sectors.
@@ -213,7 +225,9 @@ impl SimDisk {
 
     /// The first `n` cached writes of sector `s` reach the medium.
     fn make_durable(&mut self, s: u64, n: usize) {
-        let Some(c) = self.cache.get_mut(&s) else { return };
+        let Some(c) = self.cache.get_mut(&s) else {
+            return;
+        };
         // A FUA write may have replaced the cached ones meanwhile.
         let n = n.min(c.len());
         if n == 0 {
@@ -283,7 +297,9 @@ impl SimDisk {
 fn write_range(op: &DiskOp) -> Option<(u64, u64)> {
     match op {
         DiskOp::Write { offset, data, .. } => Some((offset / SECTOR, data.len() as u64 / SECTOR)),
-        DiskOp::Trim { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => Some((offset / SECTOR, len / SECTOR)),
+        DiskOp::Trim { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+            Some((offset / SECTOR, len / SECTOR))
+        }
         _ => None,
     }
 }
@@ -304,7 +320,11 @@ mod tests {
     use crate::sim::data::value_of;
 
     fn write(s: u64, v: u64, fua: bool) -> DiskOp {
-        DiskOp::Write { offset: s * SECTOR, data: data::encode(&[v]), fua }
+        DiskOp::Write {
+            offset: s * SECTOR,
+            data: data::encode(&[v]),
+            fua,
+        }
     }
 
     #[test]

@@ -16,16 +16,31 @@ impl Sim {
             self.mix(n as u64 + 1);
             match a {
                 Action::Disk { id, op } => {
-                    self.trace_line(Some(n), || format!("disk {id}: {}", super::trace::disk_op(&op)));
+                    self.trace_line(Some(n), || {
+                        format!("disk {id}: {}", super::trace::disk_op(&op))
+                    });
                     let now = self.now();
                     let (sid, delay) = self.nodes[n].disk.submit(id, op, now, &mut self.rng_disk);
                     let inc = self.nodes[n].inc;
-                    self.world.after(delay, Ev::DiskDone { node: n, inc, op: sid });
+                    self.world.after(
+                        delay,
+                        Ev::DiskDone {
+                            node: n,
+                            inc,
+                            op: sid,
+                        },
+                    );
                 }
-                Action::Reply { conn, cookie, result } => self.on_reply(n, conn, cookie, result),
+                Action::Reply {
+                    conn,
+                    cookie,
+                    result,
+                } => self.on_reply(n, conn, cookie, result),
                 Action::Send(m) => self.on_send(n, m),
                 Action::Persist { id, write } => {
-                    self.trace_line(Some(n), || format!("persist {id}: {}", super::trace::meta_write(&write)));
+                    self.trace_line(Some(n), || {
+                        format!("persist {id}: {}", super::trace::meta_write(&write))
+                    });
                     if self.nodes[n].meta.push(id, write) {
                         let d = self.rng_disk.range(100, 3_000);
                         let inc = self.nodes[n].inc;
@@ -37,7 +52,9 @@ impl Sim {
                     self.nodes[n].want_link = true;
                 }
                 Action::DropPeer { reason, reconnect } => {
-                    self.trace_line(Some(n), || format!("drops the peer link (reconnect {reconnect}): {reason}"));
+                    self.trace_line(Some(n), || {
+                        format!("drops the peer link (reconnect {reconnect}): {reason}")
+                    });
                     self.nodes[n].want_link = reconnect;
                     self.nodes[n].link_gen += 1;
                     for id in self.net.ids() {
@@ -51,7 +68,9 @@ impl Sim {
                     self.trace_line(Some(n), || format!("admin {id} -> {result:?}"));
                 }
                 Action::Notify(v) => self.on_notify(n, v),
-                Action::SplitBrainHandler => self.trace_line(Some(n), || "runs the split-brain handler".into()),
+                Action::SplitBrainHandler => {
+                    self.trace_line(Some(n), || "runs the split-brain handler".into())
+                }
             }
         }
     }
@@ -63,20 +82,38 @@ impl Sim {
                 let vals = match data::decode(d) {
                     Ok(v) => v,
                     Err(e) => {
-                        self.violate("corrupt data sent", format!("{} mirrored a write at {offset} whose bytes are not ours: {e}", Sim::name(n)));
+                        self.violate(
+                            "corrupt data sent",
+                            format!(
+                                "{} mirrored a write at {offset} whose bytes are not ours: {e}",
+                                Sim::name(n)
+                            ),
+                        );
                         return None;
                     }
                 };
                 let id = vals.first().and_then(|v| data::write_of(*v))?;
-                let ok = self.model.rec(id).is_some_and(|w| w.node == n && w.first == offset / SECTOR && w.n == vals.len() as u64);
+                let ok = self.model.rec(id).is_some_and(|w| {
+                    w.node == n && w.first == offset / SECTOR && w.n == vals.len() as u64
+                });
                 if !ok {
-                    self.violate("wrong data sent", format!("{} mirrored write {id} at {offset} with data that is not that write's", Sim::name(n)));
+                    self.violate(
+                        "wrong data sent",
+                        format!(
+                            "{} mirrored write {id} at {offset} with data that is not that write's",
+                            Sim::name(n)
+                        ),
+                    );
                     return None;
                 }
                 Some(id)
             }
             WriteKind::Trim { len } | WriteKind::Zeroes { len, .. } => {
-                let want = if matches!(kind, WriteKind::Trim { .. }) { Kind::Trim } else { Kind::Zeroes };
+                let want = if matches!(kind, WriteKind::Trim { .. }) {
+                    Kind::Trim
+                } else {
+                    Kind::Zeroes
+                };
                 let (first, count) = (offset / SECTOR, *len as u64 / SECTOR);
                 self.model.pending(n).iter().copied().find(|id| {
                     let w = &self.model.writes[*id as usize];
@@ -100,10 +137,18 @@ impl Sim {
                     d.bitmap_done = *last;
                 }
             }
-            Message::Write { seq, offset, kind, resync: false, .. } => {
+            Message::Write {
+                seq,
+                offset,
+                kind,
+                resync: false,
+                ..
+            } => {
                 if let Some(id) = self.mirrored_write(n, *offset, kind) {
                     self.model.writes[id as usize].mirror = Some((link, *seq));
-                    self.net.links.get_mut(&link).expect("active link").dirs[n].writes.insert(*seq, id);
+                    self.net.links.get_mut(&link).expect("active link").dirs[n]
+                        .writes
+                        .insert(*seq, id);
                 }
             }
             Message::WriteAck { seq, error: 0 } => {
@@ -133,8 +178,14 @@ impl Sim {
                     self.net.close(link, to);
                     if was_active {
                         self.nodes[to].link_gen += 1;
-                        self.trace_line(Some(to), || format!("link {link}: the peer closed the connection"));
-                        self.run_core(to, |c| c.handle(Event::PeerDown { reason: "the peer closed the connection".into() }));
+                        self.trace_line(Some(to), || {
+                            format!("link {link}: the peer closed the connection")
+                        });
+                        self.run_core(to, |c| {
+                            c.handle(Event::PeerDown {
+                                reason: "the peer closed the connection".into(),
+                            })
+                        });
                     }
                     self.wake_links();
                 }
@@ -159,7 +210,13 @@ impl Sim {
         crate::peer::encode(m, &mut buf);
         match Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut buf) {
             Ok(Some(back)) if &back == m && buf.is_empty() => {}
-            other => self.violate("codec", format!("{} does not survive encode/decode: {other:?}", super::trace::message(m))),
+            other => self.violate(
+                "codec",
+                format!(
+                    "{} does not survive encode/decode: {other:?}",
+                    super::trace::message(m)
+                ),
+            ),
         }
     }
 
@@ -174,7 +231,11 @@ impl Sim {
             Ok(Some(back)) => {
                 self.violate(
                     "corruption accepted",
-                    format!("a {} with bit {bit} flipped decoded as {}", super::trace::message(m), super::trace::message(&back)),
+                    format!(
+                        "a {} with bit {bit} flipped decoded as {}",
+                        super::trace::message(m),
+                        super::trace::message(&back)
+                    ),
                 );
                 return;
             }
@@ -183,7 +244,12 @@ impl Sim {
             Ok(None) => "bad message from the peer: framing lost".to_string(),
             Err(e) => format!("bad message from the peer: {e}"),
         };
-        self.trace_line(Some(to), || format!("link {link}: corrupted {} refused: {reason}", super::trace::message(m)));
+        self.trace_line(Some(to), || {
+            format!(
+                "link {link}: corrupted {} refused: {reason}",
+                super::trace::message(m)
+            )
+        });
         let was_active = self.net.links[&link].active[to];
         self.net.close(link, to);
         if was_active {
@@ -229,7 +295,11 @@ impl Sim {
     }
 
     fn on_notify(&mut self, n: usize, v: serde_json::Value) {
-        let event = v.get("event").and_then(|e| e.as_str()).unwrap_or("").to_string();
+        let event = v
+            .get("event")
+            .and_then(|e| e.as_str())
+            .unwrap_or("")
+            .to_string();
         self.trace_line(Some(n), || format!("event {v}"));
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
         match event.as_str() {
@@ -262,7 +332,9 @@ impl Sim {
     /// The data of every block is now what node `source`'s disk holds.
     pub fn rebase(&mut self, source: usize, why: &str) {
         self.stats.rebases += 1;
-        self.trace_line(Some(source), || format!("model rebased on this disk ({why})"));
+        self.trace_line(Some(source), || {
+            format!("model rebased on this disk ({why})")
+        });
         let step = self.next_step();
         self.model.rebase(&self.nodes[source].disk, source, step);
     }

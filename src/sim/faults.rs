@@ -30,7 +30,9 @@ impl Sim {
                 self.wake_links();
             }
             23..=30 => {
-                self.trace_line(None, || format!("FAULT corrupt the next frame from {}", Sim::name(n)));
+                self.trace_line(None, || {
+                    format!("FAULT corrupt the next frame from {}", Sim::name(n))
+                });
                 self.net.corrupt_next[n] = true;
             }
             31..=44 => {
@@ -48,7 +50,9 @@ impl Sim {
             51..=60 => {
                 let p = self.rng_fault.range(1, 30) as f64 / 100.0;
                 let d = self.rng_fault.range(50_000, 1_500_000);
-                self.trace_line(Some(n), || format!("FAULT disk errors p={p} for {} ms", d / 1000));
+                self.trace_line(Some(n), || {
+                    format!("FAULT disk errors p={p} for {} ms", d / 1000)
+                });
                 let disk = &mut self.nodes[n].disk;
                 disk.err_prob = p;
                 disk.err_until = now + d;
@@ -56,7 +60,9 @@ impl Sim {
             61..=68 => {
                 let slow = self.rng_fault.range(10_000, 200_000);
                 let d = self.rng_fault.range(200_000, 3_000_000);
-                self.trace_line(Some(n), || format!("FAULT slow disk (+{} ms) for {} ms", slow / 1000, d / 1000));
+                self.trace_line(Some(n), || {
+                    format!("FAULT slow disk (+{} ms) for {} ms", slow / 1000, d / 1000)
+                });
                 let disk = &mut self.nodes[n].disk;
                 disk.slow_us = slow;
                 disk.slow_until = now + d;
@@ -64,7 +70,15 @@ impl Sim {
             69..=75 => {
                 let back = self.rng_fault.range(100_000, 3_000_000);
                 self.admin(n, AdminCmd::Disconnect);
-                self.world.after(back, Ev::Admin { node: n, cmd: AdminCmd::Connect { discard_my_data: false } });
+                self.world.after(
+                    back,
+                    Ev::Admin {
+                        node: n,
+                        cmd: AdminCmd::Connect {
+                            discard_my_data: false,
+                        },
+                    },
+                );
             }
             76..=81 => {
                 let (full, checksum) = (self.rng_fault.chance(0.3), self.rng_fault.chance(0.5));
@@ -72,10 +86,15 @@ impl Sim {
             }
             82..=87 => self.admin(n, AdminCmd::Verify),
             88..=90 => {
-                let idle = self.nodes[n].clients.is_empty() && self.role(n) == Some(Role::Secondary);
+                let idle =
+                    self.nodes[n].clients.is_empty() && self.role(n) == Some(Role::Secondary);
                 if idle && self.alive(1 - n) {
                     self.admin(n, AdminCmd::Invalidate);
-                    if self.nodes[n].core.as_ref().is_some_and(|c| c.disk_state() == DiskState::Inconsistent) {
+                    if self.nodes[n]
+                        .core
+                        .as_ref()
+                        .is_some_and(|c| c.disk_state() == DiskState::Inconsistent)
+                    {
                         self.nodes[n].invalidated = true;
                     }
                 }
@@ -110,11 +129,16 @@ impl Sim {
         let now = self.now();
         for n in 0..2 {
             if let Some(since) = self.nodes[n].failed_since {
-                let failed = self.nodes[n].core.as_ref().is_some_and(|c| c.disk_state() == DiskState::Failed);
+                let failed = self.nodes[n]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.disk_state() == DiskState::Failed);
                 if !failed {
                     self.nodes[n].failed_since = None;
                 } else if now - since > 1_000_000 {
-                    self.trace_line(Some(n), || "operator restarts the node with the failed disk".into());
+                    self.trace_line(Some(n), || {
+                        "operator restarts the node with the failed disk".into()
+                    });
                     self.begin_stop(n);
                 }
             }

@@ -23,7 +23,9 @@ use super::data::{self, SECTOR};
 use crate::core::Protocol;
 
 fn bit(words: &[u64], block: u64) -> bool {
-    words.get((block / 64) as usize).is_some_and(|w| w >> (block % 64) & 1 == 1)
+    words
+        .get((block / 64) as usize)
+        .is_some_and(|w| w >> (block % 64) & 1 == 1)
 }
 
 fn mirrored(d: &str) -> String {
@@ -48,7 +50,10 @@ impl Sim {
             if v != w.value(id, s) && self.model.older_than(v, &w) {
                 self.violate(
                     "ack without data",
-                    format!("{} acknowledged write {id} but sector {s} holds {v:#x}, older than it", Sim::name(p)),
+                    format!(
+                        "{} acknowledged write {id} but sector {s} holds {v:#x}, older than it",
+                        Sim::name(p)
+                    ),
                 );
                 return;
             }
@@ -66,7 +71,10 @@ impl Sim {
             if d != w.value(id, s) && self.model.older_than(d, &w) {
                 self.violate(
                     "not durable",
-                    format!("{why}: write {id} is not on {}'s medium (sector {s} holds {d:#x})", Sim::name(n)),
+                    format!(
+                        "{why}: write {id} is not on {}'s medium (sector {s} holds {d:#x})",
+                        Sim::name(n)
+                    ),
                 );
                 return;
             }
@@ -111,11 +119,16 @@ impl Sim {
 
     /// Node `n` answered a flush issued at step `issue` with success.
     pub fn check_flush(&mut self, n: usize, issue: u64, gen: Option<u64>, peer_errors: u64) {
-        let mirrored = gen == Some(self.nodes[n].link_gen) && self.nodes[1 - n].disk.errors == peer_errors;
+        let mirrored =
+            gen == Some(self.nodes[n].link_gen) && self.nodes[1 - n].disk.errors == peer_errors;
         for id in self.model.nondurable_before(n, issue) {
             self.check_durable(n, id, "flushed");
             let w = &self.model.writes[id as usize];
-            if mirrored && w.peer_ack == Some(0) && w.mirror.is_some_and(|(l, _)| self.net.active_link(n) == Some(l)) {
+            if mirrored
+                && w.peer_ack == Some(0)
+                && w.mirror
+                    .is_some_and(|(l, _)| self.net.active_link(n) == Some(l))
+            {
                 self.check_durable(1 - n, id, "flushed on the peer");
             }
         }
@@ -123,15 +136,37 @@ impl Sim {
     }
 
     /// What a read of sectors `first..` returned.
-    pub fn check_read(&mut self, n: usize, first: u64, count: u64, data: &[u8], linear: bool, issue: u64) {
+    pub fn check_read(
+        &mut self,
+        n: usize,
+        first: u64,
+        count: u64,
+        data: &[u8],
+        linear: bool,
+        issue: u64,
+    ) {
         if data.len() as u64 != count * SECTOR {
-            self.violate("short read", format!("{} returned {} bytes for {} sectors", Sim::name(n), data.len(), count));
+            self.violate(
+                "short read",
+                format!(
+                    "{} returned {} bytes for {} sectors",
+                    Sim::name(n),
+                    data.len(),
+                    count
+                ),
+            );
             return;
         }
         let vals = match data::decode(data) {
             Ok(v) => v,
             Err(e) => {
-                self.violate("corrupt read", format!("{} returned bytes nobody wrote at sector {first}: {e}", Sim::name(n)));
+                self.violate(
+                    "corrupt read",
+                    format!(
+                        "{} returned bytes nobody wrote at sector {first}: {e}",
+                        Sim::name(n)
+                    ),
+                );
                 return;
             }
         };
@@ -139,7 +174,14 @@ impl Sim {
         for (i, v) in vals.into_iter().enumerate() {
             let s = first + i as u64;
             if v != 0 && data::sector_of(v) != s & 0xFFFF_FFFF {
-                self.violate("misplaced data", format!("{} returned at sector {s} the data of sector {}", Sim::name(n), data::sector_of(v)));
+                self.violate(
+                    "misplaced data",
+                    format!(
+                        "{} returned at sector {s} the data of sector {}",
+                        Sim::name(n),
+                        data::sector_of(v)
+                    ),
+                );
                 return;
             }
             if linear {
@@ -147,7 +189,11 @@ impl Sim {
                 if !ok.contains(&v) {
                     self.violate(
                         "stale read",
-                        format!("{} read sector {s} = {v:#x} ({}); acceptable: {ok:#x?}", Sim::name(n), self.describe(v)),
+                        format!(
+                            "{} read sector {s} = {v:#x} ({}); acceptable: {ok:#x?}",
+                            Sim::name(n),
+                            self.describe(v)
+                        ),
                     );
                     return;
                 }
@@ -179,7 +225,9 @@ impl Sim {
 
     /// Node `n` decided how to sync (`d`, Debug of `gi::Decision`); `resolved`: by a split-brain policy.
     pub fn on_decision(&mut self, n: usize, d: &str, resolved: bool) {
-        let Some(link) = self.net.active_link(n) else { return };
+        let Some(link) = self.net.active_link(n) else {
+            return;
+        };
         if !resolved {
             if d == "InSync" {
                 self.check_coverage(n, link, true);
@@ -200,7 +248,14 @@ impl Sim {
             // not tell its peer that it needs a full sync (its bitmap is all set then).
             let direction = |x: &str| x.split(' ').next().unwrap_or("").to_string();
             if direction(&mirrored(&o)) != direction(d) {
-                self.violate("asymmetric decision", format!("{} decided {d}, {} decided {o}", Sim::name(n), Sim::name(1 - n)));
+                self.violate(
+                    "asymmetric decision",
+                    format!(
+                        "{} decided {d}, {} decided {o}",
+                        Sim::name(n),
+                        Sim::name(1 - n)
+                    ),
+                );
                 return;
             }
         }
@@ -216,7 +271,11 @@ impl Sim {
         if justified && !self.net.links[&link].rebased {
             self.net.links.get_mut(&link).expect("active link").rebased = true;
             self.nodes[target].invalidated = false;
-            let why = if resolved { "split brain resolved" } else { "invalidated" };
+            let why = if resolved {
+                "split brain resolved"
+            } else {
+                "invalidated"
+            };
             self.rebase(source, why);
         }
     }
@@ -234,7 +293,13 @@ impl Sim {
             }
         }
         // And writes on their way over this link (acknowledged already under protocol A).
-        for w in self.model.writes.iter().rev().take_while(|w| w.mirror.is_none_or(|(l, _)| l >= link)) {
+        for w in self
+            .model
+            .writes
+            .iter()
+            .rev()
+            .take_while(|w| w.mirror.is_none_or(|(l, _)| l >= link))
+        {
             if w.mirror.is_some_and(|(l, _)| l == link) && w.peer_ack.is_none() {
                 busy.extend(w.sectors());
             }
@@ -250,8 +315,13 @@ impl Sim {
             let block = s / per_block;
             // The peer's current bitmap too: it may have left the handshake and
             // written since it sent its bitmap (those bits come with the next one).
-            let now_y = self.nodes[y].core.as_ref().is_some_and(|c| bit(c.bitmap_words(), block));
-            let covered = bit(&self.nodes[x].bitmap_before, block) || bit(&self.net.links[&link].dirs[y].bitmap, block) || now_y;
+            let now_y = self.nodes[y]
+                .core
+                .as_ref()
+                .is_some_and(|c| bit(c.bitmap_words(), block));
+            let covered = bit(&self.nodes[x].bitmap_before, block)
+                || bit(&self.net.links[&link].dirs[y].bitmap, block)
+                || now_y;
             if in_sync || !covered {
                 let detail = format!(
                     "block {block} (sector {s}) differs: {} has {a:#x} ({}), {} has {b:#x} ({}); bits: {} {}, {} {}",
@@ -264,7 +334,11 @@ impl Sim {
                     Sim::name(y),
                     bit(&self.net.links[&link].dirs[y].bitmap, block),
                 );
-                let kind = if in_sync { "in-sync decision on differing disks" } else { "bitmap misses a difference" };
+                let kind = if in_sync {
+                    "in-sync decision on differing disks"
+                } else {
+                    "bitmap misses a difference"
+                };
                 self.violate(kind, detail);
                 return;
             }
@@ -277,7 +351,9 @@ impl Sim {
         let bound = self.reply_bound;
         for n in 0..2 {
             for (conn, c) in &self.nodes[n].clients {
-                if let Some((cookie, r)) = c.inflight.iter().find(|(_, r)| now - r.issued_us > bound) {
+                if let Some((cookie, r)) =
+                    c.inflight.iter().find(|(_, r)| now - r.issued_us > bound)
+                {
                     let detail = format!(
                         "{} has not answered request {conn}/{cookie} ({:?}) after {} ms",
                         Sim::name(n),

@@ -28,7 +28,12 @@ pub struct SimMeta {
 
 impl SimMeta {
     pub fn new(durable: Durable, bits_per_page: u64) -> SimMeta {
-        SimMeta { durable, queue: VecDeque::new(), words_per_page: (bits_per_page / 64) as usize, writes: 0 }
+        SimMeta {
+            durable,
+            queue: VecDeque::new(),
+            words_per_page: (bits_per_page / 64) as usize,
+            writes: 0,
+        }
     }
 
     /// Queues a write; true if the store was idle (the caller schedules its completion).
@@ -63,7 +68,9 @@ impl SimMeta {
                         }
                     }
                     let lo = (p * self.words_per_page).min(self.durable.words.len());
-                    let hi = ((p + 1) * self.words_per_page).min(self.durable.words.len()).min(words.len());
+                    let hi = ((p + 1) * self.words_per_page)
+                        .min(self.durable.words.len())
+                        .min(words.len());
                     if lo < hi {
                         self.durable.words[lo..hi].copy_from_slice(&words[lo..hi]);
                     }

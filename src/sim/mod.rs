@@ -31,7 +31,11 @@ pub use cluster::{Stats, Violation};
 pub use run::{quiet_panics, run_seed, Options, Outcome};
 
 /// The deliberate core bugs by name (for `mirror-sim --fault NAME`).
-pub const FAULT_NAMES: [&str; 3] = ["ack-before-peer", "clear-resync-bit-early", "wrong-sync-direction"];
+pub const FAULT_NAMES: [&str; 3] = [
+    "ack-before-peer",
+    "clear-resync-bit-early",
+    "wrong-sync-direction",
+];
 
 /// Turns a fault's name on in `faults`; false if the name is unknown.
 pub fn set_fault(faults: &mut crate::core::Faults, name: &str) -> bool {

@@ -128,7 +128,15 @@ impl Model {
         self.writes.get(id as usize)
     }
 
-    pub fn issue(&mut self, node: usize, first: u64, n: u64, kind: Kind, fua: bool, step: u64) -> u32 {
+    pub fn issue(
+        &mut self,
+        node: usize,
+        first: u64,
+        n: u64,
+        kind: Kind,
+        fua: bool,
+        step: u64,
+    ) -> u32 {
         let id = self.writes.len() as u32;
         self.writes.push(WriteRec {
             node,
@@ -173,7 +181,11 @@ impl Model {
 
     /// Acknowledged, not yet durable writes of `node` replied before `step`.
     pub fn nondurable_before(&self, node: usize, step: u64) -> Vec<u32> {
-        self.nondurable[node].iter().copied().filter(|w| self.writes[*w as usize].done < step).collect()
+        self.nondurable[node]
+            .iter()
+            .copied()
+            .filter(|w| self.writes[*w as usize].done < step)
+            .collect()
     }
 
     /// A flush issued at `issue` succeeded on `node`.
@@ -233,8 +245,9 @@ impl Model {
             }
             // The other node's writes whose only good copy was here.
             let other = 1 - node;
-            let (lost, kept): (Vec<u32>, Vec<u32>) =
-                self.nondurable[other].iter().partition(|id| self.writes[**id as usize].peer_only);
+            let (lost, kept): (Vec<u32>, Vec<u32>) = self.nondurable[other]
+                .iter()
+                .partition(|id| self.writes[**id as usize].peer_only);
             self.nondurable[other] = kept;
             for id in lost {
                 self.writes[id as usize].uncertain = true;
@@ -336,11 +349,17 @@ mod tests {
         let c = m.issue(1, 1, 1, Kind::Write, false, 21);
         m.reply(b, true, 22);
         m.reply(c, true, 23);
-        assert_eq!(m.acceptable(1, 30, 31), vec![value_of(b, 1), value_of(c, 1)]);
+        assert_eq!(
+            m.acceptable(1, 30, 31),
+            vec![value_of(b, 1), value_of(c, 1)]
+        );
         // Power loss of node 0 before a flush: b is uncertain now, but c (node 1's,
         // issued after a's reply) still keeps a out.
         m.crash(0, 40, true);
-        assert_eq!(m.acceptable(1, 41, 42), vec![value_of(b, 1), value_of(c, 1)]);
+        assert_eq!(
+            m.acceptable(1, 41, 42),
+            vec![value_of(b, 1), value_of(c, 1)]
+        );
         // On a sector only node 0 wrote, the crash brings the old value back.
         let e = m.issue(0, 2, 1, Kind::Write, false, 43);
         m.reply(e, true, 44);

@@ -91,22 +91,45 @@ impl Net {
     pub fn open(&mut self) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
-        self.links.insert(id, Link { id, ..Default::default() });
+        self.links.insert(
+            id,
+            Link {
+                id,
+                ..Default::default()
+            },
+        );
         id
     }
 
     /// Queues `msg` from node `from`; returns when to schedule a delivery, if one is needed.
-    pub fn push(&mut self, link: u64, from: usize, msg: Message, now: u64, rng: &mut Rng) -> Option<u64> {
+    pub fn push(
+        &mut self,
+        link: u64,
+        from: usize,
+        msg: Message,
+        now: u64,
+        rng: &mut Rng,
+    ) -> Option<u64> {
         let corrupt = std::mem::take(&mut self.corrupt_next[from]);
-        let Some(l) = self.links.get_mut(&link) else { return None };
+        let Some(l) = self.links.get_mut(&link) else {
+            return None;
+        };
         if l.closed[from] {
             return None;
         }
-        let lat = if rng.chance(0.01) { rng.range(5_000, 30_000) } else { rng.range(50, 1_000) };
+        let lat = if rng.chance(0.01) {
+            rng.range(5_000, 30_000)
+        } else {
+            rng.range(50, 1_000)
+        };
         let d = &mut l.dirs[from];
         let ready = d.last_ready.max(now + lat);
         d.last_ready = ready;
-        d.queue.push_back(Frame { ready, msg, corrupt });
+        d.queue.push_back(Frame {
+            ready,
+            msg,
+            corrupt,
+        });
         self.frames += 1;
         self.wake(link, from, now)
     }
@@ -132,7 +155,9 @@ impl Net {
     /// Takes the next delivery on a direction, if it is due and the network lets it through.
     pub fn pop(&mut self, link: u64, dir: usize, now: u64) -> Step {
         let partitioned = self.partitioned(now);
-        let Some(l) = self.links.get_mut(&link) else { return Step::Nothing };
+        let Some(l) = self.links.get_mut(&link) else {
+            return Step::Nothing;
+        };
         let d = &mut l.dirs[dir];
         d.scheduled = false;
         if d.dead || partitioned {
@@ -192,7 +217,8 @@ impl Net {
 
     /// Forgets links nobody holds any more.
     pub fn collect(&mut self) {
-        self.links.retain(|_, l| !(l.closed[0] && l.closed[1]) || l.dirs.iter().any(|d| d.scheduled));
+        self.links
+            .retain(|_, l| !(l.closed[0] && l.closed[1]) || l.dirs.iter().any(|d| d.scheduled));
     }
 
     pub fn ids(&self) -> Vec<u64> {

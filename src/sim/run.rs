@@ -45,7 +45,10 @@ thread_local! {
 /// with its seed).
 pub fn quiet_panics() {
     std::panic::set_hook(Box::new(|info| {
-        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         PANIC_AT.with(|p| *p.borrow_mut() = Some(at));
     }));
 }
@@ -66,7 +69,11 @@ pub fn run_seed(seed: u64, opts: Options) -> Outcome {
             }
             Outcome {
                 seed,
-                violation: Some(Violation { time_us: 0, kind: "panic".into(), detail: msg }),
+                violation: Some(Violation {
+                    time_us: 0,
+                    kind: "panic".into(),
+                    detail: msg,
+                }),
                 stats: Stats::default(),
                 sim_us: 0,
                 digest: 0,
@@ -94,7 +101,13 @@ fn run(seed: u64, opts: Options) -> Outcome {
     sim.run_until(|s| s.settled || s.now() >= deadline);
     if sim.violation.is_none() && !sim.settled {
         let detail = sim.summary();
-        sim.violate("no convergence", format!("not settled {} s after the faults stopped: {detail}", SETTLE_US / 1_000_000));
+        sim.violate(
+            "no convergence",
+            format!(
+                "not settled {} s after the faults stopped: {detail}",
+                SETTLE_US / 1_000_000
+            ),
+        );
     }
     if sim.violation.is_none() {
         sim.phase = Phase::Final;
@@ -106,7 +119,13 @@ fn run(seed: u64, opts: Options) -> Outcome {
             digest = (digest ^ v).wrapping_mul(0x0100_0000_01B3);
         }
     }
-    Outcome { seed, violation: sim.violation.clone(), stats: sim.stats.clone(), sim_us: sim.now(), digest }
+    Outcome {
+        seed,
+        violation: sim.violation.clone(),
+        stats: sim.stats.clone(),
+        sim_us: sim.now(),
+        digest,
+    }
 }
 
 impl Sim {
@@ -114,7 +133,10 @@ impl Sim {
     pub fn run_until(&mut self, done: impl Fn(&Sim) -> bool) {
         while self.violation.is_none() && !done(self) {
             if self.stats.events > EVENT_BUDGET {
-                self.violate("event budget", format!("more than {EVENT_BUDGET} events: livelock?"));
+                self.violate(
+                    "event budget",
+                    format!("more than {EVENT_BUDGET} events: livelock?"),
+                );
                 return;
             }
             if !self.step_once() {
@@ -148,8 +170,15 @@ impl Sim {
     fn quiescent(&self) -> bool {
         (0..2).all(|n| {
             let sn = &self.nodes[n];
-            let Some(c) = sn.core.as_ref() else { return false };
-            if sn.stopping.is_some() || !sn.clients.is_empty() || !c.is_idle() || !sn.disk.is_idle() || !sn.meta.is_idle() {
+            let Some(c) = sn.core.as_ref() else {
+                return false;
+            };
+            if sn.stopping.is_some()
+                || !sn.clients.is_empty()
+                || !c.is_idle()
+                || !sn.disk.is_idle()
+                || !sn.meta.is_idle()
+            {
                 return false;
             }
             let st = c.status();
@@ -175,7 +204,9 @@ impl Sim {
             return;
         }
         let st = [self.status(0), self.status(1)];
-        let (Some(s0), Some(s1)) = (&st[0], &st[1]) else { return };
+        let (Some(s0), Some(s1)) = (&st[0], &st[1]) else {
+            return;
+        };
         let conn = |s: &crate::core::Status| s.peer.as_ref().map(|p| p.connection);
         let linked = |n: usize| self.net.active_link(n).is_some();
         if (s0.split_brain || s1.split_brain) && !linked(0) && !linked(1) {
@@ -186,24 +217,45 @@ impl Sim {
                 return;
             }
             if conn(if victim == 0 { s0 } else { s1 }) == Some(ConnState::Standalone) {
-                self.admin(victim, AdminCmd::Connect { discard_my_data: true });
+                self.admin(
+                    victim,
+                    AdminCmd::Connect {
+                        discard_my_data: true,
+                    },
+                );
             }
             if conn(if victim == 0 { s1 } else { s0 }) == Some(ConnState::Standalone) {
-                self.admin(1 - victim, AdminCmd::Connect { discard_my_data: false });
+                self.admin(
+                    1 - victim,
+                    AdminCmd::Connect {
+                        discard_my_data: false,
+                    },
+                );
             }
             return;
         }
         for (n, s) in [s0, s1].into_iter().enumerate() {
             if conn(s) == Some(ConnState::Standalone) {
-                self.admin(n, AdminCmd::Connect { discard_my_data: false });
+                self.admin(
+                    n,
+                    AdminCmd::Connect {
+                        discard_my_data: false,
+                    },
+                );
             }
         }
         let established = |s: &crate::core::Status| {
-            s.peer.as_ref().is_some_and(|p| p.connection == ConnState::Connected && p.replication == Replication::Established)
+            s.peer.as_ref().is_some_and(|p| {
+                p.connection == ConnState::Connected && p.replication == Replication::Established
+            })
         };
         if established(s0) && established(s1) {
             let (d0, d1) = (s0.disk, s1.disk);
-            if d0 != DiskState::UpToDate && d1 != DiskState::UpToDate && d0 != DiskState::Failed && d1 != DiskState::Failed {
+            if d0 != DiskState::UpToDate
+                && d1 != DiskState::UpToDate
+                && d0 != DiskState::Failed
+                && d1 != DiskState::Failed
+            {
                 self.admin(0, AdminCmd::Primary { force: true });
                 self.admin(0, AdminCmd::Secondary);
                 return;
@@ -212,7 +264,13 @@ impl Sim {
             if idle && d0 == DiskState::UpToDate && d1 == DiskState::UpToDate {
                 for (n, s) in [s0, s1].into_iter().enumerate() {
                     if s.out_of_sync_bytes > 0 {
-                        self.admin(n, AdminCmd::Resync { full: false, checksum: false });
+                        self.admin(
+                            n,
+                            AdminCmd::Resync {
+                                full: false,
+                                checksum: false,
+                            },
+                        );
                         return;
                     }
                 }
@@ -226,13 +284,22 @@ impl Sim {
         for s in 0..self.model.sectors() {
             let (a, b) = (self.nodes[0].disk.view(s), self.nodes[1].disk.view(s));
             if a != b {
-                let detail = format!("sector {s}: {} has {a:#x} ({}), {} has {b:#x} ({})", Sim::name(0), self.describe(a), Sim::name(1), self.describe(b));
+                let detail = format!(
+                    "sector {s}: {} has {a:#x} ({}), {} has {b:#x} ({})",
+                    Sim::name(0),
+                    self.describe(a),
+                    Sim::name(1),
+                    self.describe(b)
+                );
                 self.violate("disks differ", detail);
                 return;
             }
             let ok = self.model.acceptable(s, step, step);
             if !ok.contains(&a) {
-                let detail = format!("sector {s} holds {a:#x} ({}); acceptable: {ok:#x?}", self.describe(a));
+                let detail = format!(
+                    "sector {s} holds {a:#x} ({}); acceptable: {ok:#x?}",
+                    self.describe(a)
+                );
                 self.violate("acknowledged write lost", detail);
                 return;
             }
@@ -246,24 +313,46 @@ impl Sim {
             let conn = self.next_conn;
             self.next_conn += 1;
             if let Some(Ok(())) = self.run_core(n, |c| c.attach_client(conn)) {
-                self.nodes[n].clients.insert(conn, Client { close_at: u64::MAX, ..Default::default() });
+                self.nodes[n].clients.insert(
+                    conn,
+                    Client {
+                        close_at: u64::MAX,
+                        ..Default::default()
+                    },
+                );
                 served = Some((n, conn));
                 break;
             }
         }
         let Some((n, conn)) = served else {
-            self.violate("no primary", "neither node accepts a client after settling".into());
+            self.violate(
+                "no primary",
+                "neither node accepts a client after settling".into(),
+            );
             return;
         };
         self.issue_request(n, conn, Some(80));
         let deadline = self.now() + 30_000_000;
-        self.run_until(|s| s.nodes[n].clients.get(&conn).is_none_or(|c| c.inflight.is_empty()) || s.now() > deadline);
+        self.run_until(|s| {
+            s.nodes[n]
+                .clients
+                .get(&conn)
+                .is_none_or(|c| c.inflight.is_empty())
+                || s.now() > deadline
+        });
         if self.violation.is_some() {
             return;
         }
         for m in 0..2 {
             if !self.nodes[m].disk.cache_is_empty() {
-                self.violate("volatile after flush", format!("a flush on {} left data in {}'s write cache", Sim::name(n), Sim::name(m)));
+                self.violate(
+                    "volatile after flush",
+                    format!(
+                        "a flush on {} left data in {}'s write cache",
+                        Sim::name(n),
+                        Sim::name(m)
+                    ),
+                );
                 return;
             }
         }
@@ -279,8 +368,13 @@ impl Sim {
         self.run_until(|s| s.nodes[0].last_verify.is_some() || s.now() > deadline);
         match self.nodes[0].last_verify {
             Some(0) => {}
-            Some(d) => self.violate("verify", format!("online verify found {d} differing blocks after settling")),
-            None if self.violation.is_none() => self.violate("verify", "online verify did not finish".into()),
+            Some(d) => self.violate(
+                "verify",
+                format!("online verify found {d} differing blocks after settling"),
+            ),
+            None if self.violation.is_none() => {
+                self.violate("verify", "online verify did not finish".into())
+            }
             None => {}
         }
     }

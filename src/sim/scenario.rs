@@ -82,10 +82,29 @@ impl Scenario {
         let split_brain = SplitBrain {
             after_sb_0pri: policy(
                 rng,
-                &["disconnect", "discard-zero-changes", "discard-least-changes", "discard-younger-primary", "discard-older-primary", "discard-node"],
+                &[
+                    "disconnect",
+                    "discard-zero-changes",
+                    "discard-least-changes",
+                    "discard-younger-primary",
+                    "discard-older-primary",
+                    "discard-node",
+                ],
             ),
-            after_sb_1pri: policy(rng, &["disconnect", "consensus", "discard-secondary", "call-pri-lost-after-sb", "violently-as0p"]),
-            after_sb_2pri: policy(rng, &["disconnect", "call-pri-lost-after-sb", "violently-as0p"]),
+            after_sb_1pri: policy(
+                rng,
+                &[
+                    "disconnect",
+                    "consensus",
+                    "discard-secondary",
+                    "call-pri-lost-after-sb",
+                    "violently-as0p",
+                ],
+            ),
+            after_sb_2pri: policy(
+                rng,
+                &["disconnect", "call-pri-lost-after-sb", "violently-as0p"],
+            ),
         };
         let ping_interval_ms = rng.range(200, 1500);
         Scenario {

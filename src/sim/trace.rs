@@ -14,14 +14,31 @@ pub fn message(m: &Message) -> String {
     match m {
         Message::Hello(h) => format!(
             "Hello({} {:?} {:?} gis {:x?} crashed {} oos {} discard {})",
-            h.node, h.role, h.disk, h.gis, h.crashed_primary, h.out_of_sync_blocks, h.discard_my_data
+            h.node,
+            h.role,
+            h.disk,
+            h.gis,
+            h.crashed_primary,
+            h.out_of_sync_blocks,
+            h.discard_my_data
         ),
-        Message::BitmapChunk { first_word, words, last } => format!(
+        Message::BitmapChunk {
+            first_word,
+            words,
+            last,
+        } => format!(
             "BitmapChunk(from word {first_word}, {} words, {} bits, last {last})",
             words.len(),
             words.iter().map(|w| w.count_ones()).sum::<u32>()
         ),
-        Message::Write { seq, seen, offset, kind, fua, resync } => {
+        Message::Write {
+            seq,
+            seen,
+            offset,
+            kind,
+            fua,
+            resync,
+        } => {
             let k = match kind {
                 WriteKind::Data(d) => format!("data {} bytes first {}", d.len(), first_value(d)),
                 WriteKind::Trim { len } => format!("trim {len}"),
@@ -29,22 +46,32 @@ pub fn message(m: &Message) -> String {
             };
             format!("Write(seq {seq} seen {seen} at {offset} {k} fua {fua} resync {resync})")
         }
-        Message::ReadReply { id, error, data } => format!("ReadReply(id {id} error {error} {} bytes)", data.len()),
-        Message::ChecksumReply { id, error, sums } => format!("ChecksumReply(id {id} error {error} {} sums)", sums.len()),
+        Message::ReadReply { id, error, data } => {
+            format!("ReadReply(id {id} error {error} {} bytes)", data.len())
+        }
+        Message::ChecksumReply { id, error, sums } => {
+            format!("ChecksumReply(id {id} error {error} {} sums)", sums.len())
+        }
         other => format!("{other:?}"),
     }
 }
 
 pub fn disk_op(op: &DiskOp) -> String {
     match op {
-        DiskOp::Write { offset, data, fua } => format!("write {offset}+{} first {} fua {fua}", data.len(), first_value(data)),
+        DiskOp::Write { offset, data, fua } => format!(
+            "write {offset}+{} first {} fua {fua}",
+            data.len(),
+            first_value(data)
+        ),
         other => format!("{other:?}"),
     }
 }
 
 pub fn io_request(r: &IoRequest) -> String {
     match r {
-        IoRequest::Write { offset, data, fua } => format!("write {offset}+{} fua {fua}", data.len()),
+        IoRequest::Write { offset, data, fua } => {
+            format!("write {offset}+{} fua {fua}", data.len())
+        }
         other => format!("{other:?}"),
     }
 }

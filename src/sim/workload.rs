@@ -22,10 +22,17 @@ impl Sim {
             self.favourite = 1 - self.favourite;
         }
         for n in 0..2 {
-            if !self.alive(n) || self.nodes[n].stopping.is_some() || !self.nodes[n].clients.is_empty() {
+            if !self.alive(n)
+                || self.nodes[n].stopping.is_some()
+                || !self.nodes[n].clients.is_empty()
+            {
                 continue;
             }
-            let p = if self.sc.two_primaries || n == self.favourite { 0.4 } else { 0.08 };
+            let p = if self.sc.two_primaries || n == self.favourite {
+                0.4
+            } else {
+                0.08
+            };
             if self.rng_work.chance(p) {
                 self.start_client(n);
             }
@@ -44,7 +51,13 @@ impl Sim {
         match r {
             Some(Ok(())) => {
                 let close_at = self.now() + self.rng_work.range(300_000, 6_000_000);
-                self.nodes[n].clients.insert(conn, Client { close_at, ..Default::default() });
+                self.nodes[n].clients.insert(
+                    conn,
+                    Client {
+                        close_at,
+                        ..Default::default()
+                    },
+                );
                 self.trace_line(Some(n), || format!("client {conn} attached"));
                 let inc = self.nodes[n].inc;
                 self.world.after(1_000, Ev::Client { node: n, inc, conn });
@@ -57,7 +70,9 @@ impl Sim {
     pub fn client_step(&mut self, n: usize, conn: ConnId) {
         let now = self.now();
         let on = self.workload_on() && self.nodes[n].stopping.is_none();
-        let Some(c) = self.nodes[n].clients.get_mut(&conn) else { return };
+        let Some(c) = self.nodes[n].clients.get_mut(&conn) else {
+            return;
+        };
         if !on || now >= c.close_at {
             c.closing = true;
         }
@@ -108,53 +123,123 @@ impl Sim {
         let replicating = self.replicating(n);
         // A connected pair: both ends hold the same live link (not one end that
         // has not noticed yet that the other restarted).
-        let paired = replicating && self.net.active_link(n).is_some() && self.net.active_link(n) == self.net.active_link(1 - n);
+        let paired = replicating
+            && self.net.active_link(n).is_some()
+            && self.net.active_link(n) == self.net.active_link(1 - n);
         let gen = self.nodes[n].link_gen;
         let step = self.next_step();
         let roll = roll.unwrap_or_else(|| self.rng_work.below(100));
         let (kind, req) = match roll {
-            0..=34 => (ReqKind::Read { first, n: count, linear: paired, gen }, IoRequest::Read { offset, len: len as u32 }),
+            0..=34 => (
+                ReqKind::Read {
+                    first,
+                    n: count,
+                    linear: paired,
+                    gen,
+                },
+                IoRequest::Read {
+                    offset,
+                    len: len as u32,
+                },
+            ),
             35..=74 => {
                 let fua = self.rng_work.chance(0.2);
                 let id = self.model.issue(n, first, count, Kind::Write, fua, step);
-                let vals: Vec<u64> = (first..first + count).map(|s| data::value_of(id, s)).collect();
-                (ReqKind::Write(id), IoRequest::Write { offset, data: data::encode(&vals), fua })
+                let vals: Vec<u64> = (first..first + count)
+                    .map(|s| data::value_of(id, s))
+                    .collect();
+                (
+                    ReqKind::Write(id),
+                    IoRequest::Write {
+                        offset,
+                        data: data::encode(&vals),
+                        fua,
+                    },
+                )
             }
             75..=84 => {
                 let peer_errors = self.nodes[1 - n].disk.errors;
-                (ReqKind::Flush { gen: replicating.then_some(gen), peer_errors }, IoRequest::Flush)
+                (
+                    ReqKind::Flush {
+                        gen: replicating.then_some(gen),
+                        peer_errors,
+                    },
+                    IoRequest::Flush,
+                )
             }
             85..=89 => {
                 let id = self.model.issue(n, first, count, Kind::Trim, false, step);
-                (ReqKind::Write(id), IoRequest::Trim { offset, len: len as u32 })
+                (
+                    ReqKind::Write(id),
+                    IoRequest::Trim {
+                        offset,
+                        len: len as u32,
+                    },
+                )
             }
             _ => {
                 let id = self.model.issue(n, first, count, Kind::Zeroes, false, step);
-                (ReqKind::Write(id), IoRequest::WriteZeroes { offset, len: len as u32, may_trim: self.rng_work.chance(0.5) })
+                (
+                    ReqKind::Write(id),
+                    IoRequest::WriteZeroes {
+                        offset,
+                        len: len as u32,
+                        may_trim: self.rng_work.chance(0.5),
+                    },
+                )
             }
         };
-        let Some(c) = self.nodes[n].clients.get_mut(&conn) else { return };
+        let Some(c) = self.nodes[n].clients.get_mut(&conn) else {
+            return;
+        };
         let cookie = c.next_cookie;
         c.next_cookie += 1;
         let issued_us = self.world.now;
-        c.inflight.insert(cookie, Req { kind: kind.clone(), issue: step, issued_us });
+        c.inflight.insert(
+            cookie,
+            Req {
+                kind: kind.clone(),
+                issue: step,
+                issued_us,
+            },
+        );
         self.stats.requests += 1;
-        self.trace_line(Some(n), || format!("request {conn}/{cookie}: {} ({kind:?})", super::trace::io_request(&req)));
+        self.trace_line(Some(n), || {
+            format!(
+                "request {conn}/{cookie}: {} ({kind:?})",
+                super::trace::io_request(&req)
+            )
+        });
         self.run_core(n, |core| core.handle(Event::Request { conn, cookie, req }));
         if let ReqKind::Write(id) = kind {
             self.model.writes[id as usize].replicating_at_issue = replicating.then_some(gen);
         }
     }
 
-    pub fn on_reply(&mut self, n: usize, conn: ConnId, cookie: u64, result: Result<Option<bytes::Bytes>, u32>) {
+    pub fn on_reply(
+        &mut self,
+        n: usize,
+        conn: ConnId,
+        cookie: u64,
+        result: Result<Option<bytes::Bytes>, u32>,
+    ) {
         let Some(c) = self.nodes[n].clients.get_mut(&conn) else {
             if conn >= self.next_conn {
-                self.violate("reply to nobody", format!("{} replied on unknown connection {conn}", Sim::name(n)));
+                self.violate(
+                    "reply to nobody",
+                    format!("{} replied on unknown connection {conn}", Sim::name(n)),
+                );
             }
             return;
         };
         let Some(req) = c.inflight.remove(&cookie) else {
-            self.violate("duplicate reply", format!("{} replied twice (or unasked) to {conn}/{cookie}", Sim::name(n)));
+            self.violate(
+                "duplicate reply",
+                format!(
+                    "{} replied twice (or unasked) to {conn}/{cookie}",
+                    Sim::name(n)
+                ),
+            );
             return;
         };
         let step = self.next_step();
@@ -168,24 +253,38 @@ impl Sim {
             format!("reply {conn}/{cookie}: {r}")
         });
         match req.kind {
-            ReqKind::Read { first, n: count, linear, gen } => match result {
+            ReqKind::Read {
+                first,
+                n: count,
+                linear,
+                gen,
+            } => match result {
                 Ok(Some(data)) => {
-                    let paired = self.net.active_link(n).is_some() && self.net.active_link(n) == self.net.active_link(1 - n);
-                    let linear = linear && gen == self.nodes[n].link_gen && self.replicating(n) && paired;
+                    let paired = self.net.active_link(n).is_some()
+                        && self.net.active_link(n) == self.net.active_link(1 - n);
+                    let linear =
+                        linear && gen == self.nodes[n].link_gen && self.replicating(n) && paired;
                     self.check_read(n, first, count, &data, linear, req.issue);
                 }
-                Ok(None) => self.violate("read without data", format!("{} answered a read with no data", Sim::name(n))),
+                Ok(None) => self.violate(
+                    "read without data",
+                    format!("{} answered a read with no data", Sim::name(n)),
+                ),
                 Err(_) => {}
             },
             ReqKind::Write(id) => {
                 let w = &self.model.writes[id as usize];
-                let same_link = w.replicating_at_issue == Some(self.nodes[n].link_gen) && self.replicating(n);
+                let same_link =
+                    w.replicating_at_issue == Some(self.nodes[n].link_gen) && self.replicating(n);
                 if result.is_ok() && same_link && w.mirror.is_none() {
                     self.violate("not mirrored", format!("{} acknowledged write {id} without sending it to the peer it replicated to", Sim::name(n)));
                     return;
                 }
                 self.check_write_reply(n, id, result.is_ok());
-                let own_good = self.nodes[n].core.as_ref().is_some_and(|c| c.disk_state() == crate::core::DiskState::UpToDate);
+                let own_good = self.nodes[n]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.disk_state() == crate::core::DiskState::UpToDate);
                 self.model.writes[id as usize].peer_only = !own_good;
                 self.model.reply(id, result.is_ok(), step);
             }

@@ -36,7 +36,11 @@ pub struct World<E> {
 
 impl<E> Default for World<E> {
     fn default() -> Self {
-        World { now: 0, seq: 0, heap: BinaryHeap::new() }
+        World {
+            now: 0,
+            seq: 0,
+            heap: BinaryHeap::new(),
+        }
     }
 }
 
@@ -44,7 +48,11 @@ impl<E> World<E> {
     /// Schedules `ev` at `t` (never in the past).
     pub fn at(&mut self, t: u64, ev: E) {
         self.seq += 1;
-        self.heap.push(Entry { t: t.max(self.now), seq: self.seq, ev });
+        self.heap.push(Entry {
+            t: t.max(self.now),
+            seq: self.seq,
+            ev,
+        });
     }
 
     pub fn after(&mut self, dt: u64, ev: E) {

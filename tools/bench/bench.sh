@@ -33,7 +33,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 JOB_SECONDS=${BENCH_SECONDS:-10}
 SIZE=${BENCH_SIZE:-1G}
-SERVERS=${BENCH_SERVERS:-"file mirrord qemu-nbd nbdkit nbd-server"}
+SERVERS=${BENCH_SERVERS:-"file mirrord mirrord-pair-c qemu-nbd nbdkit nbd-server"}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 MIRRORD=${MIRRORD_BIN:-$ROOT/target/release/mirrord}
 MIRRORCTL=${MIRRORCTL_BIN:-$ROOT/target/release/mirrorctl}
@@ -43,6 +43,7 @@ PY=/usr/bin/python3
 declare -A ROLE=(
     [file]=ceiling
     [mirrord]=subject
+    [mirrord-pair-c]=subject
     [qemu-nbd]=reference
     [nbdkit]=reference
     [nbd-server]=reference
@@ -142,6 +143,41 @@ EOF
     "$MIRRORD" --config "$dir/r0.toml" --node bench >"$dir/mirrord.log" 2>&1 &
     PIDS+=($!)
     URI="nbd+unix:///r0?socket=$dir/run/r0.nbd"
+}
+
+# Two mirrord nodes on loopback, protocol C: fio writes through node a, and
+# every write is on both disks before its ack (b's disk is a copy of the image).
+start_server_mirrord_pair_c() {
+    [ -x "$MIRRORD" ] || { echo "$MIRRORD not built (make build)" >"$RAW/mirrord-pair-c/ERROR"; return 1; }
+    local dir=$WORK/pair n
+    rm -rf "$dir"
+    mkdir -p "$dir/run-a" "$dir/run-b"
+    echo "bench-secret" >"$dir/secret"
+    chmod 600 "$dir/secret"
+    cp --sparse=always "$IMG" "$dir/b.img"
+    {
+        printf '[resource]\nname = "r0"\nprotocol = "C"\nshared-secret-file = "%s"\n\n' "$dir/secret"
+        printf '[sync]\nrate = "4GiB"\n\n'
+        printf '[[node]]\nname = "a"\naddress = "127.0.0.1:%s"\ndisk = "%s"\nmeta-disk = "%s"\nrun-dir = "%s"\n\n' \
+            "$(free_port)" "$IMG" "$dir/a.md" "$dir/run-a"
+        printf '[[node]]\nname = "b"\naddress = "127.0.0.1:%s"\ndisk = "%s"\nmeta-disk = "%s"\nrun-dir = "%s"\n' \
+            "$(free_port)" "$dir/b.img" "$dir/b.md" "$dir/run-b"
+    } >"$dir/r0.toml"
+    for n in a b; do
+        if ! "$MIRRORCTL" --config "$dir/r0.toml" --node "$n" create-md --force >"$dir/create-md-$n.log" 2>&1; then
+            echo "create-md $n failed" >"$RAW/mirrord-pair-c/ERROR"
+            return 1
+        fi
+        "$MIRRORD" --config "$dir/r0.toml" --node "$n" >"$dir/mirrord-$n.log" 2>&1 &
+        PIDS+=($!)
+    done
+    sleep 1
+    if ! "$MIRRORCTL" --config "$dir/r0.toml" --node a primary --force >"$dir/primary.log" 2>&1 ||
+        ! "$MIRRORCTL" --config "$dir/r0.toml" --node a wait-sync --timeout 120 >"$dir/sync.log" 2>&1; then
+        echo "initial sync did not finish" >"$RAW/mirrord-pair-c/ERROR"
+        return 1
+    fi
+    URI="nbd+unix:///r0?socket=$dir/run-a/r0.nbd"
 }
 
 start_server_qemu_nbd() {

@@ -128,6 +128,13 @@ def main():
             r = ratio(values[(subject, job)], best, hib)
             cells.append("n/a" if r is None else f"{r:.2f}")
         ratio_lines.append("| best reference | " + " | ".join(cells) + " |")
+        if subject != "mirrord" and ("mirrord", "subject") in servers:
+            # Replicated rows: the cost of mirroring against the single node.
+            cells = []
+            for job, _, _, _, _, hib in JOBS:
+                r = ratio(values[(subject, job)], values[("mirrord", job)], hib)
+                cells.append("n/a" if r is None else f"{r:.2f}")
+            ratio_lines.append("| mirrord (single node) | " + " | ".join(cells) + " |")
 
     text = "\n".join(lines + ratio_lines)
     if notes:

@@ -1,31 +1,51 @@
 #!/bin/bash
-# SKELETON. Runs inside each of the two guests of two-host.sh (systemd mode).
-# Kernel command line: vm.node=alpha|beta, vm.common=HOSTPATH (folder both
-# guests mount for the config and for barriers), vm.ip=ADDR/PREFIX.
+# Guest side of the two-host test (two-host.sh, `make vm-two-host`), systemd mode.
+# Kernel command line:
+#   vm.node=alpha|beta   this node (alpha is o2cb node 0 and the initial sync source)
+#   vm.common=HOSTPATH   host folder both guests mount at /mnt/common: config,
+#                        secret, barriers, checksums, markers for the host
+#   vm.ip=ADDR/PREFIX    address on the guest link (vec0)
+#   vm.phase=first|rejoin
+#       first:  alpha runs the whole test in one boot; beta runs up to the
+#               power cut (the host SIGKILLs its UML process)
+#       rejoin: beta's second boot on the same disk: resync, remount, checks
+#
+# Every step appends "ok NAME SECONDS" or "FAIL NAME" to /mnt/host/result; the
+# first failure ends the script (non-zero) and leaves a "NODE.failed" marker
+# in the common folder so the other guest stops waiting.
 set -euo pipefail
 S=/mnt/host
 C=/mnt/common
 R=r0
 CFG=/etc/nbd-mirror/$R.toml
 DEV=/dev/nbd0
-node='' common='' ip=''
+M=/mnt/ocfs2
+node='' common='' ip='' phase=first
 for arg in $(cat /proc/cmdline); do
     case $arg in
         vm.node=*) node=${arg#*=} ;;
         vm.common=*) common=${arg#*=} ;;
         vm.ip=*) ip=${arg#*=} ;;
+        vm.phase=*) phase=${arg#*=} ;;
     esac
 done
 [ -n "$node" ] && [ -n "$common" ] && [ -n "$ip" ] || { echo "vm.node, vm.common, vm.ip required"; exit 2; }
-other=alpha
-[ "$node" = alpha ] && other=beta
+other=alpha peer_ip=10.99.0.1
+[ "$node" = alpha ] && other=beta peer_ip=10.99.0.2
 : >"$S/result"
 
 now() { date +%s.%N; }
+ts() { date +%H:%M:%S.%3N; }
+ctl() { mirrorctl --config "$CFG" "$@"; }
+collect_logs() {
+    journalctl --no-pager -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" >"$S/journal.log" 2>&1 || true
+    journalctl --no-pager -o short-monotonic -k >"$S/kernel.log" 2>&1 || true
+    ctl status --json >"$S/status-at-exit.json" 2>&1 || true
+}
 step() {
     local name=$1 t0 rc
     shift
-    echo "=== step $name: $*"
+    echo "=== $(ts) step $name: $*"
     t0=$(now)
     set +e
     (set -e; "$@")
@@ -33,58 +53,69 @@ step() {
     set -e
     if [ $rc -ne 0 ]; then
         echo "FAIL $name (exit $rc)" | tee -a "$S/result"
-        journalctl --no-pager -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" >"$S/journal.log" 2>&1 || true
-        dmesg >"$S/dmesg.log" 2>&1 || true
+        collect_logs
         : >"$C/$node.failed"
         exit 1
     fi
     echo "ok $name $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')" | tee -a "$S/result"
 }
-# Both guests reach NAME, or the first one waits up to 180 s (or until the
-# other reports a failure).
-barrier() {
-    local name=$1
-    : >"$C/$node.$name"
-    for _ in $(seq 360); do
-        [ -e "$C/$other.$name" ] && return 0
+# wait_for FILE SECONDS: until FILE exists in the common folder; gives up
+# early when the other node reports a failure.
+wait_for() {
+    local f=$1 secs=${2:-180} i
+    for i in $(seq $((secs * 2))); do
+        [ -e "$C/$f" ] && return 0
         [ -e "$C/$other.failed" ] && { echo "$other failed"; return 1; }
         sleep 0.5
     done
-    echo "barrier $name: $other did not arrive"
+    echo "$(ts) waited ${secs}s for $f"
     return 1
 }
+# Both guests reach NAME (the first one waits for the other).
+barrier() { : >"$C/$node.$1"; wait_for "$other.$1" "${2:-180}"; }
+# status_is JQ-FILTER: the daemon's status --json satisfies the filter.
+status_is() { ctl status --json | jq -e "$1" >/dev/null; }
 
+# --- setup ------------------------------------------------------------------
 setup() {
     mkdir -p "$C"
-    mount -t hostfs -o "$common" none "$C"
+    mountpoint -q "$C" || mount -t hostfs -o "$common" none "$C"
     hostname "$node"
     echo "$node" >/etc/hostname
-    # UML names vector NICs vec0, vec1, ...
     ip link set vec0 up
     ip addr add "$ip" dev vec0
     install -m 0644 "$C/$R.toml" "$CFG"
     install -m 0600 "$C/$R.secret" "/etc/nbd-mirror/$R.secret"
-    echo "MIRROR_NODE=$node" >"/etc/nbd-mirror/$R.env"
+    printf 'MIRROR_NODE=%s\nRUST_LOG=info\n' "$node" >"/etc/nbd-mirror/$R.env"
+    # mirrord's log streams to the share as it happens, so a power cut keeps it.
+    journalctl --no-pager -f -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" \
+        >>"$S/mirrord-live.log" 2>&1 &
 }
-ping_peer() {
-    local peer_ip=10.99.0.1
-    [ "$node" = alpha ] && peer_ip=10.99.0.2
-    ping -c 3 -W 2 "$peer_ip"
-}
-create_md() { mirrorctl --config "$CFG" create-md; }
+ping_peer() { ping -c 3 -W 2 "$peer_ip"; }
+create_md() { ctl create-md; ctl dump-md >"$S/dump-md-created.json"; }
 start_daemon() {
     systemctl start "mirrord@$R.service"
     systemctl is-active --quiet "mirrord@$R.service"
+    ctl status --json | tee "$S/status-started.json"
 }
+# Two fresh nodes are both inconsistent: alpha's data is made the one that
+# wins (as drbdadm primary --force), a full sync to beta follows.
 initial_sync() {
-    # Both disks are fresh: alpha is made the source, beta syncs from it.
-    if [ "$node" = alpha ]; then mirrorctl --config "$CFG" primary --force; fi
-    mirrorctl --config "$CFG" wait-sync --timeout 240
-    mirrorctl --config "$CFG" status --json | tee "$S/status-synced.json"
+    jq -e '.disk == "inconsistent"' "$S/status-started.json" >/dev/null
+    if [ "$node" = alpha ]; then ctl primary --force; fi
+    ctl wait-sync --timeout 240
+    ctl status --json | tee "$S/status-synced.json"
+    jq -e '.disk == "up-to-date" and .out_of_sync_bytes == 0 and .peer.connection == "connected"
+           and .peer.disk == "up-to-date"' "$S/status-synced.json" >/dev/null
 }
 attach() {
     systemctl start "nbd-attach@$R.service"
-    [ "$(cat /sys/block/nbd0/size)" -gt 0 ]
+    local bytes
+    bytes=$(( $(cat /sys/block/nbd0/size) * 512 ))
+    echo "nbd0: $bytes bytes"
+    ctl status --json | tee "$S/status-attached.json"
+    # auto-promote made this node primary; the export is the whole data area.
+    jq -e --argjson b "$bytes" '.role == "primary" and .size_bytes == $b' "$S/status-attached.json" >/dev/null
 }
 o2cb_start() {
     modprobe -a configfs ocfs2_nodemanager ocfs2_dlm ocfs2_stack_o2cb ocfs2_dlmfs ocfs2
@@ -112,48 +143,290 @@ node:
 	cluster = vmc
 EOF
     o2cb register-cluster vmc
+    # Shorter than the defaults (31 -> 60 s, 30 s) so a dead node is declared
+    # dead sooner; the same on both nodes (o2net checks). The heartbeat write
+    # timeout equals the dead time (30 s), well above mirrord's peer timeout.
+    local c=/sys/kernel/config/cluster/vmc
+    echo 16 >"$c/heartbeat/dead_threshold"
+    echo 2000 >"$c/keepalive_delay_ms"
+    echo 2000 >"$c/reconnect_delay_ms"
+    echo 15000 >"$c/idle_timeout_ms"
+    grep -H . "$c/heartbeat/dead_threshold" "$c/idle_timeout_ms"
 }
 mkfs_ocfs2() {
     [ "$node" = alpha ] || return 0
     mkfs.ocfs2 -q -F -N 2 -b 4K -C 64K -L vmocfs --cluster-stack=o2cb --cluster-name=vmc "$DEV"
 }
 mount_ocfs2() {
-    mkdir -p /mnt/ocfs2
-    mount -t ocfs2 "$DEV" /mnt/ocfs2
+    mkdir -p "$M"
+    mount -t ocfs2 "$DEV" "$M"
+    if [ "$node" = alpha ] && [ "$phase" = first ]; then mkdir -p "$M/shared" "$M/during"; fi
 }
+# sha256 of every regular file under the mount, sorted by path.
+manifest() { (cd "$M" && find . -type f -print0 | sort -z | xargs -0r sha256sum); }
+
+# --- cross reads and concurrent writes ----------------------------------------
 write_own() {
-    head -c 16M /dev/urandom >"/mnt/ocfs2/$node.bin"
+    head -c 16M /dev/urandom >"$M/$node.bin"
     sync
-    sha256sum "/mnt/ocfs2/$node.bin" | cut -d' ' -f1 >"$C/$node.sha256"
+    sha256sum "$M/$node.bin" | cut -d' ' -f1 >"$C/$node.sha256"
 }
 read_other() {
-    local got
-    got=$(sha256sum "/mnt/ocfs2/$other.bin" | cut -d' ' -f1)
-    echo "$other.bin: $got, expected $(cat "$C/$other.sha256")"
-    [ "$got" = "$(cat "$C/$other.sha256")" ]
+    local got want
+    got=$(sha256sum "$M/$other.bin" | cut -d' ' -f1)
+    want=$(cat "$C/$other.sha256")
+    echo "$other.bin: $got, expected $want"
+    [ "$got" = "$want" ]
 }
-teardown() {
-    umount /mnt/ocfs2
-    systemctl stop "nbd-attach@$R.service"
-    systemctl stop "mirrord@$R.service"
-    [ "$(systemctl show -p Result --value "mirrord@$R.service")" = success ]
+# Both nodes write 40 files each into the same directory at the same time.
+concurrent_write() {
+    local i size
+    : >"$S/conc-own.sha256"
+    for i in $(seq -w 1 40); do
+        size=$(( (RANDOM % 32 + 1) * 64 ))K
+        head -c "$size" /dev/urandom >"$M/shared/$node-$i"
+        (cd "$M" && sha256sum "./shared/$node-$i") >>"$S/conc-own.sha256"
+    done
+    sync
+    cp "$S/conc-own.sha256" "$C/$node.conc-own.sha256"
+}
+concurrent_check() {
+    local n
+    (cd "$M" && find ./shared -type f -print0 | sort -z | xargs -0r sha256sum) >"$C/$node.conc-manifest"
+    n=$(wc -l <"$C/$node.conc-manifest")
+    echo "$n files in shared/"
+    [ "$n" -eq 80 ]
+    # This node sees exactly what each writer recorded when writing.
+    sort "$C/alpha.conc-own.sha256" "$C/beta.conc-own.sha256" | diff - <(sort "$C/$node.conc-manifest")
+}
+concurrent_compare() { diff "$C/alpha.conc-manifest" "$C/beta.conc-manifest"; }
+
+# --- power cut of beta (alpha's side) -----------------------------------------
+# Writer on alpha: one 64 KiB file at a time under during/, fsync'd, its
+# sha256 and completion time recorded, about 10 a second, until the stop file
+# appears (at most 3000 files, 190 MiB).
+writer() {
+    local i=0 f
+    : >"$S/during.sha256"
+    : >"$S/during.times"
+    while [ ! -e /run/writer.stop ] && [ $i -lt 3000 ]; do
+        i=$((i + 1))
+        f=$(printf 'during/alpha-%04d' "$i")
+        head -c 64K /dev/urandom >/run/writer.buf
+        dd if=/run/writer.buf of="$M/$f" bs=64K conv=fsync status=none
+        (cd /run && sha256sum writer.buf) | sed "s|writer.buf|./$f|" >>"$S/during.sha256"
+        echo "$i $(date +%s.%N)" >>"$S/during.times"
+        sleep 0.1
+    done
+}
+start_writer() {
+    wait_for beta.crash-ready 300
+    rm -f /run/writer.stop
+    writer >"$S/writer.log" 2>&1 &
+    echo $! >/run/writer.pid
+    sleep 3
+    [ "$(wc -l <"$S/during.sha256")" -gt 0 ]
+    : >"$C/alpha.writing"
+}
+# The host kills beta; alpha's mirrord notices the peer is gone, OCFS2 on
+# alpha declares beta dead and recovers its journal, and the writer goes on.
+write_while_down() {
+    wait_for host.beta-killed 120
+    local t_kill i n0 n
+    t_kill=$(cat "$C/host.beta-killed")
+    for i in $(seq 120); do
+        status_is '.peer.connection != "connected"' && break
+        sleep 0.5
+    done
+    ctl status --json | tee "$S/status-peer-lost.json"
+    jq -e '.peer.connection != "connected" and .role == "primary" and .disk == "up-to-date"' \
+        "$S/status-peer-lost.json" >/dev/null
+    echo "$(ts) mirrord: peer lost, $(awk -v a="$t_kill" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')s after the kill"
+    # 40 more files completed after the kill (waits out OCFS2's recovery).
+    n0=$(awk -v k="$t_kill" '$2 <= k' "$S/during.times" | wc -l)
+    for i in $(seq 240); do
+        n=$(wc -l <"$S/during.times")
+        [ "$n" -ge $((n0 + 40)) ] && break
+        kill -0 "$(cat /run/writer.pid)" || { echo "writer died"; return 1; }
+        sleep 0.5
+    done
+    echo "files before the kill: $n0, now: $n"
+    [ "$n" -ge $((n0 + 40)) ]
+    # The longest pause between two completed files: OCFS2 recovery + mirrord.
+    awk 'NR > 1 { d = $2 - p; if (d > m) m = d } { p = $2 } END { printf "longest write pause %.1fs\n", m }' \
+        "$S/during.times" | tee "$S/write-pause.txt"
+    # What alpha wrote since is marked out of sync for beta.
+    ctl status --json | tee "$S/status-while-down.json"
+    jq -e '.peer.connection != "connected" and .out_of_sync_bytes > 0' "$S/status-while-down.json" >/dev/null
+    : >"$C/alpha.wrote-while-down"
+}
+# The writer keeps going while beta boots and its mirrord connects and
+# resyncs; it stops once beta reports its daemon connected.
+stop_writer() {
+    wait_for beta.connected 300
+    sleep 2
+    : >/run/writer.stop
+    local pid i
+    pid=$(cat /run/writer.pid)
+    for i in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    if kill -0 "$pid" 2>/dev/null; then echo "writer did not stop"; return 1; fi
+    sync
+    echo "writer wrote $(wc -l <"$S/during.sha256") files"
+    # alpha reads back what it wrote.
+    (cd "$M" && sha256sum --quiet -c "$S/during.sha256")
+    cp "$S/during.sha256" "$C/alpha.during.sha256"
+}
+alpha_manifest() {
+    ctl wait-sync --timeout 300
+    ctl status --json | tee "$S/status-resynced.json"
+    manifest >"$C/alpha.manifest"
+    echo "$(wc -l <"$C/alpha.manifest") files"
+    : >"$C/alpha.manifest-done"
+}
+read_beta_after() {
+    wait_for beta.after-written 300
+    local got want
+    got=$(sha256sum "$M/beta-after.bin" | cut -d' ' -f1)
+    want=$(cat "$C/beta-after.sha256")
+    echo "beta-after.bin: $got, expected $want"
+    [ "$got" = "$want" ]
 }
 
-echo "node $node ($ip), peer $other"
-step setup setup
-step ping ping_peer
-step create-md create_md
-step start start_daemon
-step b-started barrier started
-step initial-sync initial_sync
-step attach attach
-step o2cb o2cb_start
-step mkfs mkfs_ocfs2
-step b-mkfs barrier mkfs
-step mount mount_ocfs2
-step write write_own
-step b-written barrier written
-step read-other read_other
-step b-read barrier read
-step teardown teardown
+# --- beta: first boot ends in a power cut ---------------------------------------
+wait_for_power_cut() {
+    ctl status --json >"$S/status-before-cut.json"
+    sync
+    : >"$C/beta.crash-ready"
+    echo "$(ts) beta: waiting to be killed by the host"
+    sleep 600
+    echo "beta was not killed"
+    return 1
+}
+
+# --- beta: second boot ------------------------------------------------------------
+rejoin_start() {
+    ctl dump-md | tee "$S/dump-md-after-crash.json"
+    systemctl start "mirrord@$R.service"
+    local i
+    for i in $(seq 120); do
+        status_is '.peer.connection == "connected"' && break
+        sleep 0.5
+    done
+    ctl status --json | tee "$S/status-reconnected.json"
+    jq -e '.peer.connection == "connected"' "$S/status-reconnected.json" >/dev/null
+    : >"$C/beta.connected"
+}
+# beta missed alpha's writes (and was a crashed primary): it must be the
+# resync target. Then both disks are up to date.
+rejoin_sync() {
+    ctl wait-sync --timeout 300
+    ctl status --json | tee "$S/status-resynced.json"
+    jq -e '.disk == "up-to-date" and .out_of_sync_bytes == 0 and .peer.disk == "up-to-date"' \
+        "$S/status-resynced.json" >/dev/null
+    journalctl --no-pager -o short-monotonic -u "mirrord@$R" | grep -i 'sync\|resync\|crash\|source\|target' |
+        tee "$S/resync-lines.log" || true
+}
+rejoin_compare() {
+    wait_for alpha.manifest-done 300
+    manifest >"$S/beta.manifest"
+    echo "$(wc -l <"$S/beta.manifest") files on beta, $(wc -l <"$C/alpha.manifest") on alpha"
+    diff "$C/alpha.manifest" "$S/beta.manifest"
+    # Every file alpha wrote while beta was down is there, unchanged.
+    (cd "$M" && sha256sum --quiet -c "$C/alpha.during.sha256")
+    (cd "$M" && sha256sum --quiet -c "$C/alpha.conc-own.sha256")
+    (cd "$M" && sha256sum --quiet -c "$C/beta.conc-own.sha256")
+    [ "$(sha256sum "$M/alpha.bin" | cut -d' ' -f1)" = "$(cat "$C/alpha.sha256")" ]
+    [ "$(sha256sum "$M/beta.bin" | cut -d' ' -f1)" = "$(cat "$C/beta.sha256")" ]
+}
+write_beta_after() {
+    head -c 8M /dev/urandom >"$M/beta-after.bin"
+    sync
+    sha256sum "$M/beta-after.bin" | cut -d' ' -f1 >"$C/beta-after.sha256"
+    : >"$C/beta.after-written"
+}
+
+# --- both: check and shut down -------------------------------------------------
+unmount_ocfs2() { umount "$M"; }
+fsck_check() {
+    # -n: read-only, answer no; -f: full check even if marked clean.
+    fsck.ocfs2 -fn "$DEV" 2>&1 | tee "$S/fsck.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ]
+}
+final_status() {
+    ctl wait-sync --timeout 120
+    ctl status --json | tee "$C/$node.status-final.json"
+    jq -e '.disk == "up-to-date" and .peer.disk == "up-to-date" and .out_of_sync_bytes == 0' \
+        "$C/$node.status-final.json" >/dev/null
+}
+detach() {
+    systemctl stop "nbd-attach@$R.service"
+    if nbd-client -c "$DEV"; then echo "$DEV still connected"; return 1; fi
+}
+stop_daemon() {
+    systemctl stop "mirrord@$R.service"
+    local result status
+    result=$(systemctl show -p Result --value "mirrord@$R.service")
+    status=$(systemctl show -p ExecMainStatus --value "mirrord@$R.service")
+    echo "mirrord@$R stopped: Result=$result ExecMainStatus=$status"
+    [ "$result" = success ] && [ "$status" = 0 ]
+    ctl dump-md >"$C/$node.dump-md-final.json"
+}
+
+echo "node $node ($ip), peer $other, phase $phase"
+if [ "$phase" = first ]; then
+    step setup setup
+    step ping ping_peer
+    step create-md create_md
+    step start start_daemon
+    step b-started barrier started
+    step initial-sync initial_sync
+    step b-synced barrier synced
+    step attach attach
+    step o2cb o2cb_start
+    step mkfs mkfs_ocfs2
+    step b-mkfs barrier mkfs
+    step mount mount_ocfs2
+    step b-mounted barrier mounted
+    step write write_own
+    step b-written barrier written
+    step read-other read_other
+    step b-conc-start barrier conc-start
+    step conc-write concurrent_write
+    step b-conc-written barrier conc-written
+    step conc-check concurrent_check
+    step b-conc-checked barrier conc-checked
+    step conc-compare concurrent_compare
+    if [ "$node" = beta ]; then
+        step power-cut wait_for_power_cut
+        exit 1
+    fi
+    step writer-start start_writer
+    step write-while-down write_while_down
+    step writer-stop stop_writer
+    step manifest alpha_manifest
+    step read-beta-after read_beta_after
+else
+    step setup setup
+    step ping ping_peer
+    step rejoin-start rejoin_start
+    step rejoin-sync rejoin_sync
+    step attach attach
+    step o2cb o2cb_start
+    step mount mount_ocfs2
+    step compare rejoin_compare
+    step write-after write_beta_after
+fi
+step b-checked barrier checked 300
+step umount unmount_ocfs2
+step b-unmounted barrier unmounted
+if [ "$node" = alpha ]; then step fsck fsck_check; fi
+step b-fsck-alpha barrier fsck-alpha 300
+if [ "$node" = beta ]; then step fsck fsck_check; fi
+step b-fsck-beta barrier fsck-beta 300
+step final-status final_status
+step b-final barrier final
+step detach detach
+step b-detached barrier detached
+step stop stop_daemon
+collect_logs
 echo "TWO-HOST PASSED"

@@ -232,7 +232,7 @@ proptest! {
             base_allocation_context: None,
         };
         let req = Request { flags: 0, command: Command::Write, cookie: 0, offset, length };
-        let past_end = offset.checked_add(u64::from(length)).map_or(true, |end| end > 1 << 20);
+        let past_end = offset.checked_add(u64::from(length)).is_none_or(|end| end > 1 << 20);
         prop_assert_eq!(validate(&req, &neg), if past_end { Err(NBD_ENOSPC) } else { Ok(()) });
     }
 
