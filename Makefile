@@ -2,7 +2,8 @@
 #
 #   make build        release binaries (target/release/mirrord, mirrorctl)
 #   make test         deps, fmt check, clippy, all cargo tests (unit, sim,
-#                     integration with real NBD clients); what CI runs
+#                     integration with real NBD clients), then `make sim`
+#                     (1,000 seeds); what CI runs
 #   make lint         fmt check, clippy, script syntax checks
 #   make test-reference   the NBD client/bad-input tests against qemu-nbd,
 #                     to tell a test bug from a server bug
@@ -38,7 +39,7 @@ build:
 deps:
 	tools/install-deps.sh
 
-test: deps lint cargo-test
+test: deps lint cargo-test sim
 
 cargo-test:
 	$(CARGO) test --all-targets

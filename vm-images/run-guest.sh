@@ -21,9 +21,11 @@
 #   --name ID         UML instance id (default vm-PID)
 #   --append ARG      extra kernel command line word (e.g. vm.node=alpha), repeatable;
 #                     the guest test reads it from /proc/cmdline
-#   --pid-file FILE   write the host PID of the UML kernel process there once it
-#                     runs (for a test that powers the guest off abruptly with
-#                     SIGKILL); a guest killed that way exits 137 here
+#   --pid-file FILE   once the UML kernel runs, write the id of the guest's
+#                     process group there: `kill -KILL -- -ID` powers the guest
+#                     off abruptly (the UML kernel and its helper processes;
+#                     killing the kernel's pid alone leaves helpers behind).
+#                     A guest killed that way exits 137 here
 #
 # Exit status: the test's own exit status from DIR/rc when the guest
 # finished in time; 124 on timeout; 137 when the UML process was killed
@@ -110,10 +112,13 @@ TMPDIR=$memdir timeout -k 10 "$((tmo + 30))" linux.uml "${args[@]}" \
     </dev/null >"$console" 2>&1 &
 tpid=$!
 if [ -n "$pidfile" ]; then
-    # UML writes its kernel process id to UML_DIR/UMID/pid early in boot.
+    # timeout leads its own process group (it calls setpgid unless
+    # --foreground): the UML kernel and every helper it forks are in it. UML
+    # writes its pid to UML_DIR/UMID/pid early in boot; by then the group
+    # exists.
     rm -f "$pidfile"
     for _ in $(seq 300); do
-        if [ -s "$rundir/$name/pid" ]; then cp "$rundir/$name/pid" "$pidfile"; break; fi
+        if [ -s "$rundir/$name/pid" ]; then echo "$tpid" >"$pidfile"; break; fi
         kill -0 "$tpid" 2>/dev/null || break
         sleep 0.1
     done

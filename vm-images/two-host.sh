@@ -44,14 +44,23 @@ ns="nbdm-vm-$$"
 common=$work/common
 declare -A pids=()
 
+# kill_guest PGID: SIGKILL the process group of one guest (run-guest.sh's
+# --pid-file), never this script's own group.
+kill_guest() {
+    local pg=$1
+    [[ $pg =~ ^[0-9]+$ ]] && [ "$pg" -gt 1 ] || return 0
+    [ "$pg" != "$(ps -o pgid= $$ | tr -d ' ')" ] || return 0
+    kill -KILL -- "-$pg" 2>/dev/null || true
+}
 # Kill only the guests this script started (their run-guest.sh and the UML
 # kernel processes recorded in the pid files), then delete the namespace.
 cleanup() {
-    local k pid
-    for k in "${!pids[@]}"; do kill "${pids[$k]}" 2>/dev/null || true; done
-    for k in alpha beta-1 beta-2; do
-        pid=$(cat "$work/$k.pid" 2>/dev/null) || continue
-        kill -9 "$pid" 2>/dev/null || true
+    local k
+    # Only guests still running (in pids): a finished guest's group id may
+    # have been reused.
+    for k in "${!pids[@]}"; do
+        kill_guest "$(cat "$work/$k.pid" 2>/dev/null)"
+        kill "${pids[$k]}" 2>/dev/null || true
     done
     wait 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
@@ -153,11 +162,13 @@ say "beta is ready for the power cut (phase 1 took ${t_phase1}s)"
 # --- power cut: SIGKILL beta's UML kernel while alpha writes -------------------------
 await alpha.writing 120
 sleep 2
-bpid=$(cat "$work/beta-1.pid") || fail "no pid file for beta-1"
-[[ $bpid =~ ^[0-9]+$ ]] || fail "bad pid file for beta-1"
-kill -9 "$bpid"
+bpg=$(cat "$work/beta-1.pid") || fail "no pid file for beta-1"
+[[ $bpg =~ ^[0-9]+$ ]] || fail "bad pid file for beta-1"
+ps -eo pgid=,args= | awk -v g="$bpg" '$1 == g' | grep -q "umid=vm-beta-1-$$ " ||
+    fail "process group $bpg is not beta's guest"
+kill_guest "$bpg"
 now >"$common/host.beta-killed"
-say "killed beta's UML kernel (pid $bpid)"
+say "killed beta's UML guest (process group $bpg)"
 finish beta-1
 [ "$rc" -eq 137 ] || fail "beta-1 exited $rc, expected 137 (killed)"
 no_leftovers "vm-beta-1-$$"

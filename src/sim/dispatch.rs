@@ -316,10 +316,8 @@ impl Sim {
             "forced-up-to-date" => {
                 self.rebase(n, "primary --force");
             }
-            "verify-finished" => {
-                if s("role") == "source" {
-                    self.nodes[n].last_verify = v.get("differing_blocks").and_then(|x| x.as_u64());
-                }
+            "verify-finished" if s("role") == "source" => {
+                self.nodes[n].last_verify = v.get("differing_blocks").and_then(|x| x.as_u64());
             }
             "disk-failed" => {
                 let now = self.now();

@@ -111,9 +111,7 @@ impl Net {
         rng: &mut Rng,
     ) -> Option<u64> {
         let corrupt = std::mem::take(&mut self.corrupt_next[from]);
-        let Some(l) = self.links.get_mut(&link) else {
-            return None;
-        };
+        let l = self.links.get_mut(&link)?;
         if l.closed[from] {
             return None;
         }
