@@ -15,6 +15,7 @@ pub enum CtlRequest {
     Resync { full: bool, checksum: bool },
     Verify,
     Invalidate,
+    ResumeIo,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

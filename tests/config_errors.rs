@@ -104,6 +104,23 @@ fn unknown_key_is_refused() {
 }
 
 #[test]
+fn fencing_needs_a_known_policy_and_a_handler() {
+    let c = ClusterSpec::new(2).mirrord_only().build();
+    let p = variant(&c, "fencing-no-handler.toml", |t| {
+        t.replacen(
+            "[resource]\n",
+            "[resource]\nfencing = \"resource-only\"\n",
+            1,
+        )
+    });
+    assert_refused(&p, "alpha", &["fencing", "fence-peer"]);
+    let p = variant(&c, "fencing-bad.toml", |t| {
+        t.replacen("[resource]\n", "[resource]\nfencing = \"sometimes\"\n", 1)
+    });
+    assert_refused(&p, "alpha", &["fencing", "sometimes"]);
+}
+
+#[test]
 fn missing_required_key_is_refused() {
     let c = ClusterSpec::new(1).mirrord_only().build();
     let p = variant(&c, "missing-disk.toml", |t| {

@@ -79,6 +79,8 @@ enum Cmd {
     },
     /// Discard this node's data and resync all of it from the peer.
     Invalidate,
+    /// Lift a fencing freeze by hand (the fence-peer handler failed or hangs).
+    ResumeIo,
     /// Wait until connected and both disks are up to date.
     WaitSync {
         #[arg(long, default_value_t = 0)]
@@ -173,6 +175,7 @@ fn run(args: Args) -> Result<(), Fail> {
         Cmd::Connect { discard_my_data } => simple(&s, CtlRequest::Connect { discard_my_data }),
         Cmd::Disconnect => simple(&s, CtlRequest::Disconnect),
         Cmd::Invalidate => simple(&s, CtlRequest::Invalidate),
+        Cmd::ResumeIo => simple(&s, CtlRequest::ResumeIo),
         Cmd::Resync {
             full,
             checksum,
@@ -379,7 +382,8 @@ fn wait_progress(s: &Settings, verify: bool) -> Result<(), Fail> {
             }
             if verify {
                 println!(
-                    "verify finished; out-of-sync now {}",
+                    "verify finished: {} differing blocks; out-of-sync now {}",
+                    st["sync"]["last_verify_differing_blocks"],
                     human(st["out_of_sync_bytes"].as_u64().unwrap_or(0))
                 );
             } else {

@@ -48,6 +48,19 @@ pub enum DiskEngine {
     Threads,
 }
 
+/// What a primary does when it loses its peer (DRBD's `fencing` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fencing {
+    /// Keep writing; the peer may be promoted elsewhere and diverge.
+    DontCare,
+    /// Freeze writes, call the fence-peer handler to outdate the peer, resume
+    /// per its exit code.
+    ResourceOnly,
+    /// As resource-only; the handler is expected to power the peer off (exit 7).
+    ResourceAndStonith,
+}
+
 /// The after-sb-* policies, named as in DRBD.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -147,6 +160,7 @@ pub struct Settings {
     pub sync: SyncSettings,
     pub split_brain: SplitBrain,
     pub handlers: Handlers,
+    pub fencing: Fencing,
     pub net: NetSettings,
     pub nodes: Vec<NodeConfig>,
     /// Index of this node in `nodes`.
@@ -271,6 +285,14 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         )));
     }
     let auto_promote = res.bool_or("auto-promote", true).map_err(err)?;
+    // Checked against [handlers] below; the default depends on fence-peer.
+    let fencing_text = res.opt_str("fencing").map_err(err)?;
+    let fencing_error = |reason: String| {
+        err(KeyError {
+            key: "resource.fencing".into(),
+            reason,
+        })
+    };
     let shared_secret_file = res
         .opt_str("shared-secret-file")
         .map_err(err)?
@@ -376,6 +398,23 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         split_brain: hd.opt_str("split-brain").map_err(err)?.map(PathBuf::from),
     };
     hd.finish().map_err(err)?;
+    let fencing = match fencing_text.as_deref() {
+        // A configured fence-peer handler is meant to be called.
+        None if handlers.fence_peer.is_some() => Fencing::ResourceOnly,
+        None | Some("dont-care") => Fencing::DontCare,
+        Some("resource-only") => Fencing::ResourceOnly,
+        Some("resource-and-stonith") => Fencing::ResourceAndStonith,
+        Some(v) => {
+            return Err(fencing_error(format!(
+                "`{v}` is not one of: dont-care, resource-only, resource-and-stonith"
+            )))
+        }
+    };
+    if fencing != Fencing::DontCare && handlers.fence_peer.is_none() {
+        return Err(fencing_error(
+            "fencing needs a fence-peer handler: set [handlers] fence-peer".into(),
+        ));
+    }
 
     let mut nt = Section::new("net", top.table("net").map_err(err)?.unwrap_or(&empty));
     let net = NetSettings {
@@ -528,6 +567,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         sync,
         split_brain,
         handlers,
+        fencing,
         net,
         nodes,
         this,

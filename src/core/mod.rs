@@ -8,6 +8,7 @@
 
 pub mod activity_log;
 pub mod bitmap;
+mod fencing;
 pub mod gi;
 mod node;
 pub mod ordering;

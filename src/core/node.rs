@@ -185,7 +185,10 @@ pub struct Node {
     pub(super) out: Vec<Action>,
     pub(super) resync: Option<Resync>,
     pub(super) split_brain: bool,
+    /// Writes frozen while the fence-peer handler runs (see fencing.rs).
     pub(super) suspended: bool,
+    /// The running fence-peer handler's id.
+    pub(super) fence_id: Option<u64>,
     /// This node crashed while primary and has not synced since.
     pub(super) crashed_primary: bool,
     /// Primary because an NBD client arrived: demoted when the last one leaves.
@@ -193,6 +196,10 @@ pub struct Node {
     /// Incremented on every new peer connection; acks of older links are dropped.
     pub(super) link_epoch: u64,
     pub(super) last_verify: Option<u64>,
+    /// Resync counters for `status` (bytes moved, resyncs run).
+    pub(super) sync_stats: SyncCounters,
+    /// Progress of the resync this node receives, while it is sync target.
+    pub(super) sync_target: Option<super::resync::TargetProgress>,
     /// Deliberate bugs for the simulator's fault tests (never set by the daemon).
     pub(super) faults: Faults,
 }
@@ -273,10 +280,13 @@ impl Node {
             resync: None,
             split_brain: false,
             suspended: false,
+            fence_id: None,
             crashed_primary: false,
             auto_promoted: false,
             link_epoch: 0,
             last_verify: None,
+            sync_stats: SyncCounters::default(),
+            sync_target: None,
             faults: Faults::default(),
             meta: meta.clone(),
             cfg,
@@ -437,6 +447,7 @@ impl Node {
             Event::PeerDown { reason } => self.on_peer_down(&reason),
             Event::Tick { now_ms } => self.on_tick(now_ms),
             Event::Admin { id, cmd } => self.on_admin(id, cmd),
+            Event::FenceDone { id, exit } => self.on_fence_done(id, exit),
         }
     }
 
@@ -494,7 +505,11 @@ impl Node {
                 role: self.peer.as_ref().map(|p| p.role),
                 disk: self.peer.as_ref().map(|p| p.disk),
             }),
-            resync: self.resync.as_ref().map(|r| r.status(self.now_ms)),
+            resync: self.resync_status(),
+            sync: SyncCounters {
+                last_verify_differing_blocks: self.last_verify,
+                ..self.sync_stats
+            },
             split_brain: self.split_brain,
             suspended: self.suspended,
         }
@@ -564,6 +579,8 @@ impl Node {
             self.send(Message::Ping);
         }
         self.notify("role", json!({ "role": "primary" }));
+        // Primary without the peer, which may be up to date: outdate it first.
+        self.maybe_fence(None, "promoted without the peer");
         if force && self.replicating() {
             if let Some(p) = &self.peer {
                 if p.disk != DiskState::UpToDate {
@@ -584,6 +601,8 @@ impl Node {
         self.persist_superblock(false);
         self.send_state();
         self.notify("role", json!({ "role": "secondary" }));
+        // A secondary writes nothing: held requests are refused, not frozen.
+        self.resume_io("role changed to secondary");
     }
 
     /// Starts a new data generation: this node's data now differs from the last common one.
@@ -686,7 +705,8 @@ impl Node {
             });
             return;
         }
-        if self.handshake.is_some() || self.promote_confirm.is_some() {
+        let frozen = self.suspended && !matches!(req, IoRequest::Read { .. });
+        if self.handshake.is_some() || self.promote_confirm.is_some() || frozen {
             self.held.push((conn, cookie, req));
             return;
         }
@@ -1239,7 +1259,8 @@ impl Node {
         let waiting_ack = r.wait_ack && r.ack_outstanding;
         let waiting_recv = r.wait_recv && !r.recv_got && r.ack_outstanding;
         let peer_ok = !waiting_ack && !waiting_recv;
-        if !r.replied && !r.local_pending && peer_ok {
+        // Fencing holds replies until the peer is known outdated (fencing.rs).
+        if !r.replied && !r.local_pending && peer_ok && !self.suspended {
             r.replied = true;
             let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
             self.out.push(Action::Reply {
@@ -1298,7 +1319,10 @@ impl Node {
         // Keep the persisted bitmap close to memory while it changes (resync, or
         // writes without the peer): an interrupted resync resumes near where it was,
         // and `dump-md` on a running node shows what is out of sync.
-        let changing = self.resync.is_some() || (self.cfg.peer.is_some() && !self.replicating());
+        // The sync target too: its bitmap is what an interrupted resync resumes from.
+        let changing = self.resync.is_some()
+            || self.repl == Replication::SyncTarget
+            || (self.cfg.peer.is_some() && !self.replicating());
         if changing
             && self.bitmap.has_dirty()
             && now_ms.saturating_sub(self.last_bitmap_save_ms) >= 1000
@@ -1368,6 +1392,7 @@ impl Node {
             AdminCmd::Resync { full, checksum } => self.admin_resync(full, checksum),
             AdminCmd::Verify => self.admin_verify(),
             AdminCmd::Invalidate => self.admin_invalidate(),
+            AdminCmd::ResumeIo => self.admin_resume_io(),
         };
         self.out.push(Action::AdminReply { id, result });
     }

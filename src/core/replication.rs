@@ -162,6 +162,7 @@ impl Node {
             hello,
         });
         self.handshake = Some(Handshake::default());
+        self.fencing_peer_back();
         self.notify("peer-connected", json!({ "peer": self.cfg.peer }));
         self.send_bitmap();
     }
@@ -189,6 +190,7 @@ impl Node {
 
     pub(super) fn on_peer_down(&mut self, reason: &str) {
         let was_connected = self.conn == ConnState::Connected;
+        let peer_disk = self.peer.as_ref().map(|p| p.disk);
         let was_replicating = self.replicating();
         self.conn = if self.want_connect {
             ConnState::Connecting
@@ -257,6 +259,7 @@ impl Node {
         self.persist_bitmap_pages(pages);
         if was_connected {
             self.notify("peer-disconnected", json!({ "reason": reason }));
+            self.maybe_fence(peer_disk, reason);
         }
         self.release_held();
     }
@@ -510,6 +513,10 @@ impl Node {
             return;
         }
         self.peer_seen = seq;
+        if resync {
+            self.sync_stats.bytes_received += len;
+            self.sync_stats.blocks_received += len.div_ceil(super::bitmap::BLOCK);
+        }
         if self.cfg.protocol == Protocol::B {
             self.send(Message::RecvAck { seq });
         }

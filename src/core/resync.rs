@@ -112,6 +112,7 @@ impl Node {
         };
         self.repl = Replication::SyncSource;
         self.resync = Some(self.new_resync(false, checksum));
+        self.sync_stats.resyncs_started += 1;
         self.send(Message::StartSync {
             mode,
             source_gis: self.meta.gis,
@@ -126,6 +127,7 @@ impl Node {
     /// This node receives a resync: its disk is inconsistent until it ends.
     pub(super) fn become_sync_target(&mut self) {
         self.repl = Replication::SyncTarget;
+        self.sync_stats.resyncs_started += 1;
         self.disk = DiskState::Inconsistent;
         self.meta.flags &= !md_flags::CONSISTENT;
         self.meta.flags |= md_flags::SYNC_TARGET;
@@ -413,6 +415,7 @@ impl Node {
                     // Equal on both sides: in sync.
                     let b = first_block + i as u64;
                     self.bitmap.clear_blocks(b..b + 1);
+                    self.sync_stats.blocks_equal += 1;
                     if let Some(r) = self.resync.as_mut() {
                         r.done_blocks += 1;
                     }
@@ -433,6 +436,8 @@ impl Node {
                 if let Some(r) = self.resync.as_mut() {
                     r.bytes_sent += piece.len() as u64;
                 }
+                self.sync_stats.bytes_sent += piece.len() as u64;
+                self.sync_stats.blocks_sent += (piece.len() as u64).div_ceil(BLOCK);
                 if self.faults.clear_resync_bit_early {
                     // Fault injection (simulator only): count the blocks as synced
                     // once queued, before the target has written them.
@@ -600,6 +605,7 @@ impl Node {
         self.send(Message::SyncDone {
             source_gis: self.meta.gis,
         });
+        self.sync_stats.resyncs_finished += 1;
         self.notify(
             "resync-finished",
             json!({ "role": "source", "bytes_sent": r.bytes_sent, "total_bytes": r.total_blocks * BLOCK, "gis": gis_json(&self.meta.gis) }),
@@ -618,6 +624,7 @@ impl Node {
         self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
         self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
         self.repl = Replication::Established;
+        self.sync_stats.resyncs_finished += 1;
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);

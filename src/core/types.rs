@@ -68,6 +68,7 @@ pub struct CoreConfig {
     pub sync_rate: u64,
     pub sync_checksum: bool,
     pub split_brain: crate::config::SplitBrain,
+    pub fencing: crate::config::Fencing,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
@@ -158,13 +159,22 @@ pub enum MetaWrite {
 /// Operator commands (from the control socket).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminCmd {
-    Primary { force: bool },
+    Primary {
+        force: bool,
+    },
     Secondary,
-    Connect { discard_my_data: bool },
+    Connect {
+        discard_my_data: bool,
+    },
     Disconnect,
-    Resync { full: bool, checksum: bool },
+    Resync {
+        full: bool,
+        checksum: bool,
+    },
     Verify,
     Invalidate,
+    /// Lift a fencing freeze by hand (DRBD's resume-io).
+    ResumeIo,
 }
 
 /// NBD errno values the core answers with (the daemon passes them through).
@@ -209,6 +219,12 @@ pub enum Event {
         id: u64,
         cmd: AdminCmd,
     },
+    /// The fence-peer handler of [`Action::FencePeer`] `id` ended: its exit
+    /// code, or None if it could not run or died of a signal.
+    FenceDone {
+        id: u64,
+        exit: Option<i32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +258,10 @@ pub enum Action {
     Notify(serde_json::Value),
     /// Run the split-brain handler (fire and forget).
     SplitBrainHandler,
+    /// Run the fence-peer handler and report its exit with [`Event::FenceDone`].
+    FencePeer {
+        id: u64,
+    },
 }
 
 /// A snapshot for `mirrorctl status`.
@@ -256,6 +276,8 @@ pub struct Status {
     pub nbd_clients: usize,
     pub peer: Option<PeerStatus>,
     pub resync: Option<ResyncStatus>,
+    /// Cumulative resync counters (an extension of the documented schema).
+    pub sync: SyncCounters,
     pub split_brain: bool,
     pub suspended: bool,
 }
@@ -277,6 +299,25 @@ pub struct ResyncStatus {
     pub eta_seconds: u64,
     pub verify: bool,
     pub differing_blocks: u64,
+}
+
+/// Resync and verify counters since the daemon started: what a resync
+/// actually moved over the link (status `"sync"`, docs/INTERFACE.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SyncCounters {
+    /// Resync data sent to the peer as sync source.
+    pub bytes_sent: u64,
+    pub blocks_sent: u64,
+    /// Resync data received from the peer as sync target.
+    pub bytes_received: u64,
+    pub blocks_received: u64,
+    /// Blocks a checksum resync found equal on both sides and did not send.
+    pub blocks_equal: u64,
+    /// Resyncs started and finished on this node (as source or target).
+    pub resyncs_started: u64,
+    pub resyncs_finished: u64,
+    /// Differing blocks found by the last completed online verify.
+    pub last_verify_differing_blocks: Option<u64>,
 }
 
 /// Deliberate bugs for the deterministic simulator (`src/sim`) to prove that

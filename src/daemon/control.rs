@@ -114,6 +114,7 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
         CtlRequest::Resync { full, checksum } => AdminCmd::Resync { full, checksum },
         CtlRequest::Verify => AdminCmd::Verify,
         CtlRequest::Invalidate => AdminCmd::Invalidate,
+        CtlRequest::ResumeIo => AdminCmd::ResumeIo,
     };
     let r = shared.admin(cmd).await;
     let resp = match r {

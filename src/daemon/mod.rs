@@ -152,6 +152,7 @@ impl Shared {
                     self.peer_wake.notify_one();
                 }
                 Action::SplitBrainHandler => self.run_handler("split-brain"),
+                Action::FencePeer { id } => self.run_fence_peer(id),
                 Action::Send(_) | Action::Persist { .. } | Action::Notify(_) => {
                     unreachable!("dispatched under the core lock")
                 }
@@ -209,6 +210,56 @@ impl Shared {
                 me.handle(Event::DiskDone { id, result });
             }),
         );
+    }
+
+    /// Runs the fence-peer handler on its own thread; its exit code goes back
+    /// to the core as [`Event::FenceDone`].
+    fn run_fence_peer(self: &Arc<Self>, id: u64) {
+        let Some(path) = self.settings.handlers.fence_peer.clone() else {
+            // Config validation requires the handler whenever fencing is on.
+            self.handle(Event::FenceDone { id, exit: None });
+            return;
+        };
+        tracing::warn!(
+            "peer lost: writes frozen, calling fence-peer handler {}",
+            path.display()
+        );
+        let mut cmd = std::process::Command::new(&path);
+        cmd.env("RESOURCE", &self.settings.resource)
+            .env("NODE", &self.settings.node().name)
+            .env(
+                "PEER",
+                self.settings.peer().map(|p| p.name.as_str()).unwrap_or(""),
+            )
+            .env(
+                "PEER_ADDRESS",
+                self.settings
+                    .peer()
+                    .and_then(|p| p.address)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            )
+            .stdin(std::process::Stdio::null());
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let exit = match cmd.status() {
+                Ok(st) => {
+                    tracing::info!("fence-peer handler {} exited: {st}", path.display());
+                    st.code()
+                }
+                Err(e) => {
+                    tracing::error!("cannot run fence-peer handler {}: {e}", path.display());
+                    None
+                }
+            };
+            if !matches!(exit, Some(3..=7)) {
+                tracing::error!(
+                    "fence-peer handler failed ({exit:?}); writes stay frozen until the peer \
+                     reconnects or `mirrorctl resume-io`"
+                );
+            }
+            me.handle(Event::FenceDone { id, exit });
+        });
     }
 
     fn run_handler(&self, which: &str) {

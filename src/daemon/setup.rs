@@ -62,6 +62,7 @@ pub fn core_config(s: &Settings, data_size: u64, al_slots: u32, max_io: u32) -> 
         sync_rate: s.sync.rate,
         sync_checksum: s.sync.checksum,
         split_brain: s.split_brain.clone(),
+        fencing: s.fencing,
         ping_interval_ms: s.net.ping_interval_ms,
         ping_timeout_ms: s.net.ping_timeout_ms,
         timeout_ms: s.net.timeout_ms,

@@ -68,6 +68,12 @@ impl Sim {
                     self.trace_line(Some(n), || format!("admin {id} -> {result:?}"));
                 }
                 Action::Notify(v) => self.on_notify(n, v),
+                // Scenarios run with fencing off; should a core ask anyway, the
+                // handler answers at once that it outdated the peer (exit 4).
+                Action::FencePeer { id } => {
+                    self.trace_line(Some(n), || format!("fence-peer {id} -> exit 4"));
+                    self.run_core(n, |c| c.handle(Event::FenceDone { id, exit: Some(4) }));
+                }
                 Action::SplitBrainHandler => {
                     self.trace_line(Some(n), || "runs the split-brain handler".into())
                 }

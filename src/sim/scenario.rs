@@ -146,6 +146,7 @@ impl Scenario {
             sync_rate: self.sync_rate,
             sync_checksum: self.sync_checksum,
             split_brain: self.split_brain.clone(),
+            fencing: crate::config::Fencing::DontCare,
             ping_interval_ms: self.ping_interval_ms,
             ping_timeout_ms: self.ping_timeout_ms,
             timeout_ms: self.timeout_ms,

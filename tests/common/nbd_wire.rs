@@ -173,6 +173,11 @@ impl RawConn {
         RawConn { s }
     }
 
+    /// Read timeout for what follows (IO_TIMEOUT is the default).
+    pub fn set_read_timeout(&mut self, d: Duration) {
+        self.s.set_read_timeout(Some(d)).expect("set read timeout");
+    }
+
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.s.write_all(bytes)
     }
