@@ -9,6 +9,7 @@
 #                     to tell a test bug from a server bug
 #   make demo         tools/demo.sh
 #   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10)
+#   make bench-resync tools/bench/resync_bench.sh (full resync vs TCP copy, 2 GiB)
 #   make fuzz         tools/fuzz.sh (FUZZ_SECONDS, default 60)
 #   make vm-smoke / vm-test   from vm-images/vm.mk, when present
 #
@@ -39,7 +40,7 @@ build:
 deps:
 	tools/install-deps.sh
 
-test: deps lint cargo-test sim
+test: deps lint cargo-test sim chaos vm-ci
 
 cargo-test:
 	$(CARGO) test --all-targets
@@ -69,6 +70,12 @@ demo: build
 bench: deps build
 	BENCH_SECONDS=$(BENCH_SECONDS) tools/bench/bench.sh
 
+# Full resync of a 2 GiB disk against a plain TCP copy, bytes moved by an
+# incremental (1%) and a checksum resync (tools/bench/resync_bench.sh).
+.PHONY: bench-resync
+bench-resync: build
+	tools/bench/resync_bench.sh
+
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) tools/fuzz.sh
 
@@ -91,3 +98,15 @@ sim:
 sim-long:
 	$(SIM_BUILD)
 	$(SIM_BIN) --seeds 100000
+
+# Real-process chaos (tools/chaos/chaos.py): TRIALS trials (default 20) of two
+# release mirrord processes on loopback under kill -9, link partitions, restarts
+# and resyncs, with a logging NBD client; afterwards every acknowledged write is
+# checked on both backing files and the files are compared. Trial i uses seed
+# SEED+i (SEED random if unset); a failing trial prints `make chaos TRIALS=1
+# SEED=N` and keeps its directory. The driver enforces 120 s per trial and
+# 60 + 30 x TRIALS s overall; `timeout` is the backstop if the driver itself hangs.
+TRIALS ?= 20
+.PHONY: chaos
+chaos: build
+	timeout -k 30 $$((180 + 30 * $(TRIALS))) $(PYTHON) tools/chaos/chaos.py --trials $(TRIALS) $(if $(SEED),--seed $(SEED))

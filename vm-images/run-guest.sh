@@ -22,10 +22,12 @@
 #   --append ARG      extra kernel command line word (e.g. vm.node=alpha), repeatable;
 #                     the guest test reads it from /proc/cmdline
 #   --pid-file FILE   once the UML kernel runs, write the id of the guest's
-#                     process group there: `kill -KILL -- -ID` powers the guest
-#                     off abruptly (the UML kernel and its helper processes;
-#                     killing the kernel's pid alone leaves helpers behind).
-#                     A guest killed that way exits 137 here
+#                     process group there (the UML kernel's pid: it calls
+#                     setsid(), and its helpers and the guest's user-space
+#                     processes are in its group): `kill -KILL -- -ID` powers
+#                     the guest off abruptly (killing the kernel's pid alone
+#                     leaves the rest running). A guest killed that way exits
+#                     137 here
 #
 # Exit status: the test's own exit status from DIR/rc when the guest
 # finished in time; 124 on timeout; 137 when the UML process was killed
@@ -111,20 +113,39 @@ shm_mb=$(df -Pm /dev/shm 2>/dev/null | awk 'NR == 2 { print $4 }')
 TMPDIR=$memdir timeout -k 10 "$((tmo + 30))" linux.uml "${args[@]}" \
     </dev/null >"$console" 2>&1 &
 tpid=$!
+# The UML kernel calls setsid(): it leads its own session and process group,
+# and its helpers and the host processes that carry the guest's user space
+# are in that group (not in timeout's). It writes its pid to UML_DIR/UMID/pid
+# early in boot. That group is what a power cut kills (--pid-file), and what
+# is killed here whenever the run ends, so no guest process outlives it.
+umlpg=''
+for _ in $(seq 600); do
+    if [ -s "$rundir/$name/pid" ]; then
+        p=$(tr -dc 0-9 <"$rundir/$name/pid")
+        if [ -n "$p" ] && [ "$(ps -o pgid= -p "$p" 2>/dev/null | tr -d ' ')" = "$p" ]; then umlpg=$p; break; fi
+    fi
+    kill -0 "$tpid" 2>/dev/null || break
+    sleep 0.1
+done
+kill_uml_group() {
+    [ -n "$umlpg" ] || return 0
+    # Only while the group still holds this guest's processes (ids get reused).
+    # (awk reads all of ps's output: grep -q would end the pipe early, and
+    # under pipefail ps's SIGPIPE would turn a match into a failure.)
+    if ps -eo pgid=,args= | awk -v g="$umlpg" -v u="umid=$name " '$1 == g && index($0 " ", u) { f = 1 } END { exit !f }'; then
+        kill -KILL -- "-$umlpg" 2>/dev/null || true
+    fi
+}
+trap 'kill_uml_group; rm -rf "$rundir"' EXIT
 if [ -n "$pidfile" ]; then
-    # timeout leads its own process group (it calls setpgid unless
-    # --foreground): the UML kernel and every helper it forks are in it. UML
-    # writes its pid to UML_DIR/UMID/pid early in boot; by then the group
-    # exists.
     rm -f "$pidfile"
-    for _ in $(seq 300); do
-        if [ -s "$rundir/$name/pid" ]; then echo "$tpid" >"$pidfile"; break; fi
-        kill -0 "$tpid" 2>/dev/null || break
-        sleep 0.1
-    done
+    [ -n "$umlpg" ] && echo "$umlpg" >"$pidfile"
 fi
 wait "$tpid"
 uml_rc=$?
+# A kernel killed by SIGKILL (power cut) leaves its exit status to timeout;
+# a guest that powered off has no processes left. Either way: none may stay.
+kill_uml_group
 set -e
 secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
 if [ $uml_rc -eq 124 ]; then

@@ -5,29 +5,43 @@ VM_SAVED_DEFAULT_GOAL := $(.DEFAULT_GOAL)
 VM_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 CARGO ?= cargo
 
-.PHONY: vm-bins vm-image vm-smoke vm-smoke-standin vm-two-host vm-clean vm-test
+.PHONY: vm-deps vm-bins vm-image vm-smoke vm-smoke-standin vm-two-host vm-restart vm-clean vm-test vm-ci
 
-# The project's vocabulary target; more VM tests join it as they land.
-vm-test: vm-smoke
+# All VM tests: one guest (smoke), two guests with OCFS2 (two-host), and what
+# a file system sees when mirrord restarts under load (restart). Each target
+# builds the release binaries and the image first (both cached).
+vm-test: vm-smoke vm-two-host vm-restart
+
+# What CI can afford: the image (built from scratch on a new machine) and
+# the one-guest smoke test.
+vm-ci: vm-smoke
+
+# Host packages (user-mode-linux, mmdebstrap, ...) via apt when missing.
+vm-deps:
+	$(VM_DIR)/deps.sh
 
 vm-bins:
 	$(CARGO) build --release --bins
 
 # Guest root image with the release mirrord/mirrorctl (cached under .cache/vm).
-vm-image: vm-bins
+vm-image: vm-deps vm-bins
 	$(VM_DIR)/build-image.sh
 
 # One guest: mirrord@r0 + nbd-attach@r0 (nbd-client -C 4), fio verify, ext4, clean stop.
-vm-smoke: vm-bins
+vm-smoke: vm-deps vm-bins
 	VM_SMOKE_SERVER=mirrord $(VM_DIR)/smoke.sh
 
 # The same test with nbdkit standing in for mirrord (checks the harness alone).
-vm-smoke-standin:
+vm-smoke-standin: vm-deps
 	VM_SMOKE_SERVER=standin $(VM_DIR)/smoke.sh
 
-# Skeleton, not part of vm-test yet: two guests, mirrord peers, OCFS2 on both.
-vm-two-host: vm-bins
+# Two guests, mirrord peers (dual-primary), OCFS2 on both, power cut of one, resync.
+vm-two-host: vm-deps vm-bins
 	$(VM_DIR)/two-host.sh
+
+# systemctl restart / SIGSTOP of mirrord under a mounted ext4: prints the facts.
+vm-restart: vm-deps vm-bins
+	$(VM_DIR)/restart.sh
 
 vm-clean:
 	rm -rf $(VM_DIR)/../.cache/vm

@@ -365,14 +365,26 @@ fn status_table(st: &Value) -> String {
 
 /// Shows resync/verify progress until it ends.
 fn wait_progress(s: &Settings, verify: bool) -> Result<(), Fail> {
-    let tty = std::io::stdout().is_terminal();
+    // A bar on a terminal (indicatif), plain progress lines otherwise.
+    let bar = std::io::stdout().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(1);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("#>-"),
+        );
+        b.set_prefix(if verify { "verify" } else { "resync" });
+        b
+    });
     let mut last_line = Instant::now() - Duration::from_secs(10);
     loop {
         let st = status(s)?;
         let r = &st["resync"];
         if r.is_null() {
-            if tty {
-                println!();
+            if let Some(b) = &bar {
+                b.finish_and_clear();
             }
             if st["peer"]["connection"] != "connected" {
                 return Err(Fail::Op(format!(
@@ -393,22 +405,16 @@ fn wait_progress(s: &Settings, verify: bool) -> Result<(), Fail> {
         }
         let done = r["done_bytes"].as_u64().unwrap_or(0);
         let total = r["total_bytes"].as_u64().unwrap_or(0).max(1);
-        let pct = done as f64 * 100.0 / total as f64;
-        if tty {
-            let width = 40usize;
-            let filled = ((pct / 100.0) * width as f64) as usize;
-            print!(
-                "\r[{}{}] {:5.1}% {}/s eta {}s ",
-                "#".repeat(filled.min(width)),
-                "-".repeat(width - filled.min(width)),
-                pct,
-                human(r["rate_bytes_per_sec"].as_u64().unwrap_or(0)),
-                r["eta_seconds"]
-            );
-            let _ = std::io::stdout().flush();
+        let rate = human(r["rate_bytes_per_sec"].as_u64().unwrap_or(0));
+        let eta = r["eta_seconds"].as_u64().unwrap_or(0);
+        if let Some(b) = &bar {
+            b.set_length(total);
+            b.set_position(done.min(total));
+            b.set_message(format!("{rate}/s eta {eta}s"));
         } else if last_line.elapsed() >= Duration::from_secs(1) {
             last_line = Instant::now();
-            println!("progress {pct:.1}% done {done} of {total} bytes");
+            let pct = done as f64 * 100.0 / total as f64;
+            println!("progress {pct:.1}% done {done} of {total} bytes, {rate}/s, eta {eta}s");
         }
         std::thread::sleep(Duration::from_millis(250));
     }

@@ -125,6 +125,33 @@ impl Node {
         self.release_held();
     }
 
+    /// A clean stop begins: writes frozen by fencing get ESHUTDOWN now (they
+    /// reached this disk only and are not acknowledged) instead of holding the
+    /// stop up until its time limit (simulator finding).
+    pub fn begin_stop(&mut self) {
+        if !self.suspended {
+            return;
+        }
+        for r in self.reqs.values_mut() {
+            if !r.replied {
+                r.error = errno::ESHUTDOWN;
+            }
+        }
+        for (conn, cookie, req) in std::mem::take(&mut self.held) {
+            if matches!(req, IoRequest::Read { .. }) {
+                self.held.push((conn, cookie, req)); // not frozen: goes on
+                continue;
+            }
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Err(errno::ESHUTDOWN),
+            });
+        }
+        self.fence_id = None;
+        self.resume_io("stopping");
+    }
+
     /// `mirrorctl resume-io`.
     pub(super) fn admin_resume_io(&mut self) -> Result<String, String> {
         if !self.suspended {

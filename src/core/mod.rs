@@ -12,6 +12,8 @@ mod fencing;
 pub mod gi;
 mod node;
 pub mod ordering;
+#[cfg(test)]
+mod pair_tests;
 mod replication;
 mod resync;
 mod types;

@@ -45,6 +45,13 @@ pub(super) enum Io {
     PeerFlush {
         id: u64,
     },
+    /// The flush every start begins with: what an earlier process of this
+    /// node wrote may still sit in the page cache, not on the disk. A sync
+    /// source must not send such data before it is durable here (simulator
+    /// finding: after a kill -9 and restart the new process sent cached blocks
+    /// as resync data, then lost them in a power cut, and the disks differed
+    /// with no out-of-sync bit set). The peer link starts once it is done.
+    BootFlush,
     /// A read the peer asked for (we are its sync source).
     PeerRead {
         id: u64,
@@ -82,6 +89,10 @@ pub(super) enum Origin {
     },
     /// A resync read on the sync source; holds the order until its data is queued.
     ResyncRead,
+    /// A read the peer asked for, behind the peer's earlier writes in the order.
+    PeerRead {
+        id: u64,
+    },
 }
 
 /// An entry of the disk order.
@@ -312,8 +323,14 @@ impl Node {
         // (and told to the peer) until the next completed sync.
         node.meta.flags &= !md_flags::PRIMARY;
         node.crashed_primary = crashed;
+        let id = node.new_id();
+        node.ios.insert(id, Io::BootFlush);
+        node.out.push(Action::Disk {
+            id,
+            op: DiskOp::Flush,
+        });
         if node.cfg.peer.is_some() {
-            node.out.push(Action::Connect);
+            // Action::Connect follows when the boot flush is done.
             node.conn = ConnState::Connecting;
         }
         node
@@ -379,6 +396,14 @@ impl Node {
 
     pub fn out_of_sync_blocks(&self) -> u64 {
         self.bitmap.count()
+    }
+
+    /// No NBD request is in flight or held (what a clean stop waits for).
+    pub fn clients_idle(&self) -> bool {
+        self.reqs.is_empty()
+            && self.held.is_empty()
+            && self.peer_reads.is_empty()
+            && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
     }
 
     pub fn is_idle(&self) -> bool {
@@ -607,13 +632,23 @@ impl Node {
 
     /// Starts a new data generation: this node's data now differs from the last common one.
     pub(super) fn bump_current_gi(&mut self) {
+        self.new_generation(false);
+    }
+
+    /// [`Node::bump_current_gi`]; `lost_peer`: a primary that lost its peer starts
+    /// it. The low bit of `current` marks such a generation (the node was primary
+    /// before any split brain that follows, as the low bit of DRBD's UUIDs does),
+    /// and later generations keep it until the next sync; discard-younger-primary
+    /// and discard-older-primary read it.
+    pub(super) fn new_generation(&mut self, lost_peer: bool) {
         let g = &mut self.meta.gis;
+        let mark = lost_peer as u64 | ((g.bitmap != 0) as u64 & g.current & 1);
         if g.bitmap == 0 {
             g.bitmap = g.current;
         } else if g.current != g.bitmap {
             g.history = [g.current, g.history[0]];
         }
-        let new = self.new_gi();
+        let new = self.new_gi() | mark;
         self.meta.gis.current = new;
         self.notify("new-current-gi", json!({ "gis": gis_json(&self.meta.gis) }));
     }
@@ -691,6 +726,10 @@ impl Node {
                 self.meta.flags &= !md_flags::WAS_UP_TO_DATE;
                 self.persist_superblock(false);
             }
+            // No write can succeed here any more: frozen ones fail now instead
+            // of waiting for a fencing answer (simulator finding: a stop then
+            // waited on them forever).
+            self.resume_io("local disk failed");
         }
     }
 
@@ -933,6 +972,18 @@ impl Node {
         let Origin::Local { req: rid } = e.origin else {
             return;
         };
+        if matches!(self.disk, DiskState::Failed | DiskState::Diskless) || !self.has_good_copy() {
+            // It waited for the activity log while the last good copy went away
+            // (simulator finding: a sync target's write, admitted after its source
+            // was lost, was acknowledged and then overwritten by the next resync).
+            self.writes.remove(&wid);
+            if let Some(r) = self.reqs.get_mut(&rid) {
+                r.local_pending = false;
+                r.error = errno::EIO;
+            }
+            self.maybe_finish(rid);
+            return;
+        }
         let range = e.range;
         let kind = match e.pieces.first() {
             Some(DiskOp::Write { data, .. }) => crate::peer::WriteKind::Data(data.clone()),
@@ -1170,6 +1221,14 @@ impl Node {
                 }
                 self.maybe_finish(req);
             }
+            Io::BootFlush => {
+                if result.is_err() {
+                    self.disk_failed("flush at start");
+                }
+                if self.want_connect && self.conn == ConnState::Connecting {
+                    self.out.push(Action::Connect);
+                }
+            }
             Io::PeerFlush { id } => {
                 let error = result.err().unwrap_or(0);
                 self.send(Message::FlushAck { id, error });
@@ -1245,7 +1304,7 @@ impl Node {
                 }
                 self.peer_write_finished(wid);
             }
-            Origin::ResyncRead => {}
+            Origin::ResyncRead | Origin::PeerRead { .. } => {}
         }
     }
 

@@ -252,7 +252,7 @@ impl Node {
         self.seq = 0;
         self.peer_seen = 0;
         if was_replicating && self.role == Role::Primary {
-            self.bump_current_gi();
+            self.new_generation(true);
             self.persist_superblock(true);
         }
         let pages = self.bitmap.take_dirty();
@@ -354,6 +354,30 @@ impl Node {
                         error: errno::EIO,
                         data: bytes::Bytes::new(),
                     });
+                    return;
+                }
+                let range = Range::new(offset, len as u64);
+                if len > 0 && self.writes.values().any(|e| e.range.overlaps(&range)) {
+                    // Writes the peer sent before this request are still in the
+                    // disk order: read behind them, or the peer gets data older
+                    // than its own acknowledged writes (simulator finding: a
+                    // primary whose disk failed read its last writes back stale).
+                    let wid = self.new_id();
+                    let ready = self.order.push(wid, range);
+                    self.writes.insert(
+                        wid,
+                        WriteEntry {
+                            range,
+                            origin: Origin::PeerRead { id },
+                            pieces: vec![DiskOp::Read { offset, len }],
+                            parts_pending: 0,
+                            ready,
+                            al_ok: true,
+                            submitted: false,
+                            error: 0,
+                        },
+                    );
+                    self.try_start(wid);
                     return;
                 }
                 let io = self.new_id();
@@ -712,11 +736,14 @@ impl Node {
             "sync-decision",
             json!({ "decision": format!("{decision:?}"), "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis) }),
         );
+        // `connect --discard-my-data` applies to this connection only, as in DRBD:
+        // kept, it silently discarded this node's data in a later split brain.
+        let discard_mine = std::mem::take(&mut self.discard_my_data);
         if let Decision::SplitBrain { full } = decision {
             self.split_brain = true;
             self.out.push(Action::SplitBrainHandler);
             self.notify("split-brain", json!({ "peer": h.node }));
-            decision = match self.resolve_split_brain(&hs.peer_words, full) {
+            decision = match self.resolve_split_brain(&hs.peer_words, full, discard_mine) {
                 Some(d) => {
                     self.notify(
                         "split-brain-resolved",
@@ -787,9 +814,13 @@ impl Node {
     }
 
     /// The after-sb-* policies. Returns the decision, or None to disconnect.
-    fn resolve_split_brain(&mut self, peer_words: &[u64], full: bool) -> Option<Decision> {
+    fn resolve_split_brain(
+        &mut self,
+        peer_words: &[u64],
+        full: bool,
+        me_discard: bool,
+    ) -> Option<Decision> {
         let peer = self.peer.clone()?;
-        let me_discard = self.discard_my_data;
         let peer_discard = peer.hello.discard_my_data;
         if me_discard && !peer_discard {
             return Some(Decision::Target { full });
@@ -838,15 +869,27 @@ impl Node {
                 by_name(mine < theirs)
             }),
             SbPolicy::DiscardYoungerPrimary | SbPolicy::DiscardOlderPrimary => {
-                // The primary that took over later is the one whose current identifier
-                // is newer: its bitmap identifier is the other's current one... when both
-                // diverged from the same point we cannot tell; fall back to the roles.
-                let younger_is_me = match (self.role, peer.role) {
-                    (Role::Primary, Role::Secondary) => true,
-                    (Role::Secondary, Role::Primary) => false,
-                    _ => !me_first,
+                // The older primary was primary before the split: its generation
+                // began when it lost its peer (low bit of `current`, see
+                // `new_generation`); the younger one was promoted during the split.
+                // (This used the current roles and, with none primary, the names:
+                // discard-younger-primary always discarded beta.)
+                let older_me = self.meta.gis.current & 1 == 1;
+                let older_peer = peer.hello.gis.current & 1 == 1;
+                if older_me == older_peer {
+                    // Both or neither: as DRBD, use discard-least-changes instead.
+                    return self.sb_policy_0pri(
+                        &SbPolicy::DiscardLeastChanges,
+                        mine,
+                        theirs,
+                        peer,
+                        full,
+                    );
+                }
+                let discard_me = match policy {
+                    SbPolicy::DiscardYoungerPrimary => !older_me,
+                    _ => older_me,
                 };
-                let discard_me = matches!(policy, SbPolicy::DiscardYoungerPrimary) == younger_is_me;
                 Some(by_name(discard_me))
             }
             SbPolicy::DiscardNode(name) => Some(by_name(*name == self.cfg.node)),

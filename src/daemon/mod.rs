@@ -3,6 +3,7 @@
 //! makes no replication decision of its own.
 
 mod control;
+mod disk_io;
 mod meta_writer;
 mod nbd_conn;
 pub mod notify;
@@ -14,13 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::sync::{broadcast, oneshot, Notify};
 
 use crate::config::Settings;
 use crate::core::{Action, AdminCmd, ConnId, DiskOp, Event, Node};
-use crate::storage::engine::{Disk, DiskOutput};
+use crate::storage::engine::Disk;
 use meta_writer::MetaWriter;
-use nbd_conn::ConnMsg;
+use nbd_conn::ConnSink;
 
 /// Largest NBD request payload we accept (and advertise as the maximum block size).
 pub const MAX_IO: u32 = 32 << 20;
@@ -31,7 +32,7 @@ pub struct Shared {
     core: Mutex<Node>,
     pub disk: Disk,
     meta: Mutex<Option<MetaWriter>>,
-    conns: Mutex<HashMap<ConnId, mpsc::UnboundedSender<ConnMsg>>>,
+    conns: Mutex<HashMap<ConnId, Arc<ConnSink>>>,
     peer: Mutex<peer_link::PeerCtl>,
     peer_wake: Notify,
     admin: Mutex<HashMap<u64, oneshot::Sender<Result<String, String>>>>,
@@ -118,6 +119,8 @@ impl Shared {
     }
 
     fn dispatch(self: &Arc<Self>, actions: Vec<Action>) {
+        // Peer messages queued under the core lock leave now, from this thread.
+        peer_link::flush_queued();
         for a in actions {
             match a {
                 Action::Disk { id, op } => self.submit_disk(id, op),
@@ -125,14 +128,7 @@ impl Shared {
                     conn,
                     cookie,
                     result,
-                } => {
-                    if let Some(tx) = lock(&self.conns).get(&conn) {
-                        let _ = tx.send(ConnMsg::Reply {
-                            idx: cookie,
-                            result,
-                        });
-                    }
-                }
+                } => nbd_conn::deliver(self, conn, cookie, result),
                 Action::AdminReply { id, result } => {
                     if let Some(tx) = lock(&self.admin).remove(&id) {
                         let _ = tx.send(result);
@@ -161,55 +157,7 @@ impl Shared {
     }
 
     fn submit_disk(self: &Arc<Self>, id: u64, op: DiskOp) {
-        use crate::storage::engine::DiskOp as E;
-        let op = match op {
-            DiskOp::Read { offset, len } => E::Read { offset, len },
-            DiskOp::Write { offset, data, fua } => E::Write { offset, data, fua },
-            DiskOp::Flush => E::Flush,
-            DiskOp::Trim { offset, len } => E::Trim { offset, len },
-            DiskOp::WriteZeroes {
-                offset,
-                len,
-                may_trim,
-            } => E::WriteZeroes {
-                offset,
-                len,
-                may_trim,
-            },
-        };
-        let me = self.clone();
-        let traced = self.disk_trace.as_ref().and_then(|_| match &op {
-            E::Flush => Some("flush".to_string()),
-            E::Write {
-                offset,
-                data,
-                fua: true,
-            } => Some(format!("fua-write {offset} {}", data.len())),
-            E::Write {
-                offset,
-                data,
-                fua: false,
-            } => Some(format!("write {offset} {}", data.len())),
-            _ => None,
-        });
-        self.disk.submit(
-            op,
-            Box::new(move |r| {
-                if let (Some(t), Some(line), true) = (&me.disk_trace, &traced, r.is_ok()) {
-                    use std::io::Write;
-                    let _ = writeln!(lock(t), "{line}");
-                }
-                let result = match r {
-                    Ok(DiskOutput::Done) => Ok(None),
-                    Ok(DiskOutput::Data(d)) => Ok(Some(d)),
-                    Err(e) => {
-                        tracing::error!("disk I/O failed: {e}");
-                        Err(crate::core::errno::EIO)
-                    }
-                };
-                me.handle(Event::DiskDone { id, result });
-            }),
-        );
+        disk_io::submit(self, id, op);
     }
 
     /// Runs the fence-peer handler on its own thread; its exit code goes back
@@ -385,9 +333,13 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
     })?;
     let nbd_listener = nbd_conn::bind(&shared.settings.nbd_listen).await?;
     let ctl_listener = control::bind(&shared.settings.control_socket())?;
+    // Accept loops stop first at shutdown; the peer link and the ticker keep
+    // running while in-flight requests drain (a write may wait for the peer's
+    // ack, or for a ping timeout to declare the peer dead).
+    let mut accepts = tokio::task::JoinSet::new();
+    accepts.spawn(nbd_conn::accept_loop(shared.clone(), nbd_listener));
+    accepts.spawn(control::accept_loop(shared.clone(), ctl_listener));
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(nbd_conn::accept_loop(shared.clone(), nbd_listener));
-    tasks.spawn(control::accept_loop(shared.clone(), ctl_listener));
     if shared.settings.peer().is_some() {
         tasks.spawn(peer_link::run(shared.clone()));
     }
@@ -404,15 +356,18 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
     notify::notify("STOPPING=1");
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = shared.stop_tx.send(true);
-    tasks.abort_all();
-    // Let clients' in-flight requests finish (bounded).
+    accepts.abort_all();
+    shared.with_core(|c| c.begin_stop());
+    // Let clients' in-flight requests finish (bounded). A running resync does
+    // not hold the stop up: its progress is persisted and it resumes later.
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        if shared.core().is_idle() {
+        if shared.core().clients_idle() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tasks.abort_all();
     shared.with_core(|c| c.shutdown());
     if let Err(e) = shared.disk.run(crate::storage::engine::DiskOp::Flush).await {
         tracing::error!("final flush failed: {e}");

@@ -1,59 +1,93 @@
-//! NBD connections: the listener, the handshake, and the request loop. Each
-//! connection has a reader (decodes requests, hands them to the core) and a
-//! writer (encodes replies in completion order).
+//! NBD connections: the listener, the handshake, and the request loop.
+//!
+//! Each connection has a reader task and a reply sink. The reader decodes requests and hands
+//! them to the core in batches (`disk_io::run_batch`, where page-cache I/O runs inline on the
+//! reader's thread). A reply is sent by whichever thread produces it (the reader itself, a
+//! disk engine thread, the peer link) with a non-blocking `sendmsg` on the socket, in
+//! completion order; replies produced during one batch leave together at its end. Only when
+//! the socket is full does the connection's writer task take over, waiting for the client to
+//! drain it, and later replies queue behind, so no thread ever blocks on a slow client.
+//!
+//! Large WRITE payloads are read from the socket straight into a buffer of their own
+//! (recycled, page-aligned), not through the receive buffer: no copy, no reallocation.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::sync::Notify;
 
-use super::{lock, Shared, MAX_IO};
+use super::{disk_io, lock, Shared, MAX_IO};
 use crate::config::Listen;
 use crate::core::{ConnId, Event, IoRequest};
 use crate::nbd::consts::*;
 use crate::nbd::{
     chunk_block_status, chunk_error, chunk_none, chunk_offset_data_header, simple_reply,
     transmission_flags, validate, Command, Decoded, ExportInfo, ExportQuery, HandshakeOptions,
-    HandshakeStep, Negotiated, RequestDecoder, ServerHandshake,
+    HandshakeStep, Negotiated, Request, RequestDecoder, ServerHandshake,
 };
+use crate::storage::engine::IoBuf;
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Replies with at least this much data are written without copying.
-const ZERO_COPY_MIN: usize = 64 * 1024;
+/// WRITE payloads at least this large are read straight into their own buffer.
+const DIRECT_PAYLOAD_MIN: u32 = 64 * 1024;
+/// What is read after a large write payload: a header and some.
+const SMALL_READ: usize = 4096;
+/// READ data at least this large is sent from its own buffer (vectored), not copied.
+const ZERO_COPY_MIN: usize = 8 * 1024;
+/// Replies held back while a batch runs are sent at once when they reach this size.
+const CORK_MAX: usize = 256 * 1024;
+/// Socket send buffer asked for (the kernel caps it at net.core.wmem_max): large READ
+/// replies then usually fit in one `sendmsg`, without waiting for the writer task.
+const SEND_BUFFER: libc::c_int = 4 << 20;
+/// Most slices gathered into one `sendmsg`.
+const MAX_IOV: usize = 64;
 
-/// What the reader (and the core, through the dispatcher) tells the writer.
-pub enum ConnMsg {
-    /// A request handed to the core as `idx`.
-    Register {
-        idx: u64,
-        cookie: u64,
-        command: Command,
-        offset: u64,
-        flush_after: bool,
-    },
-    /// The core's answer for `idx`.
-    Reply {
-        idx: u64,
-        result: Result<Option<Bytes>, u32>,
-    },
-    /// An answer decided without the core (validation errors, no-ops).
-    Direct {
-        cookie: u64,
-        command: Command,
-        error: u32,
-    },
-    BlockStatus {
-        cookie: u64,
-        context: u32,
-        extents: Vec<(u32, u32)>,
-    },
-    /// The reader stopped: finish what is registered, then close.
-    ReaderDone,
+/// A client socket (unix or TCP) as this module uses it: tokio's `&self` readiness API, so the
+/// reader task, the writer task and reply senders on other threads can share it.
+pub trait NbdStream: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + Sync + 'static {
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn wait_writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    fn read_some_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize>;
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Runs a raw I/O call; a `WouldBlock` clears tokio's readiness for `interest`.
+    fn io_op<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
 }
+
+macro_rules! nbd_stream {
+    ($t:ty) => {
+        impl NbdStream for $t {
+            fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                self.readable()
+            }
+            fn wait_writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                self.writable()
+            }
+            fn read_some_buf<B: BufMut>(&self, buf: &mut B) -> io::Result<usize> {
+                self.try_read_buf(buf)
+            }
+            fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+                self.try_read(buf)
+            }
+            fn io_op<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                self.try_io(interest, f)
+            }
+        }
+    };
+}
+nbd_stream!(tokio::net::UnixStream);
+nbd_stream!(tokio::net::TcpStream);
 
 pub enum Listener {
     Unix(tokio::net::UnixListener),
@@ -129,20 +163,17 @@ fn export_info(shared: &Shared) -> ExportInfo {
     }
 }
 
-async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
-    shared: Arc<Shared>,
-    conn: ConnId,
-    stream: S,
-    peer: String,
-) {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+async fn serve<S: NbdStream>(shared: Arc<Shared>, conn: ConnId, mut stream: S, peer: String) {
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
-    let neg = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        handshake(&shared, conn, &mut rd, &mut wr, &mut inbuf),
-    )
-    .await
-    {
+    let hs = {
+        let (mut rd, mut wr) = tokio::io::split(&mut stream);
+        tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            handshake(&shared, conn, &mut rd, &mut wr, &mut inbuf),
+        )
+        .await
+    };
+    let neg = match hs {
         Ok(Ok(Some(neg))) => neg,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -157,23 +188,39 @@ async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(
         }
     };
     tracing::debug!("NBD client {peer} (conn {conn}) attached");
-    let (tx, rx) = mpsc::unbounded_channel();
-    lock(&shared.conns).insert(conn, tx.clone());
-    let writer = tokio::spawn(write_loop(
-        shared.clone(),
+    set_send_buffer(stream.as_raw_fd());
+    let stream = Arc::new(stream);
+    let sink = Arc::new(ConnSink::new(
         conn,
-        wr,
-        rx,
+        stream.clone(),
+        stream.as_raw_fd(),
         neg.structured_replies,
     ));
-    if let Err(e) = read_loop(&shared, conn, &mut rd, inbuf, &tx, &neg).await {
+    lock(&shared.conns).insert(conn, sink.clone());
+    let writer = tokio::spawn(write_loop(stream.clone(), sink.clone()));
+    if let Err(e) = read_loop(&shared, conn, &*stream, &sink, inbuf, &neg).await {
         tracing::warn!("NBD client {peer} (conn {conn}): {e}; closing");
     }
-    let _ = tx.send(ConnMsg::ReaderDone);
+    sink.reader_finished();
     let _ = writer.await;
     lock(&shared.conns).remove(&conn);
     shared.with_core(|c| c.detach_client(conn));
     tracing::debug!("NBD client {peer} (conn {conn}) detached");
+}
+
+/// Best effort: a larger send buffer than the default (about 200 KiB).
+fn set_send_buffer(fd: RawFd) {
+    let size = SEND_BUFFER;
+    // SAFETY: setsockopt reads an int from a valid pointer; fd is our open socket.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Runs the handshake. Ok(None): the client left or aborted.
@@ -256,146 +303,202 @@ async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
+async fn read_loop<S: NbdStream>(
     shared: &Arc<Shared>,
     conn: ConnId,
-    rd: &mut R,
+    stream: &S,
+    sink: &Arc<ConnSink>,
     mut buf: BytesMut,
-    tx: &mpsc::UnboundedSender<ConnMsg>,
     neg: &Negotiated,
 ) -> Result<(), String> {
     let mut dec = RequestDecoder::new(MAX_IO);
-    let mut idx = 0u64;
+    let mut ctx = ReqCtx {
+        shared,
+        conn,
+        sink,
+        neg,
+        fast_zero: shared.disk.fast_zero(),
+        idx: 0,
+        disc: false,
+    };
     let mut events = Vec::new();
-    let fast_zero = shared.disk.fast_zero();
+    let mut stop = shared.stop_rx.clone();
+    // After a large write, the next read takes little more than a header, so the next large
+    // payload is not read into (and then copied out of) the receive buffer.
+    let mut after_large = false;
     loop {
-        let mut disc = false;
         loop {
-            let d = dec.decode(&mut buf).map_err(|e| e.to_string())?;
-            let Some(d) = d else { break };
-            let (req, payload) = match d {
-                Decoded::Request { req, payload } => (req, payload),
-                Decoded::Oversized { req } => {
-                    let _ = tx.send(ConnMsg::Direct {
-                        cookie: req.cookie,
-                        command: req.command,
-                        error: NBD_EINVAL,
-                    });
-                    continue;
+            if let Some(req) = dec.take_large_write(&mut buf, DIRECT_PAYLOAD_MIN) {
+                // What came before goes to the core before we wait for this payload.
+                if !events.is_empty() {
+                    disk_io::batch(shared, || shared.handle_many(events.drain(..)));
                 }
-            };
-            if let Err(error) = validate(&req, neg) {
-                let _ = tx.send(ConnMsg::Direct {
-                    cookie: req.cookie,
-                    command: req.command,
-                    error,
-                });
-                continue;
-            }
-            let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
-            let io = match req.command {
-                Command::Disc => {
-                    disc = true;
+                let payload = read_payload(stream, &mut buf, req.length as usize).await?;
+                events.extend(ctx.request(req, payload));
+                after_large = true;
+            } else {
+                let Some(d) = dec.decode(&mut buf).map_err(|e| e.to_string())? else {
                     break;
+                };
+                match d {
+                    Decoded::Request { req, payload } => events.extend(ctx.request(req, payload)),
+                    Decoded::Oversized { req } => sink.direct(req.cookie, req.command, NBD_EINVAL),
                 }
-                Command::Cache => None,
-                Command::BlockStatus => {
-                    let extents = block_status(
-                        shared,
-                        req.offset,
-                        req.length,
-                        req.flags & NBD_CMD_FLAG_REQ_ONE != 0,
-                    );
-                    let context = neg.base_allocation_context.unwrap_or(0);
-                    let _ = tx.send(ConnMsg::BlockStatus {
-                        cookie: req.cookie,
-                        context,
-                        extents,
-                    });
-                    continue;
-                }
-                Command::Flush => Some(IoRequest::Flush),
-                // Zero-length data commands: success without I/O (FLUSH is handled above).
-                _ if req.length == 0 => None,
-                Command::Read => Some(IoRequest::Read {
-                    offset: req.offset,
-                    len: req.length,
-                }),
-                Command::Write => Some(IoRequest::Write {
-                    offset: req.offset,
-                    data: payload,
-                    fua,
-                }),
-                Command::Trim => Some(IoRequest::Trim {
-                    offset: req.offset,
-                    len: req.length,
-                }),
-                Command::WriteZeroes => {
-                    if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 && !fast_zero {
-                        let _ = tx.send(ConnMsg::Direct {
-                            cookie: req.cookie,
-                            command: req.command,
-                            error: NBD_ENOTSUP,
-                        });
-                        continue;
+            }
+            if ctx.disc {
+                break;
+            }
+        }
+        if !events.is_empty() {
+            disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+        }
+        if ctx.disc || shared.is_stopping() {
+            return Ok(());
+        }
+        if buf.capacity() - buf.len() < 64 * 1024 {
+            buf.reserve(256 * 1024);
+        }
+        let limit = if std::mem::take(&mut after_large) {
+            SMALL_READ
+        } else {
+            usize::MAX
+        };
+        loop {
+            match stream.read_some_buf(&mut (&mut buf).limit(limit)) {
+                Ok(0) => return Ok(()),
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::select! {
+                        r = stream.wait_readable() => r.map_err(|e| format!("read: {e}"))?,
+                        _ = stop.changed() => return Ok(()),
                     }
-                    Some(IoRequest::WriteZeroes {
-                        offset: req.offset,
-                        len: req.length,
-                        may_trim: req.flags & NBD_CMD_FLAG_NO_HOLE == 0,
-                    })
                 }
-                Command::Unknown(_) => {
-                    let _ = tx.send(ConnMsg::Direct {
-                        cookie: req.cookie,
-                        command: req.command,
-                        error: NBD_EINVAL,
-                    });
-                    continue;
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+}
+
+/// Reads a WRITE payload of `len` bytes into its own buffer: first what `buf` already holds,
+/// the rest straight from the socket.
+async fn read_payload<S: NbdStream>(
+    stream: &S,
+    buf: &mut BytesMut,
+    len: usize,
+) -> Result<Bytes, String> {
+    let mut payload = IoBuf::new(len);
+    let dst = payload.as_mut_slice();
+    let have = buf.len().min(len);
+    dst[..have].copy_from_slice(&buf[..have]);
+    buf.advance(have);
+    let mut filled = have;
+    while filled < len {
+        match stream.read_some(&mut dst[filled..]) {
+            Ok(0) => return Err("the client left in the middle of a write payload".into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream
+                .wait_readable()
+                .await
+                .map_err(|e| format!("read: {e}"))?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    Ok(payload.freeze())
+}
+
+/// What the reader needs to turn a decoded request into an event for the core.
+struct ReqCtx<'a> {
+    shared: &'a Arc<Shared>,
+    conn: ConnId,
+    sink: &'a Arc<ConnSink>,
+    neg: &'a Negotiated,
+    fast_zero: bool,
+    /// Our number for the last request handed to the core (its "cookie" there).
+    idx: u64,
+    /// The client sent NBD_CMD_DISC.
+    disc: bool,
+}
+
+impl ReqCtx<'_> {
+    /// Validates one request: answers it directly, or registers it and returns the core's event.
+    fn request(&mut self, req: Request, payload: Bytes) -> Option<Event> {
+        let sink = self.sink;
+        if let Err(error) = validate(&req, self.neg) {
+            sink.direct(req.cookie, req.command, error);
+            return None;
+        }
+        let fua = req.flags & NBD_CMD_FLAG_FUA != 0;
+        let io = match req.command {
+            Command::Disc => {
+                self.disc = true;
+                return None;
+            }
+            Command::Cache => None,
+            Command::BlockStatus => {
+                let extents = block_status(
+                    self.shared,
+                    req.offset,
+                    req.length,
+                    req.flags & NBD_CMD_FLAG_REQ_ONE != 0,
+                );
+                let context = self.neg.base_allocation_context.unwrap_or(0);
+                sink.block_status(req.cookie, context, &extents);
+                return None;
+            }
+            Command::Flush => Some(IoRequest::Flush),
+            // Zero-length data commands: success without I/O (FLUSH is handled above).
+            _ if req.length == 0 => None,
+            Command::Read => Some(IoRequest::Read {
+                offset: req.offset,
+                len: req.length,
+            }),
+            Command::Write => Some(IoRequest::Write {
+                offset: req.offset,
+                data: payload,
+                fua,
+            }),
+            Command::Trim => Some(IoRequest::Trim {
+                offset: req.offset,
+                len: req.length,
+            }),
+            Command::WriteZeroes => {
+                if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 && !self.fast_zero {
+                    sink.direct(req.cookie, req.command, NBD_ENOTSUP);
+                    return None;
                 }
-            };
-            let Some(io) = io else {
-                let _ = tx.send(ConnMsg::Direct {
-                    cookie: req.cookie,
-                    command: req.command,
-                    error: 0,
-                });
-                continue;
-            };
-            idx += 1;
-            let flush_after = fua && matches!(req.command, Command::Trim | Command::WriteZeroes);
-            let _ = tx.send(ConnMsg::Register {
-                idx,
+                Some(IoRequest::WriteZeroes {
+                    offset: req.offset,
+                    len: req.length,
+                    may_trim: req.flags & NBD_CMD_FLAG_NO_HOLE == 0,
+                })
+            }
+            Command::Unknown(_) => {
+                sink.direct(req.cookie, req.command, NBD_EINVAL);
+                return None;
+            }
+        };
+        let Some(io) = io else {
+            sink.direct(req.cookie, req.command, 0);
+            return None;
+        };
+        self.idx += 1;
+        let flush_after = fua && matches!(req.command, Command::Trim | Command::WriteZeroes);
+        sink.register(
+            self.idx,
+            Pending {
                 cookie: req.cookie,
                 command: req.command,
                 offset: req.offset,
                 flush_after,
-            });
-            events.push(Event::Request {
-                conn,
-                cookie: idx,
-                req: io,
-            });
-        }
-        if !events.is_empty() {
-            shared.handle_many(events.drain(..));
-        }
-        if disc || shared.is_stopping() {
-            return Ok(());
-        }
-        if buf.capacity() - buf.len() < 128 * 1024 {
-            buf.reserve(512 * 1024);
-        }
-        let mut stop = shared.stop_rx.clone();
-        tokio::select! {
-            n = rd.read_buf(&mut buf) => {
-                let n = n.map_err(|e| format!("read: {e}"))?;
-                if n == 0 {
-                    return Ok(());
-                }
-            }
-            _ = stop.changed() => return Ok(()),
-        }
+            },
+        );
+        Some(Event::Request {
+            conn: self.conn,
+            cookie: self.idx,
+            req: io,
+        })
     }
 }
 
@@ -432,6 +535,7 @@ fn block_status(shared: &Shared, offset: u64, len: u32, req_one: bool) -> Vec<(u
     out
 }
 
+/// A request handed to the core, waiting for its answer.
 struct Pending {
     cookie: u64,
     command: Command,
@@ -439,133 +543,372 @@ struct Pending {
     flush_after: bool,
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
+/// The reply side of one connection (see the module comment).
+pub struct ConnSink {
     conn: ConnId,
-    mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<ConnMsg>,
+    fd: RawFd,
+    /// Keeps the socket (and so `fd`) open for as long as anyone may send on it.
+    _stream: Arc<dyn Send + Sync>,
     structured: bool,
-) {
-    let mut pending: HashMap<u64, Pending> = HashMap::new();
-    let mut out = BytesMut::with_capacity(64 * 1024);
-    let mut reader_done = false;
-    let mut broken = false;
-    let mut next_internal = u64::MAX / 2;
-    while !(reader_done && pending.is_empty()) {
-        let Some(first) = rx.recv().await else { break };
-        let mut msg = Some(first);
-        let mut batch = 0;
-        while let Some(m) = msg.take() {
-            match m {
-                ConnMsg::Register {
-                    idx,
-                    cookie,
-                    command,
-                    offset,
-                    flush_after,
-                } => {
-                    pending.insert(
-                        idx,
-                        Pending {
-                            cookie,
-                            command,
-                            offset,
-                            flush_after,
-                        },
-                    );
-                }
-                ConnMsg::ReaderDone => reader_done = true,
-                ConnMsg::Direct {
-                    cookie,
-                    command,
-                    error,
-                } => {
-                    encode_reply(&mut out, structured, cookie, command, 0, error, None);
-                }
-                ConnMsg::BlockStatus {
-                    cookie,
-                    context,
-                    extents,
-                } => {
-                    chunk_block_status(&mut out, cookie, context, &extents, true);
-                }
-                ConnMsg::Reply { idx, result } => {
-                    let Some(p) = pending.remove(&idx) else {
-                        tracing::error!("conn {conn}: reply for unknown request {idx}");
-                        continue;
-                    };
-                    if p.flush_after && result.is_ok() {
-                        // FUA on trim/zeroes: answer after a flush that follows the operation.
-                        next_internal += 1;
-                        let idx2 = next_internal;
-                        pending.insert(
-                            idx2,
-                            Pending {
-                                flush_after: false,
-                                ..p
-                            },
-                        );
-                        shared.handle(Event::Request {
-                            conn,
-                            cookie: idx2,
-                            req: IoRequest::Flush,
-                        });
-                        continue;
-                    }
-                    match result {
-                        Ok(Some(data)) if data.len() >= ZERO_COPY_MIN && !broken => {
-                            encode_reply(
-                                &mut out,
-                                structured,
-                                p.cookie,
-                                p.command,
-                                p.offset,
-                                0,
-                                Some(data.len()),
-                            );
-                            if wr.write_all(&out).await.is_err()
-                                || wr.write_all(&data).await.is_err()
-                            {
-                                broken = true;
-                            }
-                            out.clear();
-                        }
-                        Ok(Some(data)) => {
-                            encode_reply(
-                                &mut out,
-                                structured,
-                                p.cookie,
-                                p.command,
-                                p.offset,
-                                0,
-                                Some(data.len()),
-                            );
-                            out.extend_from_slice(&data);
-                        }
-                        Ok(None) => encode_reply(
-                            &mut out, structured, p.cookie, p.command, p.offset, 0, None,
-                        ),
-                        Err(e) => encode_reply(
-                            &mut out, structured, p.cookie, p.command, p.offset, e, None,
-                        ),
-                    }
-                }
-            }
-            batch += 1;
-            if out.len() < 256 * 1024 && batch < 64 {
-                msg = rx.try_recv().ok();
-            }
+    state: Mutex<SinkState>,
+    /// Wakes the writer task: the socket is full, or the connection may be finished.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct SinkState {
+    /// Requests handed to the core, by our number for them.
+    pending: HashMap<u64, Pending>,
+    next_internal: u64,
+    /// Output not yet sent, in order: `queue` first, then `out`.
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    out: BytesMut,
+    /// The socket was full: the writer task sends until everything is out; others only queue.
+    writer_owns: bool,
+    /// Sending failed (the client is gone): output is dropped.
+    broken: bool,
+    reader_done: bool,
+}
+
+impl SinkState {
+    fn unsent(&self) -> usize {
+        self.queued + self.out.len()
+    }
+
+    /// Appends a data buffer after everything encoded so far, without copying it.
+    fn push_data(&mut self, data: Bytes) {
+        if !self.out.is_empty() {
+            let head = self.out.split().freeze();
+            self.queued += head.len();
+            self.queue.push_back(head);
         }
-        if !out.is_empty() {
-            if !broken && wr.write_all(&out).await.is_err() {
-                broken = true;
-            }
-            out.clear();
+        if !data.is_empty() {
+            self.queued += data.len();
+            self.queue.push_back(data);
         }
     }
-    if !broken {
-        let _ = wr.flush().await;
-        let _ = wr.shutdown().await;
+
+    /// Drops the first `n` sent bytes.
+    fn consume(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                self.out.advance(n.min(self.out.len()));
+                return;
+            };
+            let take = n.min(front.len());
+            front.advance(take);
+            self.queued -= take;
+            n -= take;
+            if front.is_empty() {
+                self.queue.pop_front();
+            }
+        }
+    }
+
+    fn discard_output(&mut self) {
+        self.queue.clear();
+        self.queued = 0;
+        self.out.clear();
+    }
+
+    /// Whether the writer task may finish: the reader is gone, every request answered, and
+    /// everything sent (or the client gone).
+    fn finished(&self) -> bool {
+        self.reader_done && self.pending.is_empty() && (self.broken || self.unsent() == 0)
+    }
+}
+
+thread_local! {
+    /// Sinks with replies held back until this thread's batch ends; Some inside a batch.
+    static CORK: RefCell<Option<Vec<Arc<ConnSink>>>> = const { RefCell::new(None) };
+}
+
+/// While alive (on this thread, never across an await), replies are held back and sent
+/// together when the outermost `Cork` drops.
+pub(super) struct Cork {
+    outer: bool,
+}
+
+impl Cork {
+    pub(super) fn new() -> Cork {
+        let outer = CORK.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.is_some() {
+                false
+            } else {
+                *c = Some(Vec::new());
+                true
+            }
+        });
+        Cork { outer }
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        if !self.outer {
+            return;
+        }
+        let sinks = CORK.with(|c| c.borrow_mut().take()).unwrap_or_default();
+        for sink in sinks {
+            let mut st = sink.lock();
+            sink.send_now(&mut st);
+        }
+    }
+}
+
+/// Carries out the core's `Action::Reply` for NBD connection `conn`.
+pub(super) fn deliver(
+    shared: &Arc<Shared>,
+    conn: ConnId,
+    idx: u64,
+    result: Result<Option<Bytes>, u32>,
+) {
+    let sink = lock(&shared.conns).get(&conn).cloned();
+    if let Some(sink) = sink {
+        sink.reply(shared, idx, result);
+    }
+}
+
+impl ConnSink {
+    fn new(conn: ConnId, stream: Arc<dyn Send + Sync>, fd: RawFd, structured: bool) -> ConnSink {
+        ConnSink {
+            conn,
+            fd,
+            _stream: stream,
+            structured,
+            state: Mutex::new(SinkState {
+                out: BytesMut::with_capacity(64 * 1024),
+                ..SinkState::default()
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SinkState> {
+        lock(&self.state)
+    }
+
+    fn register(&self, idx: u64, p: Pending) {
+        self.lock().pending.insert(idx, p);
+    }
+
+    fn reader_finished(&self) {
+        self.lock().reader_done = true;
+        self.wake.notify_one();
+    }
+
+    /// An answer decided without the core (validation errors, no-ops).
+    fn direct(self: &Arc<Self>, cookie: u64, command: Command, error: u32) {
+        let mut st = self.lock();
+        encode_reply(
+            &mut st.out,
+            self.structured,
+            cookie,
+            command,
+            0,
+            error,
+            None,
+        );
+        self.emit(st);
+    }
+
+    fn block_status(self: &Arc<Self>, cookie: u64, context: u32, extents: &[(u32, u32)]) {
+        let mut st = self.lock();
+        chunk_block_status(&mut st.out, cookie, context, extents, true);
+        self.emit(st);
+    }
+
+    /// The core's answer for request `idx`.
+    fn reply(self: &Arc<Self>, shared: &Arc<Shared>, idx: u64, result: Result<Option<Bytes>, u32>) {
+        let mut st = self.lock();
+        let Some(p) = st.pending.remove(&idx) else {
+            tracing::error!("conn {}: reply for unknown request {idx}", self.conn);
+            return;
+        };
+        if p.flush_after && result.is_ok() {
+            // FUA on trim/zeroes: answer after a flush that follows the operation.
+            st.next_internal += 1;
+            let idx2 = u64::MAX / 2 + st.next_internal;
+            st.pending.insert(
+                idx2,
+                Pending {
+                    flush_after: false,
+                    ..p
+                },
+            );
+            drop(st);
+            shared.handle(Event::Request {
+                conn: self.conn,
+                cookie: idx2,
+                req: IoRequest::Flush,
+            });
+            return;
+        }
+        let structured = self.structured;
+        match result {
+            Ok(Some(data)) => {
+                encode_reply(
+                    &mut st.out,
+                    structured,
+                    p.cookie,
+                    p.command,
+                    p.offset,
+                    0,
+                    Some(data.len()),
+                );
+                if data.len() >= ZERO_COPY_MIN {
+                    st.push_data(data);
+                } else {
+                    st.out.extend_from_slice(&data);
+                }
+            }
+            Ok(None) => encode_reply(
+                &mut st.out,
+                structured,
+                p.cookie,
+                p.command,
+                p.offset,
+                0,
+                None,
+            ),
+            Err(e) => encode_reply(
+                &mut st.out,
+                structured,
+                p.cookie,
+                p.command,
+                p.offset,
+                e,
+                None,
+            ),
+        }
+        if st.reader_done && st.pending.is_empty() {
+            self.wake.notify_one();
+        }
+        self.emit(st);
+    }
+
+    /// Sends what was just encoded now, or at the end of this thread's batch.
+    fn emit(self: &Arc<Self>, mut st: MutexGuard<'_, SinkState>) {
+        if st.writer_owns || st.broken {
+            if st.broken {
+                st.discard_output();
+            }
+            return;
+        }
+        if st.unsent() < CORK_MAX {
+            let corked = CORK.with(|c| match c.borrow_mut().as_mut() {
+                Some(list) => {
+                    if !list.iter().any(|s| Arc::ptr_eq(s, self)) {
+                        list.push(self.clone());
+                    }
+                    true
+                }
+                None => false,
+            });
+            if corked {
+                return;
+            }
+        }
+        self.send_now(&mut st);
+    }
+
+    /// Sends unsent output without blocking; if the socket fills up, the writer task takes over.
+    fn send_now(&self, st: &mut SinkState) {
+        if st.writer_owns || st.broken || st.unsent() == 0 {
+            return;
+        }
+        match self.push_out(st) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                st.writer_owns = true;
+                self.wake.notify_one();
+            }
+            Err(e) => self.break_off(st, &e),
+        }
+    }
+
+    fn break_off(&self, st: &mut SinkState, e: &io::Error) {
+        tracing::debug!("NBD conn {}: send failed: {e}", self.conn);
+        st.broken = true;
+        st.discard_output();
+        self.wake.notify_one();
+    }
+
+    /// Sends unsent output until all of it is out (Ok) or the socket is full (WouldBlock).
+    fn push_out(&self, st: &mut SinkState) -> io::Result<()> {
+        while st.unsent() > 0 {
+            let mut iov = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOV];
+            let mut n = 0;
+            for chunk in st.queue.iter().take(MAX_IOV) {
+                iov[n] = libc::iovec {
+                    iov_base: chunk.as_ptr() as *mut libc::c_void,
+                    iov_len: chunk.len(),
+                };
+                n += 1;
+            }
+            if n < MAX_IOV && !st.out.is_empty() {
+                iov[n] = libc::iovec {
+                    iov_base: st.out.as_ptr() as *mut libc::c_void,
+                    iov_len: st.out.len(),
+                };
+                n += 1;
+            }
+            // SAFETY: a zeroed msghdr is valid; it points at `n` iovecs over buffers that the
+            // state (locked by our caller) keeps alive and unchanged during the call.
+            let sent = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = iov.as_mut_ptr();
+                msg.msg_iovlen = n as _;
+                libc::sendmsg(self.fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            };
+            if sent < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            st.consume(sent as usize);
+        }
+        Ok(())
+    }
+}
+
+/// Sends what the socket could not take at once, then ends the connection's output when the
+/// reader is gone and every request is answered.
+async fn write_loop<S: NbdStream>(stream: Arc<S>, sink: Arc<ConnSink>) {
+    loop {
+        let notified = sink.wake.notified();
+        let owns = {
+            let st = sink.lock();
+            if st.finished() {
+                break;
+            }
+            st.writer_owns && !st.broken
+        };
+        if !owns {
+            notified.await;
+            continue;
+        }
+        if let Err(e) = stream.wait_writable().await {
+            sink.break_off(&mut sink.lock(), &e);
+            continue;
+        }
+        let mut st = sink.lock();
+        match stream.io_op(Interest::WRITABLE, || sink.push_out(&mut st)) {
+            Ok(()) => st.writer_owns = false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => sink.break_off(&mut st, &e),
+        }
+    }
+    if !sink.lock().broken {
+        // SAFETY: plain syscall on the socket, which `sink` keeps open.
+        unsafe { libc::shutdown(sink.fd, libc::SHUT_WR) };
     }
 }
 

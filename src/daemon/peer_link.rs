@@ -2,25 +2,49 @@
 //! the Hello exchange one connection becomes the active link. When both dial at
 //! once, the connection dialed by the node whose name sorts first wins, on both
 //! sides. Messages are framed by the peer codec; the core decides everything else.
+//!
+//! Sending: the core's messages are queued, in its order, under the core lock
+//! ([`PeerCtl::send`]); right after the lock is released the same thread encodes them (CRC
+//! included, data by reference) and sends them with one non-blocking `sendmsg`
+//! ([`flush_queued`]). Only when the socket is full does the link's writer task take over,
+//! waiting for it to drain, with later messages queued behind: no hand-off to another thread
+//! in the common case, and no thread blocks on the network.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use super::{lock, Shared};
 use crate::core::Event;
-use crate::peer::{encode, AuthStep, Authenticator, Decoder, Hello, Message, DEFAULT_MAX_PAYLOAD};
+use crate::peer::{
+    encode, encode_split, AuthStep, Authenticator, Decoder, Hello, Message, DEFAULT_MAX_PAYLOAD,
+};
+use crate::storage::engine::IoBuf;
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data at least this large is sent from its own buffer (vectored), not copied.
+const ZERO_COPY_MIN: usize = 8 * 1024;
+/// Frames at least this large are read straight into their own buffer.
+const DIRECT_FRAME_MIN: usize = 64 * 1024;
+/// What is read after a large frame: a header and some.
+const SMALL_READ: usize = 4096;
+/// Most slices gathered into one `sendmsg`.
+const MAX_IOV: usize = 64;
+/// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
+const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 struct Active {
     id: u64,
-    tx: mpsc::UnboundedSender<Message>,
+    out: Arc<PeerOut>,
     /// Dialed by the node whose name sorts first.
     preferred: bool,
     reader: tokio::task::AbortHandle,
@@ -35,9 +59,11 @@ pub struct PeerCtl {
 }
 
 impl PeerCtl {
+    /// Queues `m` on the active link (called under the core lock, so messages keep its
+    /// order); this thread sends it at its next [`flush_queued`].
     pub fn send(&self, m: Message) {
         if let Some(a) = &self.active {
-            let _ = a.tx.send(m);
+            a.out.queue(m);
         }
     }
 
@@ -45,6 +71,7 @@ impl PeerCtl {
     pub fn drop_active(&mut self) {
         if let Some(a) = self.active.take() {
             a.reader.abort();
+            a.out.close();
         }
     }
 
@@ -161,8 +188,8 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         }
     };
     let preferred = dialed == i_sort_first(&shared);
-    let (rd, wr) = s.into_split();
-    let (tx, rx) = mpsc::unbounded_channel();
+    set_buffers(s.as_raw_fd());
+    let s = Arc::new(s);
     let id;
     {
         let mut p = lock(&shared.peer);
@@ -190,13 +217,14 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
             reason: "replaced by the preferred connection".into(),
         });
     }
-    tokio::spawn(write_loop(shared.clone(), id, wr, rx));
-    let reader = tokio::spawn(read_loop(shared.clone(), id, rd, inbuf));
+    let out = Arc::new(PeerOut::new(s.clone()));
+    tokio::spawn(write_loop(shared.clone(), id, s.clone(), out.clone()));
+    let reader = tokio::spawn(read_loop(shared.clone(), id, s, inbuf));
     {
         let mut p = lock(&shared.peer);
         p.active = Some(Active {
             id,
-            tx,
+            out,
             preferred,
             reader: reader.abort_handle(),
         });
@@ -291,17 +319,23 @@ async fn greet(
     }
 }
 
-async fn read_loop(
-    shared: Arc<Shared>,
-    id: u64,
-    mut rd: tokio::net::tcp::OwnedReadHalf,
-    mut buf: BytesMut,
-) {
+async fn read_loop(shared: Arc<Shared>, id: u64, rd: Arc<TcpStream>, mut buf: BytesMut) {
     let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
+    let mut msgs = Vec::new();
+    // After a large frame, the next read takes little more than a header, so the next large
+    // payload is not read into (and then copied out of) the receive buffer.
+    let mut after_large = false;
     let reason = loop {
-        let mut msgs = Vec::new();
         let mut err = None;
+        let mut large = None;
         loop {
+            // A large frame not yet complete is read straight into its own buffer below.
+            if let Ok(Some(total)) = dec.frame_len(&buf) {
+                if total >= DIRECT_FRAME_MIN && buf.len() < total {
+                    large = Some(total);
+                    break;
+                }
+            }
             match dec.decode(&mut buf) {
                 Ok(Some(m)) => msgs.push(m),
                 Ok(None) => break,
@@ -312,21 +346,44 @@ async fn read_loop(
             }
         }
         if !msgs.is_empty() {
-            shared.with_core(|c| {
-                if lock(&shared.peer).is_active(id) {
-                    for m in msgs {
-                        c.handle(Event::PeerMsg(m));
+            // A batch: the peer's writes go to the page cache on this thread, and the NBD
+            // replies their acks release leave together.
+            super::disk_io::batch(&shared, || {
+                shared.with_core(|c| {
+                    if lock(&shared.peer).is_active(id) {
+                        for m in msgs.drain(..) {
+                            c.handle(Event::PeerMsg(m));
+                        }
                     }
-                }
+                })
             });
+            msgs.clear();
         }
         if let Some(e) = err {
             break e;
         }
-        if buf.capacity() - buf.len() < 64 * 1024 {
-            buf.reserve(1 << 20);
+        if let Some(total) = large {
+            match read_frame(&rd, &mut buf, total).await {
+                Ok(frame) => match dec.decode_frame(frame) {
+                    Ok(m) => {
+                        msgs.push(m);
+                        after_large = true;
+                    }
+                    Err(e) => break format!("bad message from the peer: {e}"),
+                },
+                Err(e) => break e,
+            }
+            continue;
         }
-        match rd.read_buf(&mut buf).await {
+        if buf.capacity() - buf.len() < 64 * 1024 {
+            buf.reserve(256 * 1024);
+        }
+        let limit = if std::mem::take(&mut after_large) {
+            SMALL_READ
+        } else {
+            usize::MAX
+        };
+        match read_some(&rd, &mut buf, limit).await {
             Ok(0) => break "the peer closed the connection".to_string(),
             Ok(_) => {}
             Err(e) => break format!("read from the peer: {e}"),
@@ -335,28 +392,289 @@ async fn read_loop(
     link_ended(&shared, id, &reason);
 }
 
-async fn write_loop(
-    shared: Arc<Shared>,
-    id: u64,
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Message>,
-) {
-    let mut out = BytesMut::with_capacity(256 * 1024);
-    while let Some(m) = rx.recv().await {
-        encode(&m, &mut out);
-        while out.len() < 1 << 20 {
-            match rx.try_recv() {
-                Ok(m) => encode(&m, &mut out),
-                Err(_) => break,
-            }
+/// Reads a frame of `total` bytes into its own buffer: first what `buf` holds, the rest
+/// straight from the socket.
+async fn read_frame(s: &TcpStream, buf: &mut BytesMut, total: usize) -> Result<Bytes, String> {
+    let mut frame = IoBuf::new(total);
+    let dst = frame.as_mut_slice();
+    let have = buf.len().min(total);
+    dst[..have].copy_from_slice(&buf[..have]);
+    buf.advance(have);
+    let mut filled = have;
+    while filled < total {
+        match s.try_read(&mut dst[filled..]) {
+            Ok(0) => return Err("the peer closed the connection".into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s
+                .readable()
+                .await
+                .map_err(|e| format!("read from the peer: {e}"))?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read from the peer: {e}")),
         }
-        if let Err(e) = wr.write_all(&out).await {
-            link_ended(&shared, id, &format!("write to the peer: {e}"));
+    }
+    Ok(frame.freeze())
+}
+
+/// Reads what the socket has, at most `limit` bytes (waiting until it has something).
+async fn read_some(s: &TcpStream, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+    loop {
+        match s.try_read_buf(&mut (&mut *buf).limit(limit)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.readable().await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+/// Best effort: larger socket buffers than the defaults, so a burst of large writes does not
+/// wait for the writer task.
+fn set_buffers(fd: RawFd) {
+    let size = SOCKET_BUFFER;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads an int from a valid pointer; fd is our open socket.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+thread_local! {
+    /// The link this thread queued messages on and has not sent yet.
+    static QUEUED: RefCell<Option<Arc<PeerOut>>> = const { RefCell::new(None) };
+}
+
+/// Sends what this thread queued under the core lock. Called right after the lock is released.
+pub fn flush_queued() {
+    if let Some(out) = QUEUED.with(|q| q.borrow_mut().take()) {
+        out.flush();
+    }
+}
+
+/// The sending side of one link (see the module comment).
+pub struct PeerOut {
+    fd: RawFd,
+    /// Keeps the socket (and so `fd`) open for as long as anyone may send on it.
+    _stream: Arc<TcpStream>,
+    state: Mutex<OutState>,
+    /// Wakes the writer task: the socket is full, the link failed or was closed.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct OutState {
+    /// Queued in the core's order, not yet encoded.
+    msgs: VecDeque<Message>,
+    /// A thread is encoding and sending (others only queue).
+    sending: bool,
+    /// Encoded but not sent: the socket was full, and the writer task owns the sending.
+    backlog: VecDeque<Bytes>,
+    writer_owns: bool,
+    /// The link was dropped: send what is queued, then shut the socket down.
+    closed: bool,
+    /// Sending failed.
+    failed: Option<String>,
+}
+
+impl PeerOut {
+    fn new(stream: Arc<TcpStream>) -> PeerOut {
+        PeerOut {
+            fd: stream.as_raw_fd(),
+            _stream: stream,
+            state: Mutex::new(OutState::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        lock(&self.state)
+    }
+
+    fn queue(self: &Arc<Self>, m: Message) {
+        self.lock().msgs.push_back(m);
+        QUEUED.with(|q| {
+            let mut q = q.borrow_mut();
+            match q.as_ref() {
+                Some(other) if Arc::ptr_eq(other, self) => {}
+                Some(other) => {
+                    // Queued on a link that has since been replaced: the writer task of the
+                    // old one sends (or drops) what it holds.
+                    other.wake.notify_one();
+                    *q = Some(self.clone());
+                }
+                None => *q = Some(self.clone()),
+            }
+        });
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+
+    /// Encodes and sends everything queued, without blocking; if the socket fills up, the
+    /// writer task takes over what is left.
+    fn flush(&self) {
+        let mut st = self.lock();
+        if st.sending || st.writer_owns || st.failed.is_some() || st.msgs.is_empty() {
             return;
         }
-        out.clear();
+        st.sending = true;
+        loop {
+            let msgs = std::mem::take(&mut st.msgs);
+            drop(st);
+            let mut chunks = encode_all(msgs);
+            let res = send_chunks(self.fd, &mut chunks);
+            st = self.lock();
+            match res {
+                Ok(()) if st.msgs.is_empty() => {
+                    st.sending = false;
+                    if st.closed {
+                        self.wake.notify_one();
+                    }
+                    return;
+                }
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    st.backlog = chunks;
+                    st.writer_owns = true;
+                    st.sending = false;
+                    self.wake.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    st.failed = Some(format!("write to the peer: {e}"));
+                    st.sending = false;
+                    self.wake.notify_one();
+                    return;
+                }
+            }
+        }
     }
-    let _ = wr.shutdown().await;
+}
+
+/// Frames `msgs` in order: fixed fields copied together, bulk data by reference.
+fn encode_all(msgs: VecDeque<Message>) -> VecDeque<Bytes> {
+    let mut chunks = VecDeque::new();
+    let mut head = BytesMut::with_capacity(msgs.len() * 64);
+    for m in &msgs {
+        let tail = encode_split(m, &mut head);
+        if tail.len() >= ZERO_COPY_MIN {
+            chunks.push_back(head.split().freeze());
+            chunks.push_back(tail);
+        } else if !tail.is_empty() {
+            head.extend_from_slice(&tail);
+        }
+    }
+    if !head.is_empty() {
+        chunks.push_back(head.freeze());
+    }
+    chunks
+}
+
+/// Sends `chunks` with non-blocking vectored writes until all are out (Ok) or the socket is
+/// full (WouldBlock); sent bytes are removed from `chunks`.
+fn send_chunks(fd: RawFd, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
+    while !chunks.is_empty() {
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
+        let mut n = 0;
+        for c in chunks.iter().take(MAX_IOV) {
+            iov[n] = libc::iovec {
+                iov_base: c.as_ptr() as *mut libc::c_void,
+                iov_len: c.len(),
+            };
+            n += 1;
+        }
+        // SAFETY: a zeroed msghdr is valid; it points at `n` iovecs over `chunks`, which stay
+        // alive and unchanged during the call.
+        let sent = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = n as _;
+            libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if sent < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut left = sent as usize;
+        while left > 0 {
+            let Some(front) = chunks.front_mut() else {
+                break;
+            };
+            let take = left.min(front.len());
+            front.advance(take);
+            left -= take;
+            if front.is_empty() {
+                chunks.pop_front();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends what the socket could not take at once (and what is queued after it), reports a
+/// failed link, and after [`PeerOut::close`] sends what is left and shuts the socket down.
+async fn write_loop(shared: Arc<Shared>, id: u64, s: Arc<TcpStream>, out: Arc<PeerOut>) {
+    loop {
+        let notified = out.wake.notified();
+        let owns = {
+            let mut st = out.lock();
+            if let Some(reason) = st.failed.clone() {
+                drop(st);
+                link_ended(&shared, id, &reason);
+                return;
+            }
+            if !st.writer_owns && !st.sending && st.closed {
+                if st.msgs.is_empty() {
+                    break;
+                }
+                // Nobody will flush a closed link's last messages: send them from here.
+                st.writer_owns = true;
+            }
+            if st.writer_owns && st.backlog.is_empty() {
+                let msgs = std::mem::take(&mut st.msgs);
+                st.backlog = encode_all(msgs);
+                if st.backlog.is_empty() {
+                    st.writer_owns = false;
+                }
+            }
+            st.writer_owns
+        };
+        if !owns {
+            notified.await;
+            continue;
+        }
+        if let Err(e) = s.writable().await {
+            out.lock().failed = Some(format!("write to the peer: {e}"));
+            continue;
+        }
+        let mut st = out.lock();
+        let mut backlog = std::mem::take(&mut st.backlog);
+        match s.try_io(Interest::WRITABLE, || send_chunks(out.fd, &mut backlog)) {
+            Ok(()) => {
+                if st.msgs.is_empty() {
+                    st.writer_owns = false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.backlog = backlog,
+            Err(e) => st.failed = Some(format!("write to the peer: {e}")),
+        }
+    }
+    // SAFETY: plain syscall on the socket, which `s` keeps open.
+    unsafe { libc::shutdown(out.fd, libc::SHUT_WR) };
 }
 
 fn link_ended(shared: &Arc<Shared>, id: u64, reason: &str) {

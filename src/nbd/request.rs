@@ -198,6 +198,30 @@ impl RequestDecoder {
     }
 }
 
+impl RequestDecoder {
+    /// For callers that read large WRITE payloads straight into a buffer of their own instead
+    /// of through `buf`: if the next request in `buf` is a WRITE whose payload is at least
+    /// `min_len` bytes, at most `max_write_payload`, and not yet entirely in `buf`, consumes
+    /// its header and returns it. The caller must then take exactly `req.length` payload
+    /// bytes, first from the front of `buf`, the rest from the stream, before decoding on.
+    /// Otherwise consumes nothing and returns None (call [`RequestDecoder::decode`]).
+    pub fn take_large_write(&mut self, buf: &mut BytesMut, min_len: u32) -> Option<Request> {
+        if !matches!(self.state, DecoderState::Header) || buf.len() < REQUEST_HEADER_LEN {
+            return None;
+        }
+        let req = parse_header(&buf[..REQUEST_HEADER_LEN]).ok()?;
+        let wanted = req.command == Command::Write
+            && req.length >= min_len
+            && req.length <= self.max_write_payload
+            && buf.len() < REQUEST_HEADER_LEN + req.length as usize;
+        if !wanted {
+            return None;
+        }
+        buf.advance(REQUEST_HEADER_LEN);
+        Some(req)
+    }
+}
+
 /// Parses a 28-byte request header.
 fn parse_header(mut h: &[u8]) -> Result<Request, ProtocolError> {
     debug_assert_eq!(h.len(), REQUEST_HEADER_LEN);

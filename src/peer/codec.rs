@@ -98,7 +98,60 @@ impl Decoder {
         }
         let mut payload = buf.split_to(total);
         payload.advance(HEADER_LEN);
-        decode_payload(header.msg_type, header.flags, payload).map(Some)
+        decode_payload(header.msg_type, header.flags, payload.freeze()).map(Some)
+    }
+
+    /// For readers that take large frames into a buffer of their own instead of through the
+    /// receive buffer: the total length (header and payload) of the frame at the front of
+    /// `buf`, once its header is there. Errors as [`Decoder::decode`] (bad magic, too long).
+    pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, DecodeError> {
+        let Some(head) = buf.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let mut head_bytes = [0u8; HEADER_LEN];
+        head_bytes.copy_from_slice(head);
+        let header = FrameHeader::parse(&head_bytes);
+        if header.magic != FRAME_MAGIC {
+            return Err(DecodeError::BadMagic(header.magic));
+        }
+        if header.len > self.max_payload {
+            return Err(DecodeError::TooLong(header.len));
+        }
+        Ok(Some(HEADER_LEN + header.len as usize))
+    }
+
+    /// Decodes one whole frame (exactly [`Decoder::frame_len`] bytes), checked like
+    /// [`Decoder::decode`]; Write and ReadReply data share `frame`'s buffer.
+    pub fn decode_frame(&mut self, frame: Bytes) -> Result<Message, DecodeError> {
+        let mut buf = BytesMut::new();
+        match self.frame_len(&frame)? {
+            Some(total) if total == frame.len() => {}
+            _ => {
+                // Not exactly one frame: let the checks below report it as decode would.
+                buf.extend_from_slice(&frame);
+                return match self.decode(&mut buf)? {
+                    Some(m) if buf.is_empty() => Ok(m),
+                    _ => Err(DecodeError::Malformed {
+                        msg_type: 0,
+                        why: "not exactly one frame",
+                    }),
+                };
+            }
+        }
+        let mut head_bytes = [0u8; HEADER_LEN];
+        head_bytes.copy_from_slice(&frame[..HEADER_LEN]);
+        let header = FrameHeader::parse(&head_bytes);
+        let got = frame_crc(&head_bytes, &[&frame[HEADER_LEN..]]);
+        if got != header.crc {
+            return Err(DecodeError::BadCrc {
+                expected: header.crc,
+                got,
+                msg_type: header.msg_type,
+            });
+        }
+        let mut payload = frame;
+        payload.advance(HEADER_LEN);
+        decode_payload(header.msg_type, header.flags, payload)
     }
 }
 
@@ -403,7 +456,7 @@ fn allowed_flags(msg_type: u16) -> u16 {
     }
 }
 
-fn decode_payload(msg_type: u16, flags: u16, payload: BytesMut) -> Result<Message, DecodeError> {
+fn decode_payload(msg_type: u16, flags: u16, payload: Bytes) -> Result<Message, DecodeError> {
     if !is_known_type(msg_type) {
         return Err(DecodeError::UnknownType(msg_type));
     }
@@ -414,11 +467,7 @@ fn decode_payload(msg_type: u16, flags: u16, payload: BytesMut) -> Result<Messag
     parse_payload(msg_type, flags, payload).map_err(malformed)
 }
 
-fn parse_payload(
-    msg_type: u16,
-    flags: u16,
-    mut payload: BytesMut,
-) -> Result<Message, &'static str> {
+fn parse_payload(msg_type: u16, flags: u16, mut payload: Bytes) -> Result<Message, &'static str> {
     let has = |bit: u16| flags & bit != 0;
     let mut r = Reader { rest: &payload[..] };
     let msg = match msg_type {
@@ -482,7 +531,7 @@ fn parse_payload(
                 WRITE_KIND_DATA => {
                     debug_assert_eq!(payload.len() - r.rest.len(), WRITE_PREFIX_LEN);
                     payload.advance(WRITE_PREFIX_LEN);
-                    WriteKind::Data(payload.freeze())
+                    WriteKind::Data(payload)
                 }
                 WRITE_KIND_TRIM => {
                     let len = r.u32()?;
@@ -531,7 +580,7 @@ fn parse_payload(
             return Ok(Message::ReadReply {
                 id,
                 error,
-                data: payload.freeze(),
+                data: payload,
             });
         }
         TYPE_CHECKSUM_REQUEST => Message::ChecksumRequest {

@@ -18,15 +18,45 @@ use crate::peer::Gis;
 /// Something that happens at a simulated time.
 #[derive(Debug)]
 pub enum Ev {
-    Tick { node: usize, inc: u64 },
-    DiskDone { node: usize, inc: u64, op: u64 },
-    MetaDone { node: usize, inc: u64 },
-    Deliver { link: u64, dir: usize },
+    Tick {
+        node: usize,
+        inc: u64,
+    },
+    DiskDone {
+        node: usize,
+        inc: u64,
+        op: u64,
+    },
+    MetaDone {
+        node: usize,
+        inc: u64,
+    },
+    Deliver {
+        link: u64,
+        dir: usize,
+    },
     Dial,
     Restart(usize),
-    StopStep { node: usize, inc: u64 },
-    Client { node: usize, inc: u64, conn: ConnId },
-    Admin { node: usize, cmd: AdminCmd },
+    StopStep {
+        node: usize,
+        inc: u64,
+    },
+    Client {
+        node: usize,
+        inc: u64,
+        conn: ConnId,
+    },
+    Admin {
+        node: usize,
+        cmd: AdminCmd,
+    },
+    /// The fence-peer handler `id` of `node` ends with `exit`.
+    FenceDone {
+        node: usize,
+        inc: u64,
+        id: u64,
+        exit: Option<i32>,
+    },
     Workload,
     Fault,
     Operator,
@@ -88,6 +118,8 @@ pub struct SimNode {
     /// The node's bitmap just before it read the peer's last handshake bitmap chunk.
     pub bitmap_before: Vec<u64>,
     pub failed_since: Option<u64>,
+    /// Since when the node's writes are frozen by fencing.
+    pub suspended_since: Option<u64>,
     pub last_verify: Option<u64>,
     /// The operator invalidated this node's data; its next sync as target discards it.
     pub invalidated: bool,
@@ -228,6 +260,7 @@ impl Sim {
             link_gen: 0,
             bitmap_before: Vec::new(),
             failed_since: None,
+            suspended_since: None,
             last_verify: None,
             invalidated: false,
         };
@@ -434,6 +467,7 @@ impl Sim {
             return;
         }
         self.trace_line(Some(n), || "clean stop begins".into());
+        self.run_core(n, |c| c.begin_stop());
         let now = self.world.now;
         let sn = &mut self.nodes[n];
         sn.stopping = Some(Stopping {
@@ -581,6 +615,16 @@ impl Sim {
                 }
             }
             Ev::Admin { node, cmd } => self.admin(node, cmd),
+            Ev::FenceDone {
+                node,
+                inc,
+                id,
+                exit,
+            } => {
+                if self.nodes[node].inc == inc && self.alive(node) {
+                    self.run_core(node, |c| c.handle(Event::FenceDone { id, exit }));
+                }
+            }
             Ev::Workload => self.workload_tick(),
             Ev::Fault => self.fault_tick(),
             Ev::Operator => self.operator_tick(),

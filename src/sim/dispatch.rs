@@ -68,11 +68,32 @@ impl Sim {
                     self.trace_line(Some(n), || format!("admin {id} -> {result:?}"));
                 }
                 Action::Notify(v) => self.on_notify(n, v),
-                // Scenarios run with fencing off; should a core ask anyway, the
-                // handler answers at once that it outdated the peer (exit 4).
+                // The fence-peer handler: mostly "peer outdated", sometimes
+                // another of DRBD's answers or a broken handler.
                 Action::FencePeer { id } => {
-                    self.trace_line(Some(n), || format!("fence-peer {id} -> exit 4"));
-                    self.run_core(n, |c| c.handle(Event::FenceDone { id, exit: Some(4) }));
+                    let exit = match self.rng_fault.below(20) {
+                        0..=11 => Some(4),
+                        12 | 13 => Some(3),
+                        14 | 15 => Some(5),
+                        16 => Some(6),
+                        17 => Some(7),
+                        18 => Some(1),
+                        _ => None,
+                    };
+                    let delay = self.rng_fault.range(1_000, 800_000);
+                    self.trace_line(Some(n), || {
+                        format!("fence-peer {id}: handler answers {exit:?} in {delay} us")
+                    });
+                    let inc = self.nodes[n].inc;
+                    self.world.after(
+                        delay,
+                        Ev::FenceDone {
+                            node: n,
+                            inc,
+                            id,
+                            exit,
+                        },
+                    );
                 }
                 Action::SplitBrainHandler => {
                     self.trace_line(Some(n), || "runs the split-brain handler".into())
@@ -312,15 +333,28 @@ impl Sim {
             "sync-decision" => {
                 self.stats.decisions += 1;
                 let d = s("decision");
+                if d.starts_with("Source") {
+                    self.model.data_wins(n);
+                } else if d.starts_with("Target") {
+                    self.model.synced_from_peer(n);
+                }
                 self.on_decision(n, &d, false);
             }
             "split-brain" => self.stats.split_brains += 1,
             "split-brain-resolved" => {
                 let d = s("decision");
+                if d.starts_with("Source") {
+                    self.model.data_wins(n);
+                } else if d.starts_with("Target") {
+                    self.model.synced_from_peer(n);
+                }
                 self.on_decision(n, &d, true);
             }
             "forced-up-to-date" => {
                 self.rebase(n, "primary --force");
+            }
+            "role" if s("role") == "primary" && !self.replicating(n) => {
+                self.model.data_wins(n);
             }
             "verify-finished" if s("role") == "source" => {
                 self.nodes[n].last_verify = v.get("differing_blocks").and_then(|x| x.as_u64());

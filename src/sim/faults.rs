@@ -142,6 +142,19 @@ impl Sim {
                     self.begin_stop(n);
                 }
             }
+            // Writes frozen by fencing that the handler did not lift (it failed,
+            // or could not reach the peer): the operator runs resume-io.
+            let suspended = self.status(n).is_some_and(|s| s.suspended);
+            match (suspended, self.nodes[n].suspended_since) {
+                (false, _) => self.nodes[n].suspended_since = None,
+                (true, None) => self.nodes[n].suspended_since = Some(now),
+                (true, Some(since)) if now - since > 3_000_000 => {
+                    self.trace_line(Some(n), || "operator runs resume-io".into());
+                    self.nodes[n].suspended_since = None;
+                    self.admin(n, AdminCmd::ResumeIo);
+                }
+                (true, Some(_)) => {}
+            }
             if !self.alive(n) && self.nodes[n].restart_at.is_none() {
                 self.schedule_restart(n, 100_000);
             }

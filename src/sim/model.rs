@@ -84,6 +84,11 @@ pub struct Model {
     nondurable: [Vec<u32>; 2],
     /// Writes not replied yet, per node.
     pending: [Vec<u32>; 2],
+    /// The peer's acknowledged writes this node lost in a power cut (they
+    /// were not durable yet): if this node's data later wins without a sync
+    /// from the peer (promoted without it, or chosen as sync source), they are
+    /// gone, as on DRBD without fencing. Cleared when it syncs as target.
+    lost_on: [Vec<u32>; 2],
     /// Durable writes whose superseded history can be forgotten once no read
     /// that started before their reply is in flight.
     prunable: Vec<u32>,
@@ -116,6 +121,7 @@ impl Model {
             base_durable: true,
             base_uncertain: false,
             nondurable: [Vec::new(), Vec::new()],
+            lost_on: [Vec::new(), Vec::new()],
             pending: [Vec::new(), Vec::new()],
             prunable: Vec::new(),
         }
@@ -252,10 +258,26 @@ impl Model {
             for id in lost {
                 self.writes[id as usize].uncertain = true;
             }
+            // The other node's mirrored, not yet durable writes are gone here too.
+            let mirrored = self.nondurable[other].clone();
+            self.lost_on[node].extend(mirrored);
             if self.base_node == Some(node) && !self.base_durable {
                 self.base_uncertain = true;
             }
         }
+    }
+
+    /// Node `node`'s data wins without a sync from its peer: what it lost in a
+    /// power cut is a justified loss now.
+    pub fn data_wins(&mut self, node: usize) {
+        for id in std::mem::take(&mut self.lost_on[node]) {
+            self.writes[id as usize].uncertain = true;
+        }
+    }
+
+    /// Node `node` is being synced from its peer: nothing it lost stays lost.
+    pub fn synced_from_peer(&mut self, node: usize) {
+        self.lost_on[node].clear();
     }
 
     /// The values a read of sector `s` that ran from `start` to `end` may return.

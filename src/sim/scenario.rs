@@ -31,6 +31,9 @@ pub struct Scenario {
     pub sync_rate: u64,
     pub sync_checksum: bool,
     pub split_brain: SplitBrain,
+    /// `resource-only` fencing (the simulated fence-peer handler answers after
+    /// a random delay with a random DRBD exit code), else dont-care.
+    pub fencing: bool,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
@@ -129,6 +132,8 @@ impl Scenario {
             queue_depth: rng.range(1, 8) as usize,
             request_gap_us: rng.range(500, 20_000),
             faults,
+            // Drawn last: earlier draws (and so older seeds' other choices) stay.
+            fencing: rng.chance(0.3),
         }
     }
 
@@ -146,7 +151,11 @@ impl Scenario {
             sync_rate: self.sync_rate,
             sync_checksum: self.sync_checksum,
             split_brain: self.split_brain.clone(),
-            fencing: crate::config::Fencing::DontCare,
+            fencing: if self.fencing {
+                crate::config::Fencing::ResourceOnly
+            } else {
+                crate::config::Fencing::DontCare
+            },
             ping_interval_ms: self.ping_interval_ms,
             ping_timeout_ms: self.ping_timeout_ms,
             timeout_ms: self.timeout_ms,

@@ -7,6 +7,11 @@
 //! Completions normally run on an engine thread. Requests rejected up front (out of range,
 //! misaligned for O_DIRECT), empty requests, and requests after [`Disk::shutdown`] complete
 //! synchronously inside [`Disk::submit`], on the caller's thread.
+//!
+//! [`Disk::run_inline`] is the fast path for page-cache I/O: a buffered read that hits the
+//! cache, or a buffered write (a copy into the cache), runs on the caller's thread at once,
+//! with no thread hand-off in either direction. Everything that may wait for the device
+//! (O_DIRECT, FUA, flush, cache misses, discard) goes through [`Disk::submit`].
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -15,14 +20,16 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::aligned::AlignedBuf;
 use super::blockdev::{self, Kind};
 use super::job::{self, FileCtx, Job, ReadBuf, WriteBuf, ZERO_CHUNK};
+use super::sync_io;
 use super::threads::{self, ThreadsEngine};
 use super::uring::UringEngine;
 
@@ -103,6 +110,26 @@ pub enum DiskOutput {
     Done,
     /// The bytes of a read.
     Data(Bytes),
+}
+
+/// A buffer for a large write payload that the caller fills (e.g. straight from a socket) and
+/// then turns into [`Bytes`] without a copy. Page-aligned, so O_DIRECT needs no bounce copy,
+/// and recycled when the last reference drops, so large buffers are not faulted in afresh
+/// for every request. The initial contents are unspecified (but initialised).
+pub struct IoBuf(AlignedBuf);
+
+impl IoBuf {
+    pub fn new(len: usize) -> IoBuf {
+        IoBuf(AlignedBuf::scratch(len))
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.0.as_mut_slice()
+    }
+
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self.0)
+    }
 }
 
 /// Called exactly once per submitted operation.
@@ -210,7 +237,19 @@ struct Inner {
     size: u64,
     backend: Backend,
     path: PathBuf,
+    /// Set by [`Disk::shutdown`]: nothing more runs inline.
+    shut: AtomicBool,
+    /// Inline writes are paused until this many ms after `born` (see [`Disk::run_inline`]).
+    inline_writes_paused_until: AtomicU64,
+    born: Instant,
 }
+
+/// Buffered writes up to this size may run inline (larger ones overlap better on the pool).
+const INLINE_WRITE_MAX: usize = 256 * 1024;
+/// An inline write slower than this means the page cache is throttling writers (dirty limit):
+/// inline writes pause for [`INLINE_PAUSE`], so callers' threads are not held up meanwhile.
+const INLINE_SLOW: Duration = Duration::from_millis(20);
+const INLINE_PAUSE: Duration = Duration::from_millis(1000);
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -220,6 +259,7 @@ impl Drop for Inner {
 
 impl Inner {
     fn shutdown(&self) {
+        self.shut.store(true, Ordering::Release);
         match &self.backend {
             Backend::Uring(engine) => engine.shutdown(),
             Backend::Threads(engine) => engine.shutdown(),
@@ -317,6 +357,9 @@ impl Disk {
                 size,
                 backend,
                 path: path.to_owned(),
+                shut: AtomicBool::new(false),
+                inline_writes_paused_until: AtomicU64::new(0),
+                born: Instant::now(),
             }),
         })
     }
@@ -364,6 +407,68 @@ impl Disk {
             Ok(Prepared::Ready(output)) => job::complete(done, Ok(output)),
             Err(err) => job::complete(done, Err(err)),
         }
+    }
+
+    /// Runs `op` on the calling thread if that cannot wait for the device: a buffered read
+    /// whose data is all in the page cache (`preadv2(RWF_NOWAIT)`), or a buffered, non-FUA
+    /// write of at most 256 KiB (a copy into the page cache; it can still be throttled when
+    /// too much is dirty, so after one slow write inline writes pause for a second). Requests
+    /// rejected up front complete here too. Otherwise hands `op` back unchanged, for
+    /// [`Disk::submit`]. Never used with O_DIRECT, where every request reaches the device.
+    pub fn run_inline(&self, op: DiskOp) -> Result<io::Result<DiskOutput>, DiskOp> {
+        let inner = &self.inner;
+        let ctx = &inner.ctx;
+        if ctx.direct || inner.shut.load(Ordering::Acquire) {
+            return Err(op);
+        }
+        let inline_read = matches!(op, DiskOp::Read { .. });
+        let inline_write = match &op {
+            DiskOp::Write { data, fua, .. } => {
+                !*fua && data.len() <= INLINE_WRITE_MAX && !self.inline_writes_paused()
+            }
+            _ => false,
+        };
+        if !inline_read && !inline_write {
+            return Err(op);
+        }
+        let retry = op.clone();
+        match self.prepare(op) {
+            Err(err) => Ok(Err(err)),
+            Ok(Prepared::Ready(output)) => Ok(Ok(output)),
+            Ok(Prepared::Job(Job::Read { offset, mut buf })) => {
+                match sync_io::read_nowait(ctx, &mut buf, offset) {
+                    // SAFETY: read_nowait returned true: every byte of the buffer was read.
+                    Ok(true) => Ok(Ok(DiskOutput::Data(unsafe { buf.into_filled_bytes() }))),
+                    // Not (all) cached, or the kernel cannot say without waiting.
+                    Ok(false) | Err(_) => Err(retry),
+                }
+            }
+            Ok(Prepared::Job(job @ Job::Write { .. })) => {
+                let started = Instant::now();
+                let result = sync_io::execute(ctx, &AtomicBool::new(false), job);
+                let took = started.elapsed();
+                if took > INLINE_SLOW {
+                    let until = inner.born.elapsed() + INLINE_PAUSE;
+                    inner
+                        .inline_writes_paused_until
+                        .store(until.as_millis() as u64, Ordering::Relaxed);
+                    tracing::debug!(
+                        "inline write took {took:?}: page cache throttled; writes go to the \
+                         disk threads for {INLINE_PAUSE:?}"
+                    );
+                }
+                Ok(result)
+            }
+            Ok(Prepared::Job(_)) => Err(retry),
+        }
+    }
+
+    fn inline_writes_paused(&self) -> bool {
+        let until = self
+            .inner
+            .inline_writes_paused_until
+            .load(Ordering::Relaxed);
+        until != 0 && (self.inner.born.elapsed().as_millis() as u64) < until
     }
 
     /// [`Disk::submit`] as a future.

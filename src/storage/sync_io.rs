@@ -75,6 +75,39 @@ fn read_full(ctx: &FileCtx, buf: &mut ReadBuf, offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Reads all of `buf` at `offset` if the page cache holds it, without waiting for the device
+/// (`preadv2(RWF_NOWAIT)`). Ok(false): some of it is not cached (or the kernel would block);
+/// the caller then reads the normal way. Errors are those of the read itself.
+pub(crate) fn read_nowait(ctx: &FileCtx, buf: &mut ReadBuf, offset: u64) -> io::Result<bool> {
+    let fd = ctx.file.as_raw_fd();
+    let len = buf.len();
+    let ptr = buf.as_mut_ptr();
+    let mut done = 0usize;
+    while done < len {
+        let pos = libc::off_t::try_from(offset + done as u64).map_err(|_| blockdev::einval())?;
+        let iov = libc::iovec {
+            // SAFETY: done < len, so the pointer stays inside the buffer.
+            iov_base: unsafe { ptr.add(done) }.cast(),
+            iov_len: len - done,
+        };
+        // SAFETY: the iovec points at len - done writable bytes of the buffer.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, pos, libc::RWF_NOWAIT) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINTR) => Ok(false),
+                _ => Err(err),
+            };
+        }
+        if n == 0 {
+            // End of file inside the data area: let the normal path report it.
+            return Ok(false);
+        }
+        done += n as usize;
+    }
+    Ok(true)
+}
+
 /// The error for a read that hit the end of the file inside the data area (the file was
 /// truncated under us).
 pub(crate) fn eof() -> io::Error {

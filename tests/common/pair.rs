@@ -44,12 +44,18 @@ pub fn wait_in_sync(c: &Cluster, what: &str) {
 /// stays primary), and waits until both are in sync.
 pub fn synced_pair(spec: ClusterSpec) -> Cluster {
     let c = spec.mirrord_only().start();
+    initial_sync(&c);
+    c
+}
+
+/// On a started pair: makes node 0's data win the initial full sync (node 0
+/// stays primary) and waits until both are in sync.
+pub fn initial_sync(c: &Cluster) {
     for i in 0..2 {
         c.wait_status(i, T, "connected", connected);
     }
     c.mirrorctl(0, &["primary", "--force"]).assert_success();
-    wait_in_sync(&c, "in sync after the initial full sync");
-    c
+    wait_in_sync(c, "in sync after the initial full sync");
 }
 
 /// Replaces the `rate = ...` line of the `[sync]` table (the spec must have

@@ -37,6 +37,7 @@ class LinkProxy:
         self.port = self.ls.getsockname()[1]
         self.closed = False
         self.accepted = 0
+        self.forwarded = {"a2b": 0, "b2a": 0}
         threading.Thread(target=self._accept_loop, name=f"{name}-accept", daemon=True).start()
 
     def _flows(self, direction):
@@ -48,6 +49,10 @@ class LinkProxy:
         if m == "oneway-b2a":
             return direction != "b2a"
         return True
+
+    def stats(self):
+        return (f"{self.name}: mode {self.mode}, {self.accepted} accepted, {len(self.conns)} open, "
+                f"forwarded {self.forwarded['a2b']} bytes to and {self.forwarded['b2a']} from the target")
 
     def set_mode(self, mode):
         assert mode in MODES, mode
@@ -120,6 +125,7 @@ class LinkProxy:
                     if pair not in self.conns:
                         return
                 dst.sendall(data)
+                self.forwarded[direction] += len(data)
         except OSError:
             pass
         finally:

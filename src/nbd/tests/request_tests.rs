@@ -176,3 +176,35 @@ fn error_display() {
         .to_string()
         .contains("bad magic 0x00000001"));
 }
+
+#[test]
+fn large_writes_can_be_taken_header_first() {
+    let mut dec = RequestDecoder::new(1 << 20);
+    let mut buf = BytesMut::new();
+    let write = req(Command::Write, 100_000);
+    put_request(&mut buf, &write, &[]);
+    buf.extend_from_slice(&[7u8; 1000]);
+    // Too small for the caller's threshold, or not a write: left for decode().
+    assert_eq!(dec.take_large_write(&mut buf, 200_000), None);
+    let mut flush = BytesMut::new();
+    put_request(&mut flush, &req(Command::Flush, 0), &[]);
+    assert_eq!(dec.take_large_write(&mut flush, 1), None);
+    assert_eq!(flush.len(), REQUEST_HEADER_LEN);
+    // Taken: the header is consumed, the partial payload stays for the caller.
+    assert_eq!(dec.take_large_write(&mut buf, 65536), Some(write));
+    assert_eq!(buf.len(), 1000);
+    // The caller consumed the payload; decoding goes on with the next request.
+    buf.clear();
+    put_request(&mut buf, &req(Command::Flush, 0), &[]);
+    assert!(matches!(
+        dec.decode(&mut buf),
+        Ok(Some(Decoded::Request { .. }))
+    ));
+    // A complete payload is left to decode() (no copy needed), and so is an oversized one.
+    let mut whole = BytesMut::new();
+    put_request(&mut whole, &req(Command::Write, 70_000), &vec![1u8; 70_000]);
+    assert_eq!(dec.take_large_write(&mut whole, 65536), None);
+    let mut huge = BytesMut::new();
+    put_request(&mut huge, &req(Command::Write, 2 << 20), &[]);
+    assert_eq!(dec.take_large_write(&mut huge, 65536), None);
+}

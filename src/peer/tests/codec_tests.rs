@@ -367,3 +367,50 @@ fn malformed_payloads_say_what_is_wrong() {
         .contains("5-byte payload"));
     assert!(DecodeError::UnknownType(42).to_string().contains("42"));
 }
+
+#[test]
+fn whole_frames_decode_from_their_own_buffer_like_the_stream_decoder() {
+    let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
+    for msg in one_of_each() {
+        let bytes = encoded(&msg);
+        // The header alone tells the frame's length.
+        assert_eq!(dec.frame_len(&bytes[..HEADER_LEN - 1]), Ok(None));
+        assert_eq!(dec.frame_len(&bytes[..HEADER_LEN]), Ok(Some(bytes.len())));
+        assert_eq!(dec.frame_len(&bytes), Ok(Some(bytes.len())));
+        let frame = Bytes::copy_from_slice(&bytes);
+        assert_eq!(dec.decode_frame(frame), Ok(msg.clone()), "{msg:?}");
+    }
+    // A corrupted frame is refused as by decode().
+    let mut bad = encoded(&one_of_each()[0]).to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(
+        dec.decode_frame(Bytes::from(bad.clone())),
+        Err(DecodeError::BadCrc { .. })
+    ));
+    // Not exactly one frame: an error, never a panic.
+    bad.truncate(last);
+    assert!(dec.decode_frame(Bytes::from(bad)).is_err());
+    assert!(dec.decode_frame(Bytes::from_static(b"nope")).is_err());
+    let mut two = encoded(&Message::Ping).to_vec();
+    two.extend_from_slice(&encoded(&Message::Ping));
+    assert!(dec.decode_frame(Bytes::from(two)).is_err());
+    // Bad magic and oversized lengths are told from the header.
+    assert!(matches!(
+        dec.frame_len(&[0u8; HEADER_LEN]),
+        Err(DecodeError::BadMagic(_))
+    ));
+    let small = Decoder::new(8);
+    let big = encoded(&Message::Write {
+        seq: 1,
+        seen: 0,
+        offset: 0,
+        kind: WriteKind::Data(Bytes::from(vec![1u8; 100])),
+        fua: false,
+        resync: false,
+    });
+    assert!(matches!(
+        small.frame_len(&big),
+        Err(DecodeError::TooLong(_))
+    ));
+}

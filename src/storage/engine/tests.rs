@@ -727,3 +727,97 @@ fn writes_are_visible_to_other_readers_after_flush() {
         assert_eq!(read(&disk, 8192, 7), b"outside", "{engine}");
     }
 }
+
+#[test]
+fn page_cache_io_runs_inline_and_the_rest_is_handed_back() {
+    for engine in BOTH {
+        let (_f, disk) = open_disk(engine, 4 * MIB, false);
+        let data = pattern(11, 64 * 1024);
+        // A buffered write runs here, and a read of cached data too.
+        let w = DiskOp::Write {
+            offset: 8192,
+            data: Bytes::from(data.clone()),
+            fua: false,
+        };
+        assert_eq!(
+            disk.run_inline(w).expect("inline").expect("write"),
+            DiskOutput::Done
+        );
+        match disk.run_inline(DiskOp::Read {
+            offset: 8192,
+            len: data.len() as u32,
+        }) {
+            Ok(Ok(DiskOutput::Data(got))) => assert_eq!(&got[..], &data[..], "{engine}"),
+            other => panic!("{engine}: cached read not inline: {other:?}"),
+        }
+        // What the engine always saw: the same bytes.
+        assert_eq!(read(&disk, 8192, data.len() as u32), data);
+        // Requests rejected up front complete inline with the same errors as submit().
+        let past = DiskOp::Write {
+            offset: 4 * MIB,
+            data: Bytes::from_static(b"x"),
+            fua: false,
+        };
+        assert_eq!(
+            errno_of(disk.run_inline(past).expect("inline")),
+            libc::ENOSPC
+        );
+        // FUA writes, large writes, flush, trim and zeroes may wait for the device.
+        let fua = DiskOp::Write {
+            offset: 0,
+            data: Bytes::from_static(b"y"),
+            fua: true,
+        };
+        let large = DiskOp::Write {
+            offset: 0,
+            data: Bytes::from(vec![0u8; 1 << 20]),
+            fua: false,
+        };
+        for op in [
+            fua,
+            large,
+            DiskOp::Flush,
+            DiskOp::Trim {
+                offset: 0,
+                len: 4096,
+            },
+            DiskOp::WriteZeroes {
+                offset: 0,
+                len: 4096,
+                may_trim: false,
+            },
+        ] {
+            let back = disk.run_inline(op.clone()).expect_err("handed back");
+            assert_eq!(format!("{back:?}"), format!("{op:?}"), "{engine}");
+        }
+        // After shutdown nothing runs inline (submit answers ESHUTDOWN).
+        disk.shutdown();
+        assert!(disk
+            .run_inline(DiskOp::Read {
+                offset: 8192,
+                len: 4096
+            })
+            .is_err());
+    }
+}
+
+#[test]
+fn nothing_runs_inline_with_o_direct() {
+    let (_f, disk) = open_disk(EngineKind::Uring, MIB, true);
+    let op = DiskOp::Read {
+        offset: 0,
+        len: 4096,
+    };
+    assert!(disk.run_inline(op).is_err());
+}
+
+#[test]
+fn io_buffers_freeze_without_copying() {
+    let mut buf = IoBuf::new(100_000);
+    buf.as_mut_slice().fill(9);
+    let ptr = buf.as_mut_slice().as_ptr();
+    let bytes = buf.freeze();
+    assert_eq!(bytes.len(), 100_000);
+    assert_eq!(bytes.as_ptr(), ptr);
+    assert!(bytes.iter().all(|&b| b == 9));
+}

@@ -1,0 +1,499 @@
+//! Two node cores wired together in memory (instant disks and metadata, a
+//! FIFO link), for tests of resync and split-brain behaviour that need both
+//! sides and a crash of one of them. The simulator (`src/sim`) explores
+//! timing and faults; these pin down specific outcomes.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use super::types::*;
+use super::Node;
+use crate::peer::Gis;
+
+const SIZE: u64 = 16 << 20;
+
+/// What the metadata store holds for one node.
+#[derive(Clone, Debug)]
+struct Persisted {
+    sb: MetaState,
+    bitmap: Vec<u64>,
+    al: Vec<u32>,
+}
+
+struct Pair {
+    cfg: [CoreConfig; 2],
+    nodes: [Option<Node>; 2],
+    disks: [Vec<u8>; 2],
+    md: [Persisted; 2],
+    /// Events waiting for node i.
+    queue: [VecDeque<Event>; 2],
+    want: [bool; 2],
+    link: bool,
+    now: u64,
+    events: [Vec<serde_json::Value>; 2],
+    replies: [Vec<Result<String, String>>; 2],
+    seed: u64,
+}
+
+fn config(node: &str, extra: &str) -> CoreConfig {
+    let text = format!(
+        "[resource]\nname = \"r0\"\n{extra}\n\
+         [[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:7001\"\ndisk = \"/dev/null\"\n\
+         [[node]]\nname = \"beta\"\naddress = \"127.0.0.1:7002\"\ndisk = \"/dev/null\"\n"
+    );
+    let s = crate::config::parse(Path::new("test.toml"), &text, Some(node))
+        .unwrap_or_else(|e| panic!("test config: {e}\n{text}"));
+    crate::daemon::setup::core_config(&s, SIZE, 61, 32 << 20)
+}
+
+impl Pair {
+    /// Two nodes in sync (same identifiers, consistent, nothing out of sync),
+    /// with `extra` lines added to the config (tables after `[resource]`).
+    fn in_sync(extra: &str) -> Pair {
+        let sb = MetaState {
+            gis: Gis {
+                current: 0x1000,
+                bitmap: 0,
+                history: [0, 0],
+            },
+            flags: md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE,
+            resync_offset: 0,
+        };
+        let words = (SIZE / 4096).div_ceil(64) as usize;
+        let md = Persisted {
+            sb,
+            bitmap: vec![0; words],
+            al: Vec::new(),
+        };
+        let mut p = Pair {
+            cfg: [config("alpha", extra), config("beta", extra)],
+            nodes: [None, None],
+            disks: [vec![0; SIZE as usize], vec![0; SIZE as usize]],
+            md: [md.clone(), md],
+            queue: [VecDeque::new(), VecDeque::new()],
+            want: [false, false],
+            link: false,
+            now: 0,
+            events: [Vec::new(), Vec::new()],
+            replies: [Vec::new(), Vec::new()],
+            seed: 7,
+        };
+        p.boot(0);
+        p.boot(1);
+        p.settle();
+        p
+    }
+
+    fn node(&mut self, i: usize) -> &mut Node {
+        self.nodes[i].as_mut().expect("node is up")
+    }
+
+    fn boot(&mut self, i: usize) {
+        // Distinct generators (the core uses `seed | 1`).
+        self.seed += 2;
+        let md = &self.md[i];
+        let node = Node::new(
+            self.cfg[i].clone(),
+            md.sb.clone(),
+            &md.bitmap,
+            &md.al,
+            self.seed,
+        );
+        self.nodes[i] = Some(node);
+        self.queue[i].push_back(Event::Tick { now_ms: self.now });
+    }
+
+    /// kill -9: the process and its link are gone; disk and metadata stay.
+    fn crash(&mut self, i: usize) {
+        self.nodes[i] = None;
+        self.queue[i].clear();
+        self.want[i] = false;
+        self.link_down(i, "the peer crashed");
+    }
+
+    /// Node `by` closed the link: it reads nothing more; the other node still
+    /// reads what was sent before, then sees the link go down.
+    fn link_down(&mut self, by: usize, why: &str) {
+        if self.link {
+            self.link = false;
+            for i in 0..2 {
+                if i == by {
+                    self.queue[i]
+                        .retain(|e| !matches!(e, Event::PeerMsg(_) | Event::PeerUp { .. }));
+                }
+                if i != by && self.nodes[i].is_some() {
+                    self.queue[i].push_back(Event::PeerDown {
+                        reason: why.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn admin(&mut self, i: usize, cmd: AdminCmd) -> Result<String, String> {
+        let before = self.replies[i].len();
+        self.queue[i].push_back(Event::Admin { id: 1, cmd });
+        self.settle();
+        self.replies[i]
+            .get(before)
+            .cloned()
+            .expect("an answer to the admin command")
+    }
+
+    fn carry_out(&mut self, i: usize) {
+        let actions = self.node(i).take_actions();
+        for a in actions {
+            match a {
+                Action::Disk { id, op } => {
+                    let d = &mut self.disks[i];
+                    let result = match op {
+                        DiskOp::Read { offset, len } => {
+                            let (o, l) = (offset as usize, len as usize);
+                            Ok(Some(bytes::Bytes::copy_from_slice(&d[o..o + l])))
+                        }
+                        DiskOp::Write { offset, data, .. } => {
+                            let o = offset as usize;
+                            d[o..o + data.len()].copy_from_slice(&data);
+                            Ok(None)
+                        }
+                        DiskOp::Trim { offset, len } | DiskOp::WriteZeroes { offset, len, .. } => {
+                            let o = offset as usize;
+                            d[o..o + len as usize].fill(0);
+                            Ok(None)
+                        }
+                        DiskOp::Flush => Ok(None),
+                    };
+                    self.queue[i].push_back(Event::DiskDone { id, result });
+                }
+                Action::Persist { id, write } => {
+                    let md = &mut self.md[i];
+                    match write {
+                        MetaWrite::Superblock(sb) => md.sb = sb,
+                        MetaWrite::ActivityLog(set) => md.al = set,
+                        MetaWrite::BitmapPages { pages, words } => {
+                            let per = (self.cfg[i].bitmap_bits_per_page / 64) as usize;
+                            for p in pages {
+                                let lo = p * per;
+                                let hi = ((p + 1) * per).min(words.len());
+                                md.bitmap[lo..hi].copy_from_slice(&words[lo..hi]);
+                            }
+                        }
+                    }
+                    self.queue[i].push_back(Event::MetaDone { id, ok: true });
+                }
+                Action::Send(m) if self.link && self.nodes[1 - i].is_some() => {
+                    self.queue[1 - i].push_back(Event::PeerMsg(m));
+                }
+                Action::Connect => self.want[i] = true,
+                Action::DropPeer { reconnect, .. } => {
+                    self.want[i] = reconnect;
+                    self.link_down(i, "dropped by the peer");
+                }
+                Action::AdminReply { result, .. } => self.replies[i].push(result),
+                Action::Notify(v) => self.events[i].push(v),
+                _ => {}
+            }
+        }
+    }
+
+    /// Processes events until nothing is left (no time passes).
+    fn settle(&mut self) {
+        for _ in 0..1_000_000 {
+            // A new link once both have seen the old one end (the daemon dials
+            // again only after its reader hit the end of the old stream).
+            let old_link_pending = self.queue.iter().any(|q| {
+                q.iter()
+                    .any(|e| matches!(e, Event::PeerMsg(_) | Event::PeerDown { .. }))
+            });
+            if !self.link
+                && !old_link_pending
+                && self.want == [true, true]
+                && self.nodes.iter().all(|n| n.is_some())
+            {
+                self.link = true;
+                for i in 0..2 {
+                    let hello = self.node(1 - i).hello();
+                    self.queue[i].push_back(Event::PeerUp { hello });
+                }
+            }
+            let mut any = false;
+            for i in 0..2 {
+                if self.nodes[i].is_none() {
+                    continue;
+                }
+                if let Some(ev) = self.queue[i].pop_front() {
+                    self.node(i).handle(ev);
+                    any = true;
+                }
+                self.carry_out(i);
+            }
+            if !any {
+                return;
+            }
+        }
+        panic!("the pair did not settle");
+    }
+
+    /// Lets `ms` milliseconds pass in 100 ms ticks.
+    fn run_ms(&mut self, ms: u64) {
+        for _ in 0..ms / 100 {
+            self.now += 100;
+            for i in 0..2 {
+                if self.nodes[i].is_some() {
+                    self.queue[i].push_back(Event::Tick { now_ms: self.now });
+                }
+            }
+            self.settle();
+        }
+    }
+
+    /// Runs until `pred` holds, at most `ms`.
+    fn run_until(&mut self, ms: u64, what: &str, pred: impl Fn(&Pair) -> bool) {
+        for _ in 0..ms / 100 {
+            if pred(self) {
+                return;
+            }
+            self.run_ms(100);
+        }
+        assert!(pred(self), "not {what} within {ms} ms");
+    }
+
+    /// One 4 KiB write of `byte`s to `block` through an NBD client of node `i`
+    /// (auto-promoting it), which then leaves (auto-demoting it).
+    fn write(&mut self, i: usize, block: u64, byte: u8) {
+        self.node(i).attach_client(9).expect("node serves I/O");
+        self.queue[i].push_back(Event::Request {
+            conn: 9,
+            cookie: 1,
+            req: IoRequest::Write {
+                offset: block * 4096,
+                data: bytes::Bytes::from(vec![byte; 4096]),
+                fua: false,
+            },
+        });
+        self.settle();
+        self.node(i).detach_client(9);
+        self.settle();
+        let at = (block * 4096) as usize;
+        assert_eq!(self.disks[i][at], byte, "the write reached node {i}'s disk");
+    }
+
+    fn connect(&mut self, i: usize, discard_my_data: bool) {
+        let r = self.admin(i, AdminCmd::Connect { discard_my_data });
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    fn disconnect(&mut self, i: usize) {
+        let r = self.admin(i, AdminCmd::Disconnect);
+        assert!(r.is_ok(), "{r:?}");
+    }
+
+    fn standalone(&self, i: usize) -> bool {
+        self.status(i)
+            .peer
+            .is_some_and(|p| p.connection == ConnState::Standalone)
+    }
+
+    fn status(&self, i: usize) -> Status {
+        self.nodes[i].as_ref().expect("node is up").status()
+    }
+
+    fn in_sync_now(&self) -> bool {
+        (0..2).all(|i| {
+            self.nodes[i].is_some() && {
+                let s = self.status(i);
+                s.disk == DiskState::UpToDate
+                    && s.peer.as_ref().is_some_and(|p| {
+                        p.replication == Replication::Established
+                            && p.disk == Some(DiskState::UpToDate)
+                    })
+            }
+        })
+    }
+
+    fn persisted_out_of_sync(&self, i: usize) -> u64 {
+        self.md[i]
+            .bitmap
+            .iter()
+            .map(|w| w.count_ones() as u64)
+            .sum()
+    }
+
+    fn named(&self, i: usize, event: &str) -> Vec<serde_json::Value> {
+        self.events[i]
+            .iter()
+            .filter(|v| v["event"] == event)
+            .cloned()
+            .collect()
+    }
+}
+
+const SLOW: &str = "[sync]\nrate = \"2MiB\"\nchecksum = false";
+
+#[test]
+fn the_pair_starts_in_sync() {
+    let p = Pair::in_sync(SLOW);
+    assert!(p.in_sync_now());
+}
+
+/// An invalidated node (full sync) that crashes half way resumes from its
+/// persisted bitmap: it persists progress as sync target, and the full-sync
+/// flag no longer forces the whole device again.
+#[test]
+fn an_interrupted_full_sync_resumes_after_a_crash_of_the_target() {
+    let mut p = Pair::in_sync(SLOW);
+    let all = SIZE / 4096;
+    assert!(p.admin(1, AdminCmd::Invalidate).is_ok());
+    p.settle();
+    assert_eq!(
+        p.status(1).peer.map(|x| x.replication),
+        Some(Replication::SyncTarget)
+    );
+    assert_eq!(
+        p.md[1].sb.flags & md_flags::FULL_SYNC_NEEDED,
+        0,
+        "the full-sync flag is done with once the bitmap records what is left"
+    );
+    p.run_until(20_000, "half synced", |p| {
+        p.status(1).out_of_sync_bytes <= SIZE / 2
+    });
+    p.run_ms(1500);
+    let remaining = p.status(1).out_of_sync_bytes / 4096;
+    let persisted = p.persisted_out_of_sync(1);
+    assert!(
+        persisted < all && persisted <= remaining + 2 * (2 << 20) / 4096,
+        "the target persisted no progress: {persisted} of {all} blocks still marked, {remaining} in memory"
+    );
+    p.crash(1);
+    p.settle();
+    p.boot(1);
+    p.settle();
+    let st = p.status(0);
+    let total = st.resync.as_ref().map(|r| r.total_bytes).unwrap_or(0) / 4096;
+    assert!(
+        total > 0 && total < all && total <= persisted + 1024,
+        "the resumed resync has {total} blocks, the target had {persisted} marked"
+    );
+    p.run_until(30_000, "in sync", |p| p.in_sync_now());
+    assert!(p.disks[0] == p.disks[1]);
+}
+
+/// A resync reports progress as events, on the source and on the target, and
+/// the target shows it in its status too.
+#[test]
+fn progress_events_on_both_sides() {
+    let mut p = Pair::in_sync(SLOW);
+    p.disks[0][..SIZE as usize / 2].fill(0xab);
+    assert!(p
+        .admin(
+            0,
+            AdminCmd::Resync {
+                full: true,
+                checksum: false
+            }
+        )
+        .is_ok());
+    p.run_ms(3000);
+    let t = p.status(1).resync.expect("the target shows the resync");
+    assert_eq!(t.total_bytes, SIZE);
+    assert!(t.done_bytes > 0 && t.done_bytes < SIZE, "{t:?}");
+    p.run_until(30_000, "in sync", |p| p.in_sync_now());
+    for (i, role) in [(0, "source"), (1, "target")] {
+        let ev = p.named(i, "resync-progress");
+        assert!(ev.len() >= 3, "node {i}: {ev:?}");
+        assert!(ev
+            .iter()
+            .all(|v| v["role"] == role && v["total_bytes"] == SIZE));
+    }
+    assert!(p.status(1).resync.is_none());
+    assert_eq!(p.status(0).sync.bytes_sent, SIZE);
+    assert_eq!(p.status(1).sync.bytes_received, SIZE);
+    assert!(p.disks[0] == p.disks[1]);
+}
+
+/// A split brain after which `older` was primary before the split (it lost
+/// its peer as primary) and the other node was promoted during it; both
+/// wrote, both are secondary again and reconnect. Returns the disks as they
+/// were before the reconnect.
+fn younger_older_split(extra: &str, older: usize) -> (Pair, [Vec<u8>; 2]) {
+    let mut p = Pair::in_sync(extra);
+    assert!(p.admin(older, AdminCmd::Primary { force: false }).is_ok());
+    p.disconnect(older);
+    p.disconnect(1 - older);
+    p.write(older, 10, 0xaa);
+    p.write(older, 11, 0xaa);
+    p.write(1 - older, 20, 0xbb);
+    assert!(p.admin(older, AdminCmd::Secondary).is_ok());
+    let before = p.disks.clone();
+    p.connect(0, false);
+    p.connect(1, false);
+    (p, before)
+}
+
+#[test]
+fn discard_younger_and_older_primary_go_by_who_was_primary_before_the_split() {
+    for older in 0..2 {
+        let younger = 1 - older;
+        let (mut p, before) = younger_older_split(
+            "[split-brain]\nafter-sb-0pri = \"discard-younger-primary\"",
+            older,
+        );
+        p.run_until(10_000, "in sync", |p| p.in_sync_now());
+        assert!(
+            p.disks[younger] == before[older] && p.disks[older] == before[older],
+            "discard-younger-primary, node {older} primary before the split: node {younger}'s data must go"
+        );
+        let (mut p, before) = younger_older_split(
+            "[split-brain]\nafter-sb-0pri = \"discard-older-primary\"",
+            older,
+        );
+        p.run_until(10_000, "in sync", |p| p.in_sync_now());
+        assert!(
+            p.disks[older] == before[younger] && p.disks[younger] == before[younger],
+            "discard-older-primary, node {older} primary before the split: its data must go"
+        );
+    }
+}
+
+/// `connect --discard-my-data` resolves the split brain it was given for,
+/// and no later one: the next split brain is detected and left alone.
+#[test]
+fn discard_my_data_applies_to_one_connection_only() {
+    let mut p = Pair::in_sync("");
+    p.disconnect(0);
+    p.disconnect(1);
+    p.write(0, 1, 0x11);
+    p.write(1, 2, 0x22);
+    p.connect(0, false);
+    p.connect(1, false);
+    assert!(
+        p.standalone(0) && p.standalone(1),
+        "split brain under `disconnect`: {:?} {:?}",
+        p.status(0),
+        p.status(1)
+    );
+    assert!(p.status(0).split_brain && p.status(1).split_brain);
+    p.connect(1, true);
+    p.connect(0, false);
+    p.run_until(10_000, "in sync", |p| p.in_sync_now());
+    assert_eq!(p.disks[1][2 * 4096], 0, "beta's write was discarded");
+    assert!(p.disks[0] == p.disks[1]);
+
+    // A new split: only alpha disconnects; beta keeps trying to reconnect.
+    p.disconnect(0);
+    p.write(0, 3, 0x33);
+    p.write(1, 4, 0x44);
+    p.connect(0, false);
+    p.run_ms(500);
+    assert!(
+        p.status(0).split_brain && p.status(1).split_brain,
+        "the second split brain must be detected on both nodes"
+    );
+    assert!(p.standalone(0) && p.standalone(1));
+    assert_eq!(
+        p.disks[1][4 * 4096],
+        0x44,
+        "beta's data was discarded silently"
+    );
+    assert_eq!(p.disks[0][3 * 4096], 0x33);
+}

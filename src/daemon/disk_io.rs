@@ -1,0 +1,155 @@
+//! Carrying out the core's disk actions.
+//!
+//! The fast path: a thread that feeds the core a batch of requests (an NBD connection's reader,
+//! the peer link's reader) runs page-cache I/O itself, right where the core asks for it
+//! ([`Disk::run_inline`](crate::storage::engine::Disk::run_inline): buffered reads that hit the
+//! cache, buffered writes), and feeds the completions back in the next round of the same
+//! batch. A 4 KiB write is then one `pwrite` on the thread that decoded it, with no hand-off
+//! to a disk thread and back. Everything that may wait for the device (flush, FUA, O_DIRECT,
+//! cache misses, discard) goes to the disk engine, whose completions come back as events.
+//!
+//! Only threads inside [`run_batch`] run I/O inline; every other caller (engine completion
+//! threads, the metadata thread, timers) submits to the engine as before.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use super::{lock, nbd_conn, Shared};
+use crate::core::{DiskOp, Event};
+use crate::storage::engine::{DiskOp as EngineOp, DiskOutput};
+
+thread_local! {
+    /// Completions of I/O run inline on this thread and not yet fed to the core. Some while
+    /// this thread is inside [`run_batch`].
+    static INLINE: RefCell<Option<Vec<Event>>> = const { RefCell::new(None) };
+}
+
+/// Clears this thread's batch state however the batch ends (a panic in the core included), so
+/// no later caller on this thread queues completions that nobody feeds back.
+struct BatchGuard;
+
+impl Drop for BatchGuard {
+    fn drop(&mut self) {
+        INLINE.with(|b| b.borrow_mut().take());
+    }
+}
+
+/// Runs `f` (which feeds the core) as a batch on this thread: disk actions that can run
+/// inline run here, and their completions are fed back, round after round, until nothing is
+/// left. NBD replies produced meanwhile are sent together at the end (one `sendmsg` per
+/// connection instead of one per reply). Must not be held across an await.
+pub(super) fn batch<R>(shared: &Arc<Shared>, f: impl FnOnce() -> R) -> R {
+    let nested = INLINE.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.is_some() {
+            true
+        } else {
+            *b = Some(Vec::new());
+            false
+        }
+    });
+    if nested {
+        // The outer batch feeds back what this one runs inline.
+        return f();
+    }
+    let _guard = BatchGuard;
+    let _cork = nbd_conn::Cork::new();
+    let r = f();
+    let mut done = Vec::new();
+    loop {
+        INLINE.with(|b| {
+            if let Some(queued) = b.borrow_mut().as_mut() {
+                std::mem::swap(queued, &mut done);
+            }
+        });
+        if done.is_empty() {
+            return r;
+        }
+        shared.handle_many(done.drain(..));
+    }
+}
+
+/// Carries out one `Action::Disk`.
+pub(super) fn submit(shared: &Arc<Shared>, id: u64, op: DiskOp) {
+    let op = match op {
+        DiskOp::Read { offset, len } => EngineOp::Read { offset, len },
+        DiskOp::Write { offset, data, fua } => EngineOp::Write { offset, data, fua },
+        DiskOp::Flush => EngineOp::Flush,
+        DiskOp::Trim { offset, len } => EngineOp::Trim { offset, len },
+        DiskOp::WriteZeroes {
+            offset,
+            len,
+            may_trim,
+        } => EngineOp::WriteZeroes {
+            offset,
+            len,
+            may_trim,
+        },
+    };
+    let traced = shared.disk_trace.as_ref().and_then(|_| trace_line(&op));
+    let in_batch = INLINE.with(|b| b.borrow().is_some());
+    let op = if in_batch {
+        match shared.disk.run_inline(op) {
+            Ok(result) => {
+                let ev = completion(shared, id, traced.as_deref(), result);
+                INLINE.with(|b| {
+                    if let Some(done) = b.borrow_mut().as_mut() {
+                        done.push(ev);
+                    }
+                });
+                return;
+            }
+            Err(op) => op,
+        }
+    } else {
+        op
+    };
+    let me = shared.clone();
+    shared.disk.submit(
+        op,
+        Box::new(move |r| {
+            let ev = completion(&me, id, traced.as_deref(), r);
+            me.handle(ev);
+        }),
+    );
+}
+
+/// What `MIRRORD_DISK_TRACE` records for an operation (flushes and writes).
+fn trace_line(op: &EngineOp) -> Option<String> {
+    match op {
+        EngineOp::Flush => Some("flush".to_string()),
+        EngineOp::Write {
+            offset,
+            data,
+            fua: true,
+        } => Some(format!("fua-write {offset} {}", data.len())),
+        EngineOp::Write {
+            offset,
+            data,
+            fua: false,
+        } => Some(format!("write {offset} {}", data.len())),
+        _ => None,
+    }
+}
+
+/// The core's event for a finished operation (and its trace line, if tracing).
+fn completion(
+    shared: &Shared,
+    id: u64,
+    traced: Option<&str>,
+    r: std::io::Result<DiskOutput>,
+) -> Event {
+    if let (Some(t), Some(line), true) = (&shared.disk_trace, traced, r.is_ok()) {
+        use std::io::Write;
+        let _ = writeln!(lock(t), "{line}");
+    }
+    let result = match r {
+        Ok(DiskOutput::Done) => Ok(None),
+        Ok(DiskOutput::Data(d)) => Ok(Some(d)),
+        Err(e) => {
+            tracing::error!("disk I/O failed: {e}");
+            Err(crate::core::errno::EIO)
+        }
+    };
+    Event::DiskDone { id, result }
+}
