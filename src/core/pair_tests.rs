@@ -33,6 +33,8 @@ struct Pair {
     events: [Vec<serde_json::Value>; 2],
     replies: [Vec<Result<String, String>>; 2],
     seed: u64,
+    /// Writes to node i's disk fail with EIO.
+    broken: [bool; 2],
 }
 
 fn config(node: &str, extra: &str) -> CoreConfig {
@@ -77,6 +79,7 @@ impl Pair {
             events: [Vec::new(), Vec::new()],
             replies: [Vec::new(), Vec::new()],
             seed: 7,
+            broken: [false, false],
         };
         p.boot(0);
         p.boot(1);
@@ -151,6 +154,7 @@ impl Pair {
                             let (o, l) = (offset as usize, len as usize);
                             Ok(Some(bytes::Bytes::copy_from_slice(&d[o..o + l])))
                         }
+                        DiskOp::Write { .. } if self.broken[i] => Err(errno::EIO),
                         DiskOp::Write { offset, data, .. } => {
                             let o = offset as usize;
                             d[o..o + data.len()].copy_from_slice(&data);
@@ -496,4 +500,76 @@ fn discard_my_data_applies_to_one_connection_only() {
         "beta's data was discarded silently"
     );
     assert_eq!(p.disks[0][3 * 4096], 0x33);
+}
+
+/// A sync target whose disk fails during the resync (here: its own write as
+/// primary, behind the checksum resync's cursor, so the resync still ends)
+/// stays failed when the source says it is done, its out-of-sync bits kept.
+#[test]
+fn a_target_whose_disk_failed_is_not_made_up_to_date() {
+    let mut p = Pair::in_sync(SLOW);
+    let r = p.admin(
+        0,
+        AdminCmd::Resync {
+            full: true,
+            checksum: true,
+        },
+    );
+    assert!(r.is_ok(), "{r:?}");
+    p.run_ms(3000);
+    p.broken[1] = true;
+    p.node(1)
+        .attach_client(9)
+        .expect("a sync target may serve I/O");
+    p.queue[1].push_back(Event::Request {
+        conn: 9,
+        cookie: 1,
+        req: IoRequest::Write {
+            offset: 0,
+            data: bytes::Bytes::from(vec![1u8; 4096]),
+            fua: false,
+        },
+    });
+    p.settle();
+    assert_eq!(p.status(1).disk, DiskState::Failed);
+    p.run_until(30_000, "the resync over", |p| p.status(0).resync.is_none());
+    assert_eq!(p.named(1, "resync-finished").len(), 1, "{:?}", p.events[1]);
+    let st = p.status(1);
+    assert_eq!(st.disk, DiskState::Failed, "{st:?}");
+    assert!(st.out_of_sync_bytes > 0, "{st:?}");
+    assert_eq!(
+        p.md[1].sb.flags & md_flags::CONSISTENT,
+        0,
+        "{:?}",
+        p.md[1].sb
+    );
+}
+
+/// A primary whose disk failed starts no new generation when it loses its
+/// peer: it took no new data, so it must not look newer than its peer.
+#[test]
+fn a_primary_with_a_failed_disk_starts_no_generation() {
+    let mut p = Pair::in_sync("");
+    assert!(p.admin(0, AdminCmd::Primary { force: false }).is_ok());
+    p.broken[0] = true;
+    p.node(0).attach_client(9).expect("primary serves I/O");
+    p.queue[0].push_back(Event::Request {
+        conn: 9,
+        cookie: 1,
+        req: IoRequest::Write {
+            offset: 0,
+            data: bytes::Bytes::from(vec![1u8; 4096]),
+            fua: false,
+        },
+    });
+    p.settle();
+    assert_eq!(p.status(0).disk, DiskState::Failed);
+    let before = p.node(0).meta().gis;
+    p.crash(1);
+    p.settle();
+    assert_eq!(
+        p.node(0).meta().gis,
+        before,
+        "no new generation on a failed disk"
+    );
 }

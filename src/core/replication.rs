@@ -251,7 +251,11 @@ impl Node {
         self.stop_resync();
         self.seq = 0;
         self.peer_seen = 0;
-        if was_replicating && self.role == Role::Primary {
+        // A failed disk takes no new data: no new generation (simulator finding:
+        // with one, the failed node's outdated data later became the sync source
+        // over its up-to-date peer, as the newer generation).
+        let disk_ok = !matches!(self.disk, DiskState::Failed | DiskState::Diskless);
+        if was_replicating && self.role == Role::Primary && disk_ok {
             self.new_generation(true);
             self.persist_superblock(true);
         }

@@ -121,14 +121,20 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: Listener) {
         match &listener {
             Listener::Unix(l) => match l.accept().await {
                 Ok((s, _)) => {
-                    tokio::spawn(serve(shared.clone(), conn, s, "unix socket".to_string()));
+                    tokio::spawn(serve(
+                        shared.clone(),
+                        conn,
+                        s,
+                        "unix socket".to_string(),
+                        true,
+                    ));
                 }
                 Err(e) => accept_error(e).await,
             },
             Listener::Tcp(l) => match l.accept().await {
                 Ok((s, addr)) => {
                     let _ = s.set_nodelay(true);
-                    tokio::spawn(serve(shared.clone(), conn, s, addr.to_string()));
+                    tokio::spawn(serve(shared.clone(), conn, s, addr.to_string(), false));
                 }
                 Err(e) => accept_error(e).await,
             },
@@ -163,7 +169,13 @@ fn export_info(shared: &Shared) -> ExportInfo {
     }
 }
 
-async fn serve<S: NbdStream>(shared: Arc<Shared>, conn: ConnId, mut stream: S, peer: String) {
+async fn serve<S: NbdStream>(
+    shared: Arc<Shared>,
+    conn: ConnId,
+    mut stream: S,
+    peer: String,
+    unix: bool,
+) {
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let hs = {
         let (mut rd, mut wr) = tokio::io::split(&mut stream);
@@ -188,7 +200,9 @@ async fn serve<S: NbdStream>(shared: Arc<Shared>, conn: ConnId, mut stream: S, p
         }
     };
     tracing::debug!("NBD client {peer} (conn {conn}) attached");
-    set_send_buffer(stream.as_raw_fd());
+    if unix {
+        set_send_buffer(stream.as_raw_fd());
+    }
     let stream = Arc::new(stream);
     let sink = Arc::new(ConnSink::new(
         conn,
@@ -208,7 +222,8 @@ async fn serve<S: NbdStream>(shared: Arc<Shared>, conn: ConnId, mut stream: S, p
     tracing::debug!("NBD client {peer} (conn {conn}) detached");
 }
 
-/// Best effort: a larger send buffer than the default (about 200 KiB).
+/// Best effort: a larger send buffer than the default (about 200 KiB). Unix sockets only: on
+/// TCP a fixed size would switch off the kernel's buffer auto-tuning.
 fn set_send_buffer(fd: RawFd) {
     let size = SEND_BUFFER;
     // SAFETY: setsockopt reads an int from a valid pointer; fd is our open socket.

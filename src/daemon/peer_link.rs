@@ -39,8 +39,6 @@ const DIRECT_FRAME_MIN: usize = 64 * 1024;
 const SMALL_READ: usize = 4096;
 /// Most slices gathered into one `sendmsg`.
 const MAX_IOV: usize = 64;
-/// Socket buffers asked for (the kernel caps them at net.core.[rw]mem_max).
-const SOCKET_BUFFER: libc::c_int = 4 << 20;
 
 struct Active {
     id: u64,
@@ -188,7 +186,6 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         }
     };
     let preferred = dialed == i_sort_first(&shared);
-    set_buffers(s.as_raw_fd());
     let s = Arc::new(s);
     let id;
     {
@@ -423,24 +420,6 @@ async fn read_some(s: &TcpStream, buf: &mut BytesMut, limit: usize) -> io::Resul
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.readable().await?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             other => return other,
-        }
-    }
-}
-
-/// Best effort: larger socket buffers than the defaults, so a burst of large writes does not
-/// wait for the writer task.
-fn set_buffers(fd: RawFd) {
-    let size = SOCKET_BUFFER;
-    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt reads an int from a valid pointer; fd is our open socket.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
         }
     }
 }

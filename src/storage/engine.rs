@@ -246,9 +246,10 @@ struct Inner {
 
 /// Buffered writes up to this size may run inline (larger ones overlap better on the pool).
 const INLINE_WRITE_MAX: usize = 256 * 1024;
-/// An inline write slower than this means the page cache is throttling writers (dirty limit):
-/// inline writes pause for [`INLINE_PAUSE`], so callers' threads are not held up meanwhile.
-const INLINE_SLOW: Duration = Duration::from_millis(20);
+/// An inline write slower than this means the page cache is throttling writers (dirty limit)
+/// or the write waits for the device: inline writes pause for [`INLINE_PAUSE`], so callers'
+/// threads are not held up meanwhile. (Well above what a busy machine's scheduler delays.)
+const INLINE_SLOW: Duration = Duration::from_millis(50);
 const INLINE_PAUSE: Duration = Duration::from_millis(1000);
 
 impl Drop for Inner {

@@ -19,7 +19,8 @@
 # cap, is measured; checksum is off except for step 3's explicit --checksum.
 # Output on stdout and in target/bench/resync-results.md.
 #
-# Environment: RESYNC_BENCH_SIZE (2G), RESYNC_BENCH_PLANT (100),
+# Environment: RESYNC_BENCH_SIZE (2G), RESYNC_BENCH_PLANT (100), RESYNC_BENCH_KEEP
+# (keep the disk images in target/bench/resync-work),
 # BENCH_OUT (target/bench), MIRRORD_BIN / MIRRORCTL_BIN (target/release/...).
 set -euo pipefail
 
@@ -73,6 +74,8 @@ stop_node() {
 cleanup() {
     stop_node 0
     stop_node 1
+    # The images are large; RESYNC_BENCH_KEEP=1 keeps them (logs always stay).
+    [[ -n ${RESYNC_BENCH_KEEP:-} ]] || rm -f "$WORK"/*.img
 }
 trap cleanup EXIT
 
