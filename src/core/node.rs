@@ -52,6 +52,11 @@ pub(super) enum Io {
     /// as resync data, then lost them in a power cut, and the disks differed
     /// with no out-of-sync bit set). The peer link starts once it is done.
     BootFlush,
+    /// The flush a sync source starts with: blocks it finds equal (checksum
+    /// resync) or sends must be on its own medium before their bits go
+    /// (simulator finding: a mirrored write still in the source's cache matched,
+    /// its bit was cleared, and a power cut on the source lost it).
+    ResyncStartFlush,
     /// A read the peer asked for (we are its sync source).
     PeerRead {
         id: u64,
@@ -92,6 +97,14 @@ pub(super) enum Origin {
     /// A read the peer asked for, behind the peer's earlier writes in the order.
     PeerRead {
         id: u64,
+    },
+    /// A read answering the peer's checksum request, behind writes in flight
+    /// here (simulator finding: a checksum read that overtook a local write
+    /// still in flight matched the source, the bit was cleared, and the write
+    /// then landed: the disks differed with no bit set).
+    ChecksumRead {
+        id: u64,
+        verify: bool,
     },
 }
 
@@ -166,6 +179,9 @@ pub struct Node {
     pub(super) al_txn: Option<u64>,
     pub(super) sb_txn: Option<u64>,
     pub(super) sb_again: bool,
+    /// A finished resync's SyncDone waits for our superblock (bitmap identifier
+    /// cleared) to be durable.
+    pub(super) sync_done_wait: bool,
     /// Local writes wait while a superblock with new identifiers is being persisted.
     pub(super) gate_writes: bool,
     pub(super) seq: u64,
@@ -270,6 +286,7 @@ impl Node {
             al_txn: None,
             sb_txn: None,
             sb_again: false,
+            sync_done_wait: false,
             gate_writes: false,
             seq: 0,
             peer_seen: 0,
@@ -562,8 +579,16 @@ impl Node {
         }
         match self.disk {
             DiskState::UpToDate => {}
-            DiskState::Inconsistent if self.repl == Replication::SyncTarget && !force => {
-                // A sync target may be primary: it reads missing blocks from the source.
+            DiskState::Inconsistent
+                if self.repl == Replication::SyncTarget
+                    && !force
+                    && self
+                        .peer
+                        .as_ref()
+                        .is_some_and(|p| p.disk == DiskState::UpToDate) =>
+            {
+                // A sync target may be primary: it reads missing blocks from the
+                // source, while the source's disk is up to date.
             }
             DiskState::Inconsistent | DiskState::Outdated if force => {
                 if self.repl == Replication::SyncTarget {
@@ -585,8 +610,20 @@ impl Node {
         }
         self.role = Role::Primary;
         self.meta.flags |= md_flags::PRIMARY;
-        if self.cfg.peer.is_some() && !self.replicating() {
-            // Writes from now on are not on the peer: start a new data generation.
+        let peer_disk_gone = self
+            .peer
+            .as_ref()
+            .is_some_and(|p| matches!(p.disk, DiskState::Failed | DiskState::Diskless));
+        if self.cfg.peer.is_some()
+            && self.disk == DiskState::UpToDate
+            && (!self.replicating() || peer_disk_gone)
+            && self.meta.gis.bitmap == 0
+        {
+            // Writes from now on are not on the peer (it is away, or its disk
+            // is): start a new data generation, unless one already started since the last sync (a set bitmap
+            // identifier), as DRBD does. Another generation would push the last
+            // common one out of the two-slot history: after a few promotions on
+            // both sides the nodes became unrelated (simulator finding).
             self.bump_current_gi();
         }
         self.persist_superblock(true);
@@ -700,14 +737,24 @@ impl Node {
             if self.sb_again {
                 self.sb_again = false;
                 self.persist_superblock(false);
-            } else if self.gate_writes {
-                self.gate_writes = false;
-                // In id (arrival) order: HashMap order would make the disk
-                // submission order, hence replays, differ from run to run.
-                let mut ids: Vec<u64> = self.writes.keys().copied().collect();
-                ids.sort_unstable();
-                for w in ids {
-                    self.try_start(w);
+            } else {
+                if self.gate_writes {
+                    self.gate_writes = false;
+                    // In id (arrival) order: HashMap order would make the disk
+                    // submission order, hence replays, differ from run to run.
+                    let mut ids: Vec<u64> = self.writes.keys().copied().collect();
+                    ids.sort_unstable();
+                    for w in ids {
+                        self.try_start(w);
+                    }
+                }
+                if std::mem::take(&mut self.sync_done_wait)
+                    && ok
+                    && self.conn == ConnState::Connected
+                {
+                    self.send(Message::SyncDone {
+                        source_gis: self.meta.gis,
+                    });
                 }
             }
         }
@@ -792,6 +839,9 @@ impl Node {
 
     /// Requests held during the connection handshake go on now.
     pub(super) fn release_held(&mut self) {
+        if !self.al_waiting.is_empty() {
+            self.readmit_al_waiters();
+        }
         for (conn, cookie, req) in std::mem::take(&mut self.held) {
             self.on_request(conn, cookie, req);
         }
@@ -1120,6 +1170,12 @@ impl Node {
     }
 
     fn readmit_al_waiters(&mut self) {
+        if self.handshake.is_some() {
+            // A write issued now would be neither in the bitmap we sent nor
+            // mirrored (simulator finding: the peer, a primary sync target, then
+            // read its stale copy of the block). The handshake's end readmits.
+            return;
+        }
         let waiting = std::mem::take(&mut self.al_waiting);
         let mut still = Vec::new();
         for wid in waiting {
@@ -1249,6 +1305,7 @@ impl Node {
                 self.send(m);
             }
             Io::ResyncRead { write } => self.on_resync_read_done(write, result),
+            Io::ResyncStartFlush => self.on_resync_start_flush_done(id, result),
             Io::ChecksumRead { id, verify } => self.on_checksum_read_done(id, verify, result),
             Io::AlFlush { set } => self.on_al_flush_done(set, result),
             Io::ChecksumFlush { id, offset, len } => {
@@ -1304,7 +1361,7 @@ impl Node {
                 }
                 self.peer_write_finished(wid);
             }
-            Origin::ResyncRead | Origin::PeerRead { .. } => {}
+            Origin::ResyncRead | Origin::PeerRead { .. } | Origin::ChecksumRead { .. } => {}
         }
     }
 

@@ -202,6 +202,15 @@ impl Node {
         self.peer = None;
         self.ping_outstanding = None;
         self.promote_confirm = None;
+        self.sync_done_wait = false;
+        if was_connected {
+            self.notify("peer-disconnected", json!({ "reason": reason }));
+            // Freeze before the writes in flight complete below: their replies
+            // must wait for the fence-peer handler (simulator finding: a write
+            // acknowledged here at the moment the link broke was then
+            // overwritten on the peer by its own later write).
+            self.maybe_fence(peer_disk, reason);
+        }
         // Writes the peer acknowledged but had not flushed may be lost if it lost
         // power (simulator finding: nobody marked them, the disks stayed different).
         for (_, r) in std::mem::take(&mut self.unflushed) {
@@ -234,6 +243,12 @@ impl Node {
         for f in flushes {
             if let Some(q) = self.reqs.get_mut(&f) {
                 q.ack_outstanding = false;
+                if !local_good && q.error == 0 {
+                    // The peer's flush was the only one that counted (simulator
+                    // finding: a primary with a failed disk acknowledged a flush
+                    // its crashed peer never made, and the data was lost).
+                    q.error = errno::EIO;
+                }
             }
             self.maybe_finish(f);
         }
@@ -255,16 +270,12 @@ impl Node {
         // with one, the failed node's outdated data later became the sync source
         // over its up-to-date peer, as the newer generation).
         let disk_ok = !matches!(self.disk, DiskState::Failed | DiskState::Diskless);
-        if was_replicating && self.role == Role::Primary && disk_ok {
+        if was_replicating && self.role == Role::Primary && disk_ok && self.meta.gis.bitmap == 0 {
             self.new_generation(true);
             self.persist_superblock(true);
         }
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        if was_connected {
-            self.notify("peer-disconnected", json!({ "reason": reason }));
-            self.maybe_fence(peer_disk, reason);
-        }
         self.release_held();
     }
 
@@ -276,9 +287,25 @@ impl Node {
             Message::Hello(_) => self.drop_peer("protocol error: a second Hello", true),
             Message::State { role, disk } => {
                 let (role, disk) = (role_of(role), disk_of(disk));
+                let gone = |d: DiskState| matches!(d, DiskState::Failed | DiskState::Diskless);
+                let had_disk = self.peer.as_ref().is_some_and(|p| !gone(p.disk));
                 if let Some(p) = self.peer.as_mut() {
                     p.role = role;
                     p.disk = disk;
+                }
+                if had_disk
+                    && gone(disk)
+                    && self.disk == DiskState::UpToDate
+                    && (self.role == Role::Primary || role == Role::Primary)
+                    && self.meta.gis.bitmap == 0
+                {
+                    // The peer's disk is gone: what is written from now on is only
+                    // here. Start a new generation, as DRBD does when it loses the
+                    // peer's disk (simulator finding: without one, both disks later
+                    // came back with the same generation and the sync direction
+                    // went by name, discarding the writes made meanwhile).
+                    self.new_generation(self.role == Role::Primary);
+                    self.persist_superblock(true);
                 }
                 self.notify("peer-state", json!({ "role": role, "disk": disk }));
                 if role == Role::Primary

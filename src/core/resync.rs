@@ -58,6 +58,8 @@ pub(super) struct Resync {
     pub differing_blocks: u64,
     /// Application requests were waiting during the last tick: back off.
     app_busy: bool,
+    /// The source's start flush in flight (see `Io::ResyncStartFlush`).
+    start_flush: Option<u64>,
     last_event_ms: u64,
 }
 
@@ -131,6 +133,7 @@ impl Node {
             bytes_sent: 0,
             differing_blocks: 0,
             app_busy: false,
+            start_flush: None,
             last_event_ms: self.now_ms,
         }
     }
@@ -207,7 +210,15 @@ impl Node {
             SyncMode::Bitmap
         };
         self.repl = Replication::SyncSource;
-        self.resync = Some(self.new_resync(false, checksum));
+        let flush = self.new_id();
+        let mut r = self.new_resync(false, checksum);
+        r.start_flush = Some(flush);
+        self.resync = Some(r);
+        self.ios.insert(flush, Io::ResyncStartFlush);
+        self.out.push(Action::Disk {
+            id: flush,
+            op: DiskOp::Flush,
+        });
         self.sync_stats.resyncs_started += 1;
         self.send(Message::StartSync {
             mode,
@@ -375,7 +386,7 @@ impl Node {
             let Some(r) = self.resync.as_ref() else {
                 return;
             };
-            if r.batches.len() >= MAX_INFLIGHT || r.budget <= 0 {
+            if r.batches.len() >= MAX_INFLIGHT || r.budget <= 0 || r.start_flush.is_some() {
                 return;
             }
             let verify = r.verify;
@@ -427,6 +438,27 @@ impl Node {
         }
     }
 
+    /// The sync source's start flush is done: the resync may read and send.
+    pub(super) fn on_resync_start_flush_done(
+        &mut self,
+        io: u64,
+        result: Result<Option<Bytes>, u32>,
+    ) {
+        let Some(r) = self.resync.as_mut() else {
+            return;
+        };
+        if r.start_flush != Some(io) {
+            return; // a resync since stopped
+        }
+        r.start_flush = None;
+        if result.is_err() {
+            self.disk_failed("flush at the start of a resync");
+            self.stop_resync();
+            return;
+        }
+        self.resync_pump();
+    }
+
     /// Reads a batch through the disk order.
     fn resync_read(&mut self, bid: u64, range: Range) {
         let wid = self.new_id();
@@ -475,6 +507,13 @@ impl Node {
                 },
             };
             self.send(m);
+            return;
+        }
+        if let Some(Origin::ChecksumRead { id, verify }) = self.writes.get(&wid).map(|e| &e.origin)
+        {
+            let (id, verify) = (*id, *verify);
+            self.write_done_after_read(wid);
+            self.on_checksum_read_done(id, verify, result);
             return;
         }
         let bid = self.resync.as_mut().and_then(|r| r.reads.remove(&wid));
@@ -728,12 +767,15 @@ impl Node {
         self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
         self.repl = Replication::Established;
         self.outdated_now_current();
+        // The peer adopts our current identifier at SyncDone: only once our
+        // cleared bitmap identifier is durable (simulator finding: the source was
+        // killed before it persisted the end of the resync, came back with its old
+        // bitmap identifier, was promoted without a new generation, and its new
+        // writes were later discarded as 'unchanged').
+        self.sync_done_wait = true;
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        self.send(Message::SyncDone {
-            source_gis: self.meta.gis,
-        });
         self.sync_stats.resyncs_finished += 1;
         self.notify(
             "resync-finished",
@@ -787,12 +829,7 @@ impl Node {
             return;
         }
         if verify {
-            let io = self.new_id();
-            self.ios.insert(io, Io::ChecksumRead { id, verify });
-            self.out.push(Action::Disk {
-                id: io,
-                op: DiskOp::Read { offset, len },
-            });
+            self.checksum_read(id, verify, offset, len);
             return;
         }
         // Checksum resync clears the source's bit when the sums match, so what
@@ -823,8 +860,34 @@ impl Node {
             });
             return;
         }
+        self.checksum_read(id, false, offset, len);
+    }
+
+    /// Reads what a checksum request covers, behind any write in flight here
+    /// that overlaps it.
+    fn checksum_read(&mut self, id: u64, verify: bool, offset: u64, len: u32) {
+        let range = Range::new(offset, len as u64);
+        if self.writes.values().any(|e| e.range.overlaps(&range)) {
+            let wid = self.new_id();
+            let ready = self.order.push(wid, range);
+            self.writes.insert(
+                wid,
+                WriteEntry {
+                    range,
+                    origin: Origin::ChecksumRead { id, verify },
+                    pieces: vec![DiskOp::Read { offset, len }],
+                    parts_pending: 0,
+                    ready,
+                    al_ok: true,
+                    submitted: false,
+                    error: 0,
+                },
+            );
+            self.try_start(wid);
+            return;
+        }
         let io = self.new_id();
-        self.ios.insert(io, Io::ChecksumRead { id, verify: false });
+        self.ios.insert(io, Io::ChecksumRead { id, verify });
         self.out.push(Action::Disk {
             id: io,
             op: DiskOp::Read { offset, len },

@@ -92,6 +92,8 @@ pub struct Model {
     /// Durable writes whose superseded history can be forgotten once no read
     /// that started before their reply is in flight.
     prunable: Vec<u32>,
+    /// Per node: the first write id issued after it last synced from its peer.
+    synced_mark: [u32; 2],
 }
 
 impl Model {
@@ -124,6 +126,7 @@ impl Model {
             lost_on: [Vec::new(), Vec::new()],
             pending: [Vec::new(), Vec::new()],
             prunable: Vec::new(),
+            synced_mark: [0, 0],
         }
     }
 
@@ -220,7 +223,9 @@ impl Model {
         let ids = std::mem::take(&mut self.prunable);
         for id in ids {
             let w = &self.writes[id as usize];
-            if w.done >= oldest_read_start || w.uncertain {
+            // An unconfirmed write may still become a justified loss: keep
+            // what it superseded.
+            if w.done >= oldest_read_start || w.uncertain || self.unconfirmed(id) {
                 if !w.uncertain {
                     self.prunable.push(id);
                 }
@@ -258,9 +263,13 @@ impl Model {
             for id in lost {
                 self.writes[id as usize].uncertain = true;
             }
-            // The other node's mirrored, not yet durable writes are gone here too.
+            // The other node's mirrored, not yet durable writes are gone here
+            // too, and so are its writes still in flight: their mirror may have
+            // reached this node's disk (cache) and been acknowledged by it.
             let mirrored = self.nondurable[other].clone();
             self.lost_on[node].extend(mirrored);
+            let in_flight = self.pending[other].clone();
+            self.lost_on[node].extend(in_flight);
             if self.base_node == Some(node) && !self.base_durable {
                 self.base_uncertain = true;
             }
@@ -273,11 +282,32 @@ impl Model {
         for id in std::mem::take(&mut self.lost_on[node]) {
             self.writes[id as usize].uncertain = true;
         }
+        // The peer's writes acknowledged before this node confirmed them
+        // (protocol A: once sent) and never confirmed since: they may not be
+        // here, as on DRBD, where a failover under protocol A loses them.
+        for id in self.synced_mark[node] as usize..self.writes.len() {
+            if self.unconfirmed(id as u32) && self.writes[id].node != node {
+                self.writes[id].uncertain = true;
+            }
+        }
+    }
+
+    /// A write acknowledged to its client that the peer never confirmed
+    /// receiving, issued after the peer last synced from its node.
+    fn unconfirmed(&self, id: u32) -> bool {
+        let w = &self.writes[id as usize];
+        w.ok && w.done != NOT_DONE
+            && !w.uncertain
+            && w.mirror.is_some()
+            && w.peer_ack.is_none()
+            && !w.recv_acked
+            && id >= self.synced_mark[1 - w.node]
     }
 
     /// Node `node` is being synced from its peer: nothing it lost stays lost.
     pub fn synced_from_peer(&mut self, node: usize) {
         self.lost_on[node].clear();
+        self.synced_mark[node] = self.writes.len() as u32;
     }
 
     /// The values a read of sector `s` that ran from `start` to `end` may return.
