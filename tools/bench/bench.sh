@@ -15,6 +15,10 @@
 #   1M sequential write QD8, 1M sequential read QD8 (MiB/s),
 #   4K random write QD1 (mean latency, usec, lower is better).
 #
+# Also measured, at the start and the end: a 4 KiB TCP ping-pong on loopback
+# (the floor under the replicated rows' trip to the peer) and the machine's
+# load average and CPU pressure.
+#
 # Output: a table on stdout and in target/bench/results.md; fio JSON per
 # server and job in target/bench/raw/SERVER/JOB.json.
 #
@@ -220,6 +224,32 @@ EOF
     URI="nbd+unix:///r0?socket=$sock"
 }
 
+# The floor under a replicated write's trip to the peer: a 4 KiB TCP ping-pong
+# on loopback (fio's net engine, pingpong=1), no NBD, no disk. On a VM a
+# wake-up of an idle vCPU can cost tens of microseconds, and this shows it.
+# $1 names the sample (start, end); fio JSON in $RAW/tcp-floor/$1.json.
+tcp_floor() {
+    local port secs=3 dir=$RAW/tcp-floor
+    mkdir -p "$dir"
+    port=$(free_port)
+    fio --name=rx --ioengine=net --protocol=tcp --listen --port="$port" --rw=read --bs=4k \
+        --size=100g --time_based=1 --runtime=$((secs + 3)) --pingpong=1 \
+        --output-format=json --output="$dir/$1-rx.json" >/dev/null 2>&1 &
+    local rx=$!
+    sleep 0.5
+    fio --name=tx --ioengine=net --protocol=tcp --port="$port" --hostname=127.0.0.1 --rw=write \
+        --bs=4k --size=100g --time_based=1 --runtime="$secs" --pingpong=1 \
+        --output-format=json --output="$dir/$1.json" >/dev/null 2>&1 ||
+        log "tcp floor ($1): fio failed"
+    kill "$rx" 2>/dev/null || true
+    wait "$rx" 2>/dev/null || true
+}
+
+# One line on how busy the machine is (other jobs skew every number).
+load_line() {
+    echo "load average $(cut -d' ' -f1-3 /proc/loadavg), CPU pressure $(awk '/^some/ {print $3}' /proc/pressure/cpu 2>/dev/null || echo n/a)"
+}
+
 run_job() {
     local server=$1 job=$2
     # shellcheck disable=SC2086 # JOBS values are word lists on purpose
@@ -242,7 +272,11 @@ main() {
         --size="$SIZE" --output="$WORK/prefill.log" >/dev/null
     sync
 
-    local server fn job roles=()
+    local server fn job roles=() load_start load_end
+    load_start=$(load_line)
+    log "machine: $load_start"
+    tcp_floor start
+
     for server in $SERVERS; do
         [ -n "${ROLE[$server]:-}" ] || { log "unknown server $server (add it to ROLE)"; exit 2; }
         roles+=("$server:${ROLE[$server]}")
@@ -273,6 +307,8 @@ main() {
         stop_servers
     done
 
+    tcp_floor end
+    load_end=$(load_line)
     {
         echo "# nbd-mirror benchmark"
         echo
@@ -282,6 +318,7 @@ main() {
         echo "(mirrord direct-io off, qemu-nbd default writeback cache, nbdkit file default, nbd-server buffered)."
         echo "Servers: $(qemu-nbd --version | head -1); nbdkit $(nbdkit --version | awk '{print $2}');"
         echo "nbd-server $(nbd-server -V 2>&1 | awk '/version/ {print $NF}'); mirrord from $MIRRORD."
+        echo "Machine at the start: $load_start; at the end: $load_end."
         echo
     } >"$RESULTS"
     "$PY" "$ROOT/tools/bench/fio_report.py" "$RAW" "$RESULTS" "${roles[@]}"

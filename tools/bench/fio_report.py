@@ -57,6 +57,17 @@ def metric(path, section, kind):
     raise ValueError(kind)
 
 
+def tcp_floor(rawdir):
+    """Mean round trip of the tcp_floor samples (start, end) as text, or None."""
+    samples = []
+    for name in ("start", "end"):
+        v = metric(os.path.join(rawdir, "tcp-floor", name + ".json"), "write", "lat_us")
+        samples.append(f"{v:.1f} ({name})" if v is not None else f"n/a ({name})")
+    if all(s.startswith("n/a") for s in samples):
+        return None
+    return ", ".join(samples)
+
+
 def fmt(v, unit):
     if v is None:
         return "n/a"
@@ -135,6 +146,14 @@ def main():
                 r = ratio(values[(subject, job)], values[("mirrord", job)], hib)
                 cells.append("n/a" if r is None else f"{r:.2f}")
             ratio_lines.append("| mirrord (single node) | " + " | ".join(cells) + " |")
+
+    floor = tcp_floor(rawdir)
+    if floor:
+        ratio_lines.append("")
+        ratio_lines.append(
+            "Loopback TCP round trip, 4 KiB ping-pong (fio net engine; the floor under a "
+            "replicated write's trip to the peer): " + floor + " usec mean."
+        )
 
     text = "\n".join(lines + ratio_lines)
     if notes:
