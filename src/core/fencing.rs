@@ -56,6 +56,11 @@ impl Node {
             "fence-peer",
             json!({ "reason": why, "fencing": self.cfg.fencing, "io": "writes frozen" }),
         );
+        if self.stopping {
+            // Stopping: what the freeze would hold fails now instead of holding
+            // the stop (simulator finding: the link broke during a clean stop).
+            self.begin_stop();
+        }
     }
 
     /// The fence-peer handler ended.
@@ -87,7 +92,12 @@ impl Node {
             }
             "peer-is-primary" => {
                 // The peer goes on as primary: our data is the older one now.
-                self.disk = DiskState::Outdated;
+                // An inconsistent disk stays inconsistent (simulator finding: a
+                // sync target made "outdated" looked whole, and its data was
+                // later refused as unrelated instead of resynced).
+                if self.disk == DiskState::UpToDate {
+                    self.disk = DiskState::Outdated;
+                }
                 self.meta.flags &= !md_flags::WAS_UP_TO_DATE;
                 self.persist_superblock(false);
                 let mut held: Vec<u64> = self
@@ -129,6 +139,7 @@ impl Node {
     /// reached this disk only and are not acknowledged) instead of holding the
     /// stop up until its time limit (simulator finding).
     pub fn begin_stop(&mut self) {
+        self.stopping = true;
         if !self.suspended {
             return;
         }

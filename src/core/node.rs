@@ -182,6 +182,8 @@ pub struct Node {
     /// A finished resync's SyncDone waits for our superblock (bitmap identifier
     /// cleared) to be durable.
     pub(super) sync_done_wait: bool,
+    /// A clean stop has begun (`Node::begin_stop`).
+    pub(super) stopping: bool,
     /// Local writes wait while a superblock with new identifiers is being persisted.
     pub(super) gate_writes: bool,
     pub(super) seq: u64,
@@ -287,6 +289,7 @@ impl Node {
             sb_txn: None,
             sb_again: false,
             sync_done_wait: false,
+            stopping: false,
             gate_writes: false,
             seq: 0,
             peer_seen: 0,
@@ -765,6 +768,12 @@ impl Node {
             self.disk = DiskState::Failed;
             self.notify("disk-failed", json!({ "reason": why }));
             self.send_state();
+            if self.repl == Replication::SyncSource {
+                // What it sent may not be what its disk holds any more: the
+                // resync must not finish and declare the target up to date
+                // (simulator finding: it did, and a block differed unmarked).
+                self.stop_resync();
+            }
             if self.cfg.peer.is_some() {
                 // It may miss writes: after a restart it is outdated (no promotion
                 // without --force) until a sync. Coming back up to date let it be

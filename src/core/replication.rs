@@ -266,10 +266,12 @@ impl Node {
         self.stop_resync();
         self.seq = 0;
         self.peer_seen = 0;
-        // A failed disk takes no new data: no new generation (simulator finding:
-        // with one, the failed node's outdated data later became the sync source
-        // over its up-to-date peer, as the newer generation).
-        let disk_ok = !matches!(self.disk, DiskState::Failed | DiskState::Diskless);
+        // Only an up-to-date disk starts a new generation, as in DRBD (simulator
+        // findings: with one, a failed node's outdated data later became the sync
+        // source over its up-to-date peer, as the newer generation; and a sync
+        // target that lost its source took a generation of its own, after which
+        // the pair looked unrelated).
+        let disk_ok = self.disk == DiskState::UpToDate;
         if was_replicating && self.role == Role::Primary && disk_ok && self.meta.gis.bitmap == 0 {
             self.new_generation(true);
             self.persist_superblock(true);
