@@ -57,6 +57,11 @@ pub(super) enum Io {
     /// (simulator finding: a mirrored write still in the source's cache matched,
     /// its bit was cleared, and a power cut on the source lost it).
     ResyncStartFlush,
+    /// The sync target's flush before it becomes up to date.
+    SyncDoneFlush {
+        source_gis: crate::peer::Gis,
+        epoch: u64,
+    },
     /// A read the peer asked for (we are its sync source).
     PeerRead {
         id: u64,
@@ -1315,6 +1320,9 @@ impl Node {
             }
             Io::ResyncRead { write } => self.on_resync_read_done(write, result),
             Io::ResyncStartFlush => self.on_resync_start_flush_done(id, result),
+            Io::SyncDoneFlush { source_gis, epoch } => {
+                self.on_sync_done_flush(source_gis, epoch, result)
+            }
             Io::ChecksumRead { id, verify } => self.on_checksum_read_done(id, verify, result),
             Io::AlFlush { set } => self.on_al_flush_done(set, result),
             Io::ChecksumFlush { id, offset, len } => {

@@ -797,6 +797,42 @@ impl Node {
             );
             return;
         }
+        // Everything this disk holds becomes the up-to-date copy: what it had
+        // cached from before the resync must be on its medium first (simulator
+        // finding: a block it had not flushed since a split brain was lost in a
+        // power cut after the sync, and its data later won).
+        let io = self.new_id();
+        self.ios.insert(
+            io,
+            Io::SyncDoneFlush {
+                source_gis,
+                epoch: self.link_epoch,
+            },
+        );
+        self.out.push(Action::Disk {
+            id: io,
+            op: DiskOp::Flush,
+        });
+    }
+
+    /// The target's flush at SyncDone is done: up to date now, if still the
+    /// same resync.
+    pub(super) fn on_sync_done_flush(
+        &mut self,
+        source_gis: Gis,
+        epoch: u64,
+        result: Result<Option<Bytes>, u32>,
+    ) {
+        if result.is_err() {
+            self.disk_failed("flush at the end of a resync");
+            return;
+        }
+        if epoch != self.link_epoch
+            || self.repl != Replication::SyncTarget
+            || matches!(self.disk, DiskState::Failed | DiskState::Diskless)
+        {
+            return; // the link went meanwhile: the next connection finishes it
+        }
         let n = self.bitmap.bits();
         self.bitmap.clear_blocks(0..n);
         self.meta.gis = Gis {
