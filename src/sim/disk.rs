@@ -103,6 +103,19 @@ impl SimDisk {
         self.cache.is_empty()
     }
 
+    /// (sector, value) of every write still in flight: each may land later.
+    pub fn pending_values(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for p in self.pending.values() {
+            if let Some((first, vals)) = written_values(&p.op) {
+                for (i, v) in vals.into_iter().enumerate() {
+                    out.push((first + i as u64, v));
+                }
+            }
+        }
+        out
+    }
+
     /// Sectors with a write in flight (sorted, deduplicated).
     pub fn sectors_in_flight(&self) -> Vec<u64> {
         let mut v: Vec<u64> = Vec::new();

@@ -76,6 +76,10 @@ pub struct Model {
     /// others are what it could fall back to on power loss), or None once superseded.
     base: Vec<Option<Vec<u64>>>,
     base_t: u64,
+    /// Per sector: values of writes that were still queued on the base disk
+    /// when the base was taken (a peer's write from before a split brain, say):
+    /// they land after it.
+    base_pending: Vec<Vec<u64>>,
     /// The node whose disk the base was taken from (None: the initial contents).
     base_node: Option<usize>,
     base_durable: bool,
@@ -119,6 +123,7 @@ impl Model {
             hist: vec![Vec::new(); initial.len()],
             base: initial.iter().map(|v| Some(vec![*v])).collect(),
             base_t: 0,
+            base_pending: vec![Vec::new(); initial.len()],
             base_node: None,
             base_durable: true,
             base_uncertain: false,
@@ -328,6 +333,7 @@ impl Model {
                 } else if let Some(v) = base.last() {
                     out.push(*v);
                 }
+                out.extend(self.base_pending[s as usize].iter().copied());
             }
         }
         for id in hist {
@@ -365,6 +371,12 @@ impl Model {
             self.base[s as usize] = Some(vals);
             let writes = &self.writes;
             self.hist[s as usize].retain(|w| writes[*w as usize].done == NOT_DONE);
+            self.base_pending[s as usize].clear();
+        }
+        for (s, v) in disk.pending_values() {
+            if let Some(p) = self.base_pending.get_mut(s as usize) {
+                p.push(v);
+            }
         }
         self.base_t = step;
         self.base_node = Some(node);
