@@ -1303,21 +1303,7 @@ impl Node {
                 let error = result.err().unwrap_or(0);
                 self.send(Message::FlushAck { id, error });
             }
-            Io::PeerRead { id } => {
-                let m = match result {
-                    Ok(data) => Message::ReadReply {
-                        id,
-                        error: 0,
-                        data: data.unwrap_or_default(),
-                    },
-                    Err(error) => Message::ReadReply {
-                        id,
-                        error,
-                        data: Bytes::new(),
-                    },
-                };
-                self.send(m);
-            }
+            Io::PeerRead { id } => self.send(read_reply(id, result)),
             Io::ResyncRead { write } => self.on_resync_read_done(write, result),
             Io::ResyncStartFlush => self.on_resync_start_flush_done(id, result),
             Io::SyncDoneFlush { source_gis, epoch } => {
@@ -1329,6 +1315,49 @@ impl Node {
                 self.on_checksum_flush_done(id, offset, len, result)
             }
         }
+    }
+
+    /// A read that enters the disk order (it waits for overlapping writes
+    /// ahead of it); its completion comes back as `Io::ResyncRead`.
+    pub(super) fn ordered_read(&mut self, range: Range, origin: Origin) -> u64 {
+        let wid = self.new_id();
+        let ready = self.order.push(wid, range);
+        self.writes.insert(
+            wid,
+            WriteEntry {
+                range,
+                origin,
+                pieces: vec![DiskOp::Read {
+                    offset: range.start,
+                    len: range.len() as u32,
+                }],
+                parts_pending: 0,
+                ready,
+                al_ok: true,
+                submitted: false,
+                error: 0,
+            },
+        );
+        self.try_start(wid);
+        wid
+    }
+
+    /// Reads `range` behind any write in flight that overlaps it (through the
+    /// disk order, as `ordered`), else straight from the disk (as `direct`).
+    pub(super) fn read_behind_writes(&mut self, range: Range, ordered: Origin, direct: Io) {
+        if !range.is_empty() && self.writes.values().any(|e| e.range.overlaps(&range)) {
+            self.ordered_read(range, ordered);
+            return;
+        }
+        let io = self.new_id();
+        self.ios.insert(io, direct);
+        self.out.push(Action::Disk {
+            id: io,
+            op: DiskOp::Read {
+                offset: range.start,
+                len: range.len() as u32,
+            },
+        });
     }
 
     /// Every piece of a disk-order entry is done.
@@ -1537,4 +1566,20 @@ pub(super) fn gis_json(g: &Gis) -> serde_json::Value {
         "bitmap": format!("{:016X}", g.bitmap),
         "history": [format!("{:016X}", g.history[0]), format!("{:016X}", g.history[1])],
     })
+}
+
+/// The answer to the peer's read request `id`.
+pub(super) fn read_reply(id: u64, result: Result<Option<Bytes>, u32>) -> Message {
+    match result {
+        Ok(data) => Message::ReadReply {
+            id,
+            error: 0,
+            data: data.unwrap_or_default(),
+        },
+        Err(error) => Message::ReadReply {
+            id,
+            error,
+            data: Bytes::new(),
+        },
+    }
 }

@@ -389,36 +389,15 @@ impl Node {
                     });
                     return;
                 }
-                let range = Range::new(offset, len as u64);
-                if len > 0 && self.writes.values().any(|e| e.range.overlaps(&range)) {
-                    // Writes the peer sent before this request are still in the
-                    // disk order: read behind them, or the peer gets data older
-                    // than its own acknowledged writes (simulator finding: a
-                    // primary whose disk failed read its last writes back stale).
-                    let wid = self.new_id();
-                    let ready = self.order.push(wid, range);
-                    self.writes.insert(
-                        wid,
-                        WriteEntry {
-                            range,
-                            origin: Origin::PeerRead { id },
-                            pieces: vec![DiskOp::Read { offset, len }],
-                            parts_pending: 0,
-                            ready,
-                            al_ok: true,
-                            submitted: false,
-                            error: 0,
-                        },
-                    );
-                    self.try_start(wid);
-                    return;
-                }
-                let io = self.new_id();
-                self.ios.insert(io, super::node::Io::PeerRead { id });
-                self.out.push(Action::Disk {
-                    id: io,
-                    op: DiskOp::Read { offset, len },
-                });
+                // Writes the peer sent before this request may still be in the
+                // disk order: read behind them, or the peer gets data older than
+                // its own acknowledged writes (simulator finding: a primary whose
+                // disk failed read its last writes back stale).
+                self.read_behind_writes(
+                    Range::new(offset, len as u64),
+                    Origin::PeerRead { id },
+                    super::node::Io::PeerRead { id },
+                );
             }
             Message::ReadReply { id, error, data } => {
                 if let Some((conn, cookie)) = self.peer_reads.remove(&id) {

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::bitmap::BLOCK;
-use super::node::{gis_json, Io, Node, Origin, WriteEntry};
+use super::node::{gis_json, read_reply, Io, Node, Origin};
 use super::ordering::Range;
 use super::types::*;
 use crate::peer::{Gis, Message, SyncMode, WriteKind};
@@ -461,24 +461,7 @@ impl Node {
 
     /// Reads a batch through the disk order.
     fn resync_read(&mut self, bid: u64, range: Range) {
-        let wid = self.new_id();
-        let ready = self.order.push(wid, range);
-        self.writes.insert(
-            wid,
-            WriteEntry {
-                range,
-                origin: Origin::ResyncRead,
-                pieces: vec![DiskOp::Read {
-                    offset: range.start,
-                    len: range.len() as u32,
-                }],
-                parts_pending: 0,
-                ready,
-                al_ok: true,
-                submitted: false,
-                error: 0,
-            },
-        );
+        let wid = self.ordered_read(range, Origin::ResyncRead);
         let seen = self.peer_seen;
         if let Some(r) = self.resync.as_mut() {
             r.reads.insert(wid, bid);
@@ -486,7 +469,6 @@ impl Node {
                 b.seen = seen;
             }
         }
-        self.try_start(wid);
     }
 
     pub(super) fn on_resync_read_done(&mut self, wid: u64, result: Result<Option<Bytes>, u32>) {
@@ -494,19 +476,7 @@ impl Node {
             // A read the peer asked for, ordered behind its earlier writes.
             let id = *id;
             self.write_done_after_read(wid);
-            let m = match result {
-                Ok(data) => Message::ReadReply {
-                    id,
-                    error: 0,
-                    data: data.unwrap_or_default(),
-                },
-                Err(error) => Message::ReadReply {
-                    id,
-                    error,
-                    data: Bytes::new(),
-                },
-            };
-            self.send(m);
+            self.send(read_reply(id, result));
             return;
         }
         if let Some(Origin::ChecksumRead { id, verify }) = self.writes.get(&wid).map(|e| &e.origin)
@@ -902,32 +872,11 @@ impl Node {
     /// Reads what a checksum request covers, behind any write in flight here
     /// that overlaps it.
     fn checksum_read(&mut self, id: u64, verify: bool, offset: u64, len: u32) {
-        let range = Range::new(offset, len as u64);
-        if self.writes.values().any(|e| e.range.overlaps(&range)) {
-            let wid = self.new_id();
-            let ready = self.order.push(wid, range);
-            self.writes.insert(
-                wid,
-                WriteEntry {
-                    range,
-                    origin: Origin::ChecksumRead { id, verify },
-                    pieces: vec![DiskOp::Read { offset, len }],
-                    parts_pending: 0,
-                    ready,
-                    al_ok: true,
-                    submitted: false,
-                    error: 0,
-                },
-            );
-            self.try_start(wid);
-            return;
-        }
-        let io = self.new_id();
-        self.ios.insert(io, Io::ChecksumRead { id, verify });
-        self.out.push(Action::Disk {
-            id: io,
-            op: DiskOp::Read { offset, len },
-        });
+        self.read_behind_writes(
+            Range::new(offset, len as u64),
+            Origin::ChecksumRead { id, verify },
+            Io::ChecksumRead { id, verify },
+        );
     }
 
     pub(super) fn on_checksum_read_done(
