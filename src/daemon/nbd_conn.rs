@@ -402,25 +402,40 @@ async fn read_payload<S: NbdStream>(
     buf: &mut BytesMut,
     len: usize,
 ) -> Result<Bytes, String> {
-    let mut payload = IoBuf::new(len);
-    let dst = payload.as_mut_slice();
+    read_buffered(stream, buf, len)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                "the client left in the middle of a write payload".into()
+            }
+            _ => format!("read: {e}"),
+        })
+}
+
+/// Reads `len` bytes into a buffer of their own: first what `buf` holds, the
+/// rest straight from the socket (no copy through the receive buffer). A peer
+/// that closes before the end is `UnexpectedEof`.
+pub(super) async fn read_buffered<S: NbdStream>(
+    stream: &S,
+    buf: &mut BytesMut,
+    len: usize,
+) -> io::Result<Bytes> {
+    let mut out = IoBuf::new(len);
+    let dst = out.as_mut_slice();
     let have = buf.len().min(len);
     dst[..have].copy_from_slice(&buf[..have]);
     buf.advance(have);
     let mut filled = have;
     while filled < len {
         match stream.read_some(&mut dst[filled..]) {
-            Ok(0) => return Err("the client left in the middle of a write payload".into()),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream
-                .wait_readable()
-                .await
-                .map_err(|e| format!("read: {e}"))?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.wait_readable().await?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("read: {e}")),
+            Err(e) => return Err(e),
         }
     }
-    Ok(payload.freeze())
+    Ok(out.freeze())
 }
 
 /// What the reader needs to turn a decoded request into an event for the core.

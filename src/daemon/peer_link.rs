@@ -28,7 +28,6 @@ use crate::core::Event;
 use crate::peer::{
     encode, encode_split, AuthStep, Authenticator, Decoder, Hello, Message, DEFAULT_MAX_PAYLOAD,
 };
-use crate::storage::engine::IoBuf;
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Data at least this large is sent from its own buffer (vectored), not copied.
@@ -392,25 +391,12 @@ async fn read_loop(shared: Arc<Shared>, id: u64, rd: Arc<TcpStream>, mut buf: By
 /// Reads a frame of `total` bytes into its own buffer: first what `buf` holds, the rest
 /// straight from the socket.
 async fn read_frame(s: &TcpStream, buf: &mut BytesMut, total: usize) -> Result<Bytes, String> {
-    let mut frame = IoBuf::new(total);
-    let dst = frame.as_mut_slice();
-    let have = buf.len().min(total);
-    dst[..have].copy_from_slice(&buf[..have]);
-    buf.advance(have);
-    let mut filled = have;
-    while filled < total {
-        match s.try_read(&mut dst[filled..]) {
-            Ok(0) => return Err("the peer closed the connection".into()),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s
-                .readable()
-                .await
-                .map_err(|e| format!("read from the peer: {e}"))?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("read from the peer: {e}")),
-        }
-    }
-    Ok(frame.freeze())
+    super::nbd_conn::read_buffered(s, buf, total)
+        .await
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
+            _ => format!("read from the peer: {e}"),
+        })
 }
 
 /// Reads what the socket has, at most `limit` bytes (waiting until it has something).

@@ -71,6 +71,26 @@ impl Decoder {
     ///
     /// After any error the stream is not trustworthy; drop the connection.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, DecodeError> {
+        let Some((head_bytes, header)) = self.checked_header(buf)? else {
+            return Ok(None);
+        };
+        let total = HEADER_LEN + header.len as usize;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        check_crc(&head_bytes, &header, &buf[HEADER_LEN..total])?;
+        let mut payload = buf.split_to(total);
+        payload.advance(HEADER_LEN);
+        decode_payload(header.msg_type, header.flags, payload.freeze()).map(Some)
+    }
+
+    /// The header at the front of `buf`, once it is all there, with its magic
+    /// and length checked.
+    fn checked_header(
+        &self,
+        buf: &[u8],
+    ) -> Result<Option<([u8; HEADER_LEN], FrameHeader)>, DecodeError> {
         let Some(head) = buf.get(..HEADER_LEN) else {
             return Ok(None);
         };
@@ -83,41 +103,16 @@ impl Decoder {
         if header.len > self.max_payload {
             return Err(DecodeError::TooLong(header.len));
         }
-        let total = HEADER_LEN + header.len as usize;
-        if buf.len() < total {
-            buf.reserve(total - buf.len());
-            return Ok(None);
-        }
-        let got = frame_crc(&head_bytes, &[&buf[HEADER_LEN..total]]);
-        if got != header.crc {
-            return Err(DecodeError::BadCrc {
-                expected: header.crc,
-                got,
-                msg_type: header.msg_type,
-            });
-        }
-        let mut payload = buf.split_to(total);
-        payload.advance(HEADER_LEN);
-        decode_payload(header.msg_type, header.flags, payload.freeze()).map(Some)
+        Ok(Some((head_bytes, header)))
     }
 
     /// For readers that take large frames into a buffer of their own instead of through the
     /// receive buffer: the total length (header and payload) of the frame at the front of
     /// `buf`, once its header is there. Errors as [`Decoder::decode`] (bad magic, too long).
     pub fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, DecodeError> {
-        let Some(head) = buf.get(..HEADER_LEN) else {
-            return Ok(None);
-        };
-        let mut head_bytes = [0u8; HEADER_LEN];
-        head_bytes.copy_from_slice(head);
-        let header = FrameHeader::parse(&head_bytes);
-        if header.magic != FRAME_MAGIC {
-            return Err(DecodeError::BadMagic(header.magic));
-        }
-        if header.len > self.max_payload {
-            return Err(DecodeError::TooLong(header.len));
-        }
-        Ok(Some(HEADER_LEN + header.len as usize))
+        Ok(self
+            .checked_header(buf)?
+            .map(|(_, header)| HEADER_LEN + header.len as usize))
     }
 
     /// Decodes one whole frame (exactly [`Decoder::frame_len`] bytes), checked like
@@ -141,18 +136,28 @@ impl Decoder {
         let mut head_bytes = [0u8; HEADER_LEN];
         head_bytes.copy_from_slice(&frame[..HEADER_LEN]);
         let header = FrameHeader::parse(&head_bytes);
-        let got = frame_crc(&head_bytes, &[&frame[HEADER_LEN..]]);
-        if got != header.crc {
-            return Err(DecodeError::BadCrc {
-                expected: header.crc,
-                got,
-                msg_type: header.msg_type,
-            });
-        }
+        check_crc(&head_bytes, &header, &frame[HEADER_LEN..])?;
         let mut payload = frame;
         payload.advance(HEADER_LEN);
         decode_payload(header.msg_type, header.flags, payload)
     }
+}
+
+/// The frame's CRC against header and payload.
+fn check_crc(
+    head_bytes: &[u8; HEADER_LEN],
+    header: &FrameHeader,
+    payload: &[u8],
+) -> Result<(), DecodeError> {
+    let got = frame_crc(head_bytes, &[payload]);
+    if got != header.crc {
+        return Err(DecodeError::BadCrc {
+            expected: header.crc,
+            got,
+            msg_type: header.msg_type,
+        });
+    }
+    Ok(())
 }
 
 /// Appends one whole frame for `msg` to `out`.
