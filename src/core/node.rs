@@ -1365,6 +1365,25 @@ impl Node {
         let Some(e) = self.writes.remove(&wid) else {
             return;
         };
+        if e.error != 0 {
+            // Before the writes waiting behind this one start: a peer write whose
+            // overlap this write won (it was left out) must not be acknowledged
+            // as on this disk (simulator finding: the winner failed with EIO and
+            // the loser was acknowledged, on neither copy here).
+            match e.origin {
+                Origin::Local { .. } => {
+                    // The peer may have the write, this disk not (or partly): mark
+                    // it, durably, or the next connect finds nothing to resync
+                    // (simulator finding).
+                    if self.cfg.peer.is_some() {
+                        self.bitmap.set_range(e.range);
+                    }
+                    self.disk_failed("write error");
+                }
+                Origin::Peer { .. } => self.disk_failed("write error on a peer's write"),
+                _ => {}
+            }
+        }
         for next in self.order.complete(wid) {
             if let Some(n) = self.writes.get_mut(&next) {
                 n.ready = true;
@@ -1381,29 +1400,25 @@ impl Node {
                     }
                 }
                 if e.error != 0 {
-                    // The peer may have the write, this disk not (or partly): mark
-                    // it, durably, or the next connect finds nothing to resync
-                    // (simulator finding).
-                    if self.cfg.peer.is_some() {
-                        self.bitmap.set_range(e.range);
-                    }
-                    self.disk_failed("write error");
                     let pages = self.bitmap.take_dirty();
                     self.persist_bitmap_pages(pages);
                 }
                 self.maybe_finish(req);
             }
             Origin::Peer { seq, resync, epoch } => {
-                if e.error != 0 {
-                    self.disk_failed("write error on a peer's write");
-                } else if resync {
+                // A failed disk acknowledges nothing as written: the parts a local
+                // write won may not be there (see above); the NegAck makes the
+                // peer mark the range out of sync.
+                let disk_gone = matches!(self.disk, DiskState::Failed | DiskState::Diskless);
+                let error = match e.error {
+                    0 if disk_gone => errno::EIO,
+                    code => code,
+                };
+                if error == 0 && resync {
                     self.resync_write_durable(e.range);
                 }
                 if epoch == self.link_epoch {
-                    self.send(Message::WriteAck {
-                        seq,
-                        error: e.error,
-                    });
+                    self.send(Message::WriteAck { seq, error });
                 }
                 self.peer_write_finished(wid);
             }

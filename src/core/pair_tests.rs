@@ -282,6 +282,19 @@ impl Pair {
         assert_eq!(self.disks[i][at], byte, "the write reached node {i}'s disk");
     }
 
+    /// Queues a 4 KiB write of `byte`s to `block` from client 9 of node `i`.
+    fn queue_write(&mut self, i: usize, cookie: u64, block: u64, byte: u8) {
+        self.queue[i].push_back(Event::Request {
+            conn: 9,
+            cookie,
+            req: IoRequest::Write {
+                offset: block * 4096,
+                data: bytes::Bytes::from(vec![byte; 4096]),
+                fua: false,
+            },
+        });
+    }
+
     fn connect(&mut self, i: usize, discard_my_data: bool) {
         let r = self.admin(i, AdminCmd::Connect { discard_my_data });
         assert!(r.is_ok(), "{r:?}");
@@ -571,5 +584,77 @@ fn a_primary_with_a_failed_disk_starts_no_generation() {
         p.node(0).meta().gis,
         before,
         "no new generation on a failed disk"
+    );
+}
+
+/// Dual primaries, overlapping writes in flight: the node whose write wins
+/// leaves the peer's write out where they overlap. If its own write then fails,
+/// neither is on its disk, so it must not acknowledge the peer's write as
+/// written (a NegAck makes the peer mark the block out of sync).
+#[test]
+fn a_peer_write_left_out_for_a_local_write_that_failed_gets_a_negative_ack() {
+    let mut p = Pair::in_sync("allow-two-primaries = true");
+    for i in 0..2 {
+        p.node(i).attach_client(9).expect("both may be primary");
+    }
+    p.settle();
+    // Warm the activity-log extent on both sides, so the writes below go
+    // straight to disk and the wire.
+    for (i, byte) in [(0, 1u8), (1, 2u8)] {
+        p.queue_write(i, 1, 5, byte);
+        p.settle();
+    }
+    assert!(p.in_sync_now());
+    // alpha wins conflicts ("alpha" < "beta"); its disk now fails writes.
+    p.broken[0] = true;
+    for (i, byte) in [(0, 3u8), (1, 4u8)] {
+        p.queue_write(i, 2, 5, byte);
+    }
+    // Run everything except alpha's failing disk completion, which is held
+    // until beta's write has reached alpha and waits behind it.
+    let mut held = Vec::new();
+    for _ in 0..10_000 {
+        let mut any = false;
+        for i in 0..2 {
+            if let Some(ev) = p.queue[i].pop_front() {
+                any = true;
+                if i == 0 && matches!(ev, Event::DiskDone { result: Err(_), .. }) {
+                    held.push(ev);
+                } else {
+                    p.node(i).handle(ev);
+                }
+            }
+            p.carry_out(i);
+        }
+        if !any {
+            break;
+        }
+    }
+    assert_eq!(held.len(), 1, "alpha's write is held in flight");
+    assert!(
+        p.named(0, "write-conflict").len() == 1,
+        "beta's write reached alpha while alpha's was in flight: {:?}",
+        p.events[0]
+    );
+    let acks_before = p.queue[1].len();
+    for ev in held {
+        p.node(0).handle(ev);
+    }
+    p.carry_out(0);
+    let acks: Vec<u32> = p.queue[1]
+        .iter()
+        .skip(acks_before)
+        .filter_map(|e| match e {
+            Event::PeerMsg(crate::peer::Message::WriteAck { error, .. }) => Some(*error),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(acks, vec![errno::EIO], "alpha's answer to beta's write");
+    assert_eq!(p.status(0).disk, DiskState::Failed);
+    p.settle();
+    assert!(
+        p.status(1).out_of_sync_bytes >= 4096,
+        "beta marks the block: {:?}",
+        p.status(1)
     );
 }
