@@ -346,9 +346,20 @@ impl Model {
     }
 
     /// Whether a write older than W (replied before W was issued) is what `v` is.
+    ///
+    /// The other node's write that it acknowledged without its peer's answer
+    /// (the link dropped while it was in flight) is not ordered before W: its
+    /// mirror may still be in the pipe and land on W's node after W, as a
+    /// concurrent write would (simulator finding, seed 79562: a dual primary
+    /// applied such a write, received before the peer's goodbye, over a later
+    /// local write).
     pub fn older_than(&self, v: u64, w: &WriteRec) -> bool {
         match super::data::write_of(v) {
-            Some(id) => self.rec(id).is_some_and(|r| r.done < w.issue),
+            Some(id) => self.rec(id).is_some_and(|r| {
+                let in_the_pipe =
+                    r.node != w.node && r.mirror.is_some() && r.peer_ack.is_none() && !r.recv_acked;
+                r.done < w.issue && !in_the_pipe
+            }),
             None => v != 0,
         }
     }
