@@ -15,6 +15,10 @@ use super::world::World;
 use crate::core::{md_flags, AdminCmd, ConnId, Event, MetaState, Node, Role, Status};
 use crate::peer::Gis;
 
+/// How long a daemon waits for the peer's Hello on a new connection before it
+/// drops it (the daemon's `AUTH_TIMEOUT`, src/daemon/peer_link.rs).
+pub const HANDSHAKE_TIMEOUT_US: u64 = 10_000_000;
+
 /// Something that happens at a simulated time.
 #[derive(Debug)]
 pub enum Ev {
@@ -36,6 +40,10 @@ pub enum Ev {
         dir: usize,
     },
     Dial,
+    /// The daemons' handshake deadline for `link` (see [`HANDSHAKE_TIMEOUT_US`]).
+    HandshakeTimeout {
+        link: u64,
+    },
     Restart(usize),
     StopStep {
         node: usize,
@@ -598,6 +606,7 @@ impl Sim {
                 let retry = self.sc.connect_retry_us;
                 self.world.after(retry, Ev::Dial);
             }
+            Ev::HandshakeTimeout { link } => self.handshake_timeout(link),
             Ev::Restart(n) => {
                 self.nodes[n].restart_at = None;
                 if !self.alive(n) {
@@ -659,6 +668,27 @@ impl Sim {
         self.run_core(n, |core| core.handle(Event::MetaDone { id, ok: true }));
     }
 
+    /// A node whose end of `link` still has no Hello from the peer gives up on it,
+    /// as the daemon does after its handshake timeout. Without this, a peer that
+    /// lost power right after the link opened (its Hello lost with it, and a dead
+    /// machine sends no reset) left the survivor holding a half-open connection
+    /// forever; no new link could open, and both sat in Connecting (seed 67656).
+    fn handshake_timeout(&mut self, link: u64) {
+        for n in 0..2 {
+            let Some(l) = self.net.links.get(&link) else {
+                return;
+            };
+            if l.closed[n] || l.active[n] || !self.alive(n) {
+                continue;
+            }
+            self.trace_line(Some(n), || {
+                format!("link {link}: no Hello from the peer in time; the daemon drops it")
+            });
+            self.net.close(link, n);
+        }
+        self.wake_links();
+    }
+
     /// Both daemons dial; a link comes up when both want one and nothing is in the way.
     fn dial(&mut self) {
         let now = self.world.now;
@@ -678,6 +708,8 @@ impl Sim {
         let id = self.net.open();
         self.stats.links += 1;
         self.trace_line(None, || format!("link {id} connects"));
+        self.world
+            .after(HANDSHAKE_TIMEOUT_US, Ev::HandshakeTimeout { link: id });
         for (n, h) in hellos.into_iter().enumerate() {
             if let Some(h) = h {
                 if let Some(t) = self.net.push(
