@@ -799,8 +799,15 @@ impl Node {
                     self.bitmap.merge(&hs.peer_words);
                 }
                 self.split_brain = false;
-                self.release_held();
+                // Held requests go on once the resync has started, so writes
+                // among them are mirrored to the target like any write during a
+                // resync. Released before, the link was not replicating yet: a
+                // write frozen during the disconnect went to this disk only,
+                // was acknowledged, and the target, a primary reading blocks
+                // its bitmap called in sync locally, returned its stale copy
+                // (simulator finding, seed 23066).
                 self.start_resync_as_source(full, self.cfg.sync_checksum && !full);
+                self.release_held();
             }
             Decision::Target { full } => {
                 if full {
