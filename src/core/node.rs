@@ -423,6 +423,16 @@ impl Node {
         self.bitmap.count()
     }
 
+    /// Disk operations decided but not yet handed to the disk (waiting in the
+    /// disk order, e.g. a peer's write behind an overlapping one): each may
+    /// still land. For the simulator's model.
+    pub fn queued_disk_ops(&self) -> impl Iterator<Item = &DiskOp> {
+        self.writes
+            .values()
+            .filter(|e| !e.submitted)
+            .flat_map(|e| e.pieces.iter())
+    }
+
     /// No NBD request is in flight or held (what a clean stop waits for).
     pub fn clients_idle(&self) -> bool {
         self.reqs.is_empty()

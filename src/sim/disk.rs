@@ -116,6 +116,18 @@ impl SimDisk {
         out
     }
 
+    /// (sector, value) that a write operation not yet submitted would leave.
+    pub fn op_values(op: &DiskOp) -> Vec<(u64, u64)> {
+        match written_values(op) {
+            Some((first, vals)) => vals
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (first + i as u64, v))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Sectors with a write in flight (sorted, deduplicated).
     pub fn sectors_in_flight(&self) -> Vec<u64> {
         let mut v: Vec<u64> = Vec::new();

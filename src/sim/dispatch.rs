@@ -5,6 +5,7 @@ use bytes::BytesMut;
 
 use super::cluster::{Ev, Sim};
 use super::data::{self, SECTOR};
+use super::disk::SimDisk;
 use super::model::Kind;
 use super::net::Step;
 use crate::core::{Action, Event};
@@ -374,6 +375,12 @@ impl Sim {
             format!("model rebased on this disk ({why})")
         });
         let step = self.next_step();
-        self.model.rebase(&self.nodes[source].disk, source, step);
+        let queued: Vec<(u64, u64)> = self.nodes[source]
+            .core
+            .as_ref()
+            .map(|c| c.queued_disk_ops().flat_map(SimDisk::op_values).collect())
+            .unwrap_or_default();
+        self.model
+            .rebase(&self.nodes[source].disk, &queued, source, step);
     }
 }

@@ -76,9 +76,9 @@ pub struct Model {
     /// others are what it could fall back to on power loss), or None once superseded.
     base: Vec<Option<Vec<u64>>>,
     base_t: u64,
-    /// Per sector: values of writes that were still queued on the base disk
-    /// when the base was taken (a peer's write from before a split brain, say):
-    /// they land after it.
+    /// Per sector: values of writes that were still queued on the base disk,
+    /// or still waiting in its node's disk order, when the base was taken (a
+    /// peer's write from before a split brain, say): they land after it.
     base_pending: Vec<Vec<u64>>,
     /// The node whose disk the base was taken from (None: the initial contents).
     base_node: Option<usize>,
@@ -366,8 +366,9 @@ impl Model {
 
     /// The data of every sector is now what `disk` (of `node`) holds: a justified
     /// loss of the other disk's data. Writes still in flight stay possible; the
-    /// other node's become uncertain.
-    pub fn rebase(&mut self, disk: &SimDisk, node: usize, step: u64) {
+    /// other node's become uncertain. `queued`: (sector, value) of writes the
+    /// node's core decided but has not submitted to the disk yet.
+    pub fn rebase(&mut self, disk: &SimDisk, queued: &[(u64, u64)], node: usize, step: u64) {
         // The discarded side's writes still in flight may or may not survive.
         for id in self.pending[1 - node].clone() {
             self.writes[id as usize].uncertain = true;
@@ -384,7 +385,12 @@ impl Model {
             self.hist[s as usize].retain(|w| writes[*w as usize].done == NOT_DONE);
             self.base_pending[s as usize].clear();
         }
-        for (s, v) in disk.pending_values() {
+        // A peer's write received before the link broke can still be waiting in
+        // the core's disk order (behind an overlapping write) when the split brain
+        // is resolved, and land on this disk after (seed 25621), like one queued
+        // on the disk itself: both are data this node had taken in.
+        let queued = queued.iter().copied();
+        for (s, v) in disk.pending_values().into_iter().chain(queued) {
             if let Some(p) = self.base_pending.get_mut(s as usize) {
                 p.push(v);
             }
