@@ -35,6 +35,8 @@ struct Pair {
     seed: u64,
     /// Writes to node i's disk fail with EIO.
     broken: [bool; 2],
+    /// Every peer message node i sent while the link was up.
+    sent: [Vec<crate::peer::Message>; 2],
 }
 
 fn config(node: &str, extra: &str) -> CoreConfig {
@@ -80,6 +82,7 @@ impl Pair {
             replies: [Vec::new(), Vec::new()],
             seed: 7,
             broken: [false, false],
+            sent: [Vec::new(), Vec::new()],
         };
         p.boot(0);
         p.boot(1);
@@ -186,6 +189,7 @@ impl Pair {
                     self.queue[i].push_back(Event::MetaDone { id, ok: true });
                 }
                 Action::Send(m) if self.link && self.nodes[1 - i].is_some() => {
+                    self.sent[i].push(m.clone());
                     self.queue[1 - i].push_back(Event::PeerMsg(m));
                 }
                 Action::Connect => self.want[i] = true,
@@ -657,4 +661,73 @@ fn a_peer_write_left_out_for_a_local_write_that_failed_gets_a_negative_ack() {
         "beta marks the block: {:?}",
         p.status(1)
     );
+}
+
+/// A write that arrives during the connection handshake is held; when this
+/// node turns out to be the sync source it must be mirrored like any write
+/// during a resync (it was released before the resync started, went to this
+/// disk only and was acknowledged, while the target read its stale copy).
+#[test]
+fn a_write_held_during_the_handshake_of_a_sync_source_is_mirrored() {
+    let mut p = Pair::in_sync(SLOW);
+    p.node(0).attach_client(9).expect("alpha serves I/O");
+    p.settle();
+    p.disconnect(0);
+    // Same activity-log extent as the held write below: that one goes
+    // straight to the disk once released.
+    p.queue_write(0, 1, 2001, 0x11);
+    p.settle();
+    assert!(p.status(0).out_of_sync_bytes > 0, "alpha marked its write");
+    p.queue[0].push_back(Event::Admin {
+        id: 1,
+        cmd: AdminCmd::Connect {
+            discard_my_data: false,
+        },
+    });
+    // Step until alpha has taken the new link (its handshake is running),
+    // then a client write arrives ahead of the peer's handshake messages.
+    let mut handshaking = false;
+    for _ in 0..10_000 {
+        let before = p.link;
+        let mut any = false;
+        if !p.link && p.want == [true, true] {
+            p.link = true;
+            for i in 0..2 {
+                let hello = p.node(1 - i).hello();
+                p.queue[i].push_back(Event::PeerUp { hello });
+            }
+        }
+        for i in 0..2 {
+            if let Some(ev) = p.queue[i].pop_front() {
+                any = true;
+                let peer_up = matches!(ev, Event::PeerUp { .. });
+                p.node(i).handle(ev);
+                if i == 0 && peer_up {
+                    handshaking = true;
+                }
+            }
+            p.carry_out(i);
+        }
+        if handshaking || (!any && before == p.link) {
+            break;
+        }
+    }
+    assert!(handshaking, "alpha saw the link come up");
+    p.queue[0].push_front(Event::Request {
+        conn: 9,
+        cookie: 2,
+        req: IoRequest::Write {
+            offset: 2000 * 4096,
+            data: bytes::Bytes::from(vec![0x22; 4096]),
+            fua: false,
+        },
+    });
+    p.settle();
+    let mirrored = p.sent[0].iter().any(|m| {
+        matches!(m, crate::peer::Message::Write { offset, resync: false, .. } if *offset == 2000 * 4096)
+    });
+    assert!(mirrored, "the held write went to the peer as a write");
+    assert_eq!(p.disks[1][2000 * 4096], 0x22, "beta's disk has it");
+    p.run_until(30_000, "in sync", |p| p.in_sync_now());
+    assert_eq!(p.disks[0], p.disks[1]);
 }
