@@ -708,6 +708,13 @@ impl Node {
                 json!({ "decision": if failed_side_behind { "FailedDisk" } else { "FailedDiskAhead" }, "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis) }),
             );
             if failed_side_behind {
+                // Keep the peer's out-of-sync blocks too, as the other decisions
+                // do: a later resync from here walks only this bitmap (simulator
+                // finding: the failed side's own write, in flight when its link
+                // broke, was never resynced, and the target then cleared its bit).
+                self.bitmap.merge(&hs.peer_words);
+                let pages = self.bitmap.take_dirty();
+                self.persist_bitmap_pages(pages);
                 self.repl = Replication::Established;
                 self.release_held();
             } else {
