@@ -490,6 +490,9 @@ impl Node {
         };
         if error != 0 {
             self.bitmap.set_range(r.range);
+            if r.req.is_some() {
+                self.resync_note_marked(r.range);
+            }
         } else if r.req.is_some() {
             // On the peer's disk, not yet on its medium (resync writes are FUA).
             self.unflushed.insert(seq, r.range);

@@ -33,7 +33,9 @@ struct Batch {
     writes_out: u32,
     /// Local writes issued while this batch's read was in the disk order: they
     /// went to the peer before the read's (older) data will, so the blocks they
-    /// touch must not be sent from this read.
+    /// touch must not be sent from this read. Once the read's data is sent:
+    /// ranges marked out of sync since (writes the peer failed), which the
+    /// acknowledgement of that data must not clear.
     dirtied: Vec<Range>,
     /// The peer's writes this node had placed in its disk order when the read
     /// was ordered: the data reflects those and no later ones.
@@ -644,6 +646,20 @@ impl Node {
         }
     }
 
+    /// `range` was just marked out of sync because the peer failed a write to
+    /// it: resync writes to it still unacknowledged carry older data, so their
+    /// acknowledgements must not clear it.
+    pub(super) fn resync_note_marked(&mut self, range: Range) {
+        let Some(r) = self.resync.as_mut() else {
+            return;
+        };
+        for b in r.batches.values_mut() {
+            if b.writes_out > 0 && b.range.overlaps(&range) {
+                b.dirtied.push(range);
+            }
+        }
+    }
+
     fn write_done_after_read(&mut self, wid: u64) {
         if let Some(e) = self.writes.get_mut(&wid) {
             e.parts_pending = 0;
@@ -662,16 +678,28 @@ impl Node {
             .find(|(_, b)| b.range.start <= range.start && range.end <= b.range.end)
             .map(|(k, _)| *k);
         let Some(bid) = bid else { return };
+        let mut marked = Vec::new();
         if let Some(b) = r.batches.get_mut(&bid) {
             b.writes_out -= 1;
+            marked.clone_from(&b.dirtied);
             if b.writes_out == 0 {
                 r.batches.remove(&bid);
             }
         }
         if error == 0 {
-            let blocks = range.start / BLOCK..range.end.div_ceil(BLOCK);
-            let n = blocks.end - blocks.start;
-            self.bitmap.clear_blocks(blocks);
+            // Blocks marked since this data was sent (a later write the peer
+            // failed) stay out of sync: this older data does not hold that write
+            // (simulator finding: the ack of a resync write cleared the bit of an
+            // application write the peer had failed meanwhile, and the block was
+            // never resynced).
+            let mut n = 0;
+            for b in range.start / BLOCK..range.end.div_ceil(BLOCK) {
+                let block = Range::new(b * BLOCK, BLOCK);
+                if !marked.iter().any(|m| m.overlaps(&block)) {
+                    self.bitmap.clear_blocks(b..b + 1);
+                    n += 1;
+                }
+            }
             if let Some(r) = self.resync.as_mut() {
                 r.done_blocks += n;
             }
