@@ -96,6 +96,8 @@ pub(super) enum Origin {
         seq: u64,
         resync: bool,
         epoch: u64,
+        /// Parts of a resync write left to overlapping local writes that win.
+        holes: Vec<Range>,
     },
     /// A resync read on the sync source; holds the order until its data is queued.
     ResyncRead,
@@ -1415,7 +1417,12 @@ impl Node {
                 }
                 self.maybe_finish(req);
             }
-            Origin::Peer { seq, resync, epoch } => {
+            Origin::Peer {
+                seq,
+                resync,
+                epoch,
+                holes,
+            } => {
                 // A failed disk acknowledges nothing as written: the parts a local
                 // write won may not be there (see above); the NegAck makes the
                 // peer mark the range out of sync.
@@ -1425,7 +1432,13 @@ impl Node {
                     code => code,
                 };
                 if error == 0 && resync {
-                    self.resync_write_durable(e.range);
+                    // Only what this write put on the disk is in sync: a hole is
+                    // the winning local write's, which marks it if it fails
+                    // (simulator finding: the local write failed, this cleared
+                    // its bits anyway, and the block differed unmarked).
+                    for p in super::ordering::subtract(e.range, &holes) {
+                        self.resync_write_durable(p);
+                    }
                 }
                 if epoch == self.link_epoch {
                     self.send(Message::WriteAck { seq, error });

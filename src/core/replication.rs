@@ -612,6 +612,7 @@ impl Node {
                     seq,
                     resync,
                     epoch: self.link_epoch,
+                    holes,
                 },
                 pieces,
                 parts_pending: 0,
