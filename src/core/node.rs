@@ -1140,17 +1140,13 @@ impl Node {
         let evicting = !evicted.is_empty();
         // So must the knowledge of writes there that the peer has not flushed: if
         // both nodes crashed, no replay would look at them (simulator finding).
+        // They stay in `unflushed`: a sync target's end clears its whole bitmap
+        // and marks them again from there.
         for e in &evicted {
             let ext = Range::new(*e as u64 * EXTENT, EXTENT);
-            let hit: Vec<u64> = self
-                .unflushed
-                .iter()
-                .filter(|(_, r)| r.overlaps(&ext))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in hit {
-                if let Some(r) = self.unflushed.remove(&k) {
-                    self.bitmap.set_range(r);
+            for r in self.unflushed.values() {
+                if r.overlaps(&ext) {
+                    self.bitmap.set_range(*r);
                 }
             }
         }

@@ -833,6 +833,23 @@ impl Node {
         }
         let n = self.bitmap.bits();
         self.bitmap.clear_blocks(0..n);
+        // But writes of ours the peer acknowledged and may still lose in a power
+        // cut stay marked where the activity log no longer covers them, as an
+        // eviction marked them (simulator finding: an eviction during the resync
+        // marked one, this cleared it, the peer lost it in a power cut, and the
+        // block differed unmarked).
+        let active = self.al.as_ref().map(|al| al.active()).unwrap_or_default();
+        let uncovered: Vec<Range> = self
+            .unflushed
+            .values()
+            .filter(|r| {
+                !r.is_empty() && super::activity_log::extents_of(**r).any(|e| !active.contains(&e))
+            })
+            .copied()
+            .collect();
+        for r in uncovered {
+            self.bitmap.set_range(r);
+        }
         self.meta.gis = Gis {
             bitmap: 0,
             ..source_gis
