@@ -35,6 +35,9 @@ struct Pair {
     seed: u64,
     /// Writes to node i's disk fail with EIO.
     broken: [bool; 2],
+    /// A write to node i's disk that starts at this offset fails with EIO
+    /// (a bad sector; other writes succeed).
+    bad_offset: [Option<u64>; 2],
     /// Every peer message node i sent while the link was up.
     sent: [Vec<crate::peer::Message>; 2],
 }
@@ -82,6 +85,7 @@ impl Pair {
             replies: [Vec::new(), Vec::new()],
             seed: 7,
             broken: [false, false],
+            bad_offset: [None, None],
             sent: [Vec::new(), Vec::new()],
         };
         p.boot(0);
@@ -157,7 +161,11 @@ impl Pair {
                             let (o, l) = (offset as usize, len as usize);
                             Ok(Some(bytes::Bytes::copy_from_slice(&d[o..o + l])))
                         }
-                        DiskOp::Write { .. } if self.broken[i] => Err(errno::EIO),
+                        DiskOp::Write { offset, .. }
+                            if self.broken[i] || self.bad_offset[i] == Some(offset) =>
+                        {
+                            Err(errno::EIO)
+                        }
                         DiskOp::Write { offset, data, .. } => {
                             let o = offset as usize;
                             d[o..o + data.len()].copy_from_slice(&data);
@@ -224,22 +232,63 @@ impl Pair {
                     self.queue[i].push_back(Event::PeerUp { hello });
                 }
             }
-            let mut any = false;
-            for i in 0..2 {
-                if self.nodes[i].is_none() {
-                    continue;
-                }
-                if let Some(ev) = self.queue[i].pop_front() {
-                    self.node(i).handle(ev);
-                    any = true;
-                }
-                self.carry_out(i);
-            }
-            if !any {
+            if !self.round(&|_, _| false, &mut Vec::new()) {
                 return;
             }
         }
         panic!("the pair did not settle");
+    }
+
+    /// Hands each live node its next event, except one `hold` picks (it goes
+    /// to `held` instead), and carries out what the nodes did. False when no
+    /// event was waiting.
+    fn round(
+        &mut self,
+        hold: &dyn Fn(usize, &Event) -> bool,
+        held: &mut Vec<(usize, Event)>,
+    ) -> bool {
+        let mut any = false;
+        for i in 0..2 {
+            if self.nodes[i].is_none() {
+                continue;
+            }
+            if let Some(ev) = self.queue[i].pop_front() {
+                any = true;
+                if hold(i, &ev) {
+                    held.push((i, ev));
+                } else {
+                    self.node(i).handle(ev);
+                }
+            }
+            self.carry_out(i);
+        }
+        any
+    }
+
+    /// Like `settle`, but sets up no new link and holds back the events
+    /// `hold` picks (node, event): returns them in the order they arrived.
+    fn step(&mut self, hold: impl Fn(usize, &Event) -> bool) -> Vec<(usize, Event)> {
+        let mut held = Vec::new();
+        for _ in 0..1_000_000 {
+            if !self.round(&hold, &mut held) {
+                return held;
+            }
+        }
+        panic!("the pair did not settle");
+    }
+
+    /// The network fails: what is in flight is lost, and both nodes see the
+    /// link go down (neither closed it).
+    fn cut(&mut self) {
+        self.link = false;
+        for i in 0..2 {
+            self.queue[i].retain(|e| !matches!(e, Event::PeerMsg(_) | Event::PeerUp { .. }));
+            if self.nodes[i].is_some() {
+                self.queue[i].push_back(Event::PeerDown {
+                    reason: "the network failed".to_string(),
+                });
+            }
+        }
     }
 
     /// Lets `ms` milliseconds pass in 100 ms ticks.
@@ -338,6 +387,17 @@ impl Pair {
             .iter()
             .map(|w| w.count_ones() as u64)
             .sum()
+    }
+
+    /// Whether `block` is marked out of sync in node `i`'s bitmap.
+    fn marked(&self, i: usize, block: u64) -> bool {
+        let words = self.nodes[i].as_ref().expect("node is up").bitmap_words();
+        words[(block / 64) as usize] >> (block % 64) & 1 == 1
+    }
+
+    /// Whether `block` is marked out of sync in node `i`'s persisted bitmap.
+    fn persisted_marked(&self, i: usize, block: u64) -> bool {
+        self.md[i].bitmap[(block / 64) as usize] >> (block % 64) & 1 == 1
     }
 
     fn named(&self, i: usize, event: &str) -> Vec<serde_json::Value> {
@@ -730,4 +790,120 @@ fn a_write_held_during_the_handshake_of_a_sync_source_is_mirrored() {
     assert_eq!(p.disks[1][2000 * 4096], 0x22, "beta's disk has it");
     p.run_until(30_000, "in sync", |p| p.in_sync_now());
     assert_eq!(p.disks[0], p.disks[1]);
+}
+
+/// A primary's disk fails while its link is silently broken: its last write,
+/// on its own disk but not on the peer's, is marked out of sync on it. On
+/// reconnect the failed side is behind ("FailedDisk"): the up-to-date node
+/// must take those marks into its own bitmap, durably, since a later resync
+/// from it walks only its bitmap (simulator seed 58588: the peer's marks were
+/// dropped, a resync from the up-to-date node skipped the block, and the
+/// target cleared its own mark at the end).
+#[test]
+fn a_failed_disk_handshake_keeps_the_failed_sides_out_of_sync_blocks() {
+    let mut p = Pair::in_sync("");
+    p.node(1).attach_client(9).expect("beta serves I/O");
+    // A first write (mirrored) warms the activity-log extent.
+    p.queue_write(1, 1, 299, 0x01);
+    p.settle();
+    assert_eq!(p.disks[0][299 * 4096], 0x01, "alpha has beta's first write");
+    let partitioned = |i: usize, e: &Event| i == 0 && matches!(e, Event::PeerMsg(_));
+    // The link is down without either node knowing: what beta sends is lost.
+    p.queue_write(1, 2, 300, 0x11);
+    let lost = p.step(partitioned);
+    assert!(!lost.is_empty(), "beta mirrored its write");
+    assert_eq!(p.disks[1][300 * 4096], 0x11, "beta's disk has the write");
+    p.broken[1] = true;
+    p.queue_write(1, 3, 301, 0x22);
+    p.step(partitioned);
+    assert_eq!(p.status(1).disk, DiskState::Failed);
+    p.cut();
+    p.settle();
+    let decision = p.named(0, "sync-decision");
+    assert_eq!(
+        decision.last().map(|d| d["decision"].clone()),
+        Some("FailedDisk".into()),
+        "{decision:?}"
+    );
+    assert!(p.marked(1, 300) && p.marked(1, 301), "beta marked both");
+    for block in [300, 301] {
+        assert!(
+            p.marked(0, block),
+            "alpha took beta's mark of block {block}: {:?}",
+            p.status(0)
+        );
+        assert!(
+            p.persisted_marked(0, block),
+            "alpha persisted beta's mark of block {block}"
+        );
+    }
+    // Beta's disk works again (the fault was transient): a bitmap resync from
+    // alpha, beta its target, makes both blocks equal again.
+    p.broken[1] = false;
+    let r = p.admin(
+        0,
+        AdminCmd::Resync {
+            full: false,
+            checksum: false,
+        },
+    );
+    assert!(
+        r.as_ref().is_ok_and(|m| m.starts_with("resync started")),
+        "{r:?}"
+    );
+    p.run_until(30_000, "in sync", |p| p.in_sync_now());
+    assert_eq!(p.disks[0], p.disks[1]);
+}
+
+/// A sync source sends a block's resync data, then an application write to
+/// it. The target writes the resync data but fails the application write;
+/// the source marks the block on that negative acknowledgement. The
+/// acknowledgement of the (older) resync data, arriving after it, must not
+/// clear that mark (simulator seed 78044: it did, and the block stayed
+/// different with no mark on either side). Here beta answers in order over
+/// the FIFO link; the test holds the resync write's acknowledgement back so
+/// that the two arrive at alpha in the order of that run.
+#[test]
+fn a_resync_ack_after_a_failed_application_write_leaves_the_block_marked() {
+    let mut p = Pair::in_sync(SLOW);
+    p.node(0).attach_client(9).expect("alpha serves I/O");
+    p.settle();
+    // Beta's disk fails the write that starts at block 5 (the application
+    // write below; the resync write covering it starts at block 0).
+    p.bad_offset[1] = Some(5 * 4096);
+    let good_ack = |i: usize, e: &Event| {
+        i == 0
+            && matches!(
+                e,
+                Event::PeerMsg(crate::peer::Message::WriteAck { error: 0, .. })
+            )
+    };
+    // A full resync: its first run (blocks 0-255) goes to beta, beta writes
+    // it; its acknowledgement is held.
+    p.disks[0][..1 << 20].fill(0xab);
+    p.queue[0].push_back(Event::Admin {
+        id: 1,
+        cmd: AdminCmd::Resync {
+            full: true,
+            checksum: false,
+        },
+    });
+    let mut held = p.step(good_ack);
+    assert_eq!(held.len(), 1, "beta acknowledged the resync write");
+    assert_eq!(p.disks[1][4 * 4096], 0xab, "beta wrote the resync data");
+    p.queue_write(0, 2, 5, 0x55);
+    held.extend(p.step(good_ack));
+    assert_eq!(held.len(), 1, "beta acknowledged no other write");
+    assert_eq!(p.status(1).disk, DiskState::Failed);
+    assert!(p.status(0).resync.is_some(), "the resync still runs");
+    assert!(p.marked(0, 5), "alpha marked the write beta failed");
+    for (i, ev) in held {
+        p.node(i).handle(ev);
+        p.carry_out(i);
+    }
+    assert!(!p.marked(0, 4), "the resync write's ack counts for block 4");
+    assert!(
+        p.marked(0, 5),
+        "block 5 stays marked: beta failed the later write to it"
+    );
 }
