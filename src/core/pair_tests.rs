@@ -907,3 +907,175 @@ fn a_resync_ack_after_a_failed_application_write_leaves_the_block_marked() {
         "block 5 stays marked: beta failed the later write to it"
     );
 }
+
+/// Resync writes and the out-of-sync bits of a sync target that is primary.
+mod resync_marks {
+    use super::*;
+    use crate::peer::Message;
+
+    /// What `run` does with the event first in a node's queue.
+    enum Next {
+        Handle,
+        /// Set it aside (returned by `run`).
+        Hold,
+        /// Leave it first in its queue and return.
+        Stop,
+    }
+
+    /// Handles events on both nodes as `settle` does (the link stays as it is),
+    /// as `pick` says, until none is left or `pick` stops. Returns the events
+    /// set aside, with their node, in order.
+    fn run(p: &mut Pair, pick: impl Fn(usize, &Event) -> Next) -> Vec<(usize, Event)> {
+        let mut held = Vec::new();
+        for _ in 0..1_000_000 {
+            let mut any = false;
+            for i in 0..2 {
+                let Some(ev) = p.queue[i].pop_front() else {
+                    continue;
+                };
+                any = true;
+                match pick(i, &ev) {
+                    Next::Handle => p.node(i).handle(ev),
+                    Next::Hold => held.push((i, ev)),
+                    Next::Stop => {
+                        p.queue[i].push_front(ev);
+                        return held;
+                    }
+                }
+                p.carry_out(i);
+            }
+            if !any {
+                return held;
+            }
+        }
+        panic!("the pair did not settle");
+    }
+
+    /// For `run`: holds the source's SyncDone for beta, handles the rest.
+    fn hold_sync_done_for_beta(i: usize, ev: &Event) -> Next {
+        match ev {
+            Event::PeerMsg(Message::SyncDone { .. }) if i == 1 => Next::Hold,
+            _ => Next::Handle,
+        }
+    }
+
+    fn marked(words: &[u64], block: u64) -> bool {
+        words[(block / 64) as usize] >> (block % 64) & 1 == 1
+    }
+
+    /// Makes beta primary (client 9) and has it write block 5 once (its
+    /// activity-log extent is active), starts a full resync from alpha to beta,
+    /// and runs it as `pick` says (see `run`).
+    fn beta_primary_sync_target(
+        p: &mut Pair,
+        pick: impl Fn(usize, &Event) -> Next,
+    ) -> Vec<(usize, Event)> {
+        p.node(1).attach_client(9).expect("beta serves I/O");
+        p.settle();
+        p.queue_write(1, 1, 5, 0x11);
+        p.settle();
+        assert!(p.in_sync_now());
+        p.queue[0].push_back(Event::Admin {
+            id: 1,
+            cmd: AdminCmd::Resync {
+                full: true,
+                checksum: false,
+            },
+        });
+        run(p, pick)
+    }
+
+    /// A sync target that is also primary applies a resync write around its
+    /// own overlapping write the source had not seen (the local write wins:
+    /// a hole). The resync write's completion counts only what it wrote as in
+    /// sync: the hole's blocks stay marked, the local write's to settle (it
+    /// marks them if it fails; SyncDone clears them if not). Simulator seed
+    /// 83853, on a base without cd44036: the local write failed, the resync
+    /// write's completion cleared the hole with the rest, and the block
+    /// differed unmarked. Now the disk order settles the local write first
+    /// and a completion on a failed disk clears nothing (cd44036), so the
+    /// failing case keeps its mark either way; this pins the hole's
+    /// bookkeeping where the local write succeeds.
+    #[test]
+    fn a_resync_write_around_a_winning_local_write_leaves_the_hole_marked() {
+        let mut p = Pair::in_sync("[sync]\nchecksum = false");
+        // Up to the first resync write reaching beta (it holds block 5).
+        let held = beta_primary_sync_target(&mut p, |i, ev| match ev {
+            Event::PeerMsg(Message::Write { resync: true, .. }) if i == 1 => Next::Stop,
+            _ => Next::Handle,
+        });
+        assert!(held.is_empty());
+        let (offset, len) = match p.queue[1].front() {
+            Some(Event::PeerMsg(Message::Write { offset, kind, .. })) => (*offset, kind.len()),
+            _ => panic!("a resync write is next for beta"),
+        };
+        assert!(offset == 0 && len > 6 * 4096, "{offset}+{len}");
+        // Beta's write to block 5 goes just before it: alpha read its data
+        // before this write arrived there.
+        p.queue_write(1, 2, 5, 0x22);
+        let w = p.queue[1].pop_back().expect("the write");
+        p.queue[1].push_front(w);
+        let held = run(&mut p, hold_sync_done_for_beta);
+        assert_eq!(held.len(), 1, "the resync is over on alpha");
+        assert_eq!(p.named(1, "write-conflict").len(), 1, "{:?}", p.events[1]);
+        let words = p.node(1).bitmap_words();
+        assert!(
+            !marked(words, 4) && !marked(words, 6),
+            "the resync write cleared what it wrote"
+        );
+        assert!(marked(words, 5), "the hole (block 5) stays marked");
+        for (i, ev) in held {
+            p.queue[i].push_back(ev);
+        }
+        p.settle();
+        assert!(p.in_sync_now());
+        assert_eq!(p.disks[1][5 * 4096], 0x22);
+        assert!(p.disks[0] == p.disks[1]);
+    }
+
+    /// A sync target's write that the source acknowledged but has not flushed
+    /// is marked when the activity log evicts its extent. The target's clear-all
+    /// at SyncDone must not wipe that mark: the source may still lose the write
+    /// in a power cut, and neither log covers it (simulator seed 99235).
+    #[test]
+    fn an_evicted_unflushed_write_of_a_sync_target_stays_marked_after_sync_done() {
+        let mut p = Pair::in_sync("[sync]\nchecksum = false");
+        // Beta's activity log: two extents (4 MiB each).
+        p.cfg[1].al_slots = 2;
+        p.crash(1);
+        p.settle();
+        p.boot(1);
+        p.settle();
+        let held = beta_primary_sync_target(&mut p, hold_sync_done_for_beta);
+        assert_eq!(held.len(), 1, "the resync is over on alpha");
+        assert_eq!(
+            p.status(1).peer.map(|x| x.replication),
+            Some(Replication::SyncTarget)
+        );
+        // No time passes: no periodic flush to alpha.
+        p.queue_write(1, 2, 5, 0x55);
+        p.settle();
+        assert!(!marked(p.node(1).bitmap_words(), 5), "block 5 resynced");
+        // Extents 1 and 2: extent 0 (block 5) is evicted.
+        p.queue_write(1, 3, 1024, 0x66);
+        p.settle();
+        p.queue_write(1, 4, 2048, 0x77);
+        p.settle();
+        assert!(
+            marked(p.node(1).bitmap_words(), 5),
+            "the eviction marked the unflushed write"
+        );
+        for (i, ev) in held {
+            p.queue[i].push_back(ev);
+        }
+        p.settle();
+        assert_eq!(p.named(1, "resync-finished").len(), 1, "{:?}", p.events[1]);
+        assert_eq!(p.status(1).disk, DiskState::UpToDate);
+        assert!(
+            marked(p.node(1).bitmap_words(), 5),
+            "block 5 stays marked: {:?}",
+            p.status(1)
+        );
+        assert!(marked(&p.md[1].bitmap, 5), "and persisted");
+    }
+}
