@@ -1079,3 +1079,40 @@ mod resync_marks {
         assert!(marked(&p.md[1].bitmap, 5), "and persisted");
     }
 }
+
+/// An operator's resync on a connected pair covers the target's marks too:
+/// the target's disk failed a write its peer holds (only the target marked
+/// it), and a resync from the peer must send that block (before, the source
+/// walked only its own bitmap and the target's end of resync cleared the mark).
+#[test]
+fn an_operator_resync_also_moves_the_blocks_the_target_marked() {
+    let mut p = Pair::in_sync(SLOW);
+    p.node(1).attach_client(9).expect("beta serves I/O");
+    p.queue_write(1, 1, 4, 0x01);
+    p.settle();
+    p.bad_offset[1] = Some(5 * 4096);
+    p.queue_write(1, 2, 5, 0x22);
+    p.settle();
+    assert_eq!(p.status(1).disk, DiskState::Failed);
+    assert_eq!(p.disks[0][5 * 4096], 0x22, "alpha holds beta's write");
+    assert!(p.marked(1, 5) && !p.marked(0, 5), "only beta marked it");
+    p.node(1).detach_client(9);
+    p.run_ms(100);
+    p.bad_offset[1] = None;
+    // alpha writes while beta's disk is failed: beta refuses, alpha marks.
+    p.node(0).attach_client(9).expect("alpha serves I/O");
+    p.queue_write(0, 3, 100, 0x33);
+    p.settle();
+    assert!(p.marked(0, 100), "alpha marked what beta refused");
+    let r = p.admin(
+        0,
+        AdminCmd::Resync {
+            full: false,
+            checksum: false,
+        },
+    );
+    assert!(r.is_ok(), "{r:?}");
+    p.run_until(60_000, "in sync", |p| p.in_sync_now());
+    assert_eq!(p.disks[1][5 * 4096], 0x22, "the resync sent block 5");
+    assert_eq!(p.disks[0], p.disks[1]);
+}

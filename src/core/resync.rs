@@ -270,6 +270,12 @@ impl Node {
             }
             SyncMode::Bitmap => {
                 if self.repl != Replication::SyncTarget {
+                    // An operator's resync on a connected pair: the source sent
+                    // only its own bitmap. Send ours back so it resyncs the union,
+                    // as a connect does (simulator finding: this disk had failed a
+                    // write the source holds; the source never sent that block,
+                    // and the end of the resync cleared its bit here).
+                    self.send_bitmap();
                     self.become_sync_target();
                 }
             }
