@@ -113,6 +113,14 @@ pub(super) enum Origin {
         id: u64,
         verify: bool,
     },
+    /// An NBD read ordered behind the overlapping writes in flight or waiting
+    /// here: after a failover the old primary's last writes, acknowledged to
+    /// its client on our RecvAck (protocol B) or before (A), may still be in
+    /// this disk order, not on the disk.
+    LocalRead {
+        conn: ConnId,
+        cookie: u64,
+    },
 }
 
 /// An entry of the disk order.
@@ -236,6 +244,9 @@ pub struct Node {
     pub(super) sync_stats: SyncCounters,
     /// Progress of the resync this node receives, while it is sync target.
     pub(super) sync_target: Option<super::resync::TargetProgress>,
+    /// Ranges of our writes the peer failed (error acks) while this node is sync
+    /// target: the clear-all at the end of the resync must leave them marked.
+    pub(super) target_neg_acked: Vec<Range>,
     /// Deliberate bugs for the simulator's fault tests (never set by the daemon).
     pub(super) faults: Faults,
 }
@@ -325,6 +336,7 @@ impl Node {
             last_verify: None,
             sync_stats: SyncCounters::default(),
             sync_target: None,
+            target_neg_acked: Vec::new(),
             faults: Faults::default(),
             meta: meta.clone(),
             cfg,
@@ -441,6 +453,10 @@ impl Node {
             && self.held.is_empty()
             && self.peer_reads.is_empty()
             && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
+            && !self
+                .writes
+                .values()
+                .any(|e| matches!(e.origin, Origin::LocalRead { .. }))
     }
 
     pub fn is_idle(&self) -> bool {
@@ -895,12 +911,17 @@ impl Node {
             return;
         }
         if self.local_data_good(r) {
-            let id = self.new_id();
-            self.ios.insert(id, Io::Read { conn, cookie });
-            self.out.push(Action::Disk {
-                id,
-                op: DiskOp::Read { offset, len },
-            });
+            // Read behind the writes in flight on this disk, as DRBD makes a
+            // local read wait for conflicting peer writes (simulator finding,
+            // seed 3473: the peer demoted, this node was promoted and read a
+            // block straight from the disk while the peer's last write to it,
+            // acknowledged to its client on our RecvAck, still waited in the
+            // disk order: the read returned the older data).
+            self.read_behind_writes(
+                r,
+                Origin::LocalRead { conn, cookie },
+                Io::Read { conn, cookie },
+            );
         } else if self.replicating()
             && self
                 .peer
@@ -917,6 +938,23 @@ impl Node {
                 result: Err(errno::EIO),
             });
         }
+    }
+
+    /// A local read's data (straight from the disk or through the disk order).
+    pub(super) fn local_read_done(
+        &mut self,
+        conn: ConnId,
+        cookie: u64,
+        result: Result<Option<Bytes>, u32>,
+    ) {
+        if result.is_err() {
+            self.disk_failed("read error");
+        }
+        self.out.push(Action::Reply {
+            conn,
+            cookie,
+            result,
+        });
     }
 
     fn local_flush(&mut self, conn: ConnId, cookie: u64) {
@@ -1280,16 +1318,7 @@ impl Node {
                     self.write_done(write);
                 }
             }
-            Io::Read { conn, cookie } => {
-                if result.is_err() {
-                    self.disk_failed("read error");
-                }
-                self.out.push(Action::Reply {
-                    conn,
-                    cookie,
-                    result,
-                });
-            }
+            Io::Read { conn, cookie } => self.local_read_done(conn, cookie, result),
             Io::Flush { req } => {
                 if let Some(r) = self.reqs.get_mut(&req) {
                     r.local_pending = false;
@@ -1441,7 +1470,10 @@ impl Node {
                 }
                 self.peer_write_finished(wid);
             }
-            Origin::ResyncRead | Origin::PeerRead { .. } | Origin::ChecksumRead { .. } => {}
+            Origin::ResyncRead
+            | Origin::PeerRead { .. }
+            | Origin::ChecksumRead { .. }
+            | Origin::LocalRead { .. } => {}
         }
     }
 

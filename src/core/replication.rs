@@ -493,6 +493,11 @@ impl Node {
             if r.req.is_some() {
                 self.resync_note_marked(r.range);
             }
+            if self.repl == Replication::SyncTarget {
+                // The source does not hold this write: the end of the resync
+                // must not clear its bit (see `on_sync_done_flush`).
+                self.target_neg_acked.push(r.range);
+            }
         } else if r.req.is_some() {
             // On the peer's disk, not yet on its medium (resync writes are FUA).
             self.unflushed.insert(seq, r.range);

@@ -242,6 +242,7 @@ impl Node {
             done_blocks: 0,
             last_event_ms: self.now_ms,
         });
+        self.target_neg_acked.clear();
         self.disk = DiskState::Inconsistent;
         // From here the bitmap (all set when a full sync is needed: create-md and
         // invalidate set every bit) records what is left, persisted as the resync
@@ -485,6 +486,13 @@ impl Node {
             let id = *id;
             self.write_done_after_read(wid);
             self.send(read_reply(id, result));
+            return;
+        }
+        if let Some(Origin::LocalRead { conn, cookie }) = self.writes.get(&wid).map(|e| &e.origin) {
+            // An NBD read, ordered behind writes in flight that overlapped it.
+            let (conn, cookie) = (*conn, *cookie);
+            self.write_done_after_read(wid);
+            self.local_read_done(conn, cookie, result);
             return;
         }
         if let Some(Origin::ChecksumRead { id, verify }) = self.writes.get(&wid).map(|e| &e.origin)
@@ -854,6 +862,16 @@ impl Node {
             .copied()
             .collect();
         for r in uncovered {
+            self.bitmap.set_range(r);
+        }
+        // And so do our writes the source failed during the resync, up to this
+        // flush: they are on this disk, not on the peer's, and no resync data
+        // will bring them there (simulator finding: the source's disk failed our
+        // write after it had sent SyncDone; the error ack marked the range here
+        // while this flush ran, the clear-all above wiped it, and the block
+        // differed unmarked once this node was up to date). In DRBD a bit a
+        // NegAck set (got_NegAck -> drbd_set_out_of_sync) stays until resynced.
+        for r in std::mem::take(&mut self.target_neg_acked) {
             self.bitmap.set_range(r);
         }
         self.meta.gis = Gis {
