@@ -12,6 +12,9 @@ use crate::peer::Gis;
 
 const SIZE: u64 = 16 << 20;
 
+/// What an NBD request got: data for a read, nothing for a write, or an errno.
+type NbdResult = Result<Option<bytes::Bytes>, u32>;
+
 /// What the metadata store holds for one node.
 #[derive(Clone, Debug)]
 struct Persisted {
@@ -40,6 +43,8 @@ struct Pair {
     bad_offset: [Option<u64>; 2],
     /// Every peer message node i sent while the link was up.
     sent: [Vec<crate::peer::Message>; 2],
+    /// NBD replies of node i: (cookie, result).
+    nbd_replies: [Vec<(u64, NbdResult)>; 2],
 }
 
 fn config(node: &str, extra: &str) -> CoreConfig {
@@ -87,6 +92,7 @@ impl Pair {
             broken: [false, false],
             bad_offset: [None, None],
             sent: [Vec::new(), Vec::new()],
+            nbd_replies: [Vec::new(), Vec::new()],
         };
         p.boot(0);
         p.boot(1);
@@ -206,6 +212,7 @@ impl Pair {
                     self.link_down(i, "dropped by the peer");
                 }
                 Action::AdminReply { result, .. } => self.replies[i].push(result),
+                Action::Reply { cookie, result, .. } => self.nbd_replies[i].push((cookie, result)),
                 Action::Notify(v) => self.events[i].push(v),
                 _ => {}
             }
@@ -1078,6 +1085,34 @@ mod resync_marks {
         );
         assert!(marked(&p.md[1].bitmap, 5), "and persisted");
     }
+
+    /// A sync target's write that the source failed after it had sent
+    /// SyncDone stays marked through the target's end of resync (simulator
+    /// seed 18775: the NegAck marked it while the SyncDone flush ran, and the
+    /// clear-all at the end of the resync wiped the mark).
+    #[test]
+    fn a_write_the_source_failed_after_sync_done_stays_marked() {
+        let mut p = Pair::in_sync("[sync]\nchecksum = false");
+        let held = beta_primary_sync_target(&mut p, hold_sync_done_for_beta);
+        assert_eq!(held.len(), 1, "the resync is over on alpha");
+        // Beta writes block 9; alpha's disk fails that write.
+        p.bad_offset[0] = Some(9 * 4096);
+        p.queue_write(1, 2, 9, 0x33);
+        p.settle();
+        assert_eq!(p.status(0).disk, DiskState::Failed);
+        assert!(p.marked(1, 9), "the NegAck marked block 9 on beta");
+        for (i, ev) in held {
+            p.queue[i].push_back(ev);
+        }
+        p.settle();
+        assert_eq!(p.named(1, "resync-finished").len(), 1, "{:?}", p.events[1]);
+        assert!(
+            marked(p.node(1).bitmap_words(), 9),
+            "block 9 stays marked: {:?}",
+            p.status(1)
+        );
+        assert!(marked(&p.md[1].bitmap, 9), "and persisted");
+    }
 }
 
 /// An operator's resync on a connected pair covers the target's marks too:
@@ -1115,4 +1150,68 @@ fn an_operator_resync_also_moves_the_blocks_the_target_marked() {
     p.run_until(60_000, "in sync", |p| p.in_sync_now());
     assert_eq!(p.disks[1][5 * 4096], 0x22, "the resync sent block 5");
     assert_eq!(p.disks[0], p.disks[1]);
+}
+
+/// After a failover, a read on the new primary waits for the old primary's
+/// writes still queued in its disk order: under protocol B the old primary
+/// acknowledged them on our RecvAck, before they reached this disk (simulator
+/// seed 3473: the read went straight to the disk and returned older data).
+#[test]
+fn a_read_after_failover_waits_for_the_peer_writes_still_queued() {
+    let mut p = Pair::in_sync("protocol = \"B\"");
+    p.node(0).attach_client(9).expect("alpha serves I/O");
+    p.queue_write(0, 1, 7, 0x01);
+    p.settle();
+    // Two overlapping writes; beta's disk completes neither yet (the first is
+    // held in flight, so the second waits behind it in beta's disk order).
+    p.queue_write(0, 2, 7, 0x02);
+    p.queue_write(0, 3, 7, 0x03);
+    let held = p.step(|i, e| i == 1 && matches!(e, Event::DiskDone { .. }));
+    assert_eq!(held.len(), 1, "beta has one write in flight: {held:?}");
+    let acked: Vec<u64> = p.nbd_replies[0]
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(c, _)| *c)
+        .collect();
+    assert!(acked.contains(&3), "protocol B acknowledged the last write");
+    assert_eq!(p.disks[1][7 * 4096], 0x02, "beta's disk has the first only");
+    // Failover: alpha's client leaves, beta's arrives and reads the block.
+    p.node(0).detach_client(9);
+    p.step(|_, _| false);
+    p.node(1).attach_client(9).expect("beta may be promoted");
+    p.queue[1].push_back(Event::Request {
+        conn: 9,
+        cookie: 4,
+        req: IoRequest::Read {
+            offset: 7 * 4096,
+            len: 4096,
+        },
+    });
+    let more = p.step(|i, e| {
+        i == 1
+            && matches!(
+                e,
+                Event::DiskDone {
+                    result: Ok(None),
+                    ..
+                }
+            )
+    });
+    for (i, ev) in held.into_iter().chain(more) {
+        p.queue[i].push_back(ev);
+    }
+    p.settle();
+    let read = p.nbd_replies[1]
+        .iter()
+        .find(|(c, _)| *c == 4)
+        .map(|(_, r)| r.clone());
+    let data = match read {
+        Some(Ok(Some(d))) => d,
+        other => panic!("beta answered the read: {other:?}"),
+    };
+    assert!(
+        data.iter().all(|b| *b == 0x03),
+        "the read returns the last acknowledged write, not {:#x}",
+        data[0]
+    );
 }
