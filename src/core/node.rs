@@ -1562,8 +1562,13 @@ impl Node {
     }
 
     /// Clean shutdown: persist the whole bitmap state, an empty activity log if
-    /// idle, and the superblock without the primary mark.
-    pub fn shutdown(&mut self) {
+    /// idle, and the superblock without the primary mark. `data_flushed`: the
+    /// edge flushed the backing disk after the last local write completed; if
+    /// not (the flush failed), the activity log stays, so the next start marks
+    /// its extents (simulator finding: the empty log was persisted before the
+    /// final flush, a power cut in between lost a mirrored write on this disk,
+    /// and no mark was left for it).
+    pub fn shutdown(&mut self, data_flushed: bool) {
         // The link goes with the process: writes the peer has not flushed yet may
         // still be lost there (simulator finding: after a clean stop and the peer's
         // power loss, an in-sync reconnect left the blocks different).
@@ -1572,7 +1577,7 @@ impl Node {
         }
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        if let Some(al) = self.al.as_mut() {
+        if let Some(al) = self.al.as_mut().filter(|_| data_flushed) {
             if al.reset_idle() {
                 let id = self.new_id();
                 self.out.push(Action::Persist {

@@ -1215,3 +1215,25 @@ fn a_read_after_failover_waits_for_the_peer_writes_still_queued() {
         data[0]
     );
 }
+
+/// A clean stop empties the activity log only when the edge flushed the data
+/// disk first; after a failed flush the log stays, so the next start marks
+/// its extents.
+#[test]
+fn a_clean_stop_keeps_the_activity_log_unless_the_data_was_flushed() {
+    for flushed in [false, true] {
+        let mut p = Pair::in_sync("");
+        p.node(0).attach_client(9).expect("alpha serves I/O");
+        p.queue_write(0, 1, 3, 0x44);
+        p.settle();
+        assert!(!p.md[0].al.is_empty(), "the write's extent is logged");
+        p.node(0).detach_client(9);
+        p.node(0).shutdown(flushed);
+        p.settle();
+        assert_eq!(
+            p.md[0].al.is_empty(),
+            flushed,
+            "activity log after a stop with data_flushed = {flushed}"
+        );
+    }
+}

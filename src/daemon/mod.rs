@@ -368,7 +368,16 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tasks.abort_all();
-    shared.with_core(|c| c.shutdown());
+    // The data first, then the metadata that says it is safe (the activity
+    // log is emptied only once every local write is on the medium).
+    let flushed = match shared.disk.run(crate::storage::engine::DiskOp::Flush).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!("flush before shutdown failed (the activity log is kept): {e}");
+            false
+        }
+    };
+    shared.with_core(|c| c.shutdown(flushed));
     if let Err(e) = shared.disk.run(crate::storage::engine::DiskOp::Flush).await {
         tracing::error!("final flush failed: {e}");
     }

@@ -502,7 +502,10 @@ impl Sim {
             if idle || now - st.since > 20_000_000 {
                 // Clients go away with the daemon (no detach: the process exits).
                 self.nodes[n].clients.clear();
-                self.run_core(n, |c| c.shutdown());
+                // The daemon flushes the data disk before the core persists
+                // its shutdown metadata (an empty activity log).
+                self.nodes[n].disk.flush_all();
+                self.run_core(n, |c| c.shutdown(true));
                 if let Some(s) = self.nodes[n].stopping.as_mut() {
                     s.shut_down = true;
                     s.since = now;
