@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in fuzz/fuzz_targets for a bounded time.
-# Usage: tools/fuzz.sh [seconds-per-target]   (default 30)
+# Usage: tools/fuzz.sh [seconds-per-target]   (default $FUZZ_SECONDS, else 30)
 #
 # Installs cargo-fuzz if missing. Works on stable Rust: the nightly-only
 # flags cargo-fuzz passes are enabled with RUSTC_BOOTSTRAP=1. Builds with
@@ -10,7 +10,7 @@
 # fuzz/artifacts/<target>/); 2 usage or build error.
 set -euo pipefail
 
-secs="${1:-30}"
+secs="${1:-${FUZZ_SECONDS:-30}}"
 case "$secs" in
     '' | *[!0-9]*)
         echo "usage: $0 [seconds-per-target]" >&2
