@@ -1357,6 +1357,21 @@ impl Node {
     /// A read that enters the disk order (it waits for overlapping writes
     /// ahead of it); its completion comes back as `Io::ResyncRead`.
     pub(super) fn ordered_read(&mut self, range: Range, origin: Origin) -> u64 {
+        let read = DiskOp::Read {
+            offset: range.start,
+            len: range.len() as u32,
+        };
+        self.enter_disk_order(range, origin, vec![read])
+    }
+
+    /// Puts an entry (whose activity-log extents need nothing more) into the
+    /// disk order, and starts it if nothing overlapping is ahead of it.
+    pub(super) fn enter_disk_order(
+        &mut self,
+        range: Range,
+        origin: Origin,
+        pieces: Vec<DiskOp>,
+    ) -> u64 {
         let wid = self.new_id();
         let ready = self.order.push(wid, range);
         self.writes.insert(
@@ -1364,10 +1379,7 @@ impl Node {
             WriteEntry {
                 range,
                 origin,
-                pieces: vec![DiskOp::Read {
-                    offset: range.start,
-                    len: range.len() as u32,
-                }],
+                pieces,
                 parts_pending: 0,
                 ready,
                 al_ok: true,

@@ -683,24 +683,7 @@ fn a_peer_write_left_out_for_a_local_write_that_failed_gets_a_negative_ack() {
     }
     // Run everything except alpha's failing disk completion, which is held
     // until beta's write has reached alpha and waits behind it.
-    let mut held = Vec::new();
-    for _ in 0..10_000 {
-        let mut any = false;
-        for i in 0..2 {
-            if let Some(ev) = p.queue[i].pop_front() {
-                any = true;
-                if i == 0 && matches!(ev, Event::DiskDone { result: Err(_), .. }) {
-                    held.push(ev);
-                } else {
-                    p.node(i).handle(ev);
-                }
-            }
-            p.carry_out(i);
-        }
-        if !any {
-            break;
-        }
-    }
+    let held = p.step(|i, e| i == 0 && matches!(e, Event::DiskDone { result: Err(_), .. }));
     assert_eq!(held.len(), 1, "alpha's write is held in flight");
     assert!(
         p.named(0, "write-conflict").len() == 1,
@@ -708,7 +691,7 @@ fn a_peer_write_left_out_for_a_local_write_that_failed_gets_a_negative_ack() {
         p.events[0]
     );
     let acks_before = p.queue[1].len();
-    for ev in held {
+    for (_, ev) in held {
         p.node(0).handle(ev);
     }
     p.carry_out(0);
@@ -966,10 +949,6 @@ mod resync_marks {
         }
     }
 
-    fn marked(words: &[u64], block: u64) -> bool {
-        words[(block / 64) as usize] >> (block % 64) & 1 == 1
-    }
-
     /// Makes beta primary (client 9) and has it write block 5 once (its
     /// activity-log extent is active), starts a full resync from alpha to beta,
     /// and runs it as `pick` says (see `run`).
@@ -1025,12 +1004,11 @@ mod resync_marks {
         let held = run(&mut p, hold_sync_done_for_beta);
         assert_eq!(held.len(), 1, "the resync is over on alpha");
         assert_eq!(p.named(1, "write-conflict").len(), 1, "{:?}", p.events[1]);
-        let words = p.node(1).bitmap_words();
         assert!(
-            !marked(words, 4) && !marked(words, 6),
+            !p.marked(1, 4) && !p.marked(1, 6),
             "the resync write cleared what it wrote"
         );
-        assert!(marked(words, 5), "the hole (block 5) stays marked");
+        assert!(p.marked(1, 5), "the hole (block 5) stays marked");
         for (i, ev) in held {
             p.queue[i].push_back(ev);
         }
@@ -1062,28 +1040,21 @@ mod resync_marks {
         // No time passes: no periodic flush to alpha.
         p.queue_write(1, 2, 5, 0x55);
         p.settle();
-        assert!(!marked(p.node(1).bitmap_words(), 5), "block 5 resynced");
+        assert!(!p.marked(1, 5), "block 5 resynced");
         // Extents 1 and 2: extent 0 (block 5) is evicted.
         p.queue_write(1, 3, 1024, 0x66);
         p.settle();
         p.queue_write(1, 4, 2048, 0x77);
         p.settle();
-        assert!(
-            marked(p.node(1).bitmap_words(), 5),
-            "the eviction marked the unflushed write"
-        );
+        assert!(p.marked(1, 5), "the eviction marked the unflushed write");
         for (i, ev) in held {
             p.queue[i].push_back(ev);
         }
         p.settle();
         assert_eq!(p.named(1, "resync-finished").len(), 1, "{:?}", p.events[1]);
         assert_eq!(p.status(1).disk, DiskState::UpToDate);
-        assert!(
-            marked(p.node(1).bitmap_words(), 5),
-            "block 5 stays marked: {:?}",
-            p.status(1)
-        );
-        assert!(marked(&p.md[1].bitmap, 5), "and persisted");
+        assert!(p.marked(1, 5), "block 5 stays marked: {:?}", p.status(1));
+        assert!(p.persisted_marked(1, 5), "and persisted");
     }
 
     /// A sync target's write that the source failed after it had sent
@@ -1106,12 +1077,8 @@ mod resync_marks {
         }
         p.settle();
         assert_eq!(p.named(1, "resync-finished").len(), 1, "{:?}", p.events[1]);
-        assert!(
-            marked(p.node(1).bitmap_words(), 9),
-            "block 9 stays marked: {:?}",
-            p.status(1)
-        );
-        assert!(marked(&p.md[1].bitmap, 9), "and persisted");
+        assert!(p.marked(1, 9), "block 9 stays marked: {:?}", p.status(1));
+        assert!(p.persisted_marked(1, 9), "and persisted");
     }
 }
 

@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::gi::{self, Decision, Side};
-use super::node::{gis_json, Handshake, Node, Origin, PeerFlush, PeerView, WriteEntry};
+use super::node::{gis_json, Handshake, Node, Origin, PeerFlush, PeerView};
 use super::ordering::{subtract, Range};
 use super::types::*;
 use crate::config::SbPolicy;
@@ -607,27 +607,13 @@ impl Node {
             // range still volatile).
             pieces.push(DiskOp::Flush);
         }
-        let wid = self.new_id();
-        let ready = self.order.push(wid, range);
-        self.writes.insert(
-            wid,
-            WriteEntry {
-                range,
-                origin: Origin::Peer {
-                    seq,
-                    resync,
-                    epoch: self.link_epoch,
-                    holes,
-                },
-                pieces,
-                parts_pending: 0,
-                ready,
-                al_ok: true,
-                submitted: false,
-                error: 0,
-            },
-        );
-        self.try_start(wid);
+        let origin = Origin::Peer {
+            seq,
+            resync,
+            epoch: self.link_epoch,
+            holes,
+        };
+        self.enter_disk_order(range, origin, pieces);
     }
 
     fn on_bitmap_chunk(&mut self, first_word: u64, words: Vec<u64>, last: bool) {
