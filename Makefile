@@ -8,7 +8,8 @@
 #   make test-reference   the NBD client/bad-input tests against qemu-nbd,
 #                     to tell a test bug from a server bug
 #   make demo         tools/demo.sh
-#   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10)
+#   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10;
+#                     BENCH_ROUNDS rounds, default 3, medians reported)
 #   make bench-resync tools/bench/resync_bench.sh (full resync vs TCP copy, 2 GiB)
 #   make fuzz         tools/fuzz.sh (FUZZ_SECONDS, default 60)
 #   make vm-smoke / vm-test   from vm-images/vm.mk, when present
@@ -22,6 +23,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 BENCH_SECONDS ?= 10
+BENCH_ROUNDS ?= 3
 PYTHON := /usr/bin/python3
 
 export MIRRORD_BIN
@@ -68,7 +70,7 @@ demo: build
 	tools/demo.sh
 
 bench: deps build
-	BENCH_SECONDS=$(BENCH_SECONDS) tools/bench/bench.sh
+	BENCH_SECONDS=$(BENCH_SECONDS) BENCH_ROUNDS=$(BENCH_ROUNDS) tools/bench/bench.sh
 
 # Full resync of a 2 GiB disk against a plain TCP copy, bytes moved by an
 # incremental (1%) and a checksum resync (tools/bench/resync_bench.sh).

@@ -19,11 +19,24 @@
 # (the floor under the replicated rows' trip to the peer) and the machine's
 # load average and CPU pressure.
 #
+# Rounds: every server runs every job BENCH_ROUNDS times (default 3), the
+# server order rotated by one each round so no server always follows the same
+# one; the tables give the median of the rounds, and a second table the
+# spread (lowest and highest) so the run-to-run noise is visible.
+#
+# CPU: during each job (after fio's ramp) the servers' CPU time (utime+stime
+# of every pid in PIDS, all threads) and the machine's busy time (/proc/stat)
+# are sampled; the report gives CPU per operation for the server and for fio,
+# and how busy the 2 CPUs were. A row whose CPUs are saturated is CPU-bound:
+# its throughput is the CPU count divided by the CPU spent per operation.
+#
 # Output: a table on stdout and in target/bench/results.md; fio JSON per
-# server and job in target/bench/raw/SERVER/JOB.json.
+# server, job and round in target/bench/raw/SERVER/JOB.rN.json, and the CPU
+# samples in JOB.rN.cpu.
 #
 # Environment:
 #   BENCH_SECONDS  seconds per job (10)
+#   BENCH_ROUNDS   rounds (3)
 #   BENCH_SIZE     image size, fio size syntax (1G)
 #   BENCH_SERVERS  which rows, in order ("file mirrord qemu-nbd nbdkit nbd-server")
 #   BENCH_OUT      output dir (target/bench)
@@ -36,6 +49,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 JOB_SECONDS=${BENCH_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 SERVERS=${BENCH_SERVERS:-"file mirrord mirrord-pair-c qemu-nbd nbdkit nbd-server"}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
@@ -250,14 +264,49 @@ load_line() {
     echo "load average $(cut -d' ' -f1-3 /proc/loadavg), CPU pressure $(awk '/^some/ {print $3}' /proc/pressure/cpu 2>/dev/null || echo n/a)"
 }
 
+# utime+stime (clock ticks, all threads) of each server pid, space-separated
+# in PIDS order (0 for a pid already gone); empty if there are none.
+server_ticks() {
+    local pid out=()
+    for pid in "${PIDS[@]}"; do
+        out+=("$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)")
+    done
+    echo "${out[*]}"
+}
+
+# Busy and total clock ticks of the whole machine: "busy total".
+machine_ticks() {
+    awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t}' /proc/stat
+}
+
+# $1 server, $2 job, $3 round. fio JSON in JOB.rN.json; CPU samples over the
+# measured window (after the ramp) in JOB.rN.cpu as
+#   "server_seconds machine_busy_fraction window_seconds [seconds per pid...]"
+# (the per-pid seconds in PIDS order: node a, then b, for the pair).
 run_job() {
-    local server=$1 job=$2
+    local server=$1 job=$2 round=$3 base=$RAW/$1/$2.r$3 fio_pid s0 s1 m0 m1 t0 t1
     # shellcheck disable=SC2086 # JOBS values are word lists on purpose
     fio --name="$job" "${FIO_TARGET[@]}" ${JOBS[$job]} \
         --size="$SIZE" --time_based=1 --runtime="$JOB_SECONDS" --ramp_time=1 \
         --norandommap=1 --randrepeat=0 \
-        --output-format=json --output="$RAW/$server/$job.json" >"$RAW/$server/$job.log" 2>&1 ||
-        log "$server $job: fio failed (see $RAW/$server/$job.log)"
+        --output-format=json --output="$base.json" >"$base.log" 2>&1 &
+    fio_pid=$!
+    sleep 1
+    s0=$(server_ticks)
+    m0=$(machine_ticks)
+    t0=$(date +%s.%N)
+    wait "$fio_pid" || log "$server $job: fio failed (see $base.log)"
+    s1=$(server_ticks)
+    m1=$(machine_ticks)
+    t1=$(date +%s.%N)
+    awk -v s0="$s0" -v s1="$s1" -v m0="$m0" -v m1="$m1" -v t0="$t0" -v t1="$t1" \
+        -v hz="$(getconf CLK_TCK)" 'BEGIN {
+            split(m0, a, " "); split(m1, b, " ");
+            busy = (b[2] > a[2]) ? (b[1] - a[1]) / (b[2] - a[2]) : 0;
+            n = split(s0, p0, " "); split(s1, p1, " "); total = 0; each = "";
+            for (i = 1; i <= n; i++) {
+                d = (p1[i] - p0[i]) / hz; total += d; each = each sprintf(" %.3f", d) }
+            printf "%.3f %.3f %.3f%s\n", total, busy, t1 - t0, each }' >"$base.cpu"
 }
 
 main() {
@@ -277,34 +326,42 @@ main() {
     log "machine: $load_start"
     tcp_floor start
 
-    for server in $SERVERS; do
+    local order=() round i n
+    read -r -a order <<<"$SERVERS"
+    n=${#order[@]}
+    for server in "${order[@]}"; do
         [ -n "${ROLE[$server]:-}" ] || { log "unknown server $server (add it to ROLE)"; exit 2; }
         roles+=("$server:${ROLE[$server]}")
         mkdir -p "$RAW/$server"
-        fn="start_server_${server//-/_}"
-        URI=""
-        FIO_TARGET=()
-        sync
-        log "== $server"
-        if ! "$fn"; then
-            log "$server: could not start; its row will read n/a"
-            [ -e "$RAW/$server/ERROR" ] || echo "did not start" >"$RAW/$server/ERROR"
-            stop_servers
-            continue
-        fi
-        if [ -n "$URI" ]; then
-            if ! wait_nbd; then
-                echo "no NBD handshake within 30 s" >"$RAW/$server/ERROR"
+    done
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for ((i = 0; i < n; i++)); do
+            server=${order[$(((i + round - 1) % n))]}
+            fn="start_server_${server//-/_}"
+            URI=""
+            FIO_TARGET=()
+            sync
+            log "== round $round/$ROUNDS: $server"
+            if ! "$fn"; then
+                log "$server: could not start; its row will read n/a"
+                [ -e "$RAW/$server/ERROR" ] || echo "did not start" >"$RAW/$server/ERROR"
                 stop_servers
                 continue
             fi
-            FIO_TARGET=(--ioengine=nbd --uri="$URI")
-        fi
-        for job in $JOB_ORDER; do
-            log "$server: $job (${JOB_SECONDS}s)"
-            run_job "$server" "$job"
+            if [ -n "$URI" ]; then
+                if ! wait_nbd; then
+                    echo "no NBD handshake within 30 s" >"$RAW/$server/ERROR"
+                    stop_servers
+                    continue
+                fi
+                FIO_TARGET=(--ioengine=nbd --uri="$URI")
+            fi
+            for job in $JOB_ORDER; do
+                log "$server: $job (${JOB_SECONDS}s)"
+                run_job "$server" "$job" "$round"
+            done
+            stop_servers
         done
-        stop_servers
     done
 
     tcp_floor end
@@ -313,7 +370,7 @@ main() {
         echo "# nbd-mirror benchmark"
         echo
         echo "$(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) CPUs; $(uname -sr); image $SIZE (prefilled);"
-        echo "$JOB_SECONDS s per job after 1 s ramp; fio $(fio --version) ioengine=nbd (libnbd) over unix sockets;"
+        echo "$ROUNDS rounds (server order rotated each round; medians below), $JOB_SECONDS s per job after 1 s ramp; fio $(fio --version) ioengine=nbd (libnbd) over unix sockets;"
         echo "the ceiling row is fio psync on the plain file (page cache). All servers use the host page cache"
         echo "(mirrord direct-io off, qemu-nbd default writeback cache, nbdkit file default, nbd-server buffered)."
         echo "Servers: $(qemu-nbd --version | head -1); nbdkit $(nbdkit --version | awk '{print $2}');"
@@ -321,7 +378,7 @@ main() {
         echo "Machine at the start: $load_start; at the end: $load_end."
         echo
     } >"$RESULTS"
-    "$PY" "$ROOT/tools/bench/fio_report.py" "$RAW" "$RESULTS" "${roles[@]}"
+    "$PY" "$ROOT/tools/bench/fio_report.py" "$RAW" "$RESULTS" "$ROUNDS" "${roles[@]}"
     log "results in $RESULTS, fio JSON in $RAW"
 }
 

@@ -4,10 +4,16 @@ report: one table of raw numbers (a row per server, a column per job) and
 one table of ratios for each "subject" server (mirrord, and any later rows
 such as replicated mirrord) against each reference server and the best one.
 
-usage: fio_report.py RAWDIR OUT.md SERVER:ROLE [SERVER:ROLE ...]
+usage: fio_report.py RAWDIR OUT.md ROUNDS SERVER:ROLE [SERVER:ROLE ...]
   ROLE is ceiling (plain file), subject (ours) or reference (others).
-  RAWDIR/SERVER/JOB.json are fio --output-format=json files; a missing or
+  RAWDIR/SERVER/JOB.rN.json (N = 1..ROUNDS) are fio --output-format=json
+  files; RAWDIR/SERVER/JOB.rN.cpu the CPU samples bench.sh took during that
+  job ("server_seconds machine_busy_fraction window_seconds", then the seconds
+  of each server process when there are several). A missing or
   failed file shows as "n/a" (RAWDIR/SERVER/ERROR, if present, says why).
+
+Every cell is the median of the rounds that produced a number; the spread
+table gives the lowest and highest.
 
 Ratios: for IOPS and MiB/s, subject / reference (above 1 means the subject
 is faster); for latency, reference / subject (above 1 still means the
@@ -27,8 +33,8 @@ JOBS = [
 ]
 
 
-def metric(path, section, kind):
-    """The number for one job, or None if the run is missing or failed."""
+def fio_job(path):
+    """fio's JSON for the one job in PATH, or None if missing or failed."""
     try:
         with open(path) as f:
             text = f.read()
@@ -44,6 +50,14 @@ def metric(path, section, kind):
     except (ValueError, KeyError, IndexError):
         return None
     if job.get("error", 0) != 0:
+        return None
+    return job
+
+
+def metric(path, section, kind):
+    """The number for one job, or None if the run is missing or failed."""
+    job = fio_job(path)
+    if job is None:
         return None
     s = job[section]
     if s.get("io_bytes", 0) == 0:
@@ -68,6 +82,33 @@ def tcp_floor(rawdir):
     return ", ".join(samples)
 
 
+def median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def cpu_sample(rawdir, name, job, section, kind, rnd):
+    """(server us, fio us, machine busy fraction, [us of each server process]) per
+    operation (per MiB for MiB/s jobs) for one round, or None."""
+    base = os.path.join(rawdir, name, f"{job}.r{rnd}")
+    rate = metric(base + ".json", section, "mib" if kind == "mib" else "iops")
+    j = fio_job(base + ".json")
+    try:
+        with open(base + ".cpu") as f:
+            fields = [float(x) for x in f.read().split()]
+        server_s, busy, window, each = fields[0], fields[1], fields[2], fields[3:]
+    except (OSError, ValueError, IndexError):
+        return None
+    if rate is None or j is None or rate <= 0 or window <= 0:
+        return None
+    fio_cores = (float(j.get("usr_cpu", 0)) + float(j.get("sys_cpu", 0))) / 100.0
+    per_op = 1e6 / window / rate
+    return (server_s * per_op, fio_cores / rate * 1e6, busy, [e * per_op for e in each])
+
+
 def fmt(v, unit):
     if v is None:
         return "n/a"
@@ -83,20 +124,37 @@ def ratio(subject, ref, higher_is_better):
 
 
 def main():
-    if len(sys.argv) < 4:
+    if len(sys.argv) < 5:
         sys.exit(__doc__)
     rawdir, out = sys.argv[1], sys.argv[2]
+    rounds = int(sys.argv[3])
     servers = []
-    for arg in sys.argv[3:]:
+    for arg in sys.argv[4:]:
         name, _, role = arg.partition(":")
         if role not in ("ceiling", "subject", "reference"):
             sys.exit(f"bad role in {arg!r}")
         servers.append((name, role))
 
     values = {}
+    spread = {}
+    cpu = {}
     for name, _ in servers:
         for job, _, section, kind, _, _ in JOBS:
-            values[(name, job)] = metric(os.path.join(rawdir, name, job + ".json"), section, kind)
+            runs = [
+                metric(os.path.join(rawdir, name, f"{job}.r{r}.json"), section, kind)
+                for r in range(1, rounds + 1)
+            ]
+            got = [v for v in runs if v is not None]
+            values[(name, job)] = median(got)
+            spread[(name, job)] = (min(got), max(got), len(got)) if got else None
+            samples = [cpu_sample(rawdir, name, job, section, kind, r) for r in range(1, rounds + 1)]
+            samples = [c for c in samples if c is not None]
+            if samples:
+                n_each = min(len(c[3]) for c in samples)
+                each = [median([c[3][k] for c in samples]) for k in range(n_each)]
+                cpu[(name, job)] = tuple(median([c[i] for c in samples]) for i in range(3)) + (each,)
+            else:
+                cpu[(name, job)] = None
 
     lines = []
     head = "| server | " + " | ".join(f"{t} ({u})" for _, t, _, _, u, _ in JOBS) + " |"
@@ -106,6 +164,36 @@ def main():
         label = f"{name} (ceiling)" if role == "ceiling" else name
         cells = [fmt(values[(name, job)], unit) for job, _, _, _, unit, _ in JOBS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Spread over the rounds (lowest–highest, and how many of {rounds} gave a number):")
+    lines.append("")
+    lines.append(head)
+    lines.append("|---|" + "---:|" * len(JOBS))
+    for name, role in servers:
+        cells = []
+        for job, _, _, _, unit, _ in JOBS:
+            sp = spread[(name, job)]
+            cells.append("n/a" if sp is None else f"{fmt(sp[0], unit)}–{fmt(sp[1], unit)} ({sp[2]})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "CPU per operation (per MiB for the 1M jobs), median over the rounds: server µs (for "
+        "several server processes, each in brackets in start order) + fio µs, and how busy the "
+        "machine's CPUs were (100% = every CPU busy; then the row is CPU-bound):"
+    )
+    lines.append("")
+    lines.append("| server | " + " | ".join(t for _, t, _, _, _, _ in JOBS) + " |")
+    lines.append("|---|" + "---:|" * len(JOBS))
+    for name, role in servers:
+        cells = []
+        for job, _, _, _, _, _ in JOBS:
+            c = cpu[(name, job)]
+            if c is None:
+                cells.append("n/a")
+                continue
+            each = " [" + " + ".join(f"{e:.1f}" for e in c[3]) + "]" if len(c[3]) > 1 else ""
+            cells.append(f"{c[0]:.1f}{each} + {c[1]:.1f} ({c[2] * 100:.0f}%)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = []
     for name, _ in servers:
         err = os.path.join(rawdir, name, "ERROR")
