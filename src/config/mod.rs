@@ -156,6 +156,9 @@ pub struct Settings {
     pub run_dir: PathBuf,
     /// NBD listen address of this node (per-node override applied).
     pub nbd_listen: Listen,
+    /// `[nbd] busy-poll-us`: how long an idle connection's reader spins for the client's next
+    /// request after a small one before it sleeps (0 = never).
+    pub nbd_busy_poll_us: u64,
     pub disk: DiskSettings,
     pub sync: SyncSettings,
     pub split_brain: SplitBrain,
@@ -306,6 +309,15 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         Some(t) => Some(parse_listen(t).map_err(|r| err(nbd.error("listen", r)))?),
         None => None,
     };
+    let nbd_busy_poll_us = nbd
+        .u64_or("busy-poll-us", DEFAULT_BUSY_POLL_US)
+        .map_err(err)?;
+    if nbd_busy_poll_us > MAX_BUSY_POLL_US {
+        return Err(err(nbd.error(
+            "busy-poll-us",
+            format!("{nbd_busy_poll_us} is more than {MAX_BUSY_POLL_US} (microseconds)"),
+        )));
+    }
     nbd.finish().map_err(err)?;
 
     let mut dk = Section::new("disk", top.table("disk").map_err(err)?.unwrap_or(&empty));
@@ -563,6 +575,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         shared_secret_file,
         run_dir,
         nbd_listen,
+        nbd_busy_poll_us,
         disk,
         sync,
         split_brain,
@@ -573,6 +586,12 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         this,
     })
 }
+
+/// `[nbd] busy-poll-us` default: long enough to cover a client's turnaround after a reply on
+/// this kind of VM (docs/BENCH.md), short enough to cost little CPU when no request follows.
+pub const DEFAULT_BUSY_POLL_US: u64 = 50;
+/// Above this a spin costs more than the sleep and wake-up it saves.
+pub const MAX_BUSY_POLL_US: u64 = 1000;
 
 /// `unix:/path` or `host:port`.
 pub fn parse_listen(text: &str) -> Result<Listen, String> {

@@ -32,6 +32,7 @@ fn defaults_and_resolution() {
     assert!(s.auto_promote);
     assert_eq!(s.run_dir, PathBuf::from("/run/nbd-mirror"));
     assert_eq!(s.nbd_listen, Listen::Unix("/run/nbd-mirror/r0.nbd".into()));
+    assert_eq!(s.nbd_busy_poll_us, DEFAULT_BUSY_POLL_US);
     assert_eq!(s.control_socket(), PathBuf::from("/run/nbd-mirror/r0.ctl"));
     assert_eq!(s.sync.rate, 250 << 20);
     assert_eq!(s.node().meta_disk, MetaDisk::Internal);
@@ -143,6 +144,12 @@ fn errors_name_file_key_and_reason() {
         "negative",
     );
     expect_err(
+        &format!("{TWO}\n[nbd]\nbusy-poll-us = 5000\n"),
+        "alpha",
+        Some("nbd.busy-poll-us"),
+        "more than 1000",
+    );
+    expect_err(
         &format!("{TWO}\n[net]\ntimeout = \"0s\"\n"),
         "alpha",
         Some("net.timeout"),
@@ -190,4 +197,12 @@ fn policies_parse() {
     );
     assert_eq!(s.split_brain.after_sb_1pri, SbPolicy::DiscardSecondary);
     assert_eq!(s.split_brain.after_sb_2pri, SbPolicy::CallPriLostAfterSb);
+}
+
+#[test]
+fn busy_poll_is_configurable() {
+    let s = p(&format!("{TWO}\n[nbd]\nbusy-poll-us = 0\n"), "alpha").unwrap();
+    assert_eq!(s.nbd_busy_poll_us, 0);
+    let s = p(&format!("{TWO}\n[nbd]\nbusy-poll-us = 200\n"), "alpha").unwrap();
+    assert_eq!(s.nbd_busy_poll_us, 200);
 }

@@ -19,6 +19,9 @@
 # (the floor under the replicated rows' trip to the peer) and the machine's
 # load average and CPU pressure.
 #
+# Every job starts after a sync, so no job runs beside the writeback of the one
+# before it.
+#
 # Rounds: every server runs every job BENCH_ROUNDS times (default 3), the
 # server order rotated by one each round so no server always follows the same
 # one; the tables give the median of the rounds, and a second table the
@@ -285,6 +288,9 @@ machine_ticks() {
 # (the per-pid seconds in PIDS order: node a, then b, for the pair).
 run_job() {
     local server=$1 job=$2 round=$3 base=$RAW/$1/$2.r$3 fio_pid s0 s1 m0 m1 t0 t1
+    # The job before may have left up to the whole image dirty; its writeback would
+    # otherwise run (and take a CPU) during this job, for whichever server comes next.
+    sync
     # shellcheck disable=SC2086 # JOBS values are word lists on purpose
     fio --name="$job" "${FIO_TARGET[@]}" ${JOBS[$job]} \
         --size="$SIZE" --time_based=1 --runtime="$JOB_SECONDS" --ramp_time=1 \
