@@ -157,7 +157,8 @@ pub struct Settings {
     /// NBD listen address of this node (per-node override applied).
     pub nbd_listen: Listen,
     /// `[nbd] busy-poll-us`: how long an idle connection's reader spins for the client's next
-    /// request after a small one before it sleeps (0 = never).
+    /// request after a small one before it sleeps (0 = never, and no spin for the rest of a
+    /// large payload either).
     pub nbd_busy_poll_us: u64,
     pub disk: DiskSettings,
     pub sync: SyncSettings,

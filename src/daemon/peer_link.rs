@@ -391,7 +391,8 @@ async fn read_loop(shared: Arc<Shared>, id: u64, rd: Arc<TcpStream>, mut buf: By
 /// Reads a frame of `total` bytes into its own buffer: first what `buf` holds, the rest
 /// straight from the socket.
 async fn read_frame(s: &TcpStream, buf: &mut BytesMut, total: usize) -> Result<Bytes, String> {
-    super::nbd_conn::read_buffered(s, buf, total)
+    // No busy-polling on the peer link (docs/ARCHITECTURE.md).
+    super::nbd_conn::read_buffered(s, buf, total, Duration::ZERO)
         .await
         .map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
