@@ -444,8 +444,9 @@ async fn read_payload<S: NbdStream>(
 }
 
 /// Reads `len` bytes into a buffer of their own: first what `buf` holds, the
-/// rest straight from the socket (no copy through the receive buffer). A peer
-/// that closes before the end is `UnexpectedEof`.
+/// rest straight from the socket (no copy through the receive buffer), spinning
+/// up to `poll` each time the socket runs dry before it sleeps. A peer that
+/// closes before the end is `UnexpectedEof`.
 pub(super) async fn read_buffered<S: NbdStream>(
     stream: &S,
     buf: &mut BytesMut,
