@@ -396,9 +396,7 @@ async fn read_loop<S: NbdStream>(
             usize::MAX
         };
         loop {
-            match stream.read_some_buf(&mut (&mut buf).limit(limit)) {
-                Ok(0) => return Ok(()),
-                Ok(_) => break,
+            let read = match stream.read_some_buf(&mut (&mut buf).limit(limit)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A client that sends small requests one at a time sends the next soon
                     // after our reply: spinning for it saves a sleep and a cross-CPU wake-up.
@@ -408,16 +406,21 @@ async fn read_loop<S: NbdStream>(
                         Duration::ZERO
                     };
                     match poll_read(stream.as_raw_fd(), &mut buf, limit, poll) {
-                        Some(Ok(0)) => return Ok(()),
-                        Some(Ok(_)) => break,
-                        Some(Err(e)) => return Err(format!("read: {e}")),
-                        None => {}
-                    }
-                    tokio::select! {
-                        r = stream.wait_readable() => r.map_err(|e| format!("read: {e}"))?,
-                        _ = stop.changed() => return Ok(()),
+                        Some(read) => read,
+                        None => {
+                            tokio::select! {
+                                r = stream.wait_readable() => r.map_err(|e| format!("read: {e}"))?,
+                                _ = stop.changed() => return Ok(()),
+                            }
+                            continue;
+                        }
                     }
                 }
+                read => read,
+            };
+            match read {
+                Ok(0) => return Ok(()),
+                Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("read: {e}")),
             }
@@ -460,17 +463,21 @@ pub(super) async fn read_buffered<S: NbdStream>(
     buf.advance(have);
     let mut filled = have;
     while filled < len {
-        match stream.read_some(&mut dst[filled..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
+        let read = match stream.read_some(&mut dst[filled..]) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match poll_recv(stream.as_raw_fd(), &mut dst[filled..], poll) {
-                    Some(Ok(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Some(Ok(n)) => filled += n,
-                    Some(Err(e)) => return Err(e),
-                    None => stream.wait_readable().await?,
+                    Some(read) => read,
+                    None => {
+                        stream.wait_readable().await?;
+                        continue;
+                    }
                 }
             }
+            read => read,
+        };
+        match read {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
