@@ -350,15 +350,7 @@ impl RawConn {
         len: u32,
         payload: &[u8],
     ) -> io::Result<()> {
-        let mut m = Vec::with_capacity(28 + payload.len());
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&kind.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(payload);
-        self.send(&m)
+        self.send(&request_bytes(flags, kind, cookie, offset, len, payload))
     }
 
     pub fn read_simple_reply(&mut self) -> io::Result<SimpleReply> {
@@ -468,4 +460,24 @@ impl RawConn {
             Ending::SentThenClosed(got)
         }
     }
+}
+
+/// One request header (+ `payload`, which the caller sizes) as bytes on the wire.
+pub fn request_bytes(
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(28 + payload.len());
+    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(payload);
+    m
 }
