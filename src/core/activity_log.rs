@@ -67,12 +67,17 @@ impl ActivityLog {
         self.pending.is_some()
     }
 
+    /// Whether every extent of `r` is active ([`ActivityLog::admit`] would say Go).
+    pub fn covers(&self, r: Range) -> bool {
+        extents_of(r).all(|e| self.active.contains_key(&e))
+    }
+
     /// Tries to admit a write to `r`: takes a reference on its extents if all are active.
     pub fn admit(&mut self, r: Range) -> Admit {
         if r.is_empty() {
             return Admit::Go;
         }
-        if extents_of(r).all(|e| self.active.contains_key(&e)) {
+        if self.covers(r) {
             self.clock += 1;
             for e in extents_of(r) {
                 if let Some(x) = self.active.get_mut(&e) {

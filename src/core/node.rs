@@ -130,6 +130,9 @@ pub(super) struct WriteEntry {
     pub origin: Origin,
     /// What to submit once it may start (a trimmed peer write may have several pieces or none).
     pub pieces: Vec<DiskOp>,
+    /// A local write whose data the daemon copies from the client's connection to the disk
+    /// itself ([`Node::try_stream_write`]): no piece, one part, no `Action::Disk`.
+    pub streamed: bool,
     pub parts_pending: u32,
     pub ready: bool,
     pub al_ok: bool,
@@ -201,6 +204,8 @@ pub struct Node {
     pub(super) stopping: bool,
     /// Local writes wait while a superblock with new identifiers is being persisted.
     pub(super) gate_writes: bool,
+    /// The disk op id of the streamed write that just started (taken by `try_stream_write`).
+    pub(super) stream_grant: Option<u64>,
     pub(super) seq: u64,
     pub(super) peer_seen: u64,
     pub(super) recent: BTreeMap<u64, Recent>,
@@ -309,6 +314,7 @@ impl Node {
             sync_done_wait: false,
             stopping: false,
             gate_writes: false,
+            stream_grant: None,
             seq: 0,
             peer_seen: 0,
             recent: BTreeMap::new(),
@@ -847,7 +853,7 @@ impl Node {
                     conn,
                     cookie,
                     Range::new(offset, len),
-                    DiskOp::Write { offset, data, fua },
+                    Some(DiskOp::Write { offset, data, fua }),
                     fua,
                 )
             }
@@ -855,10 +861,10 @@ impl Node {
                 conn,
                 cookie,
                 Range::new(offset, len as u64),
-                DiskOp::Trim {
+                Some(DiskOp::Trim {
                     offset,
                     len: len as u64,
-                },
+                }),
                 false,
             ),
             IoRequest::WriteZeroes {
@@ -869,14 +875,57 @@ impl Node {
                 conn,
                 cookie,
                 Range::new(offset, len as u64),
-                DiskOp::WriteZeroes {
+                Some(DiskOp::WriteZeroes {
                     offset,
                     len: len as u64,
                     may_trim,
-                },
+                }),
                 false,
             ),
         }
+    }
+
+    /// Admits a local WRITE of `len` bytes at `offset` whose data the daemon copies from the
+    /// client's connection straight to the disk, without bringing it into memory (splice):
+    /// possible only when nothing but the local disk needs the data, and the write can start
+    /// at once. That is: a primary with this client attached, not replicating (so the disk is
+    /// up to date), no handshake, suspension, promotion check or identifier write holding
+    /// writes, its activity-log extents already active, and no write in flight or waiting
+    /// that overlaps it. Then the write is in the disk order (as any local write, in the
+    /// bitmap if there is a peer) and this returns the disk op id: the daemon writes the data
+    /// and reports `Event::DiskDone` for that id; the NBD reply follows as for any write.
+    /// None: nothing was done; send the write as an ordinary `IoRequest::Write`. Not for FUA
+    /// writes (the ordinary path handles those).
+    pub fn try_stream_write(
+        &mut self,
+        conn: ConnId,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    ) -> Option<u64> {
+        let range = Range::new(offset, u64::from(len));
+        let now = self.role == Role::Primary
+            && self.clients.contains(&conn)
+            && !self.suspended
+            && self.handshake.is_none()
+            && self.promote_confirm.is_none()
+            && !self.gate_writes
+            && !self.replicating()
+            && self.disk == DiskState::UpToDate
+            && len > 0
+            && self.al_waiting.is_empty()
+            && self.al.as_ref().is_none_or(|al| al.covers(range))
+            && !self.order.overlaps(&range);
+        if !now {
+            return None;
+        }
+        self.local_write(conn, cookie, range, None, false);
+        let id = self.stream_grant.take();
+        assert!(
+            id.is_some(),
+            "an admitted streamed write must start at once"
+        );
+        id
     }
 
     /// Requests held during the connection handshake go on now.
@@ -1009,7 +1058,16 @@ impl Node {
         self.disk == DiskState::UpToDate || peer_good
     }
 
-    fn local_write(&mut self, conn: ConnId, cookie: u64, range: Range, op: DiskOp, fua: bool) {
+    /// A local write of `range`: `op` carries it out, or None when the daemon streams the data
+    /// itself (see [`Node::try_stream_write`]).
+    fn local_write(
+        &mut self,
+        conn: ConnId,
+        cookie: u64,
+        range: Range,
+        op: Option<DiskOp>,
+        fua: bool,
+    ) {
         // A disk that is not up to date, without an up-to-date peer (e.g. a sync
         // target that lost its source) holds no good copy: a write acknowledged
         // there would be overwritten by the next resync (simulator finding).
@@ -1058,7 +1116,8 @@ impl Node {
             WriteEntry {
                 range,
                 origin: Origin::Local { req: rid },
-                pieces: vec![op],
+                streamed: op.is_none(),
+                pieces: op.into_iter().collect(),
                 parts_pending: 0,
                 ready: false,
                 al_ok,
@@ -1099,16 +1158,25 @@ impl Node {
             return;
         }
         let range = e.range;
+        let mirrored = self.replicating();
+        assert!(
+            !(e.streamed && mirrored),
+            "a streamed write is only admitted while not replicating (its data is not here)"
+        );
         let kind = match e.pieces.first() {
-            Some(DiskOp::Write { data, .. }) => crate::peer::WriteKind::Data(data.clone()),
-            Some(DiskOp::Trim { len, .. }) => crate::peer::WriteKind::Trim { len: *len as u32 },
-            Some(DiskOp::WriteZeroes { len, may_trim, .. }) => crate::peer::WriteKind::Zeroes {
-                len: *len as u32,
-                may_trim: *may_trim,
-            },
+            _ if !mirrored => None,
+            Some(DiskOp::Write { data, .. }) => Some(crate::peer::WriteKind::Data(data.clone())),
+            Some(DiskOp::Trim { len, .. }) => {
+                Some(crate::peer::WriteKind::Trim { len: *len as u32 })
+            }
+            Some(DiskOp::WriteZeroes { len, may_trim, .. }) => {
+                Some(crate::peer::WriteKind::Zeroes {
+                    len: *len as u32,
+                    may_trim: *may_trim,
+                })
+            }
             other => unreachable!("not a write: {other:?}"),
         };
-        let mirrored = self.replicating();
         let (wait_recv, wait_ack) = match (mirrored, self.cfg.protocol) {
             (false, _) => (false, false),
             // Fault injection (simulator only): ack before the peer's disk.
@@ -1126,7 +1194,7 @@ impl Node {
             r.wait_ack = wait_ack;
             r.ack_outstanding = mirrored;
         }
-        if mirrored {
+        if let Some(kind) = kind {
             self.seq += 1;
             let seq = self.seq;
             self.recent.insert(
@@ -1282,6 +1350,18 @@ impl Node {
             return;
         }
         e.submitted = true;
+        if e.streamed {
+            // The daemon writes the data and reports this id's DiskDone.
+            e.parts_pending = 1;
+            let id = self.new_id();
+            self.ios.insert(id, Io::WritePart { write: wid });
+            debug_assert!(
+                self.stream_grant.is_none(),
+                "an earlier grant was not taken"
+            );
+            self.stream_grant = Some(id);
+            return;
+        }
         let pieces = std::mem::take(&mut e.pieces);
         e.parts_pending = pieces.len() as u32;
         if pieces.is_empty() {
@@ -1380,6 +1460,7 @@ impl Node {
                 range,
                 origin,
                 pieces,
+                streamed: false,
                 parts_pending: 0,
                 ready,
                 al_ok: true,

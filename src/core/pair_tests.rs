@@ -1204,3 +1204,166 @@ fn a_clean_stop_keeps_the_activity_log_unless_the_data_was_flushed() {
         );
     }
 }
+
+/// Local writes whose data the daemon splices from the client's socket to the disk
+/// (`Node::try_stream_write`): admitted only when nothing but the local disk needs the data
+/// and the write can start at once; otherwise nothing happens at all.
+mod stream_writes {
+    use super::*;
+
+    const LEN: u32 = 64 * 1024;
+
+    impl Pair {
+        /// A pair that was in sync, alpha disconnected and primary for client 9.
+        fn disconnected_primary() -> Pair {
+            let mut p = Pair::in_sync("");
+            p.run_until(5_000, "in sync", |p| p.in_sync_now());
+            p.disconnect(0);
+            p.node(0).attach_client(9).expect("primary serves I/O");
+            p.settle();
+            p
+        }
+
+        /// What the daemon does for an admitted streamed write: the data reaches the disk,
+        /// then the core hears that its disk op is done.
+        fn finish_stream(&mut self, i: usize, id: u64, offset: u64, byte: u8) {
+            let o = offset as usize;
+            self.disks[i][o..o + LEN as usize].fill(byte);
+            self.queue[i].push_back(Event::DiskDone {
+                id,
+                result: Ok(None),
+            });
+            self.settle();
+        }
+
+        /// Node `i`'s NBD replies for `cookie`.
+        fn replies_for(&self, i: usize, cookie: u64) -> Vec<NbdResult> {
+            self.nbd_replies[i]
+                .iter()
+                .filter(|(c, _)| *c == cookie)
+                .map(|(_, r)| r.clone())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_streamed_write_is_refused_while_replicating() {
+        let mut p = Pair::in_sync("");
+        p.run_until(5_000, "in sync", |p| p.in_sync_now());
+        p.node(0).attach_client(9).expect("primary serves I/O");
+        // An ordinary write (its extent active now) reaches both disks.
+        p.queue_write(0, 1, 0, 0x5a);
+        p.settle();
+        assert_eq!(p.replies_for(0, 1), vec![Ok(None)]);
+        assert_eq!((p.disks[0][0], p.disks[1][0]), (0x5a, 0x5a));
+        // The peer needs the data: no streaming.
+        assert_eq!(p.node(0).try_stream_write(9, 2, 0, LEN), None);
+        p.settle();
+        assert!(p.replies_for(0, 2).is_empty(), "{:?}", p.nbd_replies[0]);
+    }
+
+    /// Disconnected, a streamed write is admitted once its activity-log extent is active,
+    /// answered only after its disk op is done, marked out of sync, and resynced to the
+    /// peer when it reconnects.
+    #[test]
+    fn a_streamed_write_while_disconnected_is_marked_and_resynced() {
+        let mut p = Pair::disconnected_primary();
+        assert!(p.standalone(0));
+        let offset = 8 << 20;
+        // Its extent is not in the activity log yet: that would need a transaction first.
+        assert_eq!(p.node(0).try_stream_write(9, 1, offset, LEN), None);
+        p.settle();
+        assert!(p.nbd_replies[0].is_empty(), "{:?}", p.nbd_replies[0]);
+        // An ordinary write makes the extent active.
+        p.queue_write(0, 2, offset / 4096 + 100, 0x11);
+        p.settle();
+        assert_eq!(p.replies_for(0, 2), vec![Ok(None)]);
+
+        let id = p
+            .node(0)
+            .try_stream_write(9, 3, offset, LEN)
+            .expect("admitted: not replicating, extent active, nothing overlapping");
+        p.settle();
+        assert!(
+            p.replies_for(0, 3).is_empty(),
+            "answered before its data is on the disk"
+        );
+        for b in 0..u64::from(LEN) / 4096 {
+            assert!(
+                p.marked(0, offset / 4096 + b),
+                "block {b} not marked out of sync"
+            );
+        }
+        p.finish_stream(0, id, offset, 0xab);
+        assert_eq!(p.replies_for(0, 3), vec![Ok(None)]);
+
+        p.node(0).detach_client(9);
+        p.connect(0, false);
+        p.run_until(10_000, "in sync", |p| p.in_sync_now());
+        let o = offset as usize;
+        assert!(p.disks[1][o..o + LEN as usize].iter().all(|&b| b == 0xab));
+        assert!(p.disks[0] == p.disks[1]);
+    }
+
+    /// A write in flight over the same range keeps a streamed write out (it would have to
+    /// wait, and the daemon cannot hold the client's socket meanwhile); one elsewhere does not.
+    #[test]
+    fn a_streamed_write_is_refused_behind_an_overlapping_write() {
+        let mut p = Pair::disconnected_primary();
+        // Two ordinary writes make both extents active.
+        p.queue_write(0, 1, 0, 1);
+        p.queue_write(0, 2, 8 << 8, 2);
+        p.settle();
+        // Now one whose disk op stays in flight.
+        p.queue_write(0, 3, 0, 3);
+        let held = p.step(|i, e| i == 0 && matches!(e, Event::DiskDone { .. }));
+        assert_eq!(held.len(), 1, "{held:?}");
+        assert_eq!(p.node(0).try_stream_write(9, 4, 0, LEN), None);
+        let id = p.node(0).try_stream_write(9, 5, 8 << 20, LEN);
+        assert!(id.is_some(), "a write elsewhere is not held up");
+        for (i, e) in held {
+            p.queue[i].push_back(e);
+        }
+        p.settle();
+        assert_eq!(p.replies_for(0, 3), vec![Ok(None)]);
+        assert!(p.replies_for(0, 4).is_empty());
+        p.finish_stream(0, id.unwrap_or_default(), 8 << 20, 5);
+        assert_eq!(p.replies_for(0, 5), vec![Ok(None)]);
+    }
+
+    /// A disk error on a streamed write fails the disk, as for any local write.
+    #[test]
+    fn a_failed_streamed_write_gets_eio_and_fails_the_disk() {
+        let mut p = Pair::disconnected_primary();
+        p.queue_write(0, 1, 0, 1);
+        p.settle();
+        let id = p.node(0).try_stream_write(9, 2, 0, LEN).expect("admitted");
+        p.queue[0].push_back(Event::DiskDone {
+            id,
+            result: Err(errno::EIO),
+        });
+        p.settle();
+        assert_eq!(p.replies_for(0, 2), vec![Err(errno::EIO)]);
+        assert_eq!(p.status(0).disk, DiskState::Failed);
+        assert_eq!(p.node(0).try_stream_write(9, 3, 0, LEN), None);
+    }
+
+    /// Only a primary's attached client streams.
+    #[test]
+    fn a_streamed_write_needs_an_attached_client_of_a_primary() {
+        let mut p = Pair::in_sync("");
+        p.run_until(5_000, "in sync", |p| p.in_sync_now());
+        p.disconnect(0);
+        p.settle();
+        assert_eq!(p.node(0).try_stream_write(9, 1, 0, LEN), None, "secondary");
+        p.node(0).attach_client(9).expect("primary serves I/O");
+        p.queue_write(0, 2, 0, 1);
+        p.settle();
+        assert_eq!(
+            p.node(0).try_stream_write(8, 3, 0, LEN),
+            None,
+            "not attached"
+        );
+        assert!(p.node(0).try_stream_write(9, 4, 0, LEN).is_some());
+    }
+}

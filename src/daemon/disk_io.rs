@@ -114,6 +114,27 @@ pub(super) fn submit(shared: &Arc<Shared>, id: u64, op: DiskOp) {
     );
 }
 
+/// The core's event for a write the NBD reader streamed to the disk itself (splice.rs), with
+/// its trace line, as for a write the engine ran.
+pub(super) fn streamed(
+    shared: &Shared,
+    id: u64,
+    offset: u64,
+    len: u32,
+    result: std::io::Result<()>,
+) -> Event {
+    let traced = shared
+        .disk_trace
+        .as_ref()
+        .map(|_| format!("write {offset} {len}"));
+    completion(
+        shared,
+        id,
+        traced.as_deref(),
+        result.map(|()| DiskOutput::Done),
+    )
+}
+
 /// What `MIRRORD_DISK_TRACE` records for an operation (flushes and writes).
 fn trace_line(op: &EngineOp) -> Option<String> {
     match op {

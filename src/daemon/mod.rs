@@ -9,6 +9,7 @@ mod nbd_conn;
 pub mod notify;
 mod peer_link;
 pub mod setup;
+mod splice;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

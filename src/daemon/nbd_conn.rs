@@ -23,7 +23,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::sync::Notify;
 
-use super::{disk_io, lock, Shared, MAX_IO};
+use super::{disk_io, lock, splice, Shared, MAX_IO};
 use crate::config::Listen;
 use crate::core::{ConnId, Event, IoRequest};
 use crate::nbd::consts::*;
@@ -33,6 +33,7 @@ use crate::nbd::{
     HandshakeStep, Negotiated, Request, RequestDecoder, ServerHandshake,
 };
 use crate::storage::engine::IoBuf;
+use splice::{Pipe, Streamed};
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -339,6 +340,8 @@ async fn read_loop<S: NbdStream>(
         fast_zero: shared.disk.fast_zero(),
         idx: 0,
         disc: false,
+        pipe: None,
+        no_pipe: false,
     };
     let mut events = Vec::new();
     let mut stop = shared.stop_rx.clone();
@@ -361,10 +364,40 @@ async fn read_loop<S: NbdStream>(
                     disk_io::batch(shared, || shared.handle_many(events.drain(..)));
                 }
                 last_len = req.length;
-                let payload =
-                    read_payload(stream, &mut buf, req.length as usize, payload_poll).await?;
-                events.extend(ctx.request(req, payload));
                 after_large = true;
+                if let Some((id, pipe)) = ctx.try_stream(&req) {
+                    let (offset, len) = (req.offset, req.length);
+                    let streamed = splice::stream_payload(
+                        stream,
+                        &mut buf,
+                        &pipe,
+                        &shared.disk,
+                        offset,
+                        len as usize,
+                        payload_poll,
+                    )
+                    .await;
+                    let result = match streamed {
+                        Ok(Streamed::Written) => {
+                            ctx.pipe = Some(pipe);
+                            Ok(())
+                        }
+                        Ok(Streamed::DiskFailed(e)) => Err(e),
+                        Err(e) => {
+                            // Never acknowledged: NBD leaves what reached the disk
+                            // unspecified, so the core finishes the write as done (it is in
+                            // the bitmap if there is a peer), and the connection ends.
+                            events.push(disk_io::streamed(shared, id, offset, len, Ok(())));
+                            disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+                            return Err(payload_error(e));
+                        }
+                    };
+                    events.push(disk_io::streamed(shared, id, offset, len, result));
+                } else {
+                    let payload =
+                        read_payload(stream, &mut buf, req.length as usize, payload_poll).await?;
+                    events.extend(ctx.request(req, payload));
+                }
             } else {
                 let Some(d) = dec.decode(&mut buf).map_err(|e| e.to_string())? else {
                     break;
@@ -438,12 +471,15 @@ async fn read_payload<S: NbdStream>(
 ) -> Result<Bytes, String> {
     read_buffered(stream, buf, len, poll)
         .await
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => {
-                "the client left in the middle of a write payload".into()
-            }
-            _ => format!("read: {e}"),
-        })
+        .map_err(payload_error)
+}
+
+/// Why a connection ended while its reader waited for a WRITE payload.
+fn payload_error(e: io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => "the client left in the middle of a write payload".into(),
+        _ => format!("read: {e}"),
+    }
 }
 
 /// Reads `len` bytes into a buffer of their own: first what `buf` holds, the
@@ -496,9 +532,67 @@ struct ReqCtx<'a> {
     idx: u64,
     /// The client sent NBD_CMD_DISC.
     disc: bool,
+    /// For streamed writes (splice.rs): made at the first, taken while one runs, dropped
+    /// when one does not finish.
+    pipe: Option<Pipe>,
+    /// No pipe could be made: no streamed writes on this connection.
+    no_pipe: bool,
 }
 
 impl ReqCtx<'_> {
+    /// A large plain WRITE the core lets us stream from the socket to the disk (see
+    /// splice.rs and `Node::try_stream_write`): its reply registered, the core's disk op id
+    /// and the pipe to use. None: handle it the ordinary way ([`ReqCtx::request`]), which
+    /// also answers anything invalid.
+    fn try_stream(&mut self, req: &Request) -> Option<(u64, Pipe)> {
+        let plain = matches!(req.command, Command::Write)
+            && req.flags & NBD_CMD_FLAG_FUA == 0
+            && req.length > 0
+            && !self.no_pipe
+            && validate(req, self.neg).is_ok()
+            && self.shared.disk.caller_writes_ok();
+        if !plain {
+            return None;
+        }
+        let pipe = match self.pipe.take().map_or_else(Pipe::new, Ok) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(
+                    "conn {}: no pipe for splicing writes ({e}); copying them",
+                    self.conn
+                );
+                self.no_pipe = true;
+                return None;
+            }
+        };
+        let idx = self.idx + 1;
+        // Registered first: the core may answer (with an error) before the disk op is done.
+        self.sink.register(
+            idx,
+            Pending {
+                cookie: req.cookie,
+                command: req.command,
+                offset: req.offset,
+                flush_after: false,
+            },
+        );
+        let (conn, offset, len) = (self.conn, req.offset, req.length);
+        match self
+            .shared
+            .with_core(|c| c.try_stream_write(conn, idx, offset, len))
+        {
+            Some(id) => {
+                self.idx = idx;
+                Some((id, pipe))
+            }
+            None => {
+                self.sink.unregister(idx);
+                self.pipe = Some(pipe);
+                None
+            }
+        }
+    }
+
     /// Validates one request: answers it directly, or registers it and returns the core's event.
     fn request(&mut self, req: Request, payload: Bytes) -> Option<Event> {
         let sink = self.sink;
@@ -775,6 +869,11 @@ impl ConnSink {
 
     fn register(&self, idx: u64, p: Pending) {
         self.lock().pending.insert(idx, p);
+    }
+
+    /// Takes back a registration whose request never reached the core.
+    fn unregister(&self, idx: u64) {
+        self.lock().pending.remove(&idx);
     }
 
     fn reader_finished(&self) {
@@ -1060,20 +1159,35 @@ unsafe fn poll_recv_raw(
     len: usize,
     poll: Duration,
 ) -> Option<io::Result<usize>> {
+    spin_io(poll, || {
+        // SAFETY: the caller guarantees `dst` takes `len` bytes.
+        let n = unsafe { libc::recv(fd, dst.cast(), len, libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            Ok(n as usize)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    })
+}
+
+/// Calls the non-blocking `op` in a loop for up to `poll`: Some(result) of the first call
+/// that does not say `EAGAIN` (or `EINTR`), None when `poll` ran out first (or is zero).
+pub(super) fn spin_io(
+    poll: Duration,
+    mut op: impl FnMut() -> io::Result<usize>,
+) -> Option<io::Result<usize>> {
     if poll.is_zero() {
         return None;
     }
     let start = std::time::Instant::now();
     loop {
-        // SAFETY: the caller guarantees `dst` takes `len` bytes.
-        let n = unsafe { libc::recv(fd, dst.cast(), len, libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Some(Ok(n as usize));
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => {}
-            _ => return Some(Err(err)),
+        match op() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            done => return Some(done),
         }
         if start.elapsed() >= poll {
             return None;

@@ -16,7 +16,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -447,20 +447,81 @@ impl Disk {
             Ok(Prepared::Job(job @ Job::Write { .. })) => {
                 let started = Instant::now();
                 let result = sync_io::execute(ctx, &AtomicBool::new(false), job);
-                let took = started.elapsed();
-                if took > INLINE_SLOW {
-                    let until = inner.born.elapsed() + INLINE_PAUSE;
-                    inner
-                        .inline_writes_paused_until
-                        .store(until.as_millis() as u64, Ordering::Relaxed);
-                    tracing::debug!(
-                        "inline write took {took:?}: page cache throttled; writes go to the \
-                         disk threads for {INLINE_PAUSE:?}"
-                    );
-                }
+                self.note_inline_write(started.elapsed());
                 Ok(result)
             }
             Ok(Prepared::Job(_)) => Err(retry),
+        }
+    }
+
+    /// Whether a write may go into the page cache on the caller's thread now, through
+    /// [`Disk::write_now`] and [`Disk::write_from_pipe`]: buffered I/O, not shut down, and
+    /// inline writes not paused (see [`Disk::run_inline`]).
+    pub fn caller_writes_ok(&self) -> bool {
+        !self.inner.ctx.direct
+            && !self.inner.shut.load(Ordering::Acquire)
+            && !self.inline_writes_paused()
+    }
+
+    /// Writes `data` at `offset` on the caller's thread (a buffered write). For a write the
+    /// core admitted; [`Disk::caller_writes_ok`] should hold. Past the end: ENOSPC.
+    pub fn write_now(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.caller_write(offset, data.len(), || {
+            sync_io::write_slice(&self.inner.ctx, data, offset)
+        })
+    }
+
+    /// Moves up to `len` bytes from the pipe `pipe`, which holds at least that many, into the
+    /// data area at `offset` on the caller's thread (splice(2): a copy from the pipe's pages
+    /// into the page cache, never through our memory). Returns how many moved (at least one).
+    /// For a write the core admitted; [`Disk::caller_writes_ok`] should hold. Past the end:
+    /// ENOSPC.
+    pub fn write_from_pipe(
+        &self,
+        pipe: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<usize> {
+        self.caller_write(offset, len, || {
+            sync_io::splice_in(&self.inner.ctx, pipe.as_raw_fd(), offset, len)
+        })
+    }
+
+    /// Runs a caller-thread write of `len` bytes at `offset`: checks the range, and pauses
+    /// inline writes after a slow one, as [`Disk::run_inline`] does.
+    fn caller_write<R>(
+        &self,
+        offset: u64,
+        len: usize,
+        write: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        let inner = &self.inner;
+        if inner.ctx.direct {
+            return Err(blockdev::einval());
+        }
+        let fits = offset
+            .checked_add(len as u64)
+            .is_some_and(|e| e <= inner.size);
+        if !fits {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let started = Instant::now();
+        let result = write();
+        self.note_inline_write(started.elapsed());
+        result
+    }
+
+    /// After an inline write slower than [`INLINE_SLOW`], inline writes pause.
+    fn note_inline_write(&self, took: Duration) {
+        if took > INLINE_SLOW {
+            let until = self.inner.born.elapsed() + INLINE_PAUSE;
+            self.inner
+                .inline_writes_paused_until
+                .store(until.as_millis() as u64, Ordering::Relaxed);
+            tracing::debug!(
+                "inline write took {took:?}: page cache throttled; writes go to the \
+                 disk threads for {INLINE_PAUSE:?}"
+            );
         }
     }
 

@@ -2,7 +2,7 @@
 //! io_uring backend for the one call io_uring has no opcode for (BLKDISCARD).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::blockdev;
@@ -143,7 +143,6 @@ fn write_at(ctx: &FileCtx, ptr: *const u8, len: usize, offset: u64, dsync: bool)
     let fd = ctx.file.as_raw_fd();
     let flags = if dsync { libc::RWF_DSYNC } else { 0 };
     let mut done = 0usize;
-    let mut retries = 0;
     while done < len {
         let pos = libc::off_t::try_from(offset + done as u64).map_err(|_| blockdev::einval())?;
         let iov = libc::iovec {
@@ -152,21 +151,58 @@ fn write_at(ctx: &FileCtx, ptr: *const u8, len: usize, offset: u64, dsync: bool)
             iov_len: len - done,
         };
         // SAFETY: the iovec points at len - done readable bytes.
-        let n = unsafe { libc::pwritev2(fd, &iov, 1, pos, flags) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if transient(&err) && retries < MAX_RETRIES {
-                retries += 1;
-                continue;
-            }
-            return Err(err);
+        done += write_call(|| unsafe { libc::pwritev2(fd, &iov, 1, pos, flags) })?;
+    }
+    Ok(())
+}
+
+/// Writes `data` at `offset` until all is written (a buffered write on the calling thread).
+pub(crate) fn write_slice(ctx: &FileCtx, data: &[u8], offset: u64) -> io::Result<()> {
+    write_at(ctx, data.as_ptr(), data.len(), offset, false)
+}
+
+/// Moves up to `len` bytes from the pipe `pipe` into the file at `offset` with splice(2) (the
+/// pipe's pages are copied into the page cache); returns how many moved, at least one. The
+/// pipe must hold at least `len` bytes, so this never waits for it.
+pub(crate) fn splice_in(ctx: &FileCtx, pipe: RawFd, offset: u64, len: usize) -> io::Result<usize> {
+    let pos = libc::loff_t::try_from(offset).map_err(|_| blockdev::einval())?;
+    let file = ctx.file.as_raw_fd();
+    write_call(|| {
+        let mut at = pos;
+        // SAFETY: plain syscall on valid fds; `at` outlives it.
+        let n = unsafe {
+            libc::splice(
+                pipe,
+                std::ptr::null_mut(),
+                file,
+                &mut at,
+                len,
+                libc::SPLICE_F_MOVE,
+            )
+        };
+        n as isize
+    })
+}
+
+/// Runs a write-like call (returning bytes written, or -1 with errno), retrying EINTR and
+/// EAGAIN up to [`MAX_RETRIES`] times: Ok(n) with n > 0; a zero-byte write is `WriteZero`.
+fn write_call(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    let mut retries = 0;
+    loop {
+        let n = call();
+        if n > 0 {
+            return Ok(n as usize);
         }
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero));
         }
-        done += n as usize;
+        let err = io::Error::last_os_error();
+        if transient(&err) && retries < MAX_RETRIES {
+            retries += 1;
+            continue;
+        }
+        return Err(err);
     }
-    Ok(())
 }
 
 fn fdatasync(ctx: &FileCtx) -> io::Result<()> {
