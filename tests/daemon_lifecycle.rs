@@ -176,3 +176,39 @@ fn sd_notify_ready_and_stopping() {
         "no STOPPING=1 after SIGTERM; got {got:?}"
     );
 }
+
+/// A client that stops sending in the middle of a large WRITE payload does not hold a
+/// SIGTERM up for the whole drain bound (20 s): its write was never acknowledged, and the
+/// daemon ends it and exits 0. A write acknowledged before on the same connection is kept.
+#[test]
+fn sigterm_with_a_client_stalled_mid_payload_exits_0_promptly() {
+    let mut c = ClusterSpec::new(1).size(64 * MIB).mirrord_only().start();
+    let (mut conn, _) = RawConn::handshake(c.nbd_addr(0), EXPORT);
+    let done = pattern::bytes(3, MIB as usize);
+    conn.write_at(0, &done);
+    let half = pattern::bytes(4, MIB as usize / 2);
+    conn.send_request(
+        0,
+        common::nbd_wire::CMD_WRITE,
+        9,
+        4 * MIB,
+        MIB as u32,
+        &half,
+    )
+    .expect("send half a write");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let started = Instant::now();
+    let status = c.stop(0);
+    let took = started.elapsed();
+    let status = status.unwrap_or_else(|| panic!("needed SIGKILL\n{}", c.log_text(0)));
+    assert!(status.success(), "exit {status}\n{}", c.log_text(0));
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop waited {took:?} for a client that sends nothing\n{}",
+        c.log_text(0)
+    );
+    drop(conn);
+    let disk = std::fs::read(c.disk_path(0)).expect("read the disk");
+    pattern::assert_same(&disk[..MIB as usize], &done, "the acknowledged write");
+}

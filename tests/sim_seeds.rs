@@ -50,9 +50,11 @@ fn fifty_seeds_pass_without_faults() {
     let reads: u64 = outcomes.iter().map(|o| o.stats.reads_checked).sum();
     let crashes: u64 = outcomes.iter().map(|o| o.stats.crashes).sum();
     let sbs: u64 = outcomes.iter().map(|o| o.stats.split_brains).sum();
+    let streamed: u64 = outcomes.iter().map(|o| o.stats.streamed).sum();
     assert!(
-        reads > 1000 && crashes > 20 && sbs > 10,
-        "too little exercised: {reads} reads, {crashes} crashes, {sbs} split brains"
+        reads > 1000 && crashes > 20 && sbs > 10 && streamed > 100,
+        "too little exercised: {reads} reads, {crashes} crashes, {sbs} split brains, \
+         {streamed} streamed writes"
     );
 }
 

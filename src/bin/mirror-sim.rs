@@ -113,12 +113,14 @@ fn main() {
     results.sort_by_key(|o| o.seed);
     let mut failed = 0;
     let (mut events, mut sim_us, mut reads, mut crashes, mut sbs) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut streamed = 0u64;
     for o in &results {
         events += o.stats.events;
         sim_us += o.sim_us;
         reads += o.stats.reads_checked;
         crashes += o.stats.crashes;
         sbs += o.stats.split_brains;
+        streamed += o.stats.streamed;
         if let Some(v) = &o.violation {
             failed += 1;
             println!(
@@ -132,7 +134,7 @@ fn main() {
         }
     }
     eprintln!(
-        "mirror-sim: {} seeds in {:.1} s ({} threads): {:.0} simulated s, {} events, {} reads checked, {} crashes, {} split brains",
+        "mirror-sim: {} seeds in {:.1} s ({} threads): {:.0} simulated s, {} events, {} reads checked, {} crashes, {} split brains, {} streamed writes",
         results.len(),
         started.elapsed().as_secs_f64(),
         threads,
@@ -140,7 +142,8 @@ fn main() {
         events,
         reads,
         crashes,
-        sbs
+        sbs,
+        streamed
     );
     println!("{} passed, {} failed", results.len() - failed, failed);
     if failed > 0 {

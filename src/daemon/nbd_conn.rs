@@ -371,10 +371,13 @@ async fn read_loop<S: NbdStream>(
                         stream,
                         &mut buf,
                         &pipe,
-                        &shared.disk,
-                        offset,
-                        len as usize,
+                        splice::Dest {
+                            disk: &shared.disk,
+                            offset,
+                            len: len as usize,
+                        },
                         payload_poll,
+                        &mut stop,
                     )
                     .await;
                     let result = match streamed {

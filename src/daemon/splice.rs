@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::Interest;
+use tokio::sync::watch;
 
 use super::nbd_conn::{read_buffered, spin_io, NbdStream};
 use crate::storage::engine::Disk;
@@ -64,6 +65,13 @@ impl Pipe {
     }
 }
 
+/// Where a streamed payload goes: `len` bytes at `offset` of `disk`.
+pub(super) struct Dest<'a> {
+    pub disk: &'a Disk,
+    pub offset: u64,
+    pub len: usize,
+}
+
 /// How a streamed payload ended, when the connection is still in step.
 pub(super) enum Streamed {
     /// All `len` bytes are in the page cache.
@@ -72,20 +80,21 @@ pub(super) enum Streamed {
     DiskFailed(io::Error),
 }
 
-/// Copies a WRITE payload of `len` bytes from `stream` to the disk at `offset`: first what
+/// Copies a WRITE payload from `stream` to its [`Dest`]: first what
 /// `buf` already holds (a plain write), then socket -> `pipe` -> disk, each piece written
 /// while the rest is on its way, spinning up to `poll` when the socket runs dry before it
-/// sleeps. Err: the connection failed (the client left mid-payload); `pipe` may then hold
-/// data, and the caller drops it.
+/// sleeps. Err: the connection failed (the client left mid-payload), or the daemon is
+/// stopping (`stop`) and the client sends nothing; `pipe` may then hold data, and the caller
+/// drops it. (A client still sending at a stop finishes its write: the stop drains.)
 pub(super) async fn stream_payload<S: NbdStream>(
     stream: &S,
     buf: &mut BytesMut,
     pipe: &Pipe,
-    disk: &Disk,
-    offset: u64,
-    len: usize,
+    dest: Dest<'_>,
     poll: Duration,
+    stop: &mut watch::Receiver<bool>,
 ) -> io::Result<Streamed> {
+    let Dest { disk, offset, len } = dest;
     let have = buf.len().min(len);
     let head = disk.write_now(offset, &buf[..have]);
     buf.advance(have);
@@ -106,7 +115,14 @@ pub(super) async fn stream_payload<S: NbdStream>(
                         match stream.io_op(Interest::READABLE, || pipe.fill_from(sock, len - done))
                         {
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                stream.wait_readable().await?;
+                                tokio::select! {
+                                    r = stream.wait_readable() => r?,
+                                    _ = stop.changed() => {
+                                        return Err(io::Error::other(
+                                            "the daemon is stopping and the client sends nothing",
+                                        ))
+                                    }
+                                }
                                 continue;
                             }
                             got => got,

@@ -152,6 +152,8 @@ pub enum Phase {
 pub struct Stats {
     pub events: u64,
     pub requests: u64,
+    /// Writes the core admitted with `try_stream_write` (the daemon's splice path).
+    pub streamed: u64,
     pub replies: u64,
     pub reads_checked: u64,
     pub crashes: u64,

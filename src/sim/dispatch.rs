@@ -8,30 +8,33 @@ use super::data::{self, SECTOR};
 use super::disk::SimDisk;
 use super::model::Kind;
 use super::net::Step;
-use crate::core::{Action, Event};
+use crate::core::{Action, DiskOp, Event};
 use crate::peer::{Decoder, Message, WriteKind, DEFAULT_MAX_PAYLOAD};
 
 impl Sim {
+    /// Hands node `n`'s disk op `id` to its simulated disk, which completes it later.
+    pub fn submit_disk(&mut self, n: usize, id: u64, op: DiskOp) {
+        self.trace_line(Some(n), || {
+            format!("disk {id}: {}", super::trace::disk_op(&op))
+        });
+        let now = self.now();
+        let (sid, delay) = self.nodes[n].disk.submit(id, op, now, &mut self.rng_disk);
+        let inc = self.nodes[n].inc;
+        self.world.after(
+            delay,
+            Ev::DiskDone {
+                node: n,
+                inc,
+                op: sid,
+            },
+        );
+    }
+
     pub fn dispatch(&mut self, n: usize, actions: Vec<Action>) {
         for a in actions {
             self.mix(n as u64 + 1);
             match a {
-                Action::Disk { id, op } => {
-                    self.trace_line(Some(n), || {
-                        format!("disk {id}: {}", super::trace::disk_op(&op))
-                    });
-                    let now = self.now();
-                    let (sid, delay) = self.nodes[n].disk.submit(id, op, now, &mut self.rng_disk);
-                    let inc = self.nodes[n].inc;
-                    self.world.after(
-                        delay,
-                        Ev::DiskDone {
-                            node: n,
-                            inc,
-                            op: sid,
-                        },
-                    );
-                }
+                Action::Disk { id, op } => self.submit_disk(n, id, op),
                 Action::Reply {
                     conn,
                     cookie,

@@ -7,7 +7,7 @@
 use super::cluster::{Client, Ev, Phase, Req, ReqKind, Sim};
 use super::data::{self, SECTOR};
 use super::model::Kind;
-use crate::core::{AdminCmd, ConnId, Event, IoRequest, Role};
+use crate::core::{AdminCmd, ConnId, DiskOp, Event, IoRequest, Role};
 
 impl Sim {
     fn workload_on(&self) -> bool {
@@ -210,7 +210,35 @@ impl Sim {
                 super::trace::io_request(&req)
             )
         });
-        self.run_core(n, |core| core.handle(Event::Request { conn, cookie, req }));
+        // Every other plain write goes the way the daemon's splice path does: admitted by
+        // try_stream_write, its data handed to the disk by us (not by an action), DiskDone.
+        let streamed = match &req {
+            IoRequest::Write {
+                offset,
+                data,
+                fua: false,
+            } if step % 2 == 0 => {
+                let (offset, data) = (*offset, data.clone());
+                let len = data.len() as u32;
+                let admitted = self
+                    .run_core(n, |core| core.try_stream_write(conn, cookie, offset, len))
+                    .flatten();
+                if let Some(id) = admitted {
+                    self.stats.streamed += 1;
+                    let op = DiskOp::Write {
+                        offset,
+                        data,
+                        fua: false,
+                    };
+                    self.submit_disk(n, id, op);
+                }
+                admitted.is_some()
+            }
+            _ => false,
+        };
+        if !streamed {
+            self.run_core(n, |core| core.handle(Event::Request { conn, cookie, req }));
+        }
         if let ReqKind::Write(id) = kind {
             self.model.writes[id as usize].replicating_at_issue = replicating.then_some(gen);
         }
