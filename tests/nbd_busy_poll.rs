@@ -2,7 +2,8 @@
 //! Requests and payloads that trickle in, with gaps shorter and longer than the spins, must
 //! be served exactly as if they had come at once: no byte lost or read twice, no request left
 //! waiting for a readiness event that already went by. Checked with the spin on (default)
-//! and off, by reading every write back on a fresh connection.
+//! and off, by reading every write back on a fresh connection. Large writes take the splice
+//! path (socket -> pipe -> disk, daemon/splice.rs), so this checks it too, over unix and TCP.
 
 mod common;
 
@@ -35,8 +36,11 @@ fn write_bytes(cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
     request_bytes(0, CMD_WRITE, cookie, offset, len, data)
 }
 
-fn trickled_writes_are_served_intact(extra_table: Option<&str>) {
+fn trickled_writes_are_served_intact(extra_table: Option<&str>, tcp: bool) {
     let mut spec = ClusterSpec::new(1).size(SIZE).mirrord_only();
+    if tcp {
+        spec = spec.tcp();
+    }
     if let Some(t) = extra_table {
         spec = spec.table(t);
     }
@@ -77,10 +81,16 @@ fn trickled_writes_are_served_intact(extra_table: Option<&str>) {
 
 #[test]
 fn trickled_writes_with_busy_poll_on() {
-    trickled_writes_are_served_intact(None);
+    trickled_writes_are_served_intact(None, false);
+}
+
+/// The same over TCP: large writes are spliced from a TCP socket there.
+#[test]
+fn trickled_writes_over_tcp() {
+    trickled_writes_are_served_intact(None, true);
 }
 
 #[test]
 fn trickled_writes_with_busy_poll_off() {
-    trickled_writes_are_served_intact(Some("[nbd]\nbusy-poll-us = 0"));
+    trickled_writes_are_served_intact(Some("[nbd]\nbusy-poll-us = 0"), false);
 }
