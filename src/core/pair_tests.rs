@@ -1355,7 +1355,11 @@ mod stream_writes {
         p.run_until(5_000, "in sync", |p| p.in_sync_now());
         p.disconnect(0);
         p.settle();
-        assert_eq!(p.node(0).try_stream_write(9, 1, 0, LEN), None, "secondary");
+        assert_eq!(
+            p.node(0).try_stream_write(9, 1, 0, LEN),
+            None,
+            "secondary, client not attached"
+        );
         p.node(0).attach_client(9).expect("primary serves I/O");
         p.queue_write(0, 2, 0, 1);
         p.settle();

@@ -126,7 +126,7 @@ pub(super) fn streamed(
     let traced = shared
         .disk_trace
         .as_ref()
-        .map(|_| format!("write {offset} {len}"));
+        .map(|_| write_trace(offset, len as usize, false));
     completion(
         shared,
         id,
@@ -139,18 +139,15 @@ pub(super) fn streamed(
 fn trace_line(op: &EngineOp) -> Option<String> {
     match op {
         EngineOp::Flush => Some("flush".to_string()),
-        EngineOp::Write {
-            offset,
-            data,
-            fua: true,
-        } => Some(format!("fua-write {offset} {}", data.len())),
-        EngineOp::Write {
-            offset,
-            data,
-            fua: false,
-        } => Some(format!("write {offset} {}", data.len())),
+        EngineOp::Write { offset, data, fua } => Some(write_trace(*offset, data.len(), *fua)),
         _ => None,
     }
+}
+
+/// The trace line of a write, however its data reached the disk.
+fn write_trace(offset: u64, len: usize, fua: bool) -> String {
+    let kind = if fua { "fua-write" } else { "write" };
+    format!("{kind} {offset} {len}")
 }
 
 /// The core's event for a finished operation (and its trace line, if tracing).
