@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::nbd_wire::RawConn;
+use common::nbd_wire::{Ending, RawConn};
 use common::{client_script, pattern, python3, run_client, ClusterSpec, ServerKind, EXPORT, MIB};
 
 fn ack_count(path: &std::path::Path) -> usize {
@@ -208,7 +208,61 @@ fn sigterm_with_a_client_stalled_mid_payload_exits_0_promptly() {
         "the stop waited {took:?} for a client that sends nothing\n{}",
         c.log_text(0)
     );
+    // Half its payload reached the disk: the cut-off write must not be answered.
+    let ending = conn.wait_for_close(Duration::from_secs(5));
+    assert!(
+        matches!(ending, Ending::Closed),
+        "the half-sent write was answered (or the socket left open): {ending:?}\n{}",
+        c.log_text(0)
+    );
     drop(conn);
     let disk = std::fs::read(c.disk_path(0)).expect("read the disk");
     pattern::assert_same(&disk[..MIB as usize], &done, "the acknowledged write");
+}
+
+/// A client that pauses in the middle of a large write payload as SIGTERM arrives, and then
+/// sends the rest, gets its write done and answered before the daemon exits (the stop drains;
+/// only a client that stays silent is cut off).
+#[test]
+fn sigterm_while_a_client_pauses_mid_payload_finishes_its_write() {
+    let mut c = ClusterSpec::new(1).size(64 * MIB).start();
+    let (mut conn, _) = RawConn::handshake(c.nbd_addr(0), EXPORT);
+    let data = pattern::bytes(5, MIB as usize);
+    let half = MIB as usize / 2;
+    conn.send_request(
+        0,
+        common::nbd_wire::CMD_WRITE,
+        11,
+        4 * MIB,
+        MIB as u32,
+        &data[..half],
+    )
+    .expect("send half a write");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        common::process::signal(c.daemon(0).pid(), libc::SIGTERM),
+        "SIGTERM"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    conn.send(&data[half..])
+        .expect("send the rest of the write");
+    let reply = conn.read_simple_reply().unwrap_or_else(|e| {
+        panic!(
+            "no reply to a write finished after SIGTERM: {e}\n{}",
+            c.log_text(0)
+        )
+    });
+    assert_eq!(reply.cookie, 11, "reply cookie");
+    assert_eq!(reply.error, 0, "write error\n{}", c.log_text(0));
+    let status = c.stop(0);
+    let status = status.unwrap_or_else(|| panic!("needed SIGKILL\n{}", c.log_text(0)));
+    assert!(status.success(), "exit {status}\n{}", c.log_text(0));
+    drop(conn);
+    let disk = std::fs::read(c.disk_path(0)).expect("read the disk");
+    let at = 4 * MIB as usize;
+    pattern::assert_same(
+        &disk[at..at + MIB as usize],
+        &data,
+        "the write finished after SIGTERM",
+    );
 }

@@ -387,9 +387,12 @@ async fn read_loop<S: NbdStream>(
                         }
                         Ok(Streamed::DiskFailed(e)) => Err(e),
                         Err(e) => {
-                            // Never acknowledged: NBD leaves what reached the disk
+                            // Only part of the payload reached the disk, so the client must
+                            // never hear "done": its reply is dropped, and the connection
+                            // ends. NBD leaves what an unanswered write left on the disk
                             // unspecified, so the core finishes the write as done (it is in
-                            // the bitmap if there is a peer), and the connection ends.
+                            // the bitmap if there is a peer).
+                            sink.abandon(ctx.idx);
                             events.push(disk_io::streamed(shared, id, offset, len, Ok(())));
                             disk_io::batch(shared, || shared.handle_many(events.drain(..)));
                             return Err(payload_error(e));
@@ -577,6 +580,7 @@ impl ReqCtx<'_> {
                 command: req.command,
                 offset: req.offset,
                 flush_after: false,
+                abandoned: false,
             },
         );
         let (conn, offset, len) = (self.conn, req.offset, req.length);
@@ -666,6 +670,7 @@ impl ReqCtx<'_> {
                 command: req.command,
                 offset: req.offset,
                 flush_after,
+                abandoned: false,
             },
         );
         Some(Event::Request {
@@ -715,6 +720,9 @@ struct Pending {
     command: Command,
     offset: u64,
     flush_after: bool,
+    /// Its payload never fully arrived (a streamed write cut off): whatever the core
+    /// answers, the client is told nothing, since not all of its data reached the disk.
+    abandoned: bool,
 }
 
 /// The reply side of one connection (see the module comment).
@@ -879,6 +887,13 @@ impl ConnSink {
         self.lock().pending.remove(&idx);
     }
 
+    /// Request `idx` will get no reply, whatever the core answers (see `Pending::abandoned`).
+    fn abandon(&self, idx: u64) {
+        if let Some(p) = self.lock().pending.get_mut(&idx) {
+            p.abandoned = true;
+        }
+    }
+
     fn reader_finished(&self) {
         self.lock().reader_done = true;
         self.wake.notify_one();
@@ -912,6 +927,13 @@ impl ConnSink {
             tracing::error!("conn {}: reply for unknown request {idx}", self.conn);
             return;
         };
+        if p.abandoned {
+            tracing::debug!("conn {}: request {idx} abandoned; no reply", self.conn);
+            if st.reader_done && st.pending.is_empty() {
+                self.wake.notify_one();
+            }
+            return;
+        }
         if p.flush_after && result.is_ok() {
             // FUA on trim/zeroes: answer after a flush that follows the operation.
             st.next_internal += 1;

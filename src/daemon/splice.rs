@@ -21,6 +21,10 @@ use crate::storage::engine::Disk;
 /// Pipe capacity asked for (F_SETPIPE_SZ; the default, 64 KiB, if refused): how much of a
 /// payload is taken from the socket before it is written.
 const PIPE_SIZE: libc::c_int = 1 << 20;
+/// Once the daemon is stopping, how long a client may pause in the middle of a streamed
+/// payload before its write is cut off (the client's socket then closes, and the write is
+/// never answered).
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// A pipe between a client's socket and the disk. Empty between payloads; dropped (and its
 /// contents with it) when a payload does not finish.
@@ -84,8 +88,9 @@ pub(super) enum Streamed {
 /// `buf` already holds (a plain write), then socket -> `pipe` -> disk, each piece written
 /// while the rest is on its way, spinning up to `poll` when the socket runs dry before it
 /// sleeps. Err: the connection failed (the client left mid-payload), or the daemon is
-/// stopping (`stop`) and the client sends nothing; `pipe` may then hold data, and the caller
-/// drops it. (A client still sending at a stop finishes its write: the stop drains.)
+/// stopping (`stop`) and the client paused for [`STOP_GRACE`]; `pipe` may then hold data, and
+/// the caller drops it, and must not answer the write. (A client still sending at a stop
+/// finishes its write: the stop drains.)
 pub(super) async fn stream_payload<S: NbdStream>(
     stream: &S,
     buf: &mut BytesMut,
@@ -115,14 +120,7 @@ pub(super) async fn stream_payload<S: NbdStream>(
                         match stream.io_op(Interest::READABLE, || pipe.fill_from(sock, len - done))
                         {
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                tokio::select! {
-                                    r = stream.wait_readable() => r?,
-                                    _ = stop.changed() => {
-                                        return Err(io::Error::other(
-                                            "the daemon is stopping and the client sends nothing",
-                                        ))
-                                    }
-                                }
+                                wait_for_more(stream, stop).await?;
                                 continue;
                             }
                             got => got,
@@ -154,6 +152,30 @@ pub(super) async fn stream_payload<S: NbdStream>(
         done += n;
     }
     Ok(Streamed::Written)
+}
+
+/// Waits until the socket has more of the payload. Once the daemon is stopping, a client that
+/// is still sending finishes its write, but one that sends nothing for [`STOP_GRACE`] ends it:
+/// Err, and the write is never answered.
+async fn wait_for_more<S: NbdStream>(
+    stream: &S,
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<()> {
+    if !*stop.borrow() {
+        tokio::select! {
+            r = stream.wait_readable() => return r,
+            // Err: the sender is gone, which only happens when the daemon is ending.
+            _ = stop.changed() => {}
+        }
+    }
+    match tokio::time::timeout(STOP_GRACE, stream.wait_readable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::other(format!(
+            "the daemon is stopping and the client sent nothing of the rest of a write \
+             payload for {} ms",
+            STOP_GRACE.as_millis()
+        ))),
+    }
 }
 
 /// Reads and drops the rest of a payload, so the next request header is next on the socket.
