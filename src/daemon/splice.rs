@@ -24,7 +24,7 @@ const PIPE_SIZE: libc::c_int = 1 << 20;
 /// Once the daemon is stopping, how long a client may pause in the middle of a streamed
 /// payload before its write is cut off (the client's socket then closes, and the write is
 /// never answered).
-const STOP_GRACE: Duration = Duration::from_secs(1);
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A pipe between a client's socket and the disk. Empty between payloads; dropped (and its
 /// contents with it) when a payload does not finish.
