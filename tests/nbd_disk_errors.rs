@@ -112,3 +112,44 @@ fn a_large_write_the_disk_fails_part_way_gets_eio_and_the_connection_goes_on() {
 fn a_fua_write_the_disk_fails_part_way_gets_eio_and_the_connection_goes_on() {
     write_past_the_room(CMD_FLAG_FUA);
 }
+
+/// The disk fails a spliced write, and the client leaves while the rest of its payload is
+/// being dropped: the write is never answered, and the disk is still failed (the error is
+/// not lost with the connection).
+#[test]
+fn a_client_leaving_after_the_disk_failed_its_write_still_leaves_the_disk_failed() {
+    let (mut c, _fs) = node_on_small_tmpfs();
+    let first = pattern::bytes(1, MIB as usize);
+    let (mut conn, _) = RawConn::handshake(c.nbd_addr(0), EXPORT);
+    conn.set_read_timeout(Duration::from_secs(30));
+    conn.write_at(0, &first);
+
+    // A 4 MiB write at 8 MiB, of which 1.5 MiB is sent: more than the tmpfs has left.
+    let part = pattern::bytes(3, 3 * MIB as usize / 2);
+    conn.send_request(0, CMD_WRITE, 9, 8 * MIB, 4 * MIB as u32, &part)
+        .expect("send part of the write");
+    conn.shutdown_write();
+    let ending = conn.wait_for_close(Duration::from_secs(10));
+    assert!(
+        matches!(ending, Ending::Closed),
+        "the cut-off write was answered (or the socket left open): {ending:?}\n{}",
+        c.log_text(0)
+    );
+
+    c.assert_running(0);
+    let st = c.wait_status(0, Duration::from_secs(10), "disk failed", |v| {
+        v["disk"] == "failed"
+    });
+    assert_eq!(st["disk"], "failed", "{st}");
+    assert!(
+        c.log_text(0).contains("disk I/O failed"),
+        "the log names the failure:\n{}",
+        c.log_text(0)
+    );
+    let on_disk = std::fs::read(c.disk_path(0)).expect("read the disk");
+    pattern::assert_same(
+        &on_disk[..MIB as usize],
+        &first,
+        "the acknowledged first MiB",
+    );
+}

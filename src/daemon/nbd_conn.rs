@@ -33,7 +33,7 @@ use crate::nbd::{
     HandshakeStep, Negotiated, Request, RequestDecoder, ServerHandshake,
 };
 use crate::storage::engine::IoBuf;
-use splice::{Pipe, Streamed};
+use splice::Pipe;
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -368,37 +368,38 @@ async fn read_loop<S: NbdStream>(
                 if let Some((id, pipe)) = ctx.try_stream(&req) {
                     let (offset, len) = (req.offset, req.length);
                     let streamed = splice::stream_payload(
-                        stream,
-                        &mut buf,
-                        &pipe,
+                        splice::Source {
+                            stream,
+                            buf: &mut buf,
+                            pipe: &pipe,
+                            poll: payload_poll,
+                            stop: &mut stop,
+                        },
                         splice::Dest {
                             disk: &shared.disk,
                             offset,
                             len: len as usize,
                         },
-                        payload_poll,
-                        &mut stop,
                     )
                     .await;
-                    let result = match streamed {
-                        Ok(Streamed::Written) => {
-                            ctx.pipe = Some(pipe);
-                            Ok(())
-                        }
-                        Ok(Streamed::DiskFailed(e)) => Err(e),
-                        Err(e) => {
-                            // Only part of the payload reached the disk, so the client must
-                            // never hear "done": its reply is dropped, and the connection
-                            // ends. NBD leaves what an unanswered write left on the disk
-                            // unspecified, so the core finishes the write as done (it is in
-                            // the bitmap if there is a peer).
-                            sink.abandon(ctx.idx);
-                            events.push(disk_io::streamed(shared, id, offset, len, Ok(())));
-                            disk_io::batch(shared, || shared.handle_many(events.drain(..)));
-                            return Err(payload_error(e));
-                        }
-                    };
-                    events.push(disk_io::streamed(shared, id, offset, len, result));
+                    if streamed.disk.is_ok() && streamed.conn.is_ok() {
+                        // Empty: kept for the next one (otherwise it goes, with what it
+                        // holds).
+                        ctx.pipe = Some(pipe);
+                    }
+                    if streamed.conn.is_err() {
+                        // Not all of the payload reached the disk, so the client must never
+                        // hear "done": its reply is dropped. NBD leaves what an unanswered
+                        // write left on the disk unspecified, so the core finishes it as
+                        // done (in the bitmap if there is a peer), or as failed when the
+                        // disk failed it.
+                        sink.abandon(ctx.idx);
+                    }
+                    events.push(disk_io::streamed(shared, id, offset, len, streamed.disk));
+                    if let Err(e) = streamed.conn {
+                        disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+                        return Err(payload_error(e));
+                    }
                 } else {
                     let payload =
                         read_payload(stream, &mut buf, req.length as usize, payload_poll).await?;

@@ -69,6 +69,17 @@ impl Pipe {
     }
 }
 
+/// Where a streamed payload comes from: the client's socket, what the reader has already
+/// read of it (`buf`), the connection's pipe, how long to spin when the socket runs dry,
+/// and the daemon's stop signal.
+pub(super) struct Source<'a, S> {
+    pub stream: &'a S,
+    pub buf: &'a mut BytesMut,
+    pub pipe: &'a Pipe,
+    pub poll: Duration,
+    pub stop: &'a mut watch::Receiver<bool>,
+}
+
 /// Where a streamed payload goes: `len` bytes at `offset` of `disk`.
 pub(super) struct Dest<'a> {
     pub disk: &'a Disk,
@@ -76,36 +87,79 @@ pub(super) struct Dest<'a> {
     pub len: usize,
 }
 
-/// How a streamed payload ended, when the connection is still in step.
-pub(super) enum Streamed {
-    /// All `len` bytes are in the page cache.
-    Written,
-    /// The disk failed this write; the rest of the payload was read and dropped.
-    DiskFailed(io::Error),
+/// How a streamed payload ended: what the disk made of it, and whether the connection is
+/// still in step (the whole payload read). Both can fail: a disk error, and then the client
+/// leaves while the rest of its payload is being dropped.
+pub(super) struct Streamed {
+    /// Ok: every byte that arrived is in the page cache (all `len` of them when `conn` is
+    /// Ok). Err: the disk failed this write; the rest of the payload was read and dropped.
+    pub disk: io::Result<()>,
+    /// Err: the payload was cut off (the client left, or paused through a stop); the write
+    /// must not be answered, and the connection ends. `pipe` may then hold data.
+    pub conn: io::Result<()>,
+}
+
+impl Streamed {
+    fn written() -> Streamed {
+        Streamed {
+            disk: Ok(()),
+            conn: Ok(()),
+        }
+    }
+
+    fn cut(e: io::Error) -> Streamed {
+        Streamed {
+            disk: Ok(()),
+            conn: Err(e),
+        }
+    }
+
+    /// The disk failed; `conn` is how dropping the rest of the payload went.
+    fn disk_failed(e: io::Error, conn: io::Result<()>) -> Streamed {
+        Streamed { disk: Err(e), conn }
+    }
 }
 
 /// Copies a WRITE payload from `stream` to its [`Dest`]: first what
 /// `buf` already holds (a plain write), then socket -> `pipe` -> disk, each piece written
 /// while the rest is on its way, spinning up to `poll` when the socket runs dry before it
-/// sleeps. Err: the connection failed (the client left mid-payload), or the daemon is
-/// stopping (`stop`) and the client paused for [`STOP_GRACE`]; `pipe` may then hold data, and
-/// the caller drops it, and must not answer the write. (A client still sending at a stop
-/// finishes its write: the stop drains.)
+/// sleeps. The payload is cut off ([`Streamed::conn`]) when the connection fails (the client
+/// left mid-payload), or when the daemon is stopping (`stop`) and the client paused for
+/// [`STOP_GRACE`]. (A client still sending at a stop finishes its write: the stop drains.)
 pub(super) async fn stream_payload<S: NbdStream>(
-    stream: &S,
-    buf: &mut BytesMut,
-    pipe: &Pipe,
+    mut src: Source<'_, S>,
     dest: Dest<'_>,
-    poll: Duration,
-    stop: &mut watch::Receiver<bool>,
-) -> io::Result<Streamed> {
+) -> Streamed {
+    match copy_payload(&mut src, dest).await {
+        Ok(Ok(())) => Streamed::written(),
+        Ok(Err((e, left))) => {
+            // What is in the pipe goes with the failed write; the caller drops the pipe.
+            let conn = drop_payload(src.stream, src.buf, left, src.poll).await;
+            Streamed::disk_failed(e, conn)
+        }
+        Err(e) => Streamed::cut(e),
+    }
+}
+
+/// The copy of [`stream_payload`]. Outer Err: the payload was cut off. Inner Err: the disk
+/// failed, with how many payload bytes are still on the socket.
+async fn copy_payload<S: NbdStream>(
+    src: &mut Source<'_, S>,
+    dest: Dest<'_>,
+) -> io::Result<Result<(), (io::Error, usize)>> {
+    let Source {
+        stream,
+        ref mut buf,
+        pipe,
+        poll,
+        ref mut stop,
+    } = *src;
     let Dest { disk, offset, len } = dest;
     let have = buf.len().min(len);
     let head = disk.write_now(offset, &buf[..have]);
     buf.advance(have);
     if let Err(e) = head {
-        drop_payload(stream, buf, len - have, poll).await?;
-        return Ok(Streamed::DiskFailed(e));
+        return Ok(Err((e, len - have)));
     }
     let sock = stream.as_raw_fd();
     let mut done = have;
@@ -142,16 +196,12 @@ pub(super) async fn stream_payload<S: NbdStream>(
             let at = offset + (done + n - left) as u64;
             match disk.write_from_pipe(pipe.read.as_fd(), at, left) {
                 Ok(moved) => left -= moved,
-                Err(e) => {
-                    // What is in the pipe goes with it; the caller must drop it.
-                    drop_payload(stream, buf, len - done - n, poll).await?;
-                    return Ok(Streamed::DiskFailed(e));
-                }
+                Err(e) => return Ok(Err((e, len - done - n))),
             }
         }
         done += n;
     }
-    Ok(Streamed::Written)
+    Ok(Ok(()))
 }
 
 /// Waits until the socket has more of the payload. Once the daemon is stopping, a client that
