@@ -76,3 +76,16 @@ fn a_wrong_sync_direction_is_caught() {
         "the wrong sync source went unnoticed in 50 seeds"
     );
 }
+
+#[test]
+fn a_connection_race_is_caught() {
+    let f = Faults {
+        hello_keeps_old_session: true,
+        ..Faults::default()
+    };
+    let hit = first_violation(f, 100);
+    assert!(
+        hit.is_some(),
+        "a follower that kept its old session beside a new connection went unnoticed in 100 seeds"
+    );
+}

@@ -35,7 +35,7 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Turn on a deliberate core bug: ack-before-peer, clear-resync-bit-early, wrong-sync-direction.
+    /// Turn on a deliberate core bug: ack-before-peer, clear-resync-bit-early, wrong-sync-direction, hello-keeps-old-session.
     #[arg(long = "fault")]
     faults: Vec<String>,
     /// Run every seed twice and fail it if the two runs differ.
@@ -114,7 +114,13 @@ fn main() {
     let mut failed = 0;
     let (mut events, mut sim_us, mut reads, mut crashes, mut sbs) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut streamed = 0u64;
+    let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for o in &results {
+        links += o.stats.links;
+        races += o.stats.races;
+        extra += o.stats.extra_dials;
+        crossed += o.stats.crossed_dials;
+        resets += o.stats.handshake_resets;
         events += o.stats.events;
         sim_us += o.sim_us;
         reads += o.stats.reads_checked;
@@ -144,6 +150,9 @@ fn main() {
         crashes,
         sbs,
         streamed
+    );
+    eprintln!(
+        "mirror-sim: {links} connections, {races} sessions won a race against another connection; connection faults: {extra} extra dials, {crossed} crossed dials, {resets} resets mid-handshake"
     );
     println!("{} passed, {} failed", results.len() - failed, failed);
     if failed > 0 {

@@ -10,12 +10,14 @@ pub mod activity_log;
 pub mod bitmap;
 mod fencing;
 pub mod gi;
+mod links;
 mod node;
 pub mod ordering;
 #[cfg(test)]
 mod pair_tests;
 mod replication;
 mod resync;
+mod session;
 mod types;
 
 pub use node::Node;

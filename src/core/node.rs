@@ -227,9 +227,10 @@ pub struct Node {
     /// Promoted while connected: I/O waits until the peer answered a ping sent
     /// after our new role (then it knows we are primary), or the link goes.
     pub(super) promote_confirm: Option<u64>,
-    /// What our last Hello told the peer (identifiers, disk, role, crashed), the
-    /// basis of its sync decision.
-    pub(super) announced: std::cell::Cell<Option<(Gis, DiskState, Role, bool)>>,
+    /// The peer connections and which one carries the session (links.rs).
+    pub(super) links: super::links::Links,
+    /// The flush every start begins with is done: the peer link may start.
+    pub(super) boot_flushed: bool,
     pub(super) last_bitmap_save_ms: u64,
     pub(super) out: Vec<Action>,
     pub(super) resync: Option<Resync>,
@@ -329,7 +330,8 @@ impl Node {
             pings_sent: 0,
             pings_acked: 0,
             promote_confirm: None,
-            announced: std::cell::Cell::new(None),
+            links: super::links::Links::default(),
+            boot_flushed: false,
             last_bitmap_save_ms: 0,
             out: Vec::new(),
             resync: None,
@@ -375,7 +377,7 @@ impl Node {
             op: DiskOp::Flush,
         });
         if node.cfg.peer.is_some() {
-            // Action::Connect follows when the boot flush is done.
+            // The first dial follows when the boot flush is done.
             node.conn = ConnState::Connecting;
         }
         node
@@ -505,9 +507,11 @@ impl Node {
             && self.repl != Replication::Off
     }
 
-    pub(super) fn send(&mut self, m: Message) {
-        if self.conn == ConnState::Connected {
-            self.out.push(Action::Send(m));
+    /// Sends `msg` on the session's connection (nothing while there is none).
+    pub(super) fn send(&mut self, msg: Message) {
+        if let Some(link) = self.links.session() {
+            debug_assert_eq!(self.conn, ConnState::Connected);
+            self.out.push(Action::Send { link, msg });
         }
     }
 
@@ -526,9 +530,9 @@ impl Node {
             Event::Request { conn, cookie, req } => self.on_request(conn, cookie, req),
             Event::DiskDone { id, result } => self.on_disk_done(id, result),
             Event::MetaDone { id, ok } => self.on_meta_done(id, ok),
-            Event::PeerUp { hello } => self.on_peer_up(hello),
-            Event::PeerMsg(m) => self.on_peer_msg(m),
-            Event::PeerDown { reason } => self.on_peer_down(&reason),
+            Event::ConnOffered { link, dialed } => self.on_conn_offered(link, dialed),
+            Event::PeerMsg { link, msg } => self.on_link_msg(link, msg),
+            Event::ConnDown { link, reason } => self.on_conn_down(link, &reason),
             Event::Tick { now_ms } => self.on_tick(now_ms),
             Event::Admin { id, cmd } => self.on_admin(id, cmd),
             Event::FenceDone { id, exit } => self.on_fence_done(id, exit),
@@ -1412,9 +1416,8 @@ impl Node {
                 if result.is_err() {
                     self.disk_failed("flush at start");
                 }
-                if self.want_connect && self.conn == ConnState::Connecting {
-                    self.out.push(Action::Connect);
-                }
+                self.boot_flushed = true;
+                self.maybe_dial();
             }
             Io::PeerFlush { id } => {
                 let error = result.err().unwrap_or(0);
@@ -1609,6 +1612,7 @@ impl Node {
 
     fn on_tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        self.link_tick();
         if self.conn == ConnState::Connected {
             if let Some(sent) = self.ping_outstanding {
                 if now_ms.saturating_sub(sent) > self.cfg.ping_timeout_ms {

@@ -30,8 +30,9 @@ struct Pair {
     md: [Persisted; 2],
     /// Events waiting for node i.
     queue: [VecDeque<Event>; 2],
-    want: [bool; 2],
+    /// A link is up (both nodes were offered connection `cur`).
     link: bool,
+    cur: LinkId,
     now: u64,
     events: [Vec<serde_json::Value>; 2],
     replies: [Vec<Result<String, String>>; 2],
@@ -83,8 +84,8 @@ impl Pair {
             disks: [vec![0; SIZE as usize], vec![0; SIZE as usize]],
             md: [md.clone(), md],
             queue: [VecDeque::new(), VecDeque::new()],
-            want: [false, false],
             link: false,
+            cur: 0,
             now: 0,
             events: [Vec::new(), Vec::new()],
             replies: [Vec::new(), Vec::new()],
@@ -123,7 +124,6 @@ impl Pair {
     fn crash(&mut self, i: usize) {
         self.nodes[i] = None;
         self.queue[i].clear();
-        self.want[i] = false;
         self.link_down(i, "the peer crashed");
     }
 
@@ -132,17 +132,30 @@ impl Pair {
     fn link_down(&mut self, by: usize, why: &str) {
         if self.link {
             self.link = false;
+            let link = self.cur;
             for i in 0..2 {
                 if i == by {
-                    self.queue[i]
-                        .retain(|e| !matches!(e, Event::PeerMsg(_) | Event::PeerUp { .. }));
+                    self.queue[i].retain(|e| !matches!(e, Event::PeerMsg { .. }));
                 }
-                if i != by && self.nodes[i].is_some() {
-                    self.queue[i].push_back(Event::PeerDown {
+                if self.nodes[i].is_some() {
+                    self.queue[i].push_back(Event::ConnDown {
+                        link,
                         reason: why.to_string(),
                     });
                 }
             }
+        }
+    }
+
+    /// Both nodes are offered a new connection (alpha dialed it).
+    fn open_link(&mut self) {
+        self.link = true;
+        self.cur += 1;
+        for i in 0..2 {
+            self.queue[i].push_back(Event::ConnOffered {
+                link: self.cur,
+                dialed: i == 0,
+            });
         }
     }
 
@@ -202,14 +215,18 @@ impl Pair {
                     }
                     self.queue[i].push_back(Event::MetaDone { id, ok: true });
                 }
-                Action::Send(m) if self.link && self.nodes[1 - i].is_some() => {
-                    self.sent[i].push(m.clone());
-                    self.queue[1 - i].push_back(Event::PeerMsg(m));
+                Action::Send { link, msg }
+                    if self.link && link == self.cur && self.nodes[1 - i].is_some() =>
+                {
+                    self.sent[i].push(msg.clone());
+                    self.queue[1 - i].push_back(Event::PeerMsg { link, msg });
                 }
-                Action::Connect => self.want[i] = true,
-                Action::DropPeer { reconnect, .. } => {
-                    self.want[i] = reconnect;
-                    self.link_down(i, "dropped by the peer");
+                // The harness connects whenever both want a link (`wants_link`):
+                // a daemon dials again and again until it gets one.
+                Action::Dial => {}
+                Action::CloseConn { link, .. } => {
+                    assert_eq!(link, self.cur, "node {i} closed an old connection");
+                    self.link_down(i, "closed by the peer");
                 }
                 Action::AdminReply { result, .. } => self.replies[i].push(result),
                 Action::Reply { cookie, result, .. } => self.nbd_replies[i].push((cookie, result)),
@@ -226,18 +243,15 @@ impl Pair {
             // again only after its reader hit the end of the old stream).
             let old_link_pending = self.queue.iter().any(|q| {
                 q.iter()
-                    .any(|e| matches!(e, Event::PeerMsg(_) | Event::PeerDown { .. }))
+                    .any(|e| matches!(e, Event::PeerMsg { .. } | Event::ConnDown { .. }))
             });
             if !self.link
                 && !old_link_pending
-                && self.want == [true, true]
+                && self.wants_link(0)
+                && self.wants_link(1)
                 && self.nodes.iter().all(|n| n.is_some())
             {
-                self.link = true;
-                for i in 0..2 {
-                    let hello = self.node(1 - i).hello();
-                    self.queue[i].push_back(Event::PeerUp { hello });
-                }
+                self.open_link();
             }
             if !self.round(&|_, _| false, &mut Vec::new()) {
                 return;
@@ -288,10 +302,12 @@ impl Pair {
     /// link go down (neither closed it).
     fn cut(&mut self) {
         self.link = false;
+        let link = self.cur;
         for i in 0..2 {
-            self.queue[i].retain(|e| !matches!(e, Event::PeerMsg(_) | Event::PeerUp { .. }));
+            self.queue[i].retain(|e| !matches!(e, Event::PeerMsg { .. }));
             if self.nodes[i].is_some() {
-                self.queue[i].push_back(Event::PeerDown {
+                self.queue[i].push_back(Event::ConnDown {
+                    link,
                     reason: "the network failed".to_string(),
                 });
             }
@@ -363,6 +379,15 @@ impl Pair {
     fn disconnect(&mut self, i: usize) {
         let r = self.admin(i, AdminCmd::Disconnect);
         assert!(r.is_ok(), "{r:?}");
+    }
+
+    /// Node `i` is up and looks for the peer.
+    fn wants_link(&self, i: usize) -> bool {
+        self.nodes[i].is_some()
+            && self
+                .status(i)
+                .peer
+                .is_some_and(|p| p.connection == ConnState::Connecting)
     }
 
     fn standalone(&self, i: usize) -> bool {
@@ -699,7 +724,10 @@ fn a_peer_write_left_out_for_a_local_write_that_failed_gets_a_negative_ack() {
         .iter()
         .skip(acks_before)
         .filter_map(|e| match e {
-            Event::PeerMsg(crate::peer::Message::WriteAck { error, .. }) => Some(*error),
+            Event::PeerMsg {
+                msg: crate::peer::Message::WriteAck { error, .. },
+                ..
+            } => Some(*error),
             _ => None,
         })
         .collect();
@@ -740,17 +768,19 @@ fn a_write_held_during_the_handshake_of_a_sync_source_is_mirrored() {
     for _ in 0..10_000 {
         let before = p.link;
         let mut any = false;
-        if !p.link && p.want == [true, true] {
-            p.link = true;
-            for i in 0..2 {
-                let hello = p.node(1 - i).hello();
-                p.queue[i].push_back(Event::PeerUp { hello });
-            }
+        if !p.link && p.wants_link(0) && p.wants_link(1) {
+            p.open_link();
         }
         for i in 0..2 {
             if let Some(ev) = p.queue[i].pop_front() {
                 any = true;
-                let peer_up = matches!(ev, Event::PeerUp { .. });
+                let peer_up = matches!(
+                    ev,
+                    Event::PeerMsg {
+                        msg: crate::peer::Message::Hello(_),
+                        ..
+                    }
+                );
                 p.node(i).handle(ev);
                 if i == 0 && peer_up {
                     handshaking = true;
@@ -797,7 +827,7 @@ fn a_failed_disk_handshake_keeps_the_failed_sides_out_of_sync_blocks() {
     p.queue_write(1, 1, 299, 0x01);
     p.settle();
     assert_eq!(p.disks[0][299 * 4096], 0x01, "alpha has beta's first write");
-    let partitioned = |i: usize, e: &Event| i == 0 && matches!(e, Event::PeerMsg(_));
+    let partitioned = |i: usize, e: &Event| i == 0 && matches!(e, Event::PeerMsg { .. });
     // The link is down without either node knowing: what beta sends is lost.
     p.queue_write(1, 2, 300, 0x11);
     let lost = p.step(partitioned);
@@ -865,7 +895,10 @@ fn a_resync_ack_after_a_failed_application_write_leaves_the_block_marked() {
         i == 0
             && matches!(
                 e,
-                Event::PeerMsg(crate::peer::Message::WriteAck { error: 0, .. })
+                Event::PeerMsg {
+                    msg: crate::peer::Message::WriteAck { error: 0, .. },
+                    ..
+                }
             )
     };
     // A full resync: its first run (blocks 0-255) goes to beta, beta writes
@@ -944,7 +977,10 @@ mod resync_marks {
     /// For `run`: holds the source's SyncDone for beta, handles the rest.
     fn hold_sync_done_for_beta(i: usize, ev: &Event) -> Next {
         match ev {
-            Event::PeerMsg(Message::SyncDone { .. }) if i == 1 => Next::Hold,
+            Event::PeerMsg {
+                msg: Message::SyncDone { .. },
+                ..
+            } if i == 1 => Next::Hold,
             _ => Next::Handle,
         }
     }
@@ -987,12 +1023,18 @@ mod resync_marks {
         let mut p = Pair::in_sync("[sync]\nchecksum = false");
         // Up to the first resync write reaching beta (it holds block 5).
         let held = beta_primary_sync_target(&mut p, |i, ev| match ev {
-            Event::PeerMsg(Message::Write { resync: true, .. }) if i == 1 => Next::Stop,
+            Event::PeerMsg {
+                msg: Message::Write { resync: true, .. },
+                ..
+            } if i == 1 => Next::Stop,
             _ => Next::Handle,
         });
         assert!(held.is_empty());
         let (offset, len) = match p.queue[1].front() {
-            Some(Event::PeerMsg(Message::Write { offset, kind, .. })) => (*offset, kind.len()),
+            Some(Event::PeerMsg {
+                msg: Message::Write { offset, kind, .. },
+                ..
+            }) => (*offset, kind.len()),
             _ => panic!("a resync write is next for beta"),
         };
         assert!(offset == 0 && len > 6 * 4096, "{offset}+{len}");

@@ -31,19 +31,8 @@ fn disk_of(d: PeerDisk) -> DiskState {
 }
 
 impl Node {
-    /// The Hello this node sends once the link is authenticated.
-    pub fn hello(&self) -> Hello {
-        self.announced.set(Some((
-            self.meta.gis,
-            self.disk,
-            self.role,
-            self.crashed_primary,
-        )));
-        self.hello_now()
-    }
-
-    /// Our Hello as of now, without recording it as announced.
-    fn hello_now(&self) -> Hello {
+    /// Our Hello as of now (sent by `session.rs` on the connection it picks).
+    pub(super) fn hello_now(&self) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
             resource: self.cfg.resource.clone(),
@@ -78,29 +67,13 @@ impl Node {
         }
         self.want_connect = true;
         self.discard_my_data = discard_my_data;
+        self.links.dial_now();
         if self.conn == ConnState::Standalone {
             self.conn = ConnState::Connecting;
             self.split_brain = false;
-            self.out.push(Action::Connect);
         }
+        self.maybe_dial();
         Ok("connecting".into())
-    }
-
-    /// Drops the link (the daemon closes it) and updates the state now.
-    pub(super) fn drop_peer(&mut self, reason: &str, reconnect: bool) {
-        if !reconnect {
-            self.want_connect = false;
-        }
-        if self.conn == ConnState::Connected {
-            self.out.push(Action::Send(Message::Bye {
-                reason: reason.to_string(),
-            }));
-        }
-        self.out.push(Action::DropPeer {
-            reason: reason.to_string(),
-            reconnect: reconnect && self.want_connect,
-        });
-        self.on_peer_down(reason);
     }
 
     pub(super) fn on_peer_up(&mut self, hello: Hello) {
@@ -665,8 +638,7 @@ impl Node {
             full_sync_needed: false,
         };
         let me = self.side_of_self();
-        let now = (self.meta.gis, self.disk, self.role, self.crashed_primary);
-        if self.announced.get().is_some_and(|a| a != now) {
+        if !self.announced_still_true() {
             // The peer decides from our Hello: if we changed since (e.g. promoted
             // and started a new generation before the link was up on our side),
             // the two decisions disagree (simulator finding: both became sync

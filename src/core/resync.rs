@@ -357,8 +357,8 @@ impl Node {
         if self.conn == ConnState::Connected {
             // Reconnect so that the sync decision makes this node a full sync target.
             self.drop_peer("invalidated: reconnecting to resync from the peer", true);
-            self.want_connect = true;
-            self.out.push(Action::Connect);
+            debug_assert!(self.want_connect);
+            self.maybe_dial();
             Ok("invalidated; full resync from the peer follows".into())
         } else {
             Ok("invalidated; a full resync follows when the peer connects".into())

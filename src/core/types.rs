@@ -8,6 +8,9 @@ use crate::peer::{Gis, Message};
 /// An NBD connection, as numbered by the daemon.
 pub type ConnId = u64;
 
+/// An authenticated peer connection, as numbered by the daemon (never reused).
+pub type LinkId = u64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
@@ -70,6 +73,8 @@ pub struct CoreConfig {
     pub split_brain: crate::config::SplitBrain,
     pub fencing: crate::config::Fencing,
     pub ping_interval_ms: u64,
+    /// Pause between dials while no connection is up or in progress.
+    pub connect_retry_ms: u64,
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
     pub ko_count: u64,
@@ -202,13 +207,21 @@ pub enum Event {
         id: u64,
         ok: bool,
     },
-    /// The link is authenticated and the peer's Hello arrived.
-    PeerUp {
-        hello: crate::peer::Hello,
+    /// A peer connection is authenticated (`dialed`: this node dialed it). Every
+    /// connection offered ends with exactly one [`Event::ConnDown`].
+    ConnOffered {
+        link: LinkId,
+        dialed: bool,
     },
-    PeerMsg(Message),
-    /// The link broke or was dropped.
-    PeerDown {
+    /// A message that arrived on connection `link`, in the order it arrived.
+    PeerMsg {
+        link: LinkId,
+        msg: Message,
+    },
+    /// Connection `link` is closed: it broke, the peer closed it, or the core
+    /// asked for it ([`Action::CloseConn`]). Nothing more arrives on it.
+    ConnDown {
+        link: LinkId,
         reason: String,
     },
     /// Time passes (milliseconds on a monotonic clock).
@@ -238,17 +251,23 @@ pub enum Action {
         cookie: u64,
         result: Result<Option<Bytes>, u32>,
     },
-    Send(Message),
+    /// Send `msg` on connection `link` (dropped if it is closed by now).
+    Send {
+        link: LinkId,
+        msg: Message,
+    },
     Persist {
         id: u64,
         write: MetaWrite,
     },
-    /// Start the peer link (dial and accept).
-    Connect,
-    /// Drop the peer link and stay standalone until `Connect`.
-    DropPeer {
+    /// Dial the peer once; a connection that results is offered with
+    /// [`Event::ConnOffered`] (`dialed: true`). A failed dial is not reported:
+    /// the core asks again after its retry interval.
+    Dial,
+    /// Send what is queued on `link`, then close it; [`Event::ConnDown`] follows.
+    CloseConn {
+        link: LinkId,
         reason: String,
-        reconnect: bool,
     },
     AdminReply {
         id: u64,
@@ -336,4 +355,7 @@ pub struct Faults {
     /// Sync decision: for a bitmap-based resync between diverged generations,
     /// pick the wrong sync source.
     pub wrong_sync_direction: bool,
+    /// Connection race: the follower answers the leader's Hello on a new
+    /// connection but keeps running its session on the old one.
+    pub hello_keeps_old_session: bool,
 }

@@ -99,8 +99,8 @@ impl Shared {
 
     fn dispatch_ordered(&self, actions: &mut Vec<Action>) {
         actions.retain_mut(|a| match a {
-            Action::Send(m) => {
-                lock(&self.peer).send(std::mem::replace(m, crate::peer::Message::Ping));
+            Action::Send { link, msg } => {
+                lock(&self.peer).send(*link, std::mem::replace(msg, crate::peer::Message::Ping));
                 false
             }
             Action::Persist { id, write } => {
@@ -135,22 +135,17 @@ impl Shared {
                         let _ = tx.send(result);
                     }
                 }
-                Action::Connect => {
-                    lock(&self.peer).want = true;
-                    self.peer_wake.notify_waiters();
+                Action::Dial => {
+                    lock(&self.peer).want_dial();
                     self.peer_wake.notify_one();
                 }
-                Action::DropPeer { reason, reconnect } => {
-                    tracing::warn!("dropping the peer link: {reason}");
-                    let mut p = lock(&self.peer);
-                    p.drop_active();
-                    p.want = reconnect;
-                    drop(p);
-                    self.peer_wake.notify_one();
+                Action::CloseConn { link, reason } => {
+                    tracing::info!("closing peer connection {link}: {reason}");
+                    lock(&self.peer).close(link);
                 }
                 Action::SplitBrainHandler => self.run_handler("split-brain"),
                 Action::FencePeer { id } => self.run_fence_peer(id),
-                Action::Send(_) | Action::Persist { .. } | Action::Notify(_) => {
+                Action::Send { .. } | Action::Persist { .. } | Action::Notify(_) => {
                     unreachable!("dispatched under the core lock")
                 }
             }
@@ -386,7 +381,7 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
     if let Some(w) = writer {
         tokio::task::spawn_blocking(move || w.finish()).await.ok();
     }
-    lock(&shared.peer).drop_active();
+    lock(&shared.peer).close_all();
     shared.disk.shutdown();
     let _ = std::fs::remove_file(shared.settings.control_socket());
     if let crate::config::Listen::Unix(p) = &shared.settings.nbd_listen {

@@ -1,7 +1,10 @@
-//! The peer link: both nodes listen and dial; after mutual authentication and
-//! the Hello exchange one connection becomes the active link. When both dial at
-//! once, the connection dialed by the node whose name sorts first wins, on both
-//! sides. Messages are framed by the peer codec; the core decides everything else.
+//! The peer link's plumbing: listen, dial when the core asks ([`Action::Dial`]),
+//! authenticate, then carry framed messages both ways, each tagged with its
+//! connection's id. Which connection carries the peer session, when to dial and
+//! when to close is the core's decision (`core/links.rs`, `core/session.rs`):
+//! every authenticated connection is offered to it ([`Event::ConnOffered`]),
+//! every message read is fed to it in order ([`Event::PeerMsg`]), and every
+//! offered connection ends with exactly one [`Event::ConnDown`].
 //!
 //! Sending: the core's messages are queued, in its order, under the core lock
 //! ([`PeerCtl::send`]); right after the lock is released the same thread encodes them (CRC
@@ -9,9 +12,11 @@
 //! ([`flush_queued`]). Only when the socket is full does the link's writer task take over,
 //! waiting for it to drain, with later messages queued behind: no hand-off to another thread
 //! in the common case, and no thread blocks on the network.
+//!
+//! [`Action::Dial`]: crate::core::Action::Dial
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,15 +26,18 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use super::{lock, Shared};
-use crate::core::Event;
-use crate::peer::{
-    encode, encode_split, AuthStep, Authenticator, Decoder, Hello, Message, DEFAULT_MAX_PAYLOAD,
-};
+use crate::core::{Event, LinkId};
+use crate::peer::{encode_split, AuthStep, Authenticator, Decoder, Message, DEFAULT_MAX_PAYLOAD};
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections being authenticated at once (accepted and dialed); more are
+/// refused at once, so unauthenticated parties cannot pile up buffers.
+const MAX_AUTHENTICATING: usize = 4;
+/// How long a closed connection may take to send what was queued on it.
+const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 /// Data at least this large is sent from its own buffer (vectored), not copied.
 const ZERO_COPY_MIN: usize = 8 * 1024;
 /// Frames at least this large are read straight into their own buffer.
@@ -39,41 +47,43 @@ const SMALL_READ: usize = 4096;
 /// Most slices gathered into one `sendmsg`.
 const MAX_IOV: usize = 64;
 
-struct Active {
-    id: u64,
-    out: Arc<PeerOut>,
-    /// Dialed by the node whose name sorts first.
-    preferred: bool,
-    reader: tokio::task::AbortHandle,
-}
-
+/// The open peer connections, by the id the core knows them by.
 #[derive(Default)]
 pub struct PeerCtl {
-    /// The core wants a link.
-    pub want: bool,
-    active: Option<Active>,
-    next_id: u64,
+    links: HashMap<LinkId, Arc<PeerOut>>,
+    next_id: LinkId,
+    /// The core asked for a dial that the dialer has not started yet.
+    dial_wanted: bool,
 }
 
 impl PeerCtl {
-    /// Queues `m` on the active link (called under the core lock, so messages keep its
-    /// order); this thread sends it at its next [`flush_queued`].
-    pub fn send(&self, m: Message) {
-        if let Some(a) = &self.active {
-            a.out.queue(m);
+    /// Queues `m` on connection `link` (called under the core lock, so messages keep its
+    /// order); this thread sends it at its next [`flush_queued`]. A connection that is
+    /// gone by now drops it: its `ConnDown` is on the way to the core.
+    pub fn send(&self, link: LinkId, m: Message) {
+        if let Some(out) = self.links.get(&link) {
+            out.queue(m);
         }
     }
 
-    /// Closes the active link: queued messages are still written, nothing more is read.
-    pub fn drop_active(&mut self) {
-        if let Some(a) = self.active.take() {
-            a.reader.abort();
-            a.out.close();
+    /// Closes `link`: queued messages are still written (for at most [`CLOSE_DRAIN`]),
+    /// then the socket is shut down and its reader reports `ConnDown`.
+    pub fn close(&mut self, link: LinkId) {
+        if let Some(out) = self.links.get(&link) {
+            out.close();
         }
     }
 
-    fn is_active(&self, id: u64) -> bool {
-        self.active.as_ref().is_some_and(|a| a.id == id)
+    /// Closes every connection (the process is stopping).
+    pub fn close_all(&mut self) {
+        for out in self.links.values() {
+            out.close();
+        }
+    }
+
+    /// The core wants a dial.
+    pub fn want_dial(&mut self) {
+        self.dial_wanted = true;
     }
 }
 
@@ -93,13 +103,25 @@ pub async fn run(shared: Arc<Shared>) {
             }
         }
     };
+    let slots = Arc::new(Semaphore::new(MAX_AUTHENTICATING));
     let accept = {
         let shared = shared.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((s, addr)) => {
-                        tokio::spawn(establish(shared.clone(), s, addr, false));
+                        let Ok(permit) = slots.clone().try_acquire_owned() else {
+                            tracing::warn!(
+                                "peer connection from {addr} refused: {MAX_AUTHENTICATING} connections are being authenticated already"
+                            );
+                            continue;
+                        };
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            establish(shared, s, addr, false).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!("peer accept failed: {e}");
@@ -109,51 +131,35 @@ pub async fn run(shared: Arc<Shared>) {
             }
         })
     };
-    dial_loop(shared, peer).await;
+    dial_loop(shared, peer, slots).await;
     accept.abort();
 }
 
-fn i_sort_first(shared: &Shared) -> bool {
-    shared
-        .settings
-        .peer()
-        .is_some_and(|p| shared.settings.node().name < p.name)
-}
-
-async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr) {
-    let retry = Duration::from_millis(shared.settings.net.connect_retry_ms);
+/// Dials once each time the core asks ([`PeerCtl::want_dial`]), one dial at a time.
+async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr, slots: Arc<Semaphore>) {
+    let timeout =
+        Duration::from_millis(shared.settings.net.connect_retry_ms).max(Duration::from_secs(1));
     loop {
-        let (want, active) = {
-            let p = lock(&shared.peer);
-            (p.want, p.active.is_some())
-        };
-        if !want || active {
-            let wake = shared.peer_wake.notified();
-            tokio::select! {
-                _ = wake => {},
-                _ = tokio::time::sleep(retry) => {},
-            }
+        let wake = shared.peer_wake.notified();
+        let wanted = std::mem::take(&mut lock(&shared.peer).dial_wanted);
+        if !wanted {
+            wake.await;
             continue;
         }
-        if !i_sort_first(&shared) {
-            // Give the preferred direction a head start so both rarely dial at once.
-            tokio::time::sleep(retry / 2).await;
-            if lock(&shared.peer).active.is_some() {
-                continue;
-            }
-        }
-        match tokio::time::timeout(retry.max(Duration::from_secs(1)), TcpStream::connect(peer))
-            .await
-        {
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("dialing the peer deferred: connections are being authenticated");
+            continue;
+        };
+        match tokio::time::timeout(timeout, TcpStream::connect(peer)).await {
             Ok(Ok(s)) => establish(shared.clone(), s, peer, true).await,
             Ok(Err(e)) => tracing::debug!("connecting to peer {peer}: {e}"),
             Err(_) => tracing::debug!("connecting to peer {peer}: timed out"),
         }
-        tokio::time::sleep(retry).await;
+        drop(permit);
     }
 }
 
-/// Authenticates, exchanges Hello, and makes the link active if it should be.
+/// Authenticates, then offers the connection to the core and starts reading it.
 async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dialed: bool) {
     let _ = s.set_nodelay(true);
     if shared.is_stopping() {
@@ -168,84 +174,50 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
     };
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let me = shared.settings.node().name.clone();
-    let hello = match tokio::time::timeout(
+    match tokio::time::timeout(
         AUTH_TIMEOUT,
-        greet(&shared, &mut s, &mut inbuf, &secret, &me),
+        authenticate(&shared, &mut s, &mut inbuf, &secret, &me),
     )
     .await
     {
-        Ok(Ok(h)) => h,
+        Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::warn!("peer {addr}: {e}");
             return;
         }
         Err(_) => {
-            tracing::warn!("peer {addr}: no authentication and Hello within {AUTH_TIMEOUT:?}");
+            tracing::warn!("peer {addr}: no authentication within {AUTH_TIMEOUT:?}");
             return;
         }
-    };
-    let preferred = dialed == i_sort_first(&shared);
+    }
     let s = Arc::new(s);
-    let id;
-    {
-        let mut p = lock(&shared.peer);
-        if !p.want {
-            return;
-        }
-        if let Some(a) = &p.active {
-            if a.preferred || !preferred {
-                tracing::debug!("peer {addr}: a link is already up; closing this one");
-                return;
-            }
-        }
-        p.next_id += 1;
-        id = p.next_id;
-    }
-    // Replacing a non-preferred link: the core sees it go down first.
-    let replaced = {
-        let mut p = lock(&shared.peer);
-        let had = p.active.is_some();
-        p.drop_active();
-        had
-    };
-    if replaced {
-        shared.handle(Event::PeerDown {
-            reason: "replaced by the preferred connection".into(),
-        });
-    }
     let out = Arc::new(PeerOut::new(s.clone()));
-    tokio::spawn(write_loop(shared.clone(), id, s.clone(), out.clone()));
-    let reader = tokio::spawn(read_loop(shared.clone(), id, s, inbuf));
-    {
+    let link = {
         let mut p = lock(&shared.peer);
-        p.active = Some(Active {
-            id,
-            out,
-            preferred,
-            reader: reader.abort_handle(),
-        });
-    }
+        p.next_id += 1;
+        let link = p.next_id;
+        p.links.insert(link, out.clone());
+        link
+    };
     tracing::info!(
-        "peer link up with {} at {addr} ({})",
-        hello.node,
+        "peer connection {link} with {addr} authenticated ({})",
         if dialed { "dialed" } else { "accepted" }
     );
-    // PeerUp is fed under the core lock only if this link is still the active one.
-    shared.with_core(|c| {
-        if lock(&shared.peer).is_active(id) {
-            c.handle(Event::PeerUp { hello });
-        }
-    });
+    tokio::spawn(write_loop(s.clone(), out));
+    // Offered before anything read on it reaches the core; the reader starts with
+    // whatever arrived behind the authentication.
+    shared.handle(Event::ConnOffered { link, dialed });
+    tokio::spawn(read_loop(shared, link, s, inbuf));
 }
 
-/// Mutual authentication, then our Hello out and the peer's Hello in.
-async fn greet(
+/// Mutual authentication (the Hello exchange that follows is the core's).
+async fn authenticate(
     shared: &Arc<Shared>,
     s: &mut TcpStream,
     inbuf: &mut BytesMut,
     secret: &[u8],
     me: &str,
-) -> Result<Hello, String> {
+) -> Result<(), String> {
     let mut auth = Authenticator::new(secret, me, &shared.settings.resource)
         .map_err(|e| format!("authentication setup: {e}"))?;
     let mut out = BytesMut::new();
@@ -283,39 +255,14 @@ async fn greet(
                     s.write_all(&out)
                         .await
                         .map_err(|e| format!("write during authentication: {e}"))?;
-                    out.clear();
                 }
-                break;
-            }
-        }
-    }
-    let hello = shared.core().hello();
-    encode(&Message::Hello(hello), &mut out);
-    s.write_all(&out)
-        .await
-        .map_err(|e| format!("write of Hello: {e}"))?;
-    let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
-    loop {
-        match dec
-            .decode(inbuf)
-            .map_err(|e| format!("bad message before Hello: {e}"))?
-        {
-            Some(Message::Hello(h)) => return Ok(h),
-            Some(other) => return Err(format!("expected Hello, got {other:?}")),
-            None => {
-                if s.read_buf(inbuf)
-                    .await
-                    .map_err(|e| format!("read of Hello: {e}"))?
-                    == 0
-                {
-                    return Err("closed the connection before Hello".into());
-                }
+                return Ok(());
             }
         }
     }
 }
 
-async fn read_loop(shared: Arc<Shared>, id: u64, rd: Arc<TcpStream>, mut buf: BytesMut) {
+async fn read_loop(shared: Arc<Shared>, link: LinkId, rd: Arc<TcpStream>, mut buf: BytesMut) {
     let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
     let mut msgs = Vec::new();
     // After a large frame, the next read takes little more than a header, so the next large
@@ -345,13 +292,7 @@ async fn read_loop(shared: Arc<Shared>, id: u64, rd: Arc<TcpStream>, mut buf: By
             // A batch: the peer's writes go to the page cache on this thread, and the NBD
             // replies their acks release leave together.
             super::disk_io::batch(&shared, || {
-                shared.with_core(|c| {
-                    if lock(&shared.peer).is_active(id) {
-                        for m in msgs.drain(..) {
-                            c.handle(Event::PeerMsg(m));
-                        }
-                    }
-                })
+                shared.handle_many(msgs.drain(..).map(|msg| Event::PeerMsg { link, msg }))
             });
             msgs.clear();
         }
@@ -385,7 +326,7 @@ async fn read_loop(shared: Arc<Shared>, id: u64, rd: Arc<TcpStream>, mut buf: By
             Err(e) => break format!("read from the peer: {e}"),
         }
     };
-    link_ended(&shared, id, &reason);
+    link_ended(&shared, link, &reason);
 }
 
 /// Reads a frame of `total` bytes into its own buffer: first what `buf` holds, the rest
@@ -593,15 +534,18 @@ fn send_chunks(fd: RawFd, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
 
 /// Sends what the socket could not take at once (and what is queued after it), reports a
 /// failed link, and after [`PeerOut::close`] sends what is left and shuts the socket down.
-async fn write_loop(shared: Arc<Shared>, id: u64, s: Arc<TcpStream>, out: Arc<PeerOut>) {
+async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
+    let mut closed_at = None;
     loop {
         let notified = out.wake.notified();
         let owns = {
             let mut st = out.lock();
             if let Some(reason) = st.failed.clone() {
-                drop(st);
-                link_ended(&shared, id, &reason);
-                return;
+                tracing::debug!("peer connection: {reason}");
+                break;
+            }
+            if st.closed && closed_at.is_none() {
+                closed_at = Some(tokio::time::Instant::now());
             }
             if !st.writer_owns && !st.sending && st.closed {
                 if st.msgs.is_empty() {
@@ -623,9 +567,20 @@ async fn write_loop(shared: Arc<Shared>, id: u64, s: Arc<TcpStream>, out: Arc<Pe
             notified.await;
             continue;
         }
-        if let Err(e) = s.writable().await {
-            out.lock().failed = Some(format!("write to the peer: {e}"));
-            continue;
+        // A closed connection gets CLOSE_DRAIN to send what was queued on it.
+        let deadline = closed_at.map_or(Duration::MAX, |t: tokio::time::Instant| {
+            CLOSE_DRAIN.saturating_sub(t.elapsed())
+        });
+        match tokio::time::timeout(deadline, s.writable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                out.lock().failed = Some(format!("write to the peer: {e}"));
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!("peer connection closed with {CLOSE_DRAIN:?} of data unsent");
+                break;
+            }
         }
         let mut st = out.lock();
         let mut backlog = std::mem::take(&mut st.backlog);
@@ -639,25 +594,21 @@ async fn write_loop(shared: Arc<Shared>, id: u64, s: Arc<TcpStream>, out: Arc<Pe
             Err(e) => st.failed = Some(format!("write to the peer: {e}")),
         }
     }
+    // Both ways: the reader then ends and reports ConnDown.
     // SAFETY: plain syscall on the socket, which `s` keeps open.
-    unsafe { libc::shutdown(out.fd, libc::SHUT_WR) };
+    unsafe { libc::shutdown(out.fd, libc::SHUT_RDWR) };
 }
 
-fn link_ended(shared: &Arc<Shared>, id: u64, reason: &str) {
-    let was_active = {
-        let mut p = lock(&shared.peer);
-        if p.is_active(id) {
-            p.drop_active();
-            true
-        } else {
-            false
-        }
+/// The reader of `link` ended: the connection is gone, and the core hears it once.
+fn link_ended(shared: &Arc<Shared>, link: LinkId, reason: &str) {
+    let out = lock(&shared.peer).links.remove(&link);
+    let Some(out) = out else {
+        unreachable!("connection {link} ended twice");
     };
-    if was_active {
-        tracing::warn!("peer link lost: {reason}");
-        shared.handle(Event::PeerDown {
-            reason: reason.to_string(),
-        });
-        shared.peer_wake.notify_one();
-    }
+    out.close();
+    tracing::info!("peer connection {link} closed: {reason}");
+    shared.handle(Event::ConnDown {
+        link,
+        reason: reason.to_string(),
+    });
 }

@@ -168,3 +168,31 @@ pub enum Message {
         reason: String,
     },
 }
+
+impl Message {
+    /// The message's name, for log lines.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::State { .. } => "State",
+            Message::BitmapChunk { .. } => "BitmapChunk",
+            Message::StartSync { .. } => "StartSync",
+            Message::Write { .. } => "Write",
+            Message::RecvAck { .. } => "RecvAck",
+            Message::WriteAck { .. } => "WriteAck",
+            Message::Flush { .. } => "Flush",
+            Message::FlushAck { .. } => "FlushAck",
+            Message::ReadRequest { .. } => "ReadRequest",
+            Message::ReadReply { .. } => "ReadReply",
+            Message::ChecksumRequest { .. } => "ChecksumRequest",
+            Message::ChecksumReply { .. } => "ChecksumReply",
+            Message::SyncDone { .. } => "SyncDone",
+            Message::StartVerify => "StartVerify",
+            Message::VerifyDone { .. } => "VerifyDone",
+            Message::SplitBrain => "SplitBrain",
+            Message::Ping => "Ping",
+            Message::PingAck => "PingAck",
+            Message::Bye { .. } => "Bye",
+        }
+    }
+}

@@ -15,9 +15,9 @@ use super::world::World;
 use crate::core::{md_flags, AdminCmd, ConnId, Event, MetaState, Node, Role, Status};
 use crate::peer::Gis;
 
-/// How long a daemon waits for the peer's Hello on a new connection before it
-/// drops it (the daemon's `AUTH_TIMEOUT`, src/daemon/peer_link.rs).
-pub const HANDSHAKE_TIMEOUT_US: u64 = 10_000_000;
+/// How long a daemon's authentication of a new connection may take before it
+/// gives up on it (the daemon's `AUTH_TIMEOUT`, src/daemon/peer_link.rs).
+pub const AUTH_TIMEOUT_US: u64 = 10_000_000;
 
 /// Something that happens at a simulated time.
 #[derive(Debug)]
@@ -39,10 +39,22 @@ pub enum Ev {
         link: u64,
         dir: usize,
     },
-    Dial,
-    /// The daemons' handshake deadline for `link` (see [`HANDSHAKE_TIMEOUT_US`]).
-    HandshakeTimeout {
+    /// Node `from`'s dial reaches the peer (or fails).
+    Connect {
+        from: usize,
+        inc: u64,
+    },
+    /// Node `node`'s daemon finished authenticating `link`: its core is offered it.
+    Offer {
         link: u64,
+        node: usize,
+        inc: u64,
+    },
+    /// The reader of `link` on node `node` ended after its core closed it.
+    ConnDown {
+        link: u64,
+        node: usize,
+        inc: u64,
     },
     Restart(usize),
     StopStep {
@@ -116,8 +128,8 @@ pub struct SimNode {
     pub boot_us: u64,
     pub disk: SimDisk,
     pub meta: SimMeta,
-    /// The daemon wants a peer link (Connect, or DropPeer with reconnect).
-    pub want_link: bool,
+    /// The link the core's peer session runs on, as last seen.
+    pub session: Option<u64>,
     pub clients: BTreeMap<ConnId, Client>,
     pub stopping: Option<Stopping>,
     pub restart_at: Option<u64>,
@@ -159,6 +171,12 @@ pub struct Stats {
     pub crashes: u64,
     pub restarts: u64,
     pub links: u64,
+    /// Sessions that started while another connection was in its Hello exchange.
+    pub races: u64,
+    /// Connection faults injected: extra dials, crossed dials, resets mid-handshake.
+    pub extra_dials: u64,
+    pub crossed_dials: u64,
+    pub handshake_resets: u64,
     pub decisions: u64,
     pub split_brains: u64,
     pub rebases: u64,
@@ -263,7 +281,7 @@ impl Sim {
             boot_us: 0,
             disk: SimDisk::new(d),
             meta: SimMeta::new(m, bpp),
-            want_link: false,
+            session: None,
             clients: BTreeMap::new(),
             stopping: None,
             restart_at: None,
@@ -306,8 +324,6 @@ impl Sim {
         for n in 0..2 {
             sim.boot(n);
         }
-        let retry = sim.sc.connect_retry_us;
-        sim.world.after(retry, Ev::Dial);
         sim.world.after(100_000, Ev::Workload);
         sim.world.after(sim.sc.fault_gap_us, Ev::Fault);
         sim.world.after(500_000, Ev::Operator);
@@ -400,7 +416,7 @@ impl Sim {
         sn.core = Some(node);
         sn.inc += 1;
         sn.boot_us = now;
-        sn.want_link = false;
+        sn.session = None;
         sn.stopping = None;
         sn.restart_at = None;
         sn.failed_since = None;
@@ -446,7 +462,7 @@ impl Sim {
         sn.inc += 1;
         sn.link_gen += 1;
         sn.stopping = None;
-        sn.want_link = false;
+        sn.session = None;
         if power {
             sn.disk.power_loss(&mut self.rng_disk);
             sn.meta.power_loss(&mut self.rng_disk);
@@ -532,7 +548,7 @@ impl Sim {
         sn.inc += 1;
         sn.link_gen += 1;
         sn.stopping = None;
-        sn.want_link = false;
+        sn.session = None;
         for id in self.net.ids() {
             if !self.net.links[&id].closed[n] {
                 self.net.close(id, n);
@@ -558,7 +574,35 @@ impl Sim {
         let r = f(core);
         let actions = core.take_actions();
         self.dispatch(n, actions);
+        self.track_session(n);
         Some(r)
+    }
+
+    /// Keeps the links' `active` marks and the node's link generation in step
+    /// with the link its core runs the peer session on; checks that the two
+    /// cores never run their sessions on different links.
+    fn track_session(&mut self, n: usize) {
+        let now = self.nodes[n].core.as_ref().and_then(|c| c.session_link());
+        if now == self.nodes[n].session {
+            return;
+        }
+        self.nodes[n].session = now;
+        self.nodes[n].link_gen += 1;
+        for l in self.net.links.values_mut() {
+            l.active[n] = Some(l.id) == now;
+        }
+        if let (Some(a), Some(b)) = (self.nodes[n].session, self.nodes[1 - n].session) {
+            if a != b {
+                self.violate(
+                    "two sessions",
+                    format!(
+                        "{} runs its peer session on link {a}, {} on link {b}",
+                        Sim::name(n),
+                        Sim::name(1 - n)
+                    ),
+                );
+            }
+        }
     }
 
     pub fn admin(&mut self, n: usize, cmd: AdminCmd) {
@@ -606,12 +650,29 @@ impl Sim {
                 self.mix(link * 2 + dir as u64);
                 self.deliver(link, dir);
             }
-            Ev::Dial => {
-                self.dial();
-                let retry = self.sc.connect_retry_us;
-                self.world.after(retry, Ev::Dial);
+            Ev::Connect { from, inc } => {
+                if self.nodes[from].inc == inc && self.alive(from) {
+                    self.connect(from);
+                }
             }
-            Ev::HandshakeTimeout { link } => self.handshake_timeout(link),
+            Ev::Offer { link, node, inc } => {
+                if self.nodes[node].inc == inc {
+                    self.offer(link, node);
+                } else {
+                    self.stale_offer(link, node);
+                }
+            }
+            Ev::ConnDown { link, node, inc } => {
+                if self.nodes[node].inc == inc {
+                    self.trace_line(Some(node), || format!("link {link}: reader ended"));
+                    self.run_core(node, |c| {
+                        c.handle(Event::ConnDown {
+                            link,
+                            reason: "closed by this node".into(),
+                        })
+                    });
+                }
+            }
             Ev::Restart(n) => {
                 self.nodes[n].restart_at = None;
                 if !self.alive(n) {
@@ -673,59 +734,83 @@ impl Sim {
         self.run_core(n, |core| core.handle(Event::MetaDone { id, ok: true }));
     }
 
-    /// A node whose end of `link` still has no Hello from the peer gives up on it,
-    /// as the daemon does after its handshake timeout. Without this, a peer that
-    /// lost power right after the link opened (its Hello lost with it, and a dead
-    /// machine sends no reset) left the survivor holding a half-open connection
-    /// forever; no new link could open, and both sat in Connecting (seed 67656).
-    fn handshake_timeout(&mut self, link: u64) {
+    /// Node `from` dials: with the peer's daemon up and listening and the network
+    /// passing, a link opens, and each side's daemon authenticates it after its own
+    /// delay (so the two cores are offered it at different times, and both nodes'
+    /// dials can cross).
+    fn connect(&mut self, from: usize) {
+        let to = 1 - from;
+        let now = self.world.now;
+        if !self.alive(to) || self.nodes[to].stopping.is_some() || self.net.partitioned(now) {
+            self.trace_line(Some(from), || "dial fails".into());
+            return;
+        }
+        self.net.collect();
+        let id = self.net.open(from);
+        self.stats.links += 1;
+        self.trace_line(Some(from), || format!("link {id} connects"));
+        self.schedule_offers(id);
+    }
+
+    /// Each side of a new link finishes its authentication after a delay of its
+    /// own; now and then one side's never does (a half-open connection: that
+    /// daemon gives up after its authentication timeout).
+    pub fn schedule_offers(&mut self, link: u64) {
         for n in 0..2 {
-            let Some(l) = self.net.links.get(&link) else {
-                return;
-            };
-            if l.closed[n] || l.active[n] || !self.alive(n) {
+            let inc = self.nodes[n].inc;
+            if self.rng_net.chance(0.02) {
+                self.trace_line(Some(n), || format!("link {link}: authentication stalls"));
+                self.world.after(
+                    AUTH_TIMEOUT_US,
+                    Ev::Offer {
+                        link,
+                        node: n,
+                        inc: u64::MAX,
+                    },
+                );
                 continue;
             }
-            self.trace_line(Some(n), || {
-                format!("link {link}: no Hello from the peer in time; the daemon drops it")
-            });
-            self.net.close(link, n);
+            let d = if self.rng_net.chance(0.1) {
+                self.rng_net.range(5_000, 80_000)
+            } else {
+                self.rng_net.range(200, 3_000)
+            };
+            self.world.after(d, Ev::Offer { link, node: n, inc });
         }
+    }
+
+    /// Node `n`'s daemon authenticated `link` (or, with a stale `inc`, gave up on it).
+    fn offer(&mut self, link: u64, n: usize) {
+        let now = self.world.now;
+        let Some(l) = self.net.links.get(&link) else {
+            return;
+        };
+        if l.closed[n] || !self.alive(n) {
+            return;
+        }
+        if self.net.partitioned(now) || self.nodes[n].stopping.is_some() {
+            // Authentication cannot finish: the daemon drops the connection.
+            self.trace_line(Some(n), || format!("link {link}: authentication fails"));
+            self.net.close(link, n);
+            self.wake_links();
+            return;
+        }
+        let dialed = l.dialer == n;
+        self.net.links.get_mut(&link).expect("link").offered[n] = true;
+        self.trace_line(Some(n), || {
+            format!("link {link}: offered (dialed {dialed})")
+        });
+        self.run_core(n, |c| c.handle(Event::ConnOffered { link, dialed }));
         self.wake_links();
     }
 
-    /// Both daemons dial; a link comes up when both want one and nothing is in the way.
-    fn dial(&mut self) {
-        let now = self.world.now;
-        let ready = (0..2).all(|n| {
-            self.alive(n)
-                && self.nodes[n].want_link
-                && self.nodes[n].stopping.is_none()
-                && !self.net.has_open_end(n)
-        });
-        if !ready || self.net.partitioned(now) {
-            self.net.collect();
-            return;
-        }
-        let hellos: Vec<_> = (0..2)
-            .map(|n| self.nodes[n].core.as_ref().map(|c| c.hello()))
-            .collect();
-        let id = self.net.open();
-        self.stats.links += 1;
-        self.trace_line(None, || format!("link {id} connects"));
-        self.world
-            .after(HANDSHAKE_TIMEOUT_US, Ev::HandshakeTimeout { link: id });
-        for (n, h) in hellos.into_iter().enumerate() {
-            if let Some(h) = h {
-                if let Some(t) = self.net.push(
-                    id,
-                    n,
-                    crate::peer::Message::Hello(h),
-                    now,
-                    &mut self.rng_net,
-                ) {
-                    self.world.at(t, Ev::Deliver { link: id, dir: n });
-                }
+    /// A node that crashed or stopped while its end of `link` authenticated: the
+    /// stale offer event closes that end (as the old process's exit did).
+    pub fn stale_offer(&mut self, link: u64, n: usize) {
+        if let Some(l) = self.net.links.get(&link) {
+            if !l.closed[n] && !l.offered[n] {
+                self.net.close(link, n);
+                self.wake_links();
             }
         }
     }

@@ -40,7 +40,7 @@ impl Sim {
                     cookie,
                     result,
                 } => self.on_reply(n, conn, cookie, result),
-                Action::Send(m) => self.on_send(n, m),
+                Action::Send { link, msg } => self.on_send(n, link, msg),
                 Action::Persist { id, write } => {
                     self.trace_line(Some(n), || {
                         format!("persist {id}: {}", super::trace::meta_write(&write))
@@ -51,21 +51,24 @@ impl Sim {
                         self.world.after(d, Ev::MetaDone { node: n, inc });
                     }
                 }
-                Action::Connect => {
-                    self.trace_line(Some(n), || "wants the peer link".into());
-                    self.nodes[n].want_link = true;
+                Action::Dial => {
+                    self.trace_line(Some(n), || "dials the peer".into());
+                    let d = self.rng_net.range(100, 2_000);
+                    let inc = self.nodes[n].inc;
+                    self.world.after(d, Ev::Connect { from: n, inc });
                 }
-                Action::DropPeer { reason, reconnect } => {
-                    self.trace_line(Some(n), || {
-                        format!("drops the peer link (reconnect {reconnect}): {reason}")
-                    });
-                    self.nodes[n].want_link = reconnect;
-                    self.nodes[n].link_gen += 1;
-                    for id in self.net.ids() {
-                        if !self.net.links[&id].closed[n] {
-                            self.net.close(id, n);
-                        }
-                    }
+                Action::CloseConn { link, reason } => {
+                    self.trace_line(Some(n), || format!("closes link {link}: {reason}"));
+                    let offered = self.net.links.get(&link).is_some_and(|l| l.offered[n]);
+                    assert!(
+                        offered,
+                        "{} closed link {link}, which it does not hold",
+                        Sim::name(n)
+                    );
+                    self.net.close(link, n);
+                    let d = self.rng_net.range(50, 2_000);
+                    let inc = self.nodes[n].inc;
+                    self.world.after(d, Ev::ConnDown { link, node: n, inc });
                     self.wake_links();
                 }
                 Action::AdminReply { id, result } => {
@@ -154,12 +157,14 @@ impl Sim {
         }
     }
 
-    fn on_send(&mut self, n: usize, m: Message) {
-        self.trace_line(Some(n), || format!("send {}", super::trace::message(&m)));
-        let Some(link) = self.net.active_link(n) else {
-            self.trace_line(Some(n), || "  (no link: dropped)".into());
+    fn on_send(&mut self, n: usize, link: u64, m: Message) {
+        self.trace_line(Some(n), || {
+            format!("send on link {link}: {}", super::trace::message(&m))
+        });
+        if self.net.links.get(&link).is_none_or(|l| l.closed[n]) {
+            self.trace_line(Some(n), || "  (link closed: dropped)".into());
             return;
-        };
+        }
         match &m {
             Message::BitmapChunk { words, last, .. } => {
                 let d = &mut self.net.links.get_mut(&link).expect("active link").dirs[n];
@@ -200,20 +205,30 @@ impl Sim {
     pub fn deliver(&mut self, link: u64, dir: usize) {
         let now = self.now();
         let to = 1 - dir;
+        let waiting = self
+            .net
+            .links
+            .get(&link)
+            .is_some_and(|l| !l.offered[to] && !l.closed[to]);
+        if waiting {
+            // Not offered to its core yet: the bytes wait (the offer wakes the link).
+            self.net.unschedule(link, dir);
+            return;
+        }
         match self.net.pop(link, dir, now) {
             Step::Nothing => {}
             Step::Eof => {
                 let l = &self.net.links[&link];
                 if !l.closed[to] {
-                    let was_active = l.active[to];
+                    let offered = l.offered[to];
                     self.net.close(link, to);
-                    if was_active {
-                        self.nodes[to].link_gen += 1;
+                    if offered {
                         self.trace_line(Some(to), || {
                             format!("link {link}: the peer closed the connection")
                         });
                         self.run_core(to, |c| {
-                            c.handle(Event::PeerDown {
+                            c.handle(Event::ConnDown {
+                                link,
                                 reason: "the peer closed the connection".into(),
                             })
                         });
@@ -281,11 +296,10 @@ impl Sim {
                 super::trace::message(m)
             )
         });
-        let was_active = self.net.links[&link].active[to];
+        let offered = self.net.links[&link].offered[to];
         self.net.close(link, to);
-        if was_active {
-            self.nodes[to].link_gen += 1;
-            self.run_core(to, |c| c.handle(Event::PeerDown { reason }));
+        if offered {
+            self.run_core(to, |c| c.handle(Event::ConnDown { link, reason }));
         }
         self.wake_links();
     }
@@ -294,14 +308,12 @@ impl Sim {
         if !self.alive(to) || self.net.links[&link].closed[to] {
             return;
         }
-        self.trace_line(Some(to), || format!("recv {}", super::trace::message(&m)));
-        if let Message::Hello(h) = m {
-            self.net.links.get_mut(&link).expect("link").active[to] = true;
-            self.nodes[to].link_gen += 1;
-            self.run_core(to, |c| c.handle(Event::PeerUp { hello: h }));
-            return;
-        }
+        self.trace_line(Some(to), || {
+            format!("recv on link {link}: {}", super::trace::message(&m))
+        });
         if !self.net.links[&link].active[to] {
+            // The Hello exchange, or a connection the core is closing: no bookkeeping.
+            self.run_core(to, |c| c.handle(Event::PeerMsg { link, msg: m }));
             return;
         }
         match &m {
@@ -322,7 +334,7 @@ impl Sim {
             }
             _ => {}
         }
-        self.run_core(to, |c| c.handle(Event::PeerMsg(m)));
+        self.run_core(to, |c| c.handle(Event::PeerMsg { link, msg: m }));
     }
 
     fn on_notify(&mut self, n: usize, v: serde_json::Value) {
@@ -334,6 +346,11 @@ impl Sim {
         self.trace_line(Some(n), || format!("event {v}"));
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
         match event.as_str() {
+            "peer-session"
+                if v.get("other_connections_closed").and_then(|x| x.as_u64()) > Some(0) =>
+            {
+                self.stats.races += 1;
+            }
             "sync-decision" => {
                 self.stats.decisions += 1;
                 let d = s("decision");

@@ -15,6 +15,9 @@ impl Sim {
         }
         let now = self.now();
         let n = self.rng_fault.below(2) as usize;
+        if self.rng_fault.chance(0.3) {
+            self.connection_fault(n);
+        }
         let roll = self.rng_fault.below(100);
         match roll {
             0..=14 => {
@@ -112,6 +115,56 @@ impl Sim {
         let gap = self.sc.fault_gap_us;
         let next = self.rng_fault.range(gap / 4, gap * 2);
         self.world.after(next, Ev::Fault);
+    }
+
+    /// The ways connections meet in the daemon: a stray extra dial (as a retry
+    /// that crosses a link coming up, also while a resync, verify or split-brain
+    /// resolution runs), both nodes dialing at the same moment, and a connection
+    /// reset in the middle of its Hello exchange or handshake.
+    fn connection_fault(&mut self, n: usize) {
+        match self.rng_fault.below(3) {
+            0 => {
+                self.trace_line(Some(n), || "FAULT an extra dial".into());
+                self.stats.extra_dials += 1;
+                let inc = self.nodes[n].inc;
+                self.world.after(0, Ev::Connect { from: n, inc });
+            }
+            1 => {
+                self.trace_line(None, || "FAULT both nodes dial at once".into());
+                self.stats.crossed_dials += 1;
+                for m in 0..2 {
+                    let inc = self.nodes[m].inc;
+                    let d = self.rng_fault.range(0, 500);
+                    self.world.after(d, Ev::Connect { from: m, inc });
+                }
+            }
+            _ => {
+                // A connection that is not yet both sides' session.
+                let young: Vec<u64> = self
+                    .net
+                    .links
+                    .values()
+                    .filter(|l| !(l.active[0] && l.active[1]) || self.in_handshake())
+                    .map(|l| l.id)
+                    .collect();
+                if let Some(id) = young.first() {
+                    self.trace_line(None, || format!("FAULT link {id} reset mid-handshake"));
+                    self.stats.handshake_resets += 1;
+                    self.net.reset(*id);
+                    self.wake_links();
+                }
+            }
+        }
+    }
+
+    /// Whether a node's session is still in its handshake (before the sync decision).
+    fn in_handshake(&self) -> bool {
+        (0..2).any(|n| {
+            self.nodes[n]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.session_link().is_some() && c.in_handshake())
+        })
     }
 
     pub fn operator_tick(&mut self) {

@@ -42,9 +42,14 @@ pub struct Dir {
 #[derive(Debug, Default)]
 pub struct Link {
     pub id: u64,
+    /// The node that dialed it.
+    pub dialer: usize,
     pub dirs: [Dir; 2],
-    /// The node's core had PeerUp on this link and no PeerDown / DropPeer since.
+    /// The node's core runs its peer session on this link.
     pub active: [bool; 2],
+    /// The node's core was offered this link (ConnOffered) and has not had its
+    /// ConnDown yet. Nothing is delivered to a node before its offer.
+    pub offered: [bool; 2],
     /// The node's end is closed (it reads nothing more from this link).
     pub closed: [bool; 2],
     /// Each side's sync decision on this link.
@@ -78,27 +83,32 @@ impl Net {
         self.links.values().find(|l| l.active[n]).map(|l| l.id)
     }
 
-    /// Whether node `n` still holds an end of some link open.
-    pub fn has_open_end(&self, n: usize) -> bool {
-        self.links.values().any(|l| !l.closed[n])
-    }
-
     pub fn partitioned(&self, now: u64) -> bool {
         now < self.partition_until
     }
 
-    /// A new link; the caller queues each side's Hello first.
-    pub fn open(&mut self) -> u64 {
+    /// A new link dialed by node `dialer`; each side is offered it once its
+    /// authentication is done.
+    pub fn open(&mut self, dialer: usize) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
         self.links.insert(
             id,
             Link {
                 id,
+                dialer,
                 ..Default::default()
             },
         );
         id
+    }
+
+    /// A delivery to a node not offered the link yet waits (the bytes sit in its
+    /// socket buffer until its reader starts); the offer wakes the link again.
+    pub fn unschedule(&mut self, link: u64, dir: usize) {
+        if let Some(l) = self.links.get_mut(&link) {
+            l.dirs[dir].scheduled = false;
+        }
     }
 
     /// Queues `msg` from node `from`; returns when to schedule a delivery, if one is needed.
@@ -180,6 +190,7 @@ impl Net {
     pub fn close(&mut self, link: u64, n: usize) {
         if let Some(l) = self.links.get_mut(&link) {
             l.closed[n] = true;
+            l.offered[n] = false;
             l.active[n] = false;
             l.dirs[n].eof = true;
             l.dirs[1 - n].dead = true;
@@ -196,6 +207,7 @@ impl Net {
             }
             l.closed[n] = true;
             l.active[n] = false;
+            l.offered[n] = false;
             l.dirs[n].queue.clear();
             l.dirs[n].eof = reset;
             l.dirs[1 - n].dead = true;

@@ -157,6 +157,7 @@ impl Scenario {
                 crate::config::Fencing::DontCare
             },
             ping_interval_ms: self.ping_interval_ms,
+            connect_retry_ms: self.connect_retry_us / 1000,
             ping_timeout_ms: self.ping_timeout_ms,
             timeout_ms: self.timeout_ms,
             ko_count: self.ko_count,
