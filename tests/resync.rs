@@ -439,3 +439,65 @@ fn events_show_resync_start_progress_and_end() {
     assert_eq!(fins.len(), 2, "{fins:?}");
     assert_disks_identical(&c, "after resync --full");
 }
+
+/// The initial full sync of a fresh pair (the target shares no identifier with
+/// the source before it) is cut twice, once by `disconnect` at about a third
+/// and once by kill -9 of the target at about two thirds; each time it
+/// continues from what is still out of sync. The source, up all along, counts
+/// what crossed the link: at most 1.1x the device (a killed target loses up to
+/// about a second of progress, the interval at which it persists its bitmap).
+/// `RESYNC_CUT_MIB` sets the device size (default 32; the rate is a sixteenth
+/// of it per second).
+#[test]
+fn an_interrupted_initial_full_sync_continues_where_it_was() {
+    let mib: u64 = std::env::var("RESYNC_CUT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let size = mib * MIB;
+    let rate = format!(
+        "[sync]\nrate = \"{}MiB\"\nchecksum = false",
+        (mib / 16).max(1)
+    );
+    let mut c = ClusterSpec::new(2)
+        .size(size)
+        .table(&rate)
+        .mirrord_only()
+        .start();
+    for i in 0..2 {
+        c.wait_status(i, T, "connected", connected);
+    }
+    let data = pattern::bytes(4242, size as usize);
+    std::fs::write(c.disk_path(0), &data).expect("alpha's data");
+    c.mirrorctl(0, &["primary", "--force"]).assert_success();
+    let left = |v: &serde_json::Value| v["out_of_sync_bytes"].as_u64().unwrap_or(u64::MAX);
+    c.wait_status(0, T, "a third synced", |v| left(v) <= size * 2 / 3);
+    c.mirrorctl(0, &["disconnect"]).assert_success();
+    c.wait_status(1, T, "link down", not_connected);
+    let before = left(&c.status_json(0));
+    c.mirrorctl(0, &["connect"]).assert_success();
+    let st = c.wait_status(0, T, "resyncing again", |v| {
+        v["peer"]["replication"] == "sync-source"
+    });
+    let total = st["resync"]["total_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        total <= before + size / 20,
+        "after the link cut the resync has {total} bytes to go, {before} were left"
+    );
+    c.wait_status(0, T, "two thirds synced", |v| left(v) <= size / 3);
+    c.kill(1);
+    c.wait_status(0, T, "alone", not_connected);
+    c.start(1);
+    wait_in_sync(&c, "in sync after two cuts");
+    let (sent, _) = moved(&c.status_json(0));
+    eprintln!(
+        "initial full sync of {size} bytes cut twice (disconnect, kill -9 of the target): {sent} bytes sent in all ({:.3}x)",
+        sent as f64 / size as f64
+    );
+    assert!(
+        sent * 10 <= size * 11,
+        "{sent} bytes sent for a {size} byte device"
+    );
+    assert_disks_identical(&c, "after the interrupted initial sync");
+    pattern::assert_same(&read_disk(&c, 1), &data, "beta's disk");
+}

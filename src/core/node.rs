@@ -163,7 +163,6 @@ pub(super) struct Req {
 pub(super) struct Recent {
     pub range: Range,
     pub req: Option<u64>,
-    pub sent_ms: u64,
 }
 
 #[derive(Debug)]
@@ -204,6 +203,10 @@ pub struct Node {
     pub(super) stopping: bool,
     /// Local writes wait while a superblock with new identifiers is being persisted.
     pub(super) gate_writes: bool,
+    /// A new data generation starts at the next local write that the peer does
+    /// not get (`Some(primary before the split)`), not when the peer is lost:
+    /// a primary that writes nothing while apart keeps its identifiers.
+    pub(super) pending_gen: Option<bool>,
     /// The disk op id of the streamed write that just started (taken by `try_stream_write`).
     pub(super) stream_grant: Option<u64>,
     pub(super) seq: u64,
@@ -219,6 +222,11 @@ pub struct Node {
     pub(super) peer_flushes: Vec<PeerFlush>,
     pub(super) peer_reads: HashMap<u64, (ConnId, u64)>,
     pub(super) now_ms: u64,
+    /// When the session last received anything from the peer.
+    pub(super) last_heard_ms: u64,
+    /// When the peer last completed something we asked of it (an ack, a reply),
+    /// or when we last had nothing pending there: the ko-count clock.
+    pub(super) last_progress_ms: u64,
     pub(super) last_ping_ms: u64,
     pub(super) ping_outstanding: Option<u64>,
     /// Pings sent and PingAcks received on this link (the peer answers in order).
@@ -315,6 +323,7 @@ impl Node {
             sync_done_wait: false,
             stopping: false,
             gate_writes: false,
+            pending_gen: None,
             stream_grant: None,
             seq: 0,
             peer_seen: 0,
@@ -325,6 +334,8 @@ impl Node {
             peer_flushes: Vec::new(),
             peer_reads: HashMap::new(),
             now_ms: 0,
+            last_heard_ms: 0,
+            last_progress_ms: 0,
             last_ping_ms: 0,
             ping_outstanding: None,
             pings_sent: 0,
@@ -666,11 +677,16 @@ impl Node {
             && self.meta.gis.bitmap == 0
         {
             // Writes from now on are not on the peer (it is away, or its disk
-            // is): start a new data generation, unless one already started since the last sync (a set bitmap
-            // identifier), as DRBD does. Another generation would push the last
-            // common one out of the two-slot history: after a few promotions on
-            // both sides the nodes became unrelated (simulator finding).
-            self.bump_current_gi();
+            // is): a new data generation starts with the first of them, unless one
+            // already started since the last sync (a set bitmap identifier), as
+            // DRBD does. Another generation would push the last common one out of
+            // the two-slot history: after a few promotions on both sides the nodes
+            // became unrelated (simulator finding).
+            if peer_disk_gone {
+                self.bump_current_gi();
+            } else {
+                self.defer_generation(false);
+            }
         }
         self.persist_superblock(true);
         self.send_state();
@@ -711,6 +727,34 @@ impl Node {
         self.notify("role", json!({ "role": "secondary" }));
         // A secondary writes nothing: held requests are refused, not frozen.
         self.resume_io("role changed to secondary");
+    }
+
+    /// The next local write the peer does not get starts a new data generation;
+    /// `primary_before`: this node was primary when it lost the peer.
+    pub(super) fn defer_generation(&mut self, primary_before: bool) {
+        let mark = self.pending_gen.unwrap_or(false) || primary_before;
+        self.pending_gen = Some(mark);
+        self.notify("generation-deferred", json!({ "primary_before": mark }));
+    }
+
+    /// A local write the peer does not get is about to be issued: if a generation
+    /// was deferred, it starts now, and the write waits until the new identifier
+    /// is durable (`gate_writes`), so no data of the new generation is on the
+    /// disk under the old identifier.
+    fn start_deferred_generation(&mut self) {
+        let Some(mark) = self.pending_gen.take() else {
+            return;
+        };
+        debug_assert!(!self.replicating());
+        if self.role == Role::Primary
+            && self.disk == DiskState::UpToDate
+            && self.meta.gis.bitmap == 0
+        {
+            self.new_generation(mark);
+            self.persist_superblock(true);
+            debug_assert!(self.gate_writes);
+        }
+        debug_assert!(self.pending_gen.is_none());
     }
 
     /// Starts a new data generation: this node's data now differs from the last common one.
@@ -914,6 +958,7 @@ impl Node {
             && self.handshake.is_none()
             && self.promote_confirm.is_none()
             && !self.gate_writes
+            && self.pending_gen.is_none()
             && !self.replicating()
             && self.disk == DiskState::UpToDate
             && len > 0
@@ -1206,7 +1251,6 @@ impl Node {
                 Recent {
                     range,
                     req: Some(rid),
-                    sent_ms: self.now_ms,
                 },
             );
             self.send(Message::Write {
@@ -1220,6 +1264,7 @@ impl Node {
             // This write overtakes the data of resync reads queued before it (simulator finding).
             self.resync_note_local_write(range);
         } else if self.cfg.peer.is_some() {
+            self.start_deferred_generation();
             self.bitmap.set_range(range);
         }
         let ready = self.order.push(wid, range);
@@ -1614,23 +1659,8 @@ impl Node {
         self.now_ms = now_ms;
         self.link_tick();
         if self.conn == ConnState::Connected {
-            if let Some(sent) = self.ping_outstanding {
-                if now_ms.saturating_sub(sent) > self.cfg.ping_timeout_ms {
-                    self.drop_peer("ping timeout: the peer did not answer", true);
-                    return;
-                }
-            } else if now_ms.saturating_sub(self.last_ping_ms) >= self.cfg.ping_interval_ms {
-                self.last_ping_ms = now_ms;
-                self.ping_outstanding = Some(now_ms);
-                self.pings_sent += 1;
-                self.send(Message::Ping);
-            }
-            let limit = self.cfg.timeout_ms.saturating_mul(self.cfg.ko_count.max(1));
-            if let Some((_, oldest)) = self.recent.iter().next() {
-                if now_ms.saturating_sub(oldest.sent_ms) > limit {
-                    self.drop_peer(&format!("the peer did not complete a write within {limit} ms (timeout x ko-count)"), true);
-                    return;
-                }
+            if self.liveness_tick(now_ms) {
+                return;
             }
             // Keep the peer's unflushed writes few: they would all be resynced if
             // the peer lost power.
@@ -1656,6 +1686,51 @@ impl Node {
             let pages = self.bitmap.take_dirty();
             self.persist_bitmap_pages(pages);
         }
+    }
+
+    /// Whether the peer owes us an answer: writes not yet acknowledged, reads,
+    /// checksum requests or flushes outstanding.
+    fn peer_work_pending(&self) -> bool {
+        !self.recent.is_empty() || !self.peer_reads.is_empty() || !self.flush_marks.is_empty()
+    }
+
+    /// Liveness comes from progress (docs/ARCHITECTURE.md): the peer is dropped
+    /// only when it completes nothing for `timeout x ko-count` while it owes us
+    /// something, or when a ping goes unanswered for `ping-timeout` and nothing
+    /// at all came from the peer since it was sent. A ping queued behind bulk
+    /// data is late, but the acks of that data keep the link alive. Returns
+    /// true when the link was dropped.
+    fn liveness_tick(&mut self, now_ms: u64) -> bool {
+        debug_assert_eq!(self.conn, ConnState::Connected);
+        if !self.peer_work_pending() {
+            self.last_progress_ms = now_ms;
+        }
+        let ko = self.cfg.timeout_ms.saturating_mul(self.cfg.ko_count.max(1));
+        if now_ms.saturating_sub(self.last_progress_ms) > ko {
+            self.drop_peer(
+                &format!(
+                    "the peer completed nothing it owes us within {ko} ms (timeout x ko-count)"
+                ),
+                true,
+            );
+            return true;
+        }
+        if let Some(sent) = self.ping_outstanding {
+            let since = sent.max(self.last_heard_ms);
+            if now_ms.saturating_sub(since) > self.cfg.ping_timeout_ms {
+                self.drop_peer(
+                    "ping timeout: nothing heard from the peer since the ping",
+                    true,
+                );
+                return true;
+            }
+        } else if now_ms.saturating_sub(self.last_ping_ms) >= self.cfg.ping_interval_ms {
+            self.last_ping_ms = now_ms;
+            self.ping_outstanding = Some(now_ms);
+            self.pings_sent += 1;
+            self.send(Message::Ping);
+        }
+        false
     }
 
     /// Clean shutdown: persist the whole bitmap state, an empty activity log if

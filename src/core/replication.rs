@@ -124,6 +124,8 @@ impl Node {
         self.pings_acked = 0;
         self.promote_confirm = None;
         self.last_ping_ms = self.now_ms;
+        self.last_heard_ms = self.now_ms;
+        self.last_progress_ms = self.now_ms;
         if let Some(why) = problem {
             self.notify("connect-refused", json!({ "reason": why }));
             self.drop_peer(&why, false);
@@ -192,6 +194,7 @@ impl Node {
         self.flush_marks.clear();
         // Everything the peer did not acknowledge may differ now.
         let recent = std::mem::take(&mut self.recent);
+        let wrote_apart = recent.values().any(|r| r.req.is_some());
         let local_good = self.disk == DiskState::UpToDate;
         for (_, r) in recent {
             self.bitmap.set_range(r.range);
@@ -246,8 +249,17 @@ impl Node {
         // the pair looked unrelated).
         let disk_ok = self.disk == DiskState::UpToDate;
         if was_replicating && self.role == Role::Primary && disk_ok && self.meta.gis.bitmap == 0 {
-            self.new_generation(true);
-            self.persist_superblock(true);
+            if wrote_apart {
+                // Writes the peer did not acknowledge are answered now, from this
+                // disk alone: they belong to a new generation already.
+                self.new_generation(true);
+                self.persist_superblock(true);
+            } else {
+                // The generation starts with the first write (docs/SYNC-DECISION.md):
+                // a primary that writes nothing while apart (a link blip, the
+                // other primary of a dual-primary pair) causes no split brain.
+                self.defer_generation(true);
+            }
         }
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
@@ -257,6 +269,17 @@ impl Node {
     pub(super) fn on_peer_msg(&mut self, m: Message) {
         if self.conn != ConnState::Connected {
             return;
+        }
+        self.last_heard_ms = self.now_ms;
+        if matches!(
+            m,
+            Message::WriteAck { .. }
+                | Message::RecvAck { .. }
+                | Message::FlushAck { .. }
+                | Message::ReadReply { .. }
+                | Message::ChecksumReply { .. }
+        ) {
+            self.last_progress_ms = self.now_ms;
         }
         match m {
             Message::Hello(_) => self.drop_peer("protocol error: a second Hello", true),

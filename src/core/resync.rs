@@ -252,6 +252,17 @@ impl Node {
         self.persist_bitmap_pages(pages);
         self.meta.flags &= !(md_flags::CONSISTENT | md_flags::FULL_SYNC_NEEDED);
         self.meta.flags |= md_flags::SYNC_TARGET;
+        // Remember whose data this disk is becoming: after a cut the next
+        // decision then finds the two related, and the resync continues from
+        // the bits still set instead of starting a full sync over (an initial
+        // sync's target shares no identifier with its source before).
+        if let Some(src) = self.peer.as_ref().map(|p| p.hello.gis.current) {
+            let g = &mut self.meta.gis;
+            let known = [g.current, g.bitmap, g.history[0], g.history[1]];
+            if src != 0 && !known.contains(&src) {
+                g.history = [src, g.history[0]];
+            }
+        }
         self.persist_superblock(false);
         self.send_state();
         self.notify(
@@ -599,14 +610,8 @@ impl Node {
                         r.done_blocks += n;
                     }
                 } else {
-                    self.recent.insert(
-                        seq,
-                        super::node::Recent {
-                            range,
-                            req: None,
-                            sent_ms: self.now_ms,
-                        },
-                    );
+                    self.recent
+                        .insert(seq, super::node::Recent { range, req: None });
                     writes_out += 1;
                 }
                 // `seen` as of the read, not now: peer writes ordered after the read

@@ -210,6 +210,10 @@ pub struct Sim {
     pub settled: bool,
     /// The node whose role the workload prefers for a new client.
     pub favourite: usize,
+    /// Some node holds good data (up to date), and nothing that may take it
+    /// away justifiably (a failed disk, `invalidate`) happened since: a
+    /// handshake must not end with no good data on either side.
+    pub good_data: bool,
 }
 
 fn words_for(data_size: u64) -> usize {
@@ -316,6 +320,7 @@ impl Sim {
             settle_started: 0,
             settled: false,
             favourite: 0,
+            good_data: sc.start != Start::BothFresh,
             sc,
         };
         if trace {

@@ -372,17 +372,29 @@ impl Sim {
                 self.on_decision(n, &d, true);
             }
             "forced-up-to-date" => {
+                self.good_data = true;
                 self.rebase(n, "primary --force");
             }
+            "resync-finished" if v.get("gis").is_some() => self.good_data = true,
+            "disk-failed" | "invalidated" => {
+                self.good_data = false;
+                if event == "disk-failed" {
+                    let now = self.now();
+                    self.nodes[n].failed_since.get_or_insert(now);
+                }
+            }
+            "no-good-data" if self.good_data => self.violate(
+                "good data lost",
+                format!(
+                    "{}'s handshake found no up-to-date disk on either node, though one was up to date and no disk failed or was invalidated since",
+                    Sim::name(n)
+                ),
+            ),
             "role" if s("role") == "primary" && !self.replicating(n) => {
                 self.model.data_wins(n);
             }
             "verify-finished" if s("role") == "source" => {
                 self.nodes[n].last_verify = v.get("differing_blocks").and_then(|x| x.as_u64());
-            }
-            "disk-failed" => {
-                let now = self.now();
-                self.nodes[n].failed_since.get_or_insert(now);
             }
             _ => {}
         }
