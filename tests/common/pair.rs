@@ -149,6 +149,7 @@ pub fn pick_blocks(seed: u64, n: usize, blocks: u64) -> Vec<u64> {
 /// `i`'s NBD export (auto-promoting it if it is not primary), flushes and
 /// disconnects. Returns block -> data written.
 pub fn write_blocks(c: &Cluster, i: usize, blocks: &[u64], seed: u64) -> BTreeMap<u64, Vec<u8>> {
+    let clients = nbd_clients(c, i);
     let (mut conn, _) = RawConn::handshake(c.nbd_addr(i), EXPORT);
     let mut out = BTreeMap::new();
     for (k, b) in blocks.iter().enumerate() {
@@ -158,18 +159,34 @@ pub fn write_blocks(c: &Cluster, i: usize, blocks: &[u64], seed: u64) -> BTreeMa
     }
     conn.flush();
     conn.disconnect();
+    wait_detached(c, i, clients);
     out
+}
+
+fn nbd_clients(c: &Cluster, i: usize) -> u64 {
+    c.status_json(i)["nbd_clients"].as_u64().unwrap_or(0)
+}
+
+/// The daemon detaches a client once its connection is gone, a moment after
+/// the client disconnected: wait for that, so that a `secondary` that
+/// follows does not find the client still attached.
+fn wait_detached(c: &Cluster, i: usize, clients: u64) {
+    c.wait_status(i, T, "the NBD client detached", |v| {
+        v["nbd_clients"].as_u64().unwrap_or(0) <= clients
+    });
 }
 
 /// Writes `data` at `offset` through node `i`'s export in 1 MiB requests,
 /// flushes and disconnects.
 pub fn write_range(c: &Cluster, i: usize, offset: u64, data: &[u8]) {
+    let clients = nbd_clients(c, i);
     let (mut conn, _) = RawConn::handshake(c.nbd_addr(i), EXPORT);
     for (k, chunk) in data.chunks(1 << 20).enumerate() {
         conn.write_at(offset + (k as u64) * (1 << 20), chunk);
     }
     conn.flush();
     conn.disconnect();
+    wait_detached(c, i, clients);
 }
 
 /// Asserts that `disk` holds `want` in each of its blocks.
