@@ -49,7 +49,7 @@ struct Pair {
 
 fn config(node: &str, extra: &str) -> CoreConfig {
     let text = format!(
-        "[resource]\nname = \"r0\"\n{extra}\n\
+        "[resource]\nname = \"r0\"\nshared-secret-file = \"/etc/nbd-mirror/r0.secret\"\n{extra}\n\
          [[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:7001\"\ndisk = \"/dev/null\"\n\
          [[node]]\nname = \"beta\"\naddress = \"127.0.0.1:7002\"\ndisk = \"/dev/null\"\n"
     );

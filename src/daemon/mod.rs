@@ -287,6 +287,17 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
         disk.engine(),
         setup::meta_location(&settings).path().display()
     );
+    if settings.insecure_no_secret && settings.peer().is_some() {
+        tracing::warn!(
+            "insecure-no-secret = true: the peer link is not authenticated; anyone who can reach \
+             {} can join this resource's replication (make a secret with `mirrorctl gen-secret`)",
+            settings
+                .node()
+                .address
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+    }
     let (events, _) = broadcast::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let template = loaded.superblock.clone();
