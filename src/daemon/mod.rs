@@ -4,6 +4,7 @@
 
 mod control;
 mod disk_io;
+mod exclusive;
 mod meta_writer;
 mod nbd_conn;
 pub mod notify;
@@ -252,6 +253,8 @@ impl Shared {
 
 /// Runs `mirrord` for one resource until SIGTERM/SIGINT.
 pub fn run(settings: Settings) -> Result<(), String> {
+    // Before anything is written or bound; held until the process exits.
+    let _locks = exclusive::lock_disks(&settings)?;
     let opened = setup::open(&settings)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

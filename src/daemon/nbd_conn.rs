@@ -106,7 +106,7 @@ pub async fn bind(listen: &Listen) -> Result<Listener, String> {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
-            let _ = std::fs::remove_file(path);
+            super::exclusive::remove_stale_socket(path)?;
             tokio::net::UnixListener::bind(path)
                 .map(Listener::Unix)
                 .map_err(|e| format!("cannot listen on unix:{}: {e}", path.display()))

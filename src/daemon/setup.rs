@@ -88,6 +88,7 @@ pub fn meta_state(l: &Loaded) -> MetaState {
 /// nothing to sync with, so its disk starts up to date; with a peer it starts
 /// inconsistent with every block out of sync.
 pub fn create_md(s: &Settings, force: bool) -> Result<String, String> {
+    let _locks = super::exclusive::lock_disks(s)?;
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
     let loc = meta_location(s);
