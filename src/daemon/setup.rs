@@ -26,8 +26,20 @@ pub fn open(s: &Settings) -> Result<Opened, String> {
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
     let loc = meta_location(s);
-    let (store, loaded) =
+    let (mut store, loaded) =
         MetaStore::open(&loc, device_size, &s.resource, &node.name).map_err(|e| e.to_string())?;
+    if !loaded.damaged_bitmap_pages.is_empty() {
+        // Loaded as all out of sync (the resync heals those blocks); written back now, so the
+        // damage is repaired on disk and a later start does not see it again.
+        let mut pages = Vec::new();
+        for d in &loaded.damaged_bitmap_pages {
+            tracing::warn!("{}; repairing the page", d.describe(loc.path()));
+            pages.push(d.page);
+        }
+        store
+            .write_bitmap_pages(&loaded.bitmap, &pages)
+            .map_err(|e| format!("repairing damaged bitmap pages: {e}"))?;
+    }
     let data_size = store.layout().data_size;
     let opts = DiskOptions {
         engine: match s.disk.engine {
