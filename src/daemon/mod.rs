@@ -2,6 +2,7 @@
 //! signals. It feeds the node core events and carries out its actions; it
 //! makes no replication decision of its own.
 
+mod backpressure;
 mod control;
 mod disk_io;
 mod exclusive;
