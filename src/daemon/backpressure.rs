@@ -11,8 +11,10 @@ use std::time::Duration;
 pub const CONN_MAX_BYTES: usize = 64 << 20;
 /// Bytes all connections together may hold before every reader holding anything stops.
 pub const TOTAL_MAX_BYTES: usize = 256 << 20;
-/// How often a stopped reader looks again.
-const RECHECK: Duration = Duration::from_millis(1);
+/// How soon a stopped reader looks again: first after 1 ms, then twice as long each time
+/// up to 16 ms (a client that reads nothing costs little CPU).
+const RECHECK_FIRST: Duration = Duration::from_millis(1);
+const RECHECK_MAX: Duration = Duration::from_millis(16);
 
 /// What all connections hold.
 static TOTAL: AtomicUsize = AtomicUsize::new(0);
@@ -53,11 +55,13 @@ pub(super) async fn wait_for_room(
     held: impl Fn() -> usize,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> bool {
+    let mut pause = RECHECK_FIRST;
     while !may_take(held()) {
         tokio::select! {
-            _ = tokio::time::sleep(RECHECK) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return false,
         }
+        pause = (pause * 2).min(RECHECK_MAX);
     }
     true
 }
