@@ -170,3 +170,125 @@ fn status_without_daemon_exits_3() {
         out.describe()
     );
 }
+
+/// The `shared-secret-file` line of the harness's config, without its value.
+const SECRET_KEY: &str = "shared-secret-file = ";
+
+fn without_secret(t: &str) -> String {
+    t.lines()
+        .filter(|l| !l.starts_with(SECRET_KEY))
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+#[test]
+fn two_nodes_without_a_secret_are_refused_with_a_way_to_make_one() {
+    let c = ClusterSpec::new(2).mirrord_only().build();
+    let p = variant(&c, "no-secret.toml", without_secret);
+    assert_refused(
+        &p,
+        "alpha",
+        &["shared-secret-file", "gen-secret", "insecure-no-secret"],
+    );
+    // An empty secret file is no secret either.
+    let empty = c.dir.join("empty.secret");
+    std::fs::write(&empty, "\n").expect("write empty secret");
+    let p = variant(&c, "empty-secret.toml", |t| {
+        without_secret(t).replacen(
+            "[resource]\n",
+            &format!("[resource]\n{SECRET_KEY}\"{}\"\n", empty.display()),
+            1,
+        )
+    });
+    assert_refused(&p, "alpha", &["shared-secret-file", "empty", "gen-secret"]);
+    // A single node has no peer link and needs none.
+    let c1 = ClusterSpec::new(1).mirrord_only().build();
+    let p = variant(&c1, "solo-no-secret.toml", without_secret);
+    let out = mirrorctl(&p, "alpha", &["check-config"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+}
+
+#[test]
+fn the_explicit_opt_out_is_accepted_and_cannot_be_combined_with_a_secret() {
+    let c = ClusterSpec::new(2).mirrord_only().build();
+    let p = variant(&c, "opt-out.toml", |t| {
+        without_secret(t).replacen("[resource]\n", "[resource]\ninsecure-no-secret = true\n", 1)
+    });
+    let out = mirrorctl(&p, "alpha", &["check-config"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("\"insecure_no_secret\": true"),
+        "{}",
+        out.describe()
+    );
+    let p = variant(&c, "both.toml", |t| {
+        t.replacen("[resource]\n", "[resource]\ninsecure-no-secret = true\n", 1)
+    });
+    assert_refused(&p, "alpha", &["insecure-no-secret", "shared-secret-file"]);
+    // mirrord runs with it, and says what it gives up.
+    let mut c = c;
+    std::fs::copy(c.dir.join("opt-out.toml"), &c.config).expect("install the opt-out config");
+    c.start(0);
+    let log = c.log_text(0);
+    assert!(
+        log.contains("WARN") && log.contains("insecure-no-secret = true"),
+        "{log}"
+    );
+    assert!(c.stop(0).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn gen_secret_writes_a_private_file_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = ClusterSpec::new(2).mirrord_only().build();
+    let secret = c.dir.join("new.secret");
+    let p = variant(&c, "new-secret.toml", |t| {
+        without_secret(t).replacen(
+            "[resource]\n",
+            &format!("[resource]\n{SECRET_KEY}\"{}\"\n", secret.display()),
+            1,
+        )
+    });
+    let out = mirrorctl(&p, "alpha", &["check-config"]);
+    assert_eq!(
+        out.code(),
+        Some(2),
+        "the file does not exist yet\n{}",
+        out.describe()
+    );
+    let out = mirrorctl(&p, "alpha", &["gen-secret"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let meta = std::fs::metadata(&secret).expect("the secret file");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let first = std::fs::read_to_string(&secret).expect("read secret");
+    assert_eq!(first.trim().len(), 64, "32 random bytes in hex: {first:?}");
+    let out = mirrorctl(&p, "alpha", &["check-config"]);
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    // Never overwritten, by the config's path or an explicit one.
+    for args in [
+        vec!["gen-secret"],
+        vec!["gen-secret", secret.to_str().expect("utf-8 path")],
+    ] {
+        let out = mirrorctl(&p, "alpha", &args);
+        assert_eq!(out.code(), Some(1), "{}", out.describe());
+        assert!(
+            out.stderr.contains("refusing to overwrite"),
+            "{}",
+            out.describe()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(&secret).expect("read secret"),
+        first
+    );
+    // An explicit path works without a valid config.
+    let other = c.dir.join("other.secret");
+    let out = mirrorctl(
+        &c.dir.join("no-such.toml"),
+        "alpha",
+        &["gen-secret", other.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_ne!(std::fs::read_to_string(&other).expect("read"), first);
+}

@@ -19,7 +19,8 @@ command -v nbdcopy >/dev/null || { echo "demo: nbdcopy missing (run tools/instal
 DIR=$(mktemp -d /tmp/nbd-mirror-demo.XXXXXX)
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PA=$(free_port); PB=$(free_port)
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$DIR/r0.secret"
+# The config is written below; with a path, gen-secret does not read it.
+"$MIRRORCTL" --config "$DIR/r0.toml" gen-secret "$DIR/r0.secret"
 
 cat > "$DIR/r0.toml" <<TOML
 [resource]

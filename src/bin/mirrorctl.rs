@@ -40,6 +40,12 @@ enum Cmd {
     },
     /// Validate the config and print the resolved settings for this node.
     CheckConfig,
+    /// Write a new random shared secret (mode 0600); never overwrites one.
+    GenSecret {
+        /// Where to write it (default: the config's shared-secret-file; with a path the
+        /// config is not read).
+        path: Option<PathBuf>,
+    },
     /// Show the resource's state.
     Status {
         #[arg(long)]
@@ -114,10 +120,26 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Fail> {
+    if let Cmd::GenSecret { path: Some(p) } = &args.cmd {
+        println!("{}", setup::gen_secret(p).map_err(Fail::Op)?);
+        return Ok(());
+    }
     let s = config::load(&args.config, args.node.as_deref())
         .map_err(|e| Fail::Config(e.to_string()))?;
     match args.cmd {
+        Cmd::GenSecret { .. } => {
+            let p = s.shared_secret_file.as_ref().ok_or_else(|| {
+                Fail::Config(format!(
+                    "config {}: key `resource.shared-secret-file`: not set; set it, or give \
+                     gen-secret a path",
+                    s.file.display()
+                ))
+            })?;
+            println!("{}", setup::gen_secret(p).map_err(Fail::Op)?);
+            Ok(())
+        }
         Cmd::CheckConfig => {
+            setup::check_secret(&s).map_err(Fail::Config)?;
             let v = serde_json::to_value(&s).map_err(|e| Fail::Op(e.to_string()))?;
             let mut v = v;
             if let Some(o) = v.as_object_mut() {

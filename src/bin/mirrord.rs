@@ -41,6 +41,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = nbd_mirror::daemon::setup::check_secret(&settings) {
+        eprintln!("mirrord: {e}");
+        return ExitCode::from(2);
+    }
     match nbd_mirror::daemon::run(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -152,6 +152,9 @@ pub struct Settings {
     pub allow_two_primaries: bool,
     pub auto_promote: bool,
     pub shared_secret_file: Option<PathBuf>,
+    /// `insecure-no-secret = true`: two nodes run without a shared secret (anyone who can
+    /// reach the peer port can join the replication); a warning is logged at start.
+    pub insecure_no_secret: bool,
     /// Run directory of this node (per-node override applied).
     pub run_dir: PathBuf,
     /// NBD listen address of this node (per-node override applied).
@@ -301,6 +304,13 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         .opt_str("shared-secret-file")
         .map_err(err)?
         .map(PathBuf::from);
+    let insecure_no_secret = res.bool_or("insecure-no-secret", false).map_err(err)?;
+    if insecure_no_secret && shared_secret_file.is_some() {
+        return Err(err(res.error(
+            "insecure-no-secret",
+            "is set together with shared-secret-file: keep one (the secret, preferably)",
+        )));
+    }
     let default_run_dir = PathBuf::from(res.str_or("run-dir", "/run/nbd-mirror").map_err(err)?);
     res.finish().map_err(err)?;
 
@@ -518,6 +528,18 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             nbd_listen,
         });
     }
+    if nodes.len() == 2 && shared_secret_file.is_none() && !insecure_no_secret {
+        return Err(err(KeyError {
+            key: "resource.shared-secret-file".into(),
+            reason: format!(
+                "missing: a two-node resource needs a shared secret, so that only its peer can \
+                 connect. Set shared-secret-file = \"/etc/nbd-mirror/{resource}.secret\" in \
+                 [resource], run `mirrorctl --config {} gen-secret` and copy the file to the \
+                 other node; or set insecure-no-secret = true to run without one",
+                file.display()
+            ),
+        }));
+    }
     if nodes.len() == 2 && nodes[0].address == nodes[1].address {
         return Err(err(KeyError {
             key: "node[1].address".into(),
@@ -574,6 +596,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         allow_two_primaries,
         auto_promote,
         shared_secret_file,
+        insecure_no_secret,
         run_dir,
         nbd_listen,
         nbd_busy_poll_us,

@@ -206,3 +206,30 @@ fn busy_poll_is_configurable() {
     let s = p(&format!("{TWO}\n[nbd]\nbusy-poll-us = 200\n"), "alpha").unwrap();
     assert_eq!(s.nbd_busy_poll_us, 200);
 }
+
+#[test]
+fn two_nodes_need_a_secret_or_the_explicit_opt_out() {
+    let no_secret = TWO.replace("shared-secret-file = \"/etc/nbd-mirror/r0.secret\"\n", "");
+    expect_err(
+        &no_secret,
+        "alpha",
+        Some("resource.shared-secret-file"),
+        "gen-secret",
+    );
+    let opted_out = no_secret.replace(
+        "name = \"r0\"\n",
+        "name = \"r0\"\ninsecure-no-secret = true\n",
+    );
+    let s = p(&opted_out, "alpha").unwrap();
+    assert!(s.insecure_no_secret && s.shared_secret_file.is_none());
+    expect_err(
+        &TWO.replace(
+            "name = \"r0\"\n",
+            "name = \"r0\"\ninsecure-no-secret = true\n",
+        ),
+        "alpha",
+        Some("resource.insecure-no-secret"),
+        "shared-secret-file",
+    );
+    assert!(!p(TWO, "alpha").unwrap().insecure_no_secret);
+}

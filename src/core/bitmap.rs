@@ -131,7 +131,14 @@ impl Bitmap {
 
     /// ORs another node's bitmap into this one.
     pub fn merge(&mut self, words: &[u64]) {
-        for (i, w) in words.iter().enumerate().take(self.words.len()) {
+        self.merge_at(0, words);
+    }
+
+    /// ORs another node's words into this one's, the first at word `first`;
+    /// words past the end are ignored.
+    pub fn merge_at(&mut self, first: usize, words: &[u64]) {
+        let end = self.words.len();
+        for (i, w) in (first..end).zip(words) {
             let add = *w & !self.words[i];
             if add != 0 {
                 for bit in 0..64 {
@@ -221,5 +228,16 @@ mod tests {
         assert_eq!(a.next_set(1), Some(128));
         assert_eq!(a.take_dirty(), vec![0, 2]);
         assert_eq!(a.take_dirty_in(0..130), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn merge_at_an_offset_ignores_words_past_the_end() {
+        let mut a = Bitmap::new(130 * BLOCK, 64);
+        a.merge_at(1, &[1, u64::MAX, u64::MAX]);
+        assert_eq!(a.count(), 1 + 2);
+        assert_eq!(a.next_set(0), Some(64));
+        assert_eq!(a.next_set(65), Some(128));
+        a.merge_at(usize::MAX, &[u64::MAX]);
+        assert_eq!(a.count(), 3);
     }
 }

@@ -220,7 +220,8 @@ pub struct Node {
     pub(super) flush_marks: BTreeMap<u64, u64>,
     pub(super) last_peer_flush_ms: u64,
     pub(super) peer_flushes: Vec<PeerFlush>,
-    pub(super) peer_reads: HashMap<u64, (ConnId, u64)>,
+    /// Reads sent to the peer: id -> (client, cookie, length asked for).
+    pub(super) peer_reads: HashMap<u64, (ConnId, u64, u32)>,
     pub(super) now_ms: u64,
     /// When the session last received anything from the peer.
     pub(super) last_heard_ms: u64,
@@ -1027,7 +1028,7 @@ impl Node {
                 .is_some_and(|p| p.disk == DiskState::UpToDate)
         {
             let id = self.new_id();
-            self.peer_reads.insert(id, (conn, cookie));
+            self.peer_reads.insert(id, (conn, cookie, len));
             self.send(Message::ReadRequest { id, offset, len });
         } else {
             self.out.push(Action::Reply {

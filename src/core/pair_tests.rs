@@ -50,7 +50,7 @@ struct Pair {
 
 fn config(node: &str, extra: &str) -> CoreConfig {
     let text = format!(
-        "[resource]\nname = \"r0\"\n{extra}\n\
+        "[resource]\nname = \"r0\"\nshared-secret-file = \"/etc/nbd-mirror/r0.secret\"\n{extra}\n\
          [[node]]\nname = \"alpha\"\naddress = \"127.0.0.1:7001\"\ndisk = \"/dev/null\"\n\
          [[node]]\nname = \"beta\"\naddress = \"127.0.0.1:7002\"\ndisk = \"/dev/null\"\n"
     );
@@ -59,19 +59,24 @@ fn config(node: &str, extra: &str) -> CoreConfig {
     crate::daemon::setup::core_config(&s, SIZE, 61, 32 << 20)
 }
 
+/// The superblock of a node in sync with its peer (same identifiers).
+fn in_sync_superblock() -> MetaState {
+    MetaState {
+        gis: Gis {
+            current: 0x1000,
+            bitmap: 0,
+            history: [0, 0],
+        },
+        flags: md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE,
+        resync_offset: 0,
+    }
+}
+
 impl Pair {
     /// Two nodes in sync (same identifiers, consistent, nothing out of sync),
     /// with `extra` lines added to the config (tables after `[resource]`).
     fn in_sync(extra: &str) -> Pair {
-        let sb = MetaState {
-            gis: Gis {
-                current: 0x1000,
-                bitmap: 0,
-                history: [0, 0],
-            },
-            flags: md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE,
-            resync_offset: 0,
-        };
+        let sb = in_sync_superblock();
         let words = (SIZE / 4096).div_ceil(64) as usize;
         let md = Persisted {
             sb,
@@ -1413,3 +1418,5 @@ mod stream_writes {
         assert!(p.node(0).try_stream_write(9, 4, 0, LEN).is_some());
     }
 }
+
+mod hostile_peer;

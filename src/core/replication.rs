@@ -8,7 +8,7 @@ use super::node::{gis_json, Handshake, Node, Origin, PeerFlush, PeerView};
 use super::ordering::{subtract, Range};
 use super::types::*;
 use crate::config::SbPolicy;
-use crate::peer::{Hello, Message, PeerDisk, PeerRole, WriteKind, PROTOCOL_VERSION};
+use crate::peer::{Hello, Message, PeerDisk, PeerRole, WriteKind, MAX_DATA_LEN, PROTOCOL_VERSION};
 
 /// Words of the bitmap per BitmapChunk message (32 KiB).
 const BITMAP_CHUNK_WORDS: usize = 4096;
@@ -228,10 +228,10 @@ impl Node {
             }
             self.maybe_finish(f);
         }
-        let mut reads: Vec<(u64, (ConnId, u64))> =
+        let mut reads: Vec<(u64, (ConnId, u64, u32))> =
             std::mem::take(&mut self.peer_reads).into_iter().collect();
         reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
-        for (_, (conn, cookie)) in reads {
+        for (_, (conn, cookie, _)) in reads {
             self.out.push(Action::Reply {
                 conn,
                 cookie,
@@ -377,6 +377,13 @@ impl Node {
                     self.drop_peer("protocol error: read request past the end", true);
                     return;
                 }
+                if len > MAX_DATA_LEN {
+                    self.drop_peer(
+                        &format!("protocol error: read request of {len} bytes, over the {MAX_DATA_LEN}-byte limit"),
+                        true,
+                    );
+                    return;
+                }
                 if self.disk != DiskState::UpToDate {
                     self.send(Message::ReadReply {
                         id,
@@ -396,7 +403,18 @@ impl Node {
                 );
             }
             Message::ReadReply { id, error, data } => {
-                if let Some((conn, cookie)) = self.peer_reads.remove(&id) {
+                if let Some((conn, cookie, len)) = self.peer_reads.remove(&id) {
+                    if error == 0 && data.len() != len as usize {
+                        self.peer_reads.insert(id, (conn, cookie, len));
+                        self.drop_peer(
+                            &format!(
+                                "protocol error: read reply {id} carries {} bytes, {len} were asked for",
+                                data.len()
+                            ),
+                            true,
+                        );
+                        return;
+                    }
                     let result = if error == 0 {
                         Ok(Some(data))
                     } else {
@@ -615,9 +633,21 @@ impl Node {
     fn on_bitmap_chunk(&mut self, first_word: u64, words: Vec<u64>, last: bool) {
         let Some(hs) = self.handshake.as_mut() else {
             // Outside the handshake: the sync source shares the blocks it will send.
-            let mut all = vec![0u64; first_word as usize];
-            all.extend(words);
-            self.bitmap.merge(&all);
+            let ours = self.bitmap.words().len() as u64;
+            let fits = first_word
+                .checked_add(words.len() as u64)
+                .is_some_and(|end| end <= ours);
+            if !fits {
+                self.drop_peer(
+                    &format!(
+                        "protocol error: bitmap chunk of {} words at word {first_word}, past our {ours} words",
+                        words.len()
+                    ),
+                    true,
+                );
+                return;
+            }
+            self.bitmap.merge_at(first_word as usize, &words);
             return;
         };
         if first_word as usize != hs.peer_words.len() {

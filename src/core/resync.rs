@@ -12,7 +12,7 @@ use super::bitmap::BLOCK;
 use super::node::{gis_json, read_reply, Io, Node, Origin};
 use super::ordering::Range;
 use super::types::*;
-use crate::peer::{Gis, Message, SyncMode, WriteKind};
+use crate::peer::{Gis, Message, SyncMode, WriteKind, MAX_DATA_LEN};
 
 /// Largest run of blocks moved by one resync request (1 MiB). Resync writes
 /// are durable (FUA) on the target: with 256 KiB runs the target's disk did a
@@ -908,6 +908,13 @@ impl Node {
             self.drop_peer("protocol error: checksum request outside the device", true);
             return;
         }
+        if len > MAX_DATA_LEN {
+            self.drop_peer(
+                &format!("protocol error: checksum request of {len} bytes, over the {MAX_DATA_LEN}-byte limit"),
+                true,
+            );
+            return;
+        }
         if verify {
             self.checksum_read(id, verify, offset, len);
             return;
@@ -975,6 +982,23 @@ impl Node {
     }
 
     pub(super) fn on_checksum_reply(&mut self, id: u64, error: u32, sums: Vec<u32>) {
+        let asked = self
+            .resync
+            .as_ref()
+            .and_then(|r| r.batches.get(&id))
+            .map(|b| b.range.len().div_ceil(BLOCK));
+        if let (0, Some(blocks)) = (error, asked) {
+            if blocks != sums.len() as u64 {
+                self.drop_peer(
+                    &format!(
+                        "protocol error: checksum reply {id} carries {} sums for {blocks} blocks",
+                        sums.len()
+                    ),
+                    true,
+                );
+                return;
+            }
+        }
         let Some(range) = self.resync.as_mut().and_then(|r| {
             let b = r.batches.get_mut(&id)?;
             if error == 0 {

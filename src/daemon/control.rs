@@ -17,7 +17,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let _ = std::fs::remove_file(path);
+    super::exclusive::remove_stale_socket(path)?;
     let l = UnixListener::bind(path)
         .map_err(|e| format!("cannot listen on control socket {}: {e}", path.display()))?;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));

@@ -2,8 +2,10 @@
 //! signals. It feeds the node core events and carries out its actions; it
 //! makes no replication decision of its own.
 
+mod backpressure;
 mod control;
 mod disk_io;
+mod exclusive;
 mod meta_writer;
 mod nbd_conn;
 pub mod notify;
@@ -247,6 +249,8 @@ impl Shared {
 
 /// Runs `mirrord` for one resource until SIGTERM/SIGINT.
 pub fn run(settings: Settings) -> Result<(), String> {
+    // Before anything is written or bound; held until the process exits.
+    let _locks = exclusive::lock_disks(&settings)?;
     let opened = setup::open(&settings)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -282,6 +286,17 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
         disk.engine(),
         setup::meta_location(&settings).path().display()
     );
+    if settings.insecure_no_secret && settings.peer().is_some() {
+        tracing::warn!(
+            "insecure-no-secret = true: the peer link is not authenticated; anyone who can reach \
+             {} can join this resource's replication (make a secret with `mirrorctl gen-secret`)",
+            settings
+                .node()
+                .address
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+    }
     let (events, _) = broadcast::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let template = loaded.superblock.clone();

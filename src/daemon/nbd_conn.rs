@@ -23,7 +23,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::sync::Notify;
 
-use super::{disk_io, lock, splice, Shared, MAX_IO};
+use super::{backpressure, disk_io, lock, splice, Shared, MAX_IO};
 use crate::config::Listen;
 use crate::core::{ConnId, Event, IoRequest};
 use crate::nbd::consts::*;
@@ -106,7 +106,7 @@ pub async fn bind(listen: &Listen) -> Result<Listener, String> {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
-            let _ = std::fs::remove_file(path);
+            super::exclusive::remove_stale_socket(path)?;
             tokio::net::UnixListener::bind(path)
                 .map(Listener::Unix)
                 .map_err(|e| format!("cannot listen on unix:{}: {e}", path.display()))
@@ -358,6 +358,20 @@ async fn read_loop<S: NbdStream>(
     };
     loop {
         loop {
+            if !backpressure::may_take(sink.held()) {
+                // What was decoded goes to the core first: its answers are what frees room.
+                if !events.is_empty() {
+                    disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+                }
+                tracing::debug!(
+                    "NBD conn {conn}: {} bytes of requests and unsent replies held; reading no \
+                     more requests until the client reads its replies",
+                    sink.held()
+                );
+                if !backpressure::wait_for_room(|| sink.held(), &mut stop).await {
+                    return Ok(());
+                }
+            }
             if let Some(req) = dec.take_large_write(&mut buf, DIRECT_PAYLOAD_MIN) {
                 // What came before goes to the core before we wait for this payload.
                 if !events.is_empty() {
@@ -582,6 +596,8 @@ impl ReqCtx<'_> {
                 offset: req.offset,
                 flush_after: false,
                 abandoned: false,
+                // The payload goes from the socket to the disk, never through our memory.
+                held: 0,
             },
         );
         let (conn, offset, len) = (self.conn, req.offset, req.length);
@@ -672,6 +688,10 @@ impl ReqCtx<'_> {
                 offset: req.offset,
                 flush_after,
                 abandoned: false,
+                held: match req.command {
+                    Command::Read | Command::Write => req.length as usize,
+                    _ => 0,
+                },
             },
         );
         Some(Event::Request {
@@ -724,6 +744,8 @@ struct Pending {
     /// Its payload never fully arrived (a streamed write cut off): whatever the core
     /// answers, the client is told nothing, since not all of its data reached the disk.
     abandoned: bool,
+    /// Bytes it holds until answered (READ length, WRITE payload), for back-pressure.
+    held: usize,
 }
 
 /// The reply side of one connection (see the module comment).
@@ -752,11 +774,36 @@ struct SinkState {
     /// Sending failed (the client is gone): output is dropped.
     broken: bool,
     reader_done: bool,
+    /// Bytes the pending requests hold (`Pending::held`).
+    held: usize,
+    /// This connection's part of the total (backpressure.rs), updated at every unlock.
+    share: backpressure::Share,
 }
 
 impl SinkState {
     fn unsent(&self) -> usize {
         self.queued + self.out.len()
+    }
+
+    /// What this connection holds in memory: pending requests and unsent replies.
+    fn held(&self) -> usize {
+        self.held + self.unsent()
+    }
+
+    fn insert_pending(&mut self, idx: u64, p: Pending) {
+        self.held += p.held;
+        let old = self.pending.insert(idx, p);
+        assert!(old.is_none(), "request {idx} registered twice");
+    }
+
+    fn remove_pending(&mut self, idx: u64) -> Option<Pending> {
+        let p = self.pending.remove(&idx)?;
+        self.held -= p.held;
+        debug_assert!(
+            !self.pending.is_empty() || self.held == 0,
+            "held bytes leaked"
+        );
+        Some(p)
     }
 
     /// Appends a data buffer after everything encoded so far, without copying it.
@@ -875,17 +922,22 @@ impl ConnSink {
         st.pending.is_empty() && st.unsent() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, SinkState> {
-        lock(&self.state)
+    fn lock(&self) -> SinkGuard<'_> {
+        SinkGuard(lock(&self.state))
+    }
+
+    /// What this connection holds in memory (see `SinkState::held`).
+    fn held(&self) -> usize {
+        self.lock().held()
     }
 
     fn register(&self, idx: u64, p: Pending) {
-        self.lock().pending.insert(idx, p);
+        self.lock().insert_pending(idx, p);
     }
 
     /// Takes back a registration whose request never reached the core.
     fn unregister(&self, idx: u64) {
-        self.lock().pending.remove(&idx);
+        self.lock().remove_pending(idx);
     }
 
     /// Request `idx` will get no reply, whatever the core answers (see `Pending::abandoned`).
@@ -924,7 +976,7 @@ impl ConnSink {
     /// The core's answer for request `idx`.
     fn reply(self: &Arc<Self>, shared: &Arc<Shared>, idx: u64, result: Result<Option<Bytes>, u32>) {
         let mut st = self.lock();
-        let Some(p) = st.pending.remove(&idx) else {
+        let Some(p) = st.remove_pending(idx) else {
             tracing::error!("conn {}: reply for unknown request {idx}", self.conn);
             return;
         };
@@ -939,10 +991,11 @@ impl ConnSink {
             // FUA on trim/zeroes: answer after a flush that follows the operation.
             st.next_internal += 1;
             let idx2 = u64::MAX / 2 + st.next_internal;
-            st.pending.insert(
+            st.insert_pending(
                 idx2,
                 Pending {
                     flush_after: false,
+                    held: 0,
                     ..p
                 },
             );
@@ -998,7 +1051,7 @@ impl ConnSink {
     }
 
     /// Sends what was just encoded now, or at the end of this thread's batch.
-    fn emit(self: &Arc<Self>, mut st: MutexGuard<'_, SinkState>) {
+    fn emit(self: &Arc<Self>, mut st: SinkGuard<'_>) {
         if st.writer_owns || st.broken {
             if st.broken {
                 st.discard_output();
@@ -1084,6 +1137,30 @@ impl ConnSink {
             st.consume(sent as usize);
         }
         Ok(())
+    }
+}
+
+/// The sink's state, locked; at unlock the connection's share of the back-pressure total is
+/// brought up to date, so every change to what it holds is counted.
+struct SinkGuard<'a>(MutexGuard<'a, SinkState>);
+
+impl std::ops::Deref for SinkGuard<'_> {
+    type Target = SinkState;
+    fn deref(&self) -> &SinkState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SinkGuard<'_> {
+    fn deref_mut(&mut self) -> &mut SinkState {
+        &mut self.0
+    }
+}
+
+impl Drop for SinkGuard<'_> {
+    fn drop(&mut self) {
+        let held = self.0.held();
+        self.0.share.update(held);
     }
 }
 

@@ -436,8 +436,11 @@ impl PeerOut {
         loop {
             let msgs = std::mem::take(&mut st.msgs);
             drop(st);
-            let mut chunks = encode_all(msgs);
-            let res = send_chunks(self.fd, &mut chunks);
+            let mut chunks = VecDeque::new();
+            let res = encode_all(msgs).and_then(|c| {
+                chunks = c;
+                send_chunks(self.fd, &mut chunks)
+            });
             st = self.lock();
             match res {
                 Ok(()) if st.msgs.is_empty() => {
@@ -466,12 +469,13 @@ impl PeerOut {
     }
 }
 
-/// Frames `msgs` in order: fixed fields copied together, bulk data by reference.
-fn encode_all(msgs: VecDeque<Message>) -> VecDeque<Bytes> {
+/// Frames `msgs` in order: fixed fields copied together, bulk data by reference. A message
+/// too large for a frame is an error (the link is dropped, not the daemon).
+fn encode_all(msgs: VecDeque<Message>) -> io::Result<VecDeque<Bytes>> {
     let mut chunks = VecDeque::new();
     let mut head = BytesMut::with_capacity(msgs.len() * 64);
     for m in &msgs {
-        let tail = encode_split(m, &mut head);
+        let tail = encode_split(m, &mut head).map_err(io::Error::other)?;
         if tail.len() >= ZERO_COPY_MIN {
             chunks.push_back(head.split().freeze());
             chunks.push_back(tail);
@@ -482,7 +486,7 @@ fn encode_all(msgs: VecDeque<Message>) -> VecDeque<Bytes> {
     if !head.is_empty() {
         chunks.push_back(head.freeze());
     }
-    chunks
+    Ok(chunks)
 }
 
 /// Sends `chunks` with non-blocking vectored writes until all are out (Ok) or the socket is
@@ -556,7 +560,13 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
             }
             if st.writer_owns && st.backlog.is_empty() {
                 let msgs = std::mem::take(&mut st.msgs);
-                st.backlog = encode_all(msgs);
+                match encode_all(msgs) {
+                    Ok(chunks) => st.backlog = chunks,
+                    Err(e) => {
+                        st.failed = Some(format!("write to the peer: {e}"));
+                        continue;
+                    }
+                }
                 if st.backlog.is_empty() {
                     st.writer_owns = false;
                 }

@@ -1,6 +1,6 @@
 //! Opening what a node runs on: its metadata and its disk, and the core's config.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::{self, Settings};
 use crate::core::{CoreConfig, MetaState, Protocol};
@@ -26,8 +26,20 @@ pub fn open(s: &Settings) -> Result<Opened, String> {
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
     let loc = meta_location(s);
-    let (store, loaded) =
+    let (mut store, loaded) =
         MetaStore::open(&loc, device_size, &s.resource, &node.name).map_err(|e| e.to_string())?;
+    if !loaded.damaged_bitmap_pages.is_empty() {
+        // Loaded as all out of sync (the resync heals those blocks); written back now, so the
+        // damage is repaired on disk and a later start does not see it again.
+        let mut pages = Vec::new();
+        for d in &loaded.damaged_bitmap_pages {
+            tracing::warn!("{}; repairing the page", d.describe(loc.path()));
+            pages.push(d.page);
+        }
+        store
+            .write_bitmap_pages(&loaded.bitmap, &pages)
+            .map_err(|e| format!("repairing damaged bitmap pages: {e}"))?;
+    }
     let data_size = store.layout().data_size;
     let opts = DiskOptions {
         engine: match s.disk.engine {
@@ -89,6 +101,7 @@ pub fn meta_state(l: &Loaded) -> MetaState {
 /// nothing to sync with, so its disk starts up to date; with a peer it starts
 /// inconsistent with every block out of sync.
 pub fn create_md(s: &Settings, force: bool) -> Result<String, String> {
+    let _locks = super::exclusive::lock_disks(s)?;
     let node = s.node();
     let device_size = meta::device_size(&node.disk).map_err(|e| e.to_string())?;
     let loc = meta_location(s);
@@ -147,18 +160,78 @@ pub fn dump_md(s: &Settings, all_ranges: bool) -> Result<serde_json::Value, Stri
     Ok(v)
 }
 
+/// The peer link's shared secret: the file's contents without trailing white space. Empty
+/// only when the config opts out (`insecure-no-secret`; `config::parse` refuses a two-node
+/// resource with neither); an empty or unreadable file is an error naming the config key.
 pub fn secret(s: &Settings) -> Result<Vec<u8>, String> {
-    match &s.shared_secret_file {
-        None => Ok(Vec::new()),
-        Some(p) => std::fs::read(p)
-            .map(|mut v| {
-                while v.last().is_some_and(|c| c.is_ascii_whitespace()) {
-                    v.pop();
-                }
-                v
-            })
-            .map_err(|e| format!("cannot read shared-secret-file {}: {e}", p.display())),
+    let Some(p) = &s.shared_secret_file else {
+        debug_assert!(s.insecure_no_secret || s.peer().is_none());
+        return Ok(Vec::new());
+    };
+    let bad = |reason: String| {
+        config::ConfigError {
+            file: s.file.clone(),
+            key: Some("resource.shared-secret-file".into()),
+            reason,
+        }
+        .to_string()
+    };
+    let mut v = std::fs::read(p).map_err(|e| bad(format!("cannot read {}: {e}", p.display())))?;
+    while v.last().is_some_and(|c| c.is_ascii_whitespace()) {
+        v.pop();
     }
+    if v.is_empty() {
+        return Err(bad(format!(
+            "{} is empty: make a secret with `mirrorctl --config {} gen-secret` (after removing \
+             the empty file) and copy it to the other node",
+            p.display(),
+            s.file.display()
+        )));
+    }
+    Ok(v)
+}
+
+/// Checked before a two-node resource starts (and by `check-config`): its secret can be read
+/// and is not empty. A standalone resource has no peer link, so no secret to check.
+pub fn check_secret(s: &Settings) -> Result<(), String> {
+    if s.peer().is_none() {
+        return Ok(());
+    }
+    secret(s).map(|_| ())
+}
+
+/// `mirrorctl gen-secret`: writes 32 random bytes, hex-encoded, to a new file `path` with mode
+/// 0600. Never overwrites: both nodes must hold the same secret.
+pub fn gen_secret(path: &Path) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| format!("cannot read random bytes from /dev/urandom: {e}"))?;
+    let mut text: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    text.push('\n');
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => format!(
+                "{} exists; refusing to overwrite a shared secret (both nodes must hold the same \
+                 one): remove it first to make a new one",
+                path.display()
+            ),
+            _ => format!("cannot create {}: {e}", path.display()),
+        })?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| f.write_all(text.as_bytes()))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(format!(
+        "wrote a new shared secret to {} (mode 0600); copy it to the same path on the other node",
+        path.display()
+    ))
 }
 
 pub fn run_dir(s: &Settings) -> PathBuf {

@@ -163,30 +163,58 @@ fn check_crc(
 /// Appends one whole frame for `msg` to `out`.
 ///
 /// # Panics
-/// If the payload would exceed `u32::MAX` bytes (data blocks are at most
-/// [`MAX_DATA_LEN`]; a bigger one is a bug in the caller).
+/// If the payload would exceed [`DEFAULT_MAX_PAYLOAD`] (data blocks are at most
+/// [`MAX_DATA_LEN`]; a bigger one is a bug in the caller). Senders of data use
+/// [`encode_split`], which returns the error instead.
 pub fn encode(msg: &Message, out: &mut BytesMut) {
-    let tail = encode_split(msg, out);
-    out.extend_from_slice(&tail);
+    match encode_split(msg, out) {
+        Ok(tail) => out.extend_from_slice(&tail),
+        Err(e) => panic!("{e}"),
+    }
 }
+
+/// A message too large for a frame any peer accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodeError {
+    pub msg_type: u16,
+    pub payload_len: usize,
+}
+
+impl std::fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "peer {} payload of {} bytes is over the {DEFAULT_MAX_PAYLOAD}-byte frame limit",
+            type_name(self.msg_type),
+            self.payload_len
+        )
+    }
+}
+
+impl std::error::Error for EncodeError {}
 
 /// Zero-copy encoding: appends the frame header and the payload's fixed
 /// fields to `out` and returns the bulk data tail (Write / ReadReply data,
 /// a cheap reference-counted clone; empty for other messages). The caller
 /// must send `out`'s new bytes immediately followed by the tail, e.g. with a
-/// vectored write. Panics like [`encode`].
-pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Bytes {
+/// vectored write. A payload over [`DEFAULT_MAX_PAYLOAD`] (the peer's decoder
+/// would refuse it) is an error, and `out` is left as it was.
+pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Result<Bytes, EncodeError> {
     let start = out.len();
     out.put_bytes(0, HEADER_LEN);
     let (msg_type, flags, tail) = put_fixed_fields(msg, out);
     let fixed_len = out.len() - start - HEADER_LEN;
     let payload_len = fixed_len + tail.len();
-    let len = u32::try_from(payload_len).unwrap_or_else(|_| {
-        panic!(
-            "peer {} payload of {payload_len} bytes does not fit a frame",
-            type_name(msg_type)
-        )
-    });
+    let len = match u32::try_from(payload_len) {
+        Ok(len) if len <= DEFAULT_MAX_PAYLOAD => len,
+        _ => {
+            out.truncate(start);
+            return Err(EncodeError {
+                msg_type,
+                payload_len,
+            });
+        }
+    };
     let mut header = FrameHeader {
         magic: FRAME_MAGIC,
         msg_type,
@@ -196,7 +224,8 @@ pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Bytes {
     };
     header.crc = frame_crc(&header.to_bytes(), &[&out[start + HEADER_LEN..], &tail]);
     out[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
-    tail
+    debug_assert_eq!(out.len() - start, HEADER_LEN + fixed_len);
+    Ok(tail)
 }
 
 /// The message type code of `msg`.

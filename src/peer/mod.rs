@@ -7,7 +7,7 @@ pub mod frame;
 pub mod message;
 
 pub use auth::{AuthError, AuthStep, Authenticator};
-pub use codec::{encode, encode_split, msg_type, Decoder};
+pub use codec::{encode, encode_split, msg_type, Decoder, EncodeError};
 pub use frame::{DecodeError, DEFAULT_MAX_PAYLOAD, MAX_DATA_LEN};
 pub use message::*;
 

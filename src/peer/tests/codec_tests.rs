@@ -76,7 +76,7 @@ fn write_frame_layout_is_big_endian_with_flags_in_header() {
 fn encode_split_plus_tail_equals_encode() {
     for msg in one_of_each() {
         let mut head = BytesMut::new();
-        let tail = encode_split(&msg, &mut head);
+        let tail = encode_split(&msg, &mut head).expect("fits a frame");
         let has_bulk = matches!(
             msg,
             Message::Write {
@@ -167,6 +167,22 @@ fn acceptable_length_reserves_room_for_the_frame() {
     let mut buf = BytesMut::from(&frame[..HEADER_LEN + 10]);
     assert_eq!(Decoder::new(DEFAULT_MAX_PAYLOAD).decode(&mut buf), Ok(None));
     assert!(buf.capacity() >= frame.len(), "capacity {}", buf.capacity());
+}
+
+#[test]
+fn a_payload_over_the_limit_is_an_encode_error_not_a_panic() {
+    let data = Bytes::from(vec![0u8; DEFAULT_MAX_PAYLOAD as usize]);
+    let msg = Message::ReadReply {
+        id: 1,
+        error: 0,
+        data,
+    };
+    let mut out = BytesMut::from(&b"prefix"[..]);
+    let err = encode_split(&msg, &mut out).expect_err("over the limit");
+    assert_eq!(err.msg_type, TYPE_READ_REPLY);
+    assert_eq!(err.payload_len, DEFAULT_MAX_PAYLOAD as usize + 12);
+    assert_eq!(&out[..], b"prefix", "nothing is left of the refused frame");
+    assert!(err.to_string().contains("ReadReply"), "{err}");
 }
 
 #[test]

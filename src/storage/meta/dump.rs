@@ -68,6 +68,18 @@ pub fn dump_json(loaded: &Loaded, layout: &Layout) -> Value {
         .into_iter()
         .map(|(start, len)| json!({"offset": start * BLOCK_SIZE, "length": len * BLOCK_SIZE}))
         .collect();
+    let damaged: Vec<Value> = loaded
+        .damaged_bitmap_pages
+        .iter()
+        .map(|d| {
+            json!({
+                "page": d.page,
+                "offset": d.offset,
+                "error": d.error.to_string(),
+                "out_of_sync": {"offset": d.blocks.0 * BLOCK_SIZE, "length": d.blocks.1 * BLOCK_SIZE},
+            })
+        })
+        .collect();
     let mut extents = loaded.active_extents.clone();
     extents.sort_unstable();
     json!({
@@ -89,6 +101,7 @@ pub fn dump_json(loaded: &Loaded, layout: &Layout) -> Value {
             "out_of_sync_blocks": oos_blocks,
             "out_of_sync_bytes": oos_blocks * BLOCK_SIZE,
             "first_out_of_sync_ranges": ranges,
+            "damaged_pages": damaged,
         },
         "activity_log": {
             "extent_size": AL_EXTENT_SIZE,
@@ -156,6 +169,12 @@ mod tests {
             },
             bitmap,
             active_extents: vec![7, 3],
+            damaged_bitmap_pages: vec![crate::storage::meta::BitmapDamage {
+                page: 0,
+                offset: 8192,
+                error: crate::storage::meta::DecodeError::BadMagic,
+                blocks: (0, 100),
+            }],
         };
         let v = dump_json(&loaded, &layout);
         assert_eq!(v["generation"]["current"], "0000000000000010");
@@ -167,6 +186,11 @@ mod tests {
             v["bitmap"]["first_out_of_sync_ranges"],
             json!([{"offset": 0, "length": 16384}, {"offset": 640 * 4096, "length": 4096}])
         );
+        assert_eq!(
+            v["bitmap"]["damaged_pages"][0]["out_of_sync"],
+            json!({"offset": 0, "length": 100 * 4096})
+        );
+        assert_eq!(v["bitmap"]["damaged_pages"][0]["offset"], 8192);
         assert_eq!(v["activity_log"]["active_extents"], json!([3, 7]));
         assert_eq!(v["layout"]["meta_disk"], "external");
     }

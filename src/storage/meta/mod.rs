@@ -56,7 +56,7 @@ pub use dump::{dump_json, out_of_sync_ranges};
 pub use error::{DecodeError, MetaError};
 pub use layout::{Layout, MetaLocation};
 pub use random::{new_device_uuid, new_generation_id};
-pub use store::{device_size, Loaded, MetaStore};
+pub use store::{device_size, BitmapDamage, Loaded, MetaStore};
 pub use superblock::{
     decode_superblock, encode_superblock, flag_names, flags, GenerationIds, Superblock,
     SuperblockRecord, FORMAT_VERSION, MAX_NAME_LEN,

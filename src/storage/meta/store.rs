@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::activity_log::{self, ring_slot, DEFAULT_AL_SLOTS};
-use super::bitmap_pages::{self, page_bits, page_words};
+use super::bitmap_pages::{self, page_bits, page_words, BITMAP_BITS_PER_PAGE};
 use super::block::BLOCK;
 use super::superblock::{self, flags, GenerationIds, Superblock, SuperblockRecord};
 use super::{random, DecodeError, Layout, MetaError, MetaLocation, BLOCK_SIZE};
@@ -23,6 +23,38 @@ pub struct Loaded {
     pub bitmap: Vec<u64>,
     /// Active extents of the newest valid activity-log transaction.
     pub active_extents: Vec<u32>,
+    /// Bitmap pages that failed to decode; their blocks are loaded as out of sync.
+    pub damaged_bitmap_pages: Vec<BitmapDamage>,
+}
+
+/// A bitmap page that failed to decode at load. Its blocks were loaded as out of sync, the
+/// safe reading (they are resynced); writing the page again repairs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapDamage {
+    pub page: usize,
+    /// Byte offset of the page in the metadata.
+    pub offset: u64,
+    pub error: DecodeError,
+    /// The data blocks the page covers: first block, count.
+    pub blocks: (u64, u64),
+}
+
+impl BitmapDamage {
+    /// What is wrong, where, and what was done about it.
+    pub fn describe(&self, path: &Path) -> String {
+        let corrupt = MetaError::BitmapPageCorrupt {
+            path: path.to_path_buf(),
+            page: self.page,
+            offset: self.offset,
+            error: self.error.clone(),
+        };
+        let (first, count) = self.blocks;
+        format!(
+            "{corrupt}; its {count} blocks ({} bytes at data offset {}) are marked out of sync",
+            count * BLOCK_SIZE,
+            first * BLOCK_SIZE
+        )
+    }
 }
 
 /// Owns the open metadata file and the write positions of the rings.
@@ -284,10 +316,16 @@ fn load_activity_log(
     Ok(tx)
 }
 
-fn load_bitmap(file: &File, layout: &Layout, device_uuid: u64) -> Result<Vec<u64>, MetaError> {
+/// The bitmap, with the pages that failed to decode loaded as all out of sync.
+fn load_bitmap(
+    file: &File,
+    layout: &Layout,
+    device_uuid: u64,
+) -> Result<(Vec<u64>, Vec<BitmapDamage>), MetaError> {
     let path = layout.location.path();
     let bits = layout.bitmap_bits();
     let mut bitmap = vec![0u64; layout.bitmap_words()];
+    let mut damaged = Vec::new();
     let mut first = 0;
     while first < layout.bitmap_pages {
         let count = (layout.bitmap_pages - first).min(MAX_IO_BLOCKS);
@@ -296,23 +334,32 @@ fn load_bitmap(file: &File, layout: &Layout, device_uuid: u64) -> Result<Vec<u64
         for (i, block) in buf.chunks_exact(BLOCK).enumerate() {
             let page = first + i;
             let words = page_words(page, bits);
-            bitmap_pages::decode_bitmap_page(
+            let in_page = page_bits(page, bits);
+            let decoded = bitmap_pages::decode_bitmap_page(
                 block,
                 page as u32,
                 device_uuid,
-                page_bits(page, bits),
-                &mut bitmap[words],
-            )
-            .map_err(|error| MetaError::BitmapPageCorrupt {
-                path: path.to_path_buf(),
-                page,
-                offset: layout.bitmap_page_offset(page),
-                error,
-            })?;
+                in_page,
+                &mut bitmap[words.clone()],
+            );
+            if let Err(error) = decoded {
+                let ones = &mut bitmap[words];
+                ones.fill(u64::MAX);
+                if let Some(last) = ones.last_mut().filter(|_| in_page % 64 != 0) {
+                    *last = (1u64 << (in_page % 64)) - 1;
+                }
+                damaged.push(BitmapDamage {
+                    page,
+                    offset: layout.bitmap_page_offset(page),
+                    error,
+                    blocks: (page as u64 * BITMAP_BITS_PER_PAGE, in_page),
+                });
+            }
         }
         first += count;
     }
-    Ok(bitmap)
+    debug_assert!(damaged.iter().all(|d| d.blocks.0 + d.blocks.1 <= bits));
+    Ok((bitmap, damaged))
 }
 
 /// Encodes `page` of `bitmap`, clearing bits past the end of the data.
@@ -491,6 +538,7 @@ impl MetaStore {
             superblock: sb,
             bitmap,
             active_extents: Vec::new(),
+            damaged_bitmap_pages: Vec::new(),
         })
     }
 
@@ -536,11 +584,12 @@ impl MetaStore {
             return Err(too_small(&layout, len));
         }
         let tx = load_activity_log(&file, &layout, &rec.sb)?;
-        let bitmap = load_bitmap(&file, &layout, rec.sb.device_uuid)?;
+        let (bitmap, damaged_bitmap_pages) = load_bitmap(&file, &layout, rec.sb.device_uuid)?;
         let loaded = Loaded {
             superblock: rec.sb.clone(),
             bitmap,
             active_extents: tx.extents,
+            damaged_bitmap_pages,
         };
         let store = MetaStore {
             file,

@@ -452,42 +452,64 @@ fn bitmap_words_of_page(page: usize, bits: u64) -> std::ops::Range<usize> {
 }
 
 #[test]
-fn corrupt_bitmap_page_is_named() {
+fn a_corrupt_bitmap_page_is_named_and_loaded_as_out_of_sync() {
     let size = 300 * MIB;
     let d = sparse_disk(size);
     let loc = internal(&d);
     MetaStore::create(&loc, size, "r0", "alpha", false).expect("create");
+    let (mut store, loaded) = MetaStore::open(&loc, size, "r0", "alpha").expect("open");
+    let clear = vec![0u64; loaded.bitmap.len()];
+    let all: Vec<usize> = (0..store.bitmap_page_count()).collect();
+    store
+        .write_bitmap_pages(&clear, &all)
+        .expect("clear the bitmap");
+    drop(store);
     let layout = Layout::compute(size, &loc).expect("layout");
+    let bits = layout.bitmap_bits();
     let off = layout.bitmap_page_offset(1);
     poke(&d.path, off + 1000, &[0x00, 0x01]);
-    let err = MetaStore::open(&loc, size, "r0", "alpha").expect_err("corrupt page");
-    assert!(
-        matches!(err, MetaError::BitmapPageCorrupt { page: 1, .. }),
-        "{err}"
-    );
-    let msg = err.to_string();
+    let (mut store, loaded) = MetaStore::open(&loc, size, "r0", "alpha").expect("damaged page");
+    let [damage] = &loaded.damaged_bitmap_pages[..] else {
+        panic!("one damaged page: {:?}", loaded.damaged_bitmap_pages);
+    };
+    assert_eq!((damage.page, damage.offset), (1, off));
+    let first = BITMAP_BITS_PER_PAGE;
+    let count = BITMAP_BITS_PER_PAGE.min(bits - first);
+    assert_eq!(damage.blocks, (first, count));
+    let msg = damage.describe(&d.path);
     assert!(
         msg.starts_with(&format!("bitmap page 1 at offset {off} on")),
         "{msg}"
     );
     assert!(msg.contains("checksum mismatch"), "{msg}");
+    assert!(msg.contains("marked out of sync"), "{msg}");
+    // Exactly that page's blocks are set.
+    let set: u64 = loaded
+        .bitmap
+        .iter()
+        .map(|w| u64::from(w.count_ones()))
+        .sum();
+    assert_eq!(set, count);
+    assert_eq!(loaded.bitmap[bitmap_words_of_page(1, bits)][0], u64::MAX);
+    assert_eq!(loaded.bitmap[bitmap_words_of_page(0, bits)][0], 0);
+    // Writing the page repairs it.
+    store
+        .write_bitmap_pages(&loaded.bitmap, &[1])
+        .expect("rewrite");
+    drop(store);
+    let (_, again) = MetaStore::open(&loc, size, "r0", "alpha").expect("open");
+    assert!(again.damaged_bitmap_pages.is_empty());
+    assert_eq!(again.bitmap, loaded.bitmap);
     // A page copied into the wrong place (misdirected write) is caught too.
     let page0 = peek(&d.path, layout.bitmap_page_offset(0), 4096);
     poke(&d.path, off, &page0);
-    let err = MetaStore::open(&loc, size, "r0", "alpha").expect_err("misplaced page");
-    assert!(
-        matches!(
-            err,
-            MetaError::BitmapPageCorrupt {
-                page: 1,
-                error: DecodeError::WrongPage {
-                    found: 0,
-                    expected: 1
-                },
-                ..
-            }
-        ),
-        "{err}"
+    let (_, loaded) = MetaStore::inspect(&loc, size).expect("misplaced page");
+    assert_eq!(
+        loaded.damaged_bitmap_pages[0].error,
+        DecodeError::WrongPage {
+            found: 0,
+            expected: 1
+        }
     );
 }
 
