@@ -115,7 +115,12 @@ fn main() {
     let (mut events, mut sim_us, mut reads, mut crashes, mut sbs) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut streamed = 0u64;
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut pauses, mut pauses_back, mut reissued, mut overlapping) = (0u64, 0u64, 0u64, 0u64);
     for o in &results {
+        pauses += o.stats.pauses;
+        pauses_back += o.stats.pauses_reconnected;
+        reissued += o.stats.writes_reissued;
+        overlapping += o.stats.overlapping_cuts;
         links += o.stats.links;
         races += o.stats.races;
         extra += o.stats.extra_dials;
@@ -153,6 +158,9 @@ fn main() {
     );
     eprintln!(
         "mirror-sim: {links} connections, {races} sessions won a race against another connection; connection faults: {extra} extra dials, {crossed} crossed dials, {resets} resets mid-handshake"
+    );
+    eprintln!(
+        "mirror-sim: {pauses} link pauses between two primaries, {pauses_back} ended by a reconnect, {reissued} writes issued again, {overlapping} cuts with overlapping writes in flight on both sides"
     );
     println!("{} passed, {} failed", results.len() - failed, failed);
     if failed > 0 {

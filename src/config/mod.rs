@@ -124,6 +124,9 @@ pub struct NetSettings {
     /// Strikes before the peer is declared dead and disconnected.
     pub ko_count: u64,
     pub connect_retry_ms: u64,
+    /// With allow-two-primaries: how long a broken link is a pause before the
+    /// nodes go on alone (0: never a pause).
+    pub reconnect_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -453,6 +456,9 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         ko_count: nt.u64_or("ko-count", 7).map_err(err)?,
         connect_retry_ms: nt
             .parsed_or("connect-retry", 1_000, units::parse_duration_ms)
+            .map_err(err)?,
+        reconnect_grace_ms: nt
+            .parsed_or("reconnect-grace", 8_000, units::parse_duration_ms)
             .map_err(err)?,
     };
     for (key, v) in [

@@ -140,6 +140,8 @@ impl Node {
     /// stop up until its time limit (simulator finding).
     pub fn begin_stop(&mut self) {
         self.stopping = true;
+        // A pause ends as its grace would have: the process is going away.
+        self.end_pause_alone();
         if !self.suspended {
             return;
         }

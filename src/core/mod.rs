@@ -10,6 +10,7 @@ pub mod activity_log;
 pub mod bitmap;
 mod fencing;
 pub mod gi;
+mod grace;
 mod links;
 mod node;
 pub mod ordering;

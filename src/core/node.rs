@@ -156,13 +156,39 @@ pub(super) struct Req {
     pub error: u32,
     pub replied: bool,
     pub al_held: bool,
+    /// A write issued again after a pause (grace.rs): its completion answers
+    /// this request instead of a client.
+    pub parent: Option<u64>,
 }
 
-/// A local write the peer has not acknowledged yet (for conflict detection).
+impl Req {
+    /// A local write's request, before it is issued.
+    pub(super) fn write(conn: ConnId, cookie: u64, range: Range, parent: Option<u64>) -> Req {
+        Req {
+            conn,
+            cookie,
+            range,
+            is_flush: false,
+            local_pending: true,
+            wait_recv: false,
+            wait_ack: false,
+            ack_outstanding: false,
+            recv_got: false,
+            error: 0,
+            replied: false,
+            al_held: false,
+            parent,
+        }
+    }
+}
+
+/// A write the peer has not acknowledged yet (for conflict detection).
 #[derive(Debug)]
 pub(super) struct Recent {
     pub range: Range,
     pub req: Option<u64>,
+    /// A local write's operation and FUA, to issue it again after a pause.
+    pub redo: Option<(DiskOp, bool)>,
 }
 
 #[derive(Debug)]
@@ -246,6 +272,8 @@ pub struct Node {
     pub(super) split_brain: bool,
     /// Writes frozen while the fence-peer handler runs (see fencing.rs).
     pub(super) suspended: bool,
+    /// A link blip between two primaries, within its grace (grace.rs).
+    pub(super) grace: Option<super::grace::Grace>,
     /// The running fence-peer handler's id.
     pub(super) fence_id: Option<u64>,
     /// This node crashed while primary and has not synced since.
@@ -349,6 +377,7 @@ impl Node {
             resync: None,
             split_brain: false,
             suspended: false,
+            grace: None,
             fence_id: None,
             crashed_primary: false,
             auto_promoted: false,
@@ -611,7 +640,7 @@ impl Node {
                 ..self.sync_stats
             },
             split_brain: self.split_brain,
-            suspended: self.suspended,
+            suspended: self.suspended || self.grace.is_some(),
         }
     }
 
@@ -888,7 +917,8 @@ impl Node {
             });
             return;
         }
-        let frozen = self.suspended && !matches!(req, IoRequest::Read { .. });
+        let frozen =
+            (self.suspended || self.grace.is_some()) && !matches!(req, IoRequest::Read { .. });
         if self.handshake.is_some() || self.promote_confirm.is_some() || frozen {
             self.held.push((conn, cookie, req));
             return;
@@ -956,6 +986,7 @@ impl Node {
         let now = self.role == Role::Primary
             && self.clients.contains(&conn)
             && !self.suspended
+            && self.grace.is_none()
             && self.handshake.is_none()
             && self.promote_confirm.is_none()
             && !self.gate_writes
@@ -978,8 +1009,12 @@ impl Node {
         id
     }
 
-    /// Requests held during the connection handshake go on now.
+    /// Requests held during the connection handshake go on now (after the
+    /// writes a pause left unanswered, issued again first).
     pub(super) fn release_held(&mut self) {
+        if self.grace.is_some() && self.replicating() {
+            self.end_pause_reconnected();
+        }
         if !self.al_waiting.is_empty() {
             self.readmit_al_waiters();
         }
@@ -1085,6 +1120,7 @@ impl Node {
                 error: 0,
                 replied: false,
                 al_held: false,
+                parent: None,
             },
         );
         let id = self.new_id();
@@ -1130,32 +1166,39 @@ impl Node {
             return;
         }
         let rid = self.new_id();
-        self.reqs.insert(
-            rid,
-            Req {
-                conn,
-                cookie,
-                range,
-                is_flush: false,
-                local_pending: true,
-                wait_recv: false,
-                wait_ack: false,
-                ack_outstanding: false,
-                recv_got: false,
-                error: 0,
-                replied: false,
-                al_held: false,
-            },
-        );
+        self.reqs.insert(rid, Req::write(conn, cookie, range, None));
+        self.enter_local_write(rid, range, op, fua);
+    }
+
+    /// Request `rid`'s write of `range` waits for the activity log, then is issued.
+    pub(super) fn enter_local_write(
+        &mut self,
+        rid: u64,
+        range: Range,
+        op: Option<DiskOp>,
+        fua: bool,
+    ) {
+        assert!(self
+            .reqs
+            .get(&rid)
+            .is_some_and(|r| r.local_pending && !r.replied));
         let wid = self.new_id();
         // First come, first served: while a write waits for the activity log, later
         // ones wait behind it, else a stream of writes to active extents starves a
         // write that needs an extent loaded (simulator finding).
-        let queue_empty = self.al_waiting.is_empty();
+        // A write issued again after a pause goes first: its original holds
+        // the same extents, so they are active, and it must not wait behind
+        // writes that need extents only its original's end can free.
+        let redo = self.reqs.get(&rid).is_some_and(|r| r.parent.is_some());
+        let queue_empty = self.al_waiting.is_empty() || redo;
         let al_ok = match self.al.as_mut() {
             None => true,
             Some(al) => queue_empty && al.admit(range) == Admit::Go,
         };
+        assert!(
+            al_ok || !redo,
+            "a write issued again found its extents inactive"
+        );
         if al_ok {
             if let Some(r) = self.reqs.get_mut(&rid) {
                 r.al_held = self.al.is_some();
@@ -1188,7 +1231,10 @@ impl Node {
     /// before its extent is in the activity log, or a crash leaves the peer with
     /// data nobody marks (simulator finding), and entering the disk order at the
     /// same moment keeps both nodes' order of it against peer writes the same.
-    fn issue_local_write(&mut self, wid: u64, fua: bool) {
+    pub(super) fn issue_local_write(&mut self, wid: u64, fua: bool) {
+        if self.hold_for_pause(wid, fua) {
+            return;
+        }
         let Some(e) = self.writes.get(&wid) else {
             return;
         };
@@ -1247,11 +1293,18 @@ impl Node {
         if let Some(kind) = kind {
             self.seq += 1;
             let seq = self.seq;
+            let redo = self
+                .writes
+                .get(&wid)
+                .and_then(|e| e.pieces.first().cloned())
+                .map(|op| (op, fua));
+            debug_assert!(redo.is_some(), "a mirrored local write has its operation");
             self.recent.insert(
                 seq,
                 Recent {
                     range,
                     req: Some(rid),
+                    redo,
                 },
             );
             self.send(Message::Write {
@@ -1630,16 +1683,34 @@ impl Node {
         let waiting_recv = r.wait_recv && !r.recv_got && r.ack_outstanding;
         let peer_ok = !waiting_ack && !waiting_recv;
         // Fencing holds replies until the peer is known outdated (fencing.rs).
+        let mut answers_parent = None;
         if !r.replied && !r.local_pending && peer_ok && !self.suspended {
             r.replied = true;
-            let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
-            self.out.push(Action::Reply {
-                conn: r.conn,
-                cookie: r.cookie,
-                result,
-            });
+            match r.parent {
+                // A write issued again after a pause: it answers the original.
+                Some(p) => answers_parent = Some((p, r.error)),
+                None => {
+                    let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
+                    self.out.push(Action::Reply {
+                        conn: r.conn,
+                        cookie: r.cookie,
+                        result,
+                    });
+                }
+            }
         }
-        if r.replied && !r.local_pending && !r.ack_outstanding {
+        let finished = r.replied && !r.local_pending && !r.ack_outstanding;
+        if let Some((p, error)) = answers_parent {
+            let Some(pr) = self.reqs.get_mut(&p) else {
+                unreachable!("the write issued again for {p} outlived its request");
+            };
+            pr.ack_outstanding = false;
+            if error != 0 && pr.error == 0 {
+                pr.error = error;
+            }
+            self.maybe_finish(p);
+        }
+        if finished {
             let done = self.reqs.remove(&rid);
             if let Some(d) = done {
                 if d.al_held {
@@ -1658,6 +1729,7 @@ impl Node {
 
     fn on_tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
+        self.grace_tick();
         self.link_tick();
         if self.conn == ConnState::Connected {
             if self.liveness_tick(now_ms) {
@@ -1719,10 +1791,7 @@ impl Node {
         if let Some(sent) = self.ping_outstanding {
             let since = sent.max(self.last_heard_ms);
             if now_ms.saturating_sub(since) > self.cfg.ping_timeout_ms {
-                self.drop_peer(
-                    "ping timeout: nothing heard from the peer since the ping",
-                    true,
-                );
+                self.lose_link("ping timeout: nothing heard from the peer since the ping");
                 return true;
             }
         } else if now_ms.saturating_sub(self.last_ping_ms) >= self.cfg.ping_interval_ms {

@@ -167,17 +167,7 @@ impl Node {
         let was_connected = self.conn == ConnState::Connected;
         let peer_disk = self.peer.as_ref().map(|p| p.disk);
         let was_replicating = self.replicating();
-        self.conn = if self.want_connect {
-            ConnState::Connecting
-        } else {
-            ConnState::Standalone
-        };
-        self.repl = Replication::Off;
-        self.handshake = None;
-        self.peer = None;
-        self.ping_outstanding = None;
-        self.promote_confirm = None;
-        self.sync_done_wait = false;
+        self.end_session_state();
         if was_connected {
             self.notify("peer-disconnected", json!({ "reason": reason }));
             // Freeze before the writes in flight complete below: their replies
@@ -228,20 +218,7 @@ impl Node {
             }
             self.maybe_finish(f);
         }
-        let mut reads: Vec<(u64, (ConnId, u64, u32))> =
-            std::mem::take(&mut self.peer_reads).into_iter().collect();
-        reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
-        for (_, (conn, cookie, _)) in reads {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
-        }
-        self.peer_flushes.clear();
-        self.stop_resync();
-        self.seq = 0;
-        self.peer_seen = 0;
+        self.fail_peer_reads();
         // Only an up-to-date disk starts a new generation, as in DRBD (simulator
         // findings: with one, a failed node's outdated data later became the sync
         // source over its up-to-date peer, as the newer generation; and a sync
@@ -263,7 +240,45 @@ impl Node {
         }
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
+        // A pause that was running ends here too: the session is over for good.
+        self.end_pause_alone();
         self.release_held();
+    }
+
+    /// The peer session is gone: its connection state, handshake, pings,
+    /// resync and sequence numbers end (what it left unanswered is the
+    /// caller's to settle).
+    pub(super) fn end_session_state(&mut self) {
+        self.conn = if self.want_connect {
+            ConnState::Connecting
+        } else {
+            ConnState::Standalone
+        };
+        self.repl = Replication::Off;
+        self.handshake = None;
+        self.peer = None;
+        self.ping_outstanding = None;
+        self.promote_confirm = None;
+        self.sync_done_wait = false;
+        self.peer_flushes.clear();
+        self.stop_resync();
+        self.seq = 0;
+        self.peer_seen = 0;
+        debug_assert!(!self.replicating());
+    }
+
+    /// Reads sent to the peer fail: it will not answer them.
+    pub(super) fn fail_peer_reads(&mut self) {
+        let mut reads: Vec<(u64, (ConnId, u64, u32))> =
+            std::mem::take(&mut self.peer_reads).into_iter().collect();
+        reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
+        for (_, (conn, cookie, _)) in reads {
+            self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result: Err(errno::EIO),
+            });
+        }
     }
 
     pub(super) fn on_peer_msg(&mut self, m: Message) {

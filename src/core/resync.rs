@@ -610,8 +610,14 @@ impl Node {
                         r.done_blocks += n;
                     }
                 } else {
-                    self.recent
-                        .insert(seq, super::node::Recent { range, req: None });
+                    self.recent.insert(
+                        seq,
+                        super::node::Recent {
+                            range,
+                            req: None,
+                            redo: None,
+                        },
+                    );
                     writes_out += 1;
                 }
                 // `seen` as of the read, not now: peer writes ordered after the read

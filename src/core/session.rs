@@ -163,7 +163,7 @@ impl Node {
     pub(super) fn on_conn_down(&mut self, link: LinkId, reason: &str) {
         let c = self.links.down(link);
         if let Phase::Session(_) = c.phase {
-            self.on_peer_down(reason);
+            self.on_link_lost(reason);
         }
         debug_assert_ne!(self.links.session(), Some(link));
         self.maybe_dial();
@@ -189,6 +189,20 @@ impl Node {
             self.close_pending_except(None, reason);
         }
         self.on_peer_down(reason);
+        debug_assert!(self.links.session().is_none());
+    }
+
+    /// The session's connection is closed because the peer fell silent: a
+    /// pause (grace.rs) or the end of the session, as if the link went down.
+    pub(super) fn lose_link(&mut self, reason: &str) {
+        if let Some(link) = self.links.session() {
+            self.links.close(link);
+            self.out.push(Action::CloseConn {
+                link,
+                reason: reason.to_string(),
+            });
+        }
+        self.on_link_lost(reason);
         debug_assert!(self.links.session().is_none());
     }
 

@@ -75,6 +75,8 @@ pub struct CoreConfig {
     pub ping_interval_ms: u64,
     /// Pause between dials while no connection is up or in progress.
     pub connect_retry_ms: u64,
+    /// How long a broken link between two primaries is a pause (grace.rs); 0: never.
+    pub reconnect_grace_ms: u64,
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
     pub ko_count: u64,

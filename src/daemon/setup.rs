@@ -77,6 +77,7 @@ pub fn core_config(s: &Settings, data_size: u64, al_slots: u32, max_io: u32) -> 
         fencing: s.fencing,
         ping_interval_ms: s.net.ping_interval_ms,
         connect_retry_ms: s.net.connect_retry_ms,
+        reconnect_grace_ms: s.net.reconnect_grace_ms,
         ping_timeout_ms: s.net.ping_timeout_ms,
         timeout_ms: s.net.timeout_ms,
         ko_count: s.net.ko_count,

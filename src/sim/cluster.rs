@@ -130,6 +130,8 @@ pub struct SimNode {
     pub meta: SimMeta,
     /// The link the core's peer session runs on, as last seen.
     pub session: Option<u64>,
+    /// The ranges of the writes its current pause left unanswered, and when it began.
+    pub pause: Option<(u64, Vec<(u64, u64)>)>,
     pub clients: BTreeMap<ConnId, Client>,
     pub stopping: Option<Stopping>,
     pub restart_at: Option<u64>,
@@ -177,6 +179,13 @@ pub struct Stats {
     pub extra_dials: u64,
     pub crossed_dials: u64,
     pub handshake_resets: u64,
+    /// Link blips between two primaries: pauses started, ended by a reconnect,
+    /// writes issued again, and cuts with overlapping writes in flight on both
+    /// sides.
+    pub pauses: u64,
+    pub pauses_reconnected: u64,
+    pub writes_reissued: u64,
+    pub overlapping_cuts: u64,
     pub decisions: u64,
     pub split_brains: u64,
     pub rebases: u64,
@@ -286,6 +295,7 @@ impl Sim {
             disk: SimDisk::new(d),
             meta: SimMeta::new(m, bpp),
             session: None,
+            pause: None,
             clients: BTreeMap::new(),
             stopping: None,
             restart_at: None,

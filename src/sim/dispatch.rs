@@ -351,6 +351,36 @@ impl Sim {
             {
                 self.stats.races += 1;
             }
+            "pause-started" => {
+                self.stats.pauses += 1;
+                let ranges: Vec<(u64, u64)> = v
+                    .get("ranges")
+                    .and_then(|r| r.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| Some((x.get(0)?.as_u64()?, x.get(1)?.as_u64()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let now = self.now();
+                if let Some((t, other)) = &self.nodes[1 - n].pause {
+                    let overlap = ranges
+                        .iter()
+                        .any(|(a, b)| other.iter().any(|(c, d)| a < d && c < b));
+                    if overlap && now.saturating_sub(*t) < 2_000_000 {
+                        self.stats.overlapping_cuts += 1;
+                    }
+                }
+                self.nodes[n].pause = Some((now, ranges));
+            }
+            "pause-ended" => {
+                self.nodes[n].pause = None;
+                if v.get("reconnected").and_then(|x| x.as_bool()) == Some(true) {
+                    self.stats.pauses_reconnected += 1;
+                    self.stats.writes_reissued +=
+                        v.get("writes").and_then(|x| x.as_u64()).unwrap_or(0);
+                }
+            }
             "sync-decision" => {
                 self.stats.decisions += 1;
                 let d = s("decision");
@@ -383,7 +413,7 @@ impl Sim {
                     self.nodes[n].failed_since.get_or_insert(now);
                 }
             }
-            "no-good-data" if self.good_data => self.violate(
+            "no-good-data" if self.good_data && !self.any_consistent_disk() => self.violate(
                 "good data lost",
                 format!(
                     "{}'s handshake found no up-to-date disk on either node, though one was up to date and no disk failed or was invalidated since",
@@ -398,6 +428,20 @@ impl Sim {
             }
             _ => {}
         }
+    }
+
+    /// Whether a live node's disk is consistent now (up to date or outdated): a
+    /// handshake that found no good data decided from a Hello that is out of
+    /// date, and the node that changed reconnects.
+    fn any_consistent_disk(&self) -> bool {
+        (0..2).any(|n| {
+            self.status(n).is_some_and(|s| {
+                matches!(
+                    s.disk,
+                    crate::core::DiskState::UpToDate | crate::core::DiskState::Outdated
+                )
+            })
+        })
     }
 
     /// The data of every block is now what node `source`'s disk holds.

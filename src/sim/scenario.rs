@@ -45,6 +45,8 @@ pub struct Scenario {
     /// Mean µs between two faults.
     pub fault_gap_us: u64,
     pub connect_retry_us: u64,
+    /// `[net] reconnect-grace` (0 in some scenarios: no pause).
+    pub reconnect_grace_ms: u64,
     /// Requests in flight per client.
     pub queue_depth: usize,
     /// Mean µs between two requests of a client.
@@ -129,6 +131,11 @@ impl Scenario {
             calm_us: rng.range(1, 4) * 1_000_000,
             fault_gap_us: rng.range(200_000, 2_000_000),
             connect_retry_us: rng.range(50_000, 700_000),
+            reconnect_grace_ms: if rng.chance(0.25) {
+                0
+            } else {
+                rng.range(300, 4_000)
+            },
             queue_depth: rng.range(1, 8) as usize,
             request_gap_us: rng.range(500, 20_000),
             faults,
@@ -158,6 +165,7 @@ impl Scenario {
             },
             ping_interval_ms: self.ping_interval_ms,
             connect_retry_ms: self.connect_retry_us / 1000,
+            reconnect_grace_ms: self.reconnect_grace_ms,
             ping_timeout_ms: self.ping_timeout_ms,
             timeout_ms: self.timeout_ms,
             ko_count: self.ko_count,
@@ -167,7 +175,10 @@ impl Scenario {
 
     /// Longest a request may wait for its reply (simulated µs).
     pub fn reply_bound_us(&self) -> u64 {
-        let peer = self.timeout_ms * self.ko_count + self.ping_interval_ms + self.ping_timeout_ms;
+        let peer = self.timeout_ms * self.ko_count
+            + self.ping_interval_ms
+            + self.ping_timeout_ms
+            + self.reconnect_grace_ms;
         (2 * peer + 10_000) * 1000
     }
 }
