@@ -56,6 +56,8 @@ pub struct ClusterSpec {
     pub resource_lines: Vec<String>,
     pub extra_tables: Vec<String>,
     pub server: ServerKind,
+    /// Each node in its own network namespace, joined by a veth pair.
+    pub netns: bool,
 }
 
 impl ClusterSpec {
@@ -72,7 +74,15 @@ impl ClusterSpec {
             resource_lines: Vec::new(),
             extra_tables: Vec::new(),
             server: ServerKind::from_env(),
+            netns: false,
         }
+    }
+    /// Each mirrord in its own network namespace, the peer link over a veth
+    /// pair the test can cut (`Cluster::net`).
+    pub fn netns(mut self) -> Self {
+        self.netns = true;
+        self.server = ServerKind::Mirrord;
+        self
     }
     pub fn size(mut self, bytes: u64) -> Self {
         self.size = bytes;
@@ -130,6 +140,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub nodes: Vec<Node>,
+    /// The namespaces and their link, with `ClusterSpec::netns`.
+    pub net: Option<super::netns::NetPair>,
     tmp: Option<tempfile::TempDir>,
 }
 
@@ -151,8 +163,9 @@ impl Cluster {
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
             .expect("chmod secret");
 
+        let net = spec.netns.then(super::netns::NetPair::create);
         let mut cfgs = Vec::new();
-        for name in NODE_NAMES.iter().take(spec.nodes) {
+        for (i, name) in NODE_NAMES.iter().take(spec.nodes).enumerate() {
             let run_dir = dir.join(format!("{name}-run"));
             std::fs::create_dir_all(&run_dir).expect("create run dir");
             let nbd = if spec.tcp {
@@ -165,7 +178,10 @@ impl Cluster {
             f.set_len(spec.size).expect("size disk file");
             cfgs.push(NodeConfig {
                 name: name.to_string(),
-                peer_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                peer_addr: match &net {
+                    Some(n) => SocketAddr::new(n.addr[i], 7789),
+                    None => SocketAddr::from(([127, 0, 0, 1], free_port())),
+                },
                 disk,
                 meta: spec.external_md.then(|| dir.join(format!("{name}.md"))),
                 run_dir,
@@ -198,6 +214,7 @@ impl Cluster {
             dir,
             config,
             nodes,
+            net,
             tmp: Some(tmp),
         };
         if c.spec.server == ServerKind::Mirrord {
@@ -292,6 +309,9 @@ impl Cluster {
         let mut cmd = cmd;
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(net) = &self.net {
+            cmd = net.wrap(i, &cmd);
         }
         let label = format!("{:?} node {}", self.spec.server, node.cfg.name);
         let mut d = Daemon::spawn(&label, cmd, node.log.clone());
