@@ -501,3 +501,31 @@ fn an_interrupted_initial_full_sync_continues_where_it_was() {
     assert_disks_identical(&c, "after the interrupted initial sync");
     pattern::assert_same(&read_disk(&c, 1), &data, "beta's disk");
 }
+
+/// An online verify cut by a lost link goes on where it stopped once the pair
+/// is back in sync (`verify-resumed`), instead of starting over.
+#[test]
+fn an_interrupted_verify_resumes_where_it_stopped() {
+    let size = 32 * MIB;
+    let mut c = synced_pair(ClusterSpec::new(2).size(size).table(&fast_sync()));
+    restart_with_sync_rate(&mut c, "2MiB");
+    let ev = Events::start(&c, 0, "verify");
+    c.mirrorctl(0, &["verify"]).assert_success();
+    c.wait_status(0, T, "40% verified", |v| {
+        resync_done_bytes(v) >= size * 4 / 10
+    });
+    c.mirrorctl(1, &["disconnect"]).assert_success();
+    c.wait_status(0, T, "link down", not_connected);
+    c.mirrorctl(1, &["connect"]).assert_success();
+    let resumed = ev.wait_for(T, "verify-resumed", |v| v["event"] == "verify-resumed");
+    let from = resumed["from_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        from >= size * 3 / 10,
+        "the verify resumed at {from} of {size} bytes: it started over"
+    );
+    let done = ev.wait_for(T, "verify-finished", |v| {
+        v["event"] == "verify-finished" && v["role"] == "source"
+    });
+    assert_eq!(done["differing_blocks"], 0, "{done}");
+    eprintln!("a verify cut at 40% resumed at {from} of {size} bytes");
+}

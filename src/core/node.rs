@@ -283,6 +283,8 @@ pub struct Node {
     /// Incremented on every new peer connection; acks of older links are dropped.
     pub(super) link_epoch: u64,
     pub(super) last_verify: Option<u64>,
+    /// A verify the lost link cut: (first block not verified, differing so far).
+    pub(super) verify_resume: Option<(u64, u64)>,
     /// Resync counters for `status` (bytes moved, resyncs run).
     pub(super) sync_stats: SyncCounters,
     /// Progress of the resync this node receives, while it is sync target.
@@ -383,6 +385,7 @@ impl Node {
             auto_promoted: false,
             link_epoch: 0,
             last_verify: None,
+            verify_resume: None,
             sync_stats: SyncCounters::default(),
             sync_target: None,
             target_neg_acked: Vec::new(),
@@ -1744,6 +1747,7 @@ impl Node {
             }
         }
         self.resync_tick();
+        self.maybe_resume_verify();
         // Keep the persisted bitmap close to memory while it changes (resync, or
         // writes without the peer): an interrupted resync resumes near where it was,
         // and `dump-md` on a running node shows what is out of sync.
@@ -1865,7 +1869,11 @@ impl Node {
                 }
             }
             AdminCmd::Resync { full, checksum } => self.admin_resync(full, checksum),
-            AdminCmd::Verify => self.admin_verify(),
+            AdminCmd::Verify => {
+                // An operator's verify starts from the beginning.
+                self.verify_resume = None;
+                self.admin_verify()
+            }
             AdminCmd::Invalidate => self.admin_invalidate(),
             AdminCmd::ResumeIo => self.admin_resume_io(),
         };

@@ -297,6 +297,19 @@ impl Node {
     pub(super) fn stop_resync(&mut self) {
         self.sync_target = None;
         if let Some(r) = self.resync.take() {
+            if r.verify {
+                // Resumed from the first block not verified yet once the pair
+                // is back in sync (`maybe_resume_verify`).
+                let from = r
+                    .batches
+                    .values()
+                    .map(|b| b.range.start / BLOCK)
+                    .min()
+                    .unwrap_or(r.cursor)
+                    .min(r.cursor);
+                debug_assert!(from <= self.bitmap.bits());
+                self.verify_resume = Some((from, r.differing_blocks));
+            }
             self.notify(
                 "resync-stopped",
                 json!({ "done_bytes": r.done_blocks * BLOCK, "total_bytes": r.total_blocks * BLOCK, "verify": r.verify }),
@@ -326,7 +339,29 @@ impl Node {
         Ok(format!("resync started: {} bytes", self.bitmap.bytes()))
     }
 
+    /// A verify cut by a lost link goes on where it stopped once the pair is
+    /// connected and in sync again, with both disks up to date (called on
+    /// each tick). Kept in memory only: a restart of the node starts over.
+    pub(super) fn maybe_resume_verify(&mut self) {
+        let Some((from, differing)) = self.verify_resume else {
+            return;
+        };
+        if self.resync.is_some() || self.start_verify(from, differing).is_err() {
+            return;
+        }
+        self.verify_resume = None;
+        self.notify(
+            "verify-resumed",
+            json!({ "from_bytes": from * BLOCK, "differing_blocks": differing }),
+        );
+    }
+
     pub(super) fn admin_verify(&mut self) -> Result<String, String> {
+        self.start_verify(0, 0)
+    }
+
+    /// Starts a verify at block `from`, with `differing` blocks found before.
+    fn start_verify(&mut self, from: u64, differing: u64) -> Result<String, String> {
         if !self.replicating() || self.repl != Replication::Established {
             return Err("verify needs a connected peer with no resync running".into());
         }
@@ -339,12 +374,16 @@ impl Node {
             return Err("verify needs both disks up to date".into());
         }
         self.repl = Replication::VerifySource;
-        self.resync = Some(self.new_resync(true, true));
+        let mut r = self.new_resync(true, true);
+        r.cursor = from.min(self.bitmap.bits());
+        r.done_blocks = r.cursor;
+        r.differing_blocks = differing;
+        self.resync = Some(r);
         self.last_verify = None;
         self.send(Message::StartVerify);
         self.notify(
             "verify-started",
-            json!({ "role": "source", "total_bytes": self.cfg.data_size }),
+            json!({ "role": "source", "total_bytes": self.cfg.data_size, "from_bytes": from * BLOCK }),
         );
         self.resync_pump();
         Ok("verify started".into())
