@@ -49,6 +49,12 @@ fn restarts_under_a_running_client(spec: ClusterSpec) {
     std::fs::set_permissions(&upgrade, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let upgrade_arg = upgrade.to_str().expect("utf-8 path").to_string();
 
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let mut fds_after = Vec::new();
     let mut took = Vec::new();
     for round in 0..4 {
         std::thread::sleep(Duration::from_millis(1500));
@@ -75,12 +81,17 @@ fn restarts_under_a_running_client(spec: ClusterSpec) {
             "serving the client again",
             |st| clients(st) == before + CONNECTIONS,
         );
+        fds_after.push(open_fds());
         assert!(
             client.try_wait().expect("client status").is_none(),
             "the client ended during restart {round}: {}",
             std::fs::read_to_string(&out).unwrap_or_default()
         );
     }
+    assert!(
+        fds_after.windows(2).all(|w| w[0] == w[1]),
+        "no descriptor leaks across restarts: {fds_after:?}"
+    );
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("read /proc/PID/exe");
     assert_eq!(exe, upgrade, "the last restart ran the upgraded binary");
 
@@ -118,7 +129,7 @@ fn restarts_under_a_running_client(spec: ClusterSpec) {
         4 * CONNECTIONS,
         "every connection taken over at every restart"
     );
-    eprintln!("client: {v}; mirrorctl restart took {took:?}");
+    eprintln!("client: {v}; mirrorctl restart took {took:?}; open fds {fds_after:?}");
 }
 
 #[test]

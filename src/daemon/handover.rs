@@ -186,10 +186,110 @@ impl State {
 
     /// Every descriptor the state names.
     pub fn fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.nbd_listener, self.ctl_listener];
-        v.extend(&self.locks);
-        v.extend(self.clients.iter().map(|c| c.fd));
+        self.named_fds().into_iter().map(|(_, fd)| fd).collect()
+    }
+
+    /// Every descriptor with its name in systemd's fd store (`FDNAME=`).
+    pub fn named_fds(&self) -> Vec<(String, RawFd)> {
+        let mut v = vec![
+            ("nbd-listen".to_string(), self.nbd_listener),
+            ("ctl-listen".to_string(), self.ctl_listener),
+        ];
+        v.extend(
+            self.locks
+                .iter()
+                .enumerate()
+                .map(|(i, &fd)| (format!("lock-{i}"), fd)),
+        );
+        v.extend(
+            self.clients
+                .iter()
+                .map(|c| (format!("client-{}", c.conn), c.fd)),
+        );
         v
+    }
+
+    /// The descriptor numbers systemd gave each name at this start (`LISTEN_FDNAMES`). A
+    /// client connection systemd no longer holds (it drops one that hangs up while stored)
+    /// is left out; a missing listener or lock refuses the state.
+    pub fn renumber(&mut self, got: &[(String, RawFd)]) -> Result<(), String> {
+        let find = |name: &str| {
+            got.iter()
+                .find(|(n, _)| n == name)
+                .map(|&(_, fd)| fd)
+                .ok_or_else(|| format!("the fd store has no {name} for the hand-over state"))
+        };
+        self.nbd_listener = find("nbd-listen")?;
+        self.ctl_listener = find("ctl-listen")?;
+        for i in 0..self.locks.len() {
+            self.locks[i] = find(&format!("lock-{i}"))?;
+        }
+        self.clients
+            .retain_mut(|c| match find(&format!("client-{}", c.conn)) {
+                Ok(fd) => {
+                    c.fd = fd;
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("{e}: NBD connection {} ({}) is gone", c.conn, c.peer);
+                    false
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The name of the state document in systemd's fd store.
+pub const STATE_NAME: &str = "handover-state";
+
+/// What systemd passed from the fd store at this start (`LISTEN_PID`, `LISTEN_FDS`,
+/// `LISTEN_FDNAMES`, descriptors from 3), taking those variables out of the environment.
+/// None: nothing was passed.
+pub fn take_listen_fds() -> Option<Vec<(String, RawFd)>> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let n = std::env::var("LISTEN_FDS").ok();
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(k);
+    }
+    if pid?.parse::<u32>().ok()? != std::process::id() {
+        return None;
+    }
+    let n: RawFd = n?.parse().ok()?;
+    let names: Vec<&str> = names.split(':').collect();
+    Some(
+        (0..n.max(0))
+            .map(|i| {
+                let name = names.get(i as usize).copied().unwrap_or("unknown");
+                (name.to_string(), 3 + i)
+            })
+            .collect(),
+    )
+}
+
+/// The hand-over state from systemd's fd store, its descriptors renumbered and checked.
+pub fn from_fd_store(got: &[(String, RawFd)], resource: &str, node: &str) -> Result<State, String> {
+    let Some(&(_, fd)) = got.iter().find(|(n, _)| n == STATE_NAME) else {
+        return Err(format!(
+            "systemd passed {} descriptor(s) from the fd store but no hand-over state (a crash \
+             during a hand-over?)",
+            got.len()
+        ));
+    };
+    let text = read_fd(fd)?;
+    let mut st: State = serde_json::from_str(&text)
+        .map_err(|e| format!("the hand-over state is not valid JSON of version {VERSION}: {e}"))?;
+    st.renumber(got)?;
+    st.validate(resource, node, fd_kind)?;
+    Ok(st)
+}
+
+/// Inherited descriptors are closed at the next exec unless handed on again (a copy that
+/// leaked into the next process would keep a client's connection open after it closes).
+pub fn set_cloexec(st: &State) {
+    for fd in st.fds() {
+        // SAFETY: sets a flag on a descriptor the validated state names as ours.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
 }
 
@@ -267,6 +367,16 @@ pub fn take_inherited(resource: &str, node: &str) -> Option<Result<State, String
         None => return Some(Err(format!("{ENV_FD}={v:?} is not a descriptor number"))),
     };
     Some(read_fd(fd).and_then(|text| State::decode(&text, resource, node)))
+}
+
+/// Sends the state and its descriptors to systemd's fd store (the state last: a store
+/// without it is an interrupted hand-over, refused at the next start).
+pub fn store(st: &State) -> Result<(), String> {
+    for (name, fd) in st.named_fds() {
+        super::notify::store_fd(&name, fd)?;
+    }
+    let memfd = to_memfd(st)?;
+    super::notify::store_fd(STATE_NAME, memfd.as_raw_fd())
 }
 
 /// A refused hand-over: closes every descriptor the old process may have passed (all but
@@ -434,6 +544,34 @@ mod tests {
             let e = st.validate("r0", "alpha", kinds).expect_err(what);
             assert!(e.contains(needle), "{what}: {e}");
         }
+    }
+
+    #[test]
+    fn fd_store_names_map_back_to_the_state() {
+        let st = sample();
+        let names = st.named_fds();
+        assert_eq!(
+            names.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["nbd-listen", "ctl-listen", "lock-0", "client-7"]
+        );
+        // systemd passes them from 3, in its own order.
+        let got: Vec<(String, RawFd)> = names
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), 3 + i as RawFd))
+            .collect();
+        let mut back = st.clone();
+        back.renumber(&got).expect("all there");
+        assert_eq!((back.nbd_listener, back.ctl_listener), (6, 5));
+        assert_eq!((back.locks[0], back.clients[0].fd), (4, 3));
+        // A client gone from the store is left out; a listener gone refuses the state.
+        let mut back = st.clone();
+        back.renumber(&got[1..]).expect("client left out");
+        assert!(back.clients.is_empty());
+        let mut back = st;
+        let e = back.renumber(&got[..3]).expect_err("no listener");
+        assert!(e.contains("nbd-listen"), "{e}");
     }
 
     #[test]

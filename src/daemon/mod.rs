@@ -292,12 +292,20 @@ impl Shared {
 /// How a serving daemon ended.
 enum Outcome {
     Stopped,
-    /// Run `exe` with these descriptors (every one named in `state`).
+    /// Hand these descriptors (every one named in `state`) on.
     Restart {
-        exe: PathBuf,
+        next: Next,
         state: handover::State,
         keep: Vec<OwnedFd>,
     },
+}
+
+/// Who gets the NBD connections at a hand-over.
+enum Next {
+    /// `mirrorctl restart`: this process, re-executed as this binary.
+    Exec(PathBuf),
+    /// SIGTERM under systemd with the fd store: the next start of the service.
+    FdStore,
 }
 
 /// How long a restart waits for the requests already read to be answered, unless writes are
@@ -307,9 +315,25 @@ const HANDOVER_DRAIN: Duration = Duration::from_secs(120);
 /// Runs `mirrord` for one resource until SIGTERM/SIGINT, or until `mirrorctl restart`
 /// replaces it with a new process image.
 pub fn run(settings: Settings) -> Result<(), String> {
-    let inherited = match handover::take_inherited(&settings.resource, &settings.node().name) {
+    let (resource, node) = (settings.resource.as_str(), settings.node().name.as_str());
+    // From `mirrorctl restart` (an exec), or from systemd's fd store (`systemctl restart`).
+    let stored = handover::take_listen_fds().filter(|v| !v.is_empty());
+    let inherited = handover::take_inherited(resource, node).or_else(|| {
+        stored
+            .as_ref()
+            .map(|got| handover::from_fd_store(got, resource, node))
+    });
+    // Our copies are taken: systemd closes its own, so a later crash closes the clients'
+    // connections (the kernel sees a dead link, not a hung one).
+    for (name, _) in stored.iter().flatten() {
+        notify::remove_stored(name);
+    }
+    let inherited = match inherited {
         None => None,
-        Some(Ok(st)) => Some(st),
+        Some(Ok(st)) => {
+            handover::set_cloexec(&st);
+            Some(st)
+        }
         Some(Err(e)) => {
             tracing::error!("{e}; starting fresh: every inherited connection is closed");
             handover::close_inherited();
@@ -338,7 +362,27 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     match rt.block_on(serve(settings, opened, inherited, locks.fds()))? {
         Outcome::Stopped => Ok(()),
-        Outcome::Restart { exe, state, keep } => {
+        Outcome::Restart {
+            next: Next::FdStore,
+            state,
+            keep,
+        } => {
+            rt.shutdown_timeout(Duration::from_secs(2));
+            // systemd keeps copies; ours close as the process exits.
+            let stored = handover::store(&state);
+            drop(keep);
+            stored.map(|()| {
+                tracing::info!(
+                    "{} NBD connection(s) handed to systemd's fd store; stopped",
+                    state.clients.len()
+                )
+            })
+        }
+        Outcome::Restart {
+            next: Next::Exec(exe),
+            state,
+            keep,
+        } => {
             rt.shutdown_timeout(Duration::from_secs(2));
             tracing::info!(
                 "executing {} with {} NBD connection(s) handed over",
@@ -487,8 +531,13 @@ async fn serve(
     // No second restart once this stop has begun.
     lock(&shared.restart_tx).take();
     match &restart {
-        Some(exe) => {
+        Some(Next::Exec(exe)) => {
             tracing::info!("restarting into {}: handing over", exe.display());
+            shared.handing_over.store(true, Ordering::Relaxed);
+        }
+        Some(Next::FdStore) => {
+            tracing::info!("stopping: handing the NBD connections to systemd's fd store");
+            notify::notify("STOPPING=1");
             shared.handing_over.store(true, Ordering::Relaxed);
         }
         None => {
@@ -533,8 +582,8 @@ async fn serve(
     }
     lock(&shared.peer).close_all();
     shared.disk.shutdown();
-    if let Some(exe) = restart {
-        return handover_outcome(&shared, exe, listen_fds, &lock_fds);
+    if let Some(next) = restart {
+        return handover_outcome(&shared, next, listen_fds, &lock_fds);
     }
     drop(listen_fds);
     let _ = std::fs::remove_file(shared.settings.control_socket());
@@ -640,7 +689,7 @@ async fn drain_for_handover(shared: &Arc<Shared>) {
 /// The state and descriptors the next process gets.
 fn handover_outcome(
     shared: &Arc<Shared>,
-    exe: PathBuf,
+    next: Next,
     (nbd, ctl): (OwnedFd, OwnedFd),
     lock_fds: &[std::os::fd::RawFd],
 ) -> Result<Outcome, String> {
@@ -672,7 +721,7 @@ fn handover_outcome(
         "hand-over ready: {} NBD connection(s), metadata persisted",
         state.clients.len()
     );
-    Ok(Outcome::Restart { exe, state, keep })
+    Ok(Outcome::Restart { next, state, keep })
 }
 
 async fn tick_loop(shared: Arc<Shared>) {
@@ -684,8 +733,9 @@ async fn tick_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Waits for SIGTERM/SIGINT (None: stop) or `mirrorctl restart` (Some: the binary to run).
-async fn wait_for_stop(restart: oneshot::Receiver<PathBuf>) -> Option<PathBuf> {
+/// Waits for SIGTERM/SIGINT (None: stop; with the fd store, SIGTERM hands over to it) or
+/// `mirrorctl restart` (the binary to run).
+async fn wait_for_stop(restart: oneshot::Receiver<PathBuf>) -> Option<Next> {
     use tokio::signal::unix::{signal, SignalKind};
     let restart = async move {
         match restart.await {
@@ -698,11 +748,11 @@ async fn wait_for_stop(restart: oneshot::Receiver<PathBuf>) -> Option<PathBuf> {
         signal(SignalKind::interrupt()),
     ) else {
         tracing::error!("cannot install signal handlers; running until killed or restarted");
-        return Some(restart.await);
+        return Some(Next::Exec(restart.await));
     };
     tokio::select! {
-        _ = term.recv() => None,
+        _ = term.recv() => notify::fd_store_enabled().then_some(Next::FdStore),
         _ = int.recv() => None,
-        exe = restart => Some(exe),
+        exe = restart => Some(Next::Exec(exe)),
     }
 }
