@@ -247,3 +247,51 @@ fn restart_through_systemds_fd_store() {
     assert!(sd.messages().iter().any(|m| m.contains("STOPPING=1")));
     eprintln!("client: {v}; stop + start took {took:?}");
 }
+
+/// What a crash during a hand-over leaves in the fd store (the state is stored last, so it is
+/// missing), then a state that does not parse: mirrord refuses either, closes the client
+/// sockets (the client sees its connection end, not hang), empties the store and starts
+/// fresh.
+#[test]
+fn a_refused_handover_closes_the_stored_connections() {
+    use std::io::{Read, Write};
+    let mut c = ClusterSpec::new(1).mirrord_only().build();
+    let sd = FakeSystemd::new(&c.dir);
+    for (round, state) in [(0, None), (1, Some(&b"{\"version\": 1, \"resou"[..]))] {
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        sd.put("client-1", theirs.into());
+        if let Some(text) = state {
+            let path = c.dir.join("bad-state");
+            std::fs::File::create(&path)
+                .and_then(|mut f| f.write_all(text))
+                .expect("write the state");
+            let f = std::fs::File::open(&path).expect("open the state");
+            sd.put("handover-state", f.into());
+        }
+        start_as_service(&mut c, &sd, &format!("mirrord (refused hand-over {round})"));
+        ours.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            ours.read(&mut byte)
+                .expect("the connection ends, not hangs"),
+            0,
+            "round {round}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sd.stored().is_empty() {
+            assert!(Instant::now() < deadline, "still stored: {:?}", sd.stored());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = c.log_text(0);
+        let why = if state.is_none() {
+            "no hand-over state"
+        } else {
+            "not valid JSON"
+        };
+        assert!(log.contains(why), "round {round}: {log}");
+        assert!(log.contains("starting fresh"), "{log}");
+        assert_eq!(clients(&c.status_json(0)), 0);
+        assert!(c.stop(0).expect("stops").success());
+    }
+}

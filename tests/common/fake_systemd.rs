@@ -55,6 +55,15 @@ impl FakeSystemd {
         st.fds.iter().map(|(n, _)| n.clone()).collect()
     }
 
+    /// Puts `fd` in the store under `name`, as a service's `FDSTORE=1` would.
+    pub fn put(&self, name: &str, fd: OwnedFd) {
+        apply(
+            &mut self.state.lock().expect("store"),
+            format!("FDSTORE=1\nFDNAME={name}"),
+            vec![fd],
+        );
+    }
+
     pub fn messages(&self) -> Vec<String> {
         self.state.lock().expect("store").messages.clone()
     }
