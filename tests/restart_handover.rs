@@ -292,6 +292,8 @@ fn a_refused_handover_closes_the_stored_connections() {
         assert!(log.contains(why), "round {round}: {log}");
         assert!(log.contains("starting fresh"), "{log}");
         assert_eq!(clients(&c.status_json(0)), 0);
+        // `systemctl stop`: SIGTERM (a hand-over to the store), then the store is flushed.
         assert!(c.stop(0).expect("stops").success());
+        sd.flush("FDNAME=handover-state");
     }
 }

@@ -393,6 +393,36 @@ pub fn close_inherited() {
     }
 }
 
+/// A refused hand-over from systemd's fd store: closes every descriptor it passed except
+/// the two listeners, returned (close-on-exec) for the fresh start to listen on. The state's
+/// own descriptor is not touched (reading it already closed it).
+pub fn close_all_but_listeners(got: &[(String, RawFd)]) -> Option<(OwnedFd, OwnedFd)> {
+    let mut nbd = None;
+    let mut ctl = None;
+    for (name, fd) in got {
+        // SAFETY (all three): systemd passed `fd` to us, and nothing else took it: the state
+        // was refused before any descriptor it names was used.
+        match name.as_str() {
+            STATE_NAME => {}
+            "nbd-listen" if fd_kind(*fd) == Ok(FdKind::Socket) => {
+                nbd = Some(unsafe { OwnedFd::from_raw_fd(*fd) })
+            }
+            "ctl-listen" if fd_kind(*fd) == Ok(FdKind::Socket) => {
+                ctl = Some(unsafe { OwnedFd::from_raw_fd(*fd) })
+            }
+            _ => unsafe {
+                libc::close(*fd);
+            },
+        }
+    }
+    let (nbd, ctl) = (nbd?, ctl?);
+    for fd in [&nbd, &ctl] {
+        // SAFETY: sets a flag on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    Some((nbd, ctl))
+}
+
 /// The binary this process runs, as installed when it started (an upgrade that replaced the
 /// file is picked up by a restart through this path).
 pub fn own_exe() -> Option<PathBuf> {

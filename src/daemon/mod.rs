@@ -328,6 +328,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     for (name, _) in stored.iter().flatten() {
         notify::remove_stored(name);
     }
+    let mut spare = None;
     let inherited = match inherited {
         None => None,
         Some(Ok(st)) => {
@@ -336,7 +337,12 @@ pub fn run(settings: Settings) -> Result<(), String> {
         }
         Some(Err(e)) => {
             tracing::error!("{e}; starting fresh: every inherited connection is closed");
-            handover::close_inherited();
+            match &stored {
+                // Named: the listeners are kept (connections waiting in their backlog are
+                // served, and systemd's copies no longer look like another daemon's).
+                Some(got) => spare = handover::close_all_but_listeners(got),
+                None => handover::close_inherited(),
+            }
             None
         }
     };
@@ -360,7 +366,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .thread_name("mirrord")
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    match rt.block_on(serve(settings, opened, inherited, locks.fds()))? {
+    match rt.block_on(serve(settings, opened, inherited, spare, locks.fds()))? {
         Outcome::Stopped => Ok(()),
         Outcome::Restart {
             next: Next::FdStore,
@@ -401,6 +407,7 @@ async fn serve(
     settings: Settings,
     opened: setup::Opened,
     inherited: Option<handover::State>,
+    spare: Option<(OwnedFd, OwnedFd)>,
     lock_fds: Vec<std::os::fd::RawFd>,
 ) -> Result<Outcome, String> {
     let setup::Opened {
@@ -488,21 +495,18 @@ async fn serve(
             shared.settings.run_dir.display()
         )
     })?;
-    let (nbd_listener, ctl_listener) = match inherited {
-        Some(st) => match take_over(&shared, st).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("{e}; starting fresh");
-                (
-                    nbd_conn::bind(&shared.settings.nbd_listen).await?,
-                    control::bind(&shared.settings.control_socket())?,
-                )
-            }
-        },
-        None => (
-            nbd_conn::bind(&shared.settings.nbd_listen).await?,
-            control::bind(&shared.settings.control_socket())?,
-        ),
+    let taken = match (inherited, spare) {
+        (Some(st), _) => Some(take_over(&shared, st).await),
+        (None, Some((nbd, ctl))) => Some(inherited_listeners(&shared, nbd, ctl)),
+        (None, None) => None,
+    };
+    let (nbd_listener, ctl_listener) = match taken {
+        Some(Ok(l)) => l,
+        Some(Err(e)) => {
+            tracing::error!("{e}; starting fresh");
+            bind_listeners(&shared).await?
+        }
+        None => bind_listeners(&shared).await?,
     };
     // Copies the accept loops do not own: a restart hands them on after those loops end.
     let listen_fds = (
@@ -548,6 +552,14 @@ async fn serve(
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = shared.stop_tx.send(true);
     accepts.abort_all();
+    // A stop closes the listeners now (connections are refused, as before); a hand-over
+    // keeps them, so new connections wait in the backlog for the next process.
+    let listen_fds = if restart.is_some() {
+        Some(listen_fds)
+    } else {
+        drop(listen_fds);
+        None
+    };
     if restart.is_some() {
         drain_for_handover(&shared).await;
     } else {
@@ -583,9 +595,9 @@ async fn serve(
     lock(&shared.peer).close_all();
     shared.disk.shutdown();
     if let Some(next) = restart {
-        return handover_outcome(&shared, next, listen_fds, &lock_fds);
+        let fds = listen_fds.expect("a hand-over keeps the listeners");
+        return handover_outcome(&shared, next, fds, &lock_fds);
     }
-    drop(listen_fds);
     let _ = std::fs::remove_file(shared.settings.control_socket());
     if let crate::config::Listen::Unix(p) = &shared.settings.nbd_listen {
         let _ = std::fs::remove_file(p);
@@ -608,22 +620,19 @@ async fn take_over(
         .iter()
         .map(|c| (c.clone(), unsafe { OwnedFd::from_raw_fd(c.fd) }))
         .collect();
-    let nbd = nbd_conn::Listener::inherited(&shared.settings.nbd_listen, unsafe {
-        OwnedFd::from_raw_fd(st.nbd_listener)
-    });
-    let ctl = control::inherited(&shared.settings.control_socket(), unsafe {
-        OwnedFd::from_raw_fd(st.ctl_listener)
-    });
-    let listeners = match (nbd, ctl) {
-        (Ok(n), Ok(c)) => (n, c),
-        (Err(e), _) | (_, Err(e)) => {
-            // `clients` drops here: their connections close.
-            return Err(format!(
-                "{e}; the {} inherited NBD connection(s) are closed",
-                clients.len()
-            ));
-        }
+    let (nbd, ctl) = unsafe {
+        (
+            OwnedFd::from_raw_fd(st.nbd_listener),
+            OwnedFd::from_raw_fd(st.ctl_listener),
+        )
     };
+    let listeners = inherited_listeners(shared, nbd, ctl).map_err(|e| {
+        // `clients` drops here: their connections close.
+        format!(
+            "{e}; the {} inherited NBD connection(s) are closed",
+            clients.len()
+        )
+    })?;
     if st.primary && !shared.settings.auto_promote {
         if let Err(e) = shared.admin(AdminCmd::Primary { force: false }).await {
             tracing::error!("cannot become primary again after the restart: {e}");
@@ -649,6 +658,28 @@ async fn take_over(
     }
     shared.next_conn.fetch_max(next, Ordering::Relaxed);
     Ok(listeners)
+}
+
+/// The NBD and control listeners a previous process handed over, if they listen where the
+/// config says.
+fn inherited_listeners(
+    shared: &Shared,
+    nbd: OwnedFd,
+    ctl: OwnedFd,
+) -> Result<(nbd_conn::Listener, tokio::net::UnixListener), String> {
+    Ok((
+        nbd_conn::Listener::inherited(&shared.settings.nbd_listen, nbd)?,
+        control::inherited(&shared.settings.control_socket(), ctl)?,
+    ))
+}
+
+async fn bind_listeners(
+    shared: &Shared,
+) -> Result<(nbd_conn::Listener, tokio::net::UnixListener), String> {
+    Ok((
+        nbd_conn::bind(&shared.settings.nbd_listen).await?,
+        control::bind(&shared.settings.control_socket())?,
+    ))
 }
 
 /// A restart waits until every request read from the sockets is answered and every

@@ -64,6 +64,21 @@ impl FakeSystemd {
         );
     }
 
+    /// What `systemctl stop` does once the service is down: closes everything stored. The
+    /// service's last message (`last`) is waited for first (bounded): systemd reads its
+    /// notifications before it sees the process exit.
+    pub fn flush(&self, last: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.messages().iter().any(|m| m.contains(last)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {last:?} from the service"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.state.lock().expect("store").fds.clear();
+    }
+
     pub fn messages(&self) -> Vec<String> {
         self.state.lock().expect("store").messages.clone()
     }
