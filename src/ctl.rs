@@ -8,14 +8,26 @@ use serde::{Deserialize, Serialize};
 pub enum CtlRequest {
     Status,
     Events,
-    Primary { force: bool },
+    Primary {
+        force: bool,
+    },
     Secondary,
-    Connect { discard_my_data: bool },
+    Connect {
+        discard_my_data: bool,
+    },
     Disconnect,
-    Resync { full: bool, checksum: bool },
+    Resync {
+        full: bool,
+        checksum: bool,
+    },
     Verify,
     Invalidate,
     ResumeIo,
+    /// A planned restart that keeps the NBD clients (daemon/handover.rs).
+    Restart {
+        #[serde(default)]
+        exe: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -252,3 +252,31 @@ fn the_peer_reconnecting_ends_the_freeze() {
     c.stop(1);
     assert!(read_file(c.disk_path(0)) == read_file(c.disk_path(1)));
 }
+
+/// A restart fails no frozen write (issue 19): `mirrorctl restart` is refused while writes
+/// are frozen, the frozen write is answered when the freeze ends, and then the restart keeps
+/// the connection.
+#[test]
+fn a_restart_during_a_freeze_fails_no_frozen_write() {
+    let h = Handler::new("restart");
+    let (mut c, mut conn) = fenced_pair(&h, "resource-only");
+    c.kill(1);
+    h.wait_started();
+    let data = pattern::bytes(8, 4096);
+    send_write(&mut conn, 21, 7 * MIB, &data);
+    assert_no_reply_within(&mut conn, Duration::from_millis(1000), "frozen");
+    let r = c.mirrorctl(0, &["restart", "--timeout", "30"]);
+    assert_eq!(r.code(), Some(1), "{}", r.describe());
+    assert!(r.stderr.contains("frozen"), "{}", r.describe());
+    assert_no_reply_within(&mut conn, Duration::from_millis(500), "after the refusal");
+    h.release(4);
+    assert_eq!(reply_error(&mut conn, 21), 0, "frozen write after exit 4");
+    c.mirrorctl(0, &["restart", "--timeout", "60"])
+        .assert_success();
+    assert_eq!(
+        conn.read_at(7 * MIB, 4096),
+        data,
+        "the same connection, after the restart"
+    );
+    c.wait_status(0, T, "its client back", |v| v["nbd_clients"] == 1);
+}

@@ -87,6 +87,18 @@ enum Cmd {
     Invalidate,
     /// Lift a fencing freeze by hand (the fence-peer handler failed or hangs).
     ResumeIo,
+    /// Restart mirrord in place, keeping its NBD clients connected: it answers every request
+    /// it has read, persists its metadata and re-executes itself (or --exe, for an upgrade)
+    /// with the sockets and the disk lock inherited. Returns once the new process answers.
+    Restart {
+        /// The binary to run (default: the path mirrord was started from, so an upgrade
+        /// installed there is picked up).
+        #[arg(long)]
+        exe: Option<PathBuf>,
+        /// Give up waiting for the new process after this many seconds.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
     /// Wait until connected and both disks are up to date.
     WaitSync {
         #[arg(long, default_value_t = 0)]
@@ -198,6 +210,7 @@ fn run(args: Args) -> Result<(), Fail> {
         Cmd::Disconnect => simple(&s, CtlRequest::Disconnect),
         Cmd::Invalidate => simple(&s, CtlRequest::Invalidate),
         Cmd::ResumeIo => simple(&s, CtlRequest::ResumeIo),
+        Cmd::Restart { exe, timeout } => restart(&s, exe, Duration::from_secs(timeout)),
         Cmd::Resync {
             full,
             checksum,
@@ -232,6 +245,51 @@ fn run(args: Args) -> Result<(), Fail> {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
+        }
+    }
+}
+
+/// `mirrorctl restart`: the old process answers, then keeps the connection open until it
+/// executes the new image (close-on-exec closes it); the first status answered after that
+/// comes from the new process (the control listener is inherited, so a connection made in
+/// between waits in its backlog).
+fn restart(s: &Settings, exe: Option<PathBuf>, timeout: Duration) -> Result<(), Fail> {
+    let deadline = Instant::now() + timeout;
+    let exe = exe
+        .map(|p| std::path::absolute(&p).map_err(|e| Fail::Op(format!("{}: {e}", p.display()))))
+        .transpose()?;
+    let mut r = connect(s, &CtlRequest::Restart { exe })?;
+    let mut line = String::new();
+    r.read_line(&mut line)
+        .map_err(|e| Fail::Unreachable(format!("reading the answer: {e}")))?;
+    let resp: CtlResponse = serde_json::from_str(&line)
+        .map_err(|e| Fail::Op(format!("bad answer from the daemon: {e} ({line:?})")))?;
+    let msg = resp.message.unwrap_or_default();
+    if !resp.ok {
+        return Err(Fail::Op(msg));
+    }
+    println!("{msg}");
+    let _ = r.get_ref().set_read_timeout(Some(timeout));
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut r, &mut rest);
+    loop {
+        match status(s) {
+            Ok(st) => {
+                println!(
+                    "restarted: {} NBD client(s) attached, {}",
+                    st["nbd_clients"],
+                    one_line(&st)
+                );
+                return Ok(());
+            }
+            Err(e) if Instant::now() >= deadline => {
+                let (Fail::Op(e) | Fail::Config(e) | Fail::Unreachable(e)) = e;
+                return Err(Fail::Op(format!(
+                    "the new mirrord did not answer within {}s: {e}",
+                    timeout.as_secs()
+                )));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
 }

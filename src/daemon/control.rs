@@ -24,6 +24,23 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
+/// The control listener a previous mirrord handed over, if it is bound to `path`.
+pub fn inherited(path: &Path, fd: std::os::fd::OwnedFd) -> Result<UnixListener, String> {
+    let l = std::os::unix::net::UnixListener::from(fd);
+    match l.local_addr() {
+        Ok(a) if a.as_pathname() == Some(path) => {}
+        other => {
+            return Err(format!(
+                "the inherited control listener is bound to {other:?}, not {}",
+                path.display()
+            ))
+        }
+    }
+    l.set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(l))
+        .map_err(|e| format!("the inherited control listener cannot be used: {e}"))
+}
+
 pub async fn accept_loop(shared: Arc<Shared>, l: UnixListener) {
     loop {
         match l.accept().await {
@@ -106,6 +123,27 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
                     Err(_) => return,
                 }
             }
+        }
+        CtlRequest::Restart { exe } => {
+            let r = shared.request_restart(exe);
+            let ok = r.is_ok();
+            let (Ok(message) | Err(message)) = r;
+            let _ = wr
+                .write_all(
+                    reply(CtlResponse {
+                        ok,
+                        message: Some(message),
+                        status: None,
+                    })
+                    .as_bytes(),
+                )
+                .await;
+            if ok {
+                // Held open until the new image replaces this one (close-on-exec), so
+                // `mirrorctl restart` knows when to ask the new process.
+                std::future::pending::<()>().await;
+            }
+            return;
         }
         CtlRequest::Primary { force } => AdminCmd::Primary { force },
         CtlRequest::Secondary => AdminCmd::Secondary,

@@ -59,6 +59,57 @@ pub fn lock_disks(s: &Settings) -> Result<DiskLocks, String> {
     Ok(DiskLocks { _files: files })
 }
 
+impl DiskLocks {
+    /// The locked files' descriptors (handed to the next process at a restart).
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self._files.iter().map(|f| f.as_raw_fd()).collect()
+    }
+}
+
+/// Takes over the locks a previous mirrord handed over (`handover.rs`): each inherited
+/// descriptor must be the file `lock_disks` would lock, in the same order, and already hold
+/// its lock (the lock belongs to the open file, so it was never released).
+pub fn adopt_locks(s: &Settings, fds: &[std::os::fd::RawFd]) -> Result<DiskLocks, String> {
+    use std::os::fd::FromRawFd;
+    let node = s.node();
+    let mut want = vec![("disk", node.disk.as_path())];
+    if let MetaDisk::External(p) = &node.meta_disk {
+        want.push(("meta-disk", p.as_path()));
+    }
+    let mut files = Vec::new();
+    for &fd in fds {
+        // SAFETY: the hand-over state names `fd` as ours and it was checked to be an open file.
+        files.push(unsafe { File::from_raw_fd(fd) });
+    }
+    let mut ids = Vec::new();
+    for (key, path) in want {
+        match std::fs::metadata(path) {
+            Ok(m) if !ids.contains(&(m.dev(), m.ino())) => ids.push((m.dev(), m.ino())),
+            Ok(_) => {}
+            Err(e) if key == "meta-disk" && e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot stat {key} {}: {e}", path.display())),
+        }
+    }
+    let have: Vec<(u64, u64)> = files.iter().filter_map(|f| file_id(f).ok()).collect();
+    if have != ids {
+        return Err(format!(
+            "the inherited disk locks are not on this node's disk and metadata files \
+             ({have:?}, configured {ids:?})"
+        ));
+    }
+    for f in &files {
+        // SAFETY: plain syscall on a descriptor we own. Re-locking a lock this open file
+        // holds succeeds; failing means the lock was lost.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(format!(
+                "an inherited disk lock is not held: {}",
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(DiskLocks { _files: files })
+}
+
 /// (device, inode) of an open file.
 fn file_id(f: &File) -> io::Result<(u64, u64)> {
     let m = f.metadata()?;

@@ -6,6 +6,7 @@ mod backpressure;
 mod control;
 mod disk_io;
 mod exclusive;
+pub mod handover;
 mod meta_writer;
 mod nbd_conn;
 pub mod notify;
@@ -14,6 +15,8 @@ pub mod setup;
 mod splice;
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -49,6 +52,15 @@ pub struct Shared {
     /// flush and write is appended to FILE as it completes (proof of what reached the disk).
     disk_trace: Option<Mutex<std::fs::File>>,
     pub stop_rx: tokio::sync::watch::Receiver<bool>,
+    /// A planned restart is under way: readers stop at a request boundary and park their
+    /// sockets in `handed` (handover.rs).
+    handing_over: AtomicBool,
+    /// Connections ready for the next process, with their duplicated sockets.
+    handed: Mutex<Vec<(handover::Client, OwnedFd)>>,
+    /// Taken by the first `mirrorctl restart`: the binary to run next.
+    restart_tx: Mutex<Option<oneshot::Sender<PathBuf>>>,
+    /// The binary this process was started from (the default for a restart).
+    exe: Option<PathBuf>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -245,12 +257,108 @@ impl Shared {
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
+
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over.load(Ordering::Relaxed)
+    }
+
+    /// `mirrorctl restart`: checks that it can be done now and starts it.
+    pub fn request_restart(&self, exe: Option<PathBuf>) -> Result<String, String> {
+        let exe = exe
+            .or_else(|| self.exe.clone())
+            .ok_or("cannot tell which binary this process runs; name one with --exe")?;
+        handover::check_exe(&exe)?;
+        if self.core().status().suspended {
+            return Err(
+                "writes are frozen by fencing: a restart now would have to fail them. End the \
+                 freeze first (the fence-peer handler, the peer's return, or `mirrorctl \
+                 resume-io`), then restart"
+                    .into(),
+            );
+        }
+        let tx = lock(&self.restart_tx)
+            .take()
+            .ok_or("a restart or stop is already under way")?;
+        tx.send(exe.clone())
+            .map_err(|_| "the daemon is stopping".to_string())?;
+        Ok(format!(
+            "restarting into {}: answering requests already read, then handing over the \
+             NBD connections",
+            exe.display()
+        ))
+    }
 }
 
-/// Runs `mirrord` for one resource until SIGTERM/SIGINT.
+/// How a serving daemon ended.
+enum Outcome {
+    Stopped,
+    /// Hand these descriptors (every one named in `state`) on.
+    Restart {
+        next: Next,
+        state: handover::State,
+        keep: Vec<OwnedFd>,
+    },
+}
+
+/// Who gets the NBD connections at a hand-over.
+enum Next {
+    /// `mirrorctl restart`: this process, re-executed as this binary.
+    Exec(PathBuf),
+    /// SIGTERM under systemd with the fd store: the next start of the service.
+    FdStore,
+}
+
+/// How long a restart waits for the requests already read to be answered, unless writes are
+/// frozen by fencing (then it waits for the freeze to end: a restart fails no frozen request).
+const HANDOVER_DRAIN: Duration = Duration::from_secs(120);
+
+/// Runs `mirrord` for one resource until SIGTERM/SIGINT, or until `mirrorctl restart`
+/// replaces it with a new process image.
 pub fn run(settings: Settings) -> Result<(), String> {
-    // Before anything is written or bound; held until the process exits.
-    let _locks = exclusive::lock_disks(&settings)?;
+    let (resource, node) = (settings.resource.as_str(), settings.node().name.as_str());
+    // From `mirrorctl restart` (an exec), or from systemd's fd store (`systemctl restart`).
+    let stored = handover::take_listen_fds().filter(|v| !v.is_empty());
+    let inherited = handover::take_inherited(resource, node).or_else(|| {
+        stored
+            .as_ref()
+            .map(|got| handover::from_fd_store(got, resource, node))
+    });
+    // Our copies are taken: systemd closes its own, so a later crash closes the clients'
+    // connections (the kernel sees a dead link, not a hung one).
+    for (name, _) in stored.iter().flatten() {
+        notify::remove_stored(name);
+    }
+    let mut spare = None;
+    let inherited = match inherited {
+        None => None,
+        Some(Ok(st)) => {
+            handover::set_cloexec(&st);
+            Some(st)
+        }
+        Some(Err(e)) => {
+            tracing::error!("{e}; starting fresh: every inherited connection is closed");
+            match &stored {
+                // Named: the listeners are kept (connections waiting in their backlog are
+                // served, and systemd's copies no longer look like another daemon's).
+                Some(got) => spare = handover::close_all_but_listeners(got),
+                None => handover::close_inherited(),
+            }
+            None
+        }
+    };
+    // Before anything is written or bound; held until the process exits (or handed on:
+    // the lock belongs to the open file, which the next process inherits).
+    let (locks, inherited) = match inherited {
+        None => (exclusive::lock_disks(&settings)?, None),
+        Some(st) => match exclusive::adopt_locks(&settings, &st.locks) {
+            Ok(l) => (l, Some(st)),
+            Err(e) => {
+                tracing::error!("{e}; starting fresh: every inherited connection is closed");
+                handover::close_inherited();
+                (exclusive::lock_disks(&settings)?, None)
+            }
+        },
+    };
     let opened = setup::open(&settings)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -258,10 +366,50 @@ pub fn run(settings: Settings) -> Result<(), String> {
         .thread_name("mirrord")
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    rt.block_on(serve(settings, opened))
+    match rt.block_on(serve(settings, opened, inherited, spare, locks.fds()))? {
+        Outcome::Stopped => Ok(()),
+        Outcome::Restart {
+            next: Next::FdStore,
+            state,
+            keep,
+        } => {
+            rt.shutdown_timeout(Duration::from_secs(2));
+            // systemd keeps copies; ours close as the process exits.
+            let stored = handover::store(&state);
+            drop(keep);
+            stored.map(|()| {
+                tracing::info!(
+                    "{} NBD connection(s) handed to systemd's fd store; stopped",
+                    state.clients.len()
+                )
+            })
+        }
+        Outcome::Restart {
+            next: Next::Exec(exe),
+            state,
+            keep,
+        } => {
+            rt.shutdown_timeout(Duration::from_secs(2));
+            tracing::info!(
+                "executing {} with {} NBD connection(s) handed over",
+                exe.display(),
+                state.clients.len()
+            );
+            let e = handover::exec(&exe, &state, &keep);
+            // The clients' sockets close as this process exits: they see a dead link.
+            drop(locks);
+            Err(format!("restart failed after the hand-over: {e}"))
+        }
+    }
 }
 
-async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> {
+async fn serve(
+    settings: Settings,
+    opened: setup::Opened,
+    inherited: Option<handover::State>,
+    spare: Option<(OwnedFd, OwnedFd)>,
+    lock_fds: Vec<std::os::fd::RawFd>,
+) -> Result<Outcome, String> {
     let setup::Opened {
         store,
         loaded,
@@ -299,6 +447,7 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
     }
     let (events, _) = broadcast::channel(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (restart_tx, restart_rx) = oneshot::channel();
     let template = loaded.superblock.clone();
     let shared = Arc::new(Shared {
         core: Mutex::new(node),
@@ -325,6 +474,10 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
             })
             .map(Mutex::new),
         settings,
+        handing_over: AtomicBool::new(false),
+        handed: Mutex::new(Vec::new()),
+        restart_tx: Mutex::new(Some(restart_tx)),
+        exe: handover::own_exe(),
     });
     let weak = Arc::downgrade(&shared);
     let writer = MetaWriter::start(store, template, move |ev| {
@@ -342,8 +495,24 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
             shared.settings.run_dir.display()
         )
     })?;
-    let nbd_listener = nbd_conn::bind(&shared.settings.nbd_listen).await?;
-    let ctl_listener = control::bind(&shared.settings.control_socket())?;
+    let taken = match (inherited, spare) {
+        (Some(st), _) => Some(take_over(&shared, st).await),
+        (None, Some((nbd, ctl))) => Some(inherited_listeners(&shared, nbd, ctl)),
+        (None, None) => None,
+    };
+    let (nbd_listener, ctl_listener) = match taken {
+        Some(Ok(l)) => l,
+        Some(Err(e)) => {
+            tracing::error!("{e}; starting fresh");
+            bind_listeners(&shared).await?
+        }
+        None => bind_listeners(&shared).await?,
+    };
+    // Copies the accept loops do not own: a restart hands them on after those loops end.
+    let listen_fds = (
+        handover::dup(nbd_listener.as_raw_fd())?,
+        handover::dup(ctl_listener.as_raw_fd())?,
+    );
     // Accept loops stop first at shutdown; the peer link and the ticker keep
     // running while in-flight requests drain (a write may wait for the peer's
     // ack, or for a ping timeout to declare the peer dead).
@@ -362,21 +531,48 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
     );
     notify::notify("READY=1");
 
-    wait_for_signal().await;
-    tracing::info!("shutting down");
-    notify::notify("STOPPING=1");
+    let restart = wait_for_stop(restart_rx).await;
+    // No second restart once this stop has begun.
+    lock(&shared.restart_tx).take();
+    match &restart {
+        Some(Next::Exec(exe)) => {
+            tracing::info!("restarting into {}: handing over", exe.display());
+            shared.handing_over.store(true, Ordering::Relaxed);
+        }
+        Some(Next::FdStore) => {
+            tracing::info!("stopping: handing the NBD connections to systemd's fd store");
+            notify::notify("STOPPING=1");
+            shared.handing_over.store(true, Ordering::Relaxed);
+        }
+        None => {
+            tracing::info!("shutting down");
+            notify::notify("STOPPING=1");
+        }
+    }
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = shared.stop_tx.send(true);
     accepts.abort_all();
-    shared.with_core(|c| c.begin_stop());
-    // Let clients' in-flight requests finish (bounded). A running resync does
-    // not hold the stop up: its progress is persisted and it resumes later.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if shared.core().clients_idle() {
-            break;
+    // A stop closes the listeners now (connections are refused, as before); a hand-over
+    // keeps them, so new connections wait in the backlog for the next process.
+    let listen_fds = if restart.is_some() {
+        Some(listen_fds)
+    } else {
+        drop(listen_fds);
+        None
+    };
+    if restart.is_some() {
+        drain_for_handover(&shared).await;
+    } else {
+        shared.with_core(|c| c.begin_stop());
+        // Let clients' in-flight requests finish (bounded). A running resync does
+        // not hold the stop up: its progress is persisted and it resumes later.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if shared.core().clients_idle() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tasks.abort_all();
     // The data first, then the metadata that says it is safe (the activity
@@ -398,12 +594,165 @@ async fn serve(settings: Settings, opened: setup::Opened) -> Result<(), String> 
     }
     lock(&shared.peer).close_all();
     shared.disk.shutdown();
+    if let Some(next) = restart {
+        let fds = listen_fds.expect("a hand-over keeps the listeners");
+        return handover_outcome(&shared, next, fds, &lock_fds);
+    }
     let _ = std::fs::remove_file(shared.settings.control_socket());
     if let crate::config::Listen::Unix(p) = &shared.settings.nbd_listen {
         let _ = std::fs::remove_file(p);
     }
     tracing::info!("stopped cleanly");
-    Ok(())
+    Ok(Outcome::Stopped)
+}
+
+/// At start after a restart: the listeners and NBD connections the previous process handed
+/// over. Its clients are attached again (re-promoting first if the old process was primary by
+/// `mirrorctl primary`); one that cannot be is closed.
+async fn take_over(
+    shared: &Arc<Shared>,
+    st: handover::State,
+) -> Result<(nbd_conn::Listener, tokio::net::UnixListener), String> {
+    // SAFETY (all three from_raw_fd below): `State::decode` checked that the descriptors are
+    // open, distinct and of the right kind; each is taken once.
+    let clients: Vec<(handover::Client, OwnedFd)> = st
+        .clients
+        .iter()
+        .map(|c| (c.clone(), unsafe { OwnedFd::from_raw_fd(c.fd) }))
+        .collect();
+    let (nbd, ctl) = unsafe {
+        (
+            OwnedFd::from_raw_fd(st.nbd_listener),
+            OwnedFd::from_raw_fd(st.ctl_listener),
+        )
+    };
+    let listeners = inherited_listeners(shared, nbd, ctl).map_err(|e| {
+        // `clients` drops here: their connections close.
+        format!(
+            "{e}; the {} inherited NBD connection(s) are closed",
+            clients.len()
+        )
+    })?;
+    if st.primary && !shared.settings.auto_promote {
+        if let Err(e) = shared.admin(AdminCmd::Primary { force: false }).await {
+            tracing::error!("cannot become primary again after the restart: {e}");
+        }
+    }
+    let size = shared.disk.size();
+    let mut next = 0;
+    for (c, fd) in clients {
+        next = next.max(c.conn + 1);
+        let attached = if c.size != size {
+            Err(format!(
+                "it negotiated size {} and the export now has {size}",
+                c.size
+            ))
+        } else {
+            shared.with_core(|core| core.attach_client(c.conn))
+        };
+        let conn = c.conn;
+        if let Err(e) = attached.and_then(|()| nbd_conn::spawn_handed(shared, c, fd)) {
+            tracing::error!("inherited NBD connection {conn} is closed: {e}");
+            shared.with_core(|core| core.detach_client(conn));
+        }
+    }
+    shared.next_conn.fetch_max(next, Ordering::Relaxed);
+    Ok(listeners)
+}
+
+/// The NBD and control listeners a previous process handed over, if they listen where the
+/// config says.
+fn inherited_listeners(
+    shared: &Shared,
+    nbd: OwnedFd,
+    ctl: OwnedFd,
+) -> Result<(nbd_conn::Listener, tokio::net::UnixListener), String> {
+    Ok((
+        nbd_conn::Listener::inherited(&shared.settings.nbd_listen, nbd)?,
+        control::inherited(&shared.settings.control_socket(), ctl)?,
+    ))
+}
+
+async fn bind_listeners(
+    shared: &Shared,
+) -> Result<(nbd_conn::Listener, tokio::net::UnixListener), String> {
+    Ok((
+        nbd_conn::bind(&shared.settings.nbd_listen).await?,
+        control::bind(&shared.settings.control_socket())?,
+    ))
+}
+
+/// A restart waits until every request read from the sockets is answered and every
+/// connection is parked at a request boundary: bounded by `HANDOVER_DRAIN`, except while
+/// writes are frozen by fencing (those wait for the freeze to end, never failed by a restart).
+async fn drain_for_handover(shared: &Arc<Shared>) {
+    let start = Instant::now();
+    let mut last_log = start;
+    loop {
+        let idle = shared.core().clients_idle() && lock(&shared.conns).is_empty();
+        if idle {
+            return;
+        }
+        let frozen = shared.core().status().suspended;
+        if !frozen && start.elapsed() >= HANDOVER_DRAIN {
+            tracing::error!(
+                "restart: requests still unanswered after {HANDOVER_DRAIN:?}; handing over \
+                 anyway (the kernel's request timeout resends them)"
+            );
+            return;
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            tracing::warn!(
+                "restart: waiting for {} connection(s) to answer what they read{}",
+                lock(&shared.conns).len(),
+                if frozen {
+                    " (writes are frozen by fencing)"
+                } else {
+                    ""
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The state and descriptors the next process gets.
+fn handover_outcome(
+    shared: &Arc<Shared>,
+    next: Next,
+    (nbd, ctl): (OwnedFd, OwnedFd),
+    lock_fds: &[std::os::fd::RawFd],
+) -> Result<Outcome, String> {
+    let mut keep = Vec::new();
+    let mut locks = Vec::new();
+    for &fd in lock_fds {
+        let d = handover::dup(fd)?;
+        locks.push(d.as_raw_fd());
+        keep.push(d);
+    }
+    let mut clients = Vec::new();
+    for (c, fd) in std::mem::take(&mut *lock(&shared.handed)) {
+        clients.push(c);
+        keep.push(fd);
+    }
+    let state = handover::State {
+        version: handover::VERSION,
+        resource: shared.settings.resource.clone(),
+        node: shared.settings.node().name.clone(),
+        primary: shared.core().role() == crate::core::Role::Primary,
+        nbd_listener: nbd.as_raw_fd(),
+        ctl_listener: ctl.as_raw_fd(),
+        locks,
+        clients,
+    };
+    keep.push(nbd);
+    keep.push(ctl);
+    tracing::info!(
+        "hand-over ready: {} NBD connection(s), metadata persisted",
+        state.clients.len()
+    );
+    Ok(Outcome::Restart { next, state, keep })
 }
 
 async fn tick_loop(shared: Arc<Shared>) {
@@ -415,18 +764,26 @@ async fn tick_loop(shared: Arc<Shared>) {
     }
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM/SIGINT (None: stop; with the fd store, SIGTERM hands over to it) or
+/// `mirrorctl restart` (the binary to run).
+async fn wait_for_stop(restart: oneshot::Receiver<PathBuf>) -> Option<Next> {
     use tokio::signal::unix::{signal, SignalKind};
+    let restart = async move {
+        match restart.await {
+            Ok(exe) => exe,
+            Err(_) => std::future::pending().await,
+        }
+    };
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
-        tracing::error!("cannot install signal handlers; running until killed");
-        std::future::pending::<()>().await;
-        return;
+        tracing::error!("cannot install signal handlers; running until killed or restarted");
+        return Some(Next::Exec(restart.await));
     };
     tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+        _ = term.recv() => notify::fd_store_enabled().then_some(Next::FdStore),
+        _ = int.recv() => None,
+        exe = restart => Some(Next::Exec(exe)),
     }
 }

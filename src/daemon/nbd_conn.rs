@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -147,6 +147,76 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: Listener) {
     }
 }
 
+impl Listener {
+    pub fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Unix(l) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// The listener a previous mirrord handed over (`handover.rs`), if it listens where the
+    /// config says.
+    pub fn inherited(listen: &Listen, fd: OwnedFd) -> Result<Listener, String> {
+        let bad =
+            |what: String| format!("the inherited NBD listener {what}; the config says {listen}");
+        match listen {
+            Listen::Unix(path) => {
+                let l = std::os::unix::net::UnixListener::from(fd);
+                let addr = l
+                    .local_addr()
+                    .map_err(|e| bad(format!("has no address: {e}")))?;
+                if addr.as_pathname() != Some(path.as_path()) {
+                    return Err(bad(format!("listens on {addr:?}")));
+                }
+                l.set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixListener::from_std(l))
+                    .map(Listener::Unix)
+                    .map_err(|e| bad(format!("cannot be used: {e}")))
+            }
+            Listen::Tcp(want) => {
+                let l = std::net::TcpListener::from(fd);
+                let addr = l
+                    .local_addr()
+                    .map_err(|e| bad(format!("has no address: {e}")))?;
+                if addr != *want && !(want.port() == 0 && addr.ip() == want.ip()) {
+                    return Err(bad(format!("listens on {addr}")));
+                }
+                l.set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(l))
+                    .map(Listener::Tcp)
+                    .map_err(|e| bad(format!("cannot be used: {e}")))
+            }
+        }
+    }
+}
+
+/// Starts serving a connection a previous mirrord handed over.
+pub(super) fn spawn_handed(
+    shared: &Arc<Shared>,
+    client: super::handover::Client,
+    fd: OwnedFd,
+) -> Result<(), String> {
+    let what = format!("inherited NBD connection {} ({})", client.conn, client.peer);
+    if client.unix {
+        let s = std::os::unix::net::UnixStream::from(fd);
+        let s = s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(s))
+            .map_err(|e| format!("{what}: {e}"))?;
+        tokio::spawn(serve_handed(shared.clone(), client, s));
+    } else {
+        let s = std::net::TcpStream::from(fd);
+        let s = s
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(s))
+            .map_err(|e| format!("{what}: {e}"))?;
+        let _ = s.set_nodelay(true);
+        tokio::spawn(serve_handed(shared.clone(), client, s));
+    }
+    Ok(())
+}
+
 async fn accept_error(e: std::io::Error) {
     tracing::warn!("NBD accept failed: {e}");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -205,6 +275,47 @@ async fn serve<S: NbdStream>(
         }
     };
     tracing::debug!("NBD client {peer} (conn {conn}) attached");
+    serve_negotiated(shared, conn, stream, peer, unix, neg, inbuf).await;
+}
+
+/// Serves a connection a previous mirrord handed over (`handover.rs`): the handshake is
+/// done, and the client's next byte starts a request.
+pub(super) async fn serve_handed<S: NbdStream>(
+    shared: Arc<Shared>,
+    client: super::handover::Client,
+    stream: S,
+) {
+    let desc = export_info(&shared).description;
+    let neg = client.negotiated(desc);
+    tracing::info!(
+        "NBD client {} (conn {}) taken over from the previous process",
+        client.peer,
+        client.conn
+    );
+    let inbuf = BytesMut::with_capacity(64 * 1024);
+    serve_negotiated(
+        shared,
+        client.conn,
+        stream,
+        client.peer,
+        client.unix,
+        neg,
+        inbuf,
+    )
+    .await;
+}
+
+/// The request loop of an attached connection, until it ends; at a restart it ends at a
+/// request boundary with every request answered, and the socket goes to `Shared::handed`.
+async fn serve_negotiated<S: NbdStream>(
+    shared: Arc<Shared>,
+    conn: ConnId,
+    stream: S,
+    peer: String,
+    unix: bool,
+    neg: Negotiated,
+    inbuf: BytesMut,
+) {
     if unix {
         set_send_buffer(stream.as_raw_fd());
     }
@@ -217,14 +328,106 @@ async fn serve<S: NbdStream>(
     ));
     lock(&shared.conns).insert(conn, sink.clone());
     let writer = tokio::spawn(write_loop(stream.clone(), sink.clone()));
-    if let Err(e) = read_loop(&shared, conn, &*stream, &sink, inbuf, &neg).await {
-        tracing::warn!("NBD client {peer} (conn {conn}): {e}; closing");
+    let end = match read_loop(&shared, conn, &*stream, &sink, inbuf, &neg).await {
+        Ok(end) => end,
+        Err(e) => {
+            tracing::warn!("NBD client {peer} (conn {conn}): {e}; closing");
+            ReaderEnd::Closed
+        }
+    };
+    if end == ReaderEnd::AtBoundary {
+        sink.lock().keep_open = true;
     }
     sink.reader_finished();
     let _ = writer.await;
+    // Every request it sent is answered: a hand-over takes the socket as it is.
+    let handed = end == ReaderEnd::AtBoundary && !sink.lock().broken;
+    if handed {
+        match super::handover::dup(stream.as_raw_fd()) {
+            Ok(fd) => {
+                let client =
+                    super::handover::Client::new(fd.as_raw_fd(), conn, unix, peer.clone(), &neg);
+                lock(&shared.handed).push((client, fd));
+            }
+            Err(e) => tracing::error!("NBD client {peer} (conn {conn}): not handed over: {e}"),
+        }
+    }
     lock(&shared.conns).remove(&conn);
+    if handed {
+        // Still attached, in the next process.
+        tracing::info!("NBD client {peer} (conn {conn}) ready for the hand-over");
+        return;
+    }
     shared.with_core(|c| c.detach_client(conn));
     tracing::debug!("NBD client {peer} (conn {conn}) detached");
+}
+
+/// Why a connection's reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReaderEnd {
+    /// The client left, sent NBD_CMD_DISC, or the daemon stops: the connection closes.
+    Closed,
+    /// A restart: stopped between two requests, the socket goes to the next process.
+    AtBoundary,
+}
+
+/// How long a reader waits, at a restart, for the rest of a request it has begun to read.
+const BOUNDARY_GRACE: Duration = Duration::from_secs(2);
+
+/// The daemon stops. Without a restart the connection closes (what was read and not
+/// decoded is dropped: the client was told nothing of it). At a restart: hands the core every
+/// whole request already read, then reads exactly the rest of a request read in part (never
+/// a byte of the next one), so the next process starts at a request boundary.
+async fn stopped<S: NbdStream>(
+    stream: &S,
+    dec: &mut RequestDecoder,
+    buf: &mut BytesMut,
+    ctx: &mut ReqCtx<'_>,
+    events: &mut Vec<Event>,
+) -> Result<ReaderEnd, String> {
+    if !ctx.shared.is_handing_over() {
+        return Ok(ReaderEnd::Closed);
+    }
+    let deadline = tokio::time::Instant::now() + BOUNDARY_GRACE;
+    loop {
+        while let Some(d) = dec.decode(buf).map_err(|e| e.to_string())? {
+            ctx.decoded(d, events);
+            if ctx.disc {
+                break;
+            }
+        }
+        if ctx.run_batch(events) {
+            return Ok(ReaderEnd::Closed);
+        }
+        if dec.at_boundary(buf) {
+            return Ok(ReaderEnd::AtBoundary);
+        }
+        let need = dec.missing(buf);
+        assert!(need > 0, "a partial request always misses bytes");
+        buf.reserve(need);
+        let read = tokio::time::timeout_at(deadline, async {
+            loop {
+                stream.wait_readable().await?;
+                match stream.read_some_buf(&mut (&mut *buf).limit(need)) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
+        })
+        .await;
+        match read {
+            Err(_) => {
+                return Err(format!(
+                    "the client sent only part of a request within {BOUNDARY_GRACE:?} of the \
+                     restart; closing the connection instead of handing it over"
+                ))
+            }
+            Ok(Ok(0)) => return Ok(ReaderEnd::Closed),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(format!("read: {e}")),
+        }
+    }
 }
 
 /// Best effort: a larger send buffer than the default (about 200 KiB). Unix sockets only: on
@@ -330,7 +533,7 @@ async fn read_loop<S: NbdStream>(
     sink: &Arc<ConnSink>,
     mut buf: BytesMut,
     neg: &Negotiated,
-) -> Result<(), String> {
+) -> Result<ReaderEnd, String> {
     let mut dec = RequestDecoder::new(MAX_IO);
     let mut ctx = ReqCtx {
         shared,
@@ -369,7 +572,7 @@ async fn read_loop<S: NbdStream>(
                     sink.held()
                 );
                 if !backpressure::wait_for_room(|| sink.held(), &mut stop).await {
-                    return Ok(());
+                    return stopped(stream, &mut dec, &mut buf, &mut ctx, &mut events).await;
                 }
             }
             if let Some(req) = dec.take_large_write(&mut buf, DIRECT_PAYLOAD_MIN) {
@@ -423,23 +626,20 @@ async fn read_loop<S: NbdStream>(
                 let Some(d) = dec.decode(&mut buf).map_err(|e| e.to_string())? else {
                     break;
                 };
-                match d {
-                    Decoded::Request { req, payload } => {
-                        last_len = req.length;
-                        events.extend(ctx.request(req, payload))
-                    }
-                    Decoded::Oversized { req } => sink.direct(req.cookie, req.command, NBD_EINVAL),
+                if let Decoded::Request { req, .. } = &d {
+                    last_len = req.length;
                 }
+                ctx.decoded(d, &mut events);
             }
             if ctx.disc {
                 break;
             }
         }
-        if !events.is_empty() {
-            disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+        if ctx.run_batch(&mut events) {
+            return Ok(ReaderEnd::Closed);
         }
-        if ctx.disc || shared.is_stopping() {
-            return Ok(());
+        if shared.is_stopping() {
+            return stopped(stream, &mut dec, &mut buf, &mut ctx, &mut events).await;
         }
         if buf.capacity() - buf.len() < 64 * 1024 {
             buf.reserve(256 * 1024);
@@ -464,7 +664,9 @@ async fn read_loop<S: NbdStream>(
                         None => {
                             tokio::select! {
                                 r = stream.wait_readable() => r.map_err(|e| format!("read: {e}"))?,
-                                _ = stop.changed() => return Ok(()),
+                                _ = stop.changed() => {
+                                    return stopped(stream, &mut dec, &mut buf, &mut ctx, &mut events).await;
+                                }
                             }
                             continue;
                         }
@@ -473,7 +675,7 @@ async fn read_loop<S: NbdStream>(
                 read => read,
             };
             match read {
-                Ok(0) => return Ok(()),
+                Ok(0) => return Ok(ReaderEnd::Closed),
                 Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("read: {e}")),
@@ -561,6 +763,23 @@ struct ReqCtx<'a> {
 }
 
 impl ReqCtx<'_> {
+    /// One decoded request: its event for the core, or a direct answer.
+    fn decoded(&mut self, d: Decoded, events: &mut Vec<Event>) {
+        match d {
+            Decoded::Request { req, payload } => events.extend(self.request(req, payload)),
+            Decoded::Oversized { req } => self.sink.direct(req.cookie, req.command, NBD_EINVAL),
+        }
+    }
+
+    /// Hands the core what was decoded; true when the client sent NBD_CMD_DISC.
+    fn run_batch(&mut self, events: &mut Vec<Event>) -> bool {
+        let shared = self.shared;
+        if !events.is_empty() {
+            disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+        }
+        self.disc
+    }
+
     /// A large plain WRITE the core lets us stream from the socket to the disk (see
     /// splice.rs and `Node::try_stream_write`): its reply registered, the core's disk op id
     /// and the pipe to use. None: handle it the ordinary way ([`ReqCtx::request`]), which
@@ -774,6 +993,9 @@ struct SinkState {
     /// Sending failed (the client is gone): output is dropped.
     broken: bool,
     reader_done: bool,
+    /// The reader stopped for a hand-over: the socket stays open for the next process (no
+    /// shutdown of its sending side when the last reply is out).
+    keep_open: bool,
     /// Bytes the pending requests hold (`Pending::held`).
     held: usize,
     /// This connection's part of the total (backpressure.rs), updated at every unlock.
@@ -1191,7 +1413,9 @@ async fn write_loop<S: NbdStream>(stream: Arc<S>, sink: Arc<ConnSink>) {
             Err(e) => sink.break_off(&mut st, &e),
         }
     }
-    if !sink.lock().broken {
+    let st = sink.lock();
+    if !st.broken && !st.keep_open {
+        drop(st);
         // SAFETY: plain syscall on the socket, which `sink` keeps open.
         unsafe { libc::shutdown(sink.fd, libc::SHUT_WR) };
     }

@@ -222,6 +222,36 @@ impl RequestDecoder {
     }
 }
 
+impl RequestDecoder {
+    /// How many more bytes complete the request at the front of `buf`: 0 when `buf` holds
+    /// a whole request (decode it) or nothing at all (a request boundary, when
+    /// [`RequestDecoder::at_boundary`]). For a reader that must stop between requests: it
+    /// reads exactly this much, never into the next request.
+    pub fn missing(&self, buf: &[u8]) -> usize {
+        if let DecoderState::Discard { remaining, .. } = self.state {
+            return (remaining as usize).saturating_sub(buf.len());
+        }
+        if buf.len() < REQUEST_HEADER_LEN {
+            return if buf.is_empty() {
+                0
+            } else {
+                REQUEST_HEADER_LEN - buf.len()
+            };
+        }
+        match parse_header(&buf[..REQUEST_HEADER_LEN]) {
+            Ok(req) if req.command == Command::Write && req.length <= MAX_DISCARD_PAYLOAD => {
+                (REQUEST_HEADER_LEN + req.length as usize).saturating_sub(buf.len())
+            }
+            _ => 0,
+        }
+    }
+
+    /// Nothing of a request is buffered or half-consumed.
+    pub fn at_boundary(&self, buf: &[u8]) -> bool {
+        matches!(self.state, DecoderState::Header) && buf.is_empty()
+    }
+}
+
 /// Parses a 28-byte request header.
 fn parse_header(mut h: &[u8]) -> Result<Request, ProtocolError> {
     debug_assert_eq!(h.len(), REQUEST_HEADER_LEN);

@@ -208,3 +208,34 @@ fn large_writes_can_be_taken_header_first() {
     put_request(&mut huge, &req(Command::Write, 2 << 20), &[]);
     assert_eq!(dec.take_large_write(&mut huge, 65536), None);
 }
+
+#[test]
+fn missing_counts_the_bytes_up_to_the_next_request_boundary() {
+    let mut whole = BytesMut::new();
+    put_request(&mut whole, &req(Command::Write, 100), &[7u8; 100]);
+    put_request(&mut whole, &req(Command::Read, 512), &[]);
+    let mut dec = RequestDecoder::new(1 << 20);
+    let mut buf = BytesMut::new();
+    assert_eq!(dec.missing(&buf), 0);
+    assert!(dec.at_boundary(&buf));
+    // Byte by byte: `missing` never asks for more than the current request.
+    let mut fed = 0;
+    let mut done = 0;
+    while fed < whole.len() {
+        let n = dec.missing(&buf).max(1);
+        let end = (fed + n).min(whole.len());
+        buf.extend_from_slice(&whole[fed..end]);
+        fed = end;
+        if dec.missing(&buf) == 0 {
+            done += decode_all(&mut dec, &mut buf).expect("valid").len();
+            assert!(
+                dec.at_boundary(&buf),
+                "exactly one request read ({fed} bytes)"
+            );
+        }
+    }
+    assert_eq!(done, 2);
+    buf.extend_from_slice(&whole[..10]);
+    assert_eq!(dec.missing(&buf), 18, "the rest of a header");
+    assert!(!dec.at_boundary(&buf));
+}
