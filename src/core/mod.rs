@@ -16,6 +16,7 @@ pub mod ordering;
 mod pair_tests;
 mod replication;
 mod resync;
+mod split;
 mod types;
 
 pub use node::Node;

@@ -156,6 +156,8 @@ pub(super) struct Req {
     pub error: u32,
     pub replied: bool,
     pub al_held: bool,
+    /// A piece of this split (`split.rs`): its answer goes to the split, not the client.
+    pub split: Option<u64>,
 }
 
 /// A local write the peer has not acknowledged yet (for conflict detection).
@@ -185,6 +187,8 @@ pub struct Node {
     pub(super) discard_my_data: bool,
     pub(super) handshake: Option<Handshake>,
     pub(super) held: Vec<(ConnId, u64, IoRequest)>,
+    /// Large local writes carried out in pieces (`split.rs`), by split id.
+    pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
     pub(super) next_id: u64,
     pub(super) ios: HashMap<u64, Io>,
@@ -299,6 +303,7 @@ impl Node {
             discard_my_data: false,
             handshake: None,
             held: Vec::new(),
+            splits: BTreeMap::new(),
             clients: BTreeSet::new(),
             next_id: 1,
             ios: HashMap::new(),
@@ -457,6 +462,7 @@ impl Node {
     pub fn clients_idle(&self) -> bool {
         self.reqs.is_empty()
             && self.held.is_empty()
+            && self.splits.is_empty()
             && self.peer_reads.is_empty()
             && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
             && !self
@@ -467,6 +473,7 @@ impl Node {
 
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty()
+            && self.splits.is_empty()
             && self.writes.is_empty()
             && self.ios.is_empty()
             && self.resync.is_none()
@@ -844,44 +851,40 @@ impl Node {
             self.held.push((conn, cookie, req));
             return;
         }
-        match req {
-            IoRequest::Read { offset, len } => self.local_read(conn, cookie, offset, len),
-            IoRequest::Flush => self.local_flush(conn, cookie),
-            IoRequest::Write { offset, data, fua } => {
-                let len = data.len() as u64;
-                self.local_write(
-                    conn,
-                    cookie,
-                    Range::new(offset, len),
-                    Some(DiskOp::Write { offset, data, fua }),
-                    fua,
-                )
-            }
-            IoRequest::Trim { offset, len } => self.local_write(
-                conn,
-                cookie,
-                Range::new(offset, len as u64),
-                Some(DiskOp::Trim {
+        let (range, op, fua) = match req {
+            IoRequest::Read { offset, len } => return self.local_read(conn, cookie, offset, len),
+            IoRequest::Flush => return self.local_flush(conn, cookie),
+            IoRequest::Write { offset, data, fua } => (
+                Range::new(offset, data.len() as u64),
+                DiskOp::Write { offset, data, fua },
+                fua,
+            ),
+            IoRequest::Trim { offset, len } => (
+                Range::new(offset, u64::from(len)),
+                DiskOp::Trim {
                     offset,
-                    len: len as u64,
-                }),
+                    len: u64::from(len),
+                },
                 false,
             ),
             IoRequest::WriteZeroes {
                 offset,
                 len,
                 may_trim,
-            } => self.local_write(
-                conn,
-                cookie,
-                Range::new(offset, len as u64),
-                Some(DiskOp::WriteZeroes {
+            } => (
+                Range::new(offset, u64::from(len)),
+                DiskOp::WriteZeroes {
                     offset,
-                    len: len as u64,
+                    len: u64::from(len),
                     may_trim,
-                }),
+                },
                 false,
             ),
+        };
+        if self.needs_split(range) {
+            self.start_split(conn, cookie, range, op, fua);
+        } else {
+            self.local_write(conn, cookie, range, Some(op), fua, None);
         }
     }
 
@@ -919,7 +922,7 @@ impl Node {
         if !now {
             return None;
         }
-        self.local_write(conn, cookie, range, None, false);
+        self.local_write(conn, cookie, range, None, false, None);
         let id = self.stream_grant.take();
         assert!(
             id.is_some(),
@@ -935,6 +938,9 @@ impl Node {
         }
         for (conn, cookie, req) in std::mem::take(&mut self.held) {
             self.on_request(conn, cookie, req);
+        }
+        if !self.splits.is_empty() {
+            self.resume_splits();
         }
     }
 
@@ -1035,6 +1041,7 @@ impl Node {
                 error: 0,
                 replied: false,
                 al_held: false,
+                split: None,
             },
         );
         let id = self.new_id();
@@ -1059,24 +1066,28 @@ impl Node {
     }
 
     /// A local write of `range`: `op` carries it out, or None when the daemon streams the data
-    /// itself (see [`Node::try_stream_write`]).
-    fn local_write(
+    /// itself (see [`Node::try_stream_write`]). `split`: it is a piece of that split.
+    pub(super) fn local_write(
         &mut self,
         conn: ConnId,
         cookie: u64,
         range: Range,
         op: Option<DiskOp>,
         fua: bool,
+        split: Option<u64>,
     ) {
+        debug_assert!(
+            op.is_none()
+                || self.al.as_ref().is_none_or(|al| {
+                    super::activity_log::extents_of(range).count() <= al.slots()
+                }),
+            "a local write wider than the activity log must be split: {range:?}"
+        );
         // A disk that is not up to date, without an up-to-date peer (e.g. a sync
         // target that lost its source) holds no good copy: a write acknowledged
         // there would be overwritten by the next resync (simulator finding).
         if matches!(self.disk, DiskState::Failed | DiskState::Diskless) || !self.has_good_copy() {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.answer(conn, cookie, split, Err(errno::EIO));
             return;
         }
         let rid = self.new_id();
@@ -1095,6 +1106,7 @@ impl Node {
                 error: 0,
                 replied: false,
                 al_held: false,
+                split,
             },
         );
         let wid = self.new_id();
@@ -1581,14 +1593,18 @@ impl Node {
         let waiting_recv = r.wait_recv && !r.recv_got && r.ack_outstanding;
         let peer_ok = !waiting_ack && !waiting_recv;
         // Fencing holds replies until the peer is known outdated (fencing.rs).
+        let mut piece_answer = None;
         if !r.replied && !r.local_pending && peer_ok && !self.suspended {
             r.replied = true;
             let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
-            self.out.push(Action::Reply {
-                conn: r.conn,
-                cookie: r.cookie,
-                result,
-            });
+            match r.split {
+                None => self.out.push(Action::Reply {
+                    conn: r.conn,
+                    cookie: r.cookie,
+                    result,
+                }),
+                Some(sid) => piece_answer = Some((sid, result)),
+            }
         }
         if r.replied && !r.local_pending && !r.ack_outstanding {
             let done = self.reqs.remove(&rid);
@@ -1602,6 +1618,29 @@ impl Node {
                     }
                 }
             }
+        }
+        // Last: a piece's answer may start the next piece of its split, which
+        // then finds the extents this one released.
+        if let Some((sid, result)) = piece_answer {
+            self.piece_done(sid, &result);
+        }
+    }
+
+    /// A local request's answer: to its client, or to its split if it is a piece.
+    pub(super) fn answer(
+        &mut self,
+        conn: ConnId,
+        cookie: u64,
+        split: Option<u64>,
+        result: Result<Option<Bytes>, u32>,
+    ) {
+        match split {
+            None => self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result,
+            }),
+            Some(sid) => self.piece_done(sid, &result),
         }
     }
 
