@@ -1676,6 +1676,10 @@ impl Node {
             }
         }
         self.resync_tick();
+        if !self.splits.is_empty() {
+            // A split waiting for the peer's flush goes on (split.rs).
+            self.resume_splits();
+        }
         // Keep the persisted bitmap close to memory while it changes (resync, or
         // writes without the peer): an interrupted resync resumes near where it was,
         // and `dump-md` on a running node shows what is out of sync.
