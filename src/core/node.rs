@@ -1078,6 +1078,7 @@ impl Node {
     ) {
         debug_assert!(
             op.is_none()
+                || range.is_empty()
                 || self.al.as_ref().is_none_or(|al| {
                     super::activity_log::extents_of(range).count() <= al.slots()
                 }),
