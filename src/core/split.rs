@@ -18,7 +18,7 @@
 //! requests interleave with the pieces (they queue between them in the
 //! activity-log queue instead of behind the whole range).
 
-use super::activity_log::EXTENT;
+use super::activity_log::{extents_of, EXTENT};
 use super::node::Node;
 use super::ordering::Range;
 use super::types::*;
@@ -56,11 +56,7 @@ impl Node {
 
     /// Whether a local write of `range` is carried out in pieces.
     pub(super) fn needs_split(&self, range: Range) -> bool {
-        if range.is_empty() {
-            return false;
-        }
-        let extents = (range.end - 1) / EXTENT - range.start / EXTENT + 1;
-        extents > self.piece_extents()
+        !range.is_empty() && extents_of(range).count() as u64 > self.piece_extents()
     }
 
     /// Starts a local write of `range` (carried out by `op`) in pieces.

@@ -70,8 +70,13 @@ impl WriteRec {
     /// One of its pieces (the whole write, if not split) was mirrored.
     pub fn piece_sent(&mut self, link: u64, seq: u64, sectors: u64) {
         if self.mirror.is_none_or(|(l, _)| l != link) {
+            // Pieces sent on an earlier link are gone with it (seed 559: one
+            // was never acknowledged, and the count waited for it forever).
             self.mirror = Some((link, seq));
             self.mirrored = 0;
+            self.unacked = 0;
+            self.unreceived = 0;
+            self.piece_error = 0;
         }
         self.mirrored += sectors;
         self.unacked += 1;
