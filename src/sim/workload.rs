@@ -126,13 +126,14 @@ impl Sim {
         })
     }
 
-    /// Now and then a trim or write-zeroes of the whole device, or from a
+    /// In a scenario with `large_zeroing`, now and then a trim or
+    /// write-zeroes of the whole device, or from a
     /// random sector to its end: wider than the activity log, so the node
     /// carries it out in pieces (core/split.rs). One at a time per node, and
     /// never beside a small one there (the model tells pieces from whole
     /// requests by their ranges).
     fn large_range(&mut self, n: usize) -> Option<(u64, u64)> {
-        if self.zeroing_pending(n, false) || !self.rng_work.chance(0.15) {
+        if !self.sc.large_zeroing || self.zeroing_pending(n, false) || !self.rng_work.chance(0.15) {
             return None;
         }
         let sectors = self.model.sectors();
