@@ -57,6 +57,10 @@ impl ActivityLog {
         al
     }
 
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
     pub fn active(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.active.keys().copied().collect();
         v.sort_unstable();
@@ -122,6 +126,15 @@ impl ActivityLog {
                 }
             }
         }
+        // A write wider than the log could never be admitted: it would load
+        // what fits, never evict what it needs itself, and wait forever with
+        // every later write behind it. The node splits such writes (split.rs).
+        assert!(
+            wanted_extents.len() <= self.slots,
+            "a write needs {} activity-log extents, the log has {} slots",
+            wanted_extents.len(),
+            self.slots
+        );
         if need.is_empty() {
             return None;
         }
@@ -218,6 +231,15 @@ mod tests {
         al.committed();
         assert_eq!(al.admit(r12), Admit::Go);
         assert_eq!(al.active(), vec![1, 2]);
+    }
+
+    #[test]
+    #[should_panic(expected = "activity-log extents, the log has 2 slots")]
+    fn a_write_wider_than_the_log_is_refused_not_left_waiting() {
+        let mut al = ActivityLog::new(2, &[]);
+        let wide = Range::new(0, 3 * EXTENT);
+        assert_eq!(al.admit(wide), Admit::Wait);
+        al.plan(&[wide]);
     }
 
     /// Regression (simulator): with extents 0 and 1 busy and 2 active, a write

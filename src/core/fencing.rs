@@ -150,6 +150,7 @@ impl Node {
                 r.error = errno::ESHUTDOWN;
             }
         }
+        self.stop_splits(errno::ESHUTDOWN);
         for (conn, cookie, req) in std::mem::take(&mut self.held) {
             if matches!(req, IoRequest::Read { .. }) {
                 self.held.push((conn, cookie, req)); // not frozen: goes on

@@ -19,6 +19,7 @@ mod pair_tests;
 mod replication;
 mod resync;
 mod session;
+mod split;
 mod types;
 
 pub use node::Node;

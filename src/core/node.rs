@@ -159,6 +159,8 @@ pub(super) struct Req {
     /// A write issued again after a pause (grace.rs): its completion answers
     /// this request instead of a client.
     pub parent: Option<u64>,
+    /// A piece of this split (`split.rs`): its answer goes to the split, not the client.
+    pub split: Option<u64>,
 }
 
 impl Req {
@@ -178,6 +180,7 @@ impl Req {
             replied: false,
             al_held: false,
             parent,
+            split: None,
         }
     }
 }
@@ -210,6 +213,8 @@ pub struct Node {
     pub(super) discard_my_data: bool,
     pub(super) handshake: Option<Handshake>,
     pub(super) held: Vec<(ConnId, u64, IoRequest)>,
+    /// Large local writes carried out in pieces (`split.rs`), by split id.
+    pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
     pub(super) next_id: u64,
     pub(super) ios: HashMap<u64, Io>,
@@ -339,6 +344,7 @@ impl Node {
             discard_my_data: false,
             handshake: None,
             held: Vec::new(),
+            splits: BTreeMap::new(),
             clients: BTreeSet::new(),
             next_id: 1,
             ios: HashMap::new(),
@@ -503,6 +509,7 @@ impl Node {
     pub fn clients_idle(&self) -> bool {
         self.reqs.is_empty()
             && self.held.is_empty()
+            && self.splits.is_empty()
             && self.peer_reads.is_empty()
             && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
             && !self
@@ -513,6 +520,7 @@ impl Node {
 
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty()
+            && self.splits.is_empty()
             && self.writes.is_empty()
             && self.ios.is_empty()
             && self.resync.is_none()
@@ -926,44 +934,40 @@ impl Node {
             self.held.push((conn, cookie, req));
             return;
         }
-        match req {
-            IoRequest::Read { offset, len } => self.local_read(conn, cookie, offset, len),
-            IoRequest::Flush => self.local_flush(conn, cookie),
-            IoRequest::Write { offset, data, fua } => {
-                let len = data.len() as u64;
-                self.local_write(
-                    conn,
-                    cookie,
-                    Range::new(offset, len),
-                    Some(DiskOp::Write { offset, data, fua }),
-                    fua,
-                )
-            }
-            IoRequest::Trim { offset, len } => self.local_write(
-                conn,
-                cookie,
-                Range::new(offset, len as u64),
-                Some(DiskOp::Trim {
+        let (range, op, fua) = match req {
+            IoRequest::Read { offset, len } => return self.local_read(conn, cookie, offset, len),
+            IoRequest::Flush => return self.local_flush(conn, cookie),
+            IoRequest::Write { offset, data, fua } => (
+                Range::new(offset, data.len() as u64),
+                DiskOp::Write { offset, data, fua },
+                fua,
+            ),
+            IoRequest::Trim { offset, len } => (
+                Range::new(offset, u64::from(len)),
+                DiskOp::Trim {
                     offset,
-                    len: len as u64,
-                }),
+                    len: u64::from(len),
+                },
                 false,
             ),
             IoRequest::WriteZeroes {
                 offset,
                 len,
                 may_trim,
-            } => self.local_write(
-                conn,
-                cookie,
-                Range::new(offset, len as u64),
-                Some(DiskOp::WriteZeroes {
+            } => (
+                Range::new(offset, u64::from(len)),
+                DiskOp::WriteZeroes {
                     offset,
-                    len: len as u64,
+                    len: u64::from(len),
                     may_trim,
-                }),
+                },
                 false,
             ),
+        };
+        if self.needs_split(range) {
+            self.start_split(conn, cookie, range, op, fua);
+        } else {
+            self.local_write(conn, cookie, range, Some(op), fua, None);
         }
     }
 
@@ -1003,7 +1007,7 @@ impl Node {
         if !now {
             return None;
         }
-        self.local_write(conn, cookie, range, None, false);
+        self.local_write(conn, cookie, range, None, false, None);
         let id = self.stream_grant.take();
         assert!(
             id.is_some(),
@@ -1023,6 +1027,9 @@ impl Node {
         }
         for (conn, cookie, req) in std::mem::take(&mut self.held) {
             self.on_request(conn, cookie, req);
+        }
+        if !self.splits.is_empty() {
+            self.resume_splits();
         }
     }
 
@@ -1124,6 +1131,7 @@ impl Node {
                 replied: false,
                 al_held: false,
                 parent: None,
+                split: None,
             },
         );
         let id = self.new_id();
@@ -1148,28 +1156,35 @@ impl Node {
     }
 
     /// A local write of `range`: `op` carries it out, or None when the daemon streams the data
-    /// itself (see [`Node::try_stream_write`]).
-    fn local_write(
+    /// itself (see [`Node::try_stream_write`]). `split`: it is a piece of that split.
+    pub(super) fn local_write(
         &mut self,
         conn: ConnId,
         cookie: u64,
         range: Range,
         op: Option<DiskOp>,
         fua: bool,
+        split: Option<u64>,
     ) {
+        debug_assert!(
+            op.is_none()
+                || range.is_empty()
+                || self.al.as_ref().is_none_or(|al| {
+                    super::activity_log::extents_of(range).count() <= al.slots()
+                }),
+            "a local write wider than the activity log must be split: {range:?}"
+        );
         // A disk that is not up to date, without an up-to-date peer (e.g. a sync
         // target that lost its source) holds no good copy: a write acknowledged
         // there would be overwritten by the next resync (simulator finding).
         if matches!(self.disk, DiskState::Failed | DiskState::Diskless) || !self.has_good_copy() {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.answer(conn, cookie, split, Err(errno::EIO));
             return;
         }
         let rid = self.new_id();
-        self.reqs.insert(rid, Req::write(conn, cookie, range, None));
+        let mut req = Req::write(conn, cookie, range, None);
+        req.split = split;
+        self.reqs.insert(rid, req);
         self.enter_local_write(rid, range, op, fua);
     }
 
@@ -1687,19 +1702,19 @@ impl Node {
         let peer_ok = !waiting_ack && !waiting_recv;
         // Fencing holds replies until the peer is known outdated (fencing.rs).
         let mut answers_parent = None;
+        let mut piece_answer = None;
         if !r.replied && !r.local_pending && peer_ok && !self.suspended {
             r.replied = true;
-            match r.parent {
+            let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
+            match (r.parent, r.split) {
                 // A write issued again after a pause: it answers the original.
-                Some(p) => answers_parent = Some((p, r.error)),
-                None => {
-                    let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
-                    self.out.push(Action::Reply {
-                        conn: r.conn,
-                        cookie: r.cookie,
-                        result,
-                    });
-                }
+                (Some(p), _) => answers_parent = Some((p, r.error)),
+                (None, Some(sid)) => piece_answer = Some((sid, result)),
+                (None, None) => self.out.push(Action::Reply {
+                    conn: r.conn,
+                    cookie: r.cookie,
+                    result,
+                }),
             }
         }
         let finished = r.replied && !r.local_pending && !r.ack_outstanding;
@@ -1726,6 +1741,29 @@ impl Node {
                 }
             }
         }
+        // Last: a piece's answer may start the next piece of its split, which
+        // then finds the extents this one released.
+        if let Some((sid, result)) = piece_answer {
+            self.piece_done(sid, &result);
+        }
+    }
+
+    /// A local request's answer: to its client, or to its split if it is a piece.
+    pub(super) fn answer(
+        &mut self,
+        conn: ConnId,
+        cookie: u64,
+        split: Option<u64>,
+        result: Result<Option<Bytes>, u32>,
+    ) {
+        match split {
+            None => self.out.push(Action::Reply {
+                conn,
+                cookie,
+                result,
+            }),
+            Some(sid) => self.piece_done(sid, &result),
+        }
     }
 
     // ----- time -----
@@ -1748,6 +1786,10 @@ impl Node {
         }
         self.resync_tick();
         self.maybe_resume_verify();
+        if !self.splits.is_empty() {
+            // A split waiting for the peer's flush goes on (split.rs).
+            self.resume_splits();
+        }
         // Keep the persisted bitmap close to memory while it changes (resync, or
         // writes without the peer): an interrupted resync resumes near where it was,
         // and `dump-md` on a running node shows what is out of sync.

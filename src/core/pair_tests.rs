@@ -1420,3 +1420,162 @@ mod stream_writes {
 }
 
 mod hostile_peer;
+
+/// Local writes wider than the activity log (`split.rs`): a TRIM, WRITE_ZEROES
+/// or WRITE is carried out in pieces that each fit in the log, one client reply.
+mod large_writes {
+    use super::*;
+    use crate::peer::{Message, WriteKind};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A pair in sync whose alpha has an activity log of two 4 MiB extents
+    /// (half the 16 MiB device), so its pieces are 8 MiB; alpha is primary for
+    /// client 9, connected to beta or not.
+    fn small_log_pair(connected: bool) -> Pair {
+        let mut p = Pair::in_sync("");
+        p.cfg[0].al_slots = 2;
+        p.crash(0);
+        p.settle();
+        p.boot(0);
+        p.settle();
+        p.run_until(5_000, "in sync", |p| p.in_sync_now());
+        if !connected {
+            p.disconnect(0);
+        }
+        p.node(0).attach_client(9).expect("primary serves I/O");
+        p.settle();
+        p
+    }
+
+    fn replies(p: &Pair, cookie: u64) -> Vec<NbdResult> {
+        p.nbd_replies[0]
+            .iter()
+            .filter(|(c, _)| *c == cookie)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// The lengths of the mirrored writes alpha sent, in order.
+    fn mirrored(p: &Pair) -> Vec<u64> {
+        p.sent[0]
+            .iter()
+            .filter_map(|m| match m {
+                Message::Write { kind, .. } => Some(kind.len()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn request(p: &mut Pair, cookie: u64, req: IoRequest) {
+        p.queue[0].push_back(Event::Request {
+            conn: 9,
+            cookie,
+            req,
+        });
+        p.settle();
+    }
+
+    fn trim_of_the_whole_device(connected: bool) {
+        let mut p = small_log_pair(connected);
+        for d in p.disks.iter_mut() {
+            d.fill(0xee);
+        }
+        let before = mirrored(&p).len();
+        let len = SIZE as u32;
+        request(&mut p, 1, IoRequest::Trim { offset: 0, len });
+        assert_eq!(replies(&p, 1), vec![Ok(None)], "one reply, success");
+        assert!(p.disks[0].iter().all(|b| *b == 0), "alpha trimmed");
+        if connected {
+            assert!(p.disks[1].iter().all(|b| *b == 0), "beta trimmed");
+            assert_eq!(
+                mirrored(&p)[before..],
+                [8 * MIB, 8 * MIB],
+                "one peer write per piece"
+            );
+            assert!(p.sent[0].iter().any(|m| matches!(
+                m,
+                Message::Write {
+                    kind: WriteKind::Trim { .. },
+                    ..
+                }
+            )));
+        } else {
+            assert_eq!(p.status(0).out_of_sync_bytes, SIZE, "all marked");
+        }
+        // Writes after it are not stuck behind it.
+        p.queue_write(0, 2, 7, 0x11);
+        p.settle();
+        assert_eq!(replies(&p, 2), vec![Ok(None)]);
+        assert_eq!(p.disks[0][7 * 4096], 0x11);
+        assert!(p.node(0).clients_idle());
+    }
+
+    #[test]
+    fn a_trim_wider_than_the_activity_log_completes_connected() {
+        trim_of_the_whole_device(true);
+    }
+
+    #[test]
+    fn a_trim_wider_than_the_activity_log_completes_disconnected() {
+        trim_of_the_whole_device(false);
+    }
+
+    /// Unaligned ends: pieces end on piece boundaries inside the range only.
+    #[test]
+    fn write_zeroes_with_unaligned_ends_in_pieces() {
+        let mut p = small_log_pair(true);
+        for d in p.disks.iter_mut() {
+            d.fill(0xee);
+        }
+        let (offset, len) = (3 * MIB + 512, 12 * MIB + 1000);
+        let before = mirrored(&p).len();
+        let req = IoRequest::WriteZeroes {
+            offset,
+            len: len as u32,
+            may_trim: false,
+        };
+        request(&mut p, 1, req);
+        assert_eq!(replies(&p, 1), vec![Ok(None)]);
+        // Pieces: to 8 MiB, to 16 MiB (the end of the range).
+        assert_eq!(
+            mirrored(&p)[before..],
+            [8 * MIB - offset, offset + len - 8 * MIB]
+        );
+        for d in &p.disks {
+            let (a, b) = (offset as usize, (offset + len) as usize);
+            assert!(d[a..b].iter().all(|x| *x == 0), "zeroed");
+            assert_eq!((d[a - 1], d[b]), (0xee, 0xee), "nothing outside");
+        }
+    }
+
+    /// A data write wider than the log (only possible with a tiny log) too.
+    #[test]
+    fn a_write_wider_than_the_activity_log_completes() {
+        let mut p = small_log_pair(true);
+        let data: Vec<u8> = (0..SIZE).map(|i| (i / 4096) as u8).collect();
+        let req = IoRequest::Write {
+            offset: 0,
+            data: bytes::Bytes::from(data.clone()),
+            fua: true,
+        };
+        request(&mut p, 1, req);
+        assert_eq!(replies(&p, 1), vec![Ok(None)]);
+        assert!(p.disks[0] == data && p.disks[1] == data, "on both disks");
+    }
+
+    /// A piece that fails fails the request (one reply), and no later piece starts.
+    #[test]
+    fn a_failed_piece_fails_the_request_once() {
+        let mut p = small_log_pair(false);
+        p.bad_offset[0] = Some(8 * MIB);
+        let req = IoRequest::Write {
+            offset: 0,
+            data: bytes::Bytes::from(vec![0x42; SIZE as usize]),
+            fua: false,
+        };
+        request(&mut p, 1, req);
+        assert_eq!(replies(&p, 1), vec![Err(errno::EIO)]);
+        assert!(p.node(0).clients_idle());
+    }
+}

@@ -20,8 +20,8 @@ use super::request::{Command, Request};
 /// 4. FLUSH carries zero offset and length;
 /// 5. the range lies inside the export;
 /// 6. offset and length are multiples of the minimum block size;
-/// 7. the length is within the maximum block size, for the commands the
-///    spec limits;
+/// 7. the length is within the maximum block size, for READ, WRITE and
+///    CACHE (the spec also limits WRITE_ZEROES; we accept any length);
 /// 8. BLOCK_STATUS has a nonzero length.
 ///
 /// `NBD_CMD_DISC` always passes: it gets no reply ("There is no reply to
@@ -154,11 +154,11 @@ pub fn validate(req: &Request, neg: &Negotiated) -> Result<(), u32> {
     // maximum block size." (Not NBD_EOVERFLOW: "The server SHOULD NOT
     // return NBD_EOVERFLOW except as documented in response to
     // NBD_CMD_READ when NBD_CMD_FLAG_DF is supported.")
-    let limited = match req.command {
-        Command::Read | Command::Write | Command::Cache => true,
-        Command::WriteZeroes => req.flags & NBD_CMD_FLAG_FAST_ZERO == 0,
-        _ => false,
-    };
+    // Our choice: WRITE_ZEROES of any length is accepted, as TRIM is (and as
+    // qemu-nbd does): it carries no payload, and the server applies it in
+    // bounded pieces, so the limit protects nothing here, while a client
+    // that zeroes a whole device (BLKZEROOUT) would get an error.
+    let limited = matches!(req.command, Command::Read | Command::Write | Command::Cache);
     if limited && req.length > export.max_block {
         return Err(NBD_EINVAL);
     }

@@ -232,7 +232,8 @@ fn words_for(data_size: u64) -> usize {
 impl Sim {
     pub fn new(seed: u64, faults: crate::core::Faults, trace: bool) -> Sim {
         let mut rng = Rng::new(seed);
-        let sc = Scenario::draw(&mut rng, faults);
+        let mut sc = Scenario::draw(&mut rng, faults);
+        sc.large_zeroing = Rng::new(seed ^ 0x5EED_1A26_E000_0018).chance(0.3);
         let sectors = sc.data_size / data::SECTOR;
         let words = words_for(sc.data_size);
         let in_sync = |gi: u64| Durable {

@@ -127,8 +127,9 @@ impl Sim {
                     }
                 };
                 let id = vals.first().and_then(|v| data::write_of(*v))?;
+                let piece = offset / SECTOR..offset / SECTOR + vals.len() as u64;
                 let ok = self.model.rec(id).is_some_and(|w| {
-                    w.node == n && w.first == offset / SECTOR && w.n == vals.len() as u64
+                    w.node == n && w.first <= piece.start && piece.end <= w.first + w.n
                 });
                 if !ok {
                     self.violate(
@@ -149,9 +150,21 @@ impl Sim {
                     Kind::Zeroes
                 };
                 let (first, count) = (offset / SECTOR, *len as u64 / SECTOR);
-                self.model.pending(n).iter().copied().find(|id| {
+                let pending = self.model.pending(n);
+                let whole = pending.iter().copied().find(|id| {
                     let w = &self.model.writes[*id as usize];
                     w.kind == want && w.first == first && w.n == count && w.mirror.is_none()
+                });
+                // Else a piece of a large one (the workload has no other trim
+                // or write-zeroes pending on a node with a large one pending).
+                whole.or_else(|| {
+                    pending.iter().copied().find(|id| {
+                        let w = &self.model.writes[*id as usize];
+                        w.kind == want
+                            && w.n > count
+                            && w.first <= first
+                            && first + count <= w.first + w.n
+                    })
                 })
             }
         }
@@ -181,16 +194,18 @@ impl Sim {
                 ..
             } => {
                 if let Some(id) = self.mirrored_write(n, *offset, kind) {
-                    self.model.writes[id as usize].mirror = Some((link, *seq));
+                    let first = *offset / SECTOR;
+                    let piece = first..first + kind.len() / SECTOR;
+                    self.model.writes[id as usize].piece_sent(link, *seq, piece.end - first);
                     self.net.links.get_mut(&link).expect("active link").dirs[n]
                         .writes
-                        .insert(*seq, id);
+                        .insert(*seq, (id, piece));
                 }
             }
             Message::WriteAck { seq, error: 0 } => {
-                let id = self.net.links[&link].dirs[1 - n].writes.get(seq).copied();
-                if let Some(id) = id {
-                    self.check_peer_has_write(n, id);
+                let piece = self.net.links[&link].dirs[1 - n].writes.get(seq).cloned();
+                if let Some((id, sectors)) = piece {
+                    self.check_peer_has_write(n, id, sectors);
                 }
             }
             _ => {}
@@ -323,13 +338,13 @@ impl Sim {
                 }
             }
             Message::WriteAck { seq, error } => {
-                if let Some(id) = self.net.links[&link].dirs[to].writes.get(seq).copied() {
-                    self.model.writes[id as usize].peer_ack = Some(*error);
+                if let Some((id, _)) = self.net.links[&link].dirs[to].writes.get(seq) {
+                    self.model.writes[*id as usize].piece_acked(*error);
                 }
             }
             Message::RecvAck { seq } => {
-                if let Some(id) = self.net.links[&link].dirs[to].writes.get(seq).copied() {
-                    self.model.writes[id as usize].recv_acked = true;
+                if let Some((id, _)) = self.net.links[&link].dirs[to].writes.get(seq) {
+                    self.model.writes[*id as usize].piece_received();
                 }
             }
             _ => {}

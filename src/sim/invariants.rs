@@ -40,12 +40,12 @@ fn mirrored(d: &str) -> String {
 
 impl Sim {
     /// Node `p` acknowledged write `id` (of its peer): its disk must hold it.
-    pub fn check_peer_has_write(&mut self, p: usize, id: u32) {
+    pub fn check_peer_has_write(&mut self, p: usize, id: u32, piece: std::ops::Range<u64>) {
         let w = self.model.writes[id as usize].clone();
         if w.uncertain {
             return;
         }
-        for s in w.sectors() {
+        for s in piece {
             let v = self.nodes[p].disk.view(s);
             if v != w.value(id, s) && self.model.older_than(v, &w) {
                 self.violate(
@@ -110,7 +110,8 @@ impl Sim {
             self.check_durable(n, id, "FUA");
             let w = &self.model.writes[id as usize];
             if let Some((link, _)) = w.mirror {
-                if self.net.active_link(n) == Some(link) && w.peer_ack == Some(0) {
+                let whole = w.fully_mirrored();
+                if self.net.active_link(n) == Some(link) && w.peer_ack == Some(0) && whole {
                     self.check_durable(1 - n, id, "FUA on the peer");
                 }
             }
@@ -126,6 +127,7 @@ impl Sim {
             let w = &self.model.writes[id as usize];
             if mirrored
                 && w.peer_ack == Some(0)
+                && w.fully_mirrored()
                 && w.mirror
                     .is_some_and(|(l, _)| self.net.active_link(n) == Some(l))
             {

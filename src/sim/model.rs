@@ -44,10 +44,22 @@ pub struct WriteRec {
     pub ok: bool,
     pub durable: bool,
     pub uncertain: bool,
-    /// Link and seq it was mirrored with.
+    /// Link and seq it was mirrored with (of its first piece on that link, for
+    /// a write the node carries out in pieces).
     pub mirror: Option<(u64, u64)>,
+    /// Every piece mirrored so far was received (RecvAck) by the peer.
     pub recv_acked: bool,
+    /// Every piece mirrored so far was acknowledged: the first error, or 0.
     pub peer_ack: Option<u32>,
+    /// Pieces mirrored and not yet acknowledged (WriteAck) / received (RecvAck).
+    pub unacked: u32,
+    pub unreceived: u32,
+    /// The first error a piece's WriteAck carried.
+    pub piece_error: u32,
+    /// Sectors mirrored on the link of `mirror`: fewer than `n` when the node
+    /// split it and wrote some pieces while not replicating (those are in its
+    /// bitmap, for the resync).
+    pub mirrored: u64,
     /// The issuing node's link generation if it replicated when the write was issued.
     pub replicating_at_issue: Option<u64>,
     /// The acknowledging node's own disk was not up to date: the peer held the only good copy.
@@ -55,6 +67,46 @@ pub struct WriteRec {
 }
 
 impl WriteRec {
+    /// One of its pieces (the whole write, if not split) was mirrored.
+    pub fn piece_sent(&mut self, link: u64, seq: u64, sectors: u64) {
+        if self.mirror.is_none_or(|(l, _)| l != link) {
+            // Pieces sent on an earlier link are gone with it (seed 559: one
+            // was never acknowledged, and the count waited for it forever).
+            self.mirror = Some((link, seq));
+            self.mirrored = 0;
+            self.unacked = 0;
+            self.unreceived = 0;
+            self.piece_error = 0;
+        }
+        self.mirrored += sectors;
+        self.unacked += 1;
+        self.unreceived += 1;
+        self.peer_ack = None;
+        self.recv_acked = false;
+    }
+
+    /// All of it went over one link (whole, or every piece).
+    pub fn fully_mirrored(&self) -> bool {
+        self.mirror.is_some() && self.mirrored == self.n
+    }
+
+    /// The peer acknowledged one of its pieces.
+    pub fn piece_acked(&mut self, error: u32) {
+        self.unacked = self.unacked.saturating_sub(1);
+        if self.piece_error == 0 {
+            self.piece_error = error;
+        }
+        if self.unacked == 0 {
+            self.peer_ack = Some(self.piece_error);
+        }
+    }
+
+    /// The peer received one of its pieces (protocol B).
+    pub fn piece_received(&mut self) {
+        self.unreceived = self.unreceived.saturating_sub(1);
+        self.recv_acked = self.unreceived == 0;
+    }
+
     pub fn value(&self, id: u32, s: u64) -> u64 {
         match self.kind {
             Kind::Write => value_of(id, s),
@@ -117,6 +169,10 @@ impl Model {
                 mirror: None,
                 recv_acked: false,
                 peer_ack: None,
+                unacked: 0,
+                unreceived: 0,
+                piece_error: 0,
+                mirrored: 0,
                 replicating_at_issue: None,
                 peer_only: false,
             }],
@@ -166,6 +222,10 @@ impl Model {
             mirror: None,
             recv_acked: false,
             peer_ack: None,
+            unacked: 0,
+            unreceived: 0,
+            piece_error: 0,
+            mirrored: 0,
             replicating_at_issue: None,
             peer_only: false,
         });

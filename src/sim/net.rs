@@ -35,8 +35,9 @@ pub struct Dir {
     /// The bitmap the sender sent right after its Hello (coverage check).
     pub bitmap: Vec<u64>,
     pub bitmap_done: bool,
-    /// seq -> simulator write id, for application writes the sender mirrored.
-    pub writes: BTreeMap<u64, u32>,
+    /// seq -> simulator write id and the sectors of the piece sent (the whole
+    /// write unless the node split it), for application writes the sender mirrored.
+    pub writes: BTreeMap<u64, (u32, std::ops::Range<u64>)>,
 }
 
 #[derive(Debug, Default)]

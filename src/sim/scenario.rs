@@ -34,6 +34,10 @@ pub struct Scenario {
     /// `resource-only` fencing (the simulated fence-peer handler answers after
     /// a random delay with a random DRBD exit code), else dont-care.
     pub fencing: bool,
+    /// The workload sends trims and write-zeroes wider than the activity log
+    /// (split by the node). Drawn from the seed apart from every other draw,
+    /// so that the seeds without them run exactly as before they existed.
+    pub large_zeroing: bool,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
@@ -141,6 +145,7 @@ impl Scenario {
             faults,
             // Drawn last: earlier draws (and so older seeds' other choices) stay.
             fencing: rng.chance(0.3),
+            large_zeroing: false,
         }
     }
 

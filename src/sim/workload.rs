@@ -117,8 +117,44 @@ impl Sim {
         (first, len.min(sectors - first))
     }
 
+    /// A trim or write-zeroes pending on node `n`: `large` ones only (wider than
+    /// [`Sim::pick_range`] ever makes), or any.
+    fn zeroing_pending(&self, n: usize, large: bool) -> bool {
+        self.model.pending(n).iter().any(|id| {
+            let w = &self.model.writes[*id as usize];
+            matches!(w.kind, Kind::Trim | Kind::Zeroes) && (!large || w.n > 256)
+        })
+    }
+
+    /// In a scenario with `large_zeroing`, now and then a trim or
+    /// write-zeroes of the whole device, or from a
+    /// random sector to its end: wider than the activity log, so the node
+    /// carries it out in pieces (core/split.rs). One at a time per node, and
+    /// never beside a small one there (the model tells pieces from whole
+    /// requests by their ranges).
+    fn large_range(&mut self, n: usize) -> Option<(u64, u64)> {
+        if !self.sc.large_zeroing || self.zeroing_pending(n, false) || !self.rng_work.chance(0.15) {
+            return None;
+        }
+        let sectors = self.model.sectors();
+        let first = if self.rng_work.chance(0.5) {
+            0
+        } else {
+            self.rng_work.below(sectors / 4)
+        };
+        Some((first, sectors - first))
+    }
+
     pub fn issue_request(&mut self, n: usize, conn: ConnId, roll: Option<u64>) {
         let (first, count) = self.pick_range();
+        let mut roll = roll.unwrap_or_else(|| self.rng_work.below(100));
+        if roll >= 85 && self.zeroing_pending(n, true) {
+            roll = 75; // a flush instead (see `large_range`)
+        }
+        let (first, count) = match roll {
+            85.. => self.large_range(n).unwrap_or((first, count)),
+            _ => (first, count),
+        };
         let (offset, len) = (first * SECTOR, count * SECTOR);
         let replicating = self.replicating(n);
         // A connected pair: both ends hold the same live link (not one end that
@@ -128,7 +164,6 @@ impl Sim {
             && self.net.active_link(n) == self.net.active_link(1 - n);
         let gen = self.nodes[n].link_gen;
         let step = self.next_step();
-        let roll = roll.unwrap_or_else(|| self.rng_work.below(100));
         let (kind, req) = match roll {
             0..=34 => (
                 ReqKind::Read {
