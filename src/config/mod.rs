@@ -124,6 +124,10 @@ pub struct NetSettings {
     /// Strikes before the peer is declared dead and disconnected.
     pub ko_count: u64,
     pub connect_retry_ms: u64,
+    /// `insecure-allow-relay = true`: peer authentication does not bind the
+    /// connection's endpoints, so NAT or a proxy between the nodes works, and so
+    /// does a relay by anyone who can reach both peer ports. Both nodes must agree.
+    pub insecure_allow_relay: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -454,6 +458,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         connect_retry_ms: nt
             .parsed_or("connect-retry", 1_000, units::parse_duration_ms)
             .map_err(err)?,
+        insecure_allow_relay: nt.bool_or("insecure-allow-relay", false).map_err(err)?,
     };
     for (key, v) in [
         ("ping-interval", net.ping_interval_ms),

@@ -30,7 +30,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::{lock, Shared};
 use crate::core::{Event, LinkId};
-use crate::peer::{encode_split, AuthStep, Authenticator, Decoder, Message, DEFAULT_MAX_PAYLOAD};
+use crate::peer::{
+    encode_split, AuthStep, Authenticator, Decoder, Endpoints, Message, DEFAULT_MAX_PAYLOAD,
+};
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections being authenticated at once (accepted and dialed); more are
@@ -94,6 +96,12 @@ pub async fn run(shared: Arc<Shared>) {
     ) else {
         return;
     };
+    if shared.settings.net.insecure_allow_relay {
+        tracing::warn!(
+            "[net] insecure-allow-relay = true: peer authentication does not bind the connection; \
+             anyone who can reach both peer ports can relay it"
+        );
+    }
     let listener = loop {
         match tokio::net::TcpListener::bind(me).await {
             Ok(l) => break l,
@@ -111,6 +119,15 @@ pub async fn run(shared: Arc<Shared>) {
             loop {
                 match listener.accept().await {
                     Ok((s, addr)) => {
+                        // As DRBD: only the peer's configured address may connect
+                        // (its source port is ephemeral, so the IP only).
+                        if addr.ip().to_canonical() != peer.ip().to_canonical() {
+                            tracing::warn!(
+                                "peer connection from {addr} refused: not the peer's configured address {}",
+                                peer.ip()
+                            );
+                            continue;
+                        }
                         let Ok(permit) = slots.clone().try_acquire_owned() else {
                             tracing::warn!(
                                 "peer connection from {addr} refused: {MAX_AUTHENTICATING} connections are being authenticated already"
@@ -172,11 +189,22 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
             return;
         }
     };
+    let conn = if shared.settings.net.insecure_allow_relay {
+        None
+    } else {
+        match (s.local_addr(), s.peer_addr()) {
+            (Ok(local), Ok(remote)) => Some(Endpoints::seen_from(local, remote, dialed)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("peer {addr}: the connection's addresses: {e}");
+                return;
+            }
+        }
+    };
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let me = shared.settings.node().name.clone();
     match tokio::time::timeout(
         AUTH_TIMEOUT,
-        authenticate(&shared, &mut s, &mut inbuf, &secret, &me),
+        authenticate(&shared, &mut s, &mut inbuf, &secret, &me, conn),
     )
     .await
     {
@@ -217,8 +245,9 @@ async fn authenticate(
     inbuf: &mut BytesMut,
     secret: &[u8],
     me: &str,
+    conn: Option<Endpoints>,
 ) -> Result<(), String> {
-    let mut auth = Authenticator::new(secret, me, &shared.settings.resource)
+    let mut auth = Authenticator::new(secret, me, &shared.settings.resource, conn)
         .map_err(|e| format!("authentication setup: {e}"))?;
     let mut out = BytesMut::new();
     loop {
