@@ -702,7 +702,15 @@ impl ReqCtx<'_> {
     }
 }
 
+/// Most of the device one BLOCK_STATUS answer describes: the NBD spec lets a reply cover
+/// less than was asked (the client asks again from where it ends). With the engine's
+/// extent cap (`storage::engine::MAX_FILE_EXTENTS`) this bounds the `lseek` calls one
+/// request costs on a runtime thread.
+pub const BLOCK_STATUS_MAX_RANGE: u32 = 64 << 20;
+
 fn block_status(shared: &Shared, offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    debug_assert!(len > 0, "validate.rs refuses a zero-length BLOCK_STATUS");
+    let len = len.min(BLOCK_STATUS_MAX_RANGE);
     let good = shared.core().disk_state() == crate::core::DiskState::UpToDate;
     let exts = if good {
         shared.disk.block_status(offset, len as u64).ok()
