@@ -48,6 +48,14 @@ const DIRECT_FRAME_MIN: usize = 64 * 1024;
 const SMALL_READ: usize = 4096;
 /// Most slices gathered into one `sendmsg`.
 const MAX_IOV: usize = 64;
+/// Bytes queued for the peer (messages not yet sent) above which the link counts as not
+/// draining; the replication traffic that fills it is bounded upstream (NBD bytes held,
+/// the resync window), so only a peer that stops reading gets here.
+pub const PEER_SEND_MAX_BYTES: u64 = 256 << 20;
+/// How often the writer task looks at a link it is waiting to send on.
+const STALL_CHECK: Duration = Duration::from_secs(1);
+/// What a queued message counts for besides its data.
+const MSG_OVERHEAD: u64 = 64;
 
 /// The open peer connections, by the id the core knows them by.
 #[derive(Default)]
@@ -231,7 +239,9 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         "peer connection {link} with {addr} authenticated ({})",
         if dialed { "dialed" } else { "accepted" }
     );
-    tokio::spawn(write_loop(s.clone(), out));
+    let net = &shared.settings.net;
+    let stall_limit = Duration::from_millis(net.timeout_ms.saturating_mul(net.ko_count));
+    tokio::spawn(write_loop(s.clone(), out, stall_limit));
     // Offered before anything read on it reaches the core; the reader starts with
     // whatever arrived behind the authentication.
     shared.handle(Event::ConnOffered { link, dialed });
@@ -416,6 +426,40 @@ struct OutState {
     closed: bool,
     /// Sending failed.
     failed: Option<String>,
+    /// Bytes of `msgs` (data plus [`MSG_OVERHEAD`] each) and of `backlog`.
+    msgs_bytes: u64,
+    backlog_bytes: u64,
+}
+
+impl OutState {
+    fn queued_bytes(&self) -> u64 {
+        self.msgs_bytes + self.backlog_bytes
+    }
+
+    fn take_msgs(&mut self) -> VecDeque<Message> {
+        self.msgs_bytes = 0;
+        std::mem::take(&mut self.msgs)
+    }
+
+    fn set_backlog(&mut self, chunks: VecDeque<Bytes>) {
+        self.backlog_bytes = chunks.iter().map(|c| c.len() as u64).sum();
+        self.backlog = chunks;
+    }
+}
+
+/// What `m` counts for in [`OutState::msgs_bytes`].
+fn msg_bytes(m: &Message) -> u64 {
+    let data = match m {
+        Message::Write {
+            kind: crate::peer::WriteKind::Data(d),
+            ..
+        } => d.len(),
+        Message::ReadReply { data, .. } => data.len(),
+        Message::BitmapChunk { words, .. } => words.len() * 8,
+        Message::ChecksumReply { sums, .. } => sums.len() * 4,
+        _ => 0,
+    };
+    data as u64 + MSG_OVERHEAD
 }
 
 impl PeerOut {
@@ -433,7 +477,11 @@ impl PeerOut {
     }
 
     fn queue(self: &Arc<Self>, m: Message) {
-        self.lock().msgs.push_back(m);
+        {
+            let mut st = self.lock();
+            st.msgs_bytes += msg_bytes(&m);
+            st.msgs.push_back(m);
+        }
         QUEUED.with(|q| {
             let mut q = q.borrow_mut();
             match q.as_ref() {
@@ -463,7 +511,7 @@ impl PeerOut {
         }
         st.sending = true;
         loop {
-            let msgs = std::mem::take(&mut st.msgs);
+            let msgs = st.take_msgs();
             drop(st);
             let mut chunks = VecDeque::new();
             let res = encode_all(msgs).and_then(|c| {
@@ -481,7 +529,7 @@ impl PeerOut {
                 }
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    st.backlog = chunks;
+                    st.set_backlog(chunks);
                     st.writer_owns = true;
                     st.sending = false;
                     self.wake.notify_one();
@@ -567,8 +615,11 @@ fn send_chunks(fd: RawFd, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
 
 /// Sends what the socket could not take at once (and what is queued after it), reports a
 /// failed link, and after [`PeerOut::close`] sends what is left and shuts the socket down.
-async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
+/// A peer that leaves more than [`PEER_SEND_MAX_BYTES`] queued for longer than
+/// `stall_limit` (timeout x ko-count) is disconnected, with a log line.
+async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration) {
     let mut closed_at = None;
+    let mut over_since: Option<tokio::time::Instant> = None;
     loop {
         let notified = out.wake.notified();
         let owns = {
@@ -587,10 +638,25 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
                 // Nobody will flush a closed link's last messages: send them from here.
                 st.writer_owns = true;
             }
+            if st.queued_bytes() <= PEER_SEND_MAX_BYTES {
+                over_since = None;
+            } else {
+                let since = *over_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= stall_limit {
+                    tracing::warn!(
+                        "peer connection: the peer has left {} MiB unread for {:?} (limit {} MiB); disconnecting",
+                        st.queued_bytes() >> 20,
+                        since.elapsed(),
+                        PEER_SEND_MAX_BYTES >> 20
+                    );
+                    st.failed = Some("the peer does not drain its connection".into());
+                    continue;
+                }
+            }
             if st.writer_owns && st.backlog.is_empty() {
-                let msgs = std::mem::take(&mut st.msgs);
+                let msgs = st.take_msgs();
                 match encode_all(msgs) {
-                    Ok(chunks) => st.backlog = chunks,
+                    Ok(chunks) => st.set_backlog(chunks),
                     Err(e) => {
                         st.failed = Some(format!("write to the peer: {e}"));
                         continue;
@@ -606,8 +672,9 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
             notified.await;
             continue;
         }
-        // A closed connection gets CLOSE_DRAIN to send what was queued on it.
-        let deadline = closed_at.map_or(Duration::MAX, |t: tokio::time::Instant| {
+        // A closed connection gets CLOSE_DRAIN to send what was queued on it; an open one
+        // is looked at every STALL_CHECK (is the peer still draining?).
+        let deadline = closed_at.map_or(STALL_CHECK, |t: tokio::time::Instant| {
             CLOSE_DRAIN.saturating_sub(t.elapsed())
         });
         match tokio::time::timeout(deadline, s.writable()).await {
@@ -616,6 +683,7 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
                 out.lock().failed = Some(format!("write to the peer: {e}"));
                 continue;
             }
+            Err(_) if closed_at.is_none() => continue,
             Err(_) => {
                 tracing::debug!("peer connection closed with {CLOSE_DRAIN:?} of data unsent");
                 break;
@@ -623,13 +691,14 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
         }
         let mut st = out.lock();
         let mut backlog = std::mem::take(&mut st.backlog);
+        st.backlog_bytes = 0;
         match s.try_io(Interest::WRITABLE, || send_chunks(out.fd, &mut backlog)) {
             Ok(()) => {
                 if st.msgs.is_empty() {
                     st.writer_owns = false;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.backlog = backlog,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.set_backlog(backlog),
             Err(e) => st.failed = Some(format!("write to the peer: {e}")),
         }
     }
