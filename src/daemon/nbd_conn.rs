@@ -596,8 +596,9 @@ impl ReqCtx<'_> {
                 offset: req.offset,
                 flush_after: false,
                 abandoned: false,
-                // The payload goes from the socket to the disk, never through our memory.
-                held: 0,
+                // The payload goes from the socket to the disk, never through our memory:
+                // it counts as a request only.
+                held: backpressure::REQUEST_MIN_BYTES,
             },
         );
         let (conn, offset, len) = (self.conn, req.offset, req.length);
@@ -691,7 +692,8 @@ impl ReqCtx<'_> {
                 held: match req.command {
                     Command::Read | Command::Write => req.length as usize,
                     _ => 0,
-                },
+                }
+                .max(backpressure::REQUEST_MIN_BYTES),
             },
         );
         Some(Event::Request {
@@ -752,7 +754,8 @@ struct Pending {
     /// Its payload never fully arrived (a streamed write cut off): whatever the core
     /// answers, the client is told nothing, since not all of its data reached the disk.
     abandoned: bool,
-    /// Bytes it holds until answered (READ length, WRITE payload), for back-pressure.
+    /// Bytes it holds until answered (READ length, WRITE payload, at least
+    /// `backpressure::REQUEST_MIN_BYTES`), for back-pressure.
     held: usize,
 }
 
