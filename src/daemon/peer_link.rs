@@ -156,12 +156,12 @@ pub async fn run(shared: Arc<Shared>) {
             }
         })
     };
-    dial_loop(shared, peer, slots).await;
+    dial_loop(shared, me, peer, slots).await;
     accept.abort();
 }
 
 /// Dials once each time the core asks ([`PeerCtl::want_dial`]), one dial at a time.
-async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr, slots: Arc<Semaphore>) {
+async fn dial_loop(shared: Arc<Shared>, me: SocketAddr, peer: SocketAddr, slots: Arc<Semaphore>) {
     let timeout =
         Duration::from_millis(shared.settings.net.connect_retry_ms).max(Duration::from_secs(1));
     loop {
@@ -175,13 +175,30 @@ async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr, slots: Arc<Semaphore>)
             tracing::debug!("dialing the peer deferred: connections are being authenticated");
             continue;
         };
-        match tokio::time::timeout(timeout, TcpStream::connect(peer)).await {
+        match tokio::time::timeout(timeout, connect_from(me, peer)).await {
             Ok(Ok(s)) => establish(shared.clone(), s, peer, true).await,
             Ok(Err(e)) => tracing::debug!("connecting to peer {peer}: {e}"),
             Err(_) => tracing::debug!("connecting to peer {peer}: timed out"),
         }
         drop(permit);
     }
+}
+
+/// Connects to `peer` from this node's configured IP (any port), as DRBD does: the peer
+/// accepts connections only from that address, so a host with several addresses must not
+/// let routing pick another one.
+async fn connect_from(me: SocketAddr, peer: SocketAddr) -> io::Result<TcpStream> {
+    let socket = if peer.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if !me.ip().is_unspecified() && me.is_ipv4() == peer.is_ipv4() {
+        socket
+            .bind(SocketAddr::new(me.ip(), 0))
+            .map_err(|e| io::Error::new(e.kind(), format!("binding to {}: {e}", me.ip())))?;
+    }
+    socket.connect(peer).await
 }
 
 /// Authenticates, then offers the connection to the core and starts reading it.
