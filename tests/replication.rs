@@ -397,7 +397,12 @@ fn a_peer_with_the_wrong_secret_is_refused() {
 
 #[test]
 fn a_corrupted_peer_message_is_detected_and_not_applied() {
-    let mut c = ClusterSpec::new(2).size(32 * MIB).mirrord_only().build();
+    // The proxy is a relay: both nodes opt out of binding the connection.
+    let mut c = ClusterSpec::new(2)
+        .size(32 * MIB)
+        .mirrord_only()
+        .table("[net]\ninsecure-allow-relay = true")
+        .build();
     // alpha reaches beta only through the proxy; beta cannot dial alpha at all.
     let text = std::fs::read_to_string(&c.config).expect("config");
     let beta_addr = c.nodes[1].cfg.peer_addr;

@@ -70,7 +70,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let Ok(mut auth) = Authenticator::with_challenge(b"key", "alpha", "r0", [7; CHALLENGE_LEN])
+    let Ok(mut auth) = Authenticator::with_challenge(
+        b"key",
+        "alpha",
+        "r0",
+        None,
+        [7; CHALLENGE_LEN],
+    )
     else {
         return;
     };

@@ -127,6 +127,10 @@ pub struct NetSettings {
     /// With allow-two-primaries: how long a broken link is a pause before the
     /// nodes go on alone (0: never a pause).
     pub reconnect_grace_ms: u64,
+    /// `insecure-allow-relay = true`: peer authentication does not bind the
+    /// connection's endpoints, so NAT or a proxy between the nodes works, and so
+    /// does a relay by anyone who can reach both peer ports. Both nodes must agree.
+    pub insecure_allow_relay: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -460,6 +464,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         reconnect_grace_ms: nt
             .parsed_or("reconnect-grace", 8_000, units::parse_duration_ms)
             .map_err(err)?,
+        insecure_allow_relay: nt.bool_or("insecure-allow-relay", false).map_err(err)?,
     };
     for (key, v) in [
         ("ping-interval", net.ping_interval_ms),

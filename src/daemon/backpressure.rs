@@ -11,6 +11,11 @@ use std::time::Duration;
 pub const CONN_MAX_BYTES: usize = 64 << 20;
 /// Bytes all connections together may hold before every reader holding anything stops.
 pub const TOTAL_MAX_BYTES: usize = 256 << 20;
+/// What a request handed to the core counts for at least, whatever its size (FLUSH, TRIM,
+/// a spliced WRITE whose payload never passes through our memory): so the number of
+/// requests in the core, including those it holds during a handshake or a freeze, is
+/// bounded too, at `CONN_MAX_BYTES / REQUEST_MIN_BYTES` + 1 per connection.
+pub const REQUEST_MIN_BYTES: usize = 4096;
 /// How soon a stopped reader looks again: first after 1 ms, then twice as long each time
 /// up to 16 ms (a client that reads nothing costs little CPU).
 const RECHECK_FIRST: Duration = Duration::from_millis(1);

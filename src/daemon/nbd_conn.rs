@@ -815,8 +815,9 @@ impl ReqCtx<'_> {
                 offset: req.offset,
                 flush_after: false,
                 abandoned: false,
-                // The payload goes from the socket to the disk, never through our memory.
-                held: 0,
+                // The payload goes from the socket to the disk, never through our memory:
+                // it counts as a request only.
+                held: backpressure::REQUEST_MIN_BYTES,
             },
         );
         let (conn, offset, len) = (self.conn, req.offset, req.length);
@@ -910,7 +911,8 @@ impl ReqCtx<'_> {
                 held: match req.command {
                     Command::Read | Command::Write => req.length as usize,
                     _ => 0,
-                },
+                }
+                .max(backpressure::REQUEST_MIN_BYTES),
             },
         );
         Some(Event::Request {
@@ -921,7 +923,15 @@ impl ReqCtx<'_> {
     }
 }
 
+/// Most of the device one BLOCK_STATUS answer describes: the NBD spec lets a reply cover
+/// less than was asked (the client asks again from where it ends). With the engine's
+/// extent cap (`storage::engine::MAX_FILE_EXTENTS`) this bounds the `lseek` calls one
+/// request costs on a runtime thread.
+pub const BLOCK_STATUS_MAX_RANGE: u32 = 64 << 20;
+
 fn block_status(shared: &Shared, offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
+    debug_assert!(len > 0, "validate.rs refuses a zero-length BLOCK_STATUS");
+    let len = len.min(BLOCK_STATUS_MAX_RANGE);
     let good = shared.core().disk_state() == crate::core::DiskState::UpToDate;
     let exts = if good {
         shared.disk.block_status(offset, len as u64).ok()
@@ -963,7 +973,8 @@ struct Pending {
     /// Its payload never fully arrived (a streamed write cut off): whatever the core
     /// answers, the client is told nothing, since not all of its data reached the disk.
     abandoned: bool,
-    /// Bytes it holds until answered (READ length, WRITE payload), for back-pressure.
+    /// Bytes it holds until answered (READ length, WRITE payload, at least
+    /// `backpressure::REQUEST_MIN_BYTES`), for back-pressure.
     held: usize,
 }
 

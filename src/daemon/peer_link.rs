@@ -30,7 +30,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::{lock, Shared};
 use crate::core::{Event, LinkId};
-use crate::peer::{encode_split, AuthStep, Authenticator, Decoder, Message, DEFAULT_MAX_PAYLOAD};
+use crate::peer::{
+    encode_split, AuthStep, Authenticator, Decoder, Endpoints, Message, DEFAULT_MAX_PAYLOAD,
+};
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections being authenticated at once (accepted and dialed); more are
@@ -46,6 +48,14 @@ const DIRECT_FRAME_MIN: usize = 64 * 1024;
 const SMALL_READ: usize = 4096;
 /// Most slices gathered into one `sendmsg`.
 const MAX_IOV: usize = 64;
+/// Bytes queued for the peer (messages not yet sent) above which the link counts as not
+/// draining; the replication traffic that fills it is bounded upstream (NBD bytes held,
+/// the resync window), so only a peer that stops reading gets here.
+pub const PEER_SEND_MAX_BYTES: u64 = 256 << 20;
+/// How often the writer task looks at a link it is waiting to send on.
+const STALL_CHECK: Duration = Duration::from_secs(1);
+/// What a queued message counts for besides its data.
+const MSG_OVERHEAD: u64 = 64;
 
 /// The open peer connections, by the id the core knows them by.
 #[derive(Default)]
@@ -94,6 +104,12 @@ pub async fn run(shared: Arc<Shared>) {
     ) else {
         return;
     };
+    if shared.settings.net.insecure_allow_relay {
+        tracing::warn!(
+            "[net] insecure-allow-relay = true: peer authentication does not bind the connection; \
+             anyone who can reach both peer ports can relay it"
+        );
+    }
     let listener = loop {
         match tokio::net::TcpListener::bind(me).await {
             Ok(l) => break l,
@@ -111,6 +127,15 @@ pub async fn run(shared: Arc<Shared>) {
             loop {
                 match listener.accept().await {
                     Ok((s, addr)) => {
+                        // As DRBD: only the peer's configured address may connect
+                        // (its source port is ephemeral, so the IP only).
+                        if addr.ip().to_canonical() != peer.ip().to_canonical() {
+                            tracing::warn!(
+                                "peer connection from {addr} refused: not the peer's configured address {}",
+                                peer.ip()
+                            );
+                            continue;
+                        }
                         let Ok(permit) = slots.clone().try_acquire_owned() else {
                             tracing::warn!(
                                 "peer connection from {addr} refused: {MAX_AUTHENTICATING} connections are being authenticated already"
@@ -131,12 +156,12 @@ pub async fn run(shared: Arc<Shared>) {
             }
         })
     };
-    dial_loop(shared, peer, slots).await;
+    dial_loop(shared, me, peer, slots).await;
     accept.abort();
 }
 
 /// Dials once each time the core asks ([`PeerCtl::want_dial`]), one dial at a time.
-async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr, slots: Arc<Semaphore>) {
+async fn dial_loop(shared: Arc<Shared>, me: SocketAddr, peer: SocketAddr, slots: Arc<Semaphore>) {
     let timeout =
         Duration::from_millis(shared.settings.net.connect_retry_ms).max(Duration::from_secs(1));
     loop {
@@ -150,13 +175,30 @@ async fn dial_loop(shared: Arc<Shared>, peer: SocketAddr, slots: Arc<Semaphore>)
             tracing::debug!("dialing the peer deferred: connections are being authenticated");
             continue;
         };
-        match tokio::time::timeout(timeout, TcpStream::connect(peer)).await {
+        match tokio::time::timeout(timeout, connect_from(me, peer)).await {
             Ok(Ok(s)) => establish(shared.clone(), s, peer, true).await,
             Ok(Err(e)) => tracing::debug!("connecting to peer {peer}: {e}"),
             Err(_) => tracing::debug!("connecting to peer {peer}: timed out"),
         }
         drop(permit);
     }
+}
+
+/// Connects to `peer` from this node's configured IP (any port), as DRBD does: the peer
+/// accepts connections only from that address, so a host with several addresses must not
+/// let routing pick another one.
+async fn connect_from(me: SocketAddr, peer: SocketAddr) -> io::Result<TcpStream> {
+    let socket = if peer.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if !me.ip().is_unspecified() && me.is_ipv4() == peer.is_ipv4() {
+        socket
+            .bind(SocketAddr::new(me.ip(), 0))
+            .map_err(|e| io::Error::new(e.kind(), format!("binding to {}: {e}", me.ip())))?;
+    }
+    socket.connect(peer).await
 }
 
 /// Authenticates, then offers the connection to the core and starts reading it.
@@ -172,11 +214,22 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
             return;
         }
     };
+    let conn = if shared.settings.net.insecure_allow_relay {
+        None
+    } else {
+        match (s.local_addr(), s.peer_addr()) {
+            (Ok(local), Ok(remote)) => Some(Endpoints::seen_from(local, remote, dialed)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!("peer {addr}: the connection's addresses: {e}");
+                return;
+            }
+        }
+    };
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let me = shared.settings.node().name.clone();
     match tokio::time::timeout(
         AUTH_TIMEOUT,
-        authenticate(&shared, &mut s, &mut inbuf, &secret, &me),
+        authenticate(&shared, &mut s, &mut inbuf, &secret, &me, conn),
     )
     .await
     {
@@ -203,7 +256,9 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         "peer connection {link} with {addr} authenticated ({})",
         if dialed { "dialed" } else { "accepted" }
     );
-    tokio::spawn(write_loop(s.clone(), out));
+    let net = &shared.settings.net;
+    let stall_limit = Duration::from_millis(net.timeout_ms.saturating_mul(net.ko_count));
+    tokio::spawn(write_loop(s.clone(), out, stall_limit));
     // Offered before anything read on it reaches the core; the reader starts with
     // whatever arrived behind the authentication.
     shared.handle(Event::ConnOffered { link, dialed });
@@ -217,8 +272,9 @@ async fn authenticate(
     inbuf: &mut BytesMut,
     secret: &[u8],
     me: &str,
+    conn: Option<Endpoints>,
 ) -> Result<(), String> {
-    let mut auth = Authenticator::new(secret, me, &shared.settings.resource)
+    let mut auth = Authenticator::new(secret, me, &shared.settings.resource, conn)
         .map_err(|e| format!("authentication setup: {e}"))?;
     let mut out = BytesMut::new();
     loop {
@@ -387,6 +443,40 @@ struct OutState {
     closed: bool,
     /// Sending failed.
     failed: Option<String>,
+    /// Bytes of `msgs` (data plus [`MSG_OVERHEAD`] each) and of `backlog`.
+    msgs_bytes: u64,
+    backlog_bytes: u64,
+}
+
+impl OutState {
+    fn queued_bytes(&self) -> u64 {
+        self.msgs_bytes + self.backlog_bytes
+    }
+
+    fn take_msgs(&mut self) -> VecDeque<Message> {
+        self.msgs_bytes = 0;
+        std::mem::take(&mut self.msgs)
+    }
+
+    fn set_backlog(&mut self, chunks: VecDeque<Bytes>) {
+        self.backlog_bytes = chunks.iter().map(|c| c.len() as u64).sum();
+        self.backlog = chunks;
+    }
+}
+
+/// What `m` counts for in [`OutState::msgs_bytes`].
+fn msg_bytes(m: &Message) -> u64 {
+    let data = match m {
+        Message::Write {
+            kind: crate::peer::WriteKind::Data(d),
+            ..
+        } => d.len(),
+        Message::ReadReply { data, .. } => data.len(),
+        Message::BitmapChunk { words, .. } => words.len() * 8,
+        Message::ChecksumReply { sums, .. } => sums.len() * 4,
+        _ => 0,
+    };
+    data as u64 + MSG_OVERHEAD
 }
 
 impl PeerOut {
@@ -404,7 +494,11 @@ impl PeerOut {
     }
 
     fn queue(self: &Arc<Self>, m: Message) {
-        self.lock().msgs.push_back(m);
+        {
+            let mut st = self.lock();
+            st.msgs_bytes += msg_bytes(&m);
+            st.msgs.push_back(m);
+        }
         QUEUED.with(|q| {
             let mut q = q.borrow_mut();
             match q.as_ref() {
@@ -434,7 +528,7 @@ impl PeerOut {
         }
         st.sending = true;
         loop {
-            let msgs = std::mem::take(&mut st.msgs);
+            let msgs = st.take_msgs();
             drop(st);
             let mut chunks = VecDeque::new();
             let res = encode_all(msgs).and_then(|c| {
@@ -452,7 +546,7 @@ impl PeerOut {
                 }
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    st.backlog = chunks;
+                    st.set_backlog(chunks);
                     st.writer_owns = true;
                     st.sending = false;
                     self.wake.notify_one();
@@ -538,8 +632,11 @@ fn send_chunks(fd: RawFd, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
 
 /// Sends what the socket could not take at once (and what is queued after it), reports a
 /// failed link, and after [`PeerOut::close`] sends what is left and shuts the socket down.
-async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
+/// A peer that leaves more than [`PEER_SEND_MAX_BYTES`] queued for longer than
+/// `stall_limit` (timeout x ko-count) is disconnected, with a log line.
+async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration) {
     let mut closed_at = None;
+    let mut over_since: Option<tokio::time::Instant> = None;
     loop {
         let notified = out.wake.notified();
         let owns = {
@@ -558,10 +655,25 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
                 // Nobody will flush a closed link's last messages: send them from here.
                 st.writer_owns = true;
             }
+            if st.queued_bytes() <= PEER_SEND_MAX_BYTES {
+                over_since = None;
+            } else {
+                let since = *over_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= stall_limit {
+                    tracing::warn!(
+                        "peer connection: the peer has left {} MiB unread for {:?} (limit {} MiB); disconnecting",
+                        st.queued_bytes() >> 20,
+                        since.elapsed(),
+                        PEER_SEND_MAX_BYTES >> 20
+                    );
+                    st.failed = Some("the peer does not drain its connection".into());
+                    continue;
+                }
+            }
             if st.writer_owns && st.backlog.is_empty() {
-                let msgs = std::mem::take(&mut st.msgs);
+                let msgs = st.take_msgs();
                 match encode_all(msgs) {
-                    Ok(chunks) => st.backlog = chunks,
+                    Ok(chunks) => st.set_backlog(chunks),
                     Err(e) => {
                         st.failed = Some(format!("write to the peer: {e}"));
                         continue;
@@ -577,8 +689,9 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
             notified.await;
             continue;
         }
-        // A closed connection gets CLOSE_DRAIN to send what was queued on it.
-        let deadline = closed_at.map_or(Duration::MAX, |t: tokio::time::Instant| {
+        // A closed connection gets CLOSE_DRAIN to send what was queued on it; an open one
+        // is looked at every STALL_CHECK (is the peer still draining?).
+        let deadline = closed_at.map_or(STALL_CHECK, |t: tokio::time::Instant| {
             CLOSE_DRAIN.saturating_sub(t.elapsed())
         });
         match tokio::time::timeout(deadline, s.writable()).await {
@@ -587,6 +700,7 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
                 out.lock().failed = Some(format!("write to the peer: {e}"));
                 continue;
             }
+            Err(_) if closed_at.is_none() => continue,
             Err(_) => {
                 tracing::debug!("peer connection closed with {CLOSE_DRAIN:?} of data unsent");
                 break;
@@ -594,13 +708,14 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>) {
         }
         let mut st = out.lock();
         let mut backlog = std::mem::take(&mut st.backlog);
+        st.backlog_bytes = 0;
         match s.try_io(Interest::WRITABLE, || send_chunks(out.fd, &mut backlog)) {
             Ok(()) => {
                 if st.msgs.is_empty() {
                     st.writer_owns = false;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.backlog = backlog,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.set_backlog(backlog),
             Err(e) => st.failed = Some(format!("write to the peer: {e}")),
         }
     }

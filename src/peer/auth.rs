@@ -9,21 +9,37 @@
 //! message frame):
 //!
 //! - challenge: magic u32 [`AUTH_MAGIC`], kind u8 = 1, resource (u8 len +
-//!   bytes), node (u8 len + UTF-8), challenge 32 random bytes;
+//!   bytes), node (u8 len + UTF-8), challenge 32 random bytes, then the
+//!   connection as the sender sees it ([`Endpoints`]: u8 1, the dialer's
+//!   address, the acceptor's address; or u8 0 when the sender does not bind
+//!   the connection, `insecure-allow-relay`); an address is u8 4 or 6, the
+//!   IP (4 or 16 bytes), port u16;
 //! - response: magic u32, kind u8 = 2, HMAC-SHA256 tag (32 bytes).
 //!
 //! The tag a node sends is HMAC-SHA256(secret, [`AUTH_LABEL`] || "response" ||
 //! resource || the sender's node name || the receiver's node name || the
-//! receiver's challenge || the sender's own challenge), every name with its
-//! length byte in front. Why this resists the usual attacks:
+//! receiver's challenge || the sender's own challenge || the connection as
+//! the sender sees it), every name with its length byte in front. Why this
+//! resists the usual attacks:
 //!
+//! - relay (a party that reaches both peer ports connects to both, or takes
+//!   both nodes' dials, and pipes the two connections into each other): each
+//!   side binds its tag to the connection's two endpoints as it sees them,
+//!   ordered dialer then acceptor, so on a direct TCP connection both sides
+//!   bind the same pair, while a relay shows each node a different
+//!   connection. A side refuses a challenge whose stated endpoints differ
+//!   from its own view before it answers (so a relay gets no tag at all), and
+//!   a peer that lies about them cannot produce a tag over the true view.
+//!   The price: NAT or a proxy between the nodes is refused too, unless both
+//!   sides opt out (`[net] insecure-allow-relay`);
 //! - replay: each side's own fresh random challenge is in the tag it checks;
 //! - reflection (sending a node's own response, or a response obtained from
 //!   it on a second connection, back to it): a node only ever signs with its
 //!   own name in the sender position, and refuses a peer that claims its
 //!   name, so it never produces a tag it would accept; a peer echoing our
 //!   challenge back is refused outright;
-//! - cross-resource reuse of one secret: the resource name is in the tag.
+//! - cross-resource reuse of one secret: the resource name is in the tag;
+//! - a reflection across two connections: also the endpoints differ.
 //!
 //! Tags are compared in constant time (`hmac`'s `verify_slice`).
 //!
@@ -36,6 +52,7 @@
 
 use std::fmt;
 use std::io::{self, Read};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut, BytesMut};
 use hmac::{Hmac, Mac};
@@ -43,11 +60,51 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// "nma1": nbd-mirror authentication, version 1.
-pub const AUTH_MAGIC: u32 = 0x6e6d_6131;
+/// "nma2": nbd-mirror authentication, version 2 (binds the connection).
+pub const AUTH_MAGIC: u32 = 0x6e6d_6132;
+
+/// "nma1": version 1, which did not bind the connection; refused with a clear error.
+const AUTH_MAGIC_V1: u32 = 0x6e6d_6131;
 
 /// Domain separation label at the front of every tag.
-pub const AUTH_LABEL: &[u8] = b"nbd-mirror-auth-v1";
+pub const AUTH_LABEL: &[u8] = b"nbd-mirror-auth-v2";
+
+/// One connection as one side sees it, ordered so that both ends of a direct
+/// TCP connection see the same value: the dialer's local address is the
+/// acceptor's remote address and the other way round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub dialer: SocketAddr,
+    pub acceptor: SocketAddr,
+}
+
+impl Endpoints {
+    /// The connection seen from a socket with these `local` and `remote`
+    /// addresses, which this side `dialed` or accepted. IPv4-mapped IPv6
+    /// addresses count as IPv4 and scope ids are dropped, so a dual-stack
+    /// listener and a plain IPv4 dialer agree.
+    pub fn seen_from(local: SocketAddr, remote: SocketAddr, dialed: bool) -> Endpoints {
+        let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let (local, remote) = (canon(local), canon(remote));
+        if dialed {
+            Endpoints {
+                dialer: local,
+                acceptor: remote,
+            }
+        } else {
+            Endpoints {
+                dialer: remote,
+                acceptor: local,
+            }
+        }
+    }
+}
+
+impl fmt::Display for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.dialer, self.acceptor)
+    }
+}
 
 /// Bytes in a challenge.
 pub const CHALLENGE_LEN: usize = 32;
@@ -92,11 +149,26 @@ pub enum AuthError {
     ReflectedChallenge,
     /// The peer's response does not verify under this node's secret.
     WrongSecret,
+    /// The peer sees another connection than this node: a relay (or NAT or
+    /// a proxy) is between them.
+    /// (Boxed: keeps every `Result` of this module small.)
+    Relayed {
+        ours: Box<Endpoints>,
+        theirs: Box<Endpoints>,
+    },
+    /// Exactly one side binds the connection (`insecure-allow-relay` is set
+    /// on one side only).
+    BindingMismatch { ours_bound: bool },
 }
 
 impl fmt::Display for AuthError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            AuthError::BadMagic(AUTH_MAGIC_V1) => write!(
+                f,
+                "the peer speaks authentication version 1 (an older nbd-mirror that does not bind \
+                 the connection); upgrade it"
+            ),
             AuthError::BadMagic(m) => write!(
                 f,
                 "not an nbd-mirror peer (auth magic 0x{m:08x}, expected 0x{AUTH_MAGIC:08x})"
@@ -128,6 +200,16 @@ impl fmt::Display for AuthError {
                     "wrong shared secret (the peer's response does not verify)"
                 )
             }
+            AuthError::Relayed { ours, theirs } => write!(
+                f,
+                "relayed connection: the peer sees it as {theirs}, this node as {ours} \
+                 (a relay, NAT or proxy is between the nodes; see [net] insecure-allow-relay)"
+            ),
+            AuthError::BindingMismatch { ours_bound } => write!(
+                f,
+                "[net] insecure-allow-relay is set on {} only; set it on both nodes or neither",
+                if *ours_bound { "the peer" } else { "this node" }
+            ),
         }
     }
 }
@@ -155,6 +237,8 @@ pub struct Authenticator {
     my_node: String,
     resource: String,
     my_challenge: [u8; CHALLENGE_LEN],
+    /// The connection as this side sees it; `None`: not bound (`insecure-allow-relay`).
+    conn: Option<Endpoints>,
     output: BytesMut,
     state: State,
 }
@@ -165,6 +249,7 @@ impl fmt::Debug for Authenticator {
         f.debug_struct("Authenticator")
             .field("my_node", &self.my_node)
             .field("resource", &self.resource)
+            .field("conn", &self.conn)
             .field("state", &self.state)
             .finish_non_exhaustive()
     }
@@ -174,8 +259,15 @@ impl Authenticator {
     /// Starts the exchange with a fresh random challenge from /dev/urandom
     /// (error if it cannot be read). The challenge frame is queued for
     /// [`take_output`](Self::take_output). Names must be 1..=255 bytes.
-    pub fn new(secret: &[u8], my_node: &str, resource: &str) -> io::Result<Self> {
-        Self::with_challenge(secret, my_node, resource, random_challenge()?)
+    /// `conn` is the connection as this side sees it ([`Endpoints::seen_from`]);
+    /// `None` binds no connection, so a relay passes (`insecure-allow-relay`).
+    pub fn new(
+        secret: &[u8],
+        my_node: &str,
+        resource: &str,
+        conn: Option<Endpoints>,
+    ) -> io::Result<Self> {
+        Self::with_challenge(secret, my_node, resource, conn, random_challenge()?)
     }
 
     /// Like [`new`](Self::new) with a given challenge. For tests and fuzzing
@@ -184,6 +276,7 @@ impl Authenticator {
         secret: &[u8],
         my_node: &str,
         resource: &str,
+        conn: Option<Endpoints>,
         challenge: [u8; CHALLENGE_LEN],
     ) -> io::Result<Self> {
         let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
@@ -196,17 +289,20 @@ impl Authenticator {
         }
         let key = HmacSha256::new_from_slice(secret)
             .map_err(|e| invalid(format!("shared secret unusable as an HMAC key: {e}")))?;
-        let mut output = BytesMut::with_capacity(4 + 1 + 2 + my_node.len() + resource.len() + 32);
+        let mut output =
+            BytesMut::with_capacity(4 + 1 + 2 + my_node.len() + resource.len() + 32 + 1 + 38);
         output.put_u32(AUTH_MAGIC);
         output.put_u8(KIND_CHALLENGE);
         put_name(&mut output, resource.as_bytes());
         put_name(&mut output, my_node.as_bytes());
         output.put_slice(&challenge);
+        put_endpoints(&mut output, conn.as_ref());
         Ok(Self {
             key,
             my_node: my_node.to_owned(),
             resource: resource.to_owned(),
             my_challenge: challenge,
+            conn,
             output,
             state: State::AwaitChallenge,
         })
@@ -279,6 +375,20 @@ impl Authenticator {
         if frame.challenge == self.my_challenge {
             return Err(AuthError::ReflectedChallenge);
         }
+        match (self.conn, frame.conn) {
+            (Some(ours), Some(theirs)) if ours != theirs => {
+                return Err(AuthError::Relayed {
+                    ours: Box::new(ours),
+                    theirs: Box::new(theirs),
+                })
+            }
+            (Some(_), Some(_)) | (None, None) => {}
+            (ours, _) => {
+                return Err(AuthError::BindingMismatch {
+                    ours_bound: ours.is_some(),
+                })
+            }
+        }
         let tag = self
             .tag(
                 self.my_node.as_bytes(),
@@ -342,6 +452,11 @@ impl Authenticator {
         prefixed(receiver);
         mac.update(receiver_challenge);
         mac.update(sender_challenge);
+        // Our own view, never the peer's claim: a peer that lies about the
+        // endpoints gets past the comparison but not the tag.
+        let mut conn = BytesMut::with_capacity(39);
+        put_endpoints(&mut conn, self.conn.as_ref());
+        mac.update(&conn);
         mac
     }
 }
@@ -350,6 +465,71 @@ fn put_name(out: &mut BytesMut, name: &[u8]) {
     debug_assert!(name.len() <= MAX_NAME_LEN);
     out.put_u8(name.len() as u8);
     out.put_slice(name);
+}
+
+fn put_endpoints(out: &mut BytesMut, conn: Option<&Endpoints>) {
+    let Some(conn) = conn else {
+        out.put_u8(0);
+        return;
+    };
+    out.put_u8(1);
+    for addr in [conn.dialer, conn.acceptor] {
+        match addr.ip() {
+            IpAddr::V4(ip) => {
+                out.put_u8(4);
+                out.put_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                out.put_u8(6);
+                out.put_slice(&ip.octets());
+            }
+        }
+        out.put_u16(addr.port());
+    }
+}
+
+/// Parses [`put_endpoints`]' output at `input[*at..]`; `Ok(None)` while
+/// incomplete, `Ok(Some(None))` for "not bound".
+fn parse_endpoints(input: &[u8], at: &mut usize) -> Result<Option<Option<Endpoints>>, AuthError> {
+    let Some(&bound) = input.get(*at) else {
+        return Ok(None);
+    };
+    let mut pos = *at + 1;
+    let conn = match bound {
+        0 => None,
+        1 => {
+            let mut addrs = [SocketAddr::from(([0, 0, 0, 0], 0)); 2];
+            for addr in &mut addrs {
+                let ip_len = match input.get(pos) {
+                    None => return Ok(None),
+                    Some(4) => 4,
+                    Some(6) => 16,
+                    Some(_) => return Err(AuthError::Malformed("bad address family")),
+                };
+                let Some(bytes) = input.get(pos + 1..pos + 1 + ip_len + 2) else {
+                    return Ok(None);
+                };
+                let (ip_bytes, port) = bytes.split_at(ip_len);
+                let ip = match <[u8; 4]>::try_from(ip_bytes) {
+                    Ok(v4) => IpAddr::V4(Ipv4Addr::from(v4)),
+                    Err(_) => {
+                        let mut v6 = [0u8; 16];
+                        v6.copy_from_slice(ip_bytes);
+                        IpAddr::V6(Ipv6Addr::from(v6))
+                    }
+                };
+                *addr = SocketAddr::new(ip, u16::from_be_bytes([port[0], port[1]]));
+                pos += 1 + ip_len + 2;
+            }
+            Some(Endpoints {
+                dialer: addrs[0],
+                acceptor: addrs[1],
+            })
+        }
+        _ => return Err(AuthError::Malformed("bad connection binding flag")),
+    };
+    *at = pos;
+    Ok(Some(conn))
 }
 
 fn random_challenge() -> io::Result<[u8; CHALLENGE_LEN]> {
@@ -386,6 +566,7 @@ struct ChallengeFrame {
     resource: Vec<u8>,
     node: Vec<u8>,
     challenge: [u8; CHALLENGE_LEN],
+    conn: Option<Endpoints>,
     consumed: usize,
 }
 
@@ -418,10 +599,15 @@ fn parse_challenge(input: &[u8]) -> Result<Option<ChallengeFrame>, AuthError> {
     };
     let mut fixed = [0u8; CHALLENGE_LEN];
     fixed.copy_from_slice(challenge);
+    at += CHALLENGE_LEN;
+    let Some(conn) = parse_endpoints(input, &mut at)? else {
+        return Ok(None);
+    };
     Ok(Some(ChallengeFrame {
         resource,
         node,
         challenge: fixed,
-        consumed: at + CHALLENGE_LEN,
+        conn,
+        consumed: at,
     }))
 }

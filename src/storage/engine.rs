@@ -550,8 +550,9 @@ impl Disk {
     }
 
     /// Allocation status of `[offset, offset + len)`, as consecutive extents covering exactly
-    /// that range. Files: SEEK_DATA/SEEK_HOLE (holes read as zeros). Block devices: one data
-    /// extent. Blocks briefly in lseek.
+    /// that range, or its front when it has more than [`MAX_FILE_EXTENTS`]. Files:
+    /// SEEK_DATA/SEEK_HOLE (holes read as zeros). Block devices: one data extent. Blocks
+    /// briefly in lseek.
     pub fn block_status(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         let end = offset
             .checked_add(len)
@@ -712,16 +713,22 @@ fn seek(file: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
 }
 
 /// Data and hole extents of a regular file over `[offset, end)`.
+/// Most extents [`Engine::block_status`] returns for a file: with more, the
+/// answer covers only the front of the range (NBD lets a BLOCK_STATUS reply
+/// describe less than was asked), so one request costs at most about twice
+/// as many `lseek` calls.
+pub const MAX_FILE_EXTENTS: usize = 1024;
+
 fn file_extents(file: &File, offset: u64, end: u64) -> io::Result<Vec<Extent>> {
     let mut extents: Vec<Extent> = Vec::new();
-    let mut push = |extent: Extent| match extents.last_mut() {
+    let push = |extents: &mut Vec<Extent>, extent: Extent| match extents.last_mut() {
         Some(last) if last.hole == extent.hole => last.len += extent.len,
         _ => extents.push(extent),
     };
     let mut pos = offset;
     // Each round covers at least one byte, so this terminates; the bound is belt and braces.
     for _ in 0..1_000_000 {
-        if pos >= end {
+        if pos >= end || extents.len() > MAX_FILE_EXTENTS {
             break;
         }
         let data_start = match seek(file, pos, libc::SEEK_DATA) {
@@ -734,19 +741,23 @@ fn file_extents(file: &File, offset: u64, end: u64) -> io::Result<Vec<Extent>> {
             Err(err) => return Err(err),
         };
         if data_start > pos {
-            push(hole_extent(data_start - pos));
+            push(&mut extents, hole_extent(data_start - pos));
             pos = data_start;
             continue;
         }
         let hole_start = seek(file, pos, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
         let hole_start = hole_start.max(pos + 1);
-        push(data_extent(hole_start - pos));
+        push(&mut extents, data_extent(hole_start - pos));
         pos = hole_start;
     }
-    if pos < end {
-        push(data_extent(end - pos));
+    if extents.len() > MAX_FILE_EXTENTS {
+        // Capped: the last extent may still grow, so it is not reported.
+        extents.truncate(MAX_FILE_EXTENTS);
+    } else if pos < end {
+        push(&mut extents, data_extent(end - pos));
     }
-    debug_assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), end - offset);
+    debug_assert!(!extents.is_empty() && extents.len() <= MAX_FILE_EXTENTS);
+    debug_assert!(extents.iter().map(|e| e.len).sum::<u64>() <= end - offset);
     Ok(extents)
 }
 

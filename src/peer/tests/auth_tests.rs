@@ -3,11 +3,34 @@
 use bytes::{BufMut, BytesMut};
 use proptest::prelude::*;
 
+use std::net::SocketAddr;
+
 use crate::peer::auth::{AUTH_MAGIC, CHALLENGE_LEN};
 use crate::peer::*;
 
+const ALPHA: &str = "10.231.1.1:7789";
+const BETA: &str = "10.231.2.1:7789";
+const RELAY_A: &str = "10.231.1.9:40000";
+const RELAY_B: &str = "10.231.2.9:40001";
+
+fn addr(a: &str) -> SocketAddr {
+    a.parse().expect("address")
+}
+
+/// The connection as `node` sees it when alpha dialed beta directly.
+fn direct(node: &str) -> Option<Endpoints> {
+    Some(match node {
+        "alpha" => Endpoints::seen_from(addr("10.231.1.1:40000"), addr(BETA), true),
+        _ => Endpoints::seen_from(addr(BETA), addr("10.231.1.1:40000"), false),
+    })
+}
+
 fn side(secret: &[u8], node: &str, resource: &str) -> Authenticator {
-    Authenticator::new(secret, node, resource).expect("authenticator")
+    Authenticator::new(secret, node, resource, direct(node)).expect("authenticator")
+}
+
+fn side_on(node: &str, conn: Option<Endpoints>) -> Authenticator {
+    Authenticator::new(b"k", node, "r0", conn).expect("authenticator")
 }
 
 /// Runs both sides against each other, delivering `chunk` bytes at a time,
@@ -137,8 +160,29 @@ fn different_resource_fails_on_both_sides() {
     assert!(text.contains("`r1`") && text.contains("`r0`"), "{text}");
 }
 
-/// Builds a challenge frame as an attacker would.
+/// Builds a challenge frame as an attacker would, stating alpha's view of
+/// the direct connection.
 fn challenge_frame(resource: &str, node: &str, challenge: &[u8; CHALLENGE_LEN]) -> BytesMut {
+    let mut f = challenge_head(resource, node, challenge);
+    put_conn(&mut f, direct("alpha").expect("bound"));
+    f
+}
+
+/// The wire form of a bound connection (IPv4 test addresses).
+fn put_conn(f: &mut BytesMut, conn: Endpoints) {
+    f.put_u8(1);
+    for a in [conn.dialer, conn.acceptor] {
+        let std::net::IpAddr::V4(ip) = a.ip() else {
+            unreachable!("test addresses are IPv4")
+        };
+        f.put_u8(4);
+        f.put_slice(&ip.octets());
+        f.put_u16(a.port());
+    }
+}
+
+/// A challenge frame up to the challenge, without the connection.
+fn challenge_head(resource: &str, node: &str, challenge: &[u8; CHALLENGE_LEN]) -> BytesMut {
     let mut f = BytesMut::new();
     f.put_u32(AUTH_MAGIC);
     f.put_u8(1);
@@ -279,9 +323,9 @@ fn non_auth_input_is_refused_early() {
 
 #[test]
 fn names_must_fit_and_challenges_are_random() {
-    assert!(Authenticator::new(b"k", "", "r0").is_err());
-    assert!(Authenticator::new(b"k", "alpha", &"r".repeat(256)).is_err());
-    assert!(Authenticator::new(b"k", &"n".repeat(255), "r0").is_ok());
+    assert!(Authenticator::new(b"k", "", "r0", None).is_err());
+    assert!(Authenticator::new(b"k", "alpha", &"r".repeat(256), None).is_err());
+    assert!(Authenticator::new(b"k", &"n".repeat(255), "r0", None).is_ok());
     let (mut x, mut y) = (BytesMut::new(), BytesMut::new());
     side(b"k", "alpha", "r0").take_output(&mut x);
     side(b"k", "alpha", "r0").take_output(&mut y);
@@ -299,10 +343,170 @@ fn debug_output_does_not_show_the_secret() {
     );
 }
 
+/// What alpha and beta see when a relay connected to both their peer ports.
+fn relayed_views() -> (Endpoints, Endpoints) {
+    (
+        Endpoints::seen_from(addr(ALPHA), addr(RELAY_A), false),
+        Endpoints::seen_from(addr(BETA), addr(RELAY_B), false),
+    )
+}
+
+#[test]
+fn direct_connection_gives_both_sides_the_same_view() {
+    let (a, b) = (direct("alpha"), direct("beta"));
+    assert_eq!(a, b);
+    // An IPv4-mapped address (dual-stack listener) is the same connection.
+    let mapped = Endpoints::seen_from(
+        addr("[::ffff:10.231.2.1]:7789"),
+        addr("[::ffff:10.231.1.1]:40000"),
+        false,
+    );
+    assert_eq!(Some(mapped), a);
+    let mut x = side_on("alpha", a);
+    let mut y = side_on("beta", Some(mapped));
+    assert_eq!(run(&mut x, &mut y, 5), (done("beta"), done("alpha")));
+}
+
+#[test]
+fn relayed_connection_is_refused_by_both_before_either_answers() {
+    // The relay connected to both peer ports and pipes the two connections.
+    let (va, vb) = relayed_views();
+    let mut a = side_on("alpha", Some(va));
+    let mut b = side_on("beta", Some(vb));
+    let mut a_out = BytesMut::new();
+    let mut b_out = BytesMut::new();
+    a.take_output(&mut a_out);
+    b.take_output(&mut b_out);
+    let (ra, rb) = (a.feed(&mut b_out), b.feed(&mut a_out));
+    assert_eq!(
+        ra,
+        Err(AuthError::Relayed {
+            ours: Box::new(va),
+            theirs: Box::new(vb)
+        })
+    );
+    assert_eq!(
+        rb,
+        Err(AuthError::Relayed {
+            ours: Box::new(vb),
+            theirs: Box::new(va)
+        })
+    );
+    // No response (no tag) went to the relay.
+    assert!(!a.has_output() && !b.has_output());
+    let text = ra.unwrap_err().to_string();
+    assert!(
+        text.contains("relayed") && text.contains(RELAY_A) && text.contains(BETA),
+        "{text}"
+    );
+    // The same when the relay takes both nodes' dials instead.
+    let va = Endpoints::seen_from(addr("10.231.1.1:40000"), addr("10.231.1.9:7789"), true);
+    let vb = Endpoints::seen_from(addr("10.231.2.1:40000"), addr("10.231.2.9:7789"), true);
+    let mut a = side_on("alpha", Some(va));
+    let mut b = side_on("beta", Some(vb));
+    let (ra, rb) = run(&mut a, &mut b, 7);
+    assert!(matches!(ra, Err(AuthError::Relayed { .. })), "{ra:?}");
+    assert!(matches!(rb, Err(AuthError::Relayed { .. })), "{rb:?}");
+}
+
+#[test]
+fn relay_that_rewrites_the_stated_endpoints_fails_on_the_tags() {
+    // The relay makes each side's challenge state the other side's view: the
+    // comparison passes, but each tag covers its sender's true view.
+    let (va, vb) = relayed_views();
+    let mut a = side_on("alpha", Some(va));
+    let mut b = side_on("beta", Some(vb));
+    let rewrite = |out: &BytesMut, node: &str, view: Endpoints| {
+        let head = 4 + 1 + 1 + 2 + 1 + node.len() + CHALLENGE_LEN;
+        let mut f = BytesMut::from(&out[..head]);
+        put_conn(&mut f, view);
+        f
+    };
+    let (mut a_out, mut b_out) = (BytesMut::new(), BytesMut::new());
+    a.take_output(&mut a_out);
+    b.take_output(&mut b_out);
+    let mut to_b = rewrite(&a_out, "alpha", vb);
+    let mut to_a = rewrite(&b_out, "beta", va);
+    assert_eq!(a.feed(&mut to_a), Ok(AuthStep::NeedMore));
+    assert_eq!(b.feed(&mut to_b), Ok(AuthStep::NeedMore));
+    let (mut a_resp, mut b_resp) = (BytesMut::new(), BytesMut::new());
+    a.take_output(&mut a_resp);
+    b.take_output(&mut b_resp);
+    assert_eq!(a.feed(&mut b_resp), Err(AuthError::WrongSecret));
+    assert_eq!(b.feed(&mut a_resp), Err(AuthError::WrongSecret));
+}
+
+#[test]
+fn response_from_another_connection_is_refused() {
+    // Reflection across connections: a tag alpha made on one connection
+    // (as if from beta's seat, by naming the attacker `beta`) does not
+    // verify on another one, even with every other input equal.
+    let other = Endpoints::seen_from(addr("10.231.1.1:40002"), addr(BETA), true);
+    let mk = |conn| {
+        Authenticator::with_challenge(b"k", "alpha", "r0", Some(conn), [3u8; CHALLENGE_LEN])
+            .expect("authenticator")
+    };
+    let mut beta =
+        Authenticator::with_challenge(b"k", "beta", "r0", Some(other), [9u8; CHALLENGE_LEN])
+            .expect("authenticator");
+    // beta's genuine response on the other connection, to a challenge of alpha's...
+    let mut a_other = mk(other);
+    let mut a_other_out = BytesMut::new();
+    a_other.take_output(&mut a_other_out);
+    assert_eq!(beta.feed(&mut a_other_out), Ok(AuthStep::NeedMore));
+    let mut recorded = BytesMut::new();
+    beta.take_output(&mut recorded);
+    // ...replayed to alpha on this connection, whose challenge is the same:
+    // only the connection differs, and that is enough.
+    let mut a = mk(direct("alpha").expect("bound"));
+    let head = 4 + 1 + 1 + 2 + 1 + 4 + CHALLENGE_LEN;
+    let mut input = BytesMut::from(&recorded[..head]);
+    put_conn(&mut input, direct("alpha").expect("bound"));
+    input.extend_from_slice(&recorded[recorded.len() - 37..]);
+    assert_eq!(a.feed(&mut input), Err(AuthError::WrongSecret));
+}
+
+#[test]
+fn binding_must_be_on_both_sides_or_neither() {
+    let mut a = side_on("alpha", direct("alpha"));
+    let mut b = side_on("beta", None);
+    let (ra, rb) = run(&mut a, &mut b, 1000);
+    assert_eq!(ra, Err(AuthError::BindingMismatch { ours_bound: true }));
+    assert_eq!(rb, Err(AuthError::BindingMismatch { ours_bound: false }));
+    assert!(ra
+        .unwrap_err()
+        .to_string()
+        .contains("insecure-allow-relay is set on the peer only"));
+    // Neither binds (both opted out): a relay passes, as documented.
+    let mut a = side_on("alpha", None);
+    let mut b = side_on("beta", None);
+    assert_eq!(run(&mut a, &mut b, 1000), (done("beta"), done("alpha")));
+}
+
+#[test]
+fn version_1_peer_is_told_apart() {
+    let mut a = side(b"k", "alpha", "r0");
+    let mut f = BytesMut::new();
+    f.put_u32(0x6e6d_6131);
+    let e = a.feed(&mut f).unwrap_err();
+    assert!(e.to_string().contains("version 1"), "{e}");
+}
+
+#[test]
+fn malformed_connection_fields_are_refused() {
+    for (flag, family) in [(2u8, 4u8), (1, 5)] {
+        let mut a = side(b"k", "alpha", "r0");
+        let mut f = challenge_head("r0", "beta", &[1u8; CHALLENGE_LEN]);
+        f.put_u8(flag);
+        f.put_u8(family);
+        assert!(matches!(a.feed(&mut f), Err(AuthError::Malformed(_))));
+    }
+}
+
 proptest! {
     #[test]
     fn garbage_input_never_panics(data in proptest::collection::vec(any::<u8>(), 0..400), chunk in 1usize..50) {
-        let mut a = Authenticator::with_challenge(b"k", "alpha", "r0", [3u8; CHALLENGE_LEN])
+        let mut a = Authenticator::with_challenge(b"k", "alpha", "r0", direct("alpha"), [3u8; CHALLENGE_LEN])
             .expect("authenticator");
         let mut input = BytesMut::new();
         for piece in data.chunks(chunk) {
@@ -320,7 +524,7 @@ proptest! {
         tag in any::<[u8; 32]>(),
     ) {
         prop_assume!(node != "alpha");
-        let mut a = Authenticator::with_challenge(b"k", "alpha", "r0", [3u8; CHALLENGE_LEN])
+        let mut a = Authenticator::with_challenge(b"k", "alpha", "r0", direct("alpha"), [3u8; CHALLENGE_LEN])
             .expect("authenticator");
         let mut input = challenge_frame("r0", &node, &challenge);
         input.put_u32(AUTH_MAGIC);

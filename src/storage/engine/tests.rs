@@ -590,6 +590,27 @@ fn block_status_reports_data_and_holes() {
 }
 
 #[test]
+fn block_status_of_a_fragmented_file_is_capped() {
+    // 4 KiB of data every 8 KiB over 16 MiB: 4096 extents, more than the cap.
+    let (_f, disk) = open_disk(BOTH[0], 16 * MIB, false);
+    for i in 0..2048u64 {
+        write(&disk, i * 8192, &pattern(i, 4096));
+    }
+    run_sync(&disk, DiskOp::Flush).expect("flush");
+    let status = disk.block_status(0, 16 * MIB).expect("status");
+    let covered: u64 = status.iter().map(|e| e.len).sum();
+    assert!(status.len() <= MAX_FILE_EXTENTS, "{} extents", status.len());
+    if status.len() > 1 {
+        // The file system reports holes at 4 KiB: the answer is the front only.
+        assert_eq!(status.len(), MAX_FILE_EXTENTS);
+        assert_eq!(covered, MAX_FILE_EXTENTS as u64 * 4096);
+        assert!(!status[0].hole && status[1].hole);
+    } else {
+        assert_eq!(covered, 16 * MIB);
+    }
+}
+
+#[test]
 fn direct_io_aligns_and_rejects_misaligned() {
     for engine in BOTH {
         let (_f, disk) = open_disk(engine, 4 * MIB, true);
