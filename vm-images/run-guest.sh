@@ -180,7 +180,7 @@ start_qemu() {
     local kernel=${image%.img}.vmlinuz initrd=${image%.img}.initrd args i
     [ -f "$kernel" ] && [ -f "$initrd" ] || die "no $kernel / $initrd next to the image (rebuild it: build-image.sh)"
     # shellcheck disable=SC2054 # commas belong to QEMU options
-    args=(-name "$name" -machine pc,accel=tcg -smp "${VM_QEMU_SMP:-2}" -m "$mem"
+    args=(-name "$name" -machine pc,accel=tcg -smp "${VM_QEMU_SMP:-1}" -m "$mem"
           -nodefaults -no-user-config -display none -monitor none -serial stdio -no-reboot
           -pidfile "$rundir/qemu.pid"
           -kernel "$kernel" -initrd "$initrd"

@@ -72,7 +72,9 @@ start_daemon_status() {
 # wins (as drbdadm primary --force), a full sync to beta follows.
 initial_sync() {
     jq -e '.disk == "inconsistent"' "$S/status-started.json" >/dev/null
-    if [ "$node" = alpha ]; then ctl primary --force; fi
+    # mirrorctl refuses while the peer link is still in its handshake ("try
+    # again in a moment"), which a slow (TCG) guest can still be in here.
+    if [ "$node" = alpha ]; then wait_until "$(scaled 30)" ctl primary --force; fi
     ctl wait-sync --timeout "$(scaled 240)"
     ctl status --json | tee "$S/status-synced.json"
     jq -e '.disk == "up-to-date" and .out_of_sync_bytes == 0 and .peer.connection == "connected"
@@ -115,11 +117,13 @@ EOF
     # Shorter than the defaults (31 -> 60 s, 30 s) so a dead node is declared
     # dead sooner; the same on both nodes (o2net checks). The heartbeat write
     # timeout equals the dead time (30 s), well above mirrord's peer timeout.
+    # Both scale with the backend's slowness (x4 under QEMU: a TCG guest on a
+    # busy host can get no CPU for tens of seconds).
     local c=/sys/kernel/config/cluster/vmc
-    echo 16 >"$c/heartbeat/dead_threshold"
+    echo "$(scaled 16)" >"$c/heartbeat/dead_threshold"
     echo 2000 >"$c/keepalive_delay_ms"
     echo 2000 >"$c/reconnect_delay_ms"
-    echo 15000 >"$c/idle_timeout_ms"
+    echo "$(scaled 15)000" >"$c/idle_timeout_ms"
     grep -H . "$c/heartbeat/dead_threshold" "$c/idle_timeout_ms"
 }
 # A replicated discard of a bounded range completes and keeps the peer link.
