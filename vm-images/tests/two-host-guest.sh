@@ -62,7 +62,12 @@ setup() {
     journalctl --no-pager -f -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" \
         >>"$S/mirrord-live.log" 2>&1 &
 }
-ping_peer() { ping -c 3 -W 2 "$peer_ip"; }
+# The other guest may still be booting (boot times differ by tens of
+# seconds under QEMU): wait for its first answer.
+ping_peer() {
+    wait_until "$(scaled 60)" ping -c 1 -W 2 "$peer_ip" >/dev/null
+    ping -c 3 -W 2 "$peer_ip"
+}
 create_md_dump() { create_md; ctl dump-md >"$S/dump-md-created.json"; }
 start_daemon_status() {
     start_daemon
