@@ -12,7 +12,7 @@
 #                    of the root for the QEMU backend, so the host needs no
 #                    kernel package. Key: this script's base functions,
 #                    packages.txt, the host's apt sources, the user-mode-linux
-#                    package version.                              (~1-2 min)
+#                    package version.       (~4 min on a busy 2-core host)
 #   image-<key>.img  ext4 image made with `mkfs.ext4 -d` (no loop mounts) from the
 #                    base plus mirrord/mirrorctl, tools/systemd units and the guest
 #                    helpers in vm-images/guest. Key: base key + those files. (~10 s)
@@ -103,7 +103,7 @@ initramfs_setup_hook() {
 }
 
 # Debian's kernel modules, less the hardware a virtio guest never has (GPU,
-# sound, media, wireless, USB, real NICs...): about 400 MB less.
+# sound, media, wireless, USB, real NICs...): about 300 MB less.
 trim_kernel_modules() {
     local root=$1 d kver
     for d in "$root"/lib/modules/*/kernel; do

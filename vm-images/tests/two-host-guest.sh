@@ -3,12 +3,12 @@
 # Kernel command line:
 #   vm.node=alpha|beta   this node (alpha is o2cb node 0 and the initial sync source)
 #   vm.ip=ADDR/PREFIX    address on the guest link (NIC 0: vm_nic 0)
-# /mnt/common: a host folder both guests mount (run-guest.sh --mount): config,
-# secret, barriers, checksums, markers for the host.
 #   vm.phase=first|rejoin
 #       first:  alpha runs the whole test in one boot; beta runs up to the
 #               power cut (the host SIGKILLs its guest)
 #       rejoin: beta's second boot on the same disk: resync, remount, checks
+# /mnt/common: a host folder both guests mount (run-guest.sh --mount): config,
+# secret, barriers, checksums, markers for the host.
 #
 # Every step appends "ok NAME SECONDS" or "FAIL NAME" to /mnt/host/result; the
 # first failure ends the script (non-zero) and leaves a "NODE.failed" marker
