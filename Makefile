@@ -29,7 +29,8 @@ PYTHON := /usr/bin/python3
 export MIRRORD_BIN
 export MIRRORCTL_BIN
 
-SHELL_SCRIPTS := $(wildcard tools/*.sh tools/bench/*.sh .ci/run)
+SHELL_SCRIPTS := $(wildcard tools/*.sh tools/bench/*.sh .ci/run vm-images/*.sh vm-images/lib/*.sh \
+	vm-images/tests/*.sh vm-images/guest/vm-init vm-images/guest/vm-run)
 PY_SCRIPTS := $(wildcard tests/clients/*.py tools/bench/*.py)
 
 .PHONY: all build deps test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz

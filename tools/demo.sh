@@ -4,6 +4,9 @@
 # files shown identical, both nodes' status printed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ME=demo
+# shellcheck source=vm-images/lib/host.sh
+. vm-images/lib/host.sh
 
 BIN=${BIN:-target/release}
 MIRRORD=$BIN/mirrord
@@ -17,34 +20,16 @@ done
 command -v nbdcopy >/dev/null || { echo "demo: nbdcopy missing (run tools/install-deps.sh)" >&2; exit 1; }
 
 DIR=$(mktemp -d /tmp/nbd-mirror-demo.XXXXXX)
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PA=$(free_port); PB=$(free_port)
 # The config is written below; with a path, gen-secret does not read it.
 "$MIRRORCTL" --config "$DIR/r0.toml" gen-secret "$DIR/r0.secret"
 
-cat > "$DIR/r0.toml" <<TOML
-[resource]
-name = "r0"
-protocol = "C"
-shared-secret-file = "$DIR/r0.secret"
-
-[sync]
-rate = "1GiB"
-
-[[node]]
-name = "alpha"
-address = "127.0.0.1:$PA"
-disk = "$DIR/alpha.img"
-meta-disk = "internal"
-run-dir = "$DIR/run-alpha"
-
-[[node]]
-name = "beta"
-address = "127.0.0.1:$PB"
-disk = "$DIR/beta.img"
-meta-disk = "internal"
-run-dir = "$DIR/run-beta"
-TOML
+{
+    toml_table resource name=r0 protocol=C shared-secret-file="$DIR/r0.secret"
+    toml_table sync rate=1GiB
+    toml_node alpha "127.0.0.1:$PA" "$DIR/alpha.img" internal run-dir="$DIR/run-alpha"
+    toml_node beta "127.0.0.1:$PB" "$DIR/beta.img" internal run-dir="$DIR/run-beta"
+} > "$DIR/r0.toml"
 
 step() { printf '\n==> %s\n' "$*"; }
 ctl() { "$MIRRORCTL" --config "$DIR/r0.toml" --node "$@"; }

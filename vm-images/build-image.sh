@@ -4,13 +4,20 @@
 #   vm-images/build-image.sh            build (or reuse) the image; print its path
 #
 # Two cached layers under $VM_CACHE (default: <repo>/.cache/vm):
-#   base-<key>.tar   Debian bookworm root from mmdebstrap (minbase + packages.txt),
-#                    docs and locales stripped, UML kernel modules added.
-#                    Key: this script, packages.txt, the host's apt sources, the
-#                    user-mode-linux package version.               (~1 min)
+#   base-<key>.tar   Debian bookworm root from mmdebstrap (minbase + packages.txt +
+#                    linux-image-amd64), docs and locales stripped, UML kernel
+#                    modules added. Next to it base-<key>.vmlinuz and
+#                    base-<key>.initrd: Debian's kernel and a small initramfs
+#                    (initramfs-tools, MODULES=list: virtio, 9p, ext4) taken out
+#                    of the root for the QEMU backend, so the host needs no
+#                    kernel package. Key: this script's base functions,
+#                    packages.txt, the host's apt sources, the user-mode-linux
+#                    package version.       (~4 min on a busy 2-core host)
 #   image-<key>.img  ext4 image made with `mkfs.ext4 -d` (no loop mounts) from the
 #                    base plus mirrord/mirrorctl, tools/systemd units and the guest
 #                    helpers in vm-images/guest. Key: base key + those files. (~10 s)
+#   image-<key>.vmlinuz, image-<key>.initrd: hard links to the base's kernel
+#                    files, so run-guest.sh finds them next to the image.
 # A layer is rebuilt only when its key changes. Old layers are pruned.
 #
 # Environment:
@@ -54,6 +61,9 @@ uml_kernel_release() {
     basename "$d"
 }
 
+# Debian's own kernel for the QEMU backend (its postinst builds the initramfs).
+KERNEL_PACKAGES=linux-image-amd64,initramfs-tools
+
 packages() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$here/packages.txt" | grep -v '^$' | paste -sd, -; }
 
 find_bin() {
@@ -70,14 +80,51 @@ find_bin() {
 }
 
 # --- base layer ---------------------------------------------------------------
+# Modules the QEMU guest's initramfs loads before it mounts the root (Debian's
+# 6.1 kernel builds these as modules): virtio bus, disks, network, the 9p host
+# share, ext4.
+INITRD_MODULES="virtio_pci virtio_blk virtio_net virtio_console 9pnet_virtio 9p ext4 crc32c_generic"
+
+# Written before the kernel package is installed, so its postinst builds the
+# small initramfs right away: only the listed modules (MODULES=list), no
+# resume device, and nbd-client's hooks diverted (they add the nbd module,
+# nbd-client and every network driver to the initrd; the guests attach NBD
+# devices after boot). The diverted names end in "~vm": mkinitramfs skips
+# hook files whose names have characters other than letters, digits, ._-.
+initramfs_setup_hook() {
+    local root=$1 f
+    mkdir -p "$root/etc/initramfs-tools/conf.d" "$root/usr/share/initramfs-tools/modules.d"
+    printf 'MODULES=list\nRESUME=none\nCOMPRESS=zstd\n' >"$root/etc/initramfs-tools/conf.d/vm.conf"
+    printf '%s\n' $INITRD_MODULES >"$root/usr/share/initramfs-tools/modules.d/vm"
+    for f in hooks/nbd hooks/nbd-client scripts/local-top/nbd; do
+        chroot "$root" dpkg-divert --quiet --local --rename \
+            --divert "/usr/share/initramfs-tools/$f~vm" --add "/usr/share/initramfs-tools/$f"
+    done
+}
+
+# Debian's kernel modules, less the hardware a virtio guest never has (GPU,
+# sound, media, wireless, USB, real NICs...): about 300 MB less.
+trim_kernel_modules() {
+    local root=$1 d kver
+    for d in "$root"/lib/modules/*/kernel; do
+        kver=$(basename "$(dirname "$d")")
+        rm -rf "$d/sound" "$d/net/wireless" "$d/net/mac80211" "$d/net/bluetooth"
+        find "$d/drivers" -mindepth 1 -maxdepth 1 \
+            ! -name block ! -name md ! -name virtio ! -name char ! -name net -exec rm -rf {} +
+        find "$d/drivers/net" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +
+        chroot "$root" depmod -a "$kver"
+    done
+}
+
 build_base() {
-    local out=$1 kver=$2 t0 tmp
+    local out=$1 kver=$2 t0 tmp stem
     t0=$(now)
     tmp="$out.tmp.$$"
-    log "mmdebstrap bookworm minbase + $(packages)"
+    stem=${out%.tar}
+    log "mmdebstrap bookworm minbase + $(packages),$KERNEL_PACKAGES"
     # --dpkgopt path-exclude keeps docs, man pages and locales out of the root.
-    timeout 900 mmdebstrap --mode=root --variant=minbase --format=tar \
-        --include="$(packages)" \
+    timeout 1200 mmdebstrap --mode=root --variant=minbase --format=tar \
+        --include="$(packages),$KERNEL_PACKAGES" \
         --dpkgopt='path-exclude=/usr/share/doc/*' \
         --dpkgopt='path-include=/usr/share/doc/*/copyright' \
         --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -85,11 +132,29 @@ build_base() {
         --dpkgopt='path-exclude=/usr/share/locale/*' \
         --dpkgopt='path-include=/usr/share/locale/locale.alias' \
         --dpkgopt='path-exclude=/usr/share/lintian/*' \
+        --essential-hook="$(declare -f initramfs_setup_hook); INITRD_MODULES='$INITRD_MODULES'; initramfs_setup_hook \"\$1\"" \
+        --customize-hook="$(declare -f trim_kernel_modules); trim_kernel_modules \"\$1\"" \
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/cache/debconf/*-old' \
         --customize-hook="mkdir -p \"\$1\"/lib/modules && cp -a /usr/lib/uml/modules/$kver \"\$1\"/lib/modules/" \
         bookworm "$tmp" "$sources" >&2 || { rm -f "$tmp"; die "mmdebstrap failed"; }
+    # Debian's kernel and its initramfs, for the QEMU backend.
+    extract_kernel "$tmp" "$stem" || { rm -f "$tmp"; die "no kernel or initrd in the base root"; }
     mv "$tmp" "$out"
-    log "base root built in $(elapsed "$t0") s ($(du -h "$out" | cut -f1))"
+    log "base root built in $(elapsed "$t0") s ($(du -h "$out" | cut -f1); kernel $(du -h "$stem.vmlinuz" | cut -f1), initrd $(du -h "$stem.initrd" | cut -f1))"
+}
+
+# extract_kernel TAR STEM: boot/vmlinuz-* and boot/initrd.img-* out of the
+# root tar into STEM.vmlinuz and STEM.initrd.
+extract_kernel() {
+    local tar=$1 stem=$2 dir v i
+    dir=$(mktemp -d "$cache/boot.XXXXXX")
+    tar -C "$dir" -xf "$tar" --wildcards './boot/vmlinuz-*' './boot/initrd.img-*' || { rm -rf "$dir"; return 1; }
+    v=$(find "$dir/boot" -name 'vmlinuz-*' | sort | tail -n 1)
+    i=$(find "$dir/boot" -name 'initrd.img-*' | sort | tail -n 1)
+    [ -n "$v" ] && [ -n "$i" ] || { rm -rf "$dir"; return 1; }
+    mv "$v" "$stem.vmlinuz"
+    mv "$i" "$stem.initrd"
+    rm -rf "$dir"
 }
 
 # --- image layer --------------------------------------------------------------
@@ -99,7 +164,8 @@ configure_root() {
     local root=$1
     echo vmguest >"$root/etc/hostname"
     printf '127.0.0.1 localhost\n127.0.1.1 vmguest\n' >"$root/etc/hosts"
-    printf '/dev/ubda / ext4 rw,noatime 0 1\n' >"$root/etc/fstab"
+    # /dev/root: UML's ubda and QEMU's vda alike (no udev link needed).
+    printf '/dev/root / ext4 rw,noatime 0 0\n' >"$root/etc/fstab"
     : >"$root/etc/machine-id"
     passwd -R "$root" -d root >/dev/null 2>&1 || sed -i 's/^root:[^:]*:/root::/' "$root/etc/shadow"
     mkdir -p "$root/mnt/host" "$root/etc/nbd-mirror" "$root/var/lib/nbd-mirror"
@@ -158,16 +224,29 @@ build_image() {
     # shellcheck disable=SC2064
     trap "rm -rf '$root' '$tmp'" EXIT
     tar -C "$root" --numeric-owner -xpf "$base"
+    # The kernel and initramfs are used from outside the image (next to it).
+    rm -rf "${root:?}"/boot/*
     configure_root "$root"
     install_payload "$root"
     # Used space plus 256 MiB of room for logs and test files (runs use a COW
     # overlay, so the image itself is never written).
     size_mb=$(( $(du -sm "$root" | cut -f1) + 256 ))
     mkfs.ext4 -q -F -L vmroot -d "$root" "$tmp" "${size_mb}M" >&2 || die "mkfs.ext4 -d failed"
+    ln -f "${base%.tar}.vmlinuz" "${out%.img}.vmlinuz"
+    ln -f "${base%.tar}.initrd" "${out%.img}.initrd"
     mv "$tmp" "$out"
     rm -rf "$root"
     trap - EXIT
     log "image built in $(elapsed "$t0") s (${size_mb} MiB)"
+}
+
+# prune_layers KIND EXT CURRENT KEEP: delete all but CURRENT and the KEEP
+# newest other KIND-*EXT files, with their .vmlinuz/.initrd.
+prune_layers() {
+    local kind=$1 ext=$2 current=$3 keep=$4 f
+    find "$cache" -maxdepth 1 -name "$kind-*$ext" ! -name "$(basename "$current")" -printf '%T@ %p\n' |
+        sort -rn | tail -n +$((keep + 1)) | cut -d' ' -f2- |
+        while read -r f; do rm -f "$f" "${f%"$ext"}.vmlinuz" "${f%"$ext"}.initrd"; done
 }
 
 main() {
@@ -177,11 +256,16 @@ main() {
     mkdir -p "$cache"
     kver=$(uml_kernel_release)
     # The base key covers the code that builds the base, not the whole script.
-    base_key=$( { declare -f build_base packages; cat "$here/packages.txt" "$sources";
+    base_key=$( { declare -f build_base packages initramfs_setup_hook trim_kernel_modules extract_kernel;
+                  echo "$KERNEL_PACKAGES $INITRD_MODULES"; cat "$here/packages.txt" "$sources";
                   dpkg-query -W -f='${Version}\n' user-mode-linux; echo "$kver"; } |
                 sha256sum | cut -c1-16)
     base="$cache/base-$base_key.tar"
-    if [ -f "$base" ]; then log "base root cached: $base"; else build_base "$base" "$kver"; fi
+    if [ -f "$base" ] && [ -f "${base%.tar}.vmlinuz" ] && [ -f "${base%.tar}.initrd" ]; then
+        log "base root cached: $base"
+    else
+        build_base "$base" "$kver"
+    fi
 
     if [ "${VM_NO_BINARIES:-0}" = 1 ]; then
         MIRRORD=; MIRRORCTL=
@@ -195,13 +279,16 @@ main() {
                    [ -n "$MIRRORD" ] && cat "$MIRRORD" "$MIRRORCTL"; true; } |
                  sha256sum | cut -c1-16)
     image="$cache/image-$image_key.img"
-    if [ -f "$image" ]; then log "image cached: $image"; else build_image "$base" "$image"; fi
+    if [ -f "$image" ] && [ -f "${image%.img}.vmlinuz" ] && [ -f "${image%.img}.initrd" ]; then
+        log "image cached: $image"
+    else
+        build_image "$base" "$image"
+    fi
 
     # Keep the current layers and at most the two newest others of each kind.
-    find "$cache" -maxdepth 1 -name 'image-*.img' ! -name "$(basename "$image")" -printf '%T@ %p\n' |
-        sort -rn | tail -n +3 | cut -d' ' -f2- | xargs -r rm -f
-    find "$cache" -maxdepth 1 -name 'base-*.tar' ! -name "$(basename "$base")" -printf '%T@ %p\n' |
-        sort -rn | tail -n +2 | cut -d' ' -f2- | xargs -r rm -f
+    # (A layer's kernel files go with it.)
+    prune_layers image .img "$image" 2
+    prune_layers base .tar "$base" 1
     ln -sfn "$(basename "$image")" "$cache/current.img"
     log "done in $(elapsed "$t0") s"
     echo "$image"

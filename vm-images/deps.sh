@@ -6,6 +6,7 @@ set -euo pipefail
 
 PACKAGES=(
     user-mode-linux   # linux.uml and its modules (nbd, ocfs2, o2cb, configfs)
+    qemu-system-x86   # the QEMU/TCG backend where UML does not boot (AMX hosts)
     mmdebstrap        # builds the guest root from the host's apt sources
     e2fsprogs         # mkfs.ext4 -d makes the image without loop mounts
     iproute2          # ip netns / bridge / tuntap for the two-host link

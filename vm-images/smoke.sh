@@ -1,6 +1,7 @@
 #!/bin/bash
-# make vm-smoke: one UML guest under systemd. mirrord@r0 serves a 1 GiB disk
-# (a host file given to the guest as /dev/ubdb, standalone single-[[node]]
+# make vm-smoke: one guest (UML or QEMU, see run-guest.sh) under systemd.
+# mirrord@r0 serves a 1 GiB disk (a host file, the guest's /dev/vm/disk1;
+# standalone single-[[node]]
 # config), nbd-attach@r0 attaches /dev/nbd0 with nbd-client -C 4, then fio
 # with crc32c verify, an ext4 file round trip, a daemon restart and a clean
 # stop. The guest writes per-step results to the share; this script asserts
@@ -10,13 +11,15 @@
 #   VM_SMOKE_SERVER  mirrord (default when target/*/mirrord runs) | standin
 #                    (nbdkit in the same unit shape, for developing the harness)
 #   VM_SMOKE_KEEP    =1: keep the work folder (logs, share) after success
-#   VM_TIMEOUT       guest time limit in seconds (default 300)
+#   VM_TIMEOUT       guest time limit in seconds (default 300, x4 under QEMU)
+#   VM_BACKEND       uml | qemu: force a backend (default: UML where it boots)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+ME=vm-smoke
+# shellcheck source=vm-images/lib/host.sh
+. "$here/lib/host.sh"
 fail() { echo "vm-smoke: FAIL: $*" >&2; echo "vm-smoke: logs in $work" >&2; exit 1; }
 
 t_all=$(now)
@@ -37,34 +40,26 @@ echo "vm-smoke: server: $server"
 t=$(now)
 image=$("$here/build-image.sh")
 t_image=$(since "$t")
+vm_select_backend "$image"
 
 mkdir -p "$repo/.cache/vm"
 work=$(mktemp -d "$repo/.cache/vm/smoke.XXXXXX")
 share=$work/share
 mkdir -p "$share"
 truncate -s 1G "$work/disk0.img"
-cp "$here/tests/smoke-guest.sh" "$share/test.sh"
+vm_prepare_share "$share" smoke-guest.sh
 [ "$server" = standin ] && : >"$share/standin"
-cat >"$share/r0.toml" <<'EOF'
-# Standalone resource: a single [[node]], no peer link.
-[resource]
-name = "r0"
-run-dir = "/run/nbd-mirror"
-
-[nbd]
-listen = "unix:/run/nbd-mirror/r0.nbd"
-
-[[node]]
-name = "vmguest"
-address = "127.0.0.1:7789"
-disk = "/dev/ubdb"
-meta-disk = "internal"
-EOF
+{
+    echo "# Standalone resource: a single [[node]], no peer link."
+    toml_table resource name=r0 run-dir=/run/nbd-mirror
+    toml_table nbd listen=unix:/run/nbd-mirror/r0.nbd
+    toml_node vmguest 127.0.0.1:7789 /dev/vm/disk1 internal
+} >"$share/r0.toml"
 
 t=$(now)
 set +e
 "$here/run-guest.sh" --image "$image" --share "$share" --test test.sh --disk "$work/disk0.img" \
-    --mode systemd --mem 768M --timeout "${VM_TIMEOUT:-300}" --name vm-smoke-$$
+    --mode systemd --mem 768M --timeout "${VM_TIMEOUT:-$(vm_scale 300)}" --name vm-smoke-$$
 rc=$?
 set -e
 t_guest=$(since "$t")
@@ -88,5 +83,5 @@ daemon=$(grep -n 'Stopped mirrord@r0' <<<"$console" | head -n 1 | cut -d: -f1)
 [ "$detach" -lt "$daemon" ] || fail "mirrord@r0 stopped before /dev/nbd0 was detached"
 if grep -q 'Failed to stop\|FAILED' <<<"$console"; then fail "a unit failed (see $share/console.log)"; fi
 
-echo "vm-smoke: PASS (server $server; image ${t_image}s, guest ${t_guest}s, total $(since "$t_all")s)"
+echo "vm-smoke: PASS (server $server, backend $VM_BACKEND; image ${t_image}s, guest ${t_guest}s, total $(since "$t_all")s)"
 if [ "${VM_SMOKE_KEEP:-0}" = 1 ]; then echo "vm-smoke: kept $work"; else rm -rf "$work"; fi

@@ -1,5 +1,6 @@
 #!/bin/bash
-# make vm-two-host (part of make vm-test): two UML guests, alpha and beta, each
+# make vm-two-host (part of make vm-test): two guests (UML or QEMU, see
+# run-guest.sh), alpha and beta, each
 # with its own 1 GiB disk, mirrord@r0 under systemd mirroring between them
 # (protocol C, allow-two-primaries), /dev/nbd0 attached on both
 # (nbd-attach@r0), an o2cb cluster of two nodes (local heartbeat) and one
@@ -8,7 +9,7 @@
 #   initial sync (primary --force on alpha, wait-sync), a 16 MiB blkdiscard
 #   through /dev/nbd0, mkfs.ocfs2 -N 2 --nodiscard once, mount on both; each reads the other's file; both write 40 files into one
 #   directory at the same time and see the same 80 files with the same sums;
-#   then this script kills beta's UML process (power cut) while alpha keeps
+#   then this script kills beta's guest (power cut) while alpha keeps
 #   writing; beta boots again on the same disk, mirrord resyncs, OCFS2 mounts,
 #   every file is there and equal; fsck.ocfs2 -fn on each node; clean stop.
 #
@@ -19,7 +20,9 @@
 # inside it; the guests use 10.99.0.1 and 10.99.0.2 on that bridge only. No
 # address outside the namespace is used. The namespace is deleted on exit.
 #
-# Environment: VM_TIMEOUT (alpha's limit, default 900 s), VM_KEEP=1 (or
+# Environment: VM_BACKEND=uml|qemu forces a backend (default: UML where it
+# boots); VM_TIMEOUT (alpha's limit, default 900 s; every limit here is 4x
+# under QEMU), VM_KEEP=1 (or
 # VM_SMOKE_KEEP=1) keeps the work folder with all logs after a pass,
 # VM_MKFS_DISCARD=1 lets mkfs.ocfs2 discard the whole device (its default;
 # a 1 GiB TRIM that currently drops mirrord's peer link, see README.md).
@@ -27,8 +30,9 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+ME=vm-two-host
+# shellcheck source=vm-images/lib/host.sh
+. "$here/lib/host.sh"
 say() { echo "vm-two-host: $(date +%H:%M:%S) $*"; }
 fail() {
     say "FAIL: $*" >&2
@@ -40,6 +44,7 @@ t_all=$(now)
 t=$(now)
 image=$("$here/build-image.sh")
 t_image=$(since "$t")
+vm_select_backend "$image"
 mkdir -p "$repo/.cache/vm"
 work=$(mktemp -d "$repo/.cache/vm/two-host.XXXXXX")
 ns="nbdm-vm-$$"
@@ -54,8 +59,8 @@ kill_guest() {
     [ "$pg" != "$(ps -o pgid= $$ | tr -d ' ')" ] || return 0
     kill -KILL -- "-$pg" 2>/dev/null || true
 }
-# Kill only the guests this script started (their run-guest.sh and the UML
-# kernel processes recorded in the pid files), then delete the namespace.
+# Kill only the guests this script started (their run-guest.sh and the guest
+# process groups recorded in the pid files), then delete the namespace.
 cleanup() {
     local k
     # Only guests still running (in pids): a finished guest's group id may
@@ -83,38 +88,19 @@ done
 # --- shared config ------------------------------------------------------------
 mkdir -p "$common"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$common/r0.secret"
-cat >"$common/r0.toml" <<'EOF'
-[resource]
-name = "r0"
-protocol = "C"
-allow-two-primaries = true
-auto-promote = true
-shared-secret-file = "/etc/nbd-mirror/r0.secret"
-
-# Guests on a busy 2-core host get no CPU for seconds at a time; the default
-# 1 s ping timeout then drops the link (seen: a 1 GiB initial sync restarted
-# from zero after every drop and never finished in 240 s at load 15).
-[net]
-ping-interval = "5s"
-ping-timeout = "5s"
-
-[split-brain]
-after-sb-0pri = "discard-zero-changes"
-after-sb-1pri = "discard-secondary"
-after-sb-2pri = "disconnect"
-
-[[node]]
-name = "alpha"
-address = "10.99.0.1:7789"
-disk = "/dev/ubdb"
-meta-disk = "internal"
-
-[[node]]
-name = "beta"
-address = "10.99.0.2:7789"
-disk = "/dev/ubdb"
-meta-disk = "internal"
-EOF
+{
+    toml_table resource name=r0 protocol=C allow-two-primaries=true auto-promote=true \
+        shared-secret-file=/etc/nbd-mirror/r0.secret
+    echo "# Guests on a busy 2-core host get no CPU for seconds at a time; the default"
+    echo "# 1 s ping timeout then drops the link (seen: a 1 GiB initial sync restarted"
+    echo "# from zero after every drop and never finished in 240 s at load 15)."
+    echo "# x4 under QEMU (TCG guests stalled for 27 s were seen)."
+    toml_table net ping-interval="$(vm_scale 5)s" ping-timeout="$(vm_scale 5)s"
+    toml_table split-brain after-sb-0pri=discard-zero-changes after-sb-1pri=discard-secondary \
+        after-sb-2pri=disconnect
+    toml_node alpha 10.99.0.1:7789 /dev/vm/disk1 internal
+    toml_node beta 10.99.0.2:7789 /dev/vm/disk1 internal
+} >"$common/r0.toml"
 truncate -s 1G "$work/alpha.img" "$work/beta.img"
 
 # boot KEY NODE PHASE TIMEOUT: one guest in the background; KEY names its
@@ -122,11 +108,10 @@ truncate -s 1G "$work/alpha.img" "$work/beta.img"
 boot() {
     local key=$1 n=$2 phase=$3 tmo=$4 i=1
     [ "$n" = beta ] && i=2
-    mkdir -p "$work/$key"
-    cp "$here/tests/two-host-guest.sh" "$work/$key/test.sh"
+    vm_prepare_share "$work/$key" two-host-guest.sh
     ip netns exec "$ns" "$here/run-guest.sh" --image "$image" --share "$work/$key" \
         --test test.sh --disk "$work/$n.img" --tap "tap-$n,52:54:00:99:00:0$i" \
-        --append "vm.node=$n" --append "vm.common=$common" --append "vm.ip=10.99.0.$i/24" \
+        --mount "$common:/mnt/common" --append "vm.node=$n" --append "vm.ip=10.99.0.$i/24" \
         --append "vm.phase=$phase" --append "vm.mkfs_discard=${VM_MKFS_DISCARD:-0}" --pid-file "$work/$key.pid" \
         --mode systemd --mem 768M --timeout "$tmo" --name "vm-$key-$$" \
         >"$work/$key.run.log" 2>&1 &
@@ -155,41 +140,40 @@ show() { local k; for k in "$@"; do echo "--- $k:"; cat "$work/$k/result" 2>/dev
 # Leftover processes of a guest (the UML kernel forks helpers with the same
 # command line): none may survive it.
 no_leftovers() {
-    local umid=$1 left
-    left=$(ps -eo pid=,args= | awk -v u="umid=$umid " 'index($0 " ", u) && !/awk/ { print $1 }')
-    [ -z "$left" ] || fail "processes of $umid still running: $left"
+    local left
+    left=$(vm_guest_pids "$1")
+    [ -z "$left" ] || fail "processes of $1 still running: $left"
 }
 
 # --- phase 1: both guests up, OCFS2 on both, concurrent writes ---------------------
 t_guests=$(now)
-boot alpha alpha first "${VM_TIMEOUT:-900}"
-boot beta-1 beta first 900
-await beta.crash-ready 600
+boot alpha alpha first "${VM_TIMEOUT:-$(vm_scale 900)}"
+boot beta-1 beta first "$(vm_scale 900)"
+await beta.crash-ready "$(vm_scale 600)"
 t_phase1=$(since "$t_guests")
 say "beta is ready for the power cut (phase 1 took ${t_phase1}s)"
 
-# --- power cut: SIGKILL beta's UML kernel while alpha writes -------------------------
-await alpha.writing 120
+# --- power cut: SIGKILL beta's guest while alpha writes -------------------------
+await alpha.writing "$(vm_scale 120)"
 sleep 2
 bpg=$(cat "$work/beta-1.pid") || fail "no pid file for beta-1"
 [[ $bpg =~ ^[0-9]+$ ]] || fail "bad pid file for beta-1"
-ps -eo pgid=,args= | awk -v g="$bpg" -v u="umid=vm-beta-1-$$ " '$1 == g && index($0 " ", u) { f = 1 } END { exit !f }' ||
-    fail "process group $bpg is not beta's guest"
+vm_guest_group "$bpg" "vm-beta-1-$$" || fail "process group $bpg is not beta's guest"
 kill_guest "$bpg"
 now >"$common/host.beta-killed"
-say "killed beta's UML guest (process group $bpg)"
+say "killed beta's guest (process group $bpg)"
 finish beta-1
 [ "$rc" -eq 137 ] || fail "beta-1 exited $rc, expected 137 (killed)"
 no_leftovers "vm-beta-1-$$"
 show beta-1
 grep -q '^ok conc-compare ' "$work/beta-1/result" || fail "beta's first boot did not pass its steps"
 
-await alpha.wrote-while-down 300
+await alpha.wrote-while-down "$(vm_scale 300)"
 say "alpha kept writing with beta down: $(cat "$work/alpha/write-pause.txt" 2>/dev/null)"
 
 # --- beta boots again on the same disk -------------------------------------------------
 t_rejoin=$(now)
-boot beta-2 beta rejoin 600
+boot beta-2 beta rejoin "$(vm_scale 600)"
 finish beta-2
 rc_b=$rc
 t_rejoin=$(since "$t_rejoin")
@@ -218,5 +202,5 @@ cmp -n "$size_a" "$work/alpha.img" "$work/beta.img" || fail "the data areas of t
 sum=$(head -c "$size_a" "$work/alpha.img" | sha256sum | cut -c1-16)
 say "data areas identical ($size_a bytes, sha256 $sum...; compared in $(since "$t")s)"
 
-say "PASS (image ${t_image}s, phase 1 ${t_phase1}s, beta rejoin ${t_rejoin}s, guests ${t_guests}s, total $(since "$t_all")s)"
+say "PASS (backend $VM_BACKEND; image ${t_image}s, phase 1 ${t_phase1}s, beta rejoin ${t_rejoin}s, guests ${t_guests}s, total $(since "$t_all")s)"
 if [ "${VM_KEEP:-${VM_SMOKE_KEEP:-0}}" = 1 ]; then say "kept $work"; else rm -rf "$work"; fi

@@ -1,5 +1,6 @@
 # VM test targets; included from the top-level Makefile (`include vm-images/vm.mk`).
-# Guests are User-Mode Linux (see vm-images/README.md). Everything runs as root.
+# Guests are User-Mode Linux where it boots, else QEMU with TCG (VM_BACKEND=uml|qemu
+# forces one; see vm-images/README.md, "Runner"). Everything runs as root.
 # Leave the including Makefile's default goal alone wherever this is included.
 VM_SAVED_DEFAULT_GOAL := $(.DEFAULT_GOAL)
 VM_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
@@ -16,7 +17,7 @@ vm-test: vm-smoke vm-two-host vm-restart
 # the one-guest smoke test.
 vm-ci: vm-smoke
 
-# Host packages (user-mode-linux, mmdebstrap, ...) via apt when missing.
+# Host packages (user-mode-linux, qemu-system-x86, mmdebstrap, ...) via apt when missing.
 vm-deps:
 	$(VM_DIR)/deps.sh
 

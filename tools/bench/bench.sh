@@ -51,6 +51,9 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+ME=bench
+# shellcheck source=vm-images/lib/host.sh
+. "$ROOT/vm-images/lib/host.sh"
 JOB_SECONDS=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
@@ -125,10 +128,6 @@ wait_nbd() {
     return 1
 }
 
-free_port() {
-    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
 start_server_file() {
     # psync on the page cache is the fastest way to this file here (io_uring
     # and libaio are slower for buffered I/O); invalidate=0 keeps the cache
@@ -142,21 +141,11 @@ start_server_mirrord() {
     mkdir -p "$dir/run"
     echo "bench-secret" >"$dir/secret"
     chmod 600 "$dir/secret"
-    cat >"$dir/r0.toml" <<EOF
-[resource]
-name = "r0"
-shared-secret-file = "$dir/secret"
-run-dir = "$dir/run"
-
-[nbd]
-listen = "unix:$dir/run/r0.nbd"
-
-[[node]]
-name = "bench"
-address = "127.0.0.1:$(free_port)"
-disk = "$IMG"
-meta-disk = "$dir/r0.md"
-EOF
+    {
+        toml_table resource name=r0 shared-secret-file="$dir/secret" run-dir="$dir/run"
+        toml_table nbd listen="unix:$dir/run/r0.nbd"
+        toml_node bench "127.0.0.1:$(free_port)" "$IMG" "$dir/r0.md"
+    } >"$dir/r0.toml"
     if ! "$MIRRORCTL" --config "$dir/r0.toml" --node bench create-md --force >"$dir/create-md.log" 2>&1; then
         { echo "create-md failed:"; tail -5 "$dir/create-md.log"; } >"$RAW/mirrord/ERROR"
         return 1
@@ -177,12 +166,10 @@ start_server_mirrord_pair_c() {
     chmod 600 "$dir/secret"
     cp --sparse=always "$IMG" "$dir/b.img"
     {
-        printf '[resource]\nname = "r0"\nprotocol = "C"\nshared-secret-file = "%s"\n\n' "$dir/secret"
-        printf '[sync]\nrate = "4GiB"\n\n'
-        printf '[[node]]\nname = "a"\naddress = "127.0.0.1:%s"\ndisk = "%s"\nmeta-disk = "%s"\nrun-dir = "%s"\n\n' \
-            "$(free_port)" "$IMG" "$dir/a.md" "$dir/run-a"
-        printf '[[node]]\nname = "b"\naddress = "127.0.0.1:%s"\ndisk = "%s"\nmeta-disk = "%s"\nrun-dir = "%s"\n' \
-            "$(free_port)" "$dir/b.img" "$dir/b.md" "$dir/run-b"
+        toml_table resource name=r0 protocol=C shared-secret-file="$dir/secret"
+        toml_table sync rate=4GiB
+        toml_node a "127.0.0.1:$(free_port)" "$IMG" "$dir/a.md" run-dir="$dir/run-a"
+        toml_node b "127.0.0.1:$(free_port)" "$dir/b.img" "$dir/b.md" run-dir="$dir/run-b"
     } >"$dir/r0.toml"
     for n in a b; do
         if ! "$MIRRORCTL" --config "$dir/r0.toml" --node "$n" create-md --force >"$dir/create-md-$n.log" 2>&1; then

@@ -36,11 +36,10 @@ RESULTS=$OUT/resync-results.md
 PIDS=(0 0)
 NAMES=(alpha beta)
 
+ME=resync-bench
+# shellcheck source=vm-images/lib/host.sh
+. "$ROOT/vm-images/lib/host.sh"
 log() { echo "resync-bench: $*" >&2; }
-die() {
-    log "$*"
-    exit 1
-}
 
 for b in "$MIRRORD" "$MIRRORCTL"; do
     [[ -x $b ]] || die "$b missing: run \`make build\` first"
@@ -53,10 +52,6 @@ s = sys.argv[1].upper()
 m = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 print(int(s[:-1]) * m[s[-1]] if s[-1] in m else int(s))' "$SIZE")
 (( bytes % 4096 == 0 )) || die "RESYNC_BENCH_SIZE must be a multiple of 4 KiB"
-
-free_port() {
-    $PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 stop_node() {
     local i=$1 pid=${PIDS[$1]} n
@@ -103,7 +98,6 @@ st() {
     ctl "$1" status --json | $PY -c "import json, sys; s = json.load(sys.stdin); print($2)"
 }
 
-now() { date +%s.%N; }
 secs() { $PY -c "print(f'{$2 - $1:.2f}')"; }
 mibps() { $PY -c "print(f'{$1 / ($3 - $2) / 1048576:.0f}')"; }
 
@@ -122,32 +116,14 @@ head -c "$bytes" /dev/urandom >"$WORK/alpha.img"
 truncate -s "$bytes" "$WORK/beta.img"
 sync -f "$WORK/alpha.img"
 
-cat >"$WORK/r0.toml" <<EOF
-[resource]
-name = "r0"
-protocol = "C"
-shared-secret-file = "$WORK/r0.secret"
-
-[sync]
-rate = "100GiB"
-checksum = false
-
-[[node]]
-name = "alpha"
-address = "127.0.0.1:$(free_port)"
-disk = "$WORK/alpha.img"
-meta-disk = "$WORK/alpha.md"
-run-dir = "$WORK/alpha-run"
-nbd-listen = "unix:$WORK/alpha-run/r0.nbd"
-
-[[node]]
-name = "beta"
-address = "127.0.0.1:$(free_port)"
-disk = "$WORK/beta.img"
-meta-disk = "$WORK/beta.md"
-run-dir = "$WORK/beta-run"
-nbd-listen = "unix:$WORK/beta-run/r0.nbd"
-EOF
+{
+    toml_table resource name=r0 protocol=C shared-secret-file="$WORK/r0.secret"
+    toml_table sync rate=100GiB checksum=false
+    toml_node alpha "127.0.0.1:$(free_port)" "$WORK/alpha.img" "$WORK/alpha.md" \
+        run-dir="$WORK/alpha-run" nbd-listen="unix:$WORK/alpha-run/r0.nbd"
+    toml_node beta "127.0.0.1:$(free_port)" "$WORK/beta.img" "$WORK/beta.md" \
+        run-dir="$WORK/beta-run" nbd-listen="unix:$WORK/beta-run/r0.nbd"
+} >"$WORK/r0.toml"
 
 ctl 0 create-md >/dev/null
 ctl 1 create-md >/dev/null

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Guest side of `make vm-restart` (restart.sh), systemd mode, one guest,
-# standalone mirrord@r0 on /dev/ubdb. What does a file system on /dev/nbd0
+# standalone mirrord@r0 on the host's disk 1 (/dev/vm/disk1). What does a file system on /dev/nbd0
 # see when mirrord restarts or stalls under load, with Debian 12's
 # nbd-client 3.24 and kernel 6.1? Each scenario: fresh ext4 on /dev/nbd0, a
 # 16 MiB file written and synced (acknowledged data), fio writing 64 KiB
@@ -27,41 +27,26 @@
 # harness itself breaks (a step it needs does not work) or acknowledged data
 # is lost; the facts are what it reports.
 set -uo pipefail
-S=/mnt/host
-R=r0
-CFG=/etc/nbd-mirror/$R.toml
-DEV=/dev/nbd0
+# shellcheck source=vm-images/tests/lib-guest.sh
+. /mnt/host/lib-guest.sh
+COLLECT_UNITS=nbd-persist
 M=/mnt/data
 : >"$S/facts"
 
-ts() { date +%H:%M:%S.%3N; }
-now() { date +%s.%N; }
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-ctl() { mirrorctl --config "$CFG" "$@"; }
-die() { echo "$(ts) HARNESS FAILURE: $*"; collect; exit 1; }
-collect() {
-    journalctl --no-pager -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" -u nbd-persist >"$S/journal.log" 2>&1 || true
-}
 fact() { echo "$scen $*" | tee -a "$S/facts"; }
 conns() { ss -xH state connected src "/run/nbd-mirror/$R.nbd" 2>/dev/null | wc -l; }
 connected() { [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" -gt 0 ] && nbd-client -c "$DEV" >/dev/null 2>&1; }
-wait_for() { # SECONDS CMD...: until CMD succeeds
-    local secs=$1
-    shift
-    for _ in $(seq $((secs * 2))); do "$@" && return 0; sleep 0.5; done
-    return 1
-}
 detach_all() {
     mountpoint -q "$M" && { umount "$M" || umount -l "$M"; }
     systemctl stop nbd-persist.service 2>/dev/null || true
     systemctl reset-failed nbd-persist.service 2>/dev/null || true
     systemctl stop "nbd-attach@$R.service" 2>/dev/null || true
     nbd-client -d "$DEV" >/dev/null 2>&1 || true
-    wait_for 20 sh -c '! nbd-client -c /dev/nbd0 >/dev/null 2>&1' || true
+    wait_until "$(scaled 20)" sh -c '! nbd-client -c /dev/nbd0 >/dev/null 2>&1' || true
 }
 attach_units() {
     systemctl start "mirrord@$R.service" "nbd-attach@$R.service" || return 1
-    wait_for 30 connected
+    wait_until "$(scaled 30)" connected
 }
 attach_persist() {
     systemctl start "mirrord@$R.service" || return 1
@@ -70,7 +55,7 @@ attach_persist() {
     # -n: stays in the foreground, so the unit (and its journal) is the client.
     systemd-run --unit=nbd-persist --collect -p Type=exec \
         /usr/sbin/nbd-client -unix "/run/nbd-mirror/$R.nbd" "$DEV" -N "$R" -b 4096 -L -p -t 30 -n || return 1
-    wait_for 30 connected
+    wait_until "$(scaled 30)" connected
 }
 prepare_fs() {
     mkfs.ext4 -q -F -E nodiscard "$DEV" || return 1
@@ -119,7 +104,7 @@ recheck() {
     mount "$DEV" "$M" || die "$scen: cannot mount after repair"
     got=$(sha256sum "$M/acked.bin" | cut -d' ' -f1)
     fact "after: device=$how fsck_n_exit=$fsck_rc acked_file=$([ "$got" = "$(cat /run/acked.sha256)" ] && echo intact || echo CHANGED)"
-    [ "$got" = "$(cat /run/acked.sha256)" ] || { collect; echo "$(ts) acknowledged data lost in $scen"; exit 1; }
+    [ "$got" = "$(cat /run/acked.sha256)" ] || { collect_logs; echo "$(ts) acknowledged data lost in $scen"; exit 1; }
     umount "$M"
 }
 
@@ -178,7 +163,7 @@ scenario() {
 
 mkdir -p /etc/nbd-mirror
 install -m 0644 "$S/$R.toml" "$CFG"
-ctl create-md >/dev/null || die "create-md"
+create_md >/dev/null || die "create-md"
 systemctl start "mirrord@$R.service" || die "start mirrord@$R"
 echo "guest kernel $(uname -r), $(nbd-client -h 2>&1 | head -n 1)"
 scenarios="unit-restart ioctl-persist stall-C4 stall-C4-t90"
@@ -189,5 +174,5 @@ for s in $scenarios; do
     scenario "$s"
 done
 detach_all
-collect
+collect_logs
 echo "RESTART FACTS COLLECTED"

@@ -1,38 +1,13 @@
 #!/bin/bash
 # Runs inside the guest (systemd mode) from the host share /mnt/host.
-# mirrord@r0 on /dev/ubdb, nbd-attach@r0 -> /dev/nbd0 (nbd-client -C 4),
+# mirrord@r0 on the host's disk 1 (/dev/vm/disk1), nbd-attach@r0 -> /dev/nbd0 (nbd-client -C 4),
 # fio with crc32c verify, ext4 file round trip, daemon restart, clean stop.
 # Every step appends "ok NAME SECONDS" or "FAIL NAME" to /mnt/host/result;
 # the first failure ends the script with a non-zero status.
 set -euo pipefail
-S=/mnt/host
-R=r0
-CFG=/etc/nbd-mirror/$R.toml
-DEV=/dev/nbd0
+# shellcheck source=vm-images/tests/lib-guest.sh
+. /mnt/host/lib-guest.sh
 : >"$S/result"
-
-now() { date +%s.%N; }
-step() {
-    local name=$1 t0 rc
-    shift
-    echo "=== step $name: $*"
-    t0=$(now)
-    # errexit inside the step: its first failing command fails the step.
-    set +e
-    (set -e; "$@")
-    rc=$?
-    set -e
-    if [ $rc -ne 0 ]; then
-        echo "FAIL $name (exit $rc)" | tee -a "$S/result"
-        collect_logs
-        exit 1
-    fi
-    echo "ok $name $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')" | tee -a "$S/result"
-}
-collect_logs() {
-    journalctl --no-pager -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" >"$S/journal.log" 2>&1 || true
-    dmesg >"$S/dmesg.log" 2>&1 || true
-}
 
 install_config() {
     install -m 0644 "$S/$R.toml" "$CFG"
@@ -46,19 +21,18 @@ Type=exec
 ExecStartPre=
 ExecStartPre=/bin/rm -f /run/nbd-mirror/%i.nbd
 ExecStart=
-ExecStart=/usr/bin/nbdkit --foreground --unix /run/nbd-mirror/%i.nbd --exportname %i --threads 16 file /dev/ubdb
+ExecStart=/usr/bin/nbdkit --foreground --unix /run/nbd-mirror/%i.nbd --exportname %i --threads 16 file /dev/vm/disk1
 ExecStartPost=/bin/sh -c 'for i in $(seq 100); do [ -S /run/nbd-mirror/%i.nbd ] && exit 0; sleep 0.1; done; exit 1'
 UNIT
         systemctl daemon-reload
     fi
 }
-create_md() {
+create_md_unless_standin() {
     [ -f "$S/standin" ] && return 0
-    mirrorctl --config "$CFG" create-md
+    create_md
 }
-start_daemon() {
-    systemctl start "mirrord@$R.service"
-    systemctl is-active --quiet "mirrord@$R.service"
+start_daemon_socket() {
+    start_daemon
     [ -S "/run/nbd-mirror/$R.nbd" ]
 }
 initial_primary() {
@@ -75,15 +49,6 @@ initial_primary() {
     fi
     mirrorctl --config "$CFG" status --json | tee "$S/status-primary.json"
     jq -e '.disk == "up-to-date"' "$S/status-primary.json" >/dev/null
-}
-attach() {
-    systemctl start "nbd-attach@$R.service"
-    systemctl is-active --quiet "mirrord@$R.service"
-    systemctl is-active --quiet "nbd-attach@$R.service"
-    local size
-    size=$(cat /sys/block/nbd0/size)
-    echo "nbd0: $size sectors"
-    [ "$size" -gt 0 ]
 }
 multi_conn() {
     # Server ends of the kernel's NBD connections, one per -C.
@@ -146,7 +111,7 @@ crash_restart() {
     local old pid i
     old=$(systemctl show -p MainPID --value "mirrord@$R.service")
     systemctl kill -s SIGKILL "mirrord@$R.service"
-    for i in $(seq 120); do
+    for i in $(seq "$(scaled 120)"); do
         pid=$(systemctl show -p MainPID --value "mirrord@$R.service")
         if [ "$pid" != 0 ] && [ "$pid" != "$old" ] &&
             systemctl is-active --quiet "mirrord@$R.service" &&
@@ -163,8 +128,8 @@ crash_restart() {
 
 echo "guest kernel $(uname -r), mode: $([ -f "$S/standin" ] && echo stand-in nbdkit || echo mirrord)"
 step config install_config
-step create-md create_md
-step start start_daemon
+step create-md create_md_unless_standin
+step start start_daemon_socket
 step up-to-date initial_primary
 step attach attach
 step multi-conn multi_conn

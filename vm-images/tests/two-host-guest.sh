@@ -2,68 +2,38 @@
 # Guest side of the two-host test (two-host.sh, `make vm-two-host`), systemd mode.
 # Kernel command line:
 #   vm.node=alpha|beta   this node (alpha is o2cb node 0 and the initial sync source)
-#   vm.common=HOSTPATH   host folder both guests mount at /mnt/common: config,
-#                        secret, barriers, checksums, markers for the host
-#   vm.ip=ADDR/PREFIX    address on the guest link (vec0)
+#   vm.ip=ADDR/PREFIX    address on the guest link (NIC 0: vm_nic 0)
 #   vm.phase=first|rejoin
 #       first:  alpha runs the whole test in one boot; beta runs up to the
-#               power cut (the host SIGKILLs its UML process)
+#               power cut (the host SIGKILLs its guest)
 #       rejoin: beta's second boot on the same disk: resync, remount, checks
+# /mnt/common: a host folder both guests mount (run-guest.sh --mount): config,
+# secret, barriers, checksums, markers for the host.
 #
 # Every step appends "ok NAME SECONDS" or "FAIL NAME" to /mnt/host/result; the
 # first failure ends the script (non-zero) and leaves a "NODE.failed" marker
 # in the common folder so the other guest stops waiting.
 set -euo pipefail
-S=/mnt/host
+# shellcheck source=vm-images/tests/lib-guest.sh
+. /mnt/host/lib-guest.sh
 C=/mnt/common
-R=r0
-CFG=/etc/nbd-mirror/$R.toml
-DEV=/dev/nbd0
 M=/mnt/ocfs2
-node='' common='' ip='' phase=first mkfs_discard=0
-for arg in $(cat /proc/cmdline); do
-    case $arg in
-        vm.node=*) node=${arg#*=} ;;
-        vm.common=*) common=${arg#*=} ;;
-        vm.ip=*) ip=${arg#*=} ;;
-        vm.phase=*) phase=${arg#*=} ;;
-        vm.mkfs_discard=*) mkfs_discard=${arg#*=} ;;
-    esac
-done
-[ -n "$node" ] && [ -n "$common" ] && [ -n "$ip" ] || { echo "vm.node, vm.common, vm.ip required"; exit 2; }
+node=$(cmdline_arg node || true)
+ip=$(cmdline_arg ip || true)
+phase=$(cmdline_arg phase || echo first)
+mkfs_discard=$(cmdline_arg mkfs_discard || echo 0)
+[ -n "$node" ] && [ -n "$ip" ] && mountpoint -q "$C" || { echo "vm.node, vm.ip and /mnt/common required"; exit 2; }
 other=alpha peer_ip=10.99.0.1
 [ "$node" = alpha ] && other=beta peer_ip=10.99.0.2
 : >"$S/result"
 
-now() { date +%s.%N; }
-ts() { date +%H:%M:%S.%3N; }
-ctl() { mirrorctl --config "$CFG" "$@"; }
-collect_logs() {
-    journalctl --no-pager -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" >"$S/journal.log" 2>&1 || true
-    journalctl --no-pager -o short-monotonic -k >"$S/kernel.log" 2>&1 || true
-    ctl status --json >"$S/status-at-exit.json" 2>&1 || true
-}
-step() {
-    local name=$1 t0 rc
-    shift
-    echo "=== $(ts) step $name: $*"
-    t0=$(now)
-    set +e
-    (set -e; "$@")
-    rc=$?
-    set -e
-    if [ $rc -ne 0 ]; then
-        echo "FAIL $name (exit $rc)" | tee -a "$S/result"
-        collect_logs
-        : >"$C/$node.failed"
-        exit 1
-    fi
-    echo "ok $name $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')" | tee -a "$S/result"
-}
+# A failed step tells the other guest to stop waiting.
+on_step_fail() { : >"$C/$node.failed"; }
 # wait_for FILE SECONDS: until FILE exists in the common folder; gives up
 # early when the other node reports a failure.
 wait_for() {
-    local f=$1 secs=${2:-180} i
+    local f=$1 secs i
+    secs=$(scaled "${2:-180}")
     for i in $(seq $((secs * 2))); do
         [ -e "$C/$f" ] && return 0
         [ -e "$C/$other.failed" ] && { echo "$other failed"; return 1; }
@@ -79,12 +49,12 @@ status_is() { ctl status --json | jq -e "$1" >/dev/null; }
 
 # --- setup ------------------------------------------------------------------
 setup() {
-    mkdir -p "$C"
-    mountpoint -q "$C" || mount -t hostfs -o "$common" none "$C"
+    local nic
+    nic=$(vm_nic 0)
     hostname "$node"
     echo "$node" >/etc/hostname
-    ip link set vec0 up
-    ip addr add "$ip" dev vec0
+    ip link set "$nic" up
+    ip addr add "$ip" dev "$nic"
     install -m 0644 "$C/$R.toml" "$CFG"
     install -m 0600 "$C/$R.secret" "/etc/nbd-mirror/$R.secret"
     printf 'MIRROR_NODE=%s\nRUST_LOG=info\n' "$node" >"/etc/nbd-mirror/$R.env"
@@ -92,28 +62,33 @@ setup() {
     journalctl --no-pager -f -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" \
         >>"$S/mirrord-live.log" 2>&1 &
 }
-ping_peer() { ping -c 3 -W 2 "$peer_ip"; }
-create_md() { ctl create-md; ctl dump-md >"$S/dump-md-created.json"; }
-start_daemon() {
-    systemctl start "mirrord@$R.service"
-    systemctl is-active --quiet "mirrord@$R.service"
+# The other guest may still be booting (boot times differ by tens of
+# seconds under QEMU): wait for its first answer.
+ping_peer() {
+    wait_until "$(scaled 60)" ping -c 1 -W 2 "$peer_ip" >/dev/null
+    ping -c 3 -W 2 "$peer_ip"
+}
+create_md_dump() { create_md; ctl dump-md >"$S/dump-md-created.json"; }
+start_daemon_status() {
+    start_daemon
     ctl status --json | tee "$S/status-started.json"
 }
 # Two fresh nodes are both inconsistent: alpha's data is made the one that
 # wins (as drbdadm primary --force), a full sync to beta follows.
 initial_sync() {
     jq -e '.disk == "inconsistent"' "$S/status-started.json" >/dev/null
-    if [ "$node" = alpha ]; then ctl primary --force; fi
-    ctl wait-sync --timeout 240
+    # mirrorctl refuses while the peer link is still in its handshake ("try
+    # again in a moment"), which a slow (TCG) guest can still be in here.
+    if [ "$node" = alpha ]; then wait_until "$(scaled 30)" ctl primary --force; fi
+    ctl wait-sync --timeout "$(scaled 240)"
     ctl status --json | tee "$S/status-synced.json"
     jq -e '.disk == "up-to-date" and .out_of_sync_bytes == 0 and .peer.connection == "connected"
            and .peer.disk == "up-to-date"' "$S/status-synced.json" >/dev/null
 }
-attach() {
-    systemctl start "nbd-attach@$R.service"
+attach_primary() {
+    attach
     local bytes
     bytes=$(( $(cat /sys/block/nbd0/size) * 512 ))
-    echo "nbd0: $bytes bytes"
     ctl status --json | tee "$S/status-attached.json"
     # auto-promote made this node primary; the export is the whole data area.
     jq -e --argjson b "$bytes" '.role == "primary" and .size_bytes == $b' "$S/status-attached.json" >/dev/null
@@ -147,11 +122,13 @@ EOF
     # Shorter than the defaults (31 -> 60 s, 30 s) so a dead node is declared
     # dead sooner; the same on both nodes (o2net checks). The heartbeat write
     # timeout equals the dead time (30 s), well above mirrord's peer timeout.
+    # Both scale with the backend's slowness (x4 under QEMU: a TCG guest on a
+    # busy host can get no CPU for tens of seconds).
     local c=/sys/kernel/config/cluster/vmc
-    echo 16 >"$c/heartbeat/dead_threshold"
+    echo "$(scaled 16)" >"$c/heartbeat/dead_threshold"
     echo 2000 >"$c/keepalive_delay_ms"
     echo 2000 >"$c/reconnect_delay_ms"
-    echo 15000 >"$c/idle_timeout_ms"
+    echo "$(scaled 15)000" >"$c/idle_timeout_ms"
     grep -H . "$c/heartbeat/dead_threshold" "$c/idle_timeout_ms"
 }
 # A replicated discard of a bounded range completes and keeps the peer link.
@@ -159,7 +136,7 @@ discard_range() {
     [ "$node" = alpha ] || return 0
     local t0
     t0=$(now)
-    timeout 60 blkdiscard -o 0 -l 16M "$DEV"
+    timeout "$(scaled 60)" blkdiscard -o 0 -l 16M "$DEV"
     echo "blkdiscard 16 MiB: $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')s"
     ctl status --json | tee "$S/status-discarded.json"
     jq -e '.peer.connection == "connected" and .out_of_sync_bytes == 0' "$S/status-discarded.json" >/dev/null
@@ -174,7 +151,7 @@ mkfs_ocfs2() {
     local disc=--nodiscard
     [ "$mkfs_discard" = 1 ] && disc=
     # shellcheck disable=SC2086
-    timeout 300 mkfs.ocfs2 -q -F $disc -N 2 -b 4K -C 64K -L vmocfs --cluster-stack=o2cb --cluster-name=vmc "$DEV"
+    timeout "$(scaled 300)" mkfs.ocfs2 -q -F $disc -N 2 -b 4K -C 64K -L vmocfs --cluster-stack=o2cb --cluster-name=vmc "$DEV"
     ctl status --json | tee "$S/status-mkfs.json"
     jq -e '.peer.connection == "connected"' "$S/status-mkfs.json" >/dev/null
 }
@@ -255,7 +232,7 @@ write_while_down() {
     wait_for host.beta-killed 120
     local t_kill i n0 n
     t_kill=$(cat "$C/host.beta-killed")
-    for i in $(seq 120); do
+    for i in $(seq "$(scaled 120)"); do
         status_is '.peer.connection != "connected"' && break
         sleep 0.5
     done
@@ -265,7 +242,7 @@ write_while_down() {
     echo "$(ts) mirrord: peer lost, $(awk -v a="$t_kill" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')s after the kill"
     # 40 more files completed after the kill (waits out OCFS2's recovery).
     n0=$(awk -v k="$t_kill" '$2 <= k' "$S/during.times" | wc -l)
-    for i in $(seq 240); do
+    for i in $(seq "$(scaled 240)"); do
         n=$(wc -l <"$S/during.times")
         [ "$n" -ge $((n0 + 40)) ] && break
         kill -0 "$(cat /run/writer.pid)" || { echo "writer died"; return 1; }
@@ -289,7 +266,7 @@ stop_writer() {
     : >/run/writer.stop
     local pid i
     pid=$(cat /run/writer.pid)
-    for i in $(seq 120); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    for i in $(seq "$(scaled 120)"); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     if kill -0 "$pid" 2>/dev/null; then echo "writer did not stop"; return 1; fi
     sync
     echo "writer wrote $(wc -l <"$S/during.sha256") files"
@@ -298,7 +275,7 @@ stop_writer() {
     cp "$S/during.sha256" "$C/alpha.during.sha256"
 }
 alpha_manifest() {
-    ctl wait-sync --timeout 300
+    ctl wait-sync --timeout "$(scaled 300)"
     ctl status --json | tee "$S/status-resynced.json"
     manifest >"$C/alpha.manifest"
     echo "$(wc -l <"$C/alpha.manifest") files"
@@ -319,7 +296,7 @@ wait_for_power_cut() {
     sync
     : >"$C/beta.crash-ready"
     echo "$(ts) beta: waiting to be killed by the host"
-    sleep 600
+    sleep "$(scaled 600)"
     echo "beta was not killed"
     return 1
 }
@@ -329,7 +306,7 @@ rejoin_start() {
     ctl dump-md | tee "$S/dump-md-after-crash.json"
     systemctl start "mirrord@$R.service"
     local i
-    for i in $(seq 120); do
+    for i in $(seq "$(scaled 120)"); do
         status_is '.peer.connection == "connected"' && break
         sleep 0.5
     done
@@ -340,7 +317,7 @@ rejoin_start() {
 # beta missed alpha's writes (and was a crashed primary): it must be the
 # resync target. Then both disks are up to date.
 rejoin_sync() {
-    ctl wait-sync --timeout 300
+    ctl wait-sync --timeout "$(scaled 300)"
     ctl status --json | tee "$S/status-resynced.json"
     jq -e '.disk == "up-to-date" and .out_of_sync_bytes == 0 and .peer.disk == "up-to-date"' \
         "$S/status-resynced.json" >/dev/null
@@ -374,7 +351,7 @@ fsck_check() {
     [ "${PIPESTATUS[0]}" -eq 0 ]
 }
 final_status() {
-    ctl wait-sync --timeout 120
+    ctl wait-sync --timeout "$(scaled 120)"
     ctl status --json | tee "$C/$node.status-final.json"
     jq -e '.disk == "up-to-date" and .peer.disk == "up-to-date" and .out_of_sync_bytes == 0' \
         "$C/$node.status-final.json" >/dev/null
@@ -397,12 +374,12 @@ echo "node $node ($ip), peer $other, phase $phase"
 if [ "$phase" = first ]; then
     step setup setup
     step ping ping_peer
-    step create-md create_md
-    step start start_daemon
+    step create-md create_md_dump
+    step start start_daemon_status
     step b-started barrier started
     step initial-sync initial_sync
     step b-synced barrier synced
-    step attach attach
+    step attach attach_primary
     step o2cb o2cb_start
     step discard discard_range
     step mkfs mkfs_ocfs2
@@ -432,7 +409,7 @@ else
     step ping ping_peer
     step rejoin-start rejoin_start
     step rejoin-sync rejoin_sync
-    step attach attach
+    step attach attach_primary
     step o2cb o2cb_start
     step mount mount_ocfs2
     step compare rejoin_compare

@@ -1,0 +1,111 @@
+# shellcheck shell=bash
+# Shell helpers for the guest side of the VM tests. The host copies this
+# file into the share next to the test (vm_prepare_share in lib/host.sh);
+# a test sources it with
+#
+#   . /mnt/host/lib-guest.sh
+#
+# Names the tests share: S (the share, /mnt/host), R (resource, default r0),
+# CFG (/etc/nbd-mirror/R.toml), DEV (/dev/nbd0).
+#
+#   now, since T0, ts      wall clock (s.ns); seconds since T0; HH:MM:SS.mmm
+#   die MSG...             "HARNESS FAILURE: MSG", collect_logs, exit 1
+#   ctl ARGS...            mirrorctl --config CFG ARGS
+#   cmdline_arg NAME       the value of vm.NAME= on the kernel command line
+#   vm_disk N, vm_nic N    the host's Nth --disk (/dev/vm/diskN) and Nth
+#                          --tap NIC (vecN under UML, ethN under QEMU)
+#   scaled SECONDS         SECONDS times the backend's slowness (vm.slow)
+#   wait_until SECONDS CMD...  until CMD succeeds (every 0.5 s)
+#   step NAME CMD...       runs CMD with errexit; "ok NAME SECS" or
+#                          "FAIL NAME" in S/result; a failure collects the
+#                          logs, runs on_step_fail (if the test defines it)
+#                          and exits 1
+#   collect_logs           journal of the units, kernel log, status JSON into S
+#   create_md              mirrorctl create-md
+#   start_daemon           systemctl start mirrord@R (returns at READY=1); active
+#   attach                 systemctl start nbd-attach@R; both active; DEV has a size
+# shellcheck disable=SC2034 # used by the tests that source this file
+{
+    S=/mnt/host
+    R=${R:-r0}
+    CFG=/etc/nbd-mirror/$R.toml
+    DEV=/dev/nbd0
+}
+
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+ts() { date +%H:%M:%S.%3N; }
+die() {
+    echo "$(ts) HARNESS FAILURE: $*"
+    collect_logs
+    exit 1
+}
+ctl() { mirrorctl --config "$CFG" "$@"; }
+
+cmdline_arg() {
+    local arg
+    for arg in $(cat /proc/cmdline); do
+        case $arg in "vm.$1="*) echo "${arg#*=}"; return 0 ;; esac
+    done
+    return 1
+}
+vm_disk() { echo "/dev/vm/disk$1"; }
+vm_nic() {
+    local n
+    for n in "vec$1" "eth$1"; do
+        [ -e "/sys/class/net/$n" ] && { echo "$n"; return 0; }
+    done
+    echo "vm_nic: no network card $1" >&2
+    return 1
+}
+scaled() { echo $(($1 * $(cmdline_arg slow || echo 1))); }
+wait_until() {
+    local secs=$1
+    shift
+    for _ in $(seq $((secs * 2))); do "$@" && return 0; sleep 0.5; done
+    return 1
+}
+
+step() {
+    local name=$1 t0 rc
+    shift
+    echo "=== $(ts) step $name: $*"
+    t0=$(now)
+    # errexit inside the step: its first failing command fails the step.
+    set +e
+    (set -e; "$@")
+    rc=$?
+    set -e
+    if [ $rc -ne 0 ]; then
+        echo "FAIL $name (exit $rc)" | tee -a "$S/result"
+        collect_logs
+        if declare -F on_step_fail >/dev/null; then on_step_fail; fi
+        exit 1
+    fi
+    echo "ok $name $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')" | tee -a "$S/result"
+}
+
+# Extra units to include in journal.log: COLLECT_UNITS (e.g. "nbd-persist").
+collect_logs() {
+    local u units=(-u "mirrord@$R" -u "nbd-attach@$R")
+    for u in ${COLLECT_UNITS:-}; do units+=(-u "$u"); done
+    journalctl --no-pager -o short-monotonic "${units[@]}" >"$S/journal.log" 2>&1 || true
+    journalctl --no-pager -o short-monotonic -k >"$S/kernel.log" 2>&1 || dmesg >"$S/kernel.log" 2>&1 || true
+    dmesg >"$S/dmesg.log" 2>&1 || true
+    ctl status --json >"$S/status-at-exit.json" 2>&1 || true
+}
+
+create_md() { ctl create-md; }
+start_daemon() {
+    systemctl start "mirrord@$R.service"
+    systemctl is-active --quiet "mirrord@$R.service"
+}
+attach() {
+    systemctl start "nbd-attach@$R.service"
+    systemctl is-active --quiet "mirrord@$R.service"
+    systemctl is-active --quiet "nbd-attach@$R.service"
+    local size
+    size=$(cat /sys/block/nbd0/size)
+    echo "nbd0: $((size * 512)) bytes"
+    [ "$size" -gt 0 ]
+}
