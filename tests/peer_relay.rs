@@ -21,6 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
+use common::netns::ip;
 use common::process::own_binary;
 use common::{python3, ClusterSpec, MIB};
 
@@ -89,19 +90,6 @@ except OSError as e:
 print("relay done", flush=True)
 "#;
 
-/// Runs `ip ARGS`, panicking with its output on failure.
-fn ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Three namespaces, deleted on drop (with whatever links are in them).
 struct Namespaces {
     alpha: String,
@@ -168,25 +156,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn can_use_netns() -> bool {
-    let probe = format!("nbdm-probe-{}", std::process::id());
-    let ok = Command::new("ip")
-        .args(["netns", "add", &probe])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        let _ = Command::new("ip").args(["netns", "del", &probe]).status();
-    }
-    ok
-}
-
 #[test]
 fn a_relay_between_the_nodes_is_refused_by_both() {
-    if !can_use_netns() {
-        eprintln!("SKIP: cannot create network namespaces (needs root and `ip netns`)");
-        return;
-    }
     let ns = Namespaces::create();
     let mut c = ClusterSpec::new(2).size(8 * MIB).mirrord_only().build();
     let text = std::fs::read_to_string(&c.config).expect("config");

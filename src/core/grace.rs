@@ -184,13 +184,7 @@ impl Node {
         let local_good = self.disk == DiskState::UpToDate;
         let waiting: Vec<u64> = g.resend.iter().map(|r| r.req).chain(g.flushes).collect();
         for req in waiting {
-            if let Some(q) = self.reqs.get_mut(&req) {
-                q.ack_outstanding = false;
-                if !local_good && q.error == 0 {
-                    q.error = errno::EIO;
-                }
-            }
-            self.maybe_finish(req);
+            self.answer_without_peer(req, local_good);
         }
         let wrote = !g.resend.is_empty();
         if self.role == Role::Primary && local_good && self.meta.gis.bitmap == 0 {

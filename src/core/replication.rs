@@ -189,14 +189,7 @@ impl Node {
         for (_, r) in recent {
             self.bitmap.set_range(r.range);
             if let Some(req) = r.req {
-                if let Some(q) = self.reqs.get_mut(&req) {
-                    q.ack_outstanding = false;
-                    if !local_good && q.error == 0 {
-                        // Not on any good copy.
-                        q.error = errno::EIO;
-                    }
-                }
-                self.maybe_finish(req);
+                self.answer_without_peer(req, local_good);
             }
         }
         let mut flushes: Vec<u64> = self
@@ -206,17 +199,11 @@ impl Node {
             .map(|(k, _)| *k)
             .collect();
         flushes.sort_unstable(); // deterministic reply order
+                                 // Without a good local disk the peer's flush was the only one that
+                                 // counted (simulator finding: a primary with a failed disk acknowledged
+                                 // a flush its crashed peer never made, and the data was lost).
         for f in flushes {
-            if let Some(q) = self.reqs.get_mut(&f) {
-                q.ack_outstanding = false;
-                if !local_good && q.error == 0 {
-                    // The peer's flush was the only one that counted (simulator
-                    // finding: a primary with a failed disk acknowledged a flush
-                    // its crashed peer never made, and the data was lost).
-                    q.error = errno::EIO;
-                }
-            }
-            self.maybe_finish(f);
+            self.answer_without_peer(f, local_good);
         }
         self.fail_peer_reads();
         // Only an up-to-date disk starts a new generation, as in DRBD (simulator
@@ -265,6 +252,19 @@ impl Node {
         self.seq = 0;
         self.peer_seen = 0;
         debug_assert!(!self.replicating());
+    }
+
+    /// The peer will not answer request `req` (a write or flush it owed): it is
+    /// done as far as the peer goes, and fails (EIO) unless this disk
+    /// (`local_good`) holds a good copy.
+    pub(super) fn answer_without_peer(&mut self, req: u64, local_good: bool) {
+        if let Some(q) = self.reqs.get_mut(&req) {
+            q.ack_outstanding = false;
+            if !local_good && q.error == 0 {
+                q.error = errno::EIO;
+            }
+        }
+        self.maybe_finish(req);
     }
 
     /// Reads sent to the peer fail: it will not answer them.

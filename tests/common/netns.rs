@@ -21,7 +21,8 @@ pub struct NetPair {
     veth: [String; 2],
 }
 
-fn ip(args: &[&str]) {
+/// Runs `ip ARGS` (bounded), panicking with its output on failure.
+pub fn ip(args: &[&str]) {
     let o = run(Command::new("ip").args(args), Duration::from_secs(10));
     assert!(o.success(), "ip {}: {}", args.join(" "), o.describe());
 }
