@@ -45,7 +45,7 @@ impl Collector for StateSnapshot {
         let peer_name = st.peer.as_ref().map_or("", |p| p.name.as_str());
         let mut info = enc.encode_descriptor(
             "node",
-            "The resource and node this daemon serves, and its peer (empty when standalone)",
+            "The resource and node this daemon serves, and its peer (empty when standalone).",
             None,
             MetricType::Info,
         )?;
@@ -149,12 +149,16 @@ impl Collector for StateSnapshot {
 fn progress(enc: &mut DescriptorEncoder, st: &Status) -> fmt::Result {
     for (kind, verify) in [("resync", false), ("verify", true)] {
         let r = st.resync.as_ref().filter(|r| r.verify == verify);
-        let what = if verify { "online verify" } else { "resync" };
+        let (a_what, what) = if verify {
+            ("an online verify", "online verify")
+        } else {
+            ("a resync", "resync")
+        };
         let mut g =
             |suffix: &str, help: String, v: u64| gauge(enc, &format!("{kind}_{suffix}"), &help, v);
         g(
             "running",
-            format!("1 while a {what} runs on this node (source or target)"),
+            format!("1 while {a_what} runs on this node (source or target)"),
             u64::from(r.is_some()),
         )?;
         g(
@@ -225,14 +229,16 @@ fn sync_counters(enc: &mut DescriptorEncoder, st: &Status) -> fmt::Result {
     )
 }
 
+// Help texts end with a period, as the registry writes those of the counters.
+
 fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
     let g = ConstGauge::new(v);
-    g.encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
+    g.encode(enc.encode_descriptor(name, &format!("{help}."), None, MetricType::Gauge)?)
 }
 
 fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> fmt::Result {
     let c = ConstCounter::new(v);
-    c.encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
+    c.encode(enc.encode_descriptor(name, &format!("{help}."), None, MetricType::Counter)?)
 }
 
 /// One series per possible value: 1 for `current`, 0 for the others.
@@ -244,7 +250,7 @@ fn one_of<T: PartialEq + Copy>(
     values: &[(T, &'static str)],
     current: Option<T>,
 ) -> fmt::Result {
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    let mut m = enc.encode_descriptor(name, &format!("{help}."), None, MetricType::Gauge)?;
     for (v, text) in values {
         let g = ConstGauge::new(u64::from(current == Some(*v)));
         g.encode(m.encode_family(&[(label, *text)])?)?;
