@@ -132,6 +132,15 @@ fn shipped_alerting_rules_pass_promtool() {
         Duration::from_secs(30),
     );
     test.assert_success();
+    // docs/OPERATIONS.md shows the rules as they are.
+    let file = std::fs::read_to_string(dir.join("alerts.yml")).expect("read alerts.yml");
+    let rules = &file[file.find("groups:").expect("a groups: key")..];
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md");
+    let docs = std::fs::read_to_string(docs).expect("read docs/OPERATIONS.md");
+    assert!(
+        docs.contains(rules),
+        "docs/OPERATIONS.md no longer shows tools/prometheus/alerts.yml as it is"
+    );
 }
 
 /// A single node: every kind of NBD request the core serves is counted once, with its
