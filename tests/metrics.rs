@@ -9,6 +9,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -224,6 +225,28 @@ fn a_node_counts_each_nbd_request() {
     nbd.disconnect();
     promtool_check_metrics(&c.dir, "single", &body);
 
+    // BLOCK_STATUS, answered by the NBD reader itself: nbdinfo --map asks for the whole
+    // device (16 MiB) from its start, then from where each answer ends.
+    require_tool("nbdinfo");
+    run(
+        Command::new("nbdinfo").arg("--map").arg(c.nbd_uri(0)),
+        Duration::from_secs(60),
+    )
+    .assert_success();
+    let body = scrape(addr);
+    let asked = value(
+        &body,
+        "nbd_mirror_nbd_request_bytes_total{op=\"block_status\"}",
+    );
+    let answered = value(
+        &body,
+        "nbd_mirror_nbd_requests_total{op=\"block_status\",result=\"ok\"}",
+    );
+    assert!(
+        answered.is_some_and(|n| n >= 1.0) && asked.is_some_and(|b| b >= 16.0 * MIB as f64),
+        "block_status: {answered:?} requests over {asked:?} bytes\n{body}"
+    );
+
     // The endpoint answers nothing but GET/HEAD of /metrics (and a pointer at /).
     let (status, _) = http_get(addr, "/nothing").expect("GET /nothing");
     assert!(status.starts_with("HTTP/1.1 404 "), "{status}");
@@ -352,7 +375,21 @@ fn sample(r: &[serde_json::Value]) -> Option<f64> {
 fn prometheus_scrapes_a_running_pair() {
     require_prometheus_tools();
     let t0 = Instant::now();
-    let mut c = ClusterSpec::new(2).size(8 * MIB).mirrord_only().build();
+    // Fencing on, with a handler that says the peer is now outdated (exit 4).
+    let handler_dir = tempfile::tempdir().expect("handler dir");
+    let handler = handler_dir.path().join("fence-peer");
+    std::fs::write(&handler, "#!/bin/sh\nexit 4\n").expect("write handler");
+    std::fs::set_permissions(&handler, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod handler");
+    let mut c = ClusterSpec::new(2)
+        .size(8 * MIB)
+        .mirrord_only()
+        .resource_line("fencing = \"resource-only\"")
+        .table(&format!(
+            "[handlers]\nfence-peer = \"{}\"",
+            handler.display()
+        ))
+        .build();
     let addrs = with_metrics(&c);
     c.start_all();
     pair::initial_sync(&c);
@@ -468,8 +505,37 @@ fn prometheus_scrapes_a_running_pair() {
     );
     assert_eq!(up.len(), 2, "{up:?}");
 
-    // The peer dies: the survivor's link is down and the shipped rule sees it.
+    // The peer dies: the survivor fences it (one handler run, exit 4), its link is down
+    // and the shipped rule sees it.
     c.kill(1);
+    let outdated = "nbd_mirror_fence_peer_results_total{outcome=\"peer_outdated\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let body = scrape(addrs[0]);
+        if value(&body, outdated).is_some_and(|n| n >= 1.0) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fence-peer result counted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    expect_all(
+        &body,
+        &[
+            (outdated.to_string(), 1.0),
+            ("nbd_mirror_fence_peer_calls_total".to_string(), 1.0),
+            (
+                "nbd_mirror_fence_peer_results_total{outcome=\"failed\"}".to_string(),
+                0.0,
+            ),
+            (
+                "nbd_mirror_peer_connection_state{state=\"connected\"}".to_string(),
+                0.0,
+            ),
+        ],
+    );
     let alert = format!(
         "ALERTS{{alertname=\"NbdMirrorDisconnected\",instance=\"{}\"}}",
         addrs[0]

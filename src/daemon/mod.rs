@@ -807,7 +807,11 @@ async fn start_metrics(
     }
     tracing::info!("serving metrics on http://{addr}/metrics");
     let me = shared.clone();
-    let render: metrics::server::Render = Arc::new(move || me.metrics.render(me.core().status()));
+    let render: metrics::server::Render = Arc::new(move || {
+        // The core lock is held for the snapshot only, not while the text is written.
+        let status = me.core().status();
+        me.metrics.render(status)
+    });
     tasks.spawn(metrics::server::run(listener, render));
 }
 

@@ -63,10 +63,6 @@ impl Metrics {
         })))
     }
 
-    pub fn is_on(&self) -> bool {
-        self.0.is_some()
-    }
-
     /// An event about to be fed to the core.
     pub fn event(&self, ev: &Event) {
         let Some(r) = &self.0 else { return };
