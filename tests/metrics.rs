@@ -60,6 +60,22 @@ fn scrape(addr: SocketAddr) -> String {
     body
 }
 
+/// Scrapes `addr` every 100 ms (at most `bound`) until `series` is at least `min`.
+fn scrape_until(addr: SocketAddr, series: &str, min: f64, bound: Duration) -> String {
+    let deadline = Instant::now() + bound;
+    loop {
+        let body = scrape(addr);
+        if value(&body, series).is_some_and(|v| v >= min) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} not at least {min} within {bound:?}:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The value of one series, written as the daemon writes it (`name{a="x",b="y"}`).
 fn value(body: &str, series: &str) -> Option<f64> {
     body.lines()
@@ -403,18 +419,7 @@ fn prometheus_scrapes_a_running_pair() {
 
     // Pings go every ping-interval (2 s): wait for one answered.
     let rtt = "nbd_mirror_peer_ping_round_trip_seconds_count";
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let body = loop {
-        let body = scrape(addrs[0]);
-        if value(&body, rtt).is_some_and(|n| n >= 1.0) {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no ping round trip counted:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let body = scrape_until(addrs[0], rtt, 1.0, Duration::from_secs(15));
     let last_rtt = value(&body, "nbd_mirror_peer_last_ping_round_trip_seconds");
     assert!(
         last_rtt.is_some_and(|v| v > 0.0 && v < 5.0),
@@ -509,18 +514,7 @@ fn prometheus_scrapes_a_running_pair() {
     // and the shipped rule sees it.
     c.kill(1);
     let outdated = "nbd_mirror_fence_peer_results_total{outcome=\"peer_outdated\"}";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        let body = scrape(addrs[0]);
-        if value(&body, outdated).is_some_and(|n| n >= 1.0) {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no fence-peer result counted:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let body = scrape_until(addrs[0], outdated, 1.0, Duration::from_secs(20));
     expect_all(
         &body,
         &[
