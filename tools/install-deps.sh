@@ -17,6 +17,7 @@ PACKAGES=(
     nbd-server        # reference server for tools/bench
     nbd-client        # kernel client (vm tests, demo)
     procps            # pgrep/ps used by scripts
+    prometheus        # promtool and a Prometheus server for tests/metrics.rs
 )
 
 missing=()
@@ -45,10 +46,13 @@ export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -qq
 "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 
-# nbd-server's package starts a system service we do not want.
-if systemctl is-active --quiet nbd-server 2>/dev/null; then
-    "${SUDO[@]}" systemctl stop nbd-server || true
-fi
+# nbd-server's and prometheus's packages start system services we do not want
+# (tests/metrics.rs starts its own Prometheus on a free loopback port).
+for unit in nbd-server prometheus; do
+    if systemctl is-active --quiet "$unit" 2>/dev/null; then
+        "${SUDO[@]}" systemctl stop "$unit" || true
+    fi
+done
 
 /usr/bin/python3 -c 'import nbd' || {
     echo "install-deps: /usr/bin/python3 cannot import nbd after installing python3-libnbd" >&2

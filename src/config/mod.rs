@@ -148,6 +148,8 @@ pub struct NodeConfig {
     pub meta_disk: MetaDisk,
     pub run_dir: Option<PathBuf>,
     pub nbd_listen: Option<Listen>,
+    /// Per-node override of `[metrics] listen` (two nodes on one machine).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Everything one node needs, resolved and validated.
@@ -170,6 +172,9 @@ pub struct Settings {
     /// request after a small one before it sleeps (0 = never, and no spin for the rest of a
     /// large payload either).
     pub nbd_busy_poll_us: u64,
+    /// `[metrics] listen` (per-node override applied): where the Prometheus endpoint
+    /// listens; None (the default) serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
     pub disk: DiskSettings,
     pub sync: SyncSettings,
     pub split_brain: SplitBrain,
@@ -481,6 +486,16 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
     }
     nt.finish().map_err(err)?;
 
+    let mut mt = Section::new(
+        "metrics",
+        top.table("metrics").map_err(err)?.unwrap_or(&empty),
+    );
+    let default_metrics = match mt.opt_str("listen").map_err(err)? {
+        Some(t) => Some(parse_metrics_listen(&t).map_err(|r| err(mt.error("listen", r)))?),
+        None => None,
+    };
+    mt.finish().map_err(err)?;
+
     let node_tables = top.table_array("node").map_err(err)?;
     top.finish().map_err(err)?;
     if node_tables.is_empty() {
@@ -523,6 +538,12 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             Some(t) => Some(parse_listen(&t).map_err(|r| err(ns.error("nbd-listen", r)))?),
             None => None,
         };
+        let metrics_listen = match ns.opt_str("metrics-listen").map_err(err)? {
+            Some(t) => {
+                Some(parse_metrics_listen(&t).map_err(|r| err(ns.error("metrics-listen", r)))?)
+            }
+            None => None,
+        };
         ns.finish().map_err(err)?;
         if nodes.iter().any(|n: &NodeConfig| n.name == name) {
             return Err(err(KeyError {
@@ -537,6 +558,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             meta_disk,
             run_dir,
             nbd_listen,
+            metrics_listen,
         });
     }
     if nodes.len() == 2 && shared_secret_file.is_none() && !insecure_no_secret {
@@ -599,6 +621,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         .clone()
         .or(default_listen)
         .unwrap_or_else(|| Listen::Unix(run_dir.join(format!("{resource}.nbd"))));
+    let metrics_listen = nodes[this].metrics_listen.or(default_metrics);
 
     Ok(Settings {
         file: file.to_path_buf(),
@@ -611,6 +634,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         run_dir,
         nbd_listen,
         nbd_busy_poll_us,
+        metrics_listen,
         disk,
         sync,
         split_brain,
@@ -637,6 +661,17 @@ pub fn parse_listen(text: &str) -> Result<Listen, String> {
         return Ok(Listen::Unix(PathBuf::from(p)));
     }
     resolve(text).map(Listen::Tcp)
+}
+
+/// `host:port` of the Prometheus endpoint (HTTP over TCP only: Prometheus scrapes no unix
+/// sockets).
+pub fn parse_metrics_listen(text: &str) -> Result<SocketAddr, String> {
+    if text.starts_with("unix:") {
+        return Err(format!(
+            "`{text}`: the metrics endpoint is HTTP over TCP; use host:port, e.g. \"127.0.0.1:9942\""
+        ));
+    }
+    resolve(text)
 }
 
 fn resolve(text: &str) -> Result<SocketAddr, String> {

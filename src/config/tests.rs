@@ -233,3 +233,53 @@ fn two_nodes_need_a_secret_or_the_explicit_opt_out() {
     );
     assert!(!p(TWO, "alpha").unwrap().insecure_no_secret);
 }
+
+#[test]
+fn metrics_are_off_by_default_and_listen_where_configured() {
+    assert_eq!(p(TWO, "alpha").unwrap().metrics_listen, None);
+    let with = format!("{TWO}\n[metrics]\nlisten = \"127.0.0.1:9942\"\n");
+    let a = p(&with, "alpha").unwrap();
+    assert_eq!(a.metrics_listen, Some("127.0.0.1:9942".parse().unwrap()));
+    // The per-node key wins over the table (two nodes on one machine).
+    let per_node = with.replace(
+        "name = \"beta\"\n",
+        "name = \"beta\"\nmetrics-listen = \"127.0.0.1:9943\"\n",
+    );
+    let b = p(&per_node, "beta").unwrap();
+    assert_eq!(b.metrics_listen, Some("127.0.0.1:9943".parse().unwrap()));
+    assert_eq!(
+        p(&per_node, "alpha").unwrap().metrics_listen,
+        Some("127.0.0.1:9942".parse().unwrap())
+    );
+}
+
+#[test]
+fn metrics_listen_errors_name_the_key() {
+    expect_err(
+        &format!("{TWO}\n[metrics]\nlisten = \"unix:/run/m.sock\"\n"),
+        "alpha",
+        Some("metrics.listen"),
+        "HTTP over TCP",
+    );
+    expect_err(
+        &format!("{TWO}\n[metrics]\nlisten = \"no-port\"\n"),
+        "alpha",
+        Some("metrics.listen"),
+        "host:port",
+    );
+    expect_err(
+        &format!("{TWO}\n[metrics]\nport = 9942\n"),
+        "alpha",
+        Some("metrics.port"),
+        "",
+    );
+    expect_err(
+        &TWO.replace(
+            "name = \"beta\"\n",
+            "name = \"beta\"\nmetrics-listen = \"unix:/x\"\n",
+        ),
+        "beta",
+        Some("node[1].metrics-listen"),
+        "HTTP over TCP",
+    );
+}

@@ -644,6 +644,7 @@ impl Node {
                 },
                 role: self.peer.as_ref().map(|p| p.role),
                 disk: self.peer.as_ref().map(|p| p.disk),
+                writes_in_flight: self.recent.len(),
             }),
             resync: self.resync_status(),
             sync: SyncCounters {

@@ -310,6 +310,9 @@ pub struct PeerStatus {
     pub replication: Replication,
     pub role: Option<Role>,
     pub disk: Option<DiskState>,
+    /// Writes sent to the peer that it has not acknowledged yet (mirrored and resync
+    /// writes); read-only, for metrics and `status --json`.
+    pub writes_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -8,6 +8,7 @@ mod disk_io;
 mod exclusive;
 pub mod handover;
 mod meta_writer;
+pub mod metrics;
 mod nbd_conn;
 pub mod notify;
 mod peer_link;
@@ -61,6 +62,9 @@ pub struct Shared {
     restart_tx: Mutex<Option<oneshot::Sender<PathBuf>>>,
     /// The binary this process was started from (the default for a restart).
     exe: Option<PathBuf>,
+    /// Prometheus counters, fed from the events and actions passing through here (off
+    /// unless `[metrics] listen` is set).
+    metrics: metrics::Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -88,6 +92,7 @@ impl Shared {
         {
             let mut core = self.core();
             for ev in evs {
+                self.metrics.event(&ev);
                 core.handle(ev);
             }
             core.drain_actions(&mut actions);
@@ -112,6 +117,9 @@ impl Shared {
     }
 
     fn dispatch_ordered(&self, actions: &mut Vec<Action>) {
+        for a in actions.iter() {
+            self.metrics.action(a);
+        }
         actions.retain_mut(|a| match a {
             Action::Send { link, msg } => {
                 lock(&self.peer).send(*link, std::mem::replace(msg, crate::peer::Message::Ping));
@@ -164,6 +172,23 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Admission of a spliced write (`Node::try_stream_write`): the core's disk op id, or
+    /// None when it must come as a plain request. Counted like any NBD write.
+    fn try_stream_write(
+        self: &Arc<Self>,
+        conn: ConnId,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    ) -> Option<u64> {
+        self.metrics.stream_write_started(conn, cookie, len);
+        let id = self.with_core(|c| c.try_stream_write(conn, cookie, offset, len));
+        if id.is_none() {
+            self.metrics.stream_write_refused(conn, cookie);
+        }
+        id
     }
 
     fn submit_disk(self: &Arc<Self>, id: u64, op: DiskOp) {
@@ -449,6 +474,7 @@ async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (restart_tx, restart_rx) = oneshot::channel();
     let template = loaded.superblock.clone();
+    let settings_metrics = settings.metrics_listen;
     let shared = Arc::new(Shared {
         core: Mutex::new(node),
         disk,
@@ -478,6 +504,7 @@ async fn serve(
         handed: Mutex::new(Vec::new()),
         restart_tx: Mutex::new(Some(restart_tx)),
         exe: handover::own_exe(),
+        metrics: metrics::Metrics::new(settings_metrics.is_some()),
     });
     let weak = Arc::downgrade(&shared);
     let writer = MetaWriter::start(store, template, move |ev| {
@@ -524,6 +551,9 @@ async fn serve(
         tasks.spawn(peer_link::run(shared.clone()));
     }
     tasks.spawn(tick_loop(shared.clone()));
+    if let Some(addr) = shared.settings.metrics_listen {
+        start_metrics(&shared, addr, &mut tasks).await;
+    }
     tracing::info!(
         "serving NBD export {} on {}",
         shared.settings.resource,
@@ -753,6 +783,36 @@ fn handover_outcome(
         state.clients.len()
     );
     Ok(Outcome::Restart { next, state, keep })
+}
+
+/// Serves the metrics endpoint. A failure to listen is logged, not fatal: the data path
+/// does not depend on metrics (Prometheus's `up` shows the endpoint missing).
+async fn start_metrics(
+    shared: &Arc<Shared>,
+    addr: std::net::SocketAddr,
+    tasks: &mut tokio::task::JoinSet<()>,
+) {
+    let listener = match metrics::server::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}; serving without metrics");
+            return;
+        }
+    };
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            "metrics on {addr}: a non-loopback address; anyone who reaches it can read this \
+             resource's state (the endpoint has no authentication)"
+        );
+    }
+    tracing::info!("serving metrics on http://{addr}/metrics");
+    let me = shared.clone();
+    let render: metrics::server::Render = Arc::new(move || {
+        // The core lock is held for the snapshot only, not while the text is written.
+        let status = me.core().status();
+        me.metrics.render(status)
+    });
+    tasks.spawn(metrics::server::run(listener, render));
 }
 
 async fn tick_loop(shared: Arc<Shared>) {

@@ -821,10 +821,7 @@ impl ReqCtx<'_> {
             },
         );
         let (conn, offset, len) = (self.conn, req.offset, req.length);
-        match self
-            .shared
-            .with_core(|c| c.try_stream_write(conn, idx, offset, len))
-        {
+        match self.shared.try_stream_write(conn, idx, offset, len) {
             Some(id) => {
                 self.idx = idx;
                 Some((id, pipe))
@@ -931,6 +928,7 @@ pub const BLOCK_STATUS_MAX_RANGE: u32 = 64 << 20;
 
 fn block_status(shared: &Shared, offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
     debug_assert!(len > 0, "validate.rs refuses a zero-length BLOCK_STATUS");
+    let _counted = shared.metrics.block_status(len);
     let len = len.min(BLOCK_STATUS_MAX_RANGE);
     let good = shared.core().disk_state() == crate::core::DiskState::UpToDate;
     let exts = if good {
