@@ -13,6 +13,9 @@ use super::nbd_genl;
 /// Receive buffer for one datagram; the kernel's answers here are small.
 const RECV_BUF: usize = 64 * 1024;
 
+/// The attributes of one answer, owned: (type, payload) pairs.
+pub type OwnedAttrs = Vec<(u16, Vec<u8>)>;
+
 pub struct NlSocket {
     fd: OwnedFd,
     seq: u32,
@@ -129,12 +132,7 @@ impl NlSocket {
 
     /// Sends `msg` (built with sequence `seq` and NLM_F_ACK), waits for the
     /// acknowledgement; returns the attributes of the answers before it.
-    pub fn request(
-        &mut self,
-        seq: u32,
-        msg: &[u8],
-        what: &str,
-    ) -> Result<Vec<Vec<(u16, Vec<u8>)>>, String> {
+    pub fn request(&mut self, seq: u32, msg: &[u8], what: &str) -> Result<Vec<OwnedAttrs>, String> {
         self.send(msg).map_err(|e| format!("{what}: {e}"))?;
         let mut answers = Vec::new();
         // Bounded: each datagram is one recv with the socket's timeout.
