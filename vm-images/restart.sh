@@ -87,7 +87,7 @@ grep -q '^RESTART CASES DONE failures=0$' "$share/guest.log" || fail "guest did 
 for c in ${cases//,/ }; do
     grep -q "^$c e2fsck -fn: exit 0" "$share/facts" || fail "case $c did not finish"
 done
-pauses=$(awk '/ fio: / { for (i = 1; i <= NF; i++) if ($i ~ /^max_(write|fsync|read)_ms=/) { split($i, kv, "="); k = $1; sub(/[0-9]+$/, "", k); if (kv[2] > m[k]) m[k] = kv[2] } }
+pauses=$(awk '/ (fio|ticker): / { for (i = 1; i <= NF; i++) if ($i ~ /^max_(write|fsync|read|gap)_ms=/) { split($i, kv, "="); k = $1; sub(/[0-9]+$/, "", k); if (kv[2] > m[k]) m[k] = kv[2] } }
     END { for (k in m) printf "%s %s ms; ", k, m[k] }' "$share/facts")
 echo "vm-restart: longest single write, fsync or verify read per kind: $pauses"
 echo "vm-restart: PASS (backend $VM_BACKEND; image ${t_image}s, guest ${t_guest}s, total $(since "$t_all")s)"

@@ -66,6 +66,23 @@ setup() {
     sha256sum "$M/known.bin" | cut -d' ' -f1 >/run/known.sha256
 }
 
+# Beside fio, a ticker: 4 KiB O_DIRECT+O_DSYNC writes one after another, each
+# completion's time on a line; the longest gap is the pause a writer saw,
+# independent of how fio accounts its requests.
+start_ticker() {
+    (
+        for _ in $(seq 100000); do
+            dd if=/dev/zero of="$M/tick" bs=4k count=1 oflag=direct,dsync conv=notrunc status=none 2>>"$S/ticker-$case_name.err" || echo "ERROR" >>"$S/ticker-$case_name.txt"
+            date +%s.%N >>"$S/ticker-$case_name.txt"
+            sleep 0.05
+        done
+    ) &
+    ticker_pid=$!
+}
+ticker_gap() {
+    awk '/ERROR/ { e++ } /^[0-9]/ { if (p) { g = $1 - p; if (g > m) m = g }; p = $1 } END { printf "max_gap_ms=%d ticks=%d ticker_errors=%d", m * 1000, NR, e }' "$S/ticker-$case_name.txt"
+}
+
 # fio in the background for $1 seconds; its JSON goes to the share.
 start_fio() {
     rm -f "$M/load.bin"
@@ -144,7 +161,9 @@ run_case() {
     m0=$(mpid)
     a0=$(apid)
     r0=$(rounds)
+    rm -f "$S/ticker-$case_name.txt"
     start_fio 30
+    start_ticker
     sleep 5
     t0=$(now)
     case $kind in
@@ -169,6 +188,10 @@ run_case() {
     fact "event: $kind done in $(since "$t0")s"
     wait "$fio_pid"
     rc=$?
+    kill "$ticker_pid" 2>/dev/null
+    wait "$ticker_pid" 2>/dev/null
+    fact "ticker: $(ticker_gap)"
+    ! grep -q ERROR "$S/ticker-$case_name.txt" || bad "a ticker write failed: $(head -c 200 "$S/ticker-$case_name.err")"
     check_case "$kind" "$m0" "$a0" "$r0" "$rc"
 }
 
