@@ -11,7 +11,7 @@
 #
 # Environment:
 #   VM_RESTART_CASES      comma-separated cases (default
-#                         restart1,restart2,restart3,upgrade1,kill1,kill2,kill3,stall1;
+#                         restart1,restart2,restart3,upgrade1,kill1,kill2,kill3,stall1,agentkill1;
 #                         the kind is the name without its digits)
 #   MIRRORD_UPGRADE_BIN   the "new" mirrord of the upgrade case (default: the build
 #                         the image does not hold, target/debug or target/release;
@@ -70,7 +70,7 @@ else
     echo "vm-restart: upgrade case installs a copy of $in_image with bytes appended (no second build found)"
 fi
 
-cases=${VM_RESTART_CASES:-restart1,restart2,restart3,upgrade1,kill1,kill2,kill3,stall1}
+cases=${VM_RESTART_CASES:-restart1,restart2,restart3,upgrade1,kill1,kill2,kill3,stall1,agentkill1}
 t=$(now)
 set +e
 "$here/run-guest.sh" --image "$image" --share "$share" --test test.sh --disk "$work/disk0.img" \

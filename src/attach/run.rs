@@ -257,7 +257,10 @@ pub fn run(s: &Settings, o: &AttachOptions) -> Result<u8, String> {
     let start = Instant::now();
     let now_ms = || start.elapsed().as_millis() as u64;
 
-    let (mut agent, first_seen) = if configured(o.index) {
+    // Adopting a device an earlier agent attached needs one connection (its
+    // export, for later checks); a fresh attach needs all of them.
+    let adopt = configured(o.index);
+    if adopt {
         let have = std::fs::read_to_string(sysfs(o.index, "backend")).unwrap_or_default();
         if have.trim() != ctx.params.backend {
             return Err(format!(
@@ -267,27 +270,29 @@ pub fn run(s: &Settings, o: &AttachOptions) -> Result<u8, String> {
                 ctx.params.backend
             ));
         }
-        // Ours, from an earlier agent: adopt it and fill any dead slot now.
-        let (fds, seen) = open_all(s, 1, None)?;
+    }
+    let want = if adopt { 1 } else { o.connections };
+    let deadline = Instant::now() + o.start_timeout;
+    // Bounded by the deadline (and a signal); each pass waits 250 ms.
+    let (fds, seen) = loop {
+        match open_all(s, want, None) {
+            Ok(x) => break x,
+            Err(e) if Instant::now() >= deadline || STOP.load(Ordering::SeqCst) => {
+                return Err(format!("cannot reach mirrord's export: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    };
+    let mut agent = Agent::attached(o.index, timing);
+    if adopt {
         drop(fds);
         log(&format!(
             "nbd{}: already attached to {}, adopting it",
             o.index, ctx.params.backend
         ));
-        let mut a = Agent::attached(o.index, timing);
-        a.handle(Event::Missed { now: now_ms() });
-        (a, seen)
+        // Fill any slot that died while no agent watched.
+        agent.handle(Event::Missed { now: now_ms() });
     } else {
-        let deadline = Instant::now() + o.start_timeout;
-        let (fds, seen) = loop {
-            match open_all(s, o.connections, None) {
-                Ok(x) => break x,
-                Err(e) if Instant::now() >= deadline || STOP.load(Ordering::SeqCst) => {
-                    return Err(format!("cannot reach mirrord's export: {e}"))
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
-            }
-        };
         let g = Geometry {
             size_bytes: seen.size,
             block_size: block_size_for(&seen, o.block_size)?,
@@ -299,8 +304,8 @@ pub fn run(s: &Settings, o: &AttachOptions) -> Result<u8, String> {
             "nbd{} attached: {} bytes, flags {:#x}, {} connections, timeout {} s, dead-conn-timeout {} s, backend {}",
             o.index, seen.size, seen.flags, o.connections, o.timeout_secs, o.dead_conn_timeout_secs, ctx.params.backend
         ));
-        (Agent::attached(o.index, timing), seen)
-    };
+    }
+    let first_seen = seen;
     crate::daemon::notify::notify("READY=1");
 
     let mut last_check = Instant::now();

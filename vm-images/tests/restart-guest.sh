@@ -11,6 +11,8 @@
 #   upgrade   /usr/sbin/mirrord replaced by the host's second build
 #             (share/mirrord-upgrade), then systemctl restart mirrord@r0
 #   kill      kill -9 of mirrord (systemd restarts it; the agent reconnects)
+#   agentkill kill -9 of the attach agent: systemd restarts it, the new one
+#             adopts the device (same backend identifier) and changes nothing
 #   stall     SIGSTOP of mirrord for 25 s, longer than the request timeout
 #             (the kernel drops the sockets and sends the requests again on
 #             new ones while mirrord still holds the first copies)
@@ -46,6 +48,7 @@ apid() { systemctl show -p MainPID --value "nbd-attach@$R.service"; }
 rounds() { journalctl -u "nbd-attach@$R" -o cat --no-pager 2>/dev/null | grep -c 'reconfigured with fresh connections'; }
 all_back() { [ "$(conns)" -eq 4 ] && [ "$(clients)" = 4 ]; }
 attached() { [ -e /sys/block/nbd0/pid ] && [ "$(cat /sys/block/nbd0/size)" -gt 0 ]; }
+agent_moved() { [ "$(apid)" != "$old_agent" ] && [ "$(apid)" != 0 ] && systemctl is-active --quiet "nbd-attach@$R.service"; }
 moved() { [ "$(mpid)" != "$old_pid" ] && [ "$(mpid)" != 0 ]; }
 mirrord_up() { [ "$(mpid)" != 0 ] && ctl status --json >/dev/null 2>&1; }
 
@@ -64,6 +67,10 @@ setup() {
     head -c 16M /dev/urandom >"$M/known.bin"
     sync
     sha256sum "$M/known.bin" | cut -d' ' -f1 >/run/known.sha256
+    # fio's file, laid out once here: a layout at the start of a case would put
+    # the event in fio's layout phase, which its latency figures leave out.
+    head -c 64M /dev/zero >"$M/load.bin"
+    sync
 }
 
 # Beside fio, a ticker: 4 KiB O_DIRECT+O_DSYNC writes one after another, each
@@ -85,7 +92,6 @@ ticker_gap() {
 
 # fio in the background for $1 seconds; its JSON goes to the share.
 start_fio() {
-    rm -f "$M/load.bin"
     timeout $(($1 + 120)) fio --name=w --filename="$M/load.bin" --rw=write --bs=64k --size=64M \
         --time_based --runtime="$1" --ioengine=psync --direct=1 --fsync=8 \
         --verify=crc32c --verify_backlog=32 --verify_fatal=1 \
@@ -124,8 +130,13 @@ check_case() {
     wait_until "$(scaled 30)" all_back
     fact "connections: kernel_sockets=$(conns) mirrord_nbd_clients=$(clients) waited=$(since "$ms")s agent_rounds=$r0->$(rounds) mirrord_pid=$m0->$(mpid) agent_pid=$a0->$(apid)"
     all_back || bad "not all 4 connections back: $(conns) sockets, $(clients) clients"
-    [ "$(apid)" = "$a0" ] || bad "the agent was restarted ($a0 -> $(apid)): the mirrord restart reached nbd-attach@"
-    if [ "$kind" = stall ]; then
+    if [ "$kind" = agentkill ]; then
+        [ "$(apid)" != "$a0" ] || bad "the agent kept PID $a0 after kill -9"
+        journalctl -u "nbd-attach@$R" -o cat --no-pager | grep -q 'adopting it' || bad "the new agent did not adopt the device"
+    else
+        [ "$(apid)" = "$a0" ] || bad "the agent was restarted ($a0 -> $(apid)): the mirrord restart reached nbd-attach@"
+    fi
+    if [ "$kind" = stall ] || [ "$kind" = agentkill ]; then
         [ "$(mpid)" = "$m0" ] || bad "mirrord changed PID during a stall"
     else
         [ "$(mpid)" != "$m0" ] || bad "mirrord kept PID $m0"
@@ -178,6 +189,12 @@ run_case() {
             wait_until "$(scaled 30)" moved || bad "mirrord not restarted"
             wait_until "$(scaled 30)" mirrord_up || bad "mirrord not answering after the kill"
             ;;
+        agentkill)
+            # The agent itself crashes: systemd restarts it and it adopts the device.
+            kill -9 "$a0"
+            old_agent=$a0
+            wait_until "$(scaled 30)" agent_moved || bad "the agent was not restarted"
+            ;;
         stall)
             kill -STOP "$m0"
             sleep 25
@@ -195,7 +212,7 @@ run_case() {
     check_case "$kind" "$m0" "$a0" "$r0" "$rc"
 }
 
-cases=$(cmdline_arg cases || echo restart1,restart2,restart3,upgrade1,kill1,kill2,kill3,stall1)
+cases=$(cmdline_arg cases || echo restart1,restart2,restart3,upgrade1,kill1,kill2,kill3,stall1,agentkill1)
 echo "guest kernel $(uname -r); cases $cases"
 setup
 for c in ${cases//,/ }; do
