@@ -7,6 +7,7 @@
 //! - `storage`: disk engine and on-disk metadata.
 //! - `config`: TOML to typed, validated settings.
 
+pub mod attach;
 pub mod config;
 pub mod core;
 pub mod ctl;

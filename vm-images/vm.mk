@@ -40,7 +40,8 @@ vm-smoke-standin: vm-deps
 vm-two-host: vm-deps vm-bins
 	$(VM_DIR)/two-host.sh
 
-# systemctl restart / SIGSTOP of mirrord under a mounted ext4: prints the facts.
+# restart, upgrade, kill -9 and SIGSTOP of mirrord under a mounted ext4 with fio writing,
+# units as shipped (mirrorctl attach): fails on any I/O error, lost connection or fsck error.
 vm-restart: vm-deps vm-bins
 	$(VM_DIR)/restart.sh
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use nbd_mirror::attach;
 use nbd_mirror::config::{self, Settings};
 use nbd_mirror::ctl::{CtlRequest, CtlResponse};
 use nbd_mirror::daemon::setup;
@@ -98,6 +99,31 @@ enum Cmd {
         /// Give up waiting for the new process after this many seconds.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
+    },
+    /// Attach /dev/nbdN to this resource's export through the kernel's netlink interface and
+    /// keep it attached (long-running): after a crash or a failed hand-over of mirrord, makes
+    /// fresh connections and hands them to the kernel. SIGTERM disconnects the device.
+    Attach {
+        /// The resource's name (must match the config's).
+        resource: String,
+        /// The NBD device, e.g. /dev/nbd0.
+        device: PathBuf,
+        /// Connections (-C of nbd-client); mirrord is multi-connection safe.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Kernel request timeout in seconds: a request without a reply by then is sent again
+        /// on another connection. It bounds the pause after a crash (docs/OPERATIONS.md).
+        #[arg(long, default_value_t = 15)]
+        timeout: u64,
+        /// Seconds new requests wait while no connection is live; then they fail.
+        #[arg(long, default_value_t = 60)]
+        dead_conn_timeout: u64,
+        /// Logical block size in bytes.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+        /// Seconds the first attach waits for mirrord's export.
+        #[arg(long, default_value_t = 60)]
+        start_timeout: u64,
     },
     /// Wait until connected and both disks are up to date.
     WaitSync {
@@ -211,6 +237,41 @@ fn run(args: Args) -> Result<(), Fail> {
         Cmd::Invalidate => simple(&s, CtlRequest::Invalidate),
         Cmd::ResumeIo => simple(&s, CtlRequest::ResumeIo),
         Cmd::Restart { exe, timeout } => restart(&s, exe, Duration::from_secs(timeout)),
+        Cmd::Attach {
+            resource,
+            device,
+            connections,
+            timeout,
+            dead_conn_timeout,
+            block_size,
+            start_timeout,
+        } => {
+            if resource != s.resource {
+                return Err(Fail::Config(format!(
+                    "config {}: resource is {:?}, not {resource:?}",
+                    s.file.display(),
+                    s.resource
+                )));
+            }
+            if !(1..=attach::run::MAX_CONNECTIONS).contains(&connections) || timeout == 0 {
+                return Err(Fail::Config(format!(
+                    "--connections must be 1..={} and --timeout above 0",
+                    attach::run::MAX_CONNECTIONS
+                )));
+            }
+            let o = attach::run::AttachOptions {
+                index: attach::run::device_index(&device).map_err(Fail::Config)?,
+                connections,
+                timeout_secs: timeout,
+                dead_conn_timeout_secs: dead_conn_timeout,
+                block_size,
+                start_timeout: Duration::from_secs(start_timeout),
+            };
+            match attach::run::run(&s, &o).map_err(Fail::Op)? {
+                0 => Ok(()),
+                _ => Err(Fail::Op(format!("{} detached", device.display()))),
+            }
+        }
         Cmd::Resync {
             full,
             checksum,

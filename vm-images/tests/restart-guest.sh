@@ -1,178 +1,227 @@
 #!/bin/bash
 # Guest side of `make vm-restart` (restart.sh), systemd mode, one guest,
-# standalone mirrord@r0 on the host's disk 1 (/dev/vm/disk1). What does a file system on /dev/nbd0
-# see when mirrord restarts or stalls under load, with Debian 12's
-# nbd-client 3.24 and kernel 6.1? Each scenario: fresh ext4 on /dev/nbd0, a
-# 16 MiB file written and synced (acknowledged data), fio writing 64 KiB
-# blocks with an fsync every 8 (psync) to a second file, then the event;
-# then the observations go to /mnt/host/facts (one "SCENARIO key=value" line
-# each) and the kernel log of the scenario to /mnt/host/dmesg-SCENARIO.log.
+# standalone mirrord@r0 on the host's disk 1 (/dev/vm/disk1), the units as
+# shipped: nbd-attach@r0 runs `mirrorctl attach r0 /dev/nbd0` (netlink, 4
+# connections, request timeout 15 s). ext4 on /dev/nbd0 with a 16 MiB file
+# written and synced first (known data). Then, for each case, fio writes
+# 64 KiB blocks with O_DIRECT, an fsync every 8 and crc32c verify (backlog of
+# 32 blocks, verify_fatal) while the event happens:
 #
-#   unit-restart    the units as shipped (nbd-attach@: netlink, -C 4, -t 90);
-#                   `systemctl restart mirrord@r0`
-#   ioctl-persist   nbd-client -L -p -t 30 (ioctl mode, persist) as its own
-#                   transient unit, not bound to mirrord@; `systemctl restart
-#                   mirrord@r0`
-#   stall-C4        nbd-attach@ without -t (NBD_OPTS="-b 4096"); mirrord
-#                   SIGSTOPped for 45 s (a daemon
-#                   that holds requests longer than 30 s, e.g. waiting on its
-#                   peer or a slow disk), then SIGCONT; besides fio, a loop of
-#                   4 KiB O_DIRECT reads of /dev/nbd0
-#   stall-C4-t90    the same with the units as shipped (-t 90)
+#   restart   systemctl restart mirrord@r0 (hand-over through the fd store)
+#   upgrade   /usr/sbin/mirrord replaced by the host's second build
+#             (share/mirrord-upgrade), then systemctl restart mirrord@r0
+#   kill      kill -9 of mirrord (systemd restarts it; the agent reconnects)
+#   agentkill kill -9 of the attach agent: systemd restarts it, the new one
+#             adopts the device (same backend identifier) and changes nothing
+#   stall     SIGSTOP of mirrord for 25 s, longer than the request timeout
+#             (the kernel drops the sockets and sends the requests again on
+#             new ones while mirrord still holds the first copies)
 #
-# After each event: is /dev/nbd0 still connected, did fio get errors, what
-# did the kernel log (I/O errors, journal abort, read-only remount), does the
-# acknowledged file read back after the daemon is up again (reattached and
-# the file system repaired if needed). The script fails only when the
-# harness itself breaks (a step it needs does not work) or acknowledged data
-# is lost; the facts are what it reports.
+# Each case asserts: fio exits 0 without error; the kernel log has no I/O
+# error, no journal abort, no ext4 error, no read-only remount; 4 connections back (kernel sockets on mirrord's socket and
+# mirrord's nbd_clients); the agent kept its PID (a restart of mirrord did
+# not stop it); mirrord's PID changed (except stall); after a kill the agent
+# logged a reconnect; the known file reads back after dropping the caches;
+# `e2fsck -fn` is clean after unmounting. Facts go to /mnt/host/facts, one
+# "CASE key=value..." line each; a failed check is a "CASE FAIL: ..." line,
+# and the script then exits 1.
+#
+# vm.cases=restart1,kill1,... (kernel command line) picks cases; the kind is
+# the name without its trailing digits.
 set -uo pipefail
 # shellcheck source=vm-images/tests/lib-guest.sh
 . /mnt/host/lib-guest.sh
-COLLECT_UNITS=nbd-persist
 M=/mnt/data
 : >"$S/facts"
+fails=0
+case_name=setup
 
-fact() { echo "$scen $*" | tee -a "$S/facts"; }
+fact() { echo "$case_name $*" | tee -a "$S/facts"; }
+bad() {
+    fact "FAIL: $*"
+    fails=$((fails + 1))
+}
 conns() { ss -xH state connected src "/run/nbd-mirror/$R.nbd" 2>/dev/null | wc -l; }
-connected() { [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" -gt 0 ] && nbd-client -c "$DEV" >/dev/null 2>&1; }
-detach_all() {
-    mountpoint -q "$M" && { umount "$M" || umount -l "$M"; }
-    systemctl stop nbd-persist.service 2>/dev/null || true
-    systemctl reset-failed nbd-persist.service 2>/dev/null || true
-    systemctl stop "nbd-attach@$R.service" 2>/dev/null || true
-    nbd-client -d "$DEV" >/dev/null 2>&1 || true
-    wait_until "$(scaled 20)" sh -c '! nbd-client -c /dev/nbd0 >/dev/null 2>&1' || true
-}
-attach_units() {
-    systemctl start "mirrord@$R.service" "nbd-attach@$R.service" || return 1
-    wait_until "$(scaled 30)" connected
-}
-attach_persist() {
-    systemctl start "mirrord@$R.service" || return 1
-    modprobe nbd
-    udevadm settle --timeout=30 || true
-    # -n: stays in the foreground, so the unit (and its journal) is the client.
-    systemd-run --unit=nbd-persist --collect -p Type=exec \
-        /usr/sbin/nbd-client -unix "/run/nbd-mirror/$R.nbd" "$DEV" -N "$R" -b 4096 -L -p -t 30 -n || return 1
-    wait_until "$(scaled 30)" connected
-}
-prepare_fs() {
-    mkfs.ext4 -q -F -E nodiscard "$DEV" || return 1
+clients() { ctl status --json 2>/dev/null | jq -r '.nbd_clients // 0' 2>/dev/null || echo 0; }
+mpid() { systemctl show -p MainPID --value "mirrord@$R.service"; }
+apid() { systemctl show -p MainPID --value "nbd-attach@$R.service"; }
+rounds() { journalctl -u "nbd-attach@$R" -o cat --no-pager 2>/dev/null | grep -c 'reconfigured with fresh connections'; }
+all_back() { [ "$(conns)" -eq 4 ] && [ "$(clients)" = 4 ]; }
+attached() { [ -e /sys/block/nbd0/pid ] && [ "$(cat /sys/block/nbd0/size)" -gt 0 ]; }
+agent_moved() { [ "$(apid)" != "$old_agent" ] && [ "$(apid)" != 0 ] && systemctl is-active --quiet "nbd-attach@$R.service"; }
+moved() { [ "$(mpid)" != "$old_pid" ] && [ "$(mpid)" != 0 ]; }
+mirrord_up() { [ "$(mpid)" != 0 ] && ctl status --json >/dev/null 2>&1; }
+
+setup() {
+    mkdir -p /etc/nbd-mirror
+    install -m 0644 "$S/$R.toml" "$CFG"
+    create_md >/dev/null || die "create-md"
+    systemctl enable "nbd-attach@$R.service" 2>/dev/null || die "enable nbd-attach@$R"
+    systemctl start "mirrord@$R.service" "nbd-attach@$R.service" || die "start the units"
+    wait_until "$(scaled 30)" attached || die "/dev/nbd0 not attached"
+    wait_until "$(scaled 30)" all_back || die "not 4 connections: $(conns) sockets, $(clients) clients"
+    fact "attached: $(journalctl -u "nbd-attach@$R" -o cat --no-pager | grep -m1 attached) backend=$(cat /sys/block/nbd0/backend)"
+    mkfs.ext4 -q -F -E nodiscard "$DEV" || die "mkfs"
     mkdir -p "$M"
-    mount "$DEV" "$M" || return 1
-    head -c 16M /dev/urandom >"$M/acked.bin"
+    mount "$DEV" "$M" || die "mount"
+    head -c 16M /dev/urandom >"$M/known.bin"
     sync
-    sha256sum "$M/acked.bin" | cut -d' ' -f1 >/run/acked.sha256
+    sha256sum "$M/known.bin" | cut -d' ' -f1 >/run/known.sha256
+    # fio's file, laid out once here: a layout at the start of a case would put
+    # the event in fio's layout phase, which its latency figures leave out.
+    head -c 64M /dev/zero >"$M/load.bin"
+    sync
 }
-start_load() {
-    rm -f "$S/fio-$scen.txt"
-    timeout 150 fio --name=load --directory="$M" --rw=write --bs=64k --size=256M --time_based \
-        --runtime="$1" --ioengine=psync --fsync=8 --output="$S/fio-$scen.txt" >/dev/null 2>&1 &
+
+# Beside fio, a ticker: 4 KiB O_DIRECT+O_DSYNC writes one after another, each
+# completion's time on a line; the longest gap is the pause a writer saw,
+# independent of how fio accounts its requests.
+start_ticker() {
+    (
+        for _ in $(seq 100000); do
+            dd if=/dev/zero of="$M/tick" bs=4k count=1 oflag=direct,dsync conv=notrunc status=none 2>>"$S/ticker-$case_name.err" || echo "ERROR" >>"$S/ticker-$case_name.txt"
+            date +%s.%N >>"$S/ticker-$case_name.txt"
+            sleep 0.05
+        done
+    ) &
+    ticker_pid=$!
+}
+ticker_gap() {
+    awk '/ERROR/ { e++ } /^[0-9]/ { if (p) { g = $1 - p; if (g > m) m = g }; p = $1 } END { printf "max_gap_ms=%d ticks=%d ticker_errors=%d", m * 1000, NR, e }' "$S/ticker-$case_name.txt"
+}
+
+# fio in the background for $1 seconds; its JSON goes to the share.
+start_fio() {
+    timeout $(($1 + 120)) fio --name=w --filename="$M/load.bin" --rw=write --bs=64k --size=64M \
+        --time_based --runtime="$1" --ioengine=psync --direct=1 --fsync=8 \
+        --verify=crc32c --verify_backlog=32 --verify_fatal=1 \
+        --output-format=json --output="$S/fio-$case_name.json" >/dev/null 2>"$S/fio-$case_name.err" &
     fio_pid=$!
-    sleep 4
 }
-# Observations after the event.
-observe() {
-    local wait_s=$1 t0 rc fio_err k
+
+check_case() {
+    local kind=$1 m0=$2 a0=$3 r0=$4 rc=$5 k ms
+    # fio: exit status, its own error count, the longest write and fsync.
+    local ferr wmax smax rmax j=$S/fio-$case_name.json
+    ferr=$(jq -r '.jobs[0].error' "$j" 2>/dev/null || echo "?")
+    wmax=$(jq -r '(.jobs[0].write.lat_ns.max // 0) / 1e6 | floor' "$j" 2>/dev/null || echo "?")
+    smax=$(jq -r '(.jobs[0].sync.lat_ns.max // 0) / 1e6 | floor' "$j" 2>/dev/null || echo "?")
+    # The verify backlog's reads: the request in flight at the event may be one of them.
+    rmax=$(jq -r '(.jobs[0].read.lat_ns.max // 0) / 1e6 | floor' "$j" 2>/dev/null || echo "?")
+    fact "fio: exit=$rc error=$ferr writes=$(jq -r '.jobs[0].write.total_ios' "$j" 2>/dev/null) verify_reads=$(jq -r '.jobs[0].read.total_ios' "$j" 2>/dev/null) max_write_ms=$wmax max_fsync_ms=$smax max_read_ms=$rmax"
+    [ "$rc" -eq 0 ] && [ "$ferr" = 0 ] || bad "fio exit $rc error $ferr: $(head -c 300 "$S/fio-$case_name.err" | tr '\n' '|')"
+    # Kernel log.
+    k=$(dmesg)
+    echo "$k" >"$S/dmesg-$case_name.log"
+    local io jab ext ro dead tmo rcv
+    io=$(grep -c 'I/O error' <<<"$k")
+    jab=$(grep -c 'Aborting journal' <<<"$k")
+    ext=$(grep -c 'EXT4-fs error' <<<"$k")
+    ro=$(grep -c 'read-only' <<<"$k")
+    dead=$(grep -c 'Dead connection' <<<"$k")
+    tmo=$(grep -c 'Connection timed out' <<<"$k")
+    rcv=$(grep -c 'Receive control failed' <<<"$k")
+    # "Dead connection, failed to find a fallback" is logged whenever a request finds no
+    # live socket; it then waits for the dead-connection timeout: a fact, not an error.
+    fact "kernel: io_errors=$io journal_aborts=$jab ext4_errors=$ext read_only=$ro no_live_socket=$dead timed_out_retrying=$tmo receive_failed=$rcv"
+    [ $((io + jab + ext + ro)) -eq 0 ] || bad "kernel log: $(grep -m3 -E 'I/O error|Aborting journal|EXT4-fs error|read-only' <<<"$k" | tr '\n' '|')"
+    # Connections.
+    ms=$(now)
+    wait_until "$(scaled 30)" all_back
+    fact "connections: kernel_sockets=$(conns) mirrord_nbd_clients=$(clients) waited=$(since "$ms")s agent_rounds=$r0->$(rounds) mirrord_pid=$m0->$(mpid) agent_pid=$a0->$(apid)"
+    all_back || bad "not all 4 connections back: $(conns) sockets, $(clients) clients"
+    if [ "$kind" = agentkill ]; then
+        [ "$(apid)" != "$a0" ] || bad "the agent kept PID $a0 after kill -9"
+        journalctl -u "nbd-attach@$R" -o cat --no-pager | grep -q 'adopting it' || bad "the new agent did not adopt the device"
+    else
+        [ "$(apid)" = "$a0" ] || bad "the agent was restarted ($a0 -> $(apid)): the mirrord restart reached nbd-attach@"
+    fi
+    if [ "$kind" = stall ] || [ "$kind" = agentkill ]; then
+        [ "$(mpid)" = "$m0" ] || bad "mirrord changed PID during a stall"
+    else
+        [ "$(mpid)" != "$m0" ] || bad "mirrord kept PID $m0"
+    fi
+    if [ "$kind" = kill ] || [ "$kind" = stall ]; then
+        [ "$(rounds)" -gt "$r0" ] || bad "the agent logged no reconnect"
+    fi
+    if [ "$kind" = upgrade ]; then
+        local want got
+        want=$(sha256sum "$S/mirrord-upgrade" | cut -d' ' -f1)
+        got=$(sha256sum "/proc/$(mpid)/exe" | cut -d' ' -f1)
+        fact "upgrade: running binary sha256 ${got:0:16} (upgrade ${want:0:16})"
+        [ "$got" = "$want" ] || bad "the running mirrord is not the upgrade"
+    fi
+    # Known data, from the device (caches dropped).
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    [ "$(sha256sum "$M/known.bin" | cut -d' ' -f1)" = "$(cat /run/known.sha256)" ] || bad "known data changed"
+    # The file system itself.
+    umount "$M" || bad "umount"
+    e2fsck -fn "$DEV" >"$S/fsck-$case_name.txt" 2>&1
+    local frc=$?
+    fact "e2fsck -fn: exit $frc"
+    [ $frc -eq 0 ] || bad "e2fsck -fn exit $frc: $(tail -n 3 "$S/fsck-$case_name.txt" | tr '\n' '|')"
+    mount "$DEV" "$M" || die "$case_name: cannot mount again"
+}
+
+run_case() {
+    case_name=$1
+    local kind=${1%%[0-9]*} m0 a0 r0 t0 rc
+    echo "=== $(ts) case $case_name ($kind)"
+    dmesg -C
+    m0=$(mpid)
+    a0=$(apid)
+    r0=$(rounds)
+    rm -f "$S/ticker-$case_name.txt"
+    start_fio 30
+    start_ticker
+    sleep 5
     t0=$(now)
-    # Until fio ends or wait_s passes.
-    for _ in $(seq $((wait_s * 2))); do kill -0 "$fio_pid" 2>/dev/null || break; sleep 0.5; done
-    kill -0 "$fio_pid" 2>/dev/null && { kill "$fio_pid"; sleep 1; }
+    case $kind in
+        restart) systemctl restart "mirrord@$R.service" || bad "systemctl restart exit $?" ;;
+        upgrade)
+            install -m 0755 "$S/mirrord-upgrade" /usr/sbin/mirrord.new && mv /usr/sbin/mirrord.new /usr/sbin/mirrord
+            systemctl restart "mirrord@$R.service" || bad "systemctl restart exit $?"
+            ;;
+        kill)
+            kill -9 "$m0"
+            old_pid=$m0
+            wait_until "$(scaled 30)" moved || bad "mirrord not restarted"
+            wait_until "$(scaled 30)" mirrord_up || bad "mirrord not answering after the kill"
+            ;;
+        agentkill)
+            # The agent itself crashes: systemd restarts it and it adopts the device.
+            kill -9 "$a0"
+            old_agent=$a0
+            wait_until "$(scaled 30)" agent_moved || bad "the agent was not restarted"
+            ;;
+        stall)
+            kill -STOP "$m0"
+            sleep 25
+            kill -CONT "$m0"
+            ;;
+        *) die "unknown case kind $kind" ;;
+    esac
+    fact "event: $kind done in $(since "$t0")s"
     wait "$fio_pid"
     rc=$?
-    fio_err=$(grep -o 'err= *[0-9]*' "$S/fio-$scen.txt" 2>/dev/null | head -n 1 | tr -d ' ')
-    fact "fio_exit=$rc fio_${fio_err:-err=?} fio_first_error=\"$(grep -m1 -o 'io_u error.*' "$S/fio-$scen.txt" 2>/dev/null | cut -c1-90)\""
-    fact "kernel_connections=$(conns) nbd0_sectors=$(cat /sys/block/nbd0/size 2>/dev/null) nbd_client_pids=\"$(pgrep -d, -x nbd-client || true)\""
-    k=$(dmesg)
-    echo "$k" >"$S/dmesg-$scen.log"
-    fact "dmesg_io_errors=$(grep -c 'I/O error, dev nbd0' <<<"$k") dmesg_conn_timed_out=$(grep -c 'Connection timed out' <<<"$k") dmesg_dead_conn=$(grep -c 'Dead connection' <<<"$k") dmesg_receive_failed=$(grep -c 'Receive control failed' <<<"$k") journal_aborted=$(grep -c 'Aborting journal' <<<"$k") remount_ro=$(grep -c 'Remounting filesystem read-only' <<<"$k")"
-    fact "fs_writable_after=$(touch "$M/after" 2>/dev/null && sync -f "$M/after" 2>/dev/null && echo yes || echo no) mount_opts=$(awk -v m="$M" '$2 == m { print $4 }' /proc/mounts | cut -d, -f1) observed_for=$(since "$t0")s"
-}
-# The daemon is up again: reattach if needed, repair, the acknowledged file.
-recheck() {
-    local fsck_rc got how=units
-    mountpoint -q "$M" && { umount "$M" || umount -l "$M"; }
-    if ! connected || [ "$(conns)" -eq 0 ]; then
-        detach_all
-        if [ "$1" = persist ]; then attach_persist; else attach_units; fi || die "$scen: cannot attach again"
-        how=reattached
-    fi
-    e2fsck -fn "$DEV" >"$S/fsck-n-$scen.txt" 2>&1
-    fsck_rc=$?
-    e2fsck -fy "$DEV" >"$S/fsck-y-$scen.txt" 2>&1
-    mount "$DEV" "$M" || die "$scen: cannot mount after repair"
-    got=$(sha256sum "$M/acked.bin" | cut -d' ' -f1)
-    fact "after: device=$how fsck_n_exit=$fsck_rc acked_file=$([ "$got" = "$(cat /run/acked.sha256)" ] && echo intact || echo CHANGED)"
-    [ "$got" = "$(cat /run/acked.sha256)" ] || { collect_logs; echo "$(ts) acknowledged data lost in $scen"; exit 1; }
-    umount "$M"
+    kill "$ticker_pid" 2>/dev/null
+    wait "$ticker_pid" 2>/dev/null
+    fact "ticker: $(ticker_gap)"
+    ! grep -q ERROR "$S/ticker-$case_name.txt" || bad "a ticker write failed: $(head -c 200 "$S/ticker-$case_name.err")"
+    check_case "$kind" "$m0" "$a0" "$r0" "$rc"
 }
 
-scenario() {
-    scen=$1
-    echo "=== $(ts) scenario $scen"
-    detach_all
-    rm -f /etc/nbd-mirror/$R.attach
-    dmesg -C
-    case $scen in
-        unit-restart | stall-C4-t90) attach_units || die "$scen: attach" ;;
-        stall-C4)
-            echo 'NBD_OPTS="-b 4096"' >/etc/nbd-mirror/$R.attach
-            attach_units || die "$scen: attach" ;;
-        ioctl-persist) attach_persist || die "$scen: attach" ;;
-    esac
-    fact "before: kernel_connections=$(conns) attach=\"$(ps -o args= -C nbd-client | head -n 1)\""
-    prepare_fs || die "$scen: mkfs/mount"
-    local old t0
-    old=$(systemctl show -p MainPID --value "mirrord@$R.service")
-    case $scen in
-        unit-restart | ioctl-persist)
-            start_load 25
-            t0=$(now)
-            systemctl restart "mirrord@$R.service"
-            fact "restart: systemctl_exit=$? took=$(since "$t0")s mirrord_pid=$old->$(systemctl show -p MainPID --value "mirrord@$R.service") nbd_attach=$(systemctl is-active "nbd-attach@$R.service")"
-            observe 40
-            ;;
-        stall-C4 | stall-C4-t90)
-            start_load 60
-            # Small O_DIRECT reads of the raw device beside fio: a read
-            # request is sent whole at once, so it sits in flight waiting
-            # for its reply (a write whose send blocks on a full socket
-            # buffer holds the request's lock, and the kernel only re-arms
-            # its timer for it).
-            (while :; do dd if="$DEV" of=/dev/null bs=4k count=1 skip=$((RANDOM % 4096)) iflag=direct status=none 2>>"$S/reads-$scen.err" || echo "$(ts) read failed" >>"$S/reads-$scen.err"; sleep 0.2; done) &
-            local rpid=$!
-            sleep 1
-            systemctl kill -s SIGSTOP "mirrord@$R.service"
-            sleep 45
-            systemctl kill -s SIGCONT "mirrord@$R.service"
-            sleep 5
-            kill "$rpid"
-            wait "$rpid" 2>/dev/null
-            fact "stall: SIGSTOP 45s then SIGCONT; mirrord_pid=$old->$(systemctl show -p MainPID --value "mirrord@$R.service") raw_read_failures=$(grep -c 'read failed' "$S/reads-$scen.err" 2>/dev/null)"
-            observe 30
-            ;;
-    esac
-    if [ "$scen" = ioctl-persist ]; then
-        fact "persist_client: $(systemctl show -p ActiveState -p Result -p ExecMainStatus nbd-persist.service 2>/dev/null | tr '\n' ' ') log=\"$(journalctl -u nbd-persist --no-pager -o cat 2>/dev/null | tail -n 4 | tr '\n' '|')\""
-        recheck persist
-    else
-        recheck units
-    fi
-}
-
-mkdir -p /etc/nbd-mirror
-install -m 0644 "$S/$R.toml" "$CFG"
-create_md >/dev/null || die "create-md"
-systemctl start "mirrord@$R.service" || die "start mirrord@$R"
-echo "guest kernel $(uname -r), $(nbd-client -h 2>&1 | head -n 1)"
-scenarios="unit-restart ioctl-persist stall-C4 stall-C4-t90"
-for arg in $(cat /proc/cmdline); do
-    case $arg in vm.scenarios=*) scenarios=$(tr , ' ' <<<"${arg#*=}") ;; esac
+cases=$(cmdline_arg cases || echo restart1,restart2,restart3,upgrade1,kill1,kill2,kill3,stall1,agentkill1)
+echo "guest kernel $(uname -r); cases $cases"
+setup
+for c in ${cases//,/ }; do
+    run_case "$c"
 done
-for s in $scenarios; do
-    scenario "$s"
-done
-detach_all
+case_name=end
+umount "$M" 2>/dev/null
 collect_logs
-echo "RESTART FACTS COLLECTED"
+journalctl -u "nbd-attach@$R" -o short-monotonic --no-pager >"$S/agent.log" 2>&1
+fact "failures=$fails"
+echo "RESTART CASES DONE failures=$fails"
+[ "$fails" -eq 0 ]
