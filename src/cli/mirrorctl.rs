@@ -1,0 +1,181 @@
+//! `mirrorctl [--config FILE] [--node NAME] COMMAND [RESOURCE]`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueHint};
+
+use super::{ConfigArgs, Resource};
+
+/// Control an nbd-mirror resource.
+///
+/// mirrorctl talks to the running mirrord of a resource over its control socket
+/// ({run-dir}/{resource}.ctl). The resource is named as drbdadm names it
+/// (`mirrorctl status r0` reads /etc/nbd-mirror/r0.toml; $MIRROR_CONF_DIR overrides the
+/// directory), or its config file is given with --config. create-md, dump-md,
+/// check-config and gen-secret work without a daemon. Exit status: 0 success, 1 the
+/// operation failed, 2 bad usage or a bad config, 3 the daemon is not reachable.
+#[derive(Parser, Debug)]
+#[command(name = "mirrorctl", version)]
+pub struct Args {
+    #[command(flatten)]
+    pub cfg: ConfigArgs,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Write fresh metadata on this node's disk (all blocks out of sync).
+    CreateMd {
+        #[command(flatten)]
+        res: Resource,
+        /// Overwrite existing metadata.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the metadata as JSON.
+    DumpMd {
+        #[command(flatten)]
+        res: Resource,
+        /// List every out-of-sync range (default: the first 16).
+        #[arg(long)]
+        all_ranges: bool,
+    },
+    /// Validate the config and print the resolved settings for this node.
+    CheckConfig {
+        #[command(flatten)]
+        res: Resource,
+    },
+    /// Write a new random shared secret (mode 0600); never overwrites one.
+    ///
+    /// With --config and one argument, the argument is the PATH.
+    GenSecret {
+        /// The resource (as for the other commands).
+        #[arg(value_name = "RESOURCE", value_hint = ValueHint::Other)]
+        resource: Option<String>,
+        /// Where to write it (default: the config's shared-secret-file; with a path the
+        /// config is not read).
+        #[arg(value_name = "PATH", value_hint = ValueHint::FilePath)]
+        path: Option<PathBuf>,
+    },
+    /// Show the resource's state.
+    Status {
+        #[command(flatten)]
+        res: Resource,
+        /// Print the state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream state changes as JSON lines until interrupted.
+    Events {
+        #[command(flatten)]
+        res: Resource,
+    },
+    /// Become primary.
+    Primary {
+        #[command(flatten)]
+        res: Resource,
+        /// Promote even with an inconsistent or outdated disk; this node's data wins.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Become secondary.
+    Secondary {
+        #[command(flatten)]
+        res: Resource,
+    },
+    /// Start the peer link.
+    Connect {
+        #[command(flatten)]
+        res: Resource,
+        /// Resolve a split brain by discarding this node's changes.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Stop the peer link.
+    Disconnect {
+        #[command(flatten)]
+        res: Resource,
+    },
+    /// Start a resync with this node as the source.
+    Resync {
+        #[command(flatten)]
+        res: Resource,
+        /// Resync every block, not only the out-of-sync ones.
+        #[arg(long)]
+        full: bool,
+        /// Compare block checksums first; send only the blocks that differ.
+        #[arg(long)]
+        checksum: bool,
+        /// Show progress until the resync ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Online verify: compare every block with the peer.
+    Verify {
+        #[command(flatten)]
+        res: Resource,
+        /// Show progress until the verify ends.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Discard this node's data and resync all of it from the peer.
+    Invalidate {
+        #[command(flatten)]
+        res: Resource,
+    },
+    /// Lift a fencing freeze by hand (the fence-peer handler failed or hangs).
+    ResumeIo {
+        #[command(flatten)]
+        res: Resource,
+    },
+    /// Restart mirrord in place, keeping its NBD clients connected.
+    ///
+    /// mirrord answers every request it has read, persists its metadata and re-executes
+    /// itself (or --exe, for an upgrade) with the sockets and the disk lock inherited.
+    /// Returns once the new process answers.
+    Restart {
+        #[command(flatten)]
+        res: Resource,
+        /// The binary to run (default: the path mirrord was started from, so an upgrade
+        /// installed there is picked up).
+        #[arg(long, value_name = "PATH", value_hint = ValueHint::ExecutablePath)]
+        exe: Option<PathBuf>,
+        /// Give up waiting for the new process after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 180)]
+        timeout: u64,
+    },
+    /// Wait until connected and both disks are up to date.
+    WaitSync {
+        #[command(flatten)]
+        res: Resource,
+        /// Give up after this many seconds and exit 1 (0: wait for ever).
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        timeout: u64,
+    },
+}
+
+impl Cmd {
+    /// The RESOURCE named on the command line, if any.
+    pub fn resource(&self) -> Option<&str> {
+        let res = match self {
+            Cmd::GenSecret { resource, .. } => return resource.as_deref(),
+            Cmd::CreateMd { res, .. }
+            | Cmd::DumpMd { res, .. }
+            | Cmd::CheckConfig { res }
+            | Cmd::Status { res, .. }
+            | Cmd::Events { res }
+            | Cmd::Primary { res, .. }
+            | Cmd::Secondary { res }
+            | Cmd::Connect { res, .. }
+            | Cmd::Disconnect { res }
+            | Cmd::Resync { res, .. }
+            | Cmd::Verify { res, .. }
+            | Cmd::Invalidate { res }
+            | Cmd::ResumeIo { res }
+            | Cmd::Restart { res, .. }
+            | Cmd::WaitSync { res, .. } => res,
+        };
+        res.resource.as_deref()
+    }
+}
