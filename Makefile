@@ -7,6 +7,8 @@
 #   make lint         fmt check, clippy, script syntax checks
 #   make test-reference   the NBD client/bad-input tests against qemu-nbd,
 #                     to tell a test bug from a server bug
+#   make man          regenerate man/*.8 and completions/ from the clap definitions
+#                     (tests/cli_docs.rs checks them in cargo-test; commit the result)
 #   make demo         tools/demo.sh (installs what it needs first: install-deps.sh demo)
 #   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10;
 #                     BENCH_ROUNDS rounds, default 3, medians reported)
@@ -33,7 +35,7 @@ SHELL_SCRIPTS := $(wildcard tools/*.sh tools/bench/*.sh .ci/run vm-images/*.sh v
 	vm-images/tests/*.sh vm-images/guest/vm-init vm-images/guest/vm-run)
 PY_SCRIPTS := $(wildcard tests/clients/*.py tools/bench/*.py)
 
-.PHONY: all build deps demo-deps test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz
+.PHONY: all build deps demo-deps man test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz
 
 all: build
 
@@ -66,6 +68,9 @@ scripts-check:
 test-reference: deps
 	NBD_TEST_SERVER=qemu-nbd $(CARGO) test --test nbd_qemu_clients --test nbd_libnbd_clients \
 		--test nbd_fio --test nbd_bad_input --test daemon_lifecycle
+
+man:
+	MIRROR_UPDATE_DOCS=1 $(CARGO) test --test cli_docs generated_pages_and_completions_are_current
 
 demo: demo-deps build
 	tools/demo.sh

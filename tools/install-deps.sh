@@ -39,6 +39,8 @@ else
         nbd-server        # reference server for tools/bench
         nbd-client        # kernel client (vm tests)
         procps            # pgrep/ps used by scripts
+        man-db            # man --warnings -l: the pages in man/ render cleanly (tests/cli_docs.rs)
+        groff-base        # groff -ww, the same check
     )
 fi
 
