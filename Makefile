@@ -9,6 +9,8 @@
 #                     to tell a test bug from a server bug
 #   make man          regenerate man/*.8 and completions/ from the clap definitions
 #                     (tests/cli_docs.rs checks them in cargo-test; commit the result)
+#   make deb          tools/build-deb.sh: target/deb/nbd-mirror_VERSION_ARCH.deb
+#   make deb-check    make deb, then lintian on it (installs lintian if missing)
 #   make demo         tools/demo.sh (installs what it needs first: install-deps.sh demo)
 #   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10;
 #                     BENCH_ROUNDS rounds, default 3, medians reported)
@@ -35,7 +37,7 @@ SHELL_SCRIPTS := $(wildcard tools/*.sh tools/bench/*.sh .ci/run vm-images/*.sh v
 	vm-images/tests/*.sh vm-images/guest/vm-init vm-images/guest/vm-run)
 PY_SCRIPTS := $(wildcard tests/clients/*.py tools/bench/*.py)
 
-.PHONY: all build deps demo-deps man test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz
+.PHONY: all build deps demo-deps man deb deb-check test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz
 
 all: build
 
@@ -68,6 +70,12 @@ scripts-check:
 test-reference: deps
 	NBD_TEST_SERVER=qemu-nbd $(CARGO) test --test nbd_qemu_clients --test nbd_libnbd_clients \
 		--test nbd_fio --test nbd_bad_input --test daemon_lifecycle
+
+deb: build
+	tools/build-deb.sh
+
+deb-check: deb
+	tools/check-deb.sh
 
 man:
 	MIRROR_UPDATE_DOCS=1 $(CARGO) test --test cli_docs generated_pages_and_completions_are_current

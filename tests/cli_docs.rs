@@ -313,6 +313,23 @@ fn the_config_page_documents_every_key() {
     );
 }
 
+#[test]
+fn the_example_config_parses_and_shows_every_key() {
+    let path = repo().join("examples/r0.toml");
+    let text = std::fs::read_to_string(&path).expect("examples/r0.toml");
+    for node in ["alpha", "beta"] {
+        let s = nbd_mirror::config::parse(&path, &text, Some(node))
+            .unwrap_or_else(|e| panic!("the example does not parse for {node}: {e}"));
+        assert_eq!(s.resource, "r0");
+    }
+    let missing: Vec<String> = config_keys()
+        .into_iter()
+        .filter(|k| !text.contains(&format!("{k} = ")) && !text.contains(&format!("[{k}]")))
+        .filter(|k| !text.contains(&format!("[[{k}]]")))
+        .collect();
+    assert!(missing.is_empty(), "keys not shown in examples/r0.toml: {missing:?}");
+}
+
 /// Asks the generated bash completion what it offers after `words`.
 fn bash_complete(words: &str) -> Vec<String> {
     let script = repo().join("completions/mirrorctl.bash");
