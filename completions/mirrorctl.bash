@@ -16,6 +16,9 @@ _mirrorctl() {
             ",$1")
                 cmd="mirrorctl"
                 ;;
+            mirrorctl,adjust)
+                cmd="mirrorctl__subcmd__adjust"
+                ;;
             mirrorctl,check-config)
                 cmd="mirrorctl__subcmd__check__subcmd__config"
                 ;;
@@ -66,6 +69,9 @@ _mirrorctl() {
                 ;;
             mirrorctl,wait-sync)
                 cmd="mirrorctl__subcmd__wait__subcmd__sync"
+                ;;
+            mirrorctl__subcmd__help,adjust)
+                cmd="mirrorctl__subcmd__help__subcmd__adjust"
                 ;;
             mirrorctl__subcmd__help,check-config)
                 cmd="mirrorctl__subcmd__help__subcmd__check__subcmd__config"
@@ -125,8 +131,56 @@ _mirrorctl() {
 
     case "${cmd}" in
         mirrorctl)
-            opts="-c -h -V --config --node --help --version create-md dump-md check-config gen-secret status events primary secondary connect disconnect resync verify invalidate resume-io restart wait-sync help"
+            opts="-c -h -V --config --node --help --version create-md dump-md check-config gen-secret status events primary secondary connect disconnect resync verify invalidate resume-io restart adjust wait-sync help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    local oldifs
+                    if [ -n "${IFS+x}" ]; then
+                        oldifs="$IFS"
+                    fi
+                    IFS=$'\n'
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    if [ -n "${oldifs+x}" ]; then
+                        IFS="$oldifs"
+                    fi
+                    if [[ "${BASH_VERSINFO[0]}" -ge 4 ]]; then
+                        compopt -o filenames
+                    fi
+                    return 0
+                    ;;
+                -c)
+                    local oldifs
+                    if [ -n "${IFS+x}" ]; then
+                        oldifs="$IFS"
+                    fi
+                    IFS=$'\n'
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    if [ -n "${oldifs+x}" ]; then
+                        IFS="$oldifs"
+                    fi
+                    if [[ "${BASH_VERSINFO[0]}" -ge 4 ]]; then
+                        compopt -o filenames
+                    fi
+                    return 0
+                    ;;
+                --node)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mirrorctl__subcmd__adjust)
+            opts="-c -h --dry-run --config --node --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -509,8 +563,22 @@ _mirrorctl() {
             return 0
             ;;
         mirrorctl__subcmd__help)
-            opts="create-md dump-md check-config gen-secret status events primary secondary connect disconnect resync verify invalidate resume-io restart wait-sync help"
+            opts="create-md dump-md check-config gen-secret status events primary secondary connect disconnect resync verify invalidate resume-io restart adjust wait-sync help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        mirrorctl__subcmd__help__subcmd__adjust)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

@@ -327,7 +327,10 @@ fn the_example_config_parses_and_shows_every_key() {
         .filter(|k| !text.contains(&format!("{k} = ")) && !text.contains(&format!("[{k}]")))
         .filter(|k| !text.contains(&format!("[[{k}]]")))
         .collect();
-    assert!(missing.is_empty(), "keys not shown in examples/r0.toml: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "keys not shown in examples/r0.toml: {missing:?}"
+    );
 }
 
 /// Asks the generated bash completion what it offers after `words`.

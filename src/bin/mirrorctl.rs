@@ -130,6 +130,7 @@ fn run(args: Args) -> Result<(), Fail> {
         } => simple(&s, CtlRequest::Connect { discard_my_data }),
         Cmd::Disconnect { .. } => simple(&s, CtlRequest::Disconnect),
         Cmd::Invalidate { .. } => simple(&s, CtlRequest::Invalidate),
+        Cmd::Adjust { dry_run, .. } => simple(&s, CtlRequest::Adjust { dry_run }),
         Cmd::ResumeIo { .. } => simple(&s, CtlRequest::ResumeIo),
         Cmd::Restart { exe, timeout, .. } => restart(&s, exe, Duration::from_secs(timeout)),
         Cmd::Resync {

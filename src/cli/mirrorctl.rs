@@ -145,6 +145,19 @@ pub enum Cmd {
         #[arg(long, value_name = "SECONDS", default_value_t = 180)]
         timeout: u64,
     },
+    /// Apply a changed config file to the running daemon, without a restart.
+    ///
+    /// mirrord rereads the file it was started with. Net timeouts, the sync rate and
+    /// checksum, the split-brain policies and the handlers are applied at once; when any
+    /// other key changed (disks, addresses, node or resource names, the protocol, ...)
+    /// nothing is changed and the answer names the keys that need a restart (exit 1).
+    Adjust {
+        #[command(flatten)]
+        res: Resource,
+        /// Only say what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Wait until connected and both disks are up to date.
     WaitSync {
         #[command(flatten)]
@@ -174,6 +187,7 @@ impl Cmd {
             | Cmd::Invalidate { res }
             | Cmd::ResumeIo { res }
             | Cmd::Restart { res, .. }
+            | Cmd::Adjust { res, .. }
             | Cmd::WaitSync { res, .. } => res,
         };
         res.resource.as_deref()

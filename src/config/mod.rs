@@ -1,6 +1,7 @@
 //! Config: one TOML file per resource (INTERFACE.md) turned into typed, validated
 //! settings for one node. Every error names the file, the key and the reason.
 
+pub mod adjust;
 pub mod lookup;
 mod table;
 pub mod units;
