@@ -5,8 +5,9 @@
 #
 #   tools/build-deb.sh       -> target/deb/nbd-mirror_VERSION_ARCH.deb (path printed last)
 #
-# BIN (default target/release) holds mirrord and mirrorctl; DEB_OUT (default
-# target/deb) is where the package goes. The layout follows docs/OPERATIONS.md:
+# BIN (default target/release) holds mirrord and mirrorctl (MIRRORD_BIN,
+# MIRRORCTL_BIN name them one by one, as for the tests and the VM image);
+# DEB_OUT (default target/deb) is where the package goes. The layout follows docs/OPERATIONS.md:
 #   /usr/sbin/mirrord, /usr/sbin/mirrorctl
 #   /lib/systemd/system/mirrord@.service, nbd-attach@.service
 #   /etc/nbd-mirror/                 configs, secrets (the operator's)
@@ -23,11 +24,13 @@ ME=build-deb
 umask 022
 
 BIN=${BIN:-target/release}
+MIRRORD=${MIRRORD_BIN:-$BIN/mirrord}
+MIRRORCTL=${MIRRORCTL_BIN:-$BIN/mirrorctl}
 OUT=${DEB_OUT:-target/deb}
 PKG=nbd-mirror
 MAINTAINER="nbd-mirror developers <nbd-mirror@example.org>"
 
-for tool in "$BIN/mirrord" "$BIN/mirrorctl"; do
+for tool in "$MIRRORD" "$MIRRORCTL"; do
     [ -x "$tool" ] || die "$tool missing (run make build)"
 done
 for cmd in dpkg-deb dpkg-shlibdeps strip gzip; do
@@ -56,8 +59,9 @@ f() { install -D -m "$1" "$2" "$stage/$3"; }
 gz() { gzip -9 -n -c "$1" > "$stage/$2"; chmod 0644 "$stage/$2"; }
 
 # Binaries, stripped (the release profile keeps line tables for backtraces).
+f 0755 "$MIRRORD" usr/sbin/mirrord
+f 0755 "$MIRRORCTL" usr/sbin/mirrorctl
 for b in mirrord mirrorctl; do
-    f 0755 "$BIN/$b" "usr/sbin/$b"
     strip --strip-unneeded --remove-section=.comment --remove-section=.note "$stage/usr/sbin/$b"
 done
 
