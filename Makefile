@@ -7,7 +7,11 @@
 #   make lint         fmt check, clippy, script syntax checks
 #   make test-reference   the NBD client/bad-input tests against qemu-nbd,
 #                     to tell a test bug from a server bug
-#   make demo         tools/demo.sh
+#   make man          regenerate man/*.8 and completions/ from the clap definitions
+#                     (tests/cli_docs.rs checks them in cargo-test; commit the result)
+#   make deb          tools/build-deb.sh: target/deb/nbd-mirror_VERSION_ARCH.deb
+#   make deb-check    make deb, then lintian on it (installs lintian if missing)
+#   make demo         tools/demo.sh (installs what it needs first: install-deps.sh demo)
 #   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10;
 #                     BENCH_ROUNDS rounds, default 3, medians reported)
 #   make bench-resync tools/bench/resync_bench.sh (full resync vs TCP copy, 2 GiB)
@@ -33,7 +37,7 @@ SHELL_SCRIPTS := $(wildcard tools/*.sh tools/bench/*.sh .ci/run vm-images/*.sh v
 	vm-images/tests/*.sh vm-images/guest/vm-init vm-images/guest/vm-run)
 PY_SCRIPTS := $(wildcard tests/clients/*.py tools/bench/*.py)
 
-.PHONY: all build deps test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz
+.PHONY: all build deps demo-deps man deb deb-check test lint fmt-check clippy scripts-check cargo-test test-reference demo bench fuzz
 
 all: build
 
@@ -67,8 +71,22 @@ test-reference: deps
 	NBD_TEST_SERVER=qemu-nbd $(CARGO) test --test nbd_qemu_clients --test nbd_libnbd_clients \
 		--test nbd_fio --test nbd_bad_input --test daemon_lifecycle
 
-demo: build
+deb: build
+	tools/build-deb.sh
+
+deb-check: deb
+	tools/check-deb.sh
+
+man:
+	MIRROR_UPDATE_DOCS=1 $(CARGO) test --test cli_docs generated_pages_and_completions_are_current
+
+demo: demo-deps build
 	tools/demo.sh
+
+# Only what the demo needs (nbdcopy, python3), so a first `make demo` on a
+# fresh Debian 12 machine works without the whole test toolset.
+demo-deps:
+	tools/install-deps.sh demo
 
 bench: deps build
 	BENCH_SECONDS=$(BENCH_SECONDS) BENCH_ROUNDS=$(BENCH_ROUNDS) tools/bench/bench.sh

@@ -23,6 +23,11 @@ pub enum CtlRequest {
     Verify,
     Invalidate,
     ResumeIo,
+    /// Reread the config file and apply what a running daemon can take (daemon/adjust.rs).
+    Adjust {
+        #[serde(default)]
+        dry_run: bool,
+    },
     /// A planned restart that keeps the NBD clients (daemon/handover.rs).
     Restart {
         #[serde(default)]

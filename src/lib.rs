@@ -6,8 +6,11 @@
 //! - `nbd`, `peer`: sans-IO codecs.
 //! - `storage`: disk engine and on-disk metadata.
 //! - `config`: TOML to typed, validated settings.
+//!
+//! `cli` holds the command lines of the binaries (clap definitions only).
 
 pub mod attach;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod ctl;

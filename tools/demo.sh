@@ -17,7 +17,7 @@ DATA_MIB=${DEMO_DATA_MIB:-64}
 for tool in "$MIRRORD" "$MIRRORCTL"; do
     [ -x "$tool" ] || { echo "demo: $tool missing (run make build)" >&2; exit 1; }
 done
-command -v nbdcopy >/dev/null || { echo "demo: nbdcopy missing (run tools/install-deps.sh)" >&2; exit 1; }
+command -v nbdcopy >/dev/null || { echo "demo: nbdcopy missing (run tools/install-deps.sh demo, or make demo)" >&2; exit 1; }
 
 DIR=$(mktemp -d /tmp/nbd-mirror-demo.XXXXXX)
 PA=$(free_port); PB=$(free_port)

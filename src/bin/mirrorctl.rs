@@ -6,131 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use nbd_mirror::attach;
+use nbd_mirror::cli::mirrorctl::{Args, Cmd};
 use nbd_mirror::config::{self, Settings};
 use nbd_mirror::ctl::{CtlRequest, CtlResponse};
 use nbd_mirror::daemon::setup;
 use serde_json::Value;
-
-#[derive(Parser)]
-#[command(name = "mirrorctl", version, about = "Control an nbd-mirror resource")]
-struct Args {
-    /// The resource's config file (TOML).
-    #[arg(long, short = 'c')]
-    config: PathBuf,
-    /// This node's name (default: $MIRROR_NODE, else the host name).
-    #[arg(long)]
-    node: Option<String>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Write fresh metadata on this node's disk.
-    CreateMd {
-        #[arg(long)]
-        force: bool,
-    },
-    /// Print the metadata as JSON.
-    DumpMd {
-        /// List every out-of-sync range (default: the first 16).
-        #[arg(long)]
-        all_ranges: bool,
-    },
-    /// Validate the config and print the resolved settings for this node.
-    CheckConfig,
-    /// Write a new random shared secret (mode 0600); never overwrites one.
-    GenSecret {
-        /// Where to write it (default: the config's shared-secret-file; with a path the
-        /// config is not read).
-        path: Option<PathBuf>,
-    },
-    /// Show the resource's state.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stream state changes as JSON lines.
-    Events,
-    /// Become primary.
-    Primary {
-        /// Promote even with an inconsistent or outdated disk; this node's data wins.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Become secondary.
-    Secondary,
-    /// Start the peer link.
-    Connect {
-        /// Resolve a split brain by discarding this node's changes.
-        #[arg(long)]
-        discard_my_data: bool,
-    },
-    /// Stop the peer link.
-    Disconnect,
-    /// Start a resync with this node as the source.
-    Resync {
-        #[arg(long)]
-        full: bool,
-        #[arg(long)]
-        checksum: bool,
-        #[arg(long)]
-        wait: bool,
-    },
-    /// Online verify: compare every block with the peer.
-    Verify {
-        #[arg(long)]
-        wait: bool,
-    },
-    /// Discard this node's data and resync all of it from the peer.
-    Invalidate,
-    /// Lift a fencing freeze by hand (the fence-peer handler failed or hangs).
-    ResumeIo,
-    /// Restart mirrord in place, keeping its NBD clients connected: it answers every request
-    /// it has read, persists its metadata and re-executes itself (or --exe, for an upgrade)
-    /// with the sockets and the disk lock inherited. Returns once the new process answers.
-    Restart {
-        /// The binary to run (default: the path mirrord was started from, so an upgrade
-        /// installed there is picked up).
-        #[arg(long)]
-        exe: Option<PathBuf>,
-        /// Give up waiting for the new process after this many seconds.
-        #[arg(long, default_value_t = 180)]
-        timeout: u64,
-    },
-    /// Attach /dev/nbdN to this resource's export through the kernel's netlink interface and
-    /// keep it attached (long-running): after a crash or a failed hand-over of mirrord, makes
-    /// fresh connections and hands them to the kernel. SIGTERM disconnects the device.
-    Attach {
-        /// The resource's name (must match the config's).
-        resource: String,
-        /// The NBD device, e.g. /dev/nbd0.
-        device: PathBuf,
-        /// Connections (-C of nbd-client); mirrord is multi-connection safe.
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        /// Kernel request timeout in seconds: a request without a reply by then is sent again
-        /// on another connection. It bounds the pause after a crash (docs/OPERATIONS.md).
-        #[arg(long, default_value_t = 15)]
-        timeout: u64,
-        /// Seconds new requests wait while no connection is live; then they fail.
-        #[arg(long, default_value_t = 60)]
-        dead_conn_timeout: u64,
-        /// Logical block size in bytes.
-        #[arg(long, default_value_t = 4096)]
-        block_size: u32,
-        /// Seconds the first attach waits for mirrord's export.
-        #[arg(long, default_value_t = 60)]
-        start_timeout: u64,
-    },
-    /// Wait until connected and both disks are up to date.
-    WaitSync {
-        #[arg(long, default_value_t = 0)]
-        timeout: u64,
-    },
-}
 
 enum Fail {
     Op(String),
@@ -158,12 +40,24 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Fail> {
-    if let Cmd::GenSecret { path: Some(p) } = &args.cmd {
-        println!("{}", setup::gen_secret(p).map_err(Fail::Op)?);
-        return Ok(());
+    // gen-secret PATH with --config, or gen-secret RESOURCE PATH: the config is not read.
+    if let Cmd::GenSecret { resource, path } = &args.cmd {
+        let explicit = match (resource, path) {
+            (_, Some(p)) => Some(p.clone()),
+            (Some(p), None) if args.cfg.config.is_some() => Some(PathBuf::from(p)),
+            _ => None,
+        };
+        if let Some(p) = explicit {
+            println!("{}", setup::gen_secret(&p).map_err(Fail::Op)?);
+            return Ok(());
+        }
     }
-    let s = config::load(&args.config, args.node.as_deref())
-        .map_err(|e| Fail::Config(e.to_string()))?;
+    let s = config::lookup::load_for(
+        args.cfg.config.as_deref(),
+        args.cmd.resource(),
+        args.cfg.node.as_deref(),
+    )
+    .map_err(|e| Fail::Config(e.to_string()))?;
     match args.cmd {
         Cmd::GenSecret { .. } => {
             let p = s.shared_secret_file.as_ref().ok_or_else(|| {
@@ -176,7 +70,7 @@ fn run(args: Args) -> Result<(), Fail> {
             println!("{}", setup::gen_secret(p).map_err(Fail::Op)?);
             Ok(())
         }
-        Cmd::CheckConfig => {
+        Cmd::CheckConfig { .. } => {
             setup::check_secret(&s).map_err(Fail::Config)?;
             let v = serde_json::to_value(&s).map_err(|e| Fail::Op(e.to_string()))?;
             let mut v = v;
@@ -190,17 +84,17 @@ fn run(args: Args) -> Result<(), Fail> {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(())
         }
-        Cmd::CreateMd { force } => {
+        Cmd::CreateMd { force, .. } => {
             let msg = setup::create_md(&s, force).map_err(Fail::Op)?;
             println!("{msg}");
             Ok(())
         }
-        Cmd::DumpMd { all_ranges } => {
+        Cmd::DumpMd { all_ranges, .. } => {
             let v = setup::dump_md(&s, all_ranges).map_err(Fail::Op)?;
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             Ok(())
         }
-        Cmd::Status { json } => {
+        Cmd::Status { json, .. } => {
             let st = status(&s)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
@@ -209,7 +103,7 @@ fn run(args: Args) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Cmd::Events => {
+        Cmd::Events { .. } => {
             let mut r = connect(&s, &CtlRequest::Events)?;
             let mut line = String::new();
             let out = std::io::stdout();
@@ -230,29 +124,25 @@ fn run(args: Args) -> Result<(), Fail> {
                 }
             }
         }
-        Cmd::Primary { force } => simple(&s, CtlRequest::Primary { force }),
-        Cmd::Secondary => simple(&s, CtlRequest::Secondary),
-        Cmd::Connect { discard_my_data } => simple(&s, CtlRequest::Connect { discard_my_data }),
-        Cmd::Disconnect => simple(&s, CtlRequest::Disconnect),
-        Cmd::Invalidate => simple(&s, CtlRequest::Invalidate),
-        Cmd::ResumeIo => simple(&s, CtlRequest::ResumeIo),
-        Cmd::Restart { exe, timeout } => restart(&s, exe, Duration::from_secs(timeout)),
+        Cmd::Primary { force, .. } => simple(&s, CtlRequest::Primary { force }),
+        Cmd::Secondary { .. } => simple(&s, CtlRequest::Secondary),
+        Cmd::Connect {
+            discard_my_data, ..
+        } => simple(&s, CtlRequest::Connect { discard_my_data }),
+        Cmd::Disconnect { .. } => simple(&s, CtlRequest::Disconnect),
+        Cmd::Invalidate { .. } => simple(&s, CtlRequest::Invalidate),
+        Cmd::Adjust { dry_run, .. } => simple(&s, CtlRequest::Adjust { dry_run }),
+        Cmd::ResumeIo { .. } => simple(&s, CtlRequest::ResumeIo),
+        Cmd::Restart { exe, timeout, .. } => restart(&s, exe, Duration::from_secs(timeout)),
         Cmd::Attach {
-            resource,
             device,
             connections,
             timeout,
             dead_conn_timeout,
             block_size,
             start_timeout,
+            ..
         } => {
-            if resource != s.resource {
-                return Err(Fail::Config(format!(
-                    "config {}: resource is {:?}, not {resource:?}",
-                    s.file.display(),
-                    s.resource
-                )));
-            }
             if !(1..=attach::run::MAX_CONNECTIONS).contains(&connections) || timeout == 0 {
                 return Err(Fail::Config(format!(
                     "--connections must be 1..={} and --timeout above 0",
@@ -276,6 +166,7 @@ fn run(args: Args) -> Result<(), Fail> {
             full,
             checksum,
             wait,
+            ..
         } => {
             simple(&s, CtlRequest::Resync { full, checksum })?;
             if wait {
@@ -283,14 +174,14 @@ fn run(args: Args) -> Result<(), Fail> {
             }
             Ok(())
         }
-        Cmd::Verify { wait } => {
+        Cmd::Verify { wait, .. } => {
             simple(&s, CtlRequest::Verify)?;
             if wait {
                 wait_progress(&s, true)?;
             }
             Ok(())
         }
-        Cmd::WaitSync { timeout } => {
+        Cmd::WaitSync { timeout, .. } => {
             let deadline = (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout));
             loop {
                 let st = status(&s)?;

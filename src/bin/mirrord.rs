@@ -1,24 +1,9 @@
 //! mirrord: runs one nbd-mirror resource in the foreground.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// Serve one replicated resource over NBD and mirror it to its peer.
-#[derive(Parser)]
-#[command(name = "mirrord", version)]
-struct Args {
-    /// The resource's config file (TOML).
-    #[arg(long, short = 'c')]
-    config: PathBuf,
-    /// This node's name (default: $MIRROR_NODE, else the host name).
-    #[arg(long)]
-    node: Option<String>,
-    /// Log filter, e.g. "info" or "nbd_mirror=debug" (default: $RUST_LOG, else info).
-    #[arg(long)]
-    log_level: Option<String>,
-}
+use nbd_mirror::cli::mirrord::Args;
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -34,7 +19,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    let settings = match nbd_mirror::config::load(&args.config, args.node.as_deref()) {
+    let settings = match nbd_mirror::config::lookup::load_for(
+        args.cfg.config.as_deref(),
+        args.target.resource.as_deref(),
+        args.cfg.node.as_deref(),
+    ) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("mirrord: {e}");

@@ -1,6 +1,8 @@
 //! Config: one TOML file per resource (INTERFACE.md) turned into typed, validated
 //! settings for one node. Every error names the file, the key and the reason.
 
+pub mod adjust;
+pub mod lookup;
 mod table;
 pub mod units;
 
@@ -245,6 +247,18 @@ pub fn choose_node_name(cli: Option<&str>) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
+/// A resource name: 1 to 63 letters, digits, '-', '_' or '.', not `.` or `..` (it names
+/// files: `{run-dir}/{name}.ctl`, `/etc/nbd-mirror/{name}.toml`).
+pub fn valid_resource_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
 /// Reads and validates `file` for the node chosen by [`choose_node_name`].
 pub fn load(file: &Path, node_cli: Option<&str>) -> Result<Settings, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
@@ -278,11 +292,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
     })?;
     let mut res = Section::new("resource", res_table);
     let resource = res.req_str("name").map_err(err)?;
-    if !resource
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        || resource.len() > 63
-    {
+    if !valid_resource_name(&resource) {
         return Err(err(
             res.error("name", "use at most 63 letters, digits, '-', '_' or '.'")
         ));

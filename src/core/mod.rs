@@ -7,6 +7,7 @@
 //! never reads a clock.
 
 pub mod activity_log;
+mod adjust;
 pub mod bitmap;
 mod fencing;
 pub mod gi;
@@ -22,5 +23,6 @@ mod session;
 mod split;
 mod types;
 
+pub use adjust::Tunables;
 pub use node::Node;
 pub use types::*;

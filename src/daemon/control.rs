@@ -127,22 +127,20 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
         CtlRequest::Restart { exe } => {
             let r = shared.request_restart(exe);
             let ok = r.is_ok();
-            let (Ok(message) | Err(message)) = r;
-            let _ = wr
-                .write_all(
-                    reply(CtlResponse {
-                        ok,
-                        message: Some(message),
-                        status: None,
-                    })
-                    .as_bytes(),
-                )
-                .await;
+            let _ = wr.write_all(reply(answer(r)).as_bytes()).await;
             if ok {
                 // Held open until the new image replaces this one (close-on-exec), so
                 // `mirrorctl restart` knows when to ask the new process.
                 std::future::pending::<()>().await;
             }
+            return;
+        }
+        CtlRequest::Adjust { dry_run } => {
+            let sh = shared.clone();
+            let r = tokio::task::spawn_blocking(move || super::adjust::adjust(&sh, dry_run))
+                .await
+                .unwrap_or_else(|e| Err(format!("adjust failed: {e}")));
+            let _ = wr.write_all(reply(answer(r)).as_bytes()).await;
             return;
         }
         CtlRequest::Primary { force } => AdminCmd::Primary { force },
@@ -155,17 +153,16 @@ async fn serve(shared: Arc<Shared>, s: UnixStream) {
         CtlRequest::ResumeIo => AdminCmd::ResumeIo,
     };
     let r = shared.admin(cmd).await;
-    let resp = match r {
-        Ok(m) => CtlResponse {
-            ok: true,
-            message: Some(m),
-            status: None,
-        },
-        Err(m) => CtlResponse {
-            ok: false,
-            message: Some(m),
-            status: None,
-        },
-    };
-    let _ = wr.write_all(reply(resp).as_bytes()).await;
+    let _ = wr.write_all(reply(answer(r)).as_bytes()).await;
+}
+
+/// The response for a command's outcome: ok or not, with its message.
+fn answer(r: Result<String, String>) -> CtlResponse {
+    let ok = r.is_ok();
+    let (Ok(message) | Err(message)) = r;
+    CtlResponse {
+        ok,
+        message: Some(message),
+        status: None,
+    }
 }

@@ -2,6 +2,7 @@
 //! signals. It feeds the node core events and carries out its actions; it
 //! makes no replication decision of its own.
 
+mod adjust;
 mod backpressure;
 mod control;
 mod disk_io;
@@ -35,7 +36,9 @@ pub const MAX_IO: u32 = 32 << 20;
 
 /// State shared by every task of the daemon.
 pub struct Shared {
+    /// The settings mirrord started with; `live` holds what `mirrorctl adjust` changed since.
     pub settings: Settings,
+    live: Mutex<Settings>,
     core: Mutex<Node>,
     pub disk: Disk,
     meta: Mutex<Option<MetaWriter>>,
@@ -75,6 +78,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     pub fn core(&self) -> MutexGuard<'_, Node> {
         lock(&self.core)
+    }
+
+    /// The handlers as now configured (`mirrorctl adjust` may change them).
+    pub fn handlers(&self) -> crate::config::Handlers {
+        lock(&self.live).handlers.clone()
+    }
+
+    /// The net settings as now configured (`mirrorctl adjust` may change them).
+    pub fn net(&self) -> crate::config::NetSettings {
+        lock(&self.live).net.clone()
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -198,7 +211,7 @@ impl Shared {
     /// Runs the fence-peer handler on its own thread; its exit code goes back
     /// to the core as [`Event::FenceDone`].
     fn run_fence_peer(self: &Arc<Self>, id: u64) {
-        let Some(path) = self.settings.handlers.fence_peer.clone() else {
+        let Some(path) = self.handlers().fence_peer else {
             // Config validation requires the handler whenever fencing is on.
             self.handle(Event::FenceDone { id, exit: None });
             return;
@@ -246,9 +259,10 @@ impl Shared {
     }
 
     fn run_handler(&self, which: &str) {
+        let handlers = self.handlers();
         let path = match which {
-            "split-brain" => self.settings.handlers.split_brain.clone(),
-            _ => self.settings.handlers.fence_peer.clone(),
+            "split-brain" => handlers.split_brain,
+            _ => handlers.fence_peer,
         };
         let Some(path) = path else { return };
         let res = std::process::Command::new(&path)
@@ -499,6 +513,7 @@ async fn serve(
                     .ok()
             })
             .map(Mutex::new),
+        live: Mutex::new(settings.clone()),
         settings,
         handing_over: AtomicBool::new(false),
         handed: Mutex::new(Vec::new()),

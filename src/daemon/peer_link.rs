@@ -162,8 +162,7 @@ pub async fn run(shared: Arc<Shared>) {
 
 /// Dials once each time the core asks ([`PeerCtl::want_dial`]), one dial at a time.
 async fn dial_loop(shared: Arc<Shared>, me: SocketAddr, peer: SocketAddr, slots: Arc<Semaphore>) {
-    let timeout =
-        Duration::from_millis(shared.settings.net.connect_retry_ms).max(Duration::from_secs(1));
+    let timeout = Duration::from_millis(shared.net().connect_retry_ms).max(Duration::from_secs(1));
     loop {
         let wake = shared.peer_wake.notified();
         let wanted = std::mem::take(&mut lock(&shared.peer).dial_wanted);
@@ -256,7 +255,7 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         "peer connection {link} with {addr} authenticated ({})",
         if dialed { "dialed" } else { "accepted" }
     );
-    let net = &shared.settings.net;
+    let net = shared.net();
     let stall_limit = Duration::from_millis(net.timeout_ms.saturating_mul(net.ko_count));
     tokio::spawn(write_loop(s.clone(), out, stall_limit));
     // Offered before anything read on it reaches the core; the reader starts with

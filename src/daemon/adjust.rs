@@ -1,0 +1,65 @@
+//! `mirrorctl adjust` in the daemon: reread the config file mirrord was started
+//! with and apply the keys a running node takes (config/adjust.rs says which);
+//! when any other key changed, change nothing and say which keys need a restart.
+
+use std::sync::Arc;
+
+use super::{lock, Shared};
+use crate::config::{self, Settings};
+use crate::core::Tunables;
+
+fn tunables(s: &Settings) -> Tunables {
+    Tunables {
+        sync_rate: s.sync.rate,
+        sync_checksum: s.sync.checksum,
+        split_brain: s.split_brain.clone(),
+        ping_interval_ms: s.net.ping_interval_ms,
+        ping_timeout_ms: s.net.ping_timeout_ms,
+        timeout_ms: s.net.timeout_ms,
+        ko_count: s.net.ko_count,
+        connect_retry_ms: s.net.connect_retry_ms,
+        reconnect_grace_ms: s.net.reconnect_grace_ms,
+    }
+}
+
+fn list(changes: &[config::adjust::Change]) -> String {
+    changes
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Blocking (reads the file, may resolve host names): run it off the async workers.
+pub fn adjust(shared: &Arc<Shared>, dry_run: bool) -> Result<String, String> {
+    // Held throughout, so two adjusts do not interleave (lock order: live, then core).
+    let mut live = lock(&shared.live);
+    let file = live.file.clone();
+    let new = config::load(&file, Some(&live.node().name))
+        .map_err(|e| format!("not adjusted, nothing changed: {e}"))?;
+    let plan = config::adjust::plan(&live, &new);
+    if !plan.restart.is_empty() {
+        return Err(format!(
+            "not adjusted, nothing changed: {} differs in keys a running mirrord cannot \
+             change (restart it, or make a new resource): {}",
+            file.display(),
+            list(&plan.restart)
+        ));
+    }
+    if plan.live.is_empty() {
+        return Ok(format!(
+            "nothing to adjust: {} matches the running settings",
+            file.display()
+        ));
+    }
+    let what = list(&plan.live);
+    if dry_run {
+        return Ok(format!("would adjust from {}: {what}", file.display()));
+    }
+    let next = config::adjust::apply(&live, &new);
+    let changes = plan.live.iter().map(|c| c.to_string()).collect();
+    shared.with_core(|n| n.adjust(tunables(&next), changes));
+    *live = next;
+    tracing::info!("adjusted from {}: {what}", file.display());
+    Ok(format!("adjusted from {}: {what}", file.display()))
+}
