@@ -20,6 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -48,10 +49,21 @@ const DIRECT_FRAME_MIN: usize = 64 * 1024;
 const SMALL_READ: usize = 4096;
 /// Most slices gathered into one `sendmsg`.
 const MAX_IOV: usize = 64;
-/// Bytes queued for the peer (messages not yet sent) above which the link counts as not
-/// draining; the replication traffic that fills it is bounded upstream (NBD bytes held,
-/// the resync window), so only a peer that stops reading gets here.
+/// Bytes queued for the peer (messages not yet sent) at which NBD readers stop taking
+/// requests (back-pressure, `backpressure::may_take`), and above which a link that sends
+/// nothing for `timeout` is disconnected. What fills it is bounded upstream besides (NBD
+/// bytes held, the resync window), so only a peer that stops reading gets here.
 pub const PEER_SEND_MAX_BYTES: u64 = 256 << 20;
+/// Bytes queued on one link at which it is disconnected at once: traffic the NBD
+/// back-pressure does not hold (answers to the peer's own requests) cannot grow past it.
+pub const PEER_SEND_HARD_MAX_BYTES: u64 = 2 * PEER_SEND_MAX_BYTES;
+/// Bytes queued on all links together (the sum of [`OutState::counted`]).
+static QUEUED_ALL: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the peer send queues hold [`PEER_SEND_MAX_BYTES`] or more: NBD readers wait.
+pub fn send_queue_full() -> bool {
+    QUEUED_ALL.load(Ordering::Relaxed) >= PEER_SEND_MAX_BYTES
+}
 /// How often the writer task looks at a link it is waiting to send on.
 const STALL_CHECK: Duration = Duration::from_secs(1);
 /// What a queued message counts for besides its data.
@@ -257,7 +269,7 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         if dialed { "dialed" } else { "accepted" }
     );
     let net = &shared.settings.net;
-    let stall_limit = Duration::from_millis(net.timeout_ms.saturating_mul(net.ko_count));
+    let stall_limit = Duration::from_millis(net.timeout_ms);
     tokio::spawn(write_loop(s.clone(), out, stall_limit));
     // Offered before anything read on it reaches the core; the reader starts with
     // whatever arrived behind the authentication.
@@ -446,6 +458,8 @@ struct OutState {
     /// Bytes of `msgs` (data plus [`MSG_OVERHEAD`] each) and of `backlog`.
     msgs_bytes: u64,
     backlog_bytes: u64,
+    /// What this link counts for in [`QUEUED_ALL`] (given back when dropped).
+    counted: u64,
 }
 
 impl OutState {
@@ -453,14 +467,48 @@ impl OutState {
         self.msgs_bytes + self.backlog_bytes
     }
 
+    /// Brings [`QUEUED_ALL`] up to date with this link's queue.
+    fn recount(&mut self) {
+        let now = self.queued_bytes();
+        if now > self.counted {
+            QUEUED_ALL.fetch_add(now - self.counted, Ordering::Relaxed);
+        } else {
+            QUEUED_ALL.fetch_sub(self.counted - now, Ordering::Relaxed);
+        }
+        self.counted = now;
+    }
+
     fn take_msgs(&mut self) -> VecDeque<Message> {
         self.msgs_bytes = 0;
+        self.recount();
         std::mem::take(&mut self.msgs)
+    }
+
+    fn take_backlog(&mut self) -> VecDeque<Bytes> {
+        self.backlog_bytes = 0;
+        self.recount();
+        std::mem::take(&mut self.backlog)
+    }
+
+    /// Drops everything queued (the link failed).
+    fn discard(&mut self) {
+        self.take_msgs();
+        self.take_backlog();
+        debug_assert_eq!(self.counted, 0);
     }
 
     fn set_backlog(&mut self, chunks: VecDeque<Bytes>) {
         self.backlog_bytes = chunks.iter().map(|c| c.len() as u64).sum();
         self.backlog = chunks;
+        self.recount();
+    }
+}
+
+impl Drop for OutState {
+    fn drop(&mut self) {
+        self.msgs_bytes = 0;
+        self.backlog_bytes = 0;
+        self.recount();
     }
 }
 
@@ -496,8 +544,25 @@ impl PeerOut {
     fn queue(self: &Arc<Self>, m: Message) {
         {
             let mut st = self.lock();
+            if st.failed.is_some() {
+                // The link is going: its ConnDown is on the way to the core.
+                return;
+            }
             st.msgs_bytes += msg_bytes(&m);
             st.msgs.push_back(m);
+            st.recount();
+            if st.queued_bytes() >= PEER_SEND_HARD_MAX_BYTES {
+                tracing::warn!(
+                    "peer connection: {} MiB queued for the peer (hard limit {} MiB); disconnecting",
+                    st.queued_bytes() >> 20,
+                    PEER_SEND_HARD_MAX_BYTES >> 20
+                );
+                st.failed = Some("the peer send queue passed its hard limit".into());
+                st.discard();
+                drop(st);
+                self.wake.notify_one();
+                return;
+            }
         }
         QUEUED.with(|q| {
             let mut q = q.borrow_mut();
@@ -632,8 +697,8 @@ fn send_chunks(fd: RawFd, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
 
 /// Sends what the socket could not take at once (and what is queued after it), reports a
 /// failed link, and after [`PeerOut::close`] sends what is left and shuts the socket down.
-/// A peer that leaves more than [`PEER_SEND_MAX_BYTES`] queued for longer than
-/// `stall_limit` (timeout x ko-count) is disconnected, with a log line.
+/// A peer that reads nothing for `stall_limit` (`[net] timeout`) while
+/// [`PEER_SEND_MAX_BYTES`] or more are queued for it is disconnected, with a log line.
 async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration) {
     let mut closed_at = None;
     let mut over_since: Option<tokio::time::Instant> = None;
@@ -643,6 +708,7 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             let mut st = out.lock();
             if let Some(reason) = st.failed.clone() {
                 tracing::debug!("peer connection: {reason}");
+                st.discard();
                 break;
             }
             if st.closed && closed_at.is_none() {
@@ -655,15 +721,15 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
                 // Nobody will flush a closed link's last messages: send them from here.
                 st.writer_owns = true;
             }
-            if st.queued_bytes() <= PEER_SEND_MAX_BYTES {
+            if st.queued_bytes() < PEER_SEND_MAX_BYTES {
                 over_since = None;
             } else {
                 let since = *over_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= stall_limit {
                     tracing::warn!(
-                        "peer connection: the peer has left {} MiB unread for {:?} (limit {} MiB); disconnecting",
-                        st.queued_bytes() >> 20,
+                        "peer connection: the peer has read nothing for {:?} with {} MiB queued for it (limit {} MiB); disconnecting",
                         since.elapsed(),
+                        st.queued_bytes() >> 20,
                         PEER_SEND_MAX_BYTES >> 20
                     );
                     st.failed = Some("the peer does not drain its connection".into());
@@ -707,8 +773,8 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             }
         }
         let mut st = out.lock();
-        let mut backlog = std::mem::take(&mut st.backlog);
-        st.backlog_bytes = 0;
+        let before = st.backlog_bytes;
+        let mut backlog = st.take_backlog();
         match s.try_io(Interest::WRITABLE, || send_chunks(out.fd, &mut backlog)) {
             Ok(()) => {
                 if st.msgs.is_empty() {
@@ -717,6 +783,10 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.set_backlog(backlog),
             Err(e) => st.failed = Some(format!("write to the peer: {e}")),
+        }
+        if st.backlog_bytes < before {
+            // The peer reads: a full queue that drains is congestion, not a stall.
+            over_since = None;
         }
     }
     // Both ways: the reader then ends and reports ConnDown.
@@ -736,4 +806,154 @@ fn link_ended(shared: &Arc<Shared>, link: LinkId, reason: &str) {
         link,
         reason: reason.to_string(),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::WriteKind;
+    use std::time::Instant;
+
+    /// A loopback connection: (this node's end, the peer's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = l.local_addr().expect("listener address");
+        let near = TcpStream::connect(addr).await.expect("connect loopback");
+        let (far, _) = l.accept().await.expect("accept loopback");
+        (near, far)
+    }
+
+    /// `n` writes of `data` (sharing its buffer) queued and flushed on a new link.
+    fn queued_link(near: TcpStream, data: &Bytes, n: u64) -> (Arc<TcpStream>, Arc<PeerOut>) {
+        let s = Arc::new(near);
+        let out = Arc::new(PeerOut::new(s.clone()));
+        for seq in 0..n {
+            out.queue(Message::Write {
+                seq,
+                seen: 0,
+                offset: 0,
+                kind: WriteKind::Data(data.clone()),
+                fua: false,
+                resync: false,
+            });
+            flush_queued();
+        }
+        (s, out)
+    }
+
+    fn block() -> Bytes {
+        Bytes::from(vec![0x5a; 32 << 20])
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_is_disconnected_after_the_stall_limit() {
+        let (near, mut far) = pair().await;
+        let (s, out) = queued_link(near, &block(), 9);
+        assert!(out.lock().queued_bytes() >= PEER_SEND_MAX_BYTES);
+        assert!(out.lock().failed.is_none());
+        let t = Instant::now();
+        let stall = Duration::from_millis(500);
+        tokio::time::timeout(Duration::from_secs(20), write_loop(s, out.clone(), stall))
+            .await
+            .expect("the writer gives up on a peer that reads nothing");
+        let took = t.elapsed();
+        assert!(
+            took >= stall,
+            "disconnected after {took:?}, before the limit"
+        );
+        assert!(took < stall + Duration::from_secs(5), "took {took:?}");
+        {
+            let st = out.lock();
+            assert_eq!(
+                st.failed.as_deref(),
+                Some("the peer does not drain its connection")
+            );
+            assert_eq!(st.queued_bytes(), 0, "what was queued is given back");
+        }
+        // The peer's end sees the connection end after what reached its buffer.
+        let mut sink = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, far.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!("the connection was not shut down ({got} bytes read)"),
+            }
+        }
+        assert!(
+            (got as u64) < PEER_SEND_MAX_BYTES,
+            "{got} bytes reached the peer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_peer_over_the_limit_is_not_disconnected_while_it_reads() {
+        let (near, mut far) = pair().await;
+        let data = block();
+        let (s, out) = queued_link(near, &data, 9);
+        let stall = Duration::from_secs(1);
+        let writer = tokio::spawn(write_loop(s, out.clone(), stall));
+        // Slowly (1 MiB per 100 ms), over several stall limits, then all of it.
+        let mut sink = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        let slow_until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < slow_until {
+            got += far.read(&mut sink).await.expect("read from the node");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            out.lock().failed.is_none(),
+            "a peer that reads was disconnected"
+        );
+        let end = Instant::now() + Duration::from_secs(60);
+        while got < 9 * data.len() && Instant::now() < end {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, far.read(&mut sink)).await {
+                Ok(Ok(0)) => panic!("the node closed the link after {got} bytes"),
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => panic!("read from the node: {e}"),
+                Err(_) => break,
+            }
+        }
+        assert!(got >= 9 * data.len(), "only {got} bytes arrived");
+        assert!(out.lock().failed.is_none());
+        out.close();
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("the writer ends after close")
+            .expect("writer task");
+        assert_eq!(out.lock().queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn passing_the_hard_limit_disconnects_at_once_and_drops_later_messages() {
+        let (near, _far) = pair().await;
+        let data = block();
+        // What the socket took at once is not queued: one more than the limit holds.
+        let n = PEER_SEND_HARD_MAX_BYTES / data.len() as u64 + 1;
+        let (s, out) = queued_link(near, &data, n);
+        {
+            let st = out.lock();
+            assert_eq!(
+                st.failed.as_deref(),
+                Some("the peer send queue passed its hard limit")
+            );
+            assert_eq!(st.queued_bytes(), 0, "the queue is dropped, not kept");
+        }
+        out.queue(Message::Ping);
+        assert!(
+            out.lock().msgs.is_empty(),
+            "a failed link queues nothing more"
+        );
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            write_loop(s, out, Duration::from_secs(60)),
+        )
+        .await
+        .expect("the writer of a failed link ends at once");
+    }
 }
