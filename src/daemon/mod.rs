@@ -11,6 +11,7 @@ mod meta_writer;
 mod nbd_conn;
 pub mod notify;
 mod peer_link;
+mod peer_tls;
 pub mod setup;
 mod splice;
 

@@ -25,10 +25,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 
+use super::peer_tls::{TlsContext, TlsRecords};
 use super::{lock, Shared};
 use crate::core::{Event, LinkId};
 use crate::peer::{
@@ -122,6 +123,20 @@ pub async fn run(shared: Arc<Shared>) {
              anyone who can reach both peer ports can relay it"
         );
     }
+    let tls = match (&shared.settings.tls, shared.settings.peer()) {
+        (Some(t), Some(p)) => match TlsContext::load(t, &p.name) {
+            Ok(ctx) => {
+                tracing::info!("peer link: TLS on (CA {})", t.ca.display());
+                Some(Arc::new(ctx))
+            }
+            Err(e) => {
+                // Checked before start (setup::check_secret): only a file changed since.
+                tracing::error!("peer link: {e}; no peer connections");
+                return;
+            }
+        },
+        _ => None,
+    };
     let listener = loop {
         match tokio::net::TcpListener::bind(me).await {
             Ok(l) => break l,
@@ -135,6 +150,7 @@ pub async fn run(shared: Arc<Shared>) {
     let accept = {
         let shared = shared.clone();
         let slots = slots.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -155,8 +171,9 @@ pub async fn run(shared: Arc<Shared>) {
                             continue;
                         };
                         let shared = shared.clone();
+                        let tls = tls.clone();
                         tokio::spawn(async move {
-                            establish(shared, s, addr, false).await;
+                            establish(shared, s, addr, false, tls).await;
                             drop(permit);
                         });
                     }
@@ -168,12 +185,18 @@ pub async fn run(shared: Arc<Shared>) {
             }
         })
     };
-    dial_loop(shared, me, peer, slots).await;
+    dial_loop(shared, me, peer, slots, tls).await;
     accept.abort();
 }
 
 /// Dials once each time the core asks ([`PeerCtl::want_dial`]), one dial at a time.
-async fn dial_loop(shared: Arc<Shared>, me: SocketAddr, peer: SocketAddr, slots: Arc<Semaphore>) {
+async fn dial_loop(
+    shared: Arc<Shared>,
+    me: SocketAddr,
+    peer: SocketAddr,
+    slots: Arc<Semaphore>,
+    tls: Option<Arc<TlsContext>>,
+) {
     let timeout =
         Duration::from_millis(shared.settings.net.connect_retry_ms).max(Duration::from_secs(1));
     loop {
@@ -188,7 +211,7 @@ async fn dial_loop(shared: Arc<Shared>, me: SocketAddr, peer: SocketAddr, slots:
             continue;
         };
         match tokio::time::timeout(timeout, connect_from(me, peer)).await {
-            Ok(Ok(s)) => establish(shared.clone(), s, peer, true).await,
+            Ok(Ok(s)) => establish(shared.clone(), s, peer, true, tls.clone()).await,
             Ok(Err(e)) => tracing::debug!("connecting to peer {peer}: {e}"),
             Err(_) => tracing::debug!("connecting to peer {peer}: timed out"),
         }
@@ -213,9 +236,15 @@ async fn connect_from(me: SocketAddr, peer: SocketAddr) -> io::Result<TcpStream>
     socket.connect(peer).await
 }
 
-/// Authenticates, then offers the connection to the core and starts reading it.
-async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dialed: bool) {
-    let _ = s.set_nodelay(true);
+/// Runs TLS if configured, authenticates, then offers the connection to the core and
+/// starts reading it.
+async fn establish(
+    shared: Arc<Shared>,
+    s: TcpStream,
+    addr: SocketAddr,
+    dialed: bool,
+    tls: Option<Arc<TlsContext>>,
+) {
     if shared.is_stopping() {
         return;
     }
@@ -239,13 +268,34 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
     };
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let me = shared.settings.node().name.clone();
-    match tokio::time::timeout(
-        AUTH_TIMEOUT,
-        authenticate(&shared, &mut s, &mut inbuf, &secret, &me, conn),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
+    // TLS first (if on), then the shared-secret exchange inside it, bound to the session.
+    let secured = async {
+        match tls {
+            None => {
+                let mut s = s;
+                authenticate(&shared, &mut s, &mut inbuf, &secret, &me, conn, None).await?;
+                Ok((s, None))
+            }
+            Some(ctx) => {
+                let mut session = super::peer_tls::handshake(&ctx, s, dialed).await?;
+                let binding = session.binding()?;
+                authenticate(
+                    &shared,
+                    session.stream(),
+                    &mut inbuf,
+                    &secret,
+                    &me,
+                    conn,
+                    Some(binding),
+                )
+                .await?;
+                let (s, records) = session.into_parts();
+                Ok::<_, String>((s, Some(Arc::new(records))))
+            }
+        }
+    };
+    let (s, records) = match tokio::time::timeout(AUTH_TIMEOUT, secured).await {
+        Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             tracing::warn!("peer {addr}: {e}");
             return;
@@ -254,9 +304,10 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
             tracing::warn!("peer {addr}: no authentication within {AUTH_TIMEOUT:?}");
             return;
         }
-    }
+    };
+    let _ = s.set_nodelay(true);
     let s = Arc::new(s);
-    let out = Arc::new(PeerOut::new(s.clone()));
+    let out = Arc::new(PeerOut::new(s.clone(), records.clone()));
     let link = {
         let mut p = lock(&shared.peer);
         p.next_id += 1;
@@ -265,8 +316,9 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         link
     };
     tracing::info!(
-        "peer connection {link} with {addr} authenticated ({})",
-        if dialed { "dialed" } else { "accepted" }
+        "peer connection {link} with {addr} authenticated ({}{})",
+        if dialed { "dialed" } else { "accepted" },
+        if records.is_some() { ", TLS" } else { "" }
     );
     let net = &shared.settings.net;
     let stall_limit = Duration::from_millis(net.timeout_ms);
@@ -274,41 +326,33 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
     // Offered before anything read on it reaches the core; the reader starts with
     // whatever arrived behind the authentication.
     shared.handle(Event::ConnOffered { link, dialed });
-    tokio::spawn(read_loop(shared, link, s, inbuf));
+    tokio::spawn(read_loop(shared, link, s, inbuf, records));
 }
 
-/// Mutual authentication (the Hello exchange that follows is the core's).
-async fn authenticate(
+/// Mutual authentication (the Hello exchange that follows is the core's), bound to the TLS
+/// `session` it runs in, if any.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     shared: &Arc<Shared>,
-    s: &mut TcpStream,
+    s: &mut S,
     inbuf: &mut BytesMut,
     secret: &[u8],
     me: &str,
     conn: Option<Endpoints>,
+    session: Option<[u8; crate::peer::SESSION_BINDING_LEN]>,
 ) -> Result<(), String> {
     let mut auth = Authenticator::new(secret, me, &shared.settings.resource, conn)
         .map_err(|e| format!("authentication setup: {e}"))?;
-    let mut out = BytesMut::new();
+    if let Some(binding) = session {
+        auth.bind_session(binding);
+    }
     loop {
-        auth.take_output(&mut out);
-        if !out.is_empty() {
-            s.write_all(&out)
-                .await
-                .map_err(|e| format!("write during authentication: {e}"))?;
-            out.clear();
-        }
+        send_auth(s, &mut auth).await?;
         match auth
             .feed(inbuf)
             .map_err(|e| format!("failed authentication: {e}"))?
         {
             AuthStep::NeedMore => {
-                auth.take_output(&mut out);
-                if !out.is_empty() {
-                    s.write_all(&out)
-                        .await
-                        .map_err(|e| format!("write during authentication: {e}"))?;
-                    out.clear();
-                }
+                send_auth(s, &mut auth).await?;
                 if s.read_buf(inbuf)
                     .await
                     .map_err(|e| format!("read during authentication: {e}"))?
@@ -318,20 +362,41 @@ async fn authenticate(
                 }
             }
             AuthStep::Done { .. } => {
-                auth.take_output(&mut out);
-                if !out.is_empty() {
-                    s.write_all(&out)
-                        .await
-                        .map_err(|e| format!("write during authentication: {e}"))?;
-                }
+                send_auth(s, &mut auth).await?;
                 return Ok(());
             }
         }
     }
 }
 
-async fn read_loop(shared: Arc<Shared>, link: LinkId, rd: Arc<TcpStream>, mut buf: BytesMut) {
+/// Sends what the authentication has to send (and flushes it out of TLS, if any).
+async fn send_auth<S: AsyncWrite + Unpin + ?Sized>(
+    s: &mut S,
+    auth: &mut Authenticator,
+) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    auth.take_output(&mut out);
+    if out.is_empty() {
+        return Ok(());
+    }
+    s.write_all(&out)
+        .await
+        .map_err(|e| format!("write during authentication: {e}"))?;
+    s.flush()
+        .await
+        .map_err(|e| format!("write during authentication: {e}"))
+}
+
+async fn read_loop(
+    shared: Arc<Shared>,
+    link: LinkId,
+    rd: Arc<TcpStream>,
+    mut buf: BytesMut,
+    tls: Option<Arc<TlsRecords>>,
+) {
     let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
+    // Over TLS: records read and not yet opened (a partial one).
+    let mut cipher = BytesMut::new();
     let mut msgs = Vec::new();
     // After a large frame, the next read takes little more than a header, so the next large
     // payload is not read into (and then copied out of) the receive buffer.
@@ -341,7 +406,7 @@ async fn read_loop(shared: Arc<Shared>, link: LinkId, rd: Arc<TcpStream>, mut bu
         let mut large = None;
         loop {
             // A large frame not yet complete is read straight into its own buffer below.
-            if let Ok(Some(total)) = dec.frame_len(&buf) {
+            if let (Ok(Some(total)), None) = (dec.frame_len(&buf), &tls) {
                 if total >= DIRECT_FRAME_MIN && buf.len() < total {
                     large = Some(total);
                     break;
@@ -388,7 +453,11 @@ async fn read_loop(shared: Arc<Shared>, link: LinkId, rd: Arc<TcpStream>, mut bu
         } else {
             usize::MAX
         };
-        match read_some(&rd, &mut buf, limit).await {
+        let read = match &tls {
+            None => read_some(&rd, &mut buf, limit).await,
+            Some(records) => read_tls(&rd, records, &mut cipher, &mut buf).await,
+        };
+        match read {
             Ok(0) => break "the peer closed the connection".to_string(),
             Ok(_) => {}
             Err(e) => break format!("read from the peer: {e}"),
@@ -407,6 +476,29 @@ async fn read_frame(s: &TcpStream, buf: &mut BytesMut, total: usize) -> Result<B
             io::ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
             _ => format!("read from the peer: {e}"),
         })
+}
+
+/// Reads records until they open into some plaintext in `buf`: how much (0: the peer
+/// closed the connection or the session).
+async fn read_tls(
+    s: &TcpStream,
+    records: &TlsRecords,
+    cipher: &mut BytesMut,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    let before = buf.len();
+    loop {
+        if cipher.capacity() - cipher.len() < 16 * 1024 {
+            cipher.reserve(64 * 1024);
+        }
+        if read_some(s, cipher, usize::MAX).await? == 0 {
+            return Ok(0);
+        }
+        let closed = records.open(cipher, buf)?;
+        if buf.len() > before || closed {
+            return Ok(buf.len() - before);
+        }
+    }
 }
 
 /// Reads what the socket has, at most `limit` bytes (waiting until it has something).
@@ -435,6 +527,8 @@ pub fn flush_queued() {
 /// The sending side of one link (see the module comment).
 pub struct PeerOut {
     fd: RawFd,
+    /// The TLS session's records, when TLS is on: every frame is sealed before it is sent.
+    tls: Option<Arc<TlsRecords>>,
     /// Keeps the socket (and so `fd`) open for as long as anyone may send on it.
     _stream: Arc<TcpStream>,
     state: Mutex<OutState>,
@@ -528,9 +622,10 @@ fn msg_bytes(m: &Message) -> u64 {
 }
 
 impl PeerOut {
-    fn new(stream: Arc<TcpStream>) -> PeerOut {
+    fn new(stream: Arc<TcpStream>, tls: Option<Arc<TlsRecords>>) -> PeerOut {
         PeerOut {
             fd: stream.as_raw_fd(),
+            tls,
             _stream: stream,
             state: Mutex::new(OutState::default()),
             wake: Notify::new(),
@@ -596,7 +691,7 @@ impl PeerOut {
             let msgs = st.take_msgs();
             drop(st);
             let mut chunks = VecDeque::new();
-            let res = encode_all(msgs).and_then(|c| {
+            let res = encode_all(msgs, self.tls.as_deref()).and_then(|c| {
                 chunks = c;
                 send_chunks(self.fd, &mut chunks)
             });
@@ -628,9 +723,10 @@ impl PeerOut {
     }
 }
 
-/// Frames `msgs` in order: fixed fields copied together, bulk data by reference. A message
-/// too large for a frame is an error (the link is dropped, not the daemon).
-fn encode_all(msgs: VecDeque<Message>) -> io::Result<VecDeque<Bytes>> {
+/// Frames `msgs` in order: fixed fields copied together, bulk data by reference; over TLS,
+/// sealed into records (one buffer). A message too large for a frame is an error (the link
+/// is dropped, not the daemon). Called by one sender at a time, in the order of sending.
+fn encode_all(msgs: VecDeque<Message>, tls: Option<&TlsRecords>) -> io::Result<VecDeque<Bytes>> {
     let mut chunks = VecDeque::new();
     let mut head = BytesMut::with_capacity(msgs.len() * 64);
     for m in &msgs {
@@ -645,7 +741,10 @@ fn encode_all(msgs: VecDeque<Message>) -> io::Result<VecDeque<Bytes>> {
     if !head.is_empty() {
         chunks.push_back(head.freeze());
     }
-    Ok(chunks)
+    match tls {
+        Some(records) if !chunks.is_empty() => Ok(VecDeque::from([records.seal(&chunks)?])),
+        _ => Ok(chunks),
+    }
 }
 
 /// Sends `chunks` with non-blocking vectored writes until all are out (Ok) or the socket is
@@ -738,7 +837,7 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             }
             if st.writer_owns && st.backlog.is_empty() {
                 let msgs = st.take_msgs();
-                match encode_all(msgs) {
+                match encode_all(msgs, out.tls.as_deref()) {
                     Ok(chunks) => st.set_backlog(chunks),
                     Err(e) => {
                         st.failed = Some(format!("write to the peer: {e}"));
@@ -828,7 +927,7 @@ mod tests {
     /// `n` writes of `data` (sharing its buffer) queued and flushed on a new link.
     fn queued_link(near: TcpStream, data: &Bytes, n: u64) -> (Arc<TcpStream>, Arc<PeerOut>) {
         let s = Arc::new(near);
-        let out = Arc::new(PeerOut::new(s.clone()));
+        let out = Arc::new(PeerOut::new(s.clone(), None));
         for seq in 0..n {
             out.queue(Message::Write {
                 seq,
