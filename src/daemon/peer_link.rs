@@ -245,6 +245,7 @@ async fn establish(
     dialed: bool,
     tls: Option<Arc<TlsContext>>,
 ) {
+    let _ = s.set_nodelay(true);
     if shared.is_stopping() {
         return;
     }
@@ -305,7 +306,6 @@ async fn establish(
             return;
         }
     };
-    let _ = s.set_nodelay(true);
     let s = Arc::new(s);
     let out = Arc::new(PeerOut::new(s.clone(), records.clone()));
     let link = {

@@ -211,14 +211,15 @@ impl TlsRecords {
         for chunk in chunks {
             let mut rest = &chunk[..];
             while !rest.is_empty() {
-                let n = conn.writer().write(rest)?;
-                rest = &rest[n..];
+                // Records made so far leave rustls's buffer first, so it has room.
                 while conn.wants_write() {
                     conn.write_tls(&mut out)?;
                 }
+                let n = conn.writer().write(rest)?;
                 if n == 0 {
                     return Err(io::Error::other("TLS: the session takes no more data"));
                 }
+                rest = &rest[n..];
             }
         }
         while conn.wants_write() {
