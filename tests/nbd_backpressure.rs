@@ -8,20 +8,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::nbd_wire::{RawConn, CMD_READ};
+use common::process::rss;
 use common::{ClusterSpec, EXPORT, MIB};
 
 const READS: u64 = 64;
 const READ_LEN: u32 = 32 << 20;
-
-/// The resident set of process `pid`, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
 
 /// The 4 KiB block that starts the READ at `offset`.
 fn marker(offset: u64) -> Vec<u8> {

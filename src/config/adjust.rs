@@ -70,6 +70,7 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
         nodes,
         this,
         metrics_listen,
+        tls,
     } = new;
     let live = &mut p.live;
     diff(live, "sync.rate", &old.sync.rate, &sync.rate);
@@ -175,6 +176,8 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
     );
     // The endpoint's socket is bound at start (`mirrorctl restart` keeps the clients).
     diff(rs, "metrics.listen", &old.metrics_listen, metrics_listen);
+    // Certificates and the CA are loaded at start (docs/OPERATIONS.md: restart after renewing).
+    diff(rs, "tls (this node)", &old.tls, tls);
     diff(rs, "node (count)", &old.nodes.len(), &nodes.len());
     diff(rs, "this node's index", &old.this, this);
     for (i, (o, n)) in old.nodes.iter().zip(nodes).enumerate() {

@@ -135,6 +135,17 @@ pub struct NetSettings {
     pub insecure_allow_relay: bool,
 }
 
+/// `[tls]`: TLS on the peer link, mutual. Present: both nodes must have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TlsSettings {
+    /// `ca`: PEM certificate(s) the peer's certificate must chain to.
+    pub ca: PathBuf,
+    /// This node's certificate chain (PEM): `[[node]] tls-cert`, else `[tls] cert`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM): `[[node]] tls-key`, else `[tls] key`.
+    pub key: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Handlers {
     pub fence_peer: Option<PathBuf>,
@@ -183,6 +194,8 @@ pub struct Settings {
     pub handlers: Handlers,
     pub fencing: Fencing,
     pub net: NetSettings,
+    /// TLS on the peer link (`[tls]`), resolved for this node.
+    pub tls: Option<TlsSettings>,
     pub nodes: Vec<NodeConfig>,
     /// Index of this node in `nodes`.
     pub this: usize,
@@ -505,6 +518,18 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         None => None,
     };
     mt.finish().map_err(err)?;
+    let tls_table = match top.table("tls").map_err(err)? {
+        Some(t) => {
+            let mut ts = Section::new("tls", t);
+            let ca = PathBuf::from(ts.req_str("ca").map_err(err)?);
+            let cert = ts.opt_str("cert").map_err(err)?.map(PathBuf::from);
+            let key = ts.opt_str("key").map_err(err)?.map(PathBuf::from);
+            ts.finish().map_err(err)?;
+            Some((ca, cert, key))
+        }
+        None => None,
+    };
+    let mut node_tls = Vec::new();
 
     let node_tables = top.table_array("node").map_err(err)?;
     top.finish().map_err(err)?;
@@ -554,6 +579,19 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             }
             None => None,
         };
+        let tls_cert = ns.opt_str("tls-cert").map_err(err)?.map(PathBuf::from);
+        let tls_key = ns.opt_str("tls-key").map_err(err)?.map(PathBuf::from);
+        if tls_table.is_none() && (tls_cert.is_some() || tls_key.is_some()) {
+            return Err(err(ns.error(
+                if tls_cert.is_some() {
+                    "tls-cert"
+                } else {
+                    "tls-key"
+                },
+                "is set without a [tls] table (TLS needs at least [tls] ca)",
+            )));
+        }
+        node_tls.push((tls_cert, tls_key));
         ns.finish().map_err(err)?;
         if nodes.iter().any(|n: &NodeConfig| n.name == name) {
             return Err(err(KeyError {
@@ -625,6 +663,28 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         }
     }
 
+    let tls = match tls_table {
+        Some((ca, cert, key)) => {
+            let (node_cert, node_key) = node_tls.swap_remove(this);
+            let missing = |what: &str| {
+                err(KeyError {
+                    key: format!("tls.{what}"),
+                    reason: format!(
+                        "missing: node `{}` needs its TLS {what}: set tls-{what} in its [[node]] \
+                         or {what} in [tls]",
+                        nodes[this].name
+                    ),
+                })
+            };
+            Some(TlsSettings {
+                ca,
+                cert: node_cert.or(cert).ok_or_else(|| missing("cert"))?,
+                key: node_key.or(key).ok_or_else(|| missing("key"))?,
+            })
+        }
+        None => None,
+    };
+
     let run_dir = nodes[this].run_dir.clone().unwrap_or(default_run_dir);
     let nbd_listen = nodes[this]
         .nbd_listen
@@ -651,6 +711,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
         handlers,
         fencing,
         net,
+        tls,
         nodes,
         this,
     })

@@ -254,6 +254,38 @@ fn metrics_are_off_by_default_and_listen_where_configured() {
 }
 
 #[test]
+fn tls_is_off_unless_its_table_is_there_and_node_keys_override_it() {
+    assert_eq!(p(TWO, "alpha").unwrap().tls, None);
+    let tls = format!(
+        "{TWO}\n[tls]\nca = \"/etc/ca.pem\"\ncert = \"/etc/node.crt\"\nkey = \"/etc/node.key\"\n"
+    );
+    let a = p(&tls, "alpha").unwrap().tls.unwrap();
+    assert_eq!(
+        (a.ca, a.cert, a.key),
+        (
+            "/etc/ca.pem".into(),
+            "/etc/node.crt".into(),
+            "/etc/node.key".into()
+        )
+    );
+    let per_node = tls.replace(
+        "name = \"beta\"\n",
+        "name = \"beta\"\ntls-cert = \"/etc/beta.crt\"\n",
+    );
+    let b = p(&per_node, "beta").unwrap().tls.unwrap();
+    assert_eq!(b.cert, PathBuf::from("/etc/beta.crt"));
+    assert_eq!(
+        b.key,
+        PathBuf::from("/etc/node.key"),
+        "[tls] key still applies"
+    );
+    assert_eq!(
+        p(&per_node, "alpha").unwrap().tls.unwrap().cert,
+        PathBuf::from("/etc/node.crt")
+    );
+}
+
+#[test]
 fn metrics_listen_errors_name_the_key() {
     expect_err(
         &format!("{TWO}\n[metrics]\nlisten = \"unix:/run/m.sock\"\n"),
@@ -281,5 +313,27 @@ fn metrics_listen_errors_name_the_key() {
         "beta",
         Some("node[1].metrics-listen"),
         "HTTP over TCP",
+    );
+}
+
+#[test]
+fn tls_errors_name_the_key() {
+    expect_err(
+        &format!("{TWO}\n[tls]\ncert = \"/c\"\nkey = \"/k\"\n"),
+        "alpha",
+        Some("tls.ca"),
+        "missing",
+    );
+    expect_err(
+        &format!("{TWO}\n[tls]\nca = \"/ca\"\nkey = \"/k\"\n"),
+        "alpha",
+        Some("tls.cert"),
+        "tls-cert in its [[node]]",
+    );
+    expect_err(
+        &TWO.replace("name = \"beta\"\n", "name = \"beta\"\ntls-key = \"/k\"\n"),
+        "beta",
+        Some("node[1].tls-key"),
+        "without a [tls] table",
     );
 }

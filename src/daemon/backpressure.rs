@@ -3,6 +3,10 @@
 //! bytes not yet sent) is bounded per connection and in all. A connection's reader decodes
 //! its next request only while both are under their limit, so a client that sends requests
 //! and reads no replies stops being read: the kernel's socket buffers fill and it waits.
+//! Every reader also waits while the peer send queues are full
+//! ([`super::peer_link::send_queue_full`]): under protocol A a write is answered once it is
+//! queued for the peer, so without this a peer that stops reading would let the queue grow
+//! with the clients' writes.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -50,9 +54,19 @@ impl Drop for Share {
 
 /// Whether a connection holding `held` bytes may take its next request. One that holds
 /// nothing always may, so every connection makes progress whatever the others hold; so a
-/// connection holds at most its limit plus one request.
+/// connection holds at most its limit plus one request. None may while the peer send
+/// queues are full: they empty when the peer reads, or when its link is dropped.
 pub(super) fn may_take(held: usize) -> bool {
-    held == 0 || (held < CONN_MAX_BYTES && TOTAL.load(Ordering::Relaxed) < TOTAL_MAX_BYTES)
+    room(
+        held,
+        TOTAL.load(Ordering::Relaxed),
+        super::peer_link::send_queue_full(),
+    )
+}
+
+/// [`may_take`] for a connection holding `held`, all holding `total`.
+fn room(held: usize, total: usize, peer_full: bool) -> bool {
+    !peer_full && (held == 0 || (held < CONN_MAX_BYTES && total < TOTAL_MAX_BYTES))
 }
 
 /// Waits until [`may_take`] holds for `held()`. False: `stop` fired first.
@@ -84,13 +98,26 @@ mod tests {
         a.update(CONN_MAX_BYTES);
         b.update(10);
         assert_eq!(TOTAL.load(Ordering::Relaxed), before + CONN_MAX_BYTES + 10);
-        assert!(!may_take(CONN_MAX_BYTES), "a full connection waits");
-        assert!(may_take(0), "an empty one never does");
         a.update(1);
         assert_eq!(TOTAL.load(Ordering::Relaxed), before + 11);
-        assert!(may_take(1));
         drop(a);
         drop(b);
         assert_eq!(TOTAL.load(Ordering::Relaxed), before);
+    }
+
+    #[test]
+    fn a_reader_waits_for_its_own_room_the_total_and_the_peer() {
+        assert!(
+            !room(CONN_MAX_BYTES, CONN_MAX_BYTES, false),
+            "a full connection waits"
+        );
+        assert!(
+            room(0, TOTAL_MAX_BYTES, false),
+            "an empty one never does..."
+        );
+        assert!(!room(0, 0, true), "...unless the peer send queues are full");
+        assert!(room(1, TOTAL_MAX_BYTES - 1, false));
+        assert!(!room(1, TOTAL_MAX_BYTES, false), "the total is full");
+        assert!(!room(1, 1, true));
     }
 }

@@ -20,14 +20,16 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 
+use super::peer_tls::{TlsContext, TlsRecords};
 use super::{lock, Shared};
 use crate::core::{Event, LinkId};
 use crate::peer::{
@@ -48,10 +50,21 @@ const DIRECT_FRAME_MIN: usize = 64 * 1024;
 const SMALL_READ: usize = 4096;
 /// Most slices gathered into one `sendmsg`.
 const MAX_IOV: usize = 64;
-/// Bytes queued for the peer (messages not yet sent) above which the link counts as not
-/// draining; the replication traffic that fills it is bounded upstream (NBD bytes held,
-/// the resync window), so only a peer that stops reading gets here.
+/// Bytes queued for the peer (messages not yet sent) at which NBD readers stop taking
+/// requests (back-pressure, `backpressure::may_take`), and above which a link that sends
+/// nothing for `timeout` is disconnected. What fills it is bounded upstream besides (NBD
+/// bytes held, the resync window), so only a peer that stops reading gets here.
 pub const PEER_SEND_MAX_BYTES: u64 = 256 << 20;
+/// Bytes queued on one link at which it is disconnected at once: traffic the NBD
+/// back-pressure does not hold (answers to the peer's own requests) cannot grow past it.
+pub const PEER_SEND_HARD_MAX_BYTES: u64 = 2 * PEER_SEND_MAX_BYTES;
+/// Bytes queued on all links together (the sum of [`OutState::counted`]).
+static QUEUED_ALL: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the peer send queues hold [`PEER_SEND_MAX_BYTES`] or more: NBD readers wait.
+pub fn send_queue_full() -> bool {
+    QUEUED_ALL.load(Ordering::Relaxed) >= PEER_SEND_MAX_BYTES
+}
 /// How often the writer task looks at a link it is waiting to send on.
 const STALL_CHECK: Duration = Duration::from_secs(1);
 /// What a queued message counts for besides its data.
@@ -110,6 +123,20 @@ pub async fn run(shared: Arc<Shared>) {
              anyone who can reach both peer ports can relay it"
         );
     }
+    let tls = match (&shared.settings.tls, shared.settings.peer()) {
+        (Some(t), Some(p)) => match TlsContext::load(t, &p.name) {
+            Ok(ctx) => {
+                tracing::info!("peer link: TLS on (CA {})", t.ca.display());
+                Some(Arc::new(ctx))
+            }
+            Err(e) => {
+                // Checked before start (setup::check_secret): only a file changed since.
+                tracing::error!("peer link: {e}; no peer connections");
+                return;
+            }
+        },
+        _ => None,
+    };
     let listener = loop {
         match tokio::net::TcpListener::bind(me).await {
             Ok(l) => break l,
@@ -123,6 +150,7 @@ pub async fn run(shared: Arc<Shared>) {
     let accept = {
         let shared = shared.clone();
         let slots = slots.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -143,8 +171,9 @@ pub async fn run(shared: Arc<Shared>) {
                             continue;
                         };
                         let shared = shared.clone();
+                        let tls = tls.clone();
                         tokio::spawn(async move {
-                            establish(shared, s, addr, false).await;
+                            establish(shared, s, addr, false, tls).await;
                             drop(permit);
                         });
                     }
@@ -156,12 +185,18 @@ pub async fn run(shared: Arc<Shared>) {
             }
         })
     };
-    dial_loop(shared, me, peer, slots).await;
+    dial_loop(shared, me, peer, slots, tls).await;
     accept.abort();
 }
 
 /// Dials once each time the core asks ([`PeerCtl::want_dial`]), one dial at a time.
-async fn dial_loop(shared: Arc<Shared>, me: SocketAddr, peer: SocketAddr, slots: Arc<Semaphore>) {
+async fn dial_loop(
+    shared: Arc<Shared>,
+    me: SocketAddr,
+    peer: SocketAddr,
+    slots: Arc<Semaphore>,
+    tls: Option<Arc<TlsContext>>,
+) {
     let timeout = Duration::from_millis(shared.net().connect_retry_ms).max(Duration::from_secs(1));
     loop {
         let wake = shared.peer_wake.notified();
@@ -175,7 +210,7 @@ async fn dial_loop(shared: Arc<Shared>, me: SocketAddr, peer: SocketAddr, slots:
             continue;
         };
         match tokio::time::timeout(timeout, connect_from(me, peer)).await {
-            Ok(Ok(s)) => establish(shared.clone(), s, peer, true).await,
+            Ok(Ok(s)) => establish(shared.clone(), s, peer, true, tls.clone()).await,
             Ok(Err(e)) => tracing::debug!("connecting to peer {peer}: {e}"),
             Err(_) => tracing::debug!("connecting to peer {peer}: timed out"),
         }
@@ -200,8 +235,15 @@ async fn connect_from(me: SocketAddr, peer: SocketAddr) -> io::Result<TcpStream>
     socket.connect(peer).await
 }
 
-/// Authenticates, then offers the connection to the core and starts reading it.
-async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dialed: bool) {
+/// Runs TLS if configured, authenticates, then offers the connection to the core and
+/// starts reading it.
+async fn establish(
+    shared: Arc<Shared>,
+    s: TcpStream,
+    addr: SocketAddr,
+    dialed: bool,
+    tls: Option<Arc<TlsContext>>,
+) {
     let _ = s.set_nodelay(true);
     if shared.is_stopping() {
         return;
@@ -226,13 +268,34 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
     };
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let me = shared.settings.node().name.clone();
-    match tokio::time::timeout(
-        AUTH_TIMEOUT,
-        authenticate(&shared, &mut s, &mut inbuf, &secret, &me, conn),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
+    // TLS first (if on), then the shared-secret exchange inside it, bound to the session.
+    let secured = async {
+        match tls {
+            None => {
+                let mut s = s;
+                authenticate(&shared, &mut s, &mut inbuf, &secret, &me, conn, None).await?;
+                Ok((s, None))
+            }
+            Some(ctx) => {
+                let mut session = super::peer_tls::handshake(&ctx, s, dialed).await?;
+                let binding = session.binding()?;
+                authenticate(
+                    &shared,
+                    session.stream(),
+                    &mut inbuf,
+                    &secret,
+                    &me,
+                    conn,
+                    Some(binding),
+                )
+                .await?;
+                let (s, records) = session.into_parts();
+                Ok::<_, String>((s, Some(Arc::new(records))))
+            }
+        }
+    };
+    let (s, records) = match tokio::time::timeout(AUTH_TIMEOUT, secured).await {
+        Ok(Ok(v)) => v,
         Ok(Err(e)) => {
             tracing::warn!("peer {addr}: {e}");
             return;
@@ -241,9 +304,9 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
             tracing::warn!("peer {addr}: no authentication within {AUTH_TIMEOUT:?}");
             return;
         }
-    }
+    };
     let s = Arc::new(s);
-    let out = Arc::new(PeerOut::new(s.clone()));
+    let out = Arc::new(PeerOut::new(s.clone(), records.clone()));
     let link = {
         let mut p = lock(&shared.peer);
         p.next_id += 1;
@@ -252,50 +315,43 @@ async fn establish(shared: Arc<Shared>, mut s: TcpStream, addr: SocketAddr, dial
         link
     };
     tracing::info!(
-        "peer connection {link} with {addr} authenticated ({})",
-        if dialed { "dialed" } else { "accepted" }
+        "peer connection {link} with {addr} authenticated ({}{})",
+        if dialed { "dialed" } else { "accepted" },
+        if records.is_some() { ", TLS" } else { "" }
     );
     let net = shared.net();
-    let stall_limit = Duration::from_millis(net.timeout_ms.saturating_mul(net.ko_count));
+    let stall_limit = Duration::from_millis(net.timeout_ms);
     tokio::spawn(write_loop(s.clone(), out, stall_limit));
     // Offered before anything read on it reaches the core; the reader starts with
     // whatever arrived behind the authentication.
     shared.handle(Event::ConnOffered { link, dialed });
-    tokio::spawn(read_loop(shared, link, s, inbuf));
+    tokio::spawn(read_loop(shared, link, s, inbuf, records));
 }
 
-/// Mutual authentication (the Hello exchange that follows is the core's).
-async fn authenticate(
+/// Mutual authentication (the Hello exchange that follows is the core's), bound to the TLS
+/// `session` it runs in, if any.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     shared: &Arc<Shared>,
-    s: &mut TcpStream,
+    s: &mut S,
     inbuf: &mut BytesMut,
     secret: &[u8],
     me: &str,
     conn: Option<Endpoints>,
+    session: Option<[u8; crate::peer::SESSION_BINDING_LEN]>,
 ) -> Result<(), String> {
     let mut auth = Authenticator::new(secret, me, &shared.settings.resource, conn)
         .map_err(|e| format!("authentication setup: {e}"))?;
-    let mut out = BytesMut::new();
+    if let Some(binding) = session {
+        auth.bind_session(binding);
+    }
     loop {
-        auth.take_output(&mut out);
-        if !out.is_empty() {
-            s.write_all(&out)
-                .await
-                .map_err(|e| format!("write during authentication: {e}"))?;
-            out.clear();
-        }
+        send_auth(s, &mut auth).await?;
         match auth
             .feed(inbuf)
             .map_err(|e| format!("failed authentication: {e}"))?
         {
             AuthStep::NeedMore => {
-                auth.take_output(&mut out);
-                if !out.is_empty() {
-                    s.write_all(&out)
-                        .await
-                        .map_err(|e| format!("write during authentication: {e}"))?;
-                    out.clear();
-                }
+                send_auth(s, &mut auth).await?;
                 if s.read_buf(inbuf)
                     .await
                     .map_err(|e| format!("read during authentication: {e}"))?
@@ -305,20 +361,41 @@ async fn authenticate(
                 }
             }
             AuthStep::Done { .. } => {
-                auth.take_output(&mut out);
-                if !out.is_empty() {
-                    s.write_all(&out)
-                        .await
-                        .map_err(|e| format!("write during authentication: {e}"))?;
-                }
+                send_auth(s, &mut auth).await?;
                 return Ok(());
             }
         }
     }
 }
 
-async fn read_loop(shared: Arc<Shared>, link: LinkId, rd: Arc<TcpStream>, mut buf: BytesMut) {
+/// Sends what the authentication has to send (and flushes it out of TLS, if any).
+async fn send_auth<S: AsyncWrite + Unpin + ?Sized>(
+    s: &mut S,
+    auth: &mut Authenticator,
+) -> Result<(), String> {
+    let mut out = BytesMut::new();
+    auth.take_output(&mut out);
+    if out.is_empty() {
+        return Ok(());
+    }
+    s.write_all(&out)
+        .await
+        .map_err(|e| format!("write during authentication: {e}"))?;
+    s.flush()
+        .await
+        .map_err(|e| format!("write during authentication: {e}"))
+}
+
+async fn read_loop(
+    shared: Arc<Shared>,
+    link: LinkId,
+    rd: Arc<TcpStream>,
+    mut buf: BytesMut,
+    tls: Option<Arc<TlsRecords>>,
+) {
     let mut dec = Decoder::new(DEFAULT_MAX_PAYLOAD);
+    // Over TLS: records read and not yet opened (a partial one).
+    let mut cipher = BytesMut::new();
     let mut msgs = Vec::new();
     // After a large frame, the next read takes little more than a header, so the next large
     // payload is not read into (and then copied out of) the receive buffer.
@@ -328,7 +405,7 @@ async fn read_loop(shared: Arc<Shared>, link: LinkId, rd: Arc<TcpStream>, mut bu
         let mut large = None;
         loop {
             // A large frame not yet complete is read straight into its own buffer below.
-            if let Ok(Some(total)) = dec.frame_len(&buf) {
+            if let (Ok(Some(total)), None) = (dec.frame_len(&buf), &tls) {
                 if total >= DIRECT_FRAME_MIN && buf.len() < total {
                     large = Some(total);
                     break;
@@ -375,7 +452,11 @@ async fn read_loop(shared: Arc<Shared>, link: LinkId, rd: Arc<TcpStream>, mut bu
         } else {
             usize::MAX
         };
-        match read_some(&rd, &mut buf, limit).await {
+        let read = match &tls {
+            None => read_some(&rd, &mut buf, limit).await,
+            Some(records) => read_tls(&rd, records, &mut cipher, &mut buf).await,
+        };
+        match read {
             Ok(0) => break "the peer closed the connection".to_string(),
             Ok(_) => {}
             Err(e) => break format!("read from the peer: {e}"),
@@ -394,6 +475,29 @@ async fn read_frame(s: &TcpStream, buf: &mut BytesMut, total: usize) -> Result<B
             io::ErrorKind::UnexpectedEof => "the peer closed the connection".into(),
             _ => format!("read from the peer: {e}"),
         })
+}
+
+/// Reads records until they open into some plaintext in `buf`: how much (0: the peer
+/// closed the connection or the session).
+async fn read_tls(
+    s: &TcpStream,
+    records: &TlsRecords,
+    cipher: &mut BytesMut,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    let before = buf.len();
+    loop {
+        if cipher.capacity() - cipher.len() < 16 * 1024 {
+            cipher.reserve(64 * 1024);
+        }
+        if read_some(s, cipher, usize::MAX).await? == 0 {
+            return Ok(0);
+        }
+        let closed = records.open(cipher, buf)?;
+        if buf.len() > before || closed {
+            return Ok(buf.len() - before);
+        }
+    }
 }
 
 /// Reads what the socket has, at most `limit` bytes (waiting until it has something).
@@ -422,6 +526,8 @@ pub fn flush_queued() {
 /// The sending side of one link (see the module comment).
 pub struct PeerOut {
     fd: RawFd,
+    /// The TLS session's records, when TLS is on: every frame is sealed before it is sent.
+    tls: Option<Arc<TlsRecords>>,
     /// Keeps the socket (and so `fd`) open for as long as anyone may send on it.
     _stream: Arc<TcpStream>,
     state: Mutex<OutState>,
@@ -445,6 +551,8 @@ struct OutState {
     /// Bytes of `msgs` (data plus [`MSG_OVERHEAD`] each) and of `backlog`.
     msgs_bytes: u64,
     backlog_bytes: u64,
+    /// What this link counts for in [`QUEUED_ALL`] (given back when dropped).
+    counted: u64,
 }
 
 impl OutState {
@@ -452,14 +560,48 @@ impl OutState {
         self.msgs_bytes + self.backlog_bytes
     }
 
+    /// Brings [`QUEUED_ALL`] up to date with this link's queue.
+    fn recount(&mut self) {
+        let now = self.queued_bytes();
+        if now > self.counted {
+            QUEUED_ALL.fetch_add(now - self.counted, Ordering::Relaxed);
+        } else {
+            QUEUED_ALL.fetch_sub(self.counted - now, Ordering::Relaxed);
+        }
+        self.counted = now;
+    }
+
     fn take_msgs(&mut self) -> VecDeque<Message> {
         self.msgs_bytes = 0;
+        self.recount();
         std::mem::take(&mut self.msgs)
+    }
+
+    fn take_backlog(&mut self) -> VecDeque<Bytes> {
+        self.backlog_bytes = 0;
+        self.recount();
+        std::mem::take(&mut self.backlog)
+    }
+
+    /// Drops everything queued (the link failed).
+    fn discard(&mut self) {
+        self.take_msgs();
+        self.take_backlog();
+        debug_assert_eq!(self.counted, 0);
     }
 
     fn set_backlog(&mut self, chunks: VecDeque<Bytes>) {
         self.backlog_bytes = chunks.iter().map(|c| c.len() as u64).sum();
         self.backlog = chunks;
+        self.recount();
+    }
+}
+
+impl Drop for OutState {
+    fn drop(&mut self) {
+        self.msgs_bytes = 0;
+        self.backlog_bytes = 0;
+        self.recount();
     }
 }
 
@@ -479,9 +621,10 @@ fn msg_bytes(m: &Message) -> u64 {
 }
 
 impl PeerOut {
-    fn new(stream: Arc<TcpStream>) -> PeerOut {
+    fn new(stream: Arc<TcpStream>, tls: Option<Arc<TlsRecords>>) -> PeerOut {
         PeerOut {
             fd: stream.as_raw_fd(),
+            tls,
             _stream: stream,
             state: Mutex::new(OutState::default()),
             wake: Notify::new(),
@@ -495,8 +638,25 @@ impl PeerOut {
     fn queue(self: &Arc<Self>, m: Message) {
         {
             let mut st = self.lock();
+            if st.failed.is_some() {
+                // The link is going: its ConnDown is on the way to the core.
+                return;
+            }
             st.msgs_bytes += msg_bytes(&m);
             st.msgs.push_back(m);
+            st.recount();
+            if st.queued_bytes() >= PEER_SEND_HARD_MAX_BYTES {
+                tracing::warn!(
+                    "peer connection: {} MiB queued for the peer (hard limit {} MiB); disconnecting",
+                    st.queued_bytes() >> 20,
+                    PEER_SEND_HARD_MAX_BYTES >> 20
+                );
+                st.failed = Some("the peer send queue passed its hard limit".into());
+                st.discard();
+                drop(st);
+                self.wake.notify_one();
+                return;
+            }
         }
         QUEUED.with(|q| {
             let mut q = q.borrow_mut();
@@ -530,7 +690,7 @@ impl PeerOut {
             let msgs = st.take_msgs();
             drop(st);
             let mut chunks = VecDeque::new();
-            let res = encode_all(msgs).and_then(|c| {
+            let res = encode_all(msgs, self.tls.as_deref()).and_then(|c| {
                 chunks = c;
                 send_chunks(self.fd, &mut chunks)
             });
@@ -562,9 +722,10 @@ impl PeerOut {
     }
 }
 
-/// Frames `msgs` in order: fixed fields copied together, bulk data by reference. A message
-/// too large for a frame is an error (the link is dropped, not the daemon).
-fn encode_all(msgs: VecDeque<Message>) -> io::Result<VecDeque<Bytes>> {
+/// Frames `msgs` in order: fixed fields copied together, bulk data by reference; over TLS,
+/// sealed into records (one buffer). A message too large for a frame is an error (the link
+/// is dropped, not the daemon). Called by one sender at a time, in the order of sending.
+fn encode_all(msgs: VecDeque<Message>, tls: Option<&TlsRecords>) -> io::Result<VecDeque<Bytes>> {
     let mut chunks = VecDeque::new();
     let mut head = BytesMut::with_capacity(msgs.len() * 64);
     for m in &msgs {
@@ -579,7 +740,10 @@ fn encode_all(msgs: VecDeque<Message>) -> io::Result<VecDeque<Bytes>> {
     if !head.is_empty() {
         chunks.push_back(head.freeze());
     }
-    Ok(chunks)
+    match tls {
+        Some(records) if !chunks.is_empty() => Ok(VecDeque::from([records.seal(&chunks)?])),
+        _ => Ok(chunks),
+    }
 }
 
 /// Sends `chunks` with non-blocking vectored writes until all are out (Ok) or the socket is
@@ -631,8 +795,8 @@ fn send_chunks(fd: RawFd, chunks: &mut VecDeque<Bytes>) -> io::Result<()> {
 
 /// Sends what the socket could not take at once (and what is queued after it), reports a
 /// failed link, and after [`PeerOut::close`] sends what is left and shuts the socket down.
-/// A peer that leaves more than [`PEER_SEND_MAX_BYTES`] queued for longer than
-/// `stall_limit` (timeout x ko-count) is disconnected, with a log line.
+/// A peer that reads nothing for `stall_limit` (`[net] timeout`) while
+/// [`PEER_SEND_MAX_BYTES`] or more are queued for it is disconnected, with a log line.
 async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration) {
     let mut closed_at = None;
     let mut over_since: Option<tokio::time::Instant> = None;
@@ -642,6 +806,7 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             let mut st = out.lock();
             if let Some(reason) = st.failed.clone() {
                 tracing::debug!("peer connection: {reason}");
+                st.discard();
                 break;
             }
             if st.closed && closed_at.is_none() {
@@ -654,15 +819,15 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
                 // Nobody will flush a closed link's last messages: send them from here.
                 st.writer_owns = true;
             }
-            if st.queued_bytes() <= PEER_SEND_MAX_BYTES {
+            if st.queued_bytes() < PEER_SEND_MAX_BYTES {
                 over_since = None;
             } else {
                 let since = *over_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= stall_limit {
                     tracing::warn!(
-                        "peer connection: the peer has left {} MiB unread for {:?} (limit {} MiB); disconnecting",
-                        st.queued_bytes() >> 20,
+                        "peer connection: the peer has read nothing for {:?} with {} MiB queued for it (limit {} MiB); disconnecting",
                         since.elapsed(),
+                        st.queued_bytes() >> 20,
                         PEER_SEND_MAX_BYTES >> 20
                     );
                     st.failed = Some("the peer does not drain its connection".into());
@@ -671,7 +836,7 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             }
             if st.writer_owns && st.backlog.is_empty() {
                 let msgs = st.take_msgs();
-                match encode_all(msgs) {
+                match encode_all(msgs, out.tls.as_deref()) {
                     Ok(chunks) => st.set_backlog(chunks),
                     Err(e) => {
                         st.failed = Some(format!("write to the peer: {e}"));
@@ -706,8 +871,8 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             }
         }
         let mut st = out.lock();
-        let mut backlog = std::mem::take(&mut st.backlog);
-        st.backlog_bytes = 0;
+        let before = st.backlog_bytes;
+        let mut backlog = st.take_backlog();
         match s.try_io(Interest::WRITABLE, || send_chunks(out.fd, &mut backlog)) {
             Ok(()) => {
                 if st.msgs.is_empty() {
@@ -716,6 +881,10 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => st.set_backlog(backlog),
             Err(e) => st.failed = Some(format!("write to the peer: {e}")),
+        }
+        if st.backlog_bytes < before {
+            // The peer reads: a full queue that drains is congestion, not a stall.
+            over_since = None;
         }
     }
     // Both ways: the reader then ends and reports ConnDown.
@@ -735,4 +904,154 @@ fn link_ended(shared: &Arc<Shared>, link: LinkId, reason: &str) {
         link,
         reason: reason.to_string(),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::WriteKind;
+    use std::time::Instant;
+
+    /// A loopback connection: (this node's end, the peer's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = l.local_addr().expect("listener address");
+        let near = TcpStream::connect(addr).await.expect("connect loopback");
+        let (far, _) = l.accept().await.expect("accept loopback");
+        (near, far)
+    }
+
+    /// `n` writes of `data` (sharing its buffer) queued and flushed on a new link.
+    fn queued_link(near: TcpStream, data: &Bytes, n: u64) -> (Arc<TcpStream>, Arc<PeerOut>) {
+        let s = Arc::new(near);
+        let out = Arc::new(PeerOut::new(s.clone(), None));
+        for seq in 0..n {
+            out.queue(Message::Write {
+                seq,
+                seen: 0,
+                offset: 0,
+                kind: WriteKind::Data(data.clone()),
+                fua: false,
+                resync: false,
+            });
+            flush_queued();
+        }
+        (s, out)
+    }
+
+    fn block() -> Bytes {
+        Bytes::from(vec![0x5a; 32 << 20])
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_is_disconnected_after_the_stall_limit() {
+        let (near, mut far) = pair().await;
+        let (s, out) = queued_link(near, &block(), 9);
+        assert!(out.lock().queued_bytes() >= PEER_SEND_MAX_BYTES);
+        assert!(out.lock().failed.is_none());
+        let t = Instant::now();
+        let stall = Duration::from_millis(500);
+        tokio::time::timeout(Duration::from_secs(20), write_loop(s, out.clone(), stall))
+            .await
+            .expect("the writer gives up on a peer that reads nothing");
+        let took = t.elapsed();
+        assert!(
+            took >= stall,
+            "disconnected after {took:?}, before the limit"
+        );
+        assert!(took < stall + Duration::from_secs(5), "took {took:?}");
+        {
+            let st = out.lock();
+            assert_eq!(
+                st.failed.as_deref(),
+                Some("the peer does not drain its connection")
+            );
+            assert_eq!(st.queued_bytes(), 0, "what was queued is given back");
+        }
+        // The peer's end sees the connection end after what reached its buffer.
+        let mut sink = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, far.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!("the connection was not shut down ({got} bytes read)"),
+            }
+        }
+        assert!(
+            (got as u64) < PEER_SEND_MAX_BYTES,
+            "{got} bytes reached the peer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_peer_over_the_limit_is_not_disconnected_while_it_reads() {
+        let (near, mut far) = pair().await;
+        let data = block();
+        let (s, out) = queued_link(near, &data, 9);
+        let stall = Duration::from_secs(1);
+        let writer = tokio::spawn(write_loop(s, out.clone(), stall));
+        // Slowly (1 MiB per 100 ms), over several stall limits, then all of it.
+        let mut sink = vec![0u8; 1 << 20];
+        let mut got = 0usize;
+        let slow_until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < slow_until {
+            got += far.read(&mut sink).await.expect("read from the node");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            out.lock().failed.is_none(),
+            "a peer that reads was disconnected"
+        );
+        let end = Instant::now() + Duration::from_secs(60);
+        while got < 9 * data.len() && Instant::now() < end {
+            let left = end.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, far.read(&mut sink)).await {
+                Ok(Ok(0)) => panic!("the node closed the link after {got} bytes"),
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => panic!("read from the node: {e}"),
+                Err(_) => break,
+            }
+        }
+        assert!(got >= 9 * data.len(), "only {got} bytes arrived");
+        assert!(out.lock().failed.is_none());
+        out.close();
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("the writer ends after close")
+            .expect("writer task");
+        assert_eq!(out.lock().queued_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn passing_the_hard_limit_disconnects_at_once_and_drops_later_messages() {
+        let (near, _far) = pair().await;
+        let data = block();
+        // What the socket took at once is not queued: one more than the limit holds.
+        let n = PEER_SEND_HARD_MAX_BYTES / data.len() as u64 + 1;
+        let (s, out) = queued_link(near, &data, n);
+        {
+            let st = out.lock();
+            assert_eq!(
+                st.failed.as_deref(),
+                Some("the peer send queue passed its hard limit")
+            );
+            assert_eq!(st.queued_bytes(), 0, "the queue is dropped, not kept");
+        }
+        out.queue(Message::Ping);
+        assert!(
+            out.lock().msgs.is_empty(),
+            "a failed link queues nothing more"
+        );
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            write_loop(s, out, Duration::from_secs(60)),
+        )
+        .await
+        .expect("the writer of a failed link ends at once");
+    }
 }

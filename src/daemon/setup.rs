@@ -193,12 +193,19 @@ pub fn secret(s: &Settings) -> Result<Vec<u8>, String> {
 }
 
 /// Checked before a two-node resource starts (and by `check-config`): its secret can be read
-/// and is not empty. A standalone resource has no peer link, so no secret to check.
+/// and is not empty, and the `[tls]` files, if any, load. A standalone resource has no peer
+/// link, so nothing to check.
 pub fn check_secret(s: &Settings) -> Result<(), String> {
-    if s.peer().is_none() {
+    let Some(peer) = s.peer() else {
         return Ok(());
+    };
+    secret(s)?;
+    match &s.tls {
+        Some(t) => super::peer_tls::TlsContext::load(t, &peer.name)
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", s.file.display())),
+        None => Ok(()),
     }
-    secret(s).map(|_| ())
 }
 
 /// `mirrorctl gen-secret`: writes 32 random bytes, hex-encoded, to a new file `path` with mode

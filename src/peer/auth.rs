@@ -41,6 +41,14 @@
 //! - cross-resource reuse of one secret: the resource name is in the tag;
 //! - a reflection across two connections: also the endpoints differ.
 //!
+//! Over TLS ([`Authenticator::bind_session`]) the tag also covers 32 bytes of
+//! keying material exported from the TLS session (RFC 8446 section 7.5, label
+//! [`TLS_EXPORTER_LABEL`]), which both ends of one TLS session share and
+//! nobody else knows: a party that terminates TLS towards each node (with
+//! certificates from the configured CA) holds two sessions with two
+//! different exporters, so the tags do not verify, and the secret proves
+//! the session as well as the peer.
+//!
 //! Tags are compared in constant time (`hmac`'s `verify_slice`).
 //!
 //! With an empty secret (no `shared-secret-file` configured) the exchange
@@ -68,6 +76,12 @@ const AUTH_MAGIC_V1: u32 = 0x6e6d_6131;
 
 /// Domain separation label at the front of every tag.
 pub const AUTH_LABEL: &[u8] = b"nbd-mirror-auth-v2";
+
+/// The TLS exporter label whose keying material a tag binds over TLS.
+pub const TLS_EXPORTER_LABEL: &[u8] = b"EXPORTER-nbd-mirror-peer-auth";
+
+/// Bytes of exported keying material a tag binds.
+pub const SESSION_BINDING_LEN: usize = 32;
 
 /// One connection as one side sees it, ordered so that both ends of a direct
 /// TCP connection see the same value: the dialer's local address is the
@@ -149,6 +163,9 @@ pub enum AuthError {
     ReflectedChallenge,
     /// The peer's response does not verify under this node's secret.
     WrongSecret,
+    /// Over TLS: the peer's response does not verify under this node's secret and
+    /// TLS session (the wrong secret, or a party in the middle of the TLS session).
+    WrongSecretOrSession,
     /// The peer sees another connection than this node: a relay (or NAT or
     /// a proxy) is between them.
     /// (Boxed: keeps every `Result` of this module small.)
@@ -200,6 +217,11 @@ impl fmt::Display for AuthError {
                     "wrong shared secret (the peer's response does not verify)"
                 )
             }
+            AuthError::WrongSecretOrSession => write!(
+                f,
+                "wrong shared secret, or not the same TLS session (the peer's response does \
+                 not verify: a party may be in the middle of the TLS session)"
+            ),
             AuthError::Relayed { ours, theirs } => write!(
                 f,
                 "relayed connection: the peer sees it as {theirs}, this node as {ours} \
@@ -239,6 +261,8 @@ pub struct Authenticator {
     my_challenge: [u8; CHALLENGE_LEN],
     /// The connection as this side sees it; `None`: not bound (`insecure-allow-relay`).
     conn: Option<Endpoints>,
+    /// Keying material exported from the TLS session the exchange runs in, if any.
+    session: Option<[u8; SESSION_BINDING_LEN]>,
     output: BytesMut,
     state: State,
 }
@@ -303,9 +327,22 @@ impl Authenticator {
             resource: resource.to_owned(),
             my_challenge: challenge,
             conn,
+            session: None,
             output,
             state: State::AwaitChallenge,
         })
+    }
+
+    /// Binds the tags to the TLS session the exchange runs in: `keying_material` is
+    /// exported from it with [`TLS_EXPORTER_LABEL`] and no context. Both sides must bind
+    /// (both run TLS or neither, since the TLS handshake comes first). Call before the
+    /// first [`feed`](Self::feed).
+    pub fn bind_session(&mut self, keying_material: [u8; SESSION_BINDING_LEN]) {
+        assert!(
+            matches!(self.state, State::AwaitChallenge),
+            "the TLS session is bound before the exchange"
+        );
+        self.session = Some(keying_material);
     }
 
     /// Moves the bytes to send to the peer into `out`.
@@ -428,7 +465,10 @@ impl Authenticator {
             )
             .verify_slice(tag);
         input.advance(RESPONSE_LEN);
-        verified.map(Some).map_err(|_| AuthError::WrongSecret)
+        verified.map(Some).map_err(|_| match self.session {
+            Some(_) => AuthError::WrongSecretOrSession,
+            None => AuthError::WrongSecret,
+        })
     }
 
     /// The keyed MAC over everything a tag binds, ready to finalize or verify.
@@ -457,6 +497,11 @@ impl Authenticator {
         let mut conn = BytesMut::with_capacity(39);
         put_endpoints(&mut conn, self.conn.as_ref());
         mac.update(&conn);
+        if let Some(session) = &self.session {
+            mac.update(&[TLS_EXPORTER_LABEL.len() as u8]);
+            mac.update(TLS_EXPORTER_LABEL);
+            mac.update(session);
+        }
         mac
     }
 }

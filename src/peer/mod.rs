@@ -6,7 +6,9 @@ pub mod codec;
 pub mod frame;
 pub mod message;
 
-pub use auth::{AuthError, AuthStep, Authenticator, Endpoints};
+pub use auth::{
+    AuthError, AuthStep, Authenticator, Endpoints, SESSION_BINDING_LEN, TLS_EXPORTER_LABEL,
+};
 pub use codec::{encode, encode_split, msg_type, Decoder, EncodeError};
 pub use frame::{DecodeError, DEFAULT_MAX_PAYLOAD, MAX_DATA_LEN};
 pub use message::*;

@@ -254,13 +254,24 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra environment variables for the server.
     pub fn start_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        let config = self.config.clone();
+        self.start_node(i, &config, env);
+    }
+
+    /// [`Cluster::start`] with another config file (mirrord only).
+    pub fn start_with_config(&mut self, i: usize, config: &Path) {
+        assert_eq!(self.spec.server, ServerKind::Mirrord);
+        self.start_node(i, config, &[]);
+    }
+
+    fn start_node(&mut self, i: usize, config: &Path, env: &[(&str, &str)]) {
         assert!(self.nodes[i].daemon.is_none(), "node {i} already started");
         let node = &self.nodes[i];
         let cmd = match self.spec.server {
             ServerKind::Mirrord => {
                 let mut cmd = Command::new(own_binary("mirrord"));
                 cmd.arg("--config")
-                    .arg(&self.config)
+                    .arg(config)
                     .arg("--node")
                     .arg(&node.cfg.name);
                 if std::env::var_os("RUST_LOG").is_none() {

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config_toml;
 pub mod daemon;
 pub mod fake_systemd;
+pub mod link_proxy;
 pub mod nbd_wire;
 pub mod netns;
 pub mod pair;

@@ -182,6 +182,18 @@ impl RawConn {
         self.s.write_all(bytes)
     }
 
+    /// Write timeout for what follows (IO_TIMEOUT is the default).
+    pub fn set_write_timeout(&mut self, d: Duration) {
+        self.s
+            .set_write_timeout(Some(d))
+            .expect("set write timeout");
+    }
+
+    /// One write of at most `bytes.len()` bytes: how many the socket took.
+    pub fn send_some(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.s.write(bytes)
+    }
+
     pub fn shutdown_write(&mut self) {
         let _ = self.s.shutdown(Shutdown::Write);
     }

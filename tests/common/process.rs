@@ -180,3 +180,13 @@ pub fn require_tool(tool: &str) {
         "`{tool}` not found on PATH; run tools/install-deps.sh (or `make test`, which does)"
     );
 }
+
+/// The resident set of process `pid`, in bytes (0 if it cannot be read).
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}

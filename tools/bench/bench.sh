@@ -57,7 +57,7 @@ ME=bench
 JOB_SECONDS=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
-SERVERS=${BENCH_SERVERS:-"file mirrord mirrord-pair-c qemu-nbd nbdkit nbd-server"}
+SERVERS=${BENCH_SERVERS:-"file mirrord mirrord-pair-c mirrord-pair-tls qemu-nbd nbdkit nbd-server"}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 MIRRORD=${MIRRORD_BIN:-$ROOT/target/release/mirrord}
 MIRRORCTL=${MIRRORCTL_BIN:-$ROOT/target/release/mirrorctl}
@@ -68,6 +68,7 @@ declare -A ROLE=(
     [file]=ceiling
     [mirrord]=subject
     [mirrord-pair-c]=subject
+    [mirrord-pair-tls]=subject
     [qemu-nbd]=reference
     [nbdkit]=reference
     [nbd-server]=reference
@@ -158,22 +159,47 @@ start_server_mirrord() {
 # Two mirrord nodes on loopback, protocol C: fio writes through node a, and
 # every write is on both disks before its ack (b's disk is a copy of the image).
 start_server_mirrord_pair_c() {
-    [ -x "$MIRRORD" ] || { echo "$MIRRORD not built (make build)" >"$RAW/mirrord-pair-c/ERROR"; return 1; }
-    local dir=$WORK/pair n
+    start_pair mirrord-pair-c ""
+}
+
+# The same pair with [tls] on the peer link (certificates from a throwaway CA).
+start_server_mirrord_pair_tls() {
+    command -v openssl >/dev/null || { echo "openssl missing" >"$RAW/mirrord-pair-tls/ERROR"; return 1; }
+    start_pair mirrord-pair-tls tls
+}
+
+# Two mirrord on loopback, protocol C, node a primary after the initial sync; with TLS
+# if $2 is "tls". $1 is the row (for its ERROR file).
+start_pair() {
+    local row=$1 tls=$2 dir=$WORK/pair n
+    [ -x "$MIRRORD" ] || { echo "$MIRRORD not built (make build)" >"$RAW/$row/ERROR"; return 1; }
     rm -rf "$dir"
     mkdir -p "$dir/run-a" "$dir/run-b"
     echo "bench-secret" >"$dir/secret"
     chmod 600 "$dir/secret"
     cp --sparse=always "$IMG" "$dir/b.img"
+    local -A certs=([a]="" [b]="")
+    if [ "$tls" = tls ]; then
+        if ! make_certs "$dir" >"$dir/certs.log" 2>&1; then
+            echo "certificates: $(tail -n 3 "$dir/certs.log")" >"$RAW/$row/ERROR"
+            return 1
+        fi
+        for n in a b; do
+            certs[$n]="tls-cert=$dir/$n.crt tls-key=$dir/$n.key"
+        done
+    fi
     {
         toml_table resource name=r0 protocol=C shared-secret-file="$dir/secret"
         toml_table sync rate=4GiB
-        toml_node a "127.0.0.1:$(free_port)" "$IMG" "$dir/a.md" run-dir="$dir/run-a"
-        toml_node b "127.0.0.1:$(free_port)" "$dir/b.img" "$dir/b.md" run-dir="$dir/run-b"
+        [ "$tls" = tls ] && toml_table tls ca="$dir/ca.pem"
+        # shellcheck disable=SC2086 # one K=V word per key
+        toml_node a "127.0.0.1:$(free_port)" "$IMG" "$dir/a.md" run-dir="$dir/run-a" ${certs[a]}
+        # shellcheck disable=SC2086
+        toml_node b "127.0.0.1:$(free_port)" "$dir/b.img" "$dir/b.md" run-dir="$dir/run-b" ${certs[b]}
     } >"$dir/r0.toml"
     for n in a b; do
         if ! "$MIRRORCTL" --config "$dir/r0.toml" --node "$n" create-md --force >"$dir/create-md-$n.log" 2>&1; then
-            echo "create-md $n failed" >"$RAW/mirrord-pair-c/ERROR"
+            echo "create-md $n failed" >"$RAW/$row/ERROR"
             return 1
         fi
         "$MIRRORD" --config "$dir/r0.toml" --node "$n" >"$dir/mirrord-$n.log" 2>&1 &
@@ -182,10 +208,23 @@ start_server_mirrord_pair_c() {
     sleep 1
     if ! "$MIRRORCTL" --config "$dir/r0.toml" --node a primary --force >"$dir/primary.log" 2>&1 ||
         ! "$MIRRORCTL" --config "$dir/r0.toml" --node a wait-sync --timeout 120 >"$dir/sync.log" 2>&1; then
-        echo "initial sync did not finish" >"$RAW/mirrord-pair-c/ERROR"
+        echo "initial sync did not finish" >"$RAW/$row/ERROR"
         return 1
     fi
     URI="nbd+unix:///r0?socket=$dir/run-a/r0.nbd"
+}
+
+# A CA and a certificate for nodes a and b (DNS name = node name) in $1.
+make_certs() {
+    local dir=$1 n
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj /CN=bench-ca -keyout "$dir/ca.key" -out "$dir/ca.pem"
+    for n in a b; do
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$n" \
+            -addext "subjectAltName=DNS:$n" -keyout "$dir/$n.key" -out "$dir/$n.csr"
+        openssl x509 -req -in "$dir/$n.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -days 2 \
+            -copy_extensions copy -out "$dir/$n.crt"
+    done
 }
 
 start_server_qemu_nbd() {

@@ -112,6 +112,30 @@ fn bytes_after_the_auth_frames_stay_for_the_message_decoder() {
 }
 
 #[test]
+fn a_bound_tls_session_must_be_the_same_on_both_sides() {
+    let bound = |node: &str, session: u8| {
+        let mut a = side(b"k", node, "r0");
+        a.bind_session([session; 32]);
+        a
+    };
+    let (mut a, mut b) = (bound("alpha", 7), bound("beta", 7));
+    assert_eq!(run(&mut a, &mut b, 1000), (done("beta"), done("alpha")));
+    // A party in the middle of TLS holds two sessions: two exporters.
+    let (mut a, mut b) = (bound("alpha", 7), bound("beta", 8));
+    let (ra, rb) = run(&mut a, &mut b, 1000);
+    assert_eq!(ra, Err(AuthError::WrongSecretOrSession));
+    assert_eq!(rb, Err(AuthError::WrongSecretOrSession));
+    assert!(ra.unwrap_err().to_string().contains("TLS session"));
+    // The same session with the wrong secret fails too.
+    let mut a = side(b"right", "alpha", "r0");
+    a.bind_session([7; 32]);
+    let mut b = side(b"wrong", "beta", "r0");
+    b.bind_session([7; 32]);
+    let (ra, _) = run(&mut a, &mut b, 1000);
+    assert_eq!(ra, Err(AuthError::WrongSecretOrSession));
+}
+
+#[test]
 fn wrong_secret_fails_on_both_sides() {
     let mut a = side(b"right", "alpha", "r0");
     let mut b = side(b"wrong", "beta", "r0");
