@@ -27,6 +27,25 @@ UNIT
         systemctl daemon-reload
     fi
 }
+installed_package() {
+    # The image installs mirrord from the .deb (build-image.sh); the stand-in image
+    # has only the units, where the package puts them. Either way no copy in
+    # /etc/systemd/system shadows them.
+    local u
+    for u in mirrord@.service nbd-attach@.service; do
+        [ -f "/lib/systemd/system/$u" ] || { echo "/lib/systemd/system/$u missing"; return 1; }
+        [ ! -e "/etc/systemd/system/$u" ] || { echo "/etc/systemd/system/$u shadows the packaged unit"; return 1; }
+    done
+    [ -f "$S/standin" ] && return 0
+    local status version
+    status=$(dpkg-query -W -f='${Status}' nbd-mirror)
+    version=$(dpkg-query -W -f='${Version}' nbd-mirror)
+    echo "nbd-mirror package: $status, version $version"
+    [ "$status" = "install ok installed" ]
+    dpkg -L nbd-mirror | grep -x /usr/sbin/mirrord
+    [ "$(/usr/sbin/mirrord --version)" = "mirrord $version" ]
+    [ "$(/usr/sbin/mirrorctl --version)" = "mirrorctl $version" ]
+}
 create_md_unless_standin() {
     [ -f "$S/standin" ] && return 0
     create_md
@@ -127,6 +146,7 @@ crash_restart() {
 }
 
 echo "guest kernel $(uname -r), mode: $([ -f "$S/standin" ] && echo stand-in nbdkit || echo mirrord)"
+step package installed_package
 step config install_config
 step create-md create_md_unless_standin
 step start start_daemon_socket
