@@ -2,6 +2,7 @@
 //! `promtool check metrics` on what a running node serves, `promtool check rules` and
 //! `promtool test rules` on the shipped alerting rules, and a real Prometheus server that
 //! scrapes a running pair, answers queries for its series and evaluates those rules.
+//! `mirrorctl adjust` turns the endpoint on, moves it and stops it on a running node.
 //! Both tools come from Debian's `prometheus` package (tools/install-deps.sh); without
 //! them the test fails, naming the package.
 
@@ -117,6 +118,73 @@ fn promtool_check_metrics(dir: &Path, name: &str, body: &str) {
         "promtool check metrics found problems in {}\n{}",
         file.display(),
         out.describe()
+    );
+}
+
+/// `[metrics] listen` is live: a node started without it serves /metrics after
+/// `mirrorctl adjust`, with the requests made before (counting is always on); a changed
+/// address that cannot be bound is refused and the old endpoint keeps serving; a changed
+/// address moves the endpoint (the old port is closed); removing the key stops it.
+#[test]
+fn adjust_turns_the_endpoint_on_moves_it_and_stops_it() {
+    let c = ClusterSpec::new(1).size(16 * MIB).mirrord_only().start();
+    let original = std::fs::read_to_string(&c.config).expect("read config");
+    let listen_on = |addr: Option<SocketAddr>| {
+        let text = match addr {
+            Some(a) => format!("{original}\n[metrics]\nlisten = \"{a}\"\n"),
+            None => original.clone(),
+        };
+        std::fs::write(&c.config, text).expect("write config");
+    };
+    let adjust = |want: &str| {
+        let out = c.mirrorctl(0, &["adjust"]);
+        out.assert_success();
+        assert!(out.stdout.contains(want), "{}", out.describe());
+    };
+    let closed = |addr: SocketAddr| {
+        let r = http_get(addr, "/metrics");
+        assert!(r.is_err(), "{addr} still serves: {r:?}");
+    };
+    let writes_ok = "nbd_mirror_nbd_requests_total{op=\"write\",result=\"ok\"}";
+
+    let (mut nbd, _) = RawConn::handshake(c.nbd_addr(0), EXPORT);
+    for i in 0..3u64 {
+        nbd.write_at(i * BLOCK as u64, &[0x5a_u8; BLOCK]);
+    }
+    let first = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    closed(first);
+    listen_on(Some(first));
+    adjust("metrics.listen: None -> Some(");
+    expect(&scrape(first), writes_ok, 3.0);
+
+    // An address taken by someone else: refused, nothing changed.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let second = taken.local_addr().expect("local address");
+    listen_on(Some(second));
+    let out = c.mirrorctl(0, &["adjust"]);
+    assert_eq!(out.code(), Some(1), "want a refusal\n{}", out.describe());
+    assert!(
+        out.stderr.contains("nothing changed") && out.stderr.contains(&second.to_string()),
+        "{}",
+        out.describe()
+    );
+    nbd.write_at(0, &[0xa5_u8; BLOCK]);
+    expect(&scrape(first), writes_ok, 4.0);
+
+    // Free again: the endpoint moves there, the first port is closed.
+    drop(taken);
+    adjust(&format!("-> Some({second})"));
+    closed(first);
+    expect(&scrape(second), writes_ok, 4.0);
+
+    listen_on(None);
+    adjust("-> None");
+    closed(second);
+    // The node still serves NBD.
+    nbd.write_at(BLOCK as u64, &[0x11_u8; BLOCK]);
+    assert_eq!(
+        nbd.read_at(BLOCK as u64, BLOCK as u32),
+        vec![0x11_u8; BLOCK]
     );
 }
 

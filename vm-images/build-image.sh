@@ -14,17 +14,19 @@
 #                    packages.txt, the host's apt sources, the user-mode-linux
 #                    package version.       (~4 min on a busy 2-core host)
 #   image-<key>.img  ext4 image made with `mkfs.ext4 -d` (no loop mounts) from the
-#                    base plus mirrord/mirrorctl, tools/systemd units and the guest
-#                    helpers in vm-images/guest. Key: base key + those files. (~10 s)
+#                    base plus the nbd-mirror .deb (tools/build-deb.sh, installed
+#                    with the guest's dpkg) and the guest helpers in
+#                    vm-images/guest. Key: base key + the .deb + those files. (~10 s)
 #   image-<key>.vmlinuz, image-<key>.initrd: hard links to the base's kernel
 #                    files, so run-guest.sh finds them next to the image.
 # A layer is rebuilt only when its key changes. Old layers are pruned.
 #
 # Environment:
 #   VM_CACHE        cache directory
-#   MIRRORD_BIN     mirrord to install (default: target/release, else target/debug)
-#   MIRRORCTL_BIN   mirrorctl to install (same default)
-#   VM_NO_BINARIES  =1: build without mirrord/mirrorctl (stand-in tests only)
+#   MIRRORD_BIN     mirrord to package (default: target/release, else target/debug)
+#   MIRRORCTL_BIN   mirrorctl to package (same default)
+#   MIRROR_DEB      a prebuilt nbd-mirror .deb to install instead
+#   VM_NO_BINARIES  =1: build without the package, only the units (stand-in tests)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,6 +47,9 @@ ensure_host_tools() {
     command -v linux.uml >/dev/null || missing+=(user-mode-linux)
     command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
     command -v sha256sum >/dev/null || missing+=(coreutils)
+    # tools/build-deb.sh
+    command -v dpkg-shlibdeps >/dev/null || missing+=(dpkg-dev)
+    command -v strip >/dev/null || missing+=(binutils)
     [ ${#missing[@]} -eq 0 ] && return 0
     log "installing host packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -77,6 +82,25 @@ find_bin() {
         [ -x "$p" ] && { echo "$p"; return; }
     done
     die "$name not built (cargo build --release --bins), or set VM_NO_BINARIES=1"
+}
+
+# build_deb: the Debian package (tools/build-deb.sh) from the chosen binaries,
+# or $MIRROR_DEB when set; prints its path. The package goes to
+# $cache/deb, so a VM run leaves target/deb alone.
+build_deb() {
+    if [ -n "${MIRROR_DEB:-}" ]; then
+        [ -f "$MIRROR_DEB" ] || die "MIRROR_DEB=$MIRROR_DEB is not a file"
+        echo "$MIRROR_DEB"; return
+    fi
+    local mirrord mirrorctl out deb
+    mirrord=$(find_bin mirrord "${MIRRORD_BIN:-}")
+    mirrorctl=$(find_bin mirrorctl "${MIRRORCTL_BIN:-}")
+    out=$(MIRRORD_BIN=$mirrord MIRRORCTL_BIN=$mirrorctl DEB_OUT="$cache/deb" \
+        "$repo/tools/build-deb.sh" </dev/null) || die "tools/build-deb.sh failed"
+    deb=$(printf '%s\n' "$out" | tail -n 1)
+    [ -f "$deb" ] || die "tools/build-deb.sh printed no package path (got: $out)"
+    log "package $deb ($(printf '%s\n' "$out" | head -n 1))"
+    echo "$deb"
 }
 
 # --- base layer ---------------------------------------------------------------
@@ -206,13 +230,25 @@ install_payload() {
     install -m 0644 "$here/guest/vm-test.service" "$root/etc/systemd/system/vm-test.service"
     mkdir -p "$root/etc/systemd/system/multi-user.target.wants"
     ln -sf /etc/systemd/system/vm-test.service "$root/etc/systemd/system/multi-user.target.wants/vm-test.service"
-    local f
-    for f in "$repo"/tools/systemd/*; do
-        [ -f "$f" ] && install -m 0644 "$f" "$root/etc/systemd/system/$(basename "$f")"
-    done
-    if [ "${VM_NO_BINARIES:-0}" != 1 ]; then
-        install -m 0755 "$MIRRORD" "$root/usr/sbin/mirrord"
-        install -m 0755 "$MIRRORCTL" "$root/usr/sbin/mirrorctl"
+    if [ -n "$DEB" ]; then
+        # The package as users get it, installed by the guest's own dpkg
+        # (registered, maintainer scripts run; postinst skips daemon-reload
+        # without a running systemd): binaries in /usr/sbin, units in
+        # /lib/systemd/system. The base's path-exclude rules keep its docs
+        # and man pages out, as for every other package.
+        install -m 0644 "$DEB" "$root/tmp/nbd-mirror.deb"
+        chroot "$root" dpkg -i /tmp/nbd-mirror.deb >&2 || die "dpkg -i $DEB in the guest root failed"
+        rm -f "$root/tmp/nbd-mirror.deb"
+        if [ ! -x "$root/usr/sbin/mirrord" ] || [ ! -f "$root/lib/systemd/system/mirrord@.service" ]; then
+            die "$DEB did not install /usr/sbin/mirrord and mirrord@.service"
+        fi
+    else
+        # Stand-in runs (VM_NO_BINARIES=1): no package, only the units, where
+        # the package would put them.
+        local f
+        for f in "$repo"/tools/systemd/*.service; do
+            install -m 0644 "$f" "$root/lib/systemd/system/$(basename "$f")"
+        done
     fi
 }
 
@@ -267,16 +303,16 @@ main() {
         build_base "$base" "$kver"
     fi
 
-    if [ "${VM_NO_BINARIES:-0}" = 1 ]; then
-        MIRRORD=; MIRRORCTL=
-    else
-        MIRRORD=$(find_bin mirrord "${MIRRORD_BIN:-}")
-        MIRRORCTL=$(find_bin mirrorctl "${MIRRORCTL_BIN:-}")
+    DEB=
+    if [ "${VM_NO_BINARIES:-0}" != 1 ]; then
+        DEB=$(build_deb)
     fi
+    # With the package, its hash covers the binaries and the units; without
+    # it (stand-in), the units are hashed directly.
     image_key=$( { echo "$base_key"; echo "nobin=${VM_NO_BINARIES:-0}";
                    declare -f configure_root install_payload build_image;
-                   cat "$here"/guest/* "$repo"/tools/systemd/* 2>/dev/null;
-                   [ -n "$MIRRORD" ] && cat "$MIRRORD" "$MIRRORCTL"; true; } |
+                   cat "$here"/guest/*;
+                   if [ -n "$DEB" ]; then cat "$DEB"; else cat "$repo"/tools/systemd/*.service; fi; } |
                  sha256sum | cut -c1-16)
     image="$cache/image-$image_key.img"
     if [ -f "$image" ] && [ -f "${image%.img}.vmlinuz" ] && [ -f "${image%.img}.initrd" ]; then

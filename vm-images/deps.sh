@@ -14,6 +14,8 @@ PACKAGES=(
     procps            # ps/pgrep: process-group bookkeeping of guests
     coreutils         # timeout, numfmt, sha256sum
     util-linux        # mount helpers used while building
+    dpkg-dev          # dpkg-shlibdeps: tools/build-deb.sh packages mirrord for the image
+    binutils          # strip, for the same package
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

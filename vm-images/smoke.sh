@@ -67,7 +67,7 @@ t_guest=$(since "$t")
 echo "--- guest result:"
 cat "$share/result" 2>/dev/null || true
 [ $rc -eq 0 ] || { tail -n 40 "$share/guest.log" 2>/dev/null || true; fail "guest test exited $rc"; }
-expected="config create-md start up-to-date attach multi-conn status fio-seq-1M fio-rand-4k fs-write fs-check stop reattach fs-check-after-restart crash-restart fs-check-after-crash"
+expected="package config create-md start up-to-date attach multi-conn status fio-seq-1M fio-rand-4k fs-write fs-check stop reattach fs-check-after-restart crash-restart fs-check-after-crash"
 for s in $expected; do
     grep -q "^ok $s " "$share/result" || fail "step $s did not pass"
 done

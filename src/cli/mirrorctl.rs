@@ -148,7 +148,8 @@ pub enum Cmd {
     /// Apply a changed config file to the running daemon, without a restart.
     ///
     /// mirrord rereads the file it was started with. Net timeouts, the sync rate and
-    /// checksum, the split-brain policies and the handlers are applied at once; when any
+    /// checksum, the split-brain policies, the handlers and the metrics address are
+    /// applied at once; when any
     /// other key changed (disks, addresses, node or resource names, the protocol, ...)
     /// nothing is changed and the answer names the keys that need a restart (exit 1).
     Adjust {

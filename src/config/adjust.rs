@@ -25,7 +25,8 @@ impl std::fmt::Display for Change {
 /// What `adjust` would do: apply `live`, unless `restart` is not empty (then nothing).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Differences a running daemon takes: net timeouts, sync, split-brain policies, handlers.
+    /// Differences a running daemon takes: net timeouts, sync, split-brain policies, handlers,
+    /// the metrics endpoint's address.
     pub live: Vec<Change>,
     /// Differences that need a restart (or a new resource): disks, addresses, names, ...
     pub restart: Vec<Change>,
@@ -133,6 +134,16 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
         &n.reconnect_grace_ms,
         &net.reconnect_grace_ms,
     );
+    // The daemon binds the new address before it stops the old endpoint (daemon/adjust.rs).
+    diff(live, "metrics.listen", &old.metrics_listen, metrics_listen);
+    for (i, (o, n)) in old.nodes.iter().zip(nodes).enumerate() {
+        diff(
+            live,
+            &format!("node[{i}].metrics-listen"),
+            &o.metrics_listen,
+            &n.metrics_listen,
+        );
+    }
 
     let rs = &mut p.restart;
     diff(rs, "resource.name", &old.resource, resource);
@@ -174,8 +185,6 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
         &n.insecure_allow_relay,
         &net.insecure_allow_relay,
     );
-    // The endpoint's socket is bound at start (`mirrorctl restart` keeps the clients).
-    diff(rs, "metrics.listen", &old.metrics_listen, metrics_listen);
     // Certificates and the CA are loaded at start (docs/OPERATIONS.md: restart after renewing).
     diff(rs, "tls (this node)", &old.tls, tls);
     diff(rs, "node (count)", &old.nodes.len(), &nodes.len());
@@ -188,7 +197,8 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
             meta_disk,
             run_dir,
             nbd_listen,
-            metrics_listen,
+            // Live: compared above.
+            metrics_listen: _,
         } = n;
         diff(rs, &format!("node[{i}].name"), &o.name, name);
         diff(rs, &format!("node[{i}].address"), &o.address, address);
@@ -200,12 +210,6 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
             &format!("node[{i}].nbd-listen"),
             &o.nbd_listen,
             nbd_listen,
-        );
-        diff(
-            rs,
-            &format!("node[{i}].metrics-listen"),
-            &o.metrics_listen,
-            metrics_listen,
         );
     }
     // A key added inside a table above (say a new [net] key) and named nowhere here is
@@ -237,6 +241,10 @@ pub fn apply(old: &Settings, new: &Settings) -> Settings {
     to.ko_count = n.ko_count;
     to.connect_retry_ms = n.connect_retry_ms;
     to.reconnect_grace_ms = n.reconnect_grace_ms;
+    s.metrics_listen = new.metrics_listen;
+    for (to, n) in s.nodes.iter_mut().zip(&new.nodes) {
+        to.metrics_listen = n.metrics_listen;
+    }
     s
 }
 

@@ -3,8 +3,9 @@
 //! when any other key changed, change nothing and say which keys need a restart.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{lock, Shared};
+use super::{lock, metrics, Shared};
 use crate::config::{self, Settings};
 use crate::core::Tunables;
 
@@ -57,8 +58,36 @@ pub fn adjust(shared: &Arc<Shared>, dry_run: bool) -> Result<String, String> {
         return Ok(format!("would adjust from {}: {what}", file.display()));
     }
     let next = config::adjust::apply(&live, &new);
+    // A new metrics address is bound before anything changes, so a failure to listen
+    // changes nothing (the old endpoint keeps serving).
+    let metrics_move = if next.metrics_listen != live.metrics_listen {
+        let bound = match next.metrics_listen {
+            Some(addr) => Some((
+                addr,
+                metrics::server::bind(addr)
+                    .map_err(|e| format!("not adjusted, nothing changed: {e}"))?,
+            )),
+            None => None,
+        };
+        Some(bound)
+    } else {
+        None
+    };
     let changes = plan.live.iter().map(|c| c.to_string()).collect();
     shared.with_core(|n| n.adjust(tunables(&next), changes));
+    if let Some(bound) = metrics_move {
+        if let Some(old) = shared.serve_metrics(bound) {
+            // Aborted; once it has ended its port is closed (bounded wait: it ends at once).
+            let ended = tokio::runtime::Handle::current()
+                .block_on(async { tokio::time::timeout(Duration::from_secs(5), old).await });
+            if ended.is_err() {
+                tracing::warn!("adjust: the old metrics endpoint did not stop within 5 s");
+            }
+        }
+        if next.metrics_listen.is_none() {
+            tracing::info!("metrics endpoint stopped");
+        }
+    }
     *live = next;
     tracing::info!("adjusted from {}: {what}", file.display());
     Ok(format!("adjusted from {}: {what}", file.display()))

@@ -142,3 +142,57 @@ fn a_size_change_of_the_node_set_needs_a_restart() {
     let p = plan(&settings(BASE), &settings(one));
     assert!(p.restart.iter().any(|c| c.key == "node (count)"), "{p:?}");
 }
+
+#[test]
+fn the_metrics_address_is_live() {
+    let with = |t: &str| {
+        t.replace(
+            "[[node]]\nname = \"alpha\"",
+            "[metrics]\nlisten = \"127.0.0.1:9942\"\n\n[[node]]\nname = \"alpha\"",
+        )
+    };
+    // Turned on, moved, turned off: live each time, and applied.
+    for (from, to) in [
+        (BASE.to_string(), with(BASE)),
+        (with(BASE), with(BASE).replace(":9942", ":9943")),
+        (with(BASE), BASE.to_string()),
+    ] {
+        let (old, new) = (settings(&from), settings(&to));
+        let p = plan(&old, &new);
+        assert!(p.restart.is_empty(), "{:?}", p.restart);
+        assert_eq!(keys(&p.live), ["metrics.listen"]);
+        let applied = apply(&old, &new);
+        assert_eq!(applied.metrics_listen, new.metrics_listen);
+        assert_eq!(
+            applied,
+            Settings {
+                file: old.file.clone(),
+                ..new
+            }
+        );
+    }
+    // A node's own override: the effective address and the node's key both change.
+    let per_node = BASE.replace(
+        "disk = \"/tmp/a.img\"",
+        "disk = \"/tmp/a.img\"\nmetrics-listen = \"127.0.0.1:9950\"",
+    );
+    let p = plan(&settings(BASE), &settings(&per_node));
+    assert!(p.restart.is_empty(), "{:?}", p.restart);
+    assert_eq!(keys(&p.live), ["metrics.listen", "node[0].metrics-listen"]);
+    assert_eq!(
+        apply(&settings(BASE), &settings(&per_node)).metrics_listen,
+        Some("127.0.0.1:9950".parse().expect("address"))
+    );
+    // The other node's override does not move this node's endpoint, but is taken.
+    let other = BASE.replace(
+        "disk = \"/tmp/b.img\"",
+        "disk = \"/tmp/b.img\"\nmetrics-listen = \"127.0.0.1:9951\"",
+    );
+    let p = plan(&settings(BASE), &settings(&other));
+    assert!(p.restart.is_empty(), "{:?}", p.restart);
+    assert_eq!(keys(&p.live), ["node[1].metrics-listen"]);
+    assert_eq!(
+        apply(&settings(BASE), &settings(&other)).metrics_listen,
+        None
+    );
+}

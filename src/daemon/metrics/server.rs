@@ -24,10 +24,14 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Renders the metrics text, or says why it cannot.
 pub type Render = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))
+/// Binds without awaiting, so `mirrorctl adjust` can bind from its blocking thread (any
+/// thread of the runtime, or one of its blocking pool, may call it).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .and_then(TcpListener::from_std)
+        .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+    Ok(listener)
 }
 
 /// Serves until the task is aborted.
@@ -109,9 +113,7 @@ mod tests {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let l = bind("127.0.0.1:0".parse().expect("addr"))
-                    .await
-                    .expect("bind");
+                let l = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
                 tx.send(l.local_addr().expect("addr")).expect("send");
                 run(l, render).await;
             });
