@@ -43,6 +43,9 @@ say() { echo "vm-two-host: $(date +%H:%M:%S) $*"; }
 fail() {
     say "FAIL: $*" >&2
     cat "${common:-/nonexistent}"/*.figures 2>/dev/null >&2 || true
+    # The taps' counters: a guest whose network died reads and writes nothing
+    # (its tap's TX counts only what the guest read).
+    { [ -n "${ns:-}" ] && ip -n "$ns" -s link show 2>/dev/null | grep -A5 ' tap-' >&2; } || true
     [ -n "${work:-}" ] && say "logs in $work" >&2
     exit 1
 }
