@@ -29,6 +29,8 @@
 # boots); VM_TIMEOUT (alpha's limit, default 900 s; every limit here is 4x
 # under QEMU), VM_KEEP=1 (or
 # VM_SMOKE_KEEP=1) keeps the work folder with all logs after a pass,
+# VM_ALLOW_NBD_TIMEOUTS=1 turns the last check (the kernel NBD client timed
+# out no request and kept its connections) into a warning.
 # VM_DISK_SIZE (default 4G), VM_DELAY_MS (default 300) and VM_DELAY_SECS
 # (default 25) for the dm-delay phase. The figures (initial sync, mkfs, the
 # dm-delay phase) are printed at the end.
@@ -226,6 +228,11 @@ for f in "$common"/*.kclient; do
     read -r n clients <"$f" || fail "unreadable $f"
     [ "$n" = 0 ] && [ "$clients" = 4 ] || lost+=" $(basename "$f" .kclient) ($n timeouts, $clients connections)"
 done
-[ -z "$lost" ] || fail "the kernel NBD client timed out requests and lost connections:$lost"
+if [ -n "$lost" ]; then
+    # Known (docs/OPERATIONS.md, "Known problems"): mkfs's discard on UML's
+    # slow-discarding disk outlasts -t 90 until mirrord bounds a TRIM's time.
+    [ "${VM_ALLOW_NBD_TIMEOUTS:-0}" = 1 ] || fail "the kernel NBD client timed out requests and lost connections:$lost"
+    say "WARNING (VM_ALLOW_NBD_TIMEOUTS=1): the kernel NBD client timed out requests and lost connections:$lost"
+fi
 say "PASS (backend $VM_BACKEND; image ${t_image}s, phase 1 ${t_phase1}s, beta rejoin ${t_rejoin}s, guests ${t_guests}s, total $(since "$t_all")s)"
 if [ "${VM_KEEP:-${VM_SMOKE_KEEP:-0}}" = 1 ]; then say "kept $work"; else rm -rf "$work"; fi
