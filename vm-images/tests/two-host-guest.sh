@@ -103,10 +103,11 @@ setup() {
     echo "$node" >/etc/hostname
     ip link set "$nic" up
     ip addr add "$ip" dev "$nic"
-    # Twice, about 650 MB into the 4 GiB initial sync (when the target's
-    # page cache had filled the guest's 768 MB), the target's UML network card
-    # died for good (README, "A UML guest's network can die"): keep a free
-    # reserve for the kernel's atomic allocations and little dirty data.
+    # Twice, about 650 MB into the 4 GiB initial sync (about when the
+    # target's page cache would have filled the guest's 768 MB), the target's
+    # UML network card died for good (README, "A UML guest's network can
+    # die"): keep a free reserve for the kernel's atomic allocations and
+    # little dirty data. Two runs since did not see it.
     sysctl -qw vm.min_free_kbytes=49152 vm.dirty_background_bytes=16777216 vm.dirty_bytes=67108864
     dm_setup
     install -m 0644 "$C/$R.toml" "$CFG"
