@@ -1,7 +1,8 @@
 //! Resync between two mirrord processes on loopback (issue 4): incremental
-//! resync moves only what changed, the direction after both went down,
-//! kill -9 of either node mid-resync resumes, checksum resync and online
-//! verify, reads of a primary that is sync target, and the events stream.
+//! resync moves only what changed, the direction after both went down, a
+//! full or incremental resync cut at half by kill -9 or SIGTERM of either
+//! node continues (issue 18), checksum resync and online verify, reads of a
+//! primary that is sync target, and the events stream.
 //!
 //! Bytes moved are the daemons' own counters (`status --json`, `"sync"`:
 //! resync data sent by the source and received by the target). Slow resyncs
@@ -126,43 +127,107 @@ fn the_node_that_was_down_becomes_sync_target_even_when_it_restarts_first() {
     }
 }
 
-/// Kills `victim` with SIGKILL at 40% of a 32 MiB resync running at 2 MiB/s,
-/// restarts it, and checks that the resync resumes rather than starting over.
-fn kill_9_mid_resync(victim: usize) {
-    let size = 32 * MIB;
+/// How a resync is cut.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// SIGKILL: a crash; what the node had not persisted is lost.
+    Kill9,
+    /// SIGTERM: a clean stop, which persists the resync's progress.
+    Term,
+}
+
+/// Which resync is cut.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    /// Of the whole 32 MiB device (`invalidate` on beta, or `resync --full`
+    /// on alpha), with beta's disk holding other data.
+    Full,
+    /// Of the 32 MiB alpha wrote alone (of a 64 MiB device) while beta was
+    /// disconnected.
+    Incremental,
+}
+
+/// A resync from alpha to beta at 2 MiB/s is cut at half by `cut` of `victim`
+/// (0: the source, 1: the target); the victim is started again. The resync
+/// continues from what is still out of sync: what crossed the link in all,
+/// counted by the node that stayed up, is at least what was out of sync and
+/// at most 1.1x it (a node killed -9 loses up to about a second of progress,
+/// the interval at which a resync persists its bitmap: 2 MiB of 32), and
+/// beta ends with alpha's data.
+fn cut_mid_resync(victim: usize, cut: Cut, kind: Kind) {
+    let to_sync = 32 * MIB;
+    let size = match kind {
+        Kind::Full => to_sync,
+        Kind::Incremental => 2 * to_sync,
+    };
     let mut c = synced_pair(ClusterSpec::new(2).size(size).table(&fast_sync()));
-    // Data on both, then garbage on beta's disk, invisible to the nodes until
-    // beta is invalidated (victim beta) or alpha runs `resync --full` (victim
-    // alpha). (A source whose activity log still holds the extents it wrote
-    // as primary would resend them after its crash, as documented; here alpha
-    // restarts cleanly before the resync, so its log is empty.)
-    let data = pattern::bytes(3000 + victim as u64, size as usize);
-    write_range(&c, 0, 0, &data);
-    for i in 0..2 {
-        assert!(c.stop(i).is_some(), "node {i} needed SIGKILL to stop");
+    let seed = 3000 + victim as u64 * 10 + kind as u64 * 100 + cut as u64;
+    let data = pattern::bytes(seed, to_sync as usize);
+    // Where alpha's data goes; beta ends with exactly that.
+    let at = size - to_sync;
+    match kind {
+        Kind::Full => {
+            // Data on both, then garbage on beta's disk, invisible to the
+            // nodes until beta is invalidated or alpha runs `resync --full`.
+            // (A source whose activity log still holds the extents it wrote
+            // as primary would resend them after its crash, as documented;
+            // here alpha restarts cleanly before the resync, so its log is
+            // empty.)
+            write_range(&c, 0, at, &data);
+            for i in 0..2 {
+                assert!(c.stop(i).is_some(), "node {i} needed SIGKILL to stop");
+            }
+            std::fs::write(c.disk_path(1), pattern::bytes(seed + 1, size as usize))
+                .expect("garbage");
+        }
+        Kind::Incremental => {
+            c.mirrorctl(0, &["disconnect"]).assert_success();
+            for i in 0..2 {
+                c.wait_status(i, T, "disconnected", not_connected);
+            }
+            write_range(&c, 0, at, &data);
+            let st = c.status_json(0);
+            assert_eq!(st["out_of_sync_bytes"].as_u64(), Some(to_sync), "{st:#}");
+            for i in 0..2 {
+                assert!(c.stop(i).is_some(), "node {i} needed SIGKILL to stop");
+            }
+        }
     }
-    std::fs::write(c.disk_path(1), pattern::bytes(77, size as usize)).expect("garbage");
     rewrite_sync_rate(&c, "2MiB");
     c.start_all();
-    wait_in_sync(&c, "in sync (the garbage is not known yet)");
-    if victim == 1 {
-        c.mirrorctl(1, &["invalidate"]).assert_success();
-    } else {
-        c.mirrorctl(0, &["resync", "--full"]).assert_success();
+    if let Kind::Full = kind {
+        wait_in_sync(&c, "in sync (the garbage is not known yet)");
+        if victim == 1 {
+            c.mirrorctl(1, &["invalidate"]).assert_success();
+        } else {
+            c.mirrorctl(0, &["resync", "--full"]).assert_success();
+        }
     }
     let source = 0;
     let survivor = 1 - victim;
-    let st = c.wait_status(source, T, "40% through the resync", |v| {
-        resync_done_bytes(v) >= size * 4 / 10
+    let st = c.wait_status(source, T, "half through the resync", |v| {
+        resync_done_bytes(v) >= to_sync / 2
     });
-    assert_eq!(st["resync"]["total_bytes"].as_u64(), Some(size), "{st:#}");
-    c.kill(victim);
+    assert_eq!(
+        st["resync"]["total_bytes"].as_u64(),
+        Some(to_sync),
+        "{st:#}"
+    );
+    match cut {
+        Cut::Kill9 => c.kill(victim),
+        Cut::Term => {
+            let exit = c.stop(victim);
+            assert!(
+                exit.is_some_and(|e| e.success()),
+                "SIGTERM of node {victim} mid-resync: {exit:?}"
+            );
+        }
+    }
     let st = c.wait_status(survivor, T, "alone", not_connected);
     let remaining = st["out_of_sync_bytes"].as_u64().expect("out_of_sync_bytes");
-    let done = size - remaining;
     assert!(
-        done >= size * 4 / 10 && remaining > 0,
-        "done {done} of {size} at the kill: {st:#}"
+        remaining > 0 && remaining <= to_sync * 6 / 10,
+        "{remaining} of {to_sync} bytes left at the cut: {st:#}"
     );
 
     c.start(victim);
@@ -170,34 +235,61 @@ fn kill_9_mid_resync(victim: usize) {
         v["peer"]["replication"] == "sync-source" || in_sync(v)
     });
     let resumed_total = st["resync"]["total_bytes"].as_u64().unwrap_or(0);
-    eprintln!(
-        "kill -9 of node {victim}: {done} of {size} bytes done at the kill, the resumed resync has {resumed_total}"
-    );
-    assert!(
-        resumed_total + done / 2 <= size,
-        "the resync started over: {resumed_total} bytes to go after {done} of {size} were done"
-    );
     wait_in_sync(&c, "in sync after the resumed resync");
-    // What crossed the link in all, counted by the node that stayed up.
     let (sent, received) = moved(&c.status_json(survivor));
     let total = if survivor == source { sent } else { received };
-    eprintln!("kill -9 of node {victim}: {total} bytes moved in all for a {size} byte device");
+    eprintln!(
+        "{kind:?} resync of {to_sync} bytes cut at half by {cut:?} of node {victim}: \
+         {remaining} left at the cut, the resumed resync had {resumed_total}, \
+         {total} bytes moved in all ({:.3}x)",
+        total as f64 / to_sync as f64
+    );
     assert!(
-        total >= remaining && total <= size + done / 2,
-        "{total} bytes moved in all (device {size}, {done} done before the kill)"
+        total >= to_sync && total * 10 <= to_sync * 11,
+        "{total} bytes moved in all for {to_sync} out of sync"
     );
     assert_disks_identical(&c, "after the resumed resync");
-    pattern::assert_same(&read_disk(&c, 1), &data, "beta's disk");
+    pattern::assert_same(&read_disk(&c, 1)[at as usize..], &data, "beta's disk");
 }
 
 #[test]
 fn kill_9_of_the_sync_target_mid_resync_resumes() {
-    kill_9_mid_resync(1);
+    cut_mid_resync(1, Cut::Kill9, Kind::Full);
 }
 
 #[test]
 fn kill_9_of_the_sync_source_mid_resync_resumes() {
-    kill_9_mid_resync(0);
+    cut_mid_resync(0, Cut::Kill9, Kind::Full);
+}
+
+#[test]
+fn sigterm_of_the_sync_target_mid_resync_resumes() {
+    cut_mid_resync(1, Cut::Term, Kind::Full);
+}
+
+#[test]
+fn sigterm_of_the_sync_source_mid_resync_resumes() {
+    cut_mid_resync(0, Cut::Term, Kind::Full);
+}
+
+#[test]
+fn kill_9_of_the_target_mid_incremental_resync_resumes() {
+    cut_mid_resync(1, Cut::Kill9, Kind::Incremental);
+}
+
+#[test]
+fn kill_9_of_the_source_mid_incremental_resync_resumes() {
+    cut_mid_resync(0, Cut::Kill9, Kind::Incremental);
+}
+
+#[test]
+fn sigterm_of_the_target_mid_incremental_resync_resumes() {
+    cut_mid_resync(1, Cut::Term, Kind::Incremental);
+}
+
+#[test]
+fn sigterm_of_the_source_mid_incremental_resync_resumes() {
+    cut_mid_resync(0, Cut::Term, Kind::Incremental);
 }
 
 #[test]

@@ -1,14 +1,19 @@
 #!/bin/bash
 # make vm-two-host (part of make vm-test): two guests (UML or QEMU, see
 # run-guest.sh), alpha and beta, each
-# with its own 1 GiB disk, mirrord@r0 under systemd mirroring between them
-# (protocol C, allow-two-primaries), /dev/nbd0 attached on both
+# with its own 4 GiB disk (a sparse file; in the guest behind a device-mapper
+# device, /dev/mapper/r0-disk), mirrord@r0 under systemd mirroring between
+# them (protocol C, allow-two-primaries), /dev/nbd0 attached on both
 # (nbd-attach@r0), an o2cb cluster of two nodes (local heartbeat) and one
 # OCFS2 file system mounted on both. The guests run tests/two-host-guest.sh:
 #
 #   initial sync (primary --force on alpha, wait-sync), a 16 MiB blkdiscard
-#   through /dev/nbd0, mkfs.ocfs2 -N 2 --nodiscard once, mount on both; each reads the other's file; both write 40 files into one
-#   directory at the same time and see the same 80 files with the same sums;
+#   through /dev/nbd0, mkfs.ocfs2 -N 2 with its defaults (it discards the
+#   whole device) once, the peer link up throughout; mount on both; each
+#   reads the other's file; both write 40 files into one directory at the
+#   same time and see the same 80 files with the same sums; both write
+#   fsync'd files while beta's backing disk answers every I/O 300 ms late
+#   (dm-delay, 25 s): slower writes, no link drop, nothing out of sync;
 #   then this script kills beta's guest (power cut) while alpha keeps
 #   writing; beta boots again on the same disk, mirrord resyncs, OCFS2 mounts,
 #   every file is there and equal; fsck.ocfs2 -fn on each node; clean stop.
@@ -24,8 +29,11 @@
 # boots); VM_TIMEOUT (alpha's limit, default 900 s; every limit here is 4x
 # under QEMU), VM_KEEP=1 (or
 # VM_SMOKE_KEEP=1) keeps the work folder with all logs after a pass,
-# VM_MKFS_DISCARD=1 lets mkfs.ocfs2 discard the whole device (its default;
-# a 1 GiB TRIM that currently drops mirrord's peer link, see README.md).
+# VM_ALLOW_NBD_TIMEOUTS=1 turns the last check (the kernel NBD client timed
+# out no request and kept its connections) into a warning.
+# VM_DISK_SIZE (default 4G), VM_DELAY_MS (default 300) and VM_DELAY_SECS
+# (default 25) for the dm-delay phase. The figures (initial sync, mkfs, the
+# dm-delay phase) are printed at the end.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,10 +44,18 @@ ME=vm-two-host
 say() { echo "vm-two-host: $(date +%H:%M:%S) $*"; }
 fail() {
     say "FAIL: $*" >&2
+    cat "${common:-/nonexistent}"/*.figures 2>/dev/null >&2 || true
+    # The taps' counters: a guest whose network died reads and writes nothing
+    # (its tap's TX counts only what the guest read).
+    { [ -n "${ns:-}" ] && ip -n "$ns" -s link show 2>/dev/null | grep -A5 ' tap-' >&2; } || true
     [ -n "${work:-}" ] && say "logs in $work" >&2
     exit 1
 }
 
+disk_size=${VM_DISK_SIZE:-4G}
+delay_ms=${VM_DELAY_MS:-300}
+delay_secs=${VM_DELAY_SECS:-25}
+[[ $delay_ms =~ ^[0-9]+$ && $delay_secs =~ ^[0-9]+$ ]] || fail "VM_DELAY_MS and VM_DELAY_SECS must be whole numbers"
 t_all=$(now)
 t=$(now)
 image=$("$here/build-image.sh")
@@ -98,10 +114,11 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$common/r0.secret"
     toml_table net ping-interval="$(vm_scale 5)s" ping-timeout="$(vm_scale 5)s"
     toml_table split-brain after-sb-0pri=discard-zero-changes after-sb-1pri=discard-secondary \
         after-sb-2pri=disconnect
-    toml_node alpha 10.99.0.1:7789 /dev/vm/disk1 internal
-    toml_node beta 10.99.0.2:7789 /dev/vm/disk1 internal
+    echo "# The guests put disk 1 behind device-mapper (linear; dm-delay for a while on beta)."
+    toml_node alpha 10.99.0.1:7789 /dev/mapper/r0-disk internal
+    toml_node beta 10.99.0.2:7789 /dev/mapper/r0-disk internal
 } >"$common/r0.toml"
-truncate -s 1G "$work/alpha.img" "$work/beta.img"
+truncate -s "$disk_size" "$work/alpha.img" "$work/beta.img"
 
 # boot KEY NODE PHASE TIMEOUT: one guest in the background; KEY names its
 # share folder, logs and pid file.
@@ -112,7 +129,7 @@ boot() {
     ip netns exec "$ns" "$here/run-guest.sh" --image "$image" --share "$work/$key" \
         --test test.sh --disk "$work/$n.img" --tap "tap-$n,52:54:00:99:00:0$i" \
         --mount "$common:/mnt/common" --append "vm.node=$n" --append "vm.ip=10.99.0.$i/24" \
-        --append "vm.phase=$phase" --append "vm.mkfs_discard=${VM_MKFS_DISCARD:-0}" --pid-file "$work/$key.pid" \
+        --append "vm.phase=$phase" --append "vm.delay_ms=$delay_ms" --append "vm.delay_secs=$delay_secs" --pid-file "$work/$key.pid" \
         --mode systemd --mem 768M --timeout "$tmo" --name "vm-$key-$$" \
         >"$work/$key.run.log" 2>&1 &
     pids[$key]=$!
@@ -147,9 +164,9 @@ no_leftovers() {
 
 # --- phase 1: both guests up, OCFS2 on both, concurrent writes ---------------------
 t_guests=$(now)
-boot alpha alpha first "${VM_TIMEOUT:-$(vm_scale 900)}"
-boot beta-1 beta first "$(vm_scale 900)"
-await beta.crash-ready "$(vm_scale 600)"
+boot alpha alpha first "${VM_TIMEOUT:-$(vm_scale 1800)}"
+boot beta-1 beta first "$(vm_scale 1800)"
+await beta.crash-ready "$(vm_scale 1500)"
 t_phase1=$(since "$t_guests")
 say "beta is ready for the power cut (phase 1 took ${t_phase1}s)"
 
@@ -202,5 +219,20 @@ cmp -n "$size_a" "$work/alpha.img" "$work/beta.img" || fail "the data areas of t
 sum=$(head -c "$size_a" "$work/alpha.img" | sha256sum | cut -c1-16)
 say "data areas identical ($size_a bytes, sha256 $sum...; compared in $(since "$t")s)"
 
+echo "--- figures:"
+cat "$common"/*.figures
+# Last, so that everything above is measured: a request the kernel's NBD
+# client timed out (nbd-client -t 90) costs its connection for good.
+lost=
+for f in "$common"/*.kclient; do
+    read -r n clients <"$f" || fail "unreadable $f"
+    [ "$n" = 0 ] && [ "$clients" = 4 ] || lost+=" $(basename "$f" .kclient) ($n timeouts, $clients connections)"
+done
+if [ -n "$lost" ]; then
+    # Known (docs/OPERATIONS.md, "Known problems"): mkfs's discard on UML's
+    # slow-discarding disk outlasts -t 90 until mirrord bounds a TRIM's time.
+    [ "${VM_ALLOW_NBD_TIMEOUTS:-0}" = 1 ] || fail "the kernel NBD client timed out requests and lost connections:$lost"
+    say "WARNING (VM_ALLOW_NBD_TIMEOUTS=1): the kernel NBD client timed out requests and lost connections:$lost"
+fi
 say "PASS (backend $VM_BACKEND; image ${t_image}s, phase 1 ${t_phase1}s, beta rejoin ${t_rejoin}s, guests ${t_guests}s, total $(since "$t_all")s)"
 if [ "${VM_KEEP:-${VM_SMOKE_KEEP:-0}}" = 1 ]; then say "kept $work"; else rm -rf "$work"; fi
