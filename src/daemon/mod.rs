@@ -12,6 +12,7 @@ mod nbd_conn;
 pub mod notify;
 mod peer_link;
 pub mod setup;
+mod socket;
 mod splice;
 
 use std::collections::HashMap;

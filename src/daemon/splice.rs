@@ -15,7 +15,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::Interest;
 use tokio::sync::watch;
 
-use super::nbd_conn::{read_buffered, spin_io, NbdStream};
+use super::socket::{read_buffered, spin_io, NbdStream};
 use crate::storage::engine::Disk;
 
 /// Pipe capacity asked for (F_SETPIPE_SZ; the default, 64 KiB, if refused): how much of a
