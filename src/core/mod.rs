@@ -8,6 +8,7 @@
 
 pub mod activity_log;
 pub mod bitmap;
+mod clients;
 mod fencing;
 pub mod gi;
 mod grace;
@@ -20,6 +21,7 @@ mod replication;
 mod resync;
 mod session;
 mod split;
+mod stop;
 mod types;
 
 pub use node::Node;

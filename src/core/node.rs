@@ -238,8 +238,14 @@ pub struct Node {
     /// not get (`Some(primary before the split)`), not when the peer is lost:
     /// a primary that writes nothing while apart keeps its identifiers.
     pub(super) pending_gen: Option<bool>,
-    /// The disk op id of the streamed write that just started (taken by `try_stream_write`).
+    /// The disk op id of the streamed write that just started (taken by `on_stream_write`).
     pub(super) stream_grant: Option<u64>,
+    /// Trims and write-zeroes with FUA in the core: each is answered after a flush
+    /// (clients.rs). At most one entry per request in the core.
+    pub(super) fua_pending: BTreeSet<(ConnId, u64)>,
+    /// Those whose operation completed during the current event: their flushes
+    /// start at its end. Empty between events.
+    pub(super) fua_flushes: Vec<(ConnId, u64)>,
     pub(super) seq: u64,
     pub(super) peer_seen: u64,
     pub(super) recent: BTreeMap<u64, Recent>,
@@ -362,6 +368,8 @@ impl Node {
             gate_writes: false,
             pending_gen: None,
             stream_grant: None,
+            fua_pending: BTreeSet::new(),
+            fua_flushes: Vec::new(),
             seq: 0,
             peer_seen: 0,
             recent: BTreeMap::new(),
@@ -588,40 +596,19 @@ impl Node {
             Event::Tick { now_ms } => self.on_tick(now_ms),
             Event::Admin { id, cmd } => self.on_admin(id, cmd),
             Event::FenceDone { id, exit } => self.on_fence_done(id, exit),
+            Event::ClientAttach { conn } => self.on_client_attach(conn),
+            Event::ClientDetach { conn } => self.on_client_detach(conn),
+            Event::StreamWrite {
+                conn,
+                cookie,
+                offset,
+                len,
+            } => self.on_stream_write(conn, cookie, offset, len),
+            Event::StopBegin => self.on_stop_begin(),
+            Event::StopFinal { data_flushed } => self.on_stop_final(data_flushed),
         }
-    }
-
-    /// An NBD client wants the export: Ok if this node serves I/O (auto-promoting
-    /// if allowed), else the reason it does not.
-    pub fn attach_client(&mut self, conn: ConnId) -> Result<(), String> {
-        if self.role != Role::Primary {
-            if !self.cfg.auto_promote {
-                return Err(format!(
-                    "resource {} is secondary on {} (auto-promote is off; run `mirrorctl primary`)",
-                    self.cfg.resource, self.cfg.node
-                ));
-            }
-            self.promote(false)?;
-            self.auto_promoted = true;
-        }
-        self.clients.insert(conn);
-        self.notify(
-            "client-attached",
-            json!({ "conn": conn, "clients": self.clients.len() }),
-        );
-        Ok(())
-    }
-
-    /// The NBD connection is gone and all its requests have been answered.
-    pub fn detach_client(&mut self, conn: ConnId) {
-        if self.clients.remove(&conn) {
-            self.notify(
-                "client-detached",
-                json!({ "conn": conn, "clients": self.clients.len() }),
-            );
-            if self.clients.is_empty() && self.auto_promoted && self.role == Role::Primary {
-                self.demote();
-            }
+        if !self.fua_flushes.is_empty() {
+            self.run_fua_flushes();
         }
     }
 
@@ -854,7 +841,7 @@ impl Node {
 
     fn on_meta_done(&mut self, id: u64, ok: bool) {
         if !ok {
-            self.disk_failed("metadata write failed");
+            self.meta_write_failed();
         }
         if self.al_txn == Some(id) {
             self.al_txn = None;
@@ -891,6 +878,25 @@ impl Node {
         }
     }
 
+    /// A metadata write failed (EIO): what is on the metadata disk (bitmap,
+    /// activity log, identifiers) may no longer say what differs from the peer,
+    /// so this disk is not trusted again without a full sync. It fails now (as
+    /// DRBD detaches on a meta-data I/O error), and the next start finds it
+    /// inconsistent, to be synced whole from the peer (simulator finding: a lost
+    /// bitmap page left an outdated node whose bitmap-based resync missed blocks).
+    fn meta_write_failed(&mut self) {
+        let was_failed = self.disk == DiskState::Failed;
+        if self.cfg.peer.is_some() {
+            self.meta.flags &= !md_flags::CONSISTENT;
+            self.meta.flags |= md_flags::FULL_SYNC_NEEDED;
+        }
+        self.disk_failed("metadata write failed");
+        if was_failed && self.cfg.peer.is_some() {
+            self.persist_superblock(false);
+        }
+        assert_eq!(self.disk, DiskState::Failed);
+    }
+
     pub(super) fn disk_failed(&mut self, why: &str) {
         if self.disk != DiskState::Failed {
             self.disk = DiskState::Failed;
@@ -921,11 +927,7 @@ impl Node {
 
     fn on_request(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
         if self.role != Role::Primary || !self.clients.contains(&conn) {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EPERM),
-            });
+            self.reply(conn, cookie, Err(errno::EPERM));
             return;
         }
         let frozen =
@@ -942,78 +944,44 @@ impl Node {
                 DiskOp::Write { offset, data, fua },
                 fua,
             ),
-            IoRequest::Trim { offset, len } => (
-                Range::new(offset, u64::from(len)),
-                DiskOp::Trim {
-                    offset,
-                    len: u64::from(len),
-                },
-                false,
-            ),
+            IoRequest::Trim { offset, len, fua } => {
+                if fua {
+                    self.fua_after(conn, cookie);
+                }
+                (
+                    Range::new(offset, u64::from(len)),
+                    DiskOp::Trim {
+                        offset,
+                        len: u64::from(len),
+                    },
+                    false,
+                )
+            }
             IoRequest::WriteZeroes {
                 offset,
                 len,
                 may_trim,
-            } => (
-                Range::new(offset, u64::from(len)),
-                DiskOp::WriteZeroes {
-                    offset,
-                    len: u64::from(len),
-                    may_trim,
-                },
-                false,
-            ),
+                fua,
+            } => {
+                if fua {
+                    self.fua_after(conn, cookie);
+                }
+                (
+                    Range::new(offset, u64::from(len)),
+                    DiskOp::WriteZeroes {
+                        offset,
+                        len: u64::from(len),
+                        may_trim,
+                    },
+                    false,
+                )
+            }
         };
         if self.needs_split(range) {
             self.start_split(conn, cookie, range, op, fua);
         } else {
             self.local_write(conn, cookie, range, Some(op), fua, None);
         }
-    }
-
-    /// Admits a local WRITE of `len` bytes at `offset` whose data the daemon copies from the
-    /// client's connection straight to the disk, without bringing it into memory (splice):
-    /// possible only when nothing but the local disk needs the data, and the write can start
-    /// at once. That is: a primary with this client attached, not replicating (so the disk is
-    /// up to date), no handshake, suspension, promotion check or identifier write holding
-    /// writes, its activity-log extents already active, and no write in flight or waiting
-    /// that overlaps it. Then the write is in the disk order (as any local write, in the
-    /// bitmap if there is a peer) and this returns the disk op id: the daemon writes the data
-    /// and reports `Event::DiskDone` for that id; the NBD reply follows as for any write.
-    /// None: nothing was done; send the write as an ordinary `IoRequest::Write`. Not for FUA
-    /// writes (the ordinary path handles those).
-    pub fn try_stream_write(
-        &mut self,
-        conn: ConnId,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-    ) -> Option<u64> {
-        let range = Range::new(offset, u64::from(len));
-        let now = self.role == Role::Primary
-            && self.clients.contains(&conn)
-            && !self.suspended
-            && self.grace.is_none()
-            && self.handshake.is_none()
-            && self.promote_confirm.is_none()
-            && !self.gate_writes
-            && self.pending_gen.is_none()
-            && !self.replicating()
-            && self.disk == DiskState::UpToDate
-            && len > 0
-            && self.al_waiting.is_empty()
-            && self.al.as_ref().is_none_or(|al| al.covers(range))
-            && !self.order.overlaps(&range);
-        if !now {
-            return None;
-        }
-        self.local_write(conn, cookie, range, None, false, None);
-        let id = self.stream_grant.take();
-        assert!(
-            id.is_some(),
-            "an admitted streamed write must start at once"
-        );
-        id
     }
 
     /// Requests held during the connection handshake go on now (after the
@@ -1047,11 +1015,7 @@ impl Node {
     fn local_read(&mut self, conn: ConnId, cookie: u64, offset: u64, len: u32) {
         let r = Range::new(offset, len as u64);
         if len == 0 {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Ok(Some(Bytes::new())),
-            });
+            self.reply(conn, cookie, Ok(Some(Bytes::new())));
             return;
         }
         if self.local_data_good(r) {
@@ -1076,11 +1040,7 @@ impl Node {
             self.peer_reads.insert(id, (conn, cookie, len));
             self.send(Message::ReadRequest { id, offset, len });
         } else {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.reply(conn, cookie, Err(errno::EIO));
         }
     }
 
@@ -1094,11 +1054,7 @@ impl Node {
         if result.is_err() {
             self.disk_failed("read error");
         }
-        self.out.push(Action::Reply {
-            conn,
-            cookie,
-            result,
-        });
+        self.reply(conn, cookie, result);
     }
 
     fn local_flush(&mut self, conn: ConnId, cookie: u64) {
@@ -1106,11 +1062,7 @@ impl Node {
         // durable where it counts (simulator finding: a sync target's flush
         // succeeded locally after its source was lost, the data then was not).
         if !self.has_good_copy() {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.reply(conn, cookie, Err(errno::EIO));
             return;
         }
         let rid = self.new_id();
@@ -1538,6 +1490,14 @@ impl Node {
             }
             Io::PeerFlush { id } => {
                 let error = result.err().unwrap_or(0);
+                if error != 0 {
+                    // The peer's acknowledged writes may not be on this disk: it
+                    // fails before the peer hears of the flush (simulator
+                    // finding, seed 301: a node whose flush for the peer failed
+                    // was chosen as sync source next and overwrote with older
+                    // data a write the peer had acknowledged).
+                    self.disk_failed("flush for the peer failed");
+                }
                 self.send(Message::FlushAck { id, error });
             }
             Io::PeerRead { id } => self.send(read_reply(id, result)),
@@ -1703,6 +1663,7 @@ impl Node {
         // Fencing holds replies until the peer is known outdated (fencing.rs).
         let mut answers_parent = None;
         let mut piece_answer = None;
+        let mut client_answer = None;
         if !r.replied && !r.local_pending && peer_ok && !self.suspended {
             r.replied = true;
             let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
@@ -1710,14 +1671,13 @@ impl Node {
                 // A write issued again after a pause: it answers the original.
                 (Some(p), _) => answers_parent = Some((p, r.error)),
                 (None, Some(sid)) => piece_answer = Some((sid, result)),
-                (None, None) => self.out.push(Action::Reply {
-                    conn: r.conn,
-                    cookie: r.cookie,
-                    result,
-                }),
+                (None, None) => client_answer = Some((r.conn, r.cookie, result)),
             }
         }
         let finished = r.replied && !r.local_pending && !r.ack_outstanding;
+        if let Some((conn, cookie, result)) = client_answer {
+            self.reply(conn, cookie, result);
+        }
         if let Some((p, error)) = answers_parent {
             let Some(pr) = self.reqs.get_mut(&p) else {
                 unreachable!("the write issued again for {p} outlived its request");
@@ -1757,11 +1717,7 @@ impl Node {
         result: Result<Option<Bytes>, u32>,
     ) {
         match split {
-            None => self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result,
-            }),
+            None => self.reply(conn, cookie, result),
             Some(sid) => self.piece_done(sid, &result),
         }
     }
@@ -1847,37 +1803,6 @@ impl Node {
             self.send(Message::Ping);
         }
         false
-    }
-
-    /// Clean shutdown: persist the whole bitmap state, an empty activity log if
-    /// idle, and the superblock without the primary mark. `data_flushed`: the
-    /// edge flushed the backing disk after the last local write completed; if
-    /// not (the flush failed), the activity log stays, so the next start marks
-    /// its extents (simulator finding: the empty log was persisted before the
-    /// final flush, a power cut in between lost a mirrored write on this disk,
-    /// and no mark was left for it).
-    pub fn shutdown(&mut self, data_flushed: bool) {
-        // The link goes with the process: writes the peer has not flushed yet may
-        // still be lost there (simulator finding: after a clean stop and the peer's
-        // power loss, an in-sync reconnect left the blocks different).
-        for (_, r) in std::mem::take(&mut self.unflushed) {
-            self.bitmap.set_range(r);
-        }
-        let pages = self.bitmap.take_dirty();
-        self.persist_bitmap_pages(pages);
-        if let Some(al) = self.al.as_mut().filter(|_| data_flushed) {
-            if al.reset_idle() {
-                let id = self.new_id();
-                self.out.push(Action::Persist {
-                    id,
-                    write: MetaWrite::ActivityLog(Vec::new()),
-                });
-            }
-        }
-        if self.writes.is_empty() && self.reqs.is_empty() {
-            self.meta.flags &= !md_flags::PRIMARY;
-        }
-        self.persist_superblock(false);
     }
 
     // ----- admin -----

@@ -273,11 +273,7 @@ impl Node {
             std::mem::take(&mut self.peer_reads).into_iter().collect();
         reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
         for (_, (conn, cookie, _)) in reads {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.reply(conn, cookie, Err(errno::EIO));
         }
     }
 
@@ -435,11 +431,7 @@ impl Node {
                     } else {
                         Err(error)
                     };
-                    self.out.push(Action::Reply {
-                        conn,
-                        cookie,
-                        result,
-                    });
+                    self.reply(conn, cookie, result);
                 }
             }
             Message::StartSync { mode, source_gis } => self.on_start_sync(mode, source_gis),

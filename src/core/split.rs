@@ -157,11 +157,7 @@ impl Node {
         if done {
             let s = self.splits.remove(&sid).expect("split present");
             let result = if s.error != 0 { Err(s.error) } else { Ok(None) };
-            self.out.push(Action::Reply {
-                conn: s.conn,
-                cookie: s.cookie,
-                result,
-            });
+            self.reply(s.conn, s.cookie, result);
         }
         debug_assert!(self
             .splits

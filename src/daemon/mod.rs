@@ -112,6 +112,34 @@ impl Shared {
         r
     }
 
+    /// Feeds one event whose answer the caller waits for ([`Event::ClientAttach`],
+    /// [`Event::StreamWrite`]): returns the answer ([`Action::Attached`],
+    /// [`Action::StreamWrite`]) and carries out the other actions.
+    pub fn ask(self: &Arc<Self>, ev: Event) -> Action {
+        let mut actions = Vec::new();
+        let answer = {
+            let mut core = self.core();
+            core.handle(ev);
+            core.drain_actions(&mut actions);
+            let at = actions
+                .iter()
+                .position(|a| matches!(a, Action::Attached { .. } | Action::StreamWrite { .. }));
+            let answer = at.map(|i| actions.remove(i));
+            self.dispatch_ordered(&mut actions);
+            answer
+        };
+        self.dispatch(actions);
+        answer.expect("the core answers every ClientAttach and StreamWrite")
+    }
+
+    /// [`Event::ClientAttach`]: Ok if this node serves the client.
+    pub fn attach_client(self: &Arc<Self>, conn: ConnId) -> Result<(), String> {
+        match self.ask(Event::ClientAttach { conn }) {
+            Action::Attached { conn: c, result } if c == conn => result,
+            other => unreachable!("ClientAttach {conn} answered with {other:?}"),
+        }
+    }
+
     fn dispatch_ordered(&self, actions: &mut Vec<Action>) {
         actions.retain_mut(|a| match a {
             Action::Send { link, msg } => {
@@ -162,6 +190,9 @@ impl Shared {
                 Action::FencePeer { id } => self.run_fence_peer(id),
                 Action::Send { .. } | Action::Persist { .. } | Action::Notify(_) => {
                     unreachable!("dispatched under the core lock")
+                }
+                Action::Attached { .. } | Action::StreamWrite { .. } => {
+                    unreachable!("answers are taken by Shared::ask")
                 }
             }
         }
@@ -564,7 +595,7 @@ async fn serve(
     if restart.is_some() {
         drain_for_handover(&shared).await;
     } else {
-        shared.with_core(|c| c.begin_stop());
+        shared.handle(Event::StopBegin);
         // Let clients' in-flight requests finish (bounded). A running resync does
         // not hold the stop up: its progress is persisted and it resumes later.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -585,7 +616,9 @@ async fn serve(
             false
         }
     };
-    shared.with_core(|c| c.shutdown(flushed));
+    shared.handle(Event::StopFinal {
+        data_flushed: flushed,
+    });
     if let Err(e) = shared.disk.run(crate::storage::engine::DiskOp::Flush).await {
         tracing::error!("final flush failed: {e}");
     }
@@ -649,12 +682,12 @@ async fn take_over(
                 c.size
             ))
         } else {
-            shared.with_core(|core| core.attach_client(c.conn))
+            shared.attach_client(c.conn)
         };
         let conn = c.conn;
         if let Err(e) = attached.and_then(|()| nbd_conn::spawn_handed(shared, c, fd)) {
             tracing::error!("inherited NBD connection {conn} is closed: {e}");
-            shared.with_core(|core| core.detach_client(conn));
+            shared.handle(Event::ClientDetach { conn });
         }
     }
     shared.next_conn.fetch_max(next, Ordering::Relaxed);

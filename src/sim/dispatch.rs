@@ -102,6 +102,9 @@ impl Sim {
                         },
                     );
                 }
+                Action::Attached { .. } | Action::StreamWrite { .. } => {
+                    unreachable!("answers are taken by Sim::ask")
+                }
                 Action::SplitBrainHandler => {
                     self.trace_line(Some(n), || "runs the split-brain handler".into())
                 }

@@ -53,9 +53,7 @@ pub(super) async fn handshake<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 } else if query == ExportQuery::Info {
                     Ok(export_info(shared))
                 } else {
-                    shared
-                        .with_core(|c| c.attach_client(conn))
-                        .map(|_| export_info(shared))
+                    shared.attach_client(conn).map(|()| export_info(shared))
                 };
                 if let Err(e) = &answer {
                     tracing::warn!("NBD conn {conn}: refused export {name:?}: {e}");

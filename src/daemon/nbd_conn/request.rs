@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::sink::ConnSink;
 use super::sink_state::Pending;
-use crate::core::{ConnId, Event, IoRequest};
+use crate::core::{Action, BlockStatusView, ConnId, Event, IoRequest};
 use crate::daemon::splice::Pipe;
 use crate::daemon::{backpressure, disk_io, Shared};
 use crate::nbd::consts::*;
@@ -50,7 +50,7 @@ impl ReqCtx<'_> {
     }
 
     /// A large plain WRITE the core lets us stream from the socket to the disk (see
-    /// splice.rs and `Node::try_stream_write`): its reply registered, the core's disk op id
+    /// splice.rs and `Event::StreamWrite`): its reply registered, the core's disk op id
     /// and the pipe to use. None: handle it the ordinary way ([`ReqCtx::request`]), which
     /// also answers anything invalid.
     pub(super) fn try_stream(&mut self, req: &Request) -> Option<(u64, Pipe)> {
@@ -82,7 +82,6 @@ impl ReqCtx<'_> {
                 cookie: req.cookie,
                 command: req.command,
                 offset: req.offset,
-                flush_after: false,
                 abandoned: false,
                 // The payload goes from the socket to the disk, never through our memory:
                 // it counts as a request only.
@@ -90,10 +89,22 @@ impl ReqCtx<'_> {
             },
         );
         let (conn, offset, len) = (self.conn, req.offset, req.length);
-        match self
-            .shared
-            .with_core(|c| c.try_stream_write(conn, idx, offset, len))
-        {
+        let answer = self.shared.ask(Event::StreamWrite {
+            conn,
+            cookie: idx,
+            offset,
+            len,
+        });
+        let Action::StreamWrite {
+            conn: c,
+            cookie,
+            disk_id,
+        } = answer
+        else {
+            unreachable!("StreamWrite answered with {answer:?}");
+        };
+        assert_eq!((c, cookie), (conn, idx), "the answer to another write");
+        match disk_id {
             Some(id) => {
                 self.idx = idx;
                 Some((id, pipe))
@@ -146,6 +157,7 @@ impl ReqCtx<'_> {
             Command::Trim => Some(IoRequest::Trim {
                 offset: req.offset,
                 len: req.length,
+                fua,
             }),
             Command::WriteZeroes => {
                 if req.flags & NBD_CMD_FLAG_FAST_ZERO != 0 && !self.fast_zero {
@@ -156,6 +168,7 @@ impl ReqCtx<'_> {
                     offset: req.offset,
                     len: req.length,
                     may_trim: req.flags & NBD_CMD_FLAG_NO_HOLE == 0,
+                    fua,
                 })
             }
             Command::Unknown(_) => {
@@ -168,14 +181,12 @@ impl ReqCtx<'_> {
             return None;
         };
         self.idx += 1;
-        let flush_after = fua && matches!(req.command, Command::Trim | Command::WriteZeroes);
         sink.register(
             self.idx,
             Pending {
                 cookie: req.cookie,
                 command: req.command,
                 offset: req.offset,
-                flush_after,
                 abandoned: false,
                 held: match req.command {
                     Command::Read | Command::Write => req.length as usize,
@@ -201,7 +212,7 @@ pub(crate) const BLOCK_STATUS_MAX_RANGE: u32 = 64 << 20;
 fn block_status(shared: &Shared, offset: u64, len: u32, req_one: bool) -> Vec<(u32, u32)> {
     debug_assert!(len > 0, "validate.rs refuses a zero-length BLOCK_STATUS");
     let len = len.min(BLOCK_STATUS_MAX_RANGE);
-    let good = shared.core().disk_state() == crate::core::DiskState::UpToDate;
+    let good = shared.core().block_status_view() == BlockStatusView::Disk;
     let exts = if good {
         shared.disk.block_status(offset, len as u64).ok()
     } else {

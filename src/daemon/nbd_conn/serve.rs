@@ -11,7 +11,7 @@ use super::handshake::handshake;
 use super::reader::{read_loop, ReaderEnd};
 use super::sink::ConnSink;
 use super::writer::write_loop;
-use crate::core::ConnId;
+use crate::core::{ConnId, Event};
 use crate::daemon::socket::{set_send_buffer, NbdStream};
 use crate::daemon::{handover, lock, Shared, MAX_IO};
 use crate::nbd::{transmission_flags, ExportInfo, Negotiated};
@@ -63,12 +63,12 @@ pub(super) async fn serve<S: NbdStream>(
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::warn!("NBD client {peer} (conn {conn}): {e}; closing");
-            shared.with_core(|c| c.detach_client(conn));
+            shared.handle(Event::ClientDetach { conn });
             return;
         }
         Err(_) => {
             tracing::warn!("NBD client {peer} (conn {conn}): handshake not finished within {HANDSHAKE_TIMEOUT:?}; closing");
-            shared.with_core(|c| c.detach_client(conn));
+            shared.handle(Event::ClientDetach { conn });
             return;
         }
     };
@@ -155,6 +155,6 @@ async fn serve_negotiated<S: NbdStream>(
         tracing::info!("NBD client {peer} (conn {conn}) ready for the hand-over");
         return;
     }
-    shared.with_core(|c| c.detach_client(conn));
+    shared.handle(Event::ClientDetach { conn });
     tracing::debug!("NBD client {peer} (conn {conn}) detached");
 }

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 
 use super::cork;
 use super::sink_state::{Pending, SinkGuard, SinkState};
-use crate::core::{ConnId, Event, IoRequest};
+use crate::core::ConnId;
 use crate::daemon::{lock, Shared};
 use crate::nbd::{chunk_block_status, encode_reply, Command};
 
@@ -43,7 +43,7 @@ pub(crate) fn deliver(
 ) {
     let sink = lock(&shared.conns).get(&conn).cloned();
     if let Some(sink) = sink {
-        sink.reply(shared, idx, result);
+        sink.reply(idx, result);
     }
 }
 
@@ -130,7 +130,7 @@ impl ConnSink {
     }
 
     /// The core's answer for request `idx`.
-    fn reply(self: &Arc<Self>, shared: &Arc<Shared>, idx: u64, result: Result<Option<Bytes>, u32>) {
+    fn reply(self: &Arc<Self>, idx: u64, result: Result<Option<Bytes>, u32>) {
         let mut st = self.lock();
         let Some(p) = st.remove_pending(idx) else {
             tracing::error!("conn {}: reply for unknown request {idx}", self.conn);
@@ -141,26 +141,6 @@ impl ConnSink {
             if st.reader_done && st.pending.is_empty() {
                 self.wake.notify_one();
             }
-            return;
-        }
-        if p.flush_after && result.is_ok() {
-            // FUA on trim/zeroes: answer after a flush that follows the operation.
-            st.next_internal += 1;
-            let idx2 = u64::MAX / 2 + st.next_internal;
-            st.insert_pending(
-                idx2,
-                Pending {
-                    flush_after: false,
-                    held: 0,
-                    ..p
-                },
-            );
-            drop(st);
-            shared.handle(Event::Request {
-                conn: self.conn,
-                cookie: idx2,
-                req: IoRequest::Flush,
-            });
             return;
         }
         let structured = self.structured;

@@ -14,7 +14,6 @@ pub(super) struct Pending {
     pub(super) cookie: u64,
     pub(super) command: Command,
     pub(super) offset: u64,
-    pub(super) flush_after: bool,
     /// Its payload never fully arrived (a streamed write cut off): whatever the core
     /// answers, the client is told nothing, since not all of its data reached the disk.
     pub(super) abandoned: bool,
@@ -27,7 +26,6 @@ pub(super) struct Pending {
 pub(super) struct SinkState {
     /// Requests handed to the core, by our number for them.
     pub(super) pending: HashMap<u64, Pending>,
-    pub(super) next_internal: u64,
     /// Output not yet sent, in order: `queue` first, then `out`.
     pub(super) queue: VecDeque<Bytes>,
     pub(super) queued: usize,
