@@ -61,6 +61,8 @@ impl Node {
             // the stop (simulator finding: the link broke during a clean stop).
             self.on_stop_begin();
         }
+        // Postcondition: frozen with the handler running, or (stopping) not at all.
+        assert!(self.stopping || (self.suspended && self.fence_id == Some(id)));
     }
 
     /// The fence-peer handler ended.
@@ -118,6 +120,8 @@ impl Node {
                 // Stay frozen: an operator decides (resume-io), or the peer returns.
             }
         }
+        // Postcondition: the handler's answer is taken, whatever it was.
+        assert!(self.fence_id.is_none());
     }
 
     /// Lifts the freeze: held requests go on, held replies go out.
@@ -133,6 +137,10 @@ impl Node {
             self.maybe_finish(rid);
         }
         self.release_held();
+        assert!(
+            !self.suspended,
+            "a freeze lifted is not frozen again by its own replies"
+        );
     }
 
     /// `mirrorctl resume-io`.
@@ -154,5 +162,7 @@ impl Node {
             self.persist_superblock(false);
         }
         self.resume_io("peer-reconnected");
+        assert!(self.fence_id.is_none() && !self.suspended);
+        assert_eq!(self.meta.flags & md_flags::PEER_OUTDATED, 0);
     }
 }

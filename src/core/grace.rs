@@ -172,6 +172,7 @@ impl Node {
     /// The grace ran out (or the session ended for good, or the node stops):
     /// what the loss of the peer would have done at the cut happens now.
     pub(super) fn end_pause_alone(&mut self) {
+        // No pause running is normal: every stop and every end of a session calls this.
         let Some(g) = self.grace.take() else {
             return;
         };
@@ -207,6 +208,7 @@ impl Node {
     /// pause: it waits for the pause's end (issued alone it would reach this
     /// disk only, and a union resync could then overwrite it). True if held.
     pub(super) fn hold_for_pause(&mut self, wid: u64, fua: bool) -> bool {
+        // Not paused: the write goes on (the common case).
         let Some(g) = self.grace.as_mut() else {
             return false;
         };
@@ -219,6 +221,7 @@ impl Node {
     /// issued again, then the peer flushes that were waited for.
     pub(super) fn end_pause_reconnected(&mut self) {
         assert!(self.replicating());
+        // Called at every handshake's end; only a paused pair has a grace to end.
         let Some(g) = self.grace.take() else {
             return;
         };

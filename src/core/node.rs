@@ -770,6 +770,7 @@ impl Node {
     /// is durable (`gate_writes`), so no data of the new generation is on the
     /// disk under the old identifier.
     fn start_deferred_generation(&mut self) {
+        // Called before every unreplicated local write; most find no deferred generation.
         let Some(mark) = self.pending_gen.take() else {
             return;
         };
@@ -1206,10 +1207,10 @@ impl Node {
             return;
         }
         let Some(e) = self.writes.get(&wid) else {
-            return;
+            panic!("local write {wid} to issue is not in the disk order");
         };
         let Origin::Local { req: rid } = e.origin else {
-            return;
+            panic!("write {wid} issued as local is {:?}", e.origin);
         };
         if matches!(self.disk, DiskState::Failed | DiskState::Diskless) || !self.has_good_copy() {
             // It waited for the activity log while the last good copy went away
@@ -1311,7 +1312,10 @@ impl Node {
             .take(1)
             .filter_map(|w| self.writes.get(w).map(|e| e.range))
             .collect();
+        // No activity log: a resource without a peer keeps none.
         let Some(al) = self.al.as_mut() else { return };
+        // No transaction possible now (every slot held by writes in flight): it
+        // is tried again when one is released.
         let Some((set, evicted)) = al.plan(&ranges) else {
             return;
         };
@@ -1416,7 +1420,7 @@ impl Node {
     pub(super) fn try_start(&mut self, wid: u64) {
         let gate = self.gate_writes;
         let Some(e) = self.writes.get_mut(&wid) else {
-            return;
+            panic!("write {wid} to start is not in the disk order");
         };
         let local = matches!(e.origin, Origin::Local { .. });
         if e.submitted || !e.ready || !e.al_ok || (local && gate) {
@@ -1461,7 +1465,7 @@ impl Node {
         match io {
             Io::WritePart { write } => {
                 let Some(e) = self.writes.get_mut(&write) else {
-                    return;
+                    panic!("disk op {id} completes a piece of write {write}, which is gone");
                 };
                 if let Err(code) = result {
                     e.error = code;
@@ -1573,7 +1577,7 @@ impl Node {
     /// Every piece of a disk-order entry is done.
     pub(super) fn write_done(&mut self, wid: u64) {
         let Some(e) = self.writes.remove(&wid) else {
-            return;
+            panic!("write {wid} done twice, or never entered");
         };
         if e.error != 0 {
             // Before the writes waiting behind this one start: a peer write whose
@@ -1652,6 +1656,9 @@ impl Node {
 
     /// Replies when the protocol allows, and forgets the request when all is done.
     pub(super) fn maybe_finish(&mut self, rid: u64) {
+        // Callers look again after every ack and completion; the request may
+        // have finished at an earlier one (a late ack of a request answered and
+        // done when the link went down, e.g.).
         let Some(r) = self.reqs.get_mut(&rid) else {
             return;
         };

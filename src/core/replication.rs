@@ -230,6 +230,11 @@ impl Node {
         // A pause that was running ends here too: the session is over for good.
         self.end_pause_alone();
         self.release_held();
+        // Postconditions: nothing of the session is left waiting for the peer.
+        assert!(!self.replicating() && self.handshake.is_none() && self.peer.is_none());
+        assert!(self.recent.is_empty() && self.unflushed.is_empty());
+        assert!(self.flush_marks.is_empty() && self.peer_reads.is_empty());
+        debug_assert!(!self.reqs.values().any(|r| r.is_flush && r.ack_outstanding));
     }
 
     /// The peer session is gone: its connection state, handshake, pings,
@@ -251,7 +256,11 @@ impl Node {
         self.stop_resync();
         self.seq = 0;
         self.peer_seen = 0;
-        debug_assert!(!self.replicating());
+        assert!(!self.replicating() && self.resync.is_none() && self.handshake.is_none());
+        assert!(matches!(
+            self.conn,
+            ConnState::Connecting | ConnState::Standalone
+        ));
     }
 
     /// The peer will not answer request `req` (a write or flush it owed): it is
@@ -269,6 +278,8 @@ impl Node {
 
     /// Reads sent to the peer fail: it will not answer them.
     pub(super) fn fail_peer_reads(&mut self) {
+        // Precondition: only when the session that owed the answers is over.
+        debug_assert!(!self.replicating());
         let mut reads: Vec<(u64, (ConnId, u64, u32))> =
             std::mem::take(&mut self.peer_reads).into_iter().collect();
         reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
@@ -506,6 +517,8 @@ impl Node {
     }
 
     fn on_write_ack(&mut self, seq: u64, error: u32) {
+        // From the peer (outside input): an ack of a write we no longer track
+        // (issued again after a pause under a new sequence number) is ignored.
         let Some(r) = self.recent.remove(&seq) else {
             return;
         };
@@ -684,11 +697,16 @@ impl Node {
 
     fn decide_sync(&mut self) {
         let Some(peer) = self.peer.clone() else {
-            return;
+            panic!("a sync decision without the peer's Hello");
         };
         let Some(hs) = self.handshake.take() else {
-            return;
+            panic!("a sync decision outside a handshake");
         };
+        // Precondition: both bitmaps are in (the peer's last chunk arrived).
+        assert!(
+            hs.bitmap_done,
+            "a sync decision before the peer's whole bitmap"
+        );
         let h = &peer.hello;
         let peer_side = Side {
             gis: h.gis,

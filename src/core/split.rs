@@ -150,6 +150,7 @@ impl Node {
             let (conn, cookie, fua) = (s.conn, s.cookie, s.fua);
             self.local_write(conn, cookie, piece, Some(op), fua, Some(sid));
         }
+        // A piece that failed at once may have finished the split inside the loop.
         let Some(s) = self.splits.get(&sid) else {
             return;
         };
