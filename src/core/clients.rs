@@ -83,8 +83,8 @@ impl Node {
             && self.clients.contains(&conn)
             && !self.suspended
             && self.grace.is_none()
-            && self.handshake.is_none()
-            && self.promote_confirm.is_none()
+            && self.session.handshake.is_none()
+            && self.session.promote_confirm.is_none()
             && !self.gate_writes
             && self.pending_gen.is_none()
             && !self.replicating()

@@ -70,6 +70,7 @@ impl Node {
             && self.replicating()
             && self.disk == DiskState::UpToDate
             && self
+                .session
                 .peer
                 .as_ref()
                 .is_some_and(|p| p.role == Role::Primary && p.disk == DiskState::UpToDate)
@@ -89,7 +90,7 @@ impl Node {
     /// the pause.
     fn pause(&mut self, reason: &str) {
         assert!(self.grace_applies());
-        let peer_disk = self.peer.as_ref().map(|p| p.disk);
+        let peer_disk = self.session.peer.as_ref().map(|p| p.disk);
         let was_connected = self.conn == ConnState::Connected;
         self.end_session_state();
         if was_connected {

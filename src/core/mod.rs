@@ -17,6 +17,7 @@ mod node;
 pub mod ordering;
 #[cfg(test)]
 mod pair_tests;
+mod peer_session;
 mod replication;
 mod resync;
 mod session;

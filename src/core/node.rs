@@ -13,21 +13,6 @@ use super::resync::Resync;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
 
-/// What the peer told us about itself.
-#[derive(Debug, Clone)]
-pub(super) struct PeerView {
-    pub role: Role,
-    pub disk: DiskState,
-    pub hello: crate::peer::Hello,
-}
-
-/// Between the peer's Hello and the sync decision.
-#[derive(Debug, Default)]
-pub(super) struct Handshake {
-    pub peer_words: Vec<u64>,
-    pub bitmap_done: bool,
-}
-
 #[derive(Debug)]
 pub(super) enum Io {
     /// One piece of a write entry.
@@ -194,13 +179,9 @@ pub(super) struct Recent {
     pub redo: Option<(DiskOp, bool)>,
 }
 
-#[derive(Debug)]
-pub(super) struct PeerFlush {
-    pub id: u64,
-    pub waiting: BTreeSet<u64>,
-}
-
 pub struct Node {
+    /// The peer session: what lives exactly as long as one (peer_session.rs).
+    pub(super) session: super::peer_session::PeerSession,
     pub(super) cfg: CoreConfig,
     pub(super) rng: u64,
     pub(super) role: Role,
@@ -208,10 +189,8 @@ pub struct Node {
     pub(super) meta: MetaState,
     pub(super) conn: ConnState,
     pub(super) repl: Replication,
-    pub(super) peer: Option<PeerView>,
     pub(super) want_connect: bool,
     pub(super) discard_my_data: bool,
-    pub(super) handshake: Option<Handshake>,
     pub(super) held: Vec<(ConnId, u64, IoRequest)>,
     /// Large local writes carried out in pieces (`split.rs`), by split id.
     pub(super) splits: BTreeMap<u64, super::split::Split>,
@@ -227,9 +206,6 @@ pub struct Node {
     pub(super) al_txn: Option<u64>,
     pub(super) sb_txn: Option<u64>,
     pub(super) sb_again: bool,
-    /// A finished resync's SyncDone waits for our superblock (bitmap identifier
-    /// cleared) to be durable.
-    pub(super) sync_done_wait: bool,
     /// A clean stop has begun (`Node::begin_stop`).
     pub(super) stopping: bool,
     /// Local writes wait while a superblock with new identifiers is being persisted.
@@ -246,8 +222,6 @@ pub struct Node {
     /// Those whose operation completed during the current event: their flushes
     /// start at its end. Empty between events.
     pub(super) fua_flushes: Vec<(ConnId, u64)>,
-    pub(super) seq: u64,
-    pub(super) peer_seen: u64,
     pub(super) recent: BTreeMap<u64, Recent>,
     /// Local writes the peer acknowledged (seq -> range) but has not flushed yet:
     /// if the peer loses power they may be gone from its disk, so they are marked
@@ -256,23 +230,9 @@ pub struct Node {
     /// Flushes sent to the peer (id -> our highest write seq when sent).
     pub(super) flush_marks: BTreeMap<u64, u64>,
     pub(super) last_peer_flush_ms: u64,
-    pub(super) peer_flushes: Vec<PeerFlush>,
     /// Reads sent to the peer: id -> (client, cookie, length asked for).
     pub(super) peer_reads: HashMap<u64, (ConnId, u64, u32)>,
     pub(super) now_ms: u64,
-    /// When the session last received anything from the peer.
-    pub(super) last_heard_ms: u64,
-    /// When the peer last completed something we asked of it (an ack, a reply),
-    /// or when we last had nothing pending there: the ko-count clock.
-    pub(super) last_progress_ms: u64,
-    pub(super) last_ping_ms: u64,
-    pub(super) ping_outstanding: Option<u64>,
-    /// Pings sent and PingAcks received on this link (the peer answers in order).
-    pub(super) pings_sent: u64,
-    pub(super) pings_acked: u64,
-    /// Promoted while connected: I/O waits until the peer answered a ping sent
-    /// after our new role (then it knows we are primary), or the link goes.
-    pub(super) promote_confirm: Option<u64>,
     /// The peer connections and which one carries the session (links.rs).
     pub(super) links: super::links::Links,
     /// The flush every start begins with is done: the peer link may start.
@@ -345,10 +305,8 @@ impl Node {
             disk,
             conn: ConnState::Standalone,
             repl: Replication::Off,
-            peer: None,
             want_connect: cfg.peer.is_some(),
             discard_my_data: false,
-            handshake: None,
             held: Vec::new(),
             splits: BTreeMap::new(),
             clients: BTreeSet::new(),
@@ -363,29 +321,19 @@ impl Node {
             al_txn: None,
             sb_txn: None,
             sb_again: false,
-            sync_done_wait: false,
             stopping: false,
             gate_writes: false,
             pending_gen: None,
             stream_grant: None,
             fua_pending: BTreeSet::new(),
             fua_flushes: Vec::new(),
-            seq: 0,
-            peer_seen: 0,
             recent: BTreeMap::new(),
             unflushed: BTreeMap::new(),
             flush_marks: BTreeMap::new(),
             last_peer_flush_ms: 0,
-            peer_flushes: Vec::new(),
             peer_reads: HashMap::new(),
             now_ms: 0,
-            last_heard_ms: 0,
-            last_progress_ms: 0,
-            last_ping_ms: 0,
-            ping_outstanding: None,
-            pings_sent: 0,
-            pings_acked: 0,
-            promote_confirm: None,
+            session: super::peer_session::PeerSession::new(0),
             links: super::links::Links::default(),
             boot_flushed: false,
             last_bitmap_save_ms: 0,
@@ -563,7 +511,7 @@ impl Node {
     /// Whether writes are currently mirrored to the peer.
     pub(super) fn replicating(&self) -> bool {
         self.conn == ConnState::Connected
-            && self.handshake.is_none()
+            && self.session.handshake.is_none()
             && self.repl != Replication::Off
     }
 
@@ -629,8 +577,8 @@ impl Node {
                 } else {
                     Replication::Off
                 },
-                role: self.peer.as_ref().map(|p| p.role),
-                disk: self.peer.as_ref().map(|p| p.disk),
+                role: self.session.peer.as_ref().map(|p| p.role),
+                disk: self.session.peer.as_ref().map(|p| p.disk),
             }),
             resync: self.resync_status(),
             sync: SyncCounters {
@@ -648,10 +596,10 @@ impl Node {
         if self.role == Role::Primary {
             return Ok(());
         }
-        if self.handshake.is_some() {
+        if self.session.handshake.is_some() {
             return Err("the peer link is in its handshake; try again in a moment".into());
         }
-        if let Some(p) = &self.peer {
+        if let Some(p) = &self.session.peer {
             if self.conn == ConnState::Connected
                 && p.role == Role::Primary
                 && !self.cfg.allow_two_primaries
@@ -668,7 +616,7 @@ impl Node {
                 if self.repl == Replication::SyncTarget
                     && !force
                     && self
-                        .peer
+                        .session.peer
                         .as_ref()
                         .is_some_and(|p| p.disk == DiskState::UpToDate) =>
             {
@@ -696,6 +644,7 @@ impl Node {
         self.role = Role::Primary;
         self.meta.flags |= md_flags::PRIMARY;
         let peer_disk_gone = self
+            .session
             .peer
             .as_ref()
             .is_some_and(|p| matches!(p.disk, DiskState::Failed | DiskState::Diskless));
@@ -723,10 +672,10 @@ impl Node {
             // the link silently dead): serve nothing until it answers a ping sent
             // after our State. Both nodes otherwise served I/O as primaries on a
             // "connected" pair, reads missing the other's writes (simulator finding).
-            self.pings_sent += 1;
-            self.promote_confirm = Some(self.pings_sent);
-            if self.ping_outstanding.is_none() {
-                self.ping_outstanding = Some(self.now_ms);
+            self.session.pings_sent += 1;
+            self.session.promote_confirm = Some(self.session.pings_sent);
+            if self.session.ping_outstanding.is_none() {
+                self.session.ping_outstanding = Some(self.now_ms);
             }
             self.send(Message::Ping);
         }
@@ -734,7 +683,7 @@ impl Node {
         // Primary without the peer, which may be up to date: outdate it first.
         self.maybe_fence(None, "promoted without the peer");
         if force && self.replicating() {
-            if let Some(p) = &self.peer {
+            if let Some(p) = &self.session.peer {
                 if p.disk != DiskState::UpToDate {
                     self.start_resync_as_source(true, false);
                 }
@@ -867,7 +816,7 @@ impl Node {
                         self.try_start(w);
                     }
                 }
-                if std::mem::take(&mut self.sync_done_wait)
+                if std::mem::take(&mut self.session.sync_done_wait)
                     && ok
                     && self.conn == ConnState::Connected
                 {
@@ -933,7 +882,7 @@ impl Node {
         }
         let frozen =
             (self.suspended || self.grace.is_some()) && !matches!(req, IoRequest::Read { .. });
-        if self.handshake.is_some() || self.promote_confirm.is_some() || frozen {
+        if self.session.handshake.is_some() || self.session.promote_confirm.is_some() || frozen {
             self.held.push((conn, cookie, req));
             return;
         }
@@ -1033,6 +982,7 @@ impl Node {
             );
         } else if self.replicating()
             && self
+                .session
                 .peer
                 .as_ref()
                 .is_some_and(|p| p.disk == DiskState::UpToDate)
@@ -1102,6 +1052,7 @@ impl Node {
     fn has_good_copy(&self) -> bool {
         let peer_good = self.replicating()
             && self
+                .session
                 .peer
                 .as_ref()
                 .is_some_and(|p| p.disk == DiskState::UpToDate);
@@ -1262,8 +1213,8 @@ impl Node {
             r.ack_outstanding = mirrored;
         }
         if let Some(kind) = kind {
-            self.seq += 1;
-            let seq = self.seq;
+            self.session.seq += 1;
+            let seq = self.session.seq;
             let redo = self
                 .writes
                 .get(&wid)
@@ -1280,7 +1231,7 @@ impl Node {
             );
             self.send(Message::Write {
                 seq,
-                seen: self.peer_seen,
+                seen: self.session.peer_seen,
                 offset: range.start,
                 kind,
                 fua,
@@ -1375,7 +1326,7 @@ impl Node {
     }
 
     fn readmit_al_waiters(&mut self) {
-        if self.handshake.is_some() {
+        if self.session.handshake.is_some() {
             // A write issued now would be neither in the bitmap we sent nor
             // mirrored (simulator finding: the peer, a primary sync target, then
             // read its stale copy of the block). The handshake's end readmits.
@@ -1785,10 +1736,10 @@ impl Node {
     fn liveness_tick(&mut self, now_ms: u64) -> bool {
         debug_assert_eq!(self.conn, ConnState::Connected);
         if !self.peer_work_pending() {
-            self.last_progress_ms = now_ms;
+            self.session.last_progress_ms = now_ms;
         }
         let ko = self.cfg.timeout_ms.saturating_mul(self.cfg.ko_count.max(1));
-        if now_ms.saturating_sub(self.last_progress_ms) > ko {
+        if now_ms.saturating_sub(self.session.last_progress_ms) > ko {
             self.drop_peer(
                 &format!(
                     "the peer completed nothing it owes us within {ko} ms (timeout x ko-count)"
@@ -1797,16 +1748,16 @@ impl Node {
             );
             return true;
         }
-        if let Some(sent) = self.ping_outstanding {
-            let since = sent.max(self.last_heard_ms);
+        if let Some(sent) = self.session.ping_outstanding {
+            let since = sent.max(self.session.last_heard_ms);
             if now_ms.saturating_sub(since) > self.cfg.ping_timeout_ms {
                 self.lose_link("ping timeout: nothing heard from the peer since the ping");
                 return true;
             }
-        } else if now_ms.saturating_sub(self.last_ping_ms) >= self.cfg.ping_interval_ms {
-            self.last_ping_ms = now_ms;
-            self.ping_outstanding = Some(now_ms);
-            self.pings_sent += 1;
+        } else if now_ms.saturating_sub(self.session.last_ping_ms) >= self.cfg.ping_interval_ms {
+            self.session.last_ping_ms = now_ms;
+            self.session.ping_outstanding = Some(now_ms);
+            self.session.pings_sent += 1;
             self.send(Message::Ping);
         }
         false

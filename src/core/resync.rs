@@ -257,7 +257,7 @@ impl Node {
         // decision then finds the two related, and the resync continues from
         // the bits still set instead of starting a full sync over (an initial
         // sync's target shares no identifier with its source before).
-        if let Some(src) = self.peer.as_ref().map(|p| p.hello.gis.current) {
+        if let Some(src) = self.session.peer.as_ref().map(|p| p.hello.gis.current) {
             let g = &mut self.meta.gis;
             let known = [g.current, g.bitmap, g.history[0], g.history[1]];
             if src != 0 && !known.contains(&src) {
@@ -370,6 +370,7 @@ impl Node {
         }
         if self.disk != DiskState::UpToDate
             || self
+                .session
                 .peer
                 .as_ref()
                 .is_none_or(|p| p.disk != DiskState::UpToDate)
@@ -532,7 +533,7 @@ impl Node {
     /// Reads a batch through the disk order.
     fn resync_read(&mut self, bid: u64, range: Range) {
         let wid = self.ordered_read(range, Origin::ResyncRead);
-        let seen = self.peer_seen;
+        let seen = self.session.peer_seen;
         if let Some(r) = self.resync.as_mut() {
             r.reads.insert(wid, bid);
             if let Some(b) = r.batches.get_mut(&bid) {
@@ -640,8 +641,8 @@ impl Node {
                 }
                 let start = i * BLOCK as usize;
                 let end = (j * BLOCK as usize).min(data.len());
-                self.seq += 1;
-                let seq = self.seq;
+                self.session.seq += 1;
+                let seq = self.session.seq;
                 let offset = batch.range.start + start as u64;
                 let piece = data.slice(start..end);
                 let range = Range::new(offset, piece.len() as u64);
@@ -850,7 +851,7 @@ impl Node {
         // killed before it persisted the end of the resync, came back with its old
         // bitmap identifier, was promoted without a new generation, and its new
         // writes were later discarded as 'unchanged').
-        self.sync_done_wait = true;
+        self.session.sync_done_wait = true;
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);

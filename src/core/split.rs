@@ -95,8 +95,8 @@ impl Node {
 
     /// Whether new local writes must wait now (as `on_request` holds them).
     fn local_writes_held(&self) -> bool {
-        self.handshake.is_some()
-            || self.promote_confirm.is_some()
+        self.session.handshake.is_some()
+            || self.session.promote_confirm.is_some()
             || self.suspended
             || self.grace.is_some()
     }
