@@ -148,6 +148,9 @@ pub struct SimNode {
     /// Since when the node's writes are frozen by fencing.
     pub suspended_since: Option<u64>,
     pub last_verify: Option<u64>,
+    /// The last verify this node started as source went on from where a lost
+    /// link cut it (its count includes what it found before the cut).
+    pub verify_resumed: bool,
     /// The operator invalidated this node's data; its next sync as target discards it.
     pub invalidated: bool,
 }
@@ -317,6 +320,7 @@ impl Sim {
             failed_since: None,
             suspended_since: None,
             last_verify: None,
+            verify_resumed: false,
             invalidated: false,
         };
         let reply_bound = sc.reply_bound_us();
