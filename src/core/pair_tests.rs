@@ -1581,6 +1581,55 @@ mod large_writes {
         trim_of_the_whole_device(false);
     }
 
+    /// Flushes alpha sent to the peer so far.
+    fn peer_flushes(p: &Pair) -> usize {
+        p.sent[0]
+            .iter()
+            .filter(|m| matches!(m, Message::Flush { .. }))
+            .count()
+    }
+
+    /// A TRIM or WRITE_ZEROES with FUA is answered (once, with its own cookie)
+    /// only after a flush the core makes itself, sent to the peer after the
+    /// operation; without FUA there is no flush.
+    #[test]
+    fn fua_trim_and_write_zeroes_are_answered_after_a_flush_of_the_core() {
+        for (fua, zeroes) in [(true, false), (true, true), (false, false), (false, true)] {
+            let mut p = small_log_pair(true);
+            let before = peer_flushes(&p);
+            let (offset, len) = (4096, 8192);
+            let req = if zeroes {
+                IoRequest::WriteZeroes {
+                    offset,
+                    len,
+                    may_trim: false,
+                    fua,
+                }
+            } else {
+                IoRequest::Trim { offset, len, fua }
+            };
+            request(&mut p, 7, req);
+            assert_eq!(replies(&p, 7), vec![Ok(None)], "one reply, success");
+            assert_eq!(p.nbd_replies[0].len(), 1, "nothing but that reply");
+            let flushes = peer_flushes(&p) - before;
+            assert_eq!(flushes, usize::from(fua), "fua {fua} zeroes {zeroes}");
+            if fua {
+                let sent = &p.sent[0];
+                let write = sent
+                    .iter()
+                    .rposition(|m| matches!(m, Message::Write { .. }));
+                let flush = sent
+                    .iter()
+                    .rposition(|m| matches!(m, Message::Flush { .. }));
+                assert!(
+                    write.is_some() && flush > write,
+                    "the flush follows the operation"
+                );
+            }
+            assert!(p.node(0).clients_idle());
+        }
+    }
+
     /// Unaligned ends: pieces end on piece boundaries inside the range only.
     #[test]
     fn write_zeroes_with_unaligned_ends_in_pieces() {
