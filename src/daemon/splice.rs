@@ -3,7 +3,7 @@
 //! cache (one copy, by the kernel). A 1 MiB write then costs one copy on our side instead of
 //! two (socket -> buffer, buffer -> page cache).
 //!
-//! Only for writes the core admits with [`Node::try_stream_write`](crate::core::Node) (nothing
+//! Only for writes the core admits ([`Event::StreamWrite`](crate::core::Event), nothing
 //! but the local disk needs the data). The reader writes each piece as it arrives, so the
 //! client keeps sending while the disk side works.
 
