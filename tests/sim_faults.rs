@@ -24,6 +24,7 @@ fn first_violation(faults: Faults, max_seeds: u64) -> Option<(u64, String)> {
                     Options {
                         faults,
                         trace: false,
+                        meta_failures: false,
                     },
                 );
                 if let Some(v) = o.violation {

@@ -302,7 +302,9 @@ impl Pair {
             id: 1,
             cmd: AdminCmd::Primary { force: false },
         });
-        assert!(p.nodes[0].attach_client(1).is_ok());
+        // The answer (Action::Attached) is one of the actions `settle` carries out.
+        p.nodes[0].handle(Event::ClientAttach { conn: 1 });
+        assert_eq!(p.nodes[0].status().nbd_clients, 1, "the primary serves the client");
         p.settle();
         p
     }

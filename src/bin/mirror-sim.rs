@@ -38,6 +38,9 @@ struct Args {
     /// Turn on a deliberate core bug: ack-before-peer, clear-resync-bit-early, wrong-sync-direction, hello-keeps-old-session.
     #[arg(long = "fault")]
     faults: Vec<String>,
+    /// Fail metadata writes now and then (EIO, nothing of the write lands).
+    #[arg(long)]
+    meta_failures: bool,
     /// Run every seed twice and fail it if the two runs differ.
     #[arg(long)]
     twice: bool,
@@ -62,12 +65,14 @@ fn main() {
         .faults
         .iter()
         .map(|f| format!(" --fault {f}"))
+        .chain(args.meta_failures.then(|| " --meta-failures".to_string()))
         .collect();
     let (first, count) = match args.seed {
         Some(s) => (s, 1),
         None => (args.first, args.seeds),
     };
     let trace = args.trace && args.seed.is_some();
+    let meta_failures = args.meta_failures;
     if !trace {
         sim::quiet_panics();
     }
@@ -90,7 +95,11 @@ fn main() {
                 if seed >= end {
                     break;
                 }
-                let opts = Options { faults, trace };
+                let opts = Options {
+                    faults,
+                    trace,
+                    meta_failures,
+                };
                 let mut o = sim::run_seed(seed, opts);
                 if args.twice && o.violation.is_none() {
                     let again = sim::run_seed(seed, opts);
@@ -114,6 +123,7 @@ fn main() {
     let mut failed = 0;
     let (mut events, mut sim_us, mut reads, mut crashes, mut sbs) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut streamed = 0u64;
+    let (mut meta_failures, mut stop_flush_failures, mut fua_trims) = (0u64, 0u64, 0u64);
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut pauses, mut pauses_back, mut reissued, mut overlapping) = (0u64, 0u64, 0u64, 0u64);
     for o in &results {
@@ -132,6 +142,9 @@ fn main() {
         crashes += o.stats.crashes;
         sbs += o.stats.split_brains;
         streamed += o.stats.streamed;
+        meta_failures += o.stats.meta_failures;
+        stop_flush_failures += o.stats.stop_flush_failures;
+        fua_trims += o.stats.fua_trims;
         if let Some(v) = &o.violation {
             failed += 1;
             println!(
@@ -161,6 +174,9 @@ fn main() {
     );
     eprintln!(
         "mirror-sim: {pauses} link pauses between two primaries, {pauses_back} ended by a reconnect, {reissued} writes issued again, {overlapping} cuts with overlapping writes in flight on both sides"
+    );
+    eprintln!(
+        "mirror-sim: {meta_failures} metadata writes failed, {stop_flush_failures} clean stops whose data flush failed, {fua_trims} trims and write-zeroes with FUA"
     );
     println!("{} passed, {} failed", results.len() - failed, failed);
     if failed > 0 {

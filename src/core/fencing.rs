@@ -59,8 +59,10 @@ impl Node {
         if self.stopping {
             // Stopping: what the freeze would hold fails now instead of holding
             // the stop (simulator finding: the link broke during a clean stop).
-            self.begin_stop();
+            self.on_stop_begin();
         }
+        // Postcondition: frozen with the handler running, or (stopping) not at all.
+        assert!(self.stopping || (self.suspended && self.fence_id == Some(id)));
     }
 
     /// The fence-peer handler ended.
@@ -118,6 +120,8 @@ impl Node {
                 // Stay frozen: an operator decides (resume-io), or the peer returns.
             }
         }
+        // Postcondition: the handler's answer is taken, whatever it was.
+        assert!(self.fence_id.is_none());
     }
 
     /// Lifts the freeze: held requests go on, held replies go out.
@@ -133,37 +137,10 @@ impl Node {
             self.maybe_finish(rid);
         }
         self.release_held();
-    }
-
-    /// A clean stop begins: writes frozen by fencing get ESHUTDOWN now (they
-    /// reached this disk only and are not acknowledged) instead of holding the
-    /// stop up until its time limit (simulator finding).
-    pub fn begin_stop(&mut self) {
-        self.stopping = true;
-        // A pause ends as its grace would have: the process is going away.
-        self.end_pause_alone();
-        if !self.suspended {
-            return;
-        }
-        for r in self.reqs.values_mut() {
-            if !r.replied {
-                r.error = errno::ESHUTDOWN;
-            }
-        }
-        self.stop_splits(errno::ESHUTDOWN);
-        for (conn, cookie, req) in std::mem::take(&mut self.held) {
-            if matches!(req, IoRequest::Read { .. }) {
-                self.held.push((conn, cookie, req)); // not frozen: goes on
-                continue;
-            }
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::ESHUTDOWN),
-            });
-        }
-        self.fence_id = None;
-        self.resume_io("stopping");
+        assert!(
+            !self.suspended,
+            "a freeze lifted is not frozen again by its own replies"
+        );
     }
 
     /// `mirrorctl resume-io`.
@@ -185,5 +162,7 @@ impl Node {
             self.persist_superblock(false);
         }
         self.resume_io("peer-reconnected");
+        assert!(self.fence_id.is_none() && !self.suspended);
+        assert_eq!(self.meta.flags & md_flags::PEER_OUTDATED, 0);
     }
 }

@@ -70,6 +70,7 @@ impl Node {
             && self.replicating()
             && self.disk == DiskState::UpToDate
             && self
+                .session
                 .peer
                 .as_ref()
                 .is_some_and(|p| p.role == Role::Primary && p.disk == DiskState::UpToDate)
@@ -89,7 +90,7 @@ impl Node {
     /// the pause.
     fn pause(&mut self, reason: &str) {
         assert!(self.grace_applies());
-        let peer_disk = self.peer.as_ref().map(|p| p.disk);
+        let peer_disk = self.session.peer.as_ref().map(|p| p.disk);
         let was_connected = self.conn == ConnState::Connected;
         self.end_session_state();
         if was_connected {
@@ -172,6 +173,7 @@ impl Node {
     /// The grace ran out (or the session ended for good, or the node stops):
     /// what the loss of the peer would have done at the cut happens now.
     pub(super) fn end_pause_alone(&mut self) {
+        // No pause running is normal: every stop and every end of a session calls this.
         let Some(g) = self.grace.take() else {
             return;
         };
@@ -207,6 +209,7 @@ impl Node {
     /// pause: it waits for the pause's end (issued alone it would reach this
     /// disk only, and a union resync could then overwrite it). True if held.
     pub(super) fn hold_for_pause(&mut self, wid: u64, fua: bool) -> bool {
+        // Not paused: the write goes on (the common case).
         let Some(g) = self.grace.as_mut() else {
             return false;
         };
@@ -219,6 +222,7 @@ impl Node {
     /// issued again, then the peer flushes that were waited for.
     pub(super) fn end_pause_reconnected(&mut self) {
         assert!(self.replicating());
+        // Called at every handshake's end; only a paused pair has a grace to end.
         let Some(g) = self.grace.take() else {
             return;
         };

@@ -9,6 +9,7 @@
 pub mod activity_log;
 mod adjust;
 pub mod bitmap;
+mod clients;
 mod fencing;
 pub mod gi;
 mod grace;
@@ -17,10 +18,12 @@ mod node;
 pub mod ordering;
 #[cfg(test)]
 mod pair_tests;
+mod peer_session;
 mod replication;
 mod resync;
 mod session;
 mod split;
+mod stop;
 mod types;
 
 pub use adjust::Tunables;

@@ -13,21 +13,6 @@ use super::resync::Resync;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
 
-/// What the peer told us about itself.
-#[derive(Debug, Clone)]
-pub(super) struct PeerView {
-    pub role: Role,
-    pub disk: DiskState,
-    pub hello: crate::peer::Hello,
-}
-
-/// Between the peer's Hello and the sync decision.
-#[derive(Debug, Default)]
-pub(super) struct Handshake {
-    pub peer_words: Vec<u64>,
-    pub bitmap_done: bool,
-}
-
 #[derive(Debug)]
 pub(super) enum Io {
     /// One piece of a write entry.
@@ -194,13 +179,9 @@ pub(super) struct Recent {
     pub redo: Option<(DiskOp, bool)>,
 }
 
-#[derive(Debug)]
-pub(super) struct PeerFlush {
-    pub id: u64,
-    pub waiting: BTreeSet<u64>,
-}
-
 pub struct Node {
+    /// The peer session: what lives exactly as long as one (peer_session.rs).
+    pub(super) session: super::peer_session::PeerSession,
     pub(super) cfg: CoreConfig,
     pub(super) rng: u64,
     pub(super) role: Role,
@@ -208,10 +189,8 @@ pub struct Node {
     pub(super) meta: MetaState,
     pub(super) conn: ConnState,
     pub(super) repl: Replication,
-    pub(super) peer: Option<PeerView>,
     pub(super) want_connect: bool,
     pub(super) discard_my_data: bool,
-    pub(super) handshake: Option<Handshake>,
     pub(super) held: Vec<(ConnId, u64, IoRequest)>,
     /// Large local writes carried out in pieces (`split.rs`), by split id.
     pub(super) splits: BTreeMap<u64, super::split::Split>,
@@ -227,9 +206,6 @@ pub struct Node {
     pub(super) al_txn: Option<u64>,
     pub(super) sb_txn: Option<u64>,
     pub(super) sb_again: bool,
-    /// A finished resync's SyncDone waits for our superblock (bitmap identifier
-    /// cleared) to be durable.
-    pub(super) sync_done_wait: bool,
     /// A clean stop has begun (`Node::begin_stop`).
     pub(super) stopping: bool,
     /// Local writes wait while a superblock with new identifiers is being persisted.
@@ -238,10 +214,14 @@ pub struct Node {
     /// not get (`Some(primary before the split)`), not when the peer is lost:
     /// a primary that writes nothing while apart keeps its identifiers.
     pub(super) pending_gen: Option<bool>,
-    /// The disk op id of the streamed write that just started (taken by `try_stream_write`).
+    /// The disk op id of the streamed write that just started (taken by `on_stream_write`).
     pub(super) stream_grant: Option<u64>,
-    pub(super) seq: u64,
-    pub(super) peer_seen: u64,
+    /// Trims and write-zeroes with FUA in the core: each is answered after a flush
+    /// (clients.rs). At most one entry per request in the core.
+    pub(super) fua_pending: BTreeSet<(ConnId, u64)>,
+    /// Those whose operation completed during the current event: their flushes
+    /// start at its end. Empty between events.
+    pub(super) fua_flushes: Vec<(ConnId, u64)>,
     pub(super) recent: BTreeMap<u64, Recent>,
     /// Local writes the peer acknowledged (seq -> range) but has not flushed yet:
     /// if the peer loses power they may be gone from its disk, so they are marked
@@ -250,23 +230,9 @@ pub struct Node {
     /// Flushes sent to the peer (id -> our highest write seq when sent).
     pub(super) flush_marks: BTreeMap<u64, u64>,
     pub(super) last_peer_flush_ms: u64,
-    pub(super) peer_flushes: Vec<PeerFlush>,
     /// Reads sent to the peer: id -> (client, cookie, length asked for).
     pub(super) peer_reads: HashMap<u64, (ConnId, u64, u32)>,
     pub(super) now_ms: u64,
-    /// When the session last received anything from the peer.
-    pub(super) last_heard_ms: u64,
-    /// When the peer last completed something we asked of it (an ack, a reply),
-    /// or when we last had nothing pending there: the ko-count clock.
-    pub(super) last_progress_ms: u64,
-    pub(super) last_ping_ms: u64,
-    pub(super) ping_outstanding: Option<u64>,
-    /// Pings sent and PingAcks received on this link (the peer answers in order).
-    pub(super) pings_sent: u64,
-    pub(super) pings_acked: u64,
-    /// Promoted while connected: I/O waits until the peer answered a ping sent
-    /// after our new role (then it knows we are primary), or the link goes.
-    pub(super) promote_confirm: Option<u64>,
     /// The peer connections and which one carries the session (links.rs).
     pub(super) links: super::links::Links,
     /// The flush every start begins with is done: the peer link may start.
@@ -339,10 +305,8 @@ impl Node {
             disk,
             conn: ConnState::Standalone,
             repl: Replication::Off,
-            peer: None,
             want_connect: cfg.peer.is_some(),
             discard_my_data: false,
-            handshake: None,
             held: Vec::new(),
             splits: BTreeMap::new(),
             clients: BTreeSet::new(),
@@ -357,27 +321,19 @@ impl Node {
             al_txn: None,
             sb_txn: None,
             sb_again: false,
-            sync_done_wait: false,
             stopping: false,
             gate_writes: false,
             pending_gen: None,
             stream_grant: None,
-            seq: 0,
-            peer_seen: 0,
+            fua_pending: BTreeSet::new(),
+            fua_flushes: Vec::new(),
             recent: BTreeMap::new(),
             unflushed: BTreeMap::new(),
             flush_marks: BTreeMap::new(),
             last_peer_flush_ms: 0,
-            peer_flushes: Vec::new(),
             peer_reads: HashMap::new(),
             now_ms: 0,
-            last_heard_ms: 0,
-            last_progress_ms: 0,
-            last_ping_ms: 0,
-            ping_outstanding: None,
-            pings_sent: 0,
-            pings_acked: 0,
-            promote_confirm: None,
+            session: super::peer_session::PeerSession::new(0),
             links: super::links::Links::default(),
             boot_flushed: false,
             last_bitmap_save_ms: 0,
@@ -555,7 +511,7 @@ impl Node {
     /// Whether writes are currently mirrored to the peer.
     pub(super) fn replicating(&self) -> bool {
         self.conn == ConnState::Connected
-            && self.handshake.is_none()
+            && self.session.handshake.is_none()
             && self.repl != Replication::Off
     }
 
@@ -588,40 +544,19 @@ impl Node {
             Event::Tick { now_ms } => self.on_tick(now_ms),
             Event::Admin { id, cmd } => self.on_admin(id, cmd),
             Event::FenceDone { id, exit } => self.on_fence_done(id, exit),
+            Event::ClientAttach { conn } => self.on_client_attach(conn),
+            Event::ClientDetach { conn } => self.on_client_detach(conn),
+            Event::StreamWrite {
+                conn,
+                cookie,
+                offset,
+                len,
+            } => self.on_stream_write(conn, cookie, offset, len),
+            Event::StopBegin => self.on_stop_begin(),
+            Event::StopFinal { data_flushed } => self.on_stop_final(data_flushed),
         }
-    }
-
-    /// An NBD client wants the export: Ok if this node serves I/O (auto-promoting
-    /// if allowed), else the reason it does not.
-    pub fn attach_client(&mut self, conn: ConnId) -> Result<(), String> {
-        if self.role != Role::Primary {
-            if !self.cfg.auto_promote {
-                return Err(format!(
-                    "resource {} is secondary on {} (auto-promote is off; run `mirrorctl primary`)",
-                    self.cfg.resource, self.cfg.node
-                ));
-            }
-            self.promote(false)?;
-            self.auto_promoted = true;
-        }
-        self.clients.insert(conn);
-        self.notify(
-            "client-attached",
-            json!({ "conn": conn, "clients": self.clients.len() }),
-        );
-        Ok(())
-    }
-
-    /// The NBD connection is gone and all its requests have been answered.
-    pub fn detach_client(&mut self, conn: ConnId) {
-        if self.clients.remove(&conn) {
-            self.notify(
-                "client-detached",
-                json!({ "conn": conn, "clients": self.clients.len() }),
-            );
-            if self.clients.is_empty() && self.auto_promoted && self.role == Role::Primary {
-                self.demote();
-            }
+        if !self.fua_flushes.is_empty() {
+            self.run_fua_flushes();
         }
     }
 
@@ -642,8 +577,8 @@ impl Node {
                 } else {
                     Replication::Off
                 },
-                role: self.peer.as_ref().map(|p| p.role),
-                disk: self.peer.as_ref().map(|p| p.disk),
+                role: self.session.peer.as_ref().map(|p| p.role),
+                disk: self.session.peer.as_ref().map(|p| p.disk),
                 writes_in_flight: self.recent.len(),
             }),
             resync: self.resync_status(),
@@ -662,10 +597,10 @@ impl Node {
         if self.role == Role::Primary {
             return Ok(());
         }
-        if self.handshake.is_some() {
+        if self.session.handshake.is_some() {
             return Err("the peer link is in its handshake; try again in a moment".into());
         }
-        if let Some(p) = &self.peer {
+        if let Some(p) = &self.session.peer {
             if self.conn == ConnState::Connected
                 && p.role == Role::Primary
                 && !self.cfg.allow_two_primaries
@@ -682,7 +617,7 @@ impl Node {
                 if self.repl == Replication::SyncTarget
                     && !force
                     && self
-                        .peer
+                        .session.peer
                         .as_ref()
                         .is_some_and(|p| p.disk == DiskState::UpToDate) =>
             {
@@ -710,6 +645,7 @@ impl Node {
         self.role = Role::Primary;
         self.meta.flags |= md_flags::PRIMARY;
         let peer_disk_gone = self
+            .session
             .peer
             .as_ref()
             .is_some_and(|p| matches!(p.disk, DiskState::Failed | DiskState::Diskless));
@@ -737,10 +673,10 @@ impl Node {
             // the link silently dead): serve nothing until it answers a ping sent
             // after our State. Both nodes otherwise served I/O as primaries on a
             // "connected" pair, reads missing the other's writes (simulator finding).
-            self.pings_sent += 1;
-            self.promote_confirm = Some(self.pings_sent);
-            if self.ping_outstanding.is_none() {
-                self.ping_outstanding = Some(self.now_ms);
+            self.session.pings_sent += 1;
+            self.session.promote_confirm = Some(self.session.pings_sent);
+            if self.session.ping_outstanding.is_none() {
+                self.session.ping_outstanding = Some(self.now_ms);
             }
             self.send(Message::Ping);
         }
@@ -748,7 +684,7 @@ impl Node {
         // Primary without the peer, which may be up to date: outdate it first.
         self.maybe_fence(None, "promoted without the peer");
         if force && self.replicating() {
-            if let Some(p) = &self.peer {
+            if let Some(p) = &self.session.peer {
                 if p.disk != DiskState::UpToDate {
                     self.start_resync_as_source(true, false);
                 }
@@ -784,6 +720,7 @@ impl Node {
     /// is durable (`gate_writes`), so no data of the new generation is on the
     /// disk under the old identifier.
     fn start_deferred_generation(&mut self) {
+        // Called before every unreplicated local write; most find no deferred generation.
         let Some(mark) = self.pending_gen.take() else {
             return;
         };
@@ -855,7 +792,7 @@ impl Node {
 
     fn on_meta_done(&mut self, id: u64, ok: bool) {
         if !ok {
-            self.disk_failed("metadata write failed");
+            self.meta_write_failed();
         }
         if self.al_txn == Some(id) {
             self.al_txn = None;
@@ -880,7 +817,7 @@ impl Node {
                         self.try_start(w);
                     }
                 }
-                if std::mem::take(&mut self.sync_done_wait)
+                if std::mem::take(&mut self.session.sync_done_wait)
                     && ok
                     && self.conn == ConnState::Connected
                 {
@@ -890,6 +827,25 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A metadata write failed (EIO): what is on the metadata disk (bitmap,
+    /// activity log, identifiers) may no longer say what differs from the peer,
+    /// so this disk is not trusted again without a full sync. It fails now (as
+    /// DRBD detaches on a meta-data I/O error), and the next start finds it
+    /// inconsistent, to be synced whole from the peer (simulator finding: a lost
+    /// bitmap page left an outdated node whose bitmap-based resync missed blocks).
+    fn meta_write_failed(&mut self) {
+        let was_failed = self.disk == DiskState::Failed;
+        if self.cfg.peer.is_some() {
+            self.meta.flags &= !md_flags::CONSISTENT;
+            self.meta.flags |= md_flags::FULL_SYNC_NEEDED;
+        }
+        self.disk_failed("metadata write failed");
+        if was_failed && self.cfg.peer.is_some() {
+            self.persist_superblock(false);
+        }
+        assert_eq!(self.disk, DiskState::Failed);
     }
 
     pub(super) fn disk_failed(&mut self, why: &str) {
@@ -922,16 +878,12 @@ impl Node {
 
     fn on_request(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
         if self.role != Role::Primary || !self.clients.contains(&conn) {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EPERM),
-            });
+            self.reply(conn, cookie, Err(errno::EPERM));
             return;
         }
         let frozen =
             (self.suspended || self.grace.is_some()) && !matches!(req, IoRequest::Read { .. });
-        if self.handshake.is_some() || self.promote_confirm.is_some() || frozen {
+        if self.session.handshake.is_some() || self.session.promote_confirm.is_some() || frozen {
             self.held.push((conn, cookie, req));
             return;
         }
@@ -943,78 +895,44 @@ impl Node {
                 DiskOp::Write { offset, data, fua },
                 fua,
             ),
-            IoRequest::Trim { offset, len } => (
-                Range::new(offset, u64::from(len)),
-                DiskOp::Trim {
-                    offset,
-                    len: u64::from(len),
-                },
-                false,
-            ),
+            IoRequest::Trim { offset, len, fua } => {
+                if fua {
+                    self.fua_after(conn, cookie);
+                }
+                (
+                    Range::new(offset, u64::from(len)),
+                    DiskOp::Trim {
+                        offset,
+                        len: u64::from(len),
+                    },
+                    false,
+                )
+            }
             IoRequest::WriteZeroes {
                 offset,
                 len,
                 may_trim,
-            } => (
-                Range::new(offset, u64::from(len)),
-                DiskOp::WriteZeroes {
-                    offset,
-                    len: u64::from(len),
-                    may_trim,
-                },
-                false,
-            ),
+                fua,
+            } => {
+                if fua {
+                    self.fua_after(conn, cookie);
+                }
+                (
+                    Range::new(offset, u64::from(len)),
+                    DiskOp::WriteZeroes {
+                        offset,
+                        len: u64::from(len),
+                        may_trim,
+                    },
+                    false,
+                )
+            }
         };
         if self.needs_split(range) {
             self.start_split(conn, cookie, range, op, fua);
         } else {
             self.local_write(conn, cookie, range, Some(op), fua, None);
         }
-    }
-
-    /// Admits a local WRITE of `len` bytes at `offset` whose data the daemon copies from the
-    /// client's connection straight to the disk, without bringing it into memory (splice):
-    /// possible only when nothing but the local disk needs the data, and the write can start
-    /// at once. That is: a primary with this client attached, not replicating (so the disk is
-    /// up to date), no handshake, suspension, promotion check or identifier write holding
-    /// writes, its activity-log extents already active, and no write in flight or waiting
-    /// that overlaps it. Then the write is in the disk order (as any local write, in the
-    /// bitmap if there is a peer) and this returns the disk op id: the daemon writes the data
-    /// and reports `Event::DiskDone` for that id; the NBD reply follows as for any write.
-    /// None: nothing was done; send the write as an ordinary `IoRequest::Write`. Not for FUA
-    /// writes (the ordinary path handles those).
-    pub fn try_stream_write(
-        &mut self,
-        conn: ConnId,
-        cookie: u64,
-        offset: u64,
-        len: u32,
-    ) -> Option<u64> {
-        let range = Range::new(offset, u64::from(len));
-        let now = self.role == Role::Primary
-            && self.clients.contains(&conn)
-            && !self.suspended
-            && self.grace.is_none()
-            && self.handshake.is_none()
-            && self.promote_confirm.is_none()
-            && !self.gate_writes
-            && self.pending_gen.is_none()
-            && !self.replicating()
-            && self.disk == DiskState::UpToDate
-            && len > 0
-            && self.al_waiting.is_empty()
-            && self.al.as_ref().is_none_or(|al| al.covers(range))
-            && !self.order.overlaps(&range);
-        if !now {
-            return None;
-        }
-        self.local_write(conn, cookie, range, None, false, None);
-        let id = self.stream_grant.take();
-        assert!(
-            id.is_some(),
-            "an admitted streamed write must start at once"
-        );
-        id
     }
 
     /// Requests held during the connection handshake go on now (after the
@@ -1048,11 +966,7 @@ impl Node {
     fn local_read(&mut self, conn: ConnId, cookie: u64, offset: u64, len: u32) {
         let r = Range::new(offset, len as u64);
         if len == 0 {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Ok(Some(Bytes::new())),
-            });
+            self.reply(conn, cookie, Ok(Some(Bytes::new())));
             return;
         }
         if self.local_data_good(r) {
@@ -1069,6 +983,7 @@ impl Node {
             );
         } else if self.replicating()
             && self
+                .session
                 .peer
                 .as_ref()
                 .is_some_and(|p| p.disk == DiskState::UpToDate)
@@ -1077,11 +992,7 @@ impl Node {
             self.peer_reads.insert(id, (conn, cookie, len));
             self.send(Message::ReadRequest { id, offset, len });
         } else {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.reply(conn, cookie, Err(errno::EIO));
         }
     }
 
@@ -1095,11 +1006,7 @@ impl Node {
         if result.is_err() {
             self.disk_failed("read error");
         }
-        self.out.push(Action::Reply {
-            conn,
-            cookie,
-            result,
-        });
+        self.reply(conn, cookie, result);
     }
 
     fn local_flush(&mut self, conn: ConnId, cookie: u64) {
@@ -1107,11 +1014,7 @@ impl Node {
         // durable where it counts (simulator finding: a sync target's flush
         // succeeded locally after its source was lost, the data then was not).
         if !self.has_good_copy() {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.reply(conn, cookie, Err(errno::EIO));
             return;
         }
         let rid = self.new_id();
@@ -1150,6 +1053,7 @@ impl Node {
     fn has_good_copy(&self) -> bool {
         let peer_good = self.replicating()
             && self
+                .session
                 .peer
                 .as_ref()
                 .is_some_and(|p| p.disk == DiskState::UpToDate);
@@ -1255,10 +1159,10 @@ impl Node {
             return;
         }
         let Some(e) = self.writes.get(&wid) else {
-            return;
+            panic!("local write {wid} to issue is not in the disk order");
         };
         let Origin::Local { req: rid } = e.origin else {
-            return;
+            panic!("write {wid} issued as local is {:?}", e.origin);
         };
         if matches!(self.disk, DiskState::Failed | DiskState::Diskless) || !self.has_good_copy() {
             // It waited for the activity log while the last good copy went away
@@ -1310,8 +1214,8 @@ impl Node {
             r.ack_outstanding = mirrored;
         }
         if let Some(kind) = kind {
-            self.seq += 1;
-            let seq = self.seq;
+            self.session.seq += 1;
+            let seq = self.session.seq;
             let redo = self
                 .writes
                 .get(&wid)
@@ -1328,7 +1232,7 @@ impl Node {
             );
             self.send(Message::Write {
                 seq,
-                seen: self.peer_seen,
+                seen: self.session.peer_seen,
                 offset: range.start,
                 kind,
                 fua,
@@ -1360,7 +1264,10 @@ impl Node {
             .take(1)
             .filter_map(|w| self.writes.get(w).map(|e| e.range))
             .collect();
+        // No activity log: a resource without a peer keeps none.
         let Some(al) = self.al.as_mut() else { return };
+        // No transaction possible now (every slot held by writes in flight): it
+        // is tried again when one is released.
         let Some((set, evicted)) = al.plan(&ranges) else {
             return;
         };
@@ -1420,7 +1327,7 @@ impl Node {
     }
 
     fn readmit_al_waiters(&mut self) {
-        if self.handshake.is_some() {
+        if self.session.handshake.is_some() {
             // A write issued now would be neither in the bitmap we sent nor
             // mirrored (simulator finding: the peer, a primary sync target, then
             // read its stale copy of the block). The handshake's end readmits.
@@ -1465,7 +1372,7 @@ impl Node {
     pub(super) fn try_start(&mut self, wid: u64) {
         let gate = self.gate_writes;
         let Some(e) = self.writes.get_mut(&wid) else {
-            return;
+            panic!("write {wid} to start is not in the disk order");
         };
         let local = matches!(e.origin, Origin::Local { .. });
         if e.submitted || !e.ready || !e.al_ok || (local && gate) {
@@ -1510,7 +1417,7 @@ impl Node {
         match io {
             Io::WritePart { write } => {
                 let Some(e) = self.writes.get_mut(&write) else {
-                    return;
+                    panic!("disk op {id} completes a piece of write {write}, which is gone");
                 };
                 if let Err(code) = result {
                     e.error = code;
@@ -1539,6 +1446,14 @@ impl Node {
             }
             Io::PeerFlush { id } => {
                 let error = result.err().unwrap_or(0);
+                if error != 0 {
+                    // The peer's acknowledged writes may not be on this disk: it
+                    // fails before the peer hears of the flush (simulator
+                    // finding, seed 301: a node whose flush for the peer failed
+                    // was chosen as sync source next and overwrote with older
+                    // data a write the peer had acknowledged).
+                    self.disk_failed("flush for the peer failed");
+                }
                 self.send(Message::FlushAck { id, error });
             }
             Io::PeerRead { id } => self.send(read_reply(id, result)),
@@ -1614,7 +1529,7 @@ impl Node {
     /// Every piece of a disk-order entry is done.
     pub(super) fn write_done(&mut self, wid: u64) {
         let Some(e) = self.writes.remove(&wid) else {
-            return;
+            panic!("write {wid} done twice, or never entered");
         };
         if e.error != 0 {
             // Before the writes waiting behind this one start: a peer write whose
@@ -1693,6 +1608,9 @@ impl Node {
 
     /// Replies when the protocol allows, and forgets the request when all is done.
     pub(super) fn maybe_finish(&mut self, rid: u64) {
+        // Callers look again after every ack and completion; the request may
+        // have finished at an earlier one (a late ack of a request answered and
+        // done when the link went down, e.g.).
         let Some(r) = self.reqs.get_mut(&rid) else {
             return;
         };
@@ -1704,6 +1622,7 @@ impl Node {
         // Fencing holds replies until the peer is known outdated (fencing.rs).
         let mut answers_parent = None;
         let mut piece_answer = None;
+        let mut client_answer = None;
         if !r.replied && !r.local_pending && peer_ok && !self.suspended {
             r.replied = true;
             let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
@@ -1711,14 +1630,13 @@ impl Node {
                 // A write issued again after a pause: it answers the original.
                 (Some(p), _) => answers_parent = Some((p, r.error)),
                 (None, Some(sid)) => piece_answer = Some((sid, result)),
-                (None, None) => self.out.push(Action::Reply {
-                    conn: r.conn,
-                    cookie: r.cookie,
-                    result,
-                }),
+                (None, None) => client_answer = Some((r.conn, r.cookie, result)),
             }
         }
         let finished = r.replied && !r.local_pending && !r.ack_outstanding;
+        if let Some((conn, cookie, result)) = client_answer {
+            self.reply(conn, cookie, result);
+        }
         if let Some((p, error)) = answers_parent {
             let Some(pr) = self.reqs.get_mut(&p) else {
                 unreachable!("the write issued again for {p} outlived its request");
@@ -1758,11 +1676,7 @@ impl Node {
         result: Result<Option<Bytes>, u32>,
     ) {
         match split {
-            None => self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result,
-            }),
+            None => self.reply(conn, cookie, result),
             Some(sid) => self.piece_done(sid, &result),
         }
     }
@@ -1823,10 +1737,10 @@ impl Node {
     fn liveness_tick(&mut self, now_ms: u64) -> bool {
         debug_assert_eq!(self.conn, ConnState::Connected);
         if !self.peer_work_pending() {
-            self.last_progress_ms = now_ms;
+            self.session.last_progress_ms = now_ms;
         }
         let ko = self.cfg.timeout_ms.saturating_mul(self.cfg.ko_count.max(1));
-        if now_ms.saturating_sub(self.last_progress_ms) > ko {
+        if now_ms.saturating_sub(self.session.last_progress_ms) > ko {
             self.drop_peer(
                 &format!(
                     "the peer completed nothing it owes us within {ko} ms (timeout x ko-count)"
@@ -1835,50 +1749,19 @@ impl Node {
             );
             return true;
         }
-        if let Some(sent) = self.ping_outstanding {
-            let since = sent.max(self.last_heard_ms);
+        if let Some(sent) = self.session.ping_outstanding {
+            let since = sent.max(self.session.last_heard_ms);
             if now_ms.saturating_sub(since) > self.cfg.ping_timeout_ms {
                 self.lose_link("ping timeout: nothing heard from the peer since the ping");
                 return true;
             }
-        } else if now_ms.saturating_sub(self.last_ping_ms) >= self.cfg.ping_interval_ms {
-            self.last_ping_ms = now_ms;
-            self.ping_outstanding = Some(now_ms);
-            self.pings_sent += 1;
+        } else if now_ms.saturating_sub(self.session.last_ping_ms) >= self.cfg.ping_interval_ms {
+            self.session.last_ping_ms = now_ms;
+            self.session.ping_outstanding = Some(now_ms);
+            self.session.pings_sent += 1;
             self.send(Message::Ping);
         }
         false
-    }
-
-    /// Clean shutdown: persist the whole bitmap state, an empty activity log if
-    /// idle, and the superblock without the primary mark. `data_flushed`: the
-    /// edge flushed the backing disk after the last local write completed; if
-    /// not (the flush failed), the activity log stays, so the next start marks
-    /// its extents (simulator finding: the empty log was persisted before the
-    /// final flush, a power cut in between lost a mirrored write on this disk,
-    /// and no mark was left for it).
-    pub fn shutdown(&mut self, data_flushed: bool) {
-        // The link goes with the process: writes the peer has not flushed yet may
-        // still be lost there (simulator finding: after a clean stop and the peer's
-        // power loss, an in-sync reconnect left the blocks different).
-        for (_, r) in std::mem::take(&mut self.unflushed) {
-            self.bitmap.set_range(r);
-        }
-        let pages = self.bitmap.take_dirty();
-        self.persist_bitmap_pages(pages);
-        if let Some(al) = self.al.as_mut().filter(|_| data_flushed) {
-            if al.reset_idle() {
-                let id = self.new_id();
-                self.out.push(Action::Persist {
-                    id,
-                    write: MetaWrite::ActivityLog(Vec::new()),
-                });
-            }
-        }
-        if self.writes.is_empty() && self.reqs.is_empty() {
-            self.meta.flags &= !md_flags::PRIMARY;
-        }
-        self.persist_superblock(false);
     }
 
     // ----- admin -----

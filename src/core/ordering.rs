@@ -120,8 +120,11 @@ impl DiskOrder {
             debug_assert!(false, "complete of unknown id {id}");
             return Vec::new();
         };
-        let done = self.slots.remove(pos).map(|s| s.range);
-        let Some(done) = done else { return Vec::new() };
+        let done = self
+            .slots
+            .remove(pos)
+            .map(|s| s.range)
+            .expect("the position was just found");
         let mut ready = Vec::new();
         for i in pos..self.slots.len() {
             if self.slots[i].started || !self.slots[i].range.overlaps(&done) {

@@ -10,6 +10,58 @@ use super::types::*;
 use super::Node;
 use crate::peer::Gis;
 
+/// The events whose answer a test waits for, as the daemon's `Shared::ask` takes
+/// them: the answer is taken out of the node's actions, the rest stay queued.
+impl Node {
+    fn ask(&mut self, ev: Event) -> Action {
+        self.handle(ev);
+        let at = self
+            .out
+            .iter()
+            .position(|a| matches!(a, Action::Attached { .. } | Action::StreamWrite { .. }))
+            .expect("the core answers");
+        self.out.remove(at)
+    }
+
+    fn attach_client(&mut self, conn: ConnId) -> Result<(), String> {
+        match self.ask(Event::ClientAttach { conn }) {
+            Action::Attached { conn: c, result } if c == conn => result,
+            other => panic!("ClientAttach answered with {other:?}"),
+        }
+    }
+
+    fn detach_client(&mut self, conn: ConnId) {
+        self.handle(Event::ClientDetach { conn });
+    }
+
+    fn try_stream_write(
+        &mut self,
+        conn: ConnId,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    ) -> Option<u64> {
+        let ev = Event::StreamWrite {
+            conn,
+            cookie,
+            offset,
+            len,
+        };
+        match self.ask(ev) {
+            Action::StreamWrite {
+                conn: c,
+                cookie: k,
+                disk_id,
+            } if (c, k) == (conn, cookie) => disk_id,
+            other => panic!("StreamWrite answered with {other:?}"),
+        }
+    }
+
+    fn shutdown(&mut self, data_flushed: bool) {
+        self.handle(Event::StopFinal { data_flushed });
+    }
+}
+
 const SIZE: u64 = 16 << 20;
 
 /// What an NBD request got: data for a read, nothing for a write, or an errno.
@@ -1253,7 +1305,7 @@ fn a_clean_stop_keeps_the_activity_log_unless_the_data_was_flushed() {
 }
 
 /// Local writes whose data the daemon splices from the client's socket to the disk
-/// (`Node::try_stream_write`): admitted only when nothing but the local disk needs the data
+/// (`Event::StreamWrite`): admitted only when nothing but the local disk needs the data
 /// and the write can start at once; otherwise nothing happens at all.
 mod stream_writes {
     use super::*;
@@ -1483,7 +1535,15 @@ mod large_writes {
         }
         let before = mirrored(&p).len();
         let len = SIZE as u32;
-        request(&mut p, 1, IoRequest::Trim { offset: 0, len });
+        request(
+            &mut p,
+            1,
+            IoRequest::Trim {
+                offset: 0,
+                len,
+                fua: false,
+            },
+        );
         assert_eq!(replies(&p, 1), vec![Ok(None)], "one reply, success");
         assert!(p.disks[0].iter().all(|b| *b == 0), "alpha trimmed");
         if connected {
@@ -1521,6 +1581,55 @@ mod large_writes {
         trim_of_the_whole_device(false);
     }
 
+    /// Flushes alpha sent to the peer so far.
+    fn peer_flushes(p: &Pair) -> usize {
+        p.sent[0]
+            .iter()
+            .filter(|m| matches!(m, Message::Flush { .. }))
+            .count()
+    }
+
+    /// A TRIM or WRITE_ZEROES with FUA is answered (once, with its own cookie)
+    /// only after a flush the core makes itself, sent to the peer after the
+    /// operation; without FUA there is no flush.
+    #[test]
+    fn fua_trim_and_write_zeroes_are_answered_after_a_flush_of_the_core() {
+        for (fua, zeroes) in [(true, false), (true, true), (false, false), (false, true)] {
+            let mut p = small_log_pair(true);
+            let before = peer_flushes(&p);
+            let (offset, len) = (4096, 8192);
+            let req = if zeroes {
+                IoRequest::WriteZeroes {
+                    offset,
+                    len,
+                    may_trim: false,
+                    fua,
+                }
+            } else {
+                IoRequest::Trim { offset, len, fua }
+            };
+            request(&mut p, 7, req);
+            assert_eq!(replies(&p, 7), vec![Ok(None)], "one reply, success");
+            assert_eq!(p.nbd_replies[0].len(), 1, "nothing but that reply");
+            let flushes = peer_flushes(&p) - before;
+            assert_eq!(flushes, usize::from(fua), "fua {fua} zeroes {zeroes}");
+            if fua {
+                let sent = &p.sent[0];
+                let write = sent
+                    .iter()
+                    .rposition(|m| matches!(m, Message::Write { .. }));
+                let flush = sent
+                    .iter()
+                    .rposition(|m| matches!(m, Message::Flush { .. }));
+                assert!(
+                    write.is_some() && flush > write,
+                    "the flush follows the operation"
+                );
+            }
+            assert!(p.node(0).clients_idle());
+        }
+    }
+
     /// Unaligned ends: pieces end on piece boundaries inside the range only.
     #[test]
     fn write_zeroes_with_unaligned_ends_in_pieces() {
@@ -1534,6 +1643,7 @@ mod large_writes {
             offset,
             len: len as u32,
             may_trim: false,
+            fua: false,
         };
         request(&mut p, 1, req);
         assert_eq!(replies(&p, 1), vec![Ok(None)]);

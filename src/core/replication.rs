@@ -4,8 +4,9 @@
 use serde_json::json;
 
 use super::gi::{self, Decision, Side};
-use super::node::{gis_json, Handshake, Node, Origin, PeerFlush, PeerView};
+use super::node::{gis_json, Node, Origin};
 use super::ordering::{subtract, Range};
+use super::peer_session::{Handshake, PeerFlush, PeerSession, PeerView};
 use super::types::*;
 use crate::config::SbPolicy;
 use crate::peer::{Hello, Message, PeerDisk, PeerRole, WriteKind, MAX_DATA_LEN, PROTOCOL_VERSION};
@@ -117,26 +118,20 @@ impl Node {
         };
         self.conn = ConnState::Connected;
         self.link_epoch += 1;
-        self.seq = 0;
-        self.peer_seen = 0;
-        self.ping_outstanding = None;
-        self.pings_sent = 0;
-        self.pings_acked = 0;
-        self.promote_confirm = None;
-        self.last_ping_ms = self.now_ms;
-        self.last_heard_ms = self.now_ms;
-        self.last_progress_ms = self.now_ms;
+        // A session starts fresh; the previous one was ended by on_peer_down.
+        debug_assert!(self.session.handshake.is_none() && self.session.peer.is_none());
+        self.session = PeerSession::new(self.now_ms);
         if let Some(why) = problem {
             self.notify("connect-refused", json!({ "reason": why }));
             self.drop_peer(&why, false);
             return;
         }
-        self.peer = Some(PeerView {
+        self.session.peer = Some(PeerView {
             role: role_of(hello.role),
             disk: disk_of(hello.disk),
             hello,
         });
-        self.handshake = Some(Handshake::default());
+        self.session.handshake = Some(Handshake::default());
         self.fencing_peer_back();
         self.notify("peer-connected", json!({ "peer": self.cfg.peer }));
         self.send_bitmap();
@@ -165,7 +160,7 @@ impl Node {
 
     pub(super) fn on_peer_down(&mut self, reason: &str) {
         let was_connected = self.conn == ConnState::Connected;
-        let peer_disk = self.peer.as_ref().map(|p| p.disk);
+        let peer_disk = self.session.peer.as_ref().map(|p| p.disk);
         let was_replicating = self.replicating();
         self.end_session_state();
         if was_connected {
@@ -230,6 +225,13 @@ impl Node {
         // A pause that was running ends here too: the session is over for good.
         self.end_pause_alone();
         self.release_held();
+        // Postconditions: nothing of the session is left waiting for the peer.
+        assert!(
+            !self.replicating() && self.session.handshake.is_none() && self.session.peer.is_none()
+        );
+        assert!(self.recent.is_empty() && self.unflushed.is_empty());
+        assert!(self.flush_marks.is_empty() && self.peer_reads.is_empty());
+        debug_assert!(!self.reqs.values().any(|r| r.is_flush && r.ack_outstanding));
     }
 
     /// The peer session is gone: its connection state, handshake, pings,
@@ -242,16 +244,13 @@ impl Node {
             ConnState::Standalone
         };
         self.repl = Replication::Off;
-        self.handshake = None;
-        self.peer = None;
-        self.ping_outstanding = None;
-        self.promote_confirm = None;
-        self.sync_done_wait = false;
-        self.peer_flushes.clear();
+        self.session = PeerSession::new(self.now_ms);
         self.stop_resync();
-        self.seq = 0;
-        self.peer_seen = 0;
-        debug_assert!(!self.replicating());
+        assert!(!self.replicating() && self.resync.is_none() && self.session.handshake.is_none());
+        assert!(matches!(
+            self.conn,
+            ConnState::Connecting | ConnState::Standalone
+        ));
     }
 
     /// The peer will not answer request `req` (a write or flush it owed): it is
@@ -269,15 +268,13 @@ impl Node {
 
     /// Reads sent to the peer fail: it will not answer them.
     pub(super) fn fail_peer_reads(&mut self) {
+        // Precondition: only when the session that owed the answers is over.
+        debug_assert!(!self.replicating());
         let mut reads: Vec<(u64, (ConnId, u64, u32))> =
             std::mem::take(&mut self.peer_reads).into_iter().collect();
         reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
         for (_, (conn, cookie, _)) in reads {
-            self.out.push(Action::Reply {
-                conn,
-                cookie,
-                result: Err(errno::EIO),
-            });
+            self.reply(conn, cookie, Err(errno::EIO));
         }
     }
 
@@ -285,7 +282,7 @@ impl Node {
         if self.conn != ConnState::Connected {
             return;
         }
-        self.last_heard_ms = self.now_ms;
+        self.session.last_heard_ms = self.now_ms;
         if matches!(
             m,
             Message::WriteAck { .. }
@@ -294,15 +291,15 @@ impl Node {
                 | Message::ReadReply { .. }
                 | Message::ChecksumReply { .. }
         ) {
-            self.last_progress_ms = self.now_ms;
+            self.session.last_progress_ms = self.now_ms;
         }
         match m {
             Message::Hello(_) => self.drop_peer("protocol error: a second Hello", true),
             Message::State { role, disk } => {
                 let (role, disk) = (role_of(role), disk_of(disk));
                 let gone = |d: DiskState| matches!(d, DiskState::Failed | DiskState::Diskless);
-                let had_disk = self.peer.as_ref().is_some_and(|p| !gone(p.disk));
-                if let Some(p) = self.peer.as_mut() {
+                let had_disk = self.session.peer.as_ref().is_some_and(|p| !gone(p.disk));
+                if let Some(p) = self.session.peer.as_mut() {
                     p.role = role;
                     p.disk = disk;
                 }
@@ -363,7 +360,7 @@ impl Node {
                 if waiting.is_empty() {
                     self.peer_flush_now(id);
                 } else {
-                    self.peer_flushes.push(PeerFlush { id, waiting });
+                    self.session.peer_flushes.push(PeerFlush { id, waiting });
                 }
             }
             Message::FlushAck { id, error } => {
@@ -435,11 +432,7 @@ impl Node {
                     } else {
                         Err(error)
                     };
-                    self.out.push(Action::Reply {
-                        conn,
-                        cookie,
-                        result,
-                    });
+                    self.reply(conn, cookie, result);
                 }
             }
             Message::StartSync { mode, source_gis } => self.on_start_sync(mode, source_gis),
@@ -469,10 +462,14 @@ impl Node {
             }
             Message::Ping => self.send(Message::PingAck),
             Message::PingAck => {
-                self.ping_outstanding = None;
-                self.pings_acked += 1;
-                if self.promote_confirm.is_some_and(|n| self.pings_acked >= n) {
-                    self.promote_confirm = None;
+                self.session.ping_outstanding = None;
+                self.session.pings_acked += 1;
+                if self
+                    .session
+                    .promote_confirm
+                    .is_some_and(|n| self.session.pings_acked >= n)
+                {
+                    self.session.promote_confirm = None;
                     self.release_held();
                 }
             }
@@ -484,7 +481,7 @@ impl Node {
 
     /// Asks the peer to flush; its FlushAck makes our writes sent so far durable there.
     pub(super) fn send_peer_flush(&mut self, id: u64) {
-        self.flush_marks.insert(id, self.seq);
+        self.flush_marks.insert(id, self.session.seq);
         self.last_peer_flush_ms = self.now_ms;
         self.send(Message::Flush { id });
     }
@@ -501,19 +498,21 @@ impl Node {
     /// A peer-originated entry left the disk order.
     pub(super) fn peer_write_finished(&mut self, wid: u64) {
         let mut ready = Vec::new();
-        for f in self.peer_flushes.iter_mut() {
+        for f in self.session.peer_flushes.iter_mut() {
             f.waiting.remove(&wid);
             if f.waiting.is_empty() {
                 ready.push(f.id);
             }
         }
-        self.peer_flushes.retain(|f| !f.waiting.is_empty());
+        self.session.peer_flushes.retain(|f| !f.waiting.is_empty());
         for id in ready {
             self.peer_flush_now(id);
         }
     }
 
     fn on_write_ack(&mut self, seq: u64, error: u32) {
+        // From the peer (outside input): an ack of a write we no longer track
+        // (issued again after a pause under a new sequence number) is ignored.
         let Some(r) = self.recent.remove(&seq) else {
             return;
         };
@@ -557,9 +556,12 @@ impl Node {
         fua: bool,
         resync: bool,
     ) {
-        if seq != self.peer_seen + 1 {
+        if seq != self.session.peer_seen + 1 {
             self.drop_peer(
-                &format!("protocol error: write seq {} after {}", seq, self.peer_seen),
+                &format!(
+                    "protocol error: write seq {} after {}",
+                    seq, self.session.peer_seen
+                ),
                 true,
             );
             return;
@@ -578,14 +580,14 @@ impl Node {
         }
         if !self.replicating() || matches!(self.disk, DiskState::Failed | DiskState::Diskless) {
             // Not applied: the peer sees the NegAck and marks the range out of sync.
-            self.peer_seen = seq;
+            self.session.peer_seen = seq;
             self.send(Message::WriteAck {
                 seq,
                 error: errno::EIO,
             });
             return;
         }
-        self.peer_seen = seq;
+        self.session.peer_seen = seq;
         if resync {
             self.sync_stats.bytes_received += len;
             self.sync_stats.blocks_received += len.div_ceil(super::bitmap::BLOCK);
@@ -646,7 +648,7 @@ impl Node {
     }
 
     fn on_bitmap_chunk(&mut self, first_word: u64, words: Vec<u64>, last: bool) {
-        let Some(hs) = self.handshake.as_mut() else {
+        let Some(hs) = self.session.handshake.as_mut() else {
             // Outside the handshake: the sync source shares the blocks it will send.
             let ours = self.bitmap.words().len() as u64;
             let fits = first_word
@@ -691,12 +693,17 @@ impl Node {
     }
 
     fn decide_sync(&mut self) {
-        let Some(peer) = self.peer.clone() else {
-            return;
+        let Some(peer) = self.session.peer.clone() else {
+            panic!("a sync decision without the peer's Hello");
         };
-        let Some(hs) = self.handshake.take() else {
-            return;
+        let Some(hs) = self.session.handshake.take() else {
+            panic!("a sync decision outside a handshake");
         };
+        // Precondition: both bitmaps are in (the peer's last chunk arrived).
+        assert!(
+            hs.bitmap_done,
+            "a sync decision before the peer's whole bitmap"
+        );
         let h = &peer.hello;
         let peer_side = Side {
             gis: h.gis,
@@ -881,7 +888,7 @@ impl Node {
         full: bool,
         me_discard: bool,
     ) -> Option<Decision> {
-        let peer = self.peer.clone()?;
+        let peer = self.session.peer.clone()?;
         let peer_discard = peer.hello.discard_my_data;
         if me_discard && !peer_discard {
             return Some(Decision::Target { full });

@@ -181,6 +181,7 @@ impl Node {
         } else {
             return;
         };
+        // Only a running resync has progress to report.
         let Some(st) = self.resync_status() else {
             return;
         };
@@ -256,7 +257,7 @@ impl Node {
         // decision then finds the two related, and the resync continues from
         // the bits still set instead of starting a full sync over (an initial
         // sync's target shares no identifier with its source before).
-        if let Some(src) = self.peer.as_ref().map(|p| p.hello.gis.current) {
+        if let Some(src) = self.session.peer.as_ref().map(|p| p.hello.gis.current) {
             let g = &mut self.meta.gis;
             let known = [g.current, g.bitmap, g.history[0], g.history[1]];
             if src != 0 && !known.contains(&src) {
@@ -315,6 +316,7 @@ impl Node {
                 json!({ "done_bytes": r.done_blocks * BLOCK, "total_bytes": r.total_blocks * BLOCK, "verify": r.verify }),
             );
         }
+        assert!(self.resync.is_none() && self.sync_target.is_none());
     }
 
     pub(super) fn admin_resync(&mut self, full: bool, checksum: bool) -> Result<String, String> {
@@ -343,6 +345,7 @@ impl Node {
     /// connected and in sync again, with both disks up to date (called on
     /// each tick). Kept in memory only: a restart of the node starts over.
     pub(super) fn maybe_resume_verify(&mut self) {
+        // Called on every tick; most find no verify to resume.
         let Some((from, differing)) = self.verify_resume else {
             return;
         };
@@ -367,6 +370,7 @@ impl Node {
         }
         if self.disk != DiskState::UpToDate
             || self
+                .session
                 .peer
                 .as_ref()
                 .is_none_or(|p| p.disk != DiskState::UpToDate)
@@ -421,6 +425,7 @@ impl Node {
         let now = self.now_ms;
         let rate = self.cfg.sync_rate;
         let app_busy = !self.reqs.is_empty() || !self.held.is_empty();
+        // Called on every tick; only a running resync refills its budget.
         let Some(r) = self.resync.as_mut() else {
             return;
         };
@@ -442,12 +447,18 @@ impl Node {
     /// Starts as many resync requests as the budget and the in-flight limit allow.
     fn resync_pump(&mut self) {
         loop {
+            // A batch that failed at once may have ended the resync inside this loop.
             let Some(r) = self.resync.as_ref() else {
                 return;
             };
             if r.batches.len() >= MAX_INFLIGHT || r.budget <= 0 || r.start_flush.is_some() {
                 return;
             }
+            // Each round adds a batch: the loop ends within MAX_INFLIGHT rounds.
+            assert!(
+                r.cursor <= self.bitmap.bits(),
+                "the resync cursor is inside the device"
+            );
             let verify = r.verify;
             let cursor = r.cursor;
             let bits = self.bitmap.bits();
@@ -503,6 +514,7 @@ impl Node {
         io: u64,
         result: Result<Option<Bytes>, u32>,
     ) {
+        // The resync may have stopped (link lost) while its start flush ran.
         let Some(r) = self.resync.as_mut() else {
             return;
         };
@@ -521,7 +533,7 @@ impl Node {
     /// Reads a batch through the disk order.
     fn resync_read(&mut self, bid: u64, range: Range) {
         let wid = self.ordered_read(range, Origin::ResyncRead);
-        let seen = self.peer_seen;
+        let seen = self.session.peer_seen;
         if let Some(r) = self.resync.as_mut() {
             r.reads.insert(wid, bid);
             if let Some(b) = r.batches.get_mut(&bid) {
@@ -629,8 +641,8 @@ impl Node {
                 }
                 let start = i * BLOCK as usize;
                 let end = (j * BLOCK as usize).min(data.len());
-                self.seq += 1;
-                let seq = self.seq;
+                self.session.seq += 1;
+                let seq = self.session.seq;
                 let offset = batch.range.start + start as u64;
                 let piece = data.slice(start..end);
                 let range = Range::new(offset, piece.len() as u64);
@@ -695,6 +707,7 @@ impl Node {
     /// A local write to `range` was just sent to the peer: resync reads already
     /// in the disk order ahead of it must not send their older data for it.
     pub(super) fn resync_note_local_write(&mut self, range: Range) {
+        // Called for every local write sent to the peer; most find no resync.
         let Some(r) = self.resync.as_mut() else {
             return;
         };
@@ -714,6 +727,7 @@ impl Node {
     /// it: resync writes to it still unacknowledged carry older data, so their
     /// acknowledgements must not clear it.
     pub(super) fn resync_note_marked(&mut self, range: Range) {
+        // Called for every range marked after a failed peer write; most find no resync.
         let Some(r) = self.resync.as_mut() else {
             return;
         };
@@ -733,6 +747,7 @@ impl Node {
 
     /// A resync write we sent was acknowledged (on the source).
     pub(super) fn resync_write_acked(&mut self, range: Range, error: u32) {
+        // Acks of resync writes may arrive after the resync ended (link lost, stopped).
         let Some(r) = self.resync.as_mut() else {
             return;
         };
@@ -741,6 +756,7 @@ impl Node {
             .iter()
             .find(|(_, b)| b.range.start <= range.start && range.end <= b.range.end)
             .map(|(k, _)| *k);
+        // An ack (from the peer) for a batch already ended: nothing left to account.
         let Some(bid) = bid else { return };
         let mut marked = Vec::new();
         if let Some(b) = r.batches.get_mut(&bid) {
@@ -792,13 +808,14 @@ impl Node {
     }
 
     fn maybe_finish_resync(&mut self) {
+        // Called after every resync step; the resync may be over already.
         let Some(r) = self.resync.as_ref() else {
             return;
         };
         if !r.batches.is_empty() || !r.reads.is_empty() {
             return;
         }
-        let Some(r) = self.resync.take() else { return };
+        let r = self.resync.take().expect("checked just above");
         if r.verify {
             self.repl = Replication::Established;
             self.last_verify = Some(r.differing_blocks);
@@ -834,7 +851,7 @@ impl Node {
         // killed before it persisted the end of the resync, came back with its old
         // bitmap identifier, was promoted without a new generation, and its new
         // writes were later discarded as 'unchanged').
-        self.sync_done_wait = true;
+        self.session.sync_done_wait = true;
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);

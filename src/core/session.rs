@@ -17,7 +17,7 @@ impl Node {
 
     /// Whether the session waits for the sync decision (the bitmap exchange).
     pub fn in_handshake(&self) -> bool {
-        self.handshake.is_some()
+        self.session.handshake.is_some()
     }
 
     /// Connections offered to this core since it started.
@@ -230,7 +230,8 @@ impl Node {
         }
         if let Some(link) = self.links.session() {
             let since = self.links.get(link).map(|c| c.since_ms).unwrap_or(now);
-            if self.handshake.is_some() && now.saturating_sub(since) > HANDSHAKE_TIMEOUT_MS {
+            if self.session.handshake.is_some() && now.saturating_sub(since) > HANDSHAKE_TIMEOUT_MS
+            {
                 self.notify(
                     "handshake-timeout",
                     json!({ "after_ms": now.saturating_sub(since) }),

@@ -95,8 +95,8 @@ impl Node {
 
     /// Whether new local writes must wait now (as `on_request` holds them).
     fn local_writes_held(&self) -> bool {
-        self.handshake.is_some()
-            || self.promote_confirm.is_some()
+        self.session.handshake.is_some()
+            || self.session.promote_confirm.is_some()
             || self.suspended
             || self.grace.is_some()
     }
@@ -150,6 +150,7 @@ impl Node {
             let (conn, cookie, fua) = (s.conn, s.cookie, s.fua);
             self.local_write(conn, cookie, piece, Some(op), fua, Some(sid));
         }
+        // A piece that failed at once may have finished the split inside the loop.
         let Some(s) = self.splits.get(&sid) else {
             return;
         };
@@ -157,11 +158,7 @@ impl Node {
         if done {
             let s = self.splits.remove(&sid).expect("split present");
             let result = if s.error != 0 { Err(s.error) } else { Ok(None) };
-            self.out.push(Action::Reply {
-                conn: s.conn,
-                cookie: s.cookie,
-                result,
-            });
+            self.reply(s.conn, s.cookie, result);
         }
         debug_assert!(self
             .splits

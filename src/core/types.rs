@@ -115,14 +115,18 @@ pub enum IoRequest {
         fua: bool,
     },
     Flush,
+    /// `fua`: the reply waits for the data to be durable on every up-to-date disk
+    /// (the core follows the operation with a flush of its own; a trim has no FUA bit).
     Trim {
         offset: u64,
         len: u32,
+        fua: bool,
     },
     WriteZeroes {
         offset: u64,
         len: u32,
         may_trim: bool,
+        fua: bool,
     },
 }
 
@@ -240,6 +244,32 @@ pub enum Event {
         id: u64,
         exit: Option<i32>,
     },
+    /// An NBD client asks for the export (its handshake's export lookup, or a
+    /// connection a previous process handed over). Answered with
+    /// [`Action::Attached`].
+    ClientAttach {
+        conn: ConnId,
+    },
+    /// The NBD connection is gone and all its requests have been answered.
+    ClientDetach {
+        conn: ConnId,
+    },
+    /// A plain WRITE (no FUA) whose payload the edge could move from the socket to
+    /// the disk itself (splice) instead of reading it into memory. Answered with
+    /// [`Action::StreamWrite`].
+    StreamWrite {
+        conn: ConnId,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    },
+    /// A clean stop begins (SIGTERM): writes frozen by fencing fail, a pause ends.
+    StopBegin,
+    /// The clean stop's last step, once no request is left: `data_flushed` is the
+    /// result of the edge's flush of the backing disk after the last write.
+    StopFinal {
+        data_flushed: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -283,6 +313,30 @@ pub enum Action {
     FencePeer {
         id: u64,
     },
+    /// The answer to [`Event::ClientAttach`]: Ok if this node serves I/O (it
+    /// may have auto-promoted), else the reason it does not.
+    Attached {
+        conn: ConnId,
+        result: Result<(), String>,
+    },
+    /// The answer to [`Event::StreamWrite`]: `Some(id)`: admitted, the edge writes
+    /// the payload to the disk itself and reports [`Event::DiskDone`] for `id`
+    /// (the reply follows as for any write); None: nothing was done, the edge
+    /// reads the payload and sends an ordinary [`Event::Request`].
+    StreamWrite {
+        conn: ConnId,
+        cookie: u64,
+        disk_id: Option<u64>,
+    },
+}
+
+/// What BLOCK_STATUS may tell a client about the disk ([`crate::core::Node::block_status_view`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatusView {
+    /// The local disk is up to date: its holes and zeroes are the device's.
+    Disk,
+    /// Not up to date: report every block as allocated data, claim nothing.
+    AllData,
 }
 
 /// A snapshot for `mirrorctl status`.

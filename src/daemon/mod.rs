@@ -15,6 +15,7 @@ pub mod notify;
 mod peer_link;
 mod peer_tls;
 pub mod setup;
+mod socket;
 mod splice;
 
 use std::collections::HashMap;
@@ -133,6 +134,34 @@ impl Shared {
         r
     }
 
+    /// Feeds one event whose answer the caller waits for ([`Event::ClientAttach`],
+    /// [`Event::StreamWrite`]): returns the answer ([`Action::Attached`],
+    /// [`Action::StreamWrite`]) and carries out the other actions.
+    pub fn ask(self: &Arc<Self>, ev: Event) -> Action {
+        let mut actions = Vec::new();
+        let answer = {
+            let mut core = self.core();
+            core.handle(ev);
+            core.drain_actions(&mut actions);
+            let at = actions
+                .iter()
+                .position(|a| matches!(a, Action::Attached { .. } | Action::StreamWrite { .. }));
+            let answer = at.map(|i| actions.remove(i));
+            self.dispatch_ordered(&mut actions);
+            answer
+        };
+        self.dispatch(actions);
+        answer.expect("the core answers every ClientAttach and StreamWrite")
+    }
+
+    /// [`Event::ClientAttach`]: Ok if this node serves the client.
+    pub fn attach_client(self: &Arc<Self>, conn: ConnId) -> Result<(), String> {
+        match self.ask(Event::ClientAttach { conn }) {
+            Action::Attached { conn: c, result } if c == conn => result,
+            other => unreachable!("ClientAttach {conn} answered with {other:?}"),
+        }
+    }
+
     fn dispatch_ordered(&self, actions: &mut Vec<Action>) {
         for a in actions.iter() {
             self.metrics.action(a);
@@ -187,11 +216,14 @@ impl Shared {
                 Action::Send { .. } | Action::Persist { .. } | Action::Notify(_) => {
                     unreachable!("dispatched under the core lock")
                 }
+                Action::Attached { .. } | Action::StreamWrite { .. } => {
+                    unreachable!("answers are taken by Shared::ask")
+                }
             }
         }
     }
 
-    /// Admission of a spliced write (`Node::try_stream_write`): the core's disk op id, or
+    /// Admission of a spliced write ([`Event::StreamWrite`]): the core's disk op id, or
     /// None when it must come as a plain request. Counted like any NBD write.
     fn try_stream_write(
         self: &Arc<Self>,
@@ -201,11 +233,25 @@ impl Shared {
         len: u32,
     ) -> Option<u64> {
         self.metrics.stream_write_started(conn, cookie, len);
-        let id = self.with_core(|c| c.try_stream_write(conn, cookie, offset, len));
-        if id.is_none() {
+        let answer = self.ask(Event::StreamWrite {
+            conn,
+            cookie,
+            offset,
+            len,
+        });
+        let Action::StreamWrite {
+            conn: c,
+            cookie: k,
+            disk_id,
+        } = answer
+        else {
+            unreachable!("StreamWrite answered with {answer:?}");
+        };
+        assert_eq!((c, k), (conn, cookie), "the answer to another write");
+        if disk_id.is_none() {
             self.metrics.stream_write_refused(conn, cookie);
         }
-        id
+        disk_id
     }
 
     fn submit_disk(self: &Arc<Self>, id: u64, op: DiskOp) {
@@ -619,7 +665,7 @@ async fn serve(
     if restart.is_some() {
         drain_for_handover(&shared).await;
     } else {
-        shared.with_core(|c| c.begin_stop());
+        shared.handle(Event::StopBegin);
         // Let clients' in-flight requests finish (bounded). A running resync does
         // not hold the stop up: its progress is persisted and it resumes later.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -644,7 +690,9 @@ async fn serve(
             false
         }
     };
-    shared.with_core(|c| c.shutdown(flushed));
+    shared.handle(Event::StopFinal {
+        data_flushed: flushed,
+    });
     if let Err(e) = shared.disk.run(crate::storage::engine::DiskOp::Flush).await {
         tracing::error!("final flush failed: {e}");
     }
@@ -708,12 +756,12 @@ async fn take_over(
                 c.size
             ))
         } else {
-            shared.with_core(|core| core.attach_client(c.conn))
+            shared.attach_client(c.conn)
         };
         let conn = c.conn;
         if let Err(e) = attached.and_then(|()| nbd_conn::spawn_handed(shared, c, fd)) {
             tracing::error!("inherited NBD connection {conn} is closed: {e}");
-            shared.with_core(|core| core.detach_client(conn));
+            shared.handle(Event::ClientDetach { conn });
         }
     }
     shared.next_conn.fetch_max(next, Ordering::Relaxed);

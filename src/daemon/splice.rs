@@ -3,7 +3,7 @@
 //! cache (one copy, by the kernel). A 1 MiB write then costs one copy on our side instead of
 //! two (socket -> buffer, buffer -> page cache).
 //!
-//! Only for writes the core admits with [`Node::try_stream_write`](crate::core::Node) (nothing
+//! Only for writes the core admits ([`Event::StreamWrite`](crate::core::Event), nothing
 //! but the local disk needs the data). The reader writes each piece as it arrives, so the
 //! client keeps sending while the disk side works.
 
@@ -15,7 +15,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::Interest;
 use tokio::sync::watch;
 
-use super::nbd_conn::{read_buffered, spin_io, NbdStream};
+use super::socket::{read_buffered, spin_io, NbdStream};
 use crate::storage::engine::Disk;
 
 /// Pipe capacity asked for (F_SETPIPE_SZ; the default, 64 KiB, if refused): how much of a

@@ -27,6 +27,7 @@ pub use handshake::{
     ExportQuery, HandshakeError, HandshakeOptions, HandshakeStep, Negotiated, ServerHandshake,
 };
 pub use reply::{
-    chunk_block_status, chunk_error, chunk_none, chunk_offset_data_header, simple_reply,
+    chunk_block_status, chunk_error, chunk_none, chunk_offset_data_header, encode_reply,
+    simple_reply,
 };
 pub use request::{validate, Command, Decoded, ProtocolError, Request, RequestDecoder};

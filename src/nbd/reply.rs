@@ -7,6 +7,7 @@ use bytes::BytesMut;
 
 use super::consts::*;
 use super::handshake::truncate_str;
+use super::request::Command;
 
 /// Largest data length one `NBD_REPLY_TYPE_OFFSET_DATA` chunk can carry
 /// (its length field also covers the 8-byte offset).
@@ -106,5 +107,32 @@ pub fn chunk_block_status(
     for &(len, flags) in extents {
         out.put_u32(len);
         out.put_u32(flags);
+    }
+}
+
+/// One reply: simple, or structured for READ and BLOCK_STATUS when structured replies were
+/// negotiated.
+/// `data_len`: the READ data that follows (written by the caller).
+pub fn encode_reply(
+    out: &mut BytesMut,
+    structured: bool,
+    cookie: u64,
+    command: Command,
+    offset: u64,
+    error: u32,
+    data_len: Option<usize>,
+) {
+    let structured_read = structured && matches!(command, Command::Read | Command::BlockStatus);
+    if !structured_read {
+        simple_reply(out, cookie, error);
+        return;
+    }
+    if error != 0 {
+        chunk_error(out, cookie, error, "", true);
+        return;
+    }
+    match data_len {
+        Some(n) if n > 0 => chunk_offset_data_header(out, cookie, offset, n as u32, true),
+        _ => chunk_none(out, cookie),
     }
 }

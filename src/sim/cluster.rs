@@ -12,12 +12,14 @@ use super::net::Net;
 use super::rng::Rng;
 use super::scenario::{Scenario, Start, NAMES};
 use super::world::World;
-use crate::core::{md_flags, AdminCmd, ConnId, Event, MetaState, Node, Role, Status};
+use crate::core::{md_flags, Action, AdminCmd, ConnId, Event, MetaState, Node, Role, Status};
 use crate::peer::Gis;
 
 /// How long a daemon's authentication of a new connection may take before it
 /// gives up on it (the daemon's `AUTH_TIMEOUT`, src/daemon/peer_link.rs).
 pub const AUTH_TIMEOUT_US: u64 = 10_000_000;
+/// How often a metadata write fails (EIO, nothing of it lands).
+pub const META_FAIL_CHANCE: f64 = 0.002;
 
 /// Something that happens at a simulated time.
 #[derive(Debug)]
@@ -119,6 +121,9 @@ pub struct Client {
 pub struct Stopping {
     pub since: u64,
     pub shut_down: bool,
+    /// The data flush before the shutdown metadata succeeded (the exit's final
+    /// flush then does too; after a failed one it fails as well).
+    pub flushed: bool,
 }
 
 pub struct SimNode {
@@ -143,6 +148,9 @@ pub struct SimNode {
     /// Since when the node's writes are frozen by fencing.
     pub suspended_since: Option<u64>,
     pub last_verify: Option<u64>,
+    /// The last verify this node started as source went on from where a lost
+    /// link cut it (its count includes what it found before the cut).
+    pub verify_resumed: bool,
     /// The operator invalidated this node's data; its next sync as target discards it.
     pub invalidated: bool,
 }
@@ -166,8 +174,13 @@ pub enum Phase {
 pub struct Stats {
     pub events: u64,
     pub requests: u64,
-    /// Writes the core admitted with `try_stream_write` (the daemon's splice path).
+    /// Writes the core admitted with `Event::StreamWrite` (the daemon's splice path).
     pub streamed: u64,
+    /// Metadata writes failed (EIO), and clean stops whose data flush failed.
+    pub meta_failures: u64,
+    pub stop_flush_failures: u64,
+    /// Trims and write-zeroes sent with FUA.
+    pub fua_trims: u64,
     pub replies: u64,
     pub reads_checked: u64,
     pub crashes: u64,
@@ -204,6 +217,8 @@ pub struct Sim {
     pub violation: Option<Violation>,
     pub trace: bool,
     pub stats: Stats,
+    /// How often a metadata write fails (0 unless `Options::meta_failures`).
+    pub meta_fail_chance: f64,
     pub hash: u64,
     pub rng_net: Rng,
     pub rng_disk: Rng,
@@ -305,6 +320,7 @@ impl Sim {
             failed_since: None,
             suspended_since: None,
             last_verify: None,
+            verify_resumed: false,
             invalidated: false,
         };
         let reply_bound = sc.reply_bound_us();
@@ -319,6 +335,7 @@ impl Sim {
             violation: None,
             trace,
             stats: Stats::default(),
+            meta_fail_chance: 0.0,
             hash: 0xCBF2_9CE4_8422_2325,
             rng_net: rng.fork(),
             rng_disk: rng.fork(),
@@ -509,12 +526,13 @@ impl Sim {
             return;
         }
         self.trace_line(Some(n), || "clean stop begins".into());
-        self.run_core(n, |c| c.begin_stop());
+        self.run_core(n, |c| c.handle(Event::StopBegin));
         let now = self.world.now;
         let sn = &mut self.nodes[n];
         sn.stopping = Some(Stopping {
             since: now,
             shut_down: false,
+            flushed: false,
         });
         for c in sn.clients.values_mut() {
             c.closing = true;
@@ -537,11 +555,24 @@ impl Sim {
                 // Clients go away with the daemon (no detach: the process exits).
                 self.nodes[n].clients.clear();
                 // The daemon flushes the data disk before the core persists
-                // its shutdown metadata (an empty activity log).
-                self.nodes[n].disk.flush_all();
-                self.run_core(n, |c| c.shutdown(true));
+                // its shutdown metadata (an empty activity log). Now and then that
+                // flush fails: the data stays in the cache (the exit's flush fails
+                // too), and the core must keep its activity log.
+                let flushed = !self.rng_disk.chance(0.1);
+                if flushed {
+                    self.nodes[n].disk.flush_all();
+                } else {
+                    self.stats.stop_flush_failures += 1;
+                    self.trace_line(Some(n), || "the flush before shutdown fails".into());
+                }
+                self.run_core(n, |c| {
+                    c.handle(Event::StopFinal {
+                        data_flushed: flushed,
+                    })
+                });
                 if let Some(s) = self.nodes[n].stopping.as_mut() {
                     s.shut_down = true;
+                    s.flushed = flushed;
                     s.since = now;
                 }
             }
@@ -557,7 +588,9 @@ impl Sim {
         let step = self.next_step();
         self.model.crash(n, step, false);
         let sn = &mut self.nodes[n];
-        sn.disk.flush_all();
+        if st.flushed {
+            sn.disk.flush_all();
+        }
         sn.disk.process_crash();
         sn.meta.process_crash(&mut self.rng_disk);
         sn.core = None;
@@ -585,6 +618,35 @@ impl Sim {
     }
 
     /// Runs `f` on node `n`'s core and carries out what it asks.
+    /// Feeds node `n` an event whose answer the caller waits for (as the daemon's
+    /// `Shared::ask`): returns the answer action, dispatches the others. None: the
+    /// node is down.
+    pub fn ask(&mut self, n: usize, ev: Event) -> Option<Action> {
+        let core = self.nodes[n].core.as_mut()?;
+        core.handle(ev);
+        let mut actions = core.take_actions();
+        let at = actions
+            .iter()
+            .position(|a| matches!(a, Action::Attached { .. } | Action::StreamWrite { .. }));
+        let answer = at.map(|i| actions.remove(i));
+        assert!(
+            answer.is_some(),
+            "{} left a question unanswered",
+            Sim::name(n)
+        );
+        self.dispatch(n, actions);
+        self.track_session(n);
+        answer
+    }
+
+    /// Client `conn` asks node `n` for the export: Some(Ok) if served.
+    pub fn attach_client(&mut self, n: usize, conn: ConnId) -> Option<Result<(), String>> {
+        match self.ask(n, Event::ClientAttach { conn })? {
+            Action::Attached { conn: c, result } if c == conn => Some(result),
+            other => panic!("ClientAttach {conn} answered with {other:?}"),
+        }
+    }
+
     pub fn run_core<R>(&mut self, n: usize, f: impl FnOnce(&mut Node) -> R) -> Option<R> {
         let core = self.nodes[n].core.as_mut()?;
         let r = f(core);
@@ -739,15 +801,28 @@ impl Sim {
     }
 
     fn meta_done(&mut self, n: usize) {
-        let Some((id, more)) = self.nodes[n].meta.complete_head() else {
+        // Now and then a metadata write fails (EIO) and nothing of it lands: the
+        // node must fail safe (its disk fails, as DRBD detaches on a meta-data
+        // I/O error).
+        let ok = !self.rng_disk.chance(self.meta_fail_chance);
+        let done = if ok {
+            self.nodes[n].meta.complete_head()
+        } else {
+            self.nodes[n].meta.fail_head()
+        };
+        let Some((id, more)) = done else {
             return;
         };
+        if !ok {
+            self.stats.meta_failures += 1;
+            self.trace_line(Some(n), || format!("metadata write {id} fails (EIO)"));
+        }
         if more {
             let d = self.rng_disk.range(100, 3_000);
             let inc = self.nodes[n].inc;
             self.world.after(d, Ev::MetaDone { node: n, inc });
         }
-        self.run_core(n, |core| core.handle(Event::MetaDone { id, ok: true }));
+        self.run_core(n, |core| core.handle(Event::MetaDone { id, ok }));
     }
 
     /// Node `from` dials: with the peer's daemon up and listening and the network

@@ -102,6 +102,9 @@ impl Sim {
                         },
                     );
                 }
+                Action::Attached { .. } | Action::StreamWrite { .. } => {
+                    unreachable!("answers are taken by Sim::ask")
+                }
                 Action::SplitBrainHandler => {
                     self.trace_line(Some(n), || "runs the split-brain handler".into())
                 }
@@ -437,6 +440,10 @@ impl Sim {
             ),
             "role" if s("role") == "primary" && !self.replicating(n) => {
                 self.model.data_wins(n);
+            }
+            "verify-started" if s("role") == "source" => {
+                let from = v.get("from_bytes").and_then(|x| x.as_u64()).unwrap_or(0);
+                self.nodes[n].verify_resumed = from > 0;
             }
             "verify-finished" if s("role") == "source" => {
                 self.nodes[n].last_verify = v.get("differing_blocks").and_then(|x| x.as_u64());

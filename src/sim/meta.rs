@@ -55,6 +55,13 @@ impl SimMeta {
         Some((id, !self.queue.is_empty()))
     }
 
+    /// The write at the head failed (EIO): nothing of it lands. Returns its id and
+    /// whether another write waits.
+    pub fn fail_head(&mut self) -> Option<(u64, bool)> {
+        let (id, _) = self.queue.pop_front()?;
+        Some((id, !self.queue.is_empty()))
+    }
+
     fn apply(&mut self, w: &MetaWrite, rng: Option<&mut Rng>) {
         match w {
             MetaWrite::Superblock(m) => self.durable.meta = m.clone(),

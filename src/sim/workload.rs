@@ -7,7 +7,7 @@
 use super::cluster::{Client, Ev, Phase, Req, ReqKind, Sim};
 use super::data::{self, SECTOR};
 use super::model::Kind;
-use crate::core::{AdminCmd, ConnId, DiskOp, Event, IoRequest, Role};
+use crate::core::{Action, AdminCmd, ConnId, DiskOp, Event, IoRequest, Role};
 
 impl Sim {
     fn workload_on(&self) -> bool {
@@ -47,7 +47,7 @@ impl Sim {
         }
         let conn = self.next_conn;
         self.next_conn += 1;
-        let r = self.run_core(n, |c| c.attach_client(conn));
+        let r = self.attach_client(n, conn);
         match r {
             Some(Ok(())) => {
                 let close_at = self.now() + self.rng_work.range(300_000, 6_000_000);
@@ -81,7 +81,7 @@ impl Sim {
             if c.inflight.is_empty() {
                 self.nodes[n].clients.remove(&conn);
                 self.trace_line(Some(n), || format!("client {conn} detaches"));
-                self.run_core(n, |core| core.detach_client(conn));
+                self.run_core(n, |core| core.handle(Event::ClientDetach { conn }));
                 if !self.sc.auto_promote && self.nodes[n].clients.is_empty() {
                     self.admin(n, AdminCmd::Secondary);
                 }
@@ -203,23 +203,29 @@ impl Sim {
                 )
             }
             85..=89 => {
-                let id = self.model.issue(n, first, count, Kind::Trim, false, step);
+                let fua = self.rng_work.chance(0.2);
+                self.stats.fua_trims += u64::from(fua);
+                let id = self.model.issue(n, first, count, Kind::Trim, fua, step);
                 (
                     ReqKind::Write(id),
                     IoRequest::Trim {
                         offset,
                         len: len as u32,
+                        fua,
                     },
                 )
             }
             _ => {
-                let id = self.model.issue(n, first, count, Kind::Zeroes, false, step);
+                let fua = self.rng_work.chance(0.2);
+                self.stats.fua_trims += u64::from(fua);
+                let id = self.model.issue(n, first, count, Kind::Zeroes, fua, step);
                 (
                     ReqKind::Write(id),
                     IoRequest::WriteZeroes {
                         offset,
                         len: len as u32,
                         may_trim: self.rng_work.chance(0.5),
+                        fua,
                     },
                 )
             }
@@ -246,7 +252,7 @@ impl Sim {
             )
         });
         // Every other plain write goes the way the daemon's splice path does: admitted by
-        // try_stream_write, its data handed to the disk by us (not by an action), DiskDone.
+        // Event::StreamWrite, its data handed to the disk by us (not by an action), DiskDone.
         let streamed = match &req {
             IoRequest::Write {
                 offset,
@@ -255,9 +261,21 @@ impl Sim {
             } if step % 2 == 0 => {
                 let (offset, data) = (*offset, data.clone());
                 let len = data.len() as u32;
-                let admitted = self
-                    .run_core(n, |core| core.try_stream_write(conn, cookie, offset, len))
-                    .flatten();
+                let ev = Event::StreamWrite {
+                    conn,
+                    cookie,
+                    offset,
+                    len,
+                };
+                let admitted = match self.ask(n, ev) {
+                    Some(Action::StreamWrite {
+                        conn: c,
+                        cookie: k,
+                        disk_id,
+                    }) if (c, k) == (conn, cookie) => disk_id,
+                    None => None,
+                    Some(other) => panic!("StreamWrite answered with {other:?}"),
+                };
                 if let Some(id) = admitted {
                     self.stats.streamed += 1;
                     let op = DiskOp::Write {

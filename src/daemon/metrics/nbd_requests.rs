@@ -261,6 +261,7 @@ mod tests {
             offset: 0,
             len: 9,
             may_trim: true,
+            fua: true,
         };
         assert_eq!(Op::of(&z), (Op::WriteZeroes, 9));
     }
