@@ -124,6 +124,7 @@ fn main() {
     let (mut events, mut sim_us, mut reads, mut crashes, mut sbs) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut streamed = 0u64;
     let (mut meta_failures, mut stop_flush_failures, mut fua_trims) = (0u64, 0u64, 0u64);
+    let (mut trims_cut, mut trim_skipped, mut budget_seeds) = (0u64, 0u64, 0u64);
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut pauses, mut pauses_back, mut reissued, mut overlapping) = (0u64, 0u64, 0u64, 0u64);
     for o in &results {
@@ -145,6 +146,9 @@ fn main() {
         meta_failures += o.stats.meta_failures;
         stop_flush_failures += o.stats.stop_flush_failures;
         fua_trims += o.stats.fua_trims;
+        trims_cut += o.stats.trims_cut_short;
+        trim_skipped += o.stats.trim_bytes_skipped;
+        budget_seeds += u64::from(o.stats.trims_cut_short > 0);
         if let Some(v) = &o.violation {
             failed += 1;
             println!(
@@ -177,6 +181,9 @@ fn main() {
     );
     eprintln!(
         "mirror-sim: {meta_failures} metadata writes failed, {stop_flush_failures} clean stops whose data flush failed, {fua_trims} trims and write-zeroes with FUA"
+    );
+    eprintln!(
+        "mirror-sim: {trims_cut} large trims cut short by their time budget (in {budget_seeds} seeds), {trim_skipped} bytes skipped"
     );
     println!("{} passed, {} failed", results.len() - failed, failed);
     if failed > 0 {

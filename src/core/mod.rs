@@ -28,4 +28,5 @@ mod types;
 
 pub use adjust::Tunables;
 pub use node::Node;
+pub use split::MAX_PIECE_EXTENTS;
 pub use types::*;

@@ -258,6 +258,8 @@ pub struct Node {
     pub(super) verify_resume: Option<(u64, u64)>,
     /// Resync counters for `status` (bytes moved, resyncs run).
     pub(super) sync_stats: SyncCounters,
+    /// TRIMs cut short by their time budget (core/split.rs).
+    pub(super) trim_budget_stats: TrimBudgetStats,
     /// Progress of the resync this node receives, while it is sync target.
     pub(super) sync_target: Option<super::resync::TargetProgress>,
     /// Ranges of our writes the peer failed (error acks) while this node is sync
@@ -349,6 +351,7 @@ impl Node {
             last_verify: None,
             verify_resume: None,
             sync_stats: SyncCounters::default(),
+            trim_budget_stats: TrimBudgetStats::default(),
             sync_target: None,
             target_neg_acked: Vec::new(),
             faults: Faults::default(),
@@ -429,6 +432,11 @@ impl Node {
 
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
+    }
+
+    /// TRIMs cut short by their time budget since the start.
+    pub fn trim_budget_stats(&self) -> TrimBudgetStats {
+        self.trim_budget_stats
     }
 
     pub fn role(&self) -> Role {

@@ -1485,8 +1485,14 @@ mod large_writes {
     /// (half the 16 MiB device), so its pieces are 8 MiB; alpha is primary for
     /// client 9, connected to beta or not.
     fn small_log_pair(connected: bool) -> Pair {
+        alpha_configured(connected, |c| c.al_slots = 2)
+    }
+
+    /// A pair in sync whose alpha runs with the config `set` makes; alpha is
+    /// primary for client 9, connected to beta or not.
+    fn alpha_configured(connected: bool, set: impl Fn(&mut CoreConfig)) -> Pair {
         let mut p = Pair::in_sync("");
-        p.cfg[0].al_slots = 2;
+        set(&mut p.cfg[0]);
         p.crash(0);
         p.settle();
         p.boot(0);
@@ -1672,6 +1678,129 @@ mod large_writes {
         request(&mut p, 1, req);
         assert_eq!(replies(&p, 1), vec![Ok(None)]);
         assert!(p.disks[0] == data && p.disks[1] == data, "on both disks");
+    }
+
+    /// A pair in sync with 4 MiB pieces (4 for the device) and a TRIM budget
+    /// of 50 ms on alpha, primary for client 9, connected to beta or not.
+    fn budget_pair(connected: bool) -> Pair {
+        let mut p = alpha_configured(connected, |c| {
+            c.trim_budget_ms = 50;
+            c.max_piece_extents = 1;
+        });
+        for d in p.disks.iter_mut() {
+            d.fill(0xee);
+        }
+        p
+    }
+
+    /// Sends `req` as cookie 1 to alpha, on disks that take 100 ms for every
+    /// operation (each completion waits for the next tick); returns when it
+    /// is answered, and the ms that took.
+    fn on_a_slow_disk(p: &mut Pair, req: IoRequest) -> u64 {
+        let slow = |_: usize, ev: &Event| matches!(ev, Event::DiskDone { .. });
+        p.queue[0].push_back(Event::Request {
+            conn: 9,
+            cookie: 1,
+            req,
+        });
+        let start = p.now;
+        let mut held = p.step(slow);
+        while replies(p, 1).is_empty() {
+            assert!(p.now - start < 10_000, "no reply within 10 s");
+            p.now += 100;
+            let now_ms = p.now;
+            let due = std::mem::take(&mut held);
+            let ticks = (0..2).map(|i| (i, Event::Tick { now_ms }));
+            for (i, ev) in ticks.chain(due) {
+                if p.nodes[i].is_some() {
+                    p.node(i).handle(ev);
+                    p.carry_out(i);
+                }
+            }
+            held = p.step(slow);
+        }
+        for (i, ev) in held {
+            p.queue[i].push_back(ev);
+        }
+        p.settle();
+        p.now - start
+    }
+
+    /// A TRIM that outlasts its time budget starts no further piece and is
+    /// answered success once the pieces in flight are done: the first two
+    /// pieces (8 MiB) are discarded on both disks, the rest on neither, and
+    /// nothing is marked out of sync for the skipped rest (disconnected: only
+    /// the pieces applied are). WRITE_ZEROES is never cut short.
+    /// A TRIM, or a WRITE_ZEROES that may trim, of the whole device.
+    fn whole_device(zeroes: bool) -> IoRequest {
+        let len = SIZE as u32;
+        if zeroes {
+            IoRequest::WriteZeroes {
+                offset: 0,
+                len,
+                may_trim: true,
+                fua: false,
+            }
+        } else {
+            IoRequest::Trim {
+                offset: 0,
+                len,
+                fua: false,
+            }
+        }
+    }
+
+    #[test]
+    fn a_trim_past_its_budget_is_answered_early_and_skips_the_rest() {
+        for connected in [true, false] {
+            let mut p = budget_pair(connected);
+            let took = on_a_slow_disk(&mut p, whole_device(false));
+            assert_eq!(replies(&p, 1), vec![Ok(None)], "one reply, success");
+            assert_eq!(took, 100, "answered with the first two pieces");
+            let half = (SIZE / 2) as usize;
+            assert!(p.disks[0][..half].iter().all(|b| *b == 0), "applied");
+            assert!(p.disks[0][half..].iter().all(|b| *b == 0xee), "skipped");
+            let stats = p.node(0).trim_budget_stats();
+            assert_eq!((stats.trims_cut_short, stats.bytes_skipped), (1, SIZE / 2));
+            let event = p.events[0]
+                .iter()
+                .find(|e| e["event"] == "trim-budget")
+                .expect("a trim-budget event");
+            assert_eq!(event["skipped_bytes"], SIZE / 2);
+            let message = event["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("applied 8388608 bytes within the 50 ms budget"),
+                "{message}"
+            );
+            if connected {
+                assert!(p.disks[0] == p.disks[1], "both disks equal");
+                assert_eq!(mirrored(&p).iter().sum::<u64>(), SIZE / 2);
+                for i in 0..2 {
+                    assert_eq!(p.status(i).out_of_sync_bytes, 0, "node {i}");
+                }
+            } else {
+                assert!(p.disks[1].iter().all(|b| *b == 0xee), "beta untouched");
+                assert_eq!(p.status(0).out_of_sync_bytes, SIZE / 2, "applied only");
+                p.connect(0, false);
+                p.run_until(10_000, "in sync", |p| p.in_sync_now());
+                assert!(
+                    p.disks[0] == p.disks[1],
+                    "both disks equal after the resync"
+                );
+            }
+            assert!(p.node(0).clients_idle());
+
+            // WRITE_ZEROES with the same budget: all of it, however long.
+            let mut p = budget_pair(connected);
+            let took = on_a_slow_disk(&mut p, whole_device(true));
+            assert_eq!(replies(&p, 1), vec![Ok(None)]);
+            assert!(took >= 200, "all four pieces: {took} ms");
+            assert!(p.disks[0].iter().all(|b| *b == 0), "all zeroed");
+            if connected {
+                assert!(p.disks[1].iter().all(|b| *b == 0), "all zeroed on beta");
+            }
+            assert_eq!(p.node(0).trim_budget_stats(), TrimBudgetStats::default());
+        }
     }
 
     /// A piece that fails fails the request (one reply), and no later piece starts.

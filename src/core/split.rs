@@ -13,6 +13,19 @@
 //! protocol's rule). The client's reply goes when every piece is answered, with
 //! the first error any piece got. After an error no further piece starts.
 //!
+//! A TRIM has a time budget besides ([`CoreConfig::trim_budget_ms`], 5 s by
+//! default): once a split TRIM has run longer than that, it starts no further
+//! piece and answers the client success when the pieces in flight are done. On
+//! a disk that discards slowly (UML guest disks: minutes for 4 GiB) the whole
+//! range would outlast the kernel client's request timeout (15 s with our
+//! attach agent), and the kernel would send it again on another connection.
+//! This is allowed because an NBD TRIM is advisory: after it, the client may
+//! assume nothing about the contents until it overwrites them. Both disks stay
+//! identical: a skipped piece is written on neither (the peer applies only the
+//! pieces it is sent, and they are sent only for pieces that start here), and
+//! nothing is marked out of sync for it. WRITE_ZEROES has no budget: its zeroes
+//! are promised.
+//!
 //! The activity log then only needs the extents of the pieces in flight, the
 //! peer applies each piece as its own bounded disk operation, and other
 //! requests interleave with the pieces (they queue between them in the
@@ -27,8 +40,9 @@ use super::types::*;
 /// activity-log transaction (and the peer message) of the next one proceeds.
 pub(super) const PIECES_IN_FLIGHT: u32 = 2;
 
-/// Most activity-log extents one piece spans (16 x 4 MiB = 64 MiB).
-pub(super) const MAX_PIECE_EXTENTS: u64 = 16;
+/// Most activity-log extents one piece spans (16 x 4 MiB = 64 MiB): the
+/// default of [`CoreConfig::max_piece_extents`].
+pub const MAX_PIECE_EXTENTS: u64 = 16;
 
 /// A local write being carried out in pieces.
 #[derive(Debug)]
@@ -44,14 +58,19 @@ pub(super) struct Split {
     pub in_flight: u32,
     /// The first error a piece got (0: none).
     pub error: u32,
+    /// When it started (the core's clock, `now_ms`).
+    pub started_ms: u64,
+    /// A TRIM whose budget ran out: no further piece starts; `next` is where
+    /// the skipped rest begins.
+    pub cut: bool,
 }
 
 impl Node {
-    /// Extents per piece: 16 (64 MiB), fewer when the activity log has fewer
-    /// slots, so that any piece fits in the log.
+    /// Extents per piece: 16 (64 MiB; `max_piece_extents`), fewer when the
+    /// activity log has fewer slots, so that any piece fits in the log.
     pub(super) fn piece_extents(&self) -> u64 {
         let slots = self.al.as_ref().map_or(usize::MAX, |al| al.slots());
-        MAX_PIECE_EXTENTS.min(slots as u64).max(1)
+        self.cfg.max_piece_extents.min(slots as u64).max(1)
     }
 
     /// Whether a local write of `range` is carried out in pieces.
@@ -88,6 +107,8 @@ impl Node {
                 next: range.start,
                 in_flight: 0,
                 error: 0,
+                started_ms: self.now_ms,
+                cut: false,
             },
         );
         self.pump_split(sid);
@@ -126,6 +147,7 @@ impl Node {
     /// once nothing is left to do.
     pub(super) fn pump_split(&mut self, sid: u64) {
         let bytes = self.piece_extents() * EXTENT;
+        let (now, budget) = (self.now_ms, self.cfg.trim_budget_ms);
         // At most one pass per piece; a piece that fails at once ends the loop.
         for _ in 0..PIECES_IN_FLIGHT {
             let held = self.local_writes_held() || self.peer_flush_throttle();
@@ -138,7 +160,21 @@ impl Node {
                 // Demoted under it: no further piece may be written here.
                 s.error = errno::EPERM;
             }
-            if s.error != 0 || s.next >= s.range.end || s.in_flight >= PIECES_IN_FLIGHT || held {
+            if s.error == 0
+                && !s.cut
+                && s.next < s.range.end
+                && matches!(s.op, DiskOp::Trim { .. })
+                && now.saturating_sub(s.started_ms) > budget
+            {
+                // Out of time: the rest is skipped (module doc).
+                s.cut = true;
+            }
+            if s.error != 0
+                || s.cut
+                || s.next >= s.range.end
+                || s.in_flight >= PIECES_IN_FLIGHT
+                || held
+            {
                 break;
             }
             let start = s.next;
@@ -154,9 +190,12 @@ impl Node {
         let Some(s) = self.splits.get(&sid) else {
             return;
         };
-        let done = s.in_flight == 0 && (s.error != 0 || s.next >= s.range.end);
+        let done = s.in_flight == 0 && (s.error != 0 || s.cut || s.next >= s.range.end);
         if done {
             let s = self.splits.remove(&sid).expect("split present");
+            if s.cut && s.error == 0 {
+                self.trim_cut_short(&s);
+            }
             let result = if s.error != 0 { Err(s.error) } else { Ok(None) };
             self.reply(s.conn, s.cookie, result);
         }
@@ -164,6 +203,38 @@ impl Node {
             .splits
             .get(&sid)
             .is_none_or(|s| s.in_flight <= PIECES_IN_FLIGHT));
+    }
+
+    /// Split TRIM `s` ran out of its budget and is answered success: count it
+    /// and say so (once per request, at info level in the daemon's log).
+    fn trim_cut_short(&mut self, s: &Split) {
+        let applied = s.next - s.range.start;
+        let skipped = s.range.end - s.next;
+        self.trim_budget_stats.trims_cut_short += 1;
+        self.trim_budget_stats.bytes_skipped += skipped;
+        let budget = self.cfg.trim_budget_ms;
+        let message = format!(
+            "TRIM of {} bytes at {}: applied {applied} bytes within the {} budget, \
+             skipped the rest (TRIM is advisory)",
+            s.range.len(),
+            s.range.start,
+            if budget >= 1000 && budget % 1000 == 0 {
+                format!("{} s", budget / 1000)
+            } else {
+                format!("{budget} ms")
+            },
+        );
+        self.notify(
+            "trim-budget",
+            serde_json::json!({
+                "offset": s.range.start,
+                "len": s.range.len(),
+                "applied_bytes": applied,
+                "skipped_bytes": skipped,
+                "budget_ms": budget,
+                "message": message,
+            }),
+        );
     }
 
     /// A piece of split `sid` got its answer (what a whole request's reply would be).

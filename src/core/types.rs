@@ -82,7 +82,21 @@ pub struct CoreConfig {
     pub ko_count: u64,
     /// Largest I/O the NBD side accepts (bytes).
     pub max_io: u32,
+    /// How long a TRIM carried out in pieces may run before it starts no
+    /// further piece (core/split.rs); [`TRIM_BUDGET_MS`] unless a test sets it.
+    pub trim_budget_ms: u64,
+    /// Most activity-log extents one piece of a split write spans
+    /// ([`MAX_PIECE_EXTENTS`], 64 MiB, unless a test sets fewer).
+    pub max_piece_extents: u64,
 }
+
+/// The default [`CoreConfig::trim_budget_ms`]: 5 s. The kernel client's request
+/// timeout is 15 s with `mirrorctl attach --timeout 15` (90 s with stock
+/// nbd-client), and a request it times out is sent again on another connection
+/// (with nbd-client 3.24 that connection is gone for good). 5 s leaves the
+/// pieces still in flight when the budget runs out (at most two of 64 MiB, on a
+/// slow disk some seconds more) and the reply's way back inside those 15 s.
+pub const TRIM_BUDGET_MS: u64 = 5_000;
 
 /// Persisted metadata flags (the storage layer stores them as a u32).
 pub mod md_flags {
@@ -396,6 +410,15 @@ pub struct SyncCounters {
     pub resyncs_finished: u64,
     /// Differing blocks found by the last completed online verify.
     pub last_verify_differing_blocks: Option<u64>,
+}
+
+/// TRIMs that ran out of their time budget (core/split.rs) since the start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrimBudgetStats {
+    /// Requests answered with part of their range skipped.
+    pub trims_cut_short: u64,
+    /// Bytes of those requests never discarded (on neither disk).
+    pub bytes_skipped: u64,
 }
 
 /// Deliberate bugs for the deterministic simulator (`src/sim`) to prove that

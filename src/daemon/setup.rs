@@ -82,6 +82,8 @@ pub fn core_config(s: &Settings, data_size: u64, al_slots: u32, max_io: u32) -> 
         timeout_ms: s.net.timeout_ms,
         ko_count: s.net.ko_count,
         max_io,
+        trim_budget_ms: crate::core::TRIM_BUDGET_MS,
+        max_piece_extents: crate::core::MAX_PIECE_EXTENTS,
     }
 }
 

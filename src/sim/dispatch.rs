@@ -158,15 +158,24 @@ impl Sim {
                     let w = &self.model.writes[*id as usize];
                     w.kind == want && w.first == first && w.n == count && w.mirror.is_none()
                 });
-                // Else a piece of a large one (the workload has no other trim
-                // or write-zeroes pending on a node with a large one pending).
+                // Else a piece of a split one (the workload has no other trim
+                // or write-zeroes pending on a node with a large one pending;
+                // with pieces of one extent small ones that cross an extent
+                // boundary are split too): each end of a piece is an end of
+                // its write or a piece boundary.
+                let piece = self.sc.max_piece_extents.min(self.sc.al_slots as u64).max(1)
+                    * (4 << 20) // an activity-log extent
+                    / SECTOR;
                 whole.or_else(|| {
                     pending.iter().copied().find(|id| {
                         let w = &self.model.writes[*id as usize];
+                        let end = first + count;
                         w.kind == want
                             && w.n > count
                             && w.first <= first
-                            && first + count <= w.first + w.n
+                            && end <= w.first + w.n
+                            && (first == w.first || first % piece == 0)
+                            && (end == w.first + w.n || end % piece == 0)
                     })
                 })
             }
@@ -368,6 +377,28 @@ impl Sim {
                 if v.get("other_connections_closed").and_then(|x| x.as_u64()) > Some(0) =>
             {
                 self.stats.races += 1;
+            }
+            "trim-budget" => {
+                self.stats.trims_cut_short += 1;
+                let num = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                let skipped = num("skipped_bytes");
+                self.stats.trim_bytes_skipped += skipped;
+                // Its reply follows: the skipped sectors promise nothing.
+                let (first, count) = (num("offset") / SECTOR, num("len") / SECTOR);
+                let id = self.model.pending(n).iter().copied().find(|id| {
+                    let w = &self.model.writes[*id as usize];
+                    w.kind == Kind::Trim && w.first == first && w.n == count
+                });
+                match id {
+                    Some(id) => {
+                        let end = (num("offset") + num("len") - skipped) / SECTOR;
+                        self.model.writes[id as usize].skipped_from = Some(end);
+                    }
+                    None => self.violate(
+                        "unknown trim cut short",
+                        format!("{} cut short a trim that is not pending: {v}", Sim::name(n)),
+                    ),
+                }
             }
             "pause-started" => {
                 self.stats.pauses += 1;

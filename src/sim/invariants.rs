@@ -66,7 +66,7 @@ impl Sim {
         if w.uncertain {
             return;
         }
-        for s in w.sectors() {
+        for s in w.applied() {
             let d = self.nodes[n].disk.durable[s as usize];
             if d != w.value(id, s) && self.model.older_than(d, &w) {
                 self.violate(

@@ -10,6 +10,11 @@
 //! that were concurrent therefore all stay acceptable, and a write whose reply
 //! was an error may or may not have landed.
 //!
+//! A trim supersedes nothing: the node may answer a large one before it
+//! discarded all of it (its time budget, core/split.rs), and an NBD TRIM is
+//! advisory anyway. So after a trim a sector may read as zero or as any value
+//! it could show before; the trim forgets no history either.
+//!
 //! Crashes: a write is *durable* once it was FUA, or a flush issued after its
 //! reply succeeded on the node that acknowledged it. When that node loses
 //! power, its acknowledged writes that were not durable become *uncertain*:
@@ -64,6 +69,9 @@ pub struct WriteRec {
     pub replicating_at_issue: Option<u64>,
     /// The acknowledging node's own disk was not up to date: the peer held the only good copy.
     pub peer_only: bool,
+    /// A trim whose node answered it with its time budget spent: the sector
+    /// from which on it discarded nothing (core/split.rs).
+    pub skipped_from: Option<u64>,
 }
 
 impl WriteRec {
@@ -116,6 +124,12 @@ impl WriteRec {
 
     pub fn sectors(&self) -> std::ops::Range<u64> {
         self.first..self.first + self.n
+    }
+
+    /// The sectors its node applied, if it succeeded: all but what a trim
+    /// cut short by its time budget skipped.
+    pub fn applied(&self) -> std::ops::Range<u64> {
+        self.first..self.skipped_from.unwrap_or(self.first + self.n)
     }
 }
 
@@ -175,6 +189,7 @@ impl Model {
                 mirrored: 0,
                 replicating_at_issue: None,
                 peer_only: false,
+                skipped_from: None,
             }],
             hist: vec![Vec::new(); initial.len()],
             base: initial.iter().map(|v| Some(vec![*v])).collect(),
@@ -228,6 +243,7 @@ impl Model {
             mirrored: 0,
             replicating_at_issue: None,
             peer_only: false,
+            skipped_from: None,
         });
         for s in first..first + n {
             self.hist[s as usize].push(id);
@@ -277,7 +293,8 @@ impl Model {
         self.nondurable[node].retain(|w| *w != id);
         let w = &mut self.writes[id as usize];
         w.durable = true;
-        if !w.uncertain {
+        // A trim forgets nothing: it supersedes nothing (module doc).
+        if !w.uncertain && w.kind != Kind::Trim {
             self.prunable.push(id);
         }
     }
@@ -381,7 +398,8 @@ impl Model {
         let mut sup = 0;
         for id in hist {
             let w = &self.writes[*id as usize];
-            if w.ok && w.done < start && !w.uncertain {
+            // A trim supersedes nothing (module doc).
+            if w.ok && w.done < start && !w.uncertain && w.kind != Kind::Trim {
                 sup = sup.max(w.issue);
             }
         }
@@ -516,5 +534,22 @@ mod tests {
         m.crash(1, 60, true);
         assert_eq!(m.acceptable(1, 61, 62), vec![0]);
         assert!(m.older_than(value_of(a, 1), &m.writes[d as usize].clone()));
+    }
+
+    #[test]
+    fn a_trim_supersedes_nothing() {
+        let mut m = Model::new(&[0; 2]);
+        let a = m.issue(0, 0, 1, Kind::Write, true, 10);
+        m.reply(a, true, 11);
+        let t = m.issue(0, 0, 2, Kind::Trim, true, 20);
+        m.reply(t, true, 21);
+        m.prune(u64::MAX);
+        // Cut short by its budget or not: the old value and zero both stay.
+        assert_eq!(m.acceptable(0, 30, 31), vec![value_of(a, 0), 0]);
+        // A write after it supersedes both.
+        let b = m.issue(0, 0, 1, Kind::Write, true, 40);
+        m.reply(b, true, 41);
+        m.prune(u64::MAX);
+        assert_eq!(m.acceptable(0, 50, 51), vec![value_of(b, 0)]);
     }
 }

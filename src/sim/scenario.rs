@@ -38,6 +38,10 @@ pub struct Scenario {
     /// (split by the node). Drawn from the seed apart from every other draw,
     /// so that the seeds without them run exactly as before they existed.
     pub large_zeroing: bool,
+    /// The core's TRIM time budget and piece size (core/split.rs): the
+    /// daemon's defaults, or a budget of a few ms and pieces of one extent.
+    pub trim_budget_ms: u64,
+    pub max_piece_extents: u64,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
@@ -146,6 +150,8 @@ impl Scenario {
             // Drawn last: earlier draws (and so older seeds' other choices) stay.
             fencing: rng.chance(0.3),
             large_zeroing: false,
+            trim_budget_ms: crate::core::TRIM_BUDGET_MS,
+            max_piece_extents: crate::core::MAX_PIECE_EXTENTS,
         }
     }
 
@@ -175,6 +181,8 @@ impl Scenario {
             timeout_ms: self.timeout_ms,
             ko_count: self.ko_count,
             max_io: 32 << 20,
+            trim_budget_ms: self.trim_budget_ms,
+            max_piece_extents: self.max_piece_extents,
         }
     }
 
