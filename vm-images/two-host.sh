@@ -28,9 +28,7 @@
 # Environment: VM_BACKEND=uml|qemu forces a backend (default: UML where it
 # boots); VM_TIMEOUT (alpha's limit, default 900 s; every limit here is 4x
 # under QEMU), VM_KEEP=1 (or
-# VM_SMOKE_KEEP=1) keeps the work folder with all logs after a pass,
-# VM_ALLOW_NBD_TIMEOUTS=1 turns the last check (the kernel NBD client timed
-# out no request and kept its connections) into a warning.
+# VM_SMOKE_KEEP=1) keeps the work folder with all logs after a pass.
 # VM_DISK_SIZE (default 4G), VM_DELAY_MS (default 300) and VM_DELAY_SECS
 # (default 25) for the dm-delay phase. The figures (initial sync, mkfs, the
 # dm-delay phase) are printed at the end.
@@ -221,18 +219,17 @@ say "data areas identical ($size_a bytes, sha256 $sum...; compared in $(since "$
 
 echo "--- figures:"
 cat "$common"/*.figures
-# Last, so that everything above is measured: a request the kernel's NBD
-# client timed out (nbd-client -t 90) costs its connection for good.
-lost=
+# Last, so that everything above is measured: the kernel reported no I/O
+# error on the device and every boot ended with its 4 connections. (Request
+# timeouts outside mkfs, where the guest test fails on any, are figures: the
+# attach agent replaces the socket the kernel gave up and the request is sent
+# again, docs/OPERATIONS.md; a peer disk at 300 ms per I/O can hold a write
+# past the 15 s request timeout.)
+bad=
 for f in "$common"/*.kclient; do
-    read -r n clients <"$f" || fail "unreadable $f"
-    [ "$n" = 0 ] && [ "$clients" = 4 ] || lost+=" $(basename "$f" .kclient) ($n timeouts, $clients connections)"
+    read -r n clients io <"$f" || fail "unreadable $f"
+    [ "$clients" = 4 ] && [ "${io:-0}" = 0 ] || bad+=" $(basename "$f" .kclient) ($n timeouts, $clients connections, ${io:-?} I/O errors)"
 done
-if [ -n "$lost" ]; then
-    # Known (docs/OPERATIONS.md, "Known problems"): mkfs's discard on UML's
-    # slow-discarding disk outlasts -t 90 until mirrord bounds a TRIM's time.
-    [ "${VM_ALLOW_NBD_TIMEOUTS:-0}" = 1 ] || fail "the kernel NBD client timed out requests and lost connections:$lost"
-    say "WARNING (VM_ALLOW_NBD_TIMEOUTS=1): the kernel NBD client timed out requests and lost connections:$lost"
-fi
+[ -z "$bad" ] || fail "the kernel NBD client lost connections or saw I/O errors:$bad"
 say "PASS (backend $VM_BACKEND; image ${t_image}s, phase 1 ${t_phase1}s, beta rejoin ${t_rejoin}s, guests ${t_guests}s, total $(since "$t_all")s)"
 if [ "${VM_KEEP:-${VM_SMOKE_KEEP:-0}}" = 1 ]; then say "kept $work"; else rm -rf "$work"; fi

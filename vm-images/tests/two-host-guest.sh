@@ -81,17 +81,21 @@ dm_delay() {
 link_drops() {
     journalctl --no-pager -o cat -u "mirrord@$R" | grep -c '"event":"peer-disconnected"' || true
 }
-# Requests the kernel's NBD client timed out in this boot (each costs one of
-# its connections for good: nbd-client 3.24 never replaces it).
+# Requests the kernel's NBD client timed out in this boot (the attach agent
+# replaces the socket the kernel gave up; the request is sent again).
 nbd_timeouts() { dmesg | grep -c 'nbd0: Connection timed out' || true; }
-# kernel_client: this boot's request timeouts and connections left, for the
-# host's check ("TIMEOUTS CONNECTIONS" in the common folder).
+# I/O errors the kernel reported on the device in this boot.
+nbd_io_errors() { dmesg | grep -c 'I/O error, dev nbd0' || true; }
+# kernel_client: this boot's request timeouts, I/O errors and connections
+# left, for the host's check ("TIMEOUTS CONNECTIONS IO_ERRORS" in the common
+# folder).
 kernel_client() {
-    local n clients
+    local n clients io
     n=$(nbd_timeouts)
+    io=$(nbd_io_errors)
     clients=$(ctl status --json | jq .nbd_clients)
-    figure "kernel NBD client ($phase boot): $n request timeouts, $clients of 4 connections left"
-    echo "$n $clients" >"$C/$node-$phase.kclient"
+    figure "kernel NBD client ($phase boot): $n request timeouts, $io I/O errors, $clients of 4 connections left"
+    echo "$n $clients $io" >"$C/$node-$phase.kclient"
 }
 # A figure for the report: this node's figures file in the common folder,
 # which the host prints.
@@ -220,6 +224,9 @@ mkfs_ocfs2() {
     [ "$drops" -eq 0 ]
     jq -e '.peer.connection == "connected" and .peer.replication == "established"
            and .out_of_sync_bytes == 0 and .split_brain == false' "$S/status-mkfs.json" >/dev/null
+    # Every TRIM of mkfs's discard is answered within the kernel's request
+    # timeout (mirrord's TRIM budget, docs/ARCHITECTURE.md).
+    [ "$(( $(nbd_timeouts) - kt0 ))" -eq 0 ]
 }
 # barrier=1: OCFS2 mounts without barriers by default, and then its fsync
 # sends no FLUSH to the device: fsync'd writes finished in 45 ms while the
