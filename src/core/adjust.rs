@@ -1,38 +1,37 @@
 //! `mirrorctl adjust`: the part of the config a running node takes without a
-//! restart. Every value here is read where it is used (the tick, the resync
-//! planner, the split-brain decision), so a change applies from the next use.
+//! restart. Every value the core holds in its [`CoreConfig`] is read where it is
+//! used (the tick, the resync planner, the split-brain decision), so a change
+//! applies from the next use. Which keys are live is decided once, in
+//! `config::adjust`; the daemon rebuilds the whole core config from the adjusted
+//! settings with the same function it starts the node with.
 
 use serde_json::json;
 
 use super::node::Node;
-
-/// The adjustable settings of [`super::CoreConfig`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tunables {
-    pub sync_rate: u64,
-    pub sync_checksum: bool,
-    pub split_brain: crate::config::SplitBrain,
-    pub ping_interval_ms: u64,
-    pub ping_timeout_ms: u64,
-    pub timeout_ms: u64,
-    pub ko_count: u64,
-    pub connect_retry_ms: u64,
-    pub reconnect_grace_ms: u64,
-}
+use super::types::CoreConfig;
 
 impl Node {
-    /// Takes new tunables and reports the change as an `adjusted` event.
-    pub fn adjust(&mut self, t: Tunables, changes: Vec<String>) {
-        let c = &mut self.cfg;
-        c.sync_rate = t.sync_rate;
-        c.sync_checksum = t.sync_checksum;
-        c.split_brain = t.split_brain;
-        c.ping_interval_ms = t.ping_interval_ms;
-        c.ping_timeout_ms = t.ping_timeout_ms;
-        c.timeout_ms = t.timeout_ms;
-        c.ko_count = t.ko_count;
-        c.connect_retry_ms = t.connect_retry_ms;
-        c.reconnect_grace_ms = t.reconnect_grace_ms;
+    /// Takes the core config built from the adjusted settings and reports the
+    /// change as an `adjusted` event. What identifies the node and its disk
+    /// cannot change here (config::adjust refuses those keys).
+    pub fn adjust(&mut self, new: CoreConfig, changes: Vec<String>) {
+        let c = &self.cfg;
+        assert_eq!(
+            (&c.resource, &c.node, &c.peer, c.data_size),
+            (&new.resource, &new.node, &new.peer, new.data_size),
+            "adjust changed what identifies the node"
+        );
+        assert_eq!(
+            (c.protocol, c.al_slots, c.bitmap_bits_per_page, c.max_io),
+            (
+                new.protocol,
+                new.al_slots,
+                new.bitmap_bits_per_page,
+                new.max_io
+            ),
+            "adjust changed a key that needs a restart"
+        );
+        self.cfg = new;
         self.notify("adjusted", json!({ "changes": changes }));
     }
 }

@@ -26,7 +26,6 @@ mod split;
 mod stop;
 mod types;
 
-pub use adjust::Tunables;
 pub use node::Node;
 pub use split::MAX_PIECE_EXTENTS;
 pub use types::*;

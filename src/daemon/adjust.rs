@@ -6,22 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{lock, metrics, Shared};
-use crate::config::{self, Settings};
-use crate::core::Tunables;
-
-fn tunables(s: &Settings) -> Tunables {
-    Tunables {
-        sync_rate: s.sync.rate,
-        sync_checksum: s.sync.checksum,
-        split_brain: s.split_brain.clone(),
-        ping_interval_ms: s.net.ping_interval_ms,
-        ping_timeout_ms: s.net.ping_timeout_ms,
-        timeout_ms: s.net.timeout_ms,
-        ko_count: s.net.ko_count,
-        connect_retry_ms: s.net.connect_retry_ms,
-        reconnect_grace_ms: s.net.reconnect_grace_ms,
-    }
-}
+use crate::config;
 
 fn list(changes: &[config::adjust::Change]) -> String {
     changes
@@ -74,7 +59,11 @@ pub fn adjust(shared: &Arc<Shared>, dry_run: bool) -> Result<String, String> {
         None
     };
     let changes = plan.live.iter().map(|c| c.to_string()).collect();
-    shared.with_core(|n| n.adjust(tunables(&next), changes));
+    shared.with_core(|n| {
+        let c = n.config();
+        let core = super::setup::core_config(&next, c.data_size, c.al_slots as u32, c.max_io);
+        n.adjust(core, changes)
+    });
     if let Some(bound) = metrics_move {
         if let Some(old) = shared.serve_metrics(bound) {
             // Aborted; once it has ended its port is closed (bounded wait: it ends at once).
