@@ -26,7 +26,10 @@
 #
 # Network: a namespace created here with a bridge and one tap per guest
 # (10.99.0.1, 10.99.0.2); deleted on exit. VM_KEEP=1 keeps the work folder
-# (fio JSON per job, guest logs, CPU readings).
+# (fio JSON per job, guest logs, CPU readings). VM_BENCH_MIRROR_TOML: TOML
+# appended to nbd-mirror's config for a comparison run (e.g. "[nbd]
+# busy-poll-us = 0"); the table then says that nbd-mirror was not at its
+# defaults.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -49,15 +52,21 @@ seconds=${VM_BENCH_SECONDS:-15}
     fail "VM_BENCH_ROUNDS and VM_BENCH_SECONDS must be whole numbers above 0"
 t_all=$(now)
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+# What a system call costs here (as the guest measures it in itself).
+t=$(now)
+dd if=/dev/zero of=/dev/null bs=1 count=50000 status=none
+host_syscall=$(awk -v a="$t" -v b="$(now)" 'BEGIN { printf "%.1f µs", (b - a) * 1e6 / 100000 }')
 image=$("$here/build-image.sh")
 vm_select_backend "$image"
+declare -A pids=()
 # The work and common folders, the network namespace, the guests killed on exit.
 vm_two_guests bench-vm
-declare -A pids=()
 {
     toml_table resource name=r0 protocol=C shared-secret-file=/etc/nbd-mirror/r0.secret
     toml_node alpha 10.99.0.1:7789 /dev/vm/disk1 internal
     toml_node beta 10.99.0.2:7789 /dev/vm/disk1 internal
+    # Not the defaults: for a comparison run only (printed with the table).
+    [ -z "${VM_BENCH_MIRROR_TOML:-}" ] || printf '%s\n' "$VM_BENCH_MIRROR_TOML"
 } >"$common/r0.toml"
 # Written out (zeros), not sparse: nbd-mirror's checksummed initial sync
 # skips blocks that are equal and leaves beta's file sparse, DRBD's writes
@@ -147,6 +156,8 @@ out=$repo/.cache/vm/bench-vm-results.md
     echo "bench-vm $(date -u +'%Y-%m-%d %H:%M UTC'): backend $VM_BACKEND ($VM_BACKEND_REASON).$caveat"
     echo "$rounds rounds, order alternating, ${seconds} s per job after a 2 s ramp; disks $disk_size per system per guest (files of zeros); guests 768M, systemd."
     echo "host: $(nproc) CPUs, Linux $(uname -r); load average at the start $load_start, at the end $load_end."
+    [ -z "${VM_BENCH_MIRROR_TOML:-}" ] || echo "nbd-mirror NOT at its defaults: VM_BENCH_MIRROR_TOML='$(printf '%s' "$VM_BENCH_MIRROR_TOML" | tr '\n' ' ')'."
+    echo "host system call cost: $host_syscall (the guests' below)."
     sed 's/^/guest /' "$common"/*.figures
     echo
     echo "| workload | DRBD 8.4 | nbd-mirror | nbd-mirror / DRBD | rounds DRBD / nbd-mirror | mean latency µs DRBD / nbd-mirror | host CPU % alpha+beta DRBD / nbd-mirror | host CPU per MiB (ms) or per write (µs) DRBD / nbd-mirror |"

@@ -58,9 +58,9 @@ t=$(now)
 image=$("$here/build-image.sh")
 t_image=$(since "$t")
 vm_select_backend "$image"
+declare -A pids=()
 # The work and common folders, the network namespace, the guests killed on exit.
 vm_two_guests two-host
-declare -A pids=()
 {
     toml_table resource name=r0 protocol=C allow-two-primaries=true auto-promote=true \
         shared-secret-file=/etc/nbd-mirror/r0.secret

@@ -181,7 +181,7 @@ check_links() {
 # under ptrace: a userspace daemon pays for that, an in-kernel one does not).
 syscall_cost() {
     [ "$node" = alpha ] || return 0
-    local t0 n=200000
+    local t0 n=50000
     t0=$(now)
     dd if=/dev/zero of=/dev/null bs=1 count=$n status=none
     figure "system call cost: $(awk -v a="$t0" -v b="$(now)" -v n=$n 'BEGIN { printf "%.1f", (b - a) * 1e6 / (2 * n) }') µs" \
