@@ -851,8 +851,11 @@ impl Node {
         if self.cfg.peer.is_some() {
             self.meta.flags |= md_flags::FULL_SYNC_NEEDED;
             self.bitmap.set_all();
-            let pages = self.bitmap.take_dirty();
-            self.persist_bitmap_pages(pages);
+            // Every page, not only the changed ones: the failed write may have
+            // been pages whose bits were already set in memory (seed 489).
+            self.bitmap.take_dirty();
+            let last = self.bitmap.page_of(self.bitmap.bits().saturating_sub(1));
+            self.persist_bitmap_pages((0..=last).collect());
         }
         self.disk_failed("metadata write failed");
         self.persist_superblock(false);
