@@ -856,6 +856,10 @@ impl Node {
             self.bitmap.take_dirty();
             let last = self.bitmap.page_of(self.bitmap.bits().saturating_sub(1));
             self.persist_bitmap_pages((0..=last).collect());
+            if self.faults.meta_failure_discards_data {
+                // Fault injection (simulator only): the old rule.
+                self.meta.flags &= !md_flags::CONSISTENT;
+            }
         }
         self.disk_failed("metadata write failed");
         self.persist_superblock(false);
