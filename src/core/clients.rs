@@ -81,8 +81,7 @@ impl Node {
         let range = Range::new(offset, u64::from(len));
         let now = self.role == Role::Primary
             && self.clients.contains(&conn)
-            && !self.suspended
-            && self.grace.is_none()
+            && !self.freeze.frozen()
             && self.session.handshake.is_none()
             && self.session.promote_confirm.is_none()
             && !self.gate_writes

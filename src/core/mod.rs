@@ -11,6 +11,7 @@ mod adjust;
 pub mod bitmap;
 mod clients;
 mod fencing;
+mod freeze;
 pub mod gi;
 mod grace;
 mod links;

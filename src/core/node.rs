@@ -241,12 +241,8 @@ pub struct Node {
     pub(super) out: Vec<Action>,
     pub(super) resync: Option<Resync>,
     pub(super) split_brain: bool,
-    /// Writes frozen while the fence-peer handler runs (see fencing.rs).
-    pub(super) suspended: bool,
-    /// A link blip between two primaries, within its grace (grace.rs).
-    pub(super) grace: Option<super::grace::Grace>,
-    /// The running fence-peer handler's id.
-    pub(super) fence_id: Option<u64>,
+    /// What holds local writes: fencing's suspension, a pause (freeze.rs).
+    pub(super) freeze: super::freeze::Freeze,
     /// This node crashed while primary and has not synced since.
     pub(super) crashed_primary: bool,
     /// Primary because an NBD client arrived: demoted when the last one leaves.
@@ -342,9 +338,7 @@ impl Node {
             out: Vec::new(),
             resync: None,
             split_brain: false,
-            suspended: false,
-            grace: None,
-            fence_id: None,
+            freeze: super::freeze::Freeze::default(),
             crashed_primary: false,
             auto_promoted: false,
             link_epoch: 0,
@@ -595,7 +589,7 @@ impl Node {
                 ..self.sync_stats
             },
             split_brain: self.split_brain,
-            suspended: self.suspended || self.grace.is_some(),
+            suspended: self.freeze.frozen(),
         }
     }
 
@@ -890,7 +884,7 @@ impl Node {
             return;
         }
         let frozen =
-            (self.suspended || self.grace.is_some()) && !matches!(req, IoRequest::Read { .. });
+            (self.freeze.frozen()) && !matches!(req, IoRequest::Read { .. });
         if self.session.handshake.is_some() || self.session.promote_confirm.is_some() || frozen {
             self.held.push((conn, cookie, req));
             return;
@@ -946,7 +940,7 @@ impl Node {
     /// Requests held during the connection handshake go on now (after the
     /// writes a pause left unanswered, issued again first).
     pub(super) fn release_held(&mut self) {
-        if self.grace.is_some() && self.replicating() {
+        if self.freeze.grace().is_some() && self.replicating() {
             self.end_pause_reconnected();
         }
         if !self.al_waiting.is_empty() {
@@ -1631,7 +1625,7 @@ impl Node {
         let mut answers_parent = None;
         let mut piece_answer = None;
         let mut client_answer = None;
-        if !r.replied && !r.local_pending && peer_ok && !self.suspended {
+        if !r.replied && !r.local_pending && peer_ok && !self.freeze.suspended() {
             r.replied = true;
             let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
             match (r.parent, r.split) {

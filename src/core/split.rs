@@ -118,8 +118,7 @@ impl Node {
     fn local_writes_held(&self) -> bool {
         self.session.handshake.is_some()
             || self.session.promote_confirm.is_some()
-            || self.suspended
-            || self.grace.is_some()
+            || self.freeze.frozen()
     }
 
     /// While replicating: whether the peer holds too many of our writes that
