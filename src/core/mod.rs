@@ -24,6 +24,7 @@ mod replication;
 mod resync;
 mod session;
 mod split;
+mod sync_state;
 mod stop;
 mod types;
 

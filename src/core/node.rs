@@ -9,7 +9,6 @@ use serde_json::json;
 use super::activity_log::{ActivityLog, Admit, EXTENT};
 use super::bitmap::{Bitmap, BLOCK};
 use super::ordering::{DiskOrder, Range};
-use super::resync::Resync;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
 
@@ -239,7 +238,6 @@ pub struct Node {
     pub(super) boot_flushed: bool,
     pub(super) last_bitmap_save_ms: u64,
     pub(super) out: Vec<Action>,
-    pub(super) resync: Option<Resync>,
     pub(super) split_brain: bool,
     /// What holds local writes: fencing's suspension, a pause (freeze.rs).
     pub(super) freeze: super::freeze::Freeze,
@@ -249,18 +247,10 @@ pub struct Node {
     pub(super) auto_promoted: bool,
     /// Incremented on every new peer connection; acks of older links are dropped.
     pub(super) link_epoch: u64,
-    pub(super) last_verify: Option<u64>,
-    /// A verify the lost link cut: (first block not verified, differing so far).
-    pub(super) verify_resume: Option<(u64, u64)>,
-    /// Resync counters for `status` (bytes moved, resyncs run).
-    pub(super) sync_stats: SyncCounters,
+    /// The resync this node drives or receives, verify results (sync_state.rs).
+    pub(super) sync: super::sync_state::SyncState,
     /// TRIMs cut short by their time budget (core/split.rs).
     pub(super) trim_budget_stats: TrimBudgetStats,
-    /// Progress of the resync this node receives, while it is sync target.
-    pub(super) sync_target: Option<super::resync::TargetProgress>,
-    /// Ranges of our writes the peer failed (error acks) while this node is sync
-    /// target: the clear-all at the end of the resync must leave them marked.
-    pub(super) target_neg_acked: Vec<Range>,
     /// Deliberate bugs for the simulator's fault tests (never set by the daemon).
     pub(super) faults: Faults,
 }
@@ -336,18 +326,13 @@ impl Node {
             boot_flushed: false,
             last_bitmap_save_ms: 0,
             out: Vec::new(),
-            resync: None,
             split_brain: false,
             freeze: super::freeze::Freeze::default(),
             crashed_primary: false,
             auto_promoted: false,
             link_epoch: 0,
-            last_verify: None,
-            verify_resume: None,
-            sync_stats: SyncCounters::default(),
+            sync: super::sync_state::SyncState::default(),
             trim_budget_stats: TrimBudgetStats::default(),
-            sync_target: None,
-            target_neg_acked: Vec::new(),
             faults: Faults::default(),
             meta: meta.clone(),
             cfg,
@@ -481,7 +466,7 @@ impl Node {
             && self.splits.is_empty()
             && self.writes.is_empty()
             && self.ios.is_empty()
-            && self.resync.is_none()
+            && self.sync.source().is_none()
     }
 
     pub(super) fn notify(&mut self, event: &str, mut detail: serde_json::Value) {
@@ -585,8 +570,8 @@ impl Node {
             }),
             resync: self.resync_status(),
             sync: SyncCounters {
-                last_verify_differing_blocks: self.last_verify,
-                ..self.sync_stats
+                last_verify_differing_blocks: self.sync.last_verify(),
+                ..self.sync.stats()
             },
             split_brain: self.split_brain,
             suspended: self.freeze.frozen(),
@@ -1711,7 +1696,7 @@ impl Node {
         // writes without the peer): an interrupted resync resumes near where it was,
         // and `dump-md` on a running node shows what is out of sync.
         // The sync target too: its bitmap is what an interrupted resync resumes from.
-        let changing = self.resync.is_some()
+        let changing = self.sync.source().is_some()
             || self.repl == Replication::SyncTarget
             || (self.cfg.peer.is_some() && !self.replicating());
         if changing
@@ -1799,7 +1784,7 @@ impl Node {
             AdminCmd::Resync { full, checksum } => self.admin_resync(full, checksum),
             AdminCmd::Verify => {
                 // An operator's verify starts from the beginning.
-                self.verify_resume = None;
+                self.sync.forget_verify_resume();
                 self.admin_verify()
             }
             AdminCmd::Invalidate => self.admin_invalidate(),
