@@ -15,6 +15,7 @@ mod freeze;
 pub mod gi;
 mod grace;
 mod links;
+mod meta_txn;
 mod node;
 pub mod ordering;
 #[cfg(test)]

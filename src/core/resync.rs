@@ -923,7 +923,7 @@ impl Node {
         // eviction marked them (simulator finding: an eviction during the resync
         // marked one, this cleared it, the peer lost it in a power cut, and the
         // block differed unmarked).
-        let active = self.al.as_ref().map(|al| al.active()).unwrap_or_default();
+        let active = self.txn.al().map(|al| al.active()).unwrap_or_default();
         let uncovered: Vec<Range> = self
             .unflushed
             .values()

@@ -49,7 +49,7 @@ impl Node {
         }
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        if let Some(al) = self.al.as_mut().filter(|_| data_flushed) {
+        if let Some(al) = self.txn.al_mut().filter(|_| data_flushed) {
             if al.reset_idle() {
                 let id = self.new_id();
                 self.out.push(Action::Persist {
