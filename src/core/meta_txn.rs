@@ -93,7 +93,10 @@ impl MetaTxns {
 
     /// Local write `wid` waits for an activity-log transaction.
     pub(super) fn wait_for_al(&mut self, wid: u64) {
-        assert!(self.al.is_some(), "a write waits for an activity log it has");
+        assert!(
+            self.al.is_some(),
+            "a write waits for an activity log it has"
+        );
         debug_assert!(!self.al_waiting.contains(&wid));
         self.al_waiting.push(wid);
         self.invariants();
@@ -106,14 +109,20 @@ impl MetaTxns {
 
     /// Those of [`MetaTxns::take_waiting`] still not admitted, in order.
     pub(super) fn put_back_waiting(&mut self, still: Vec<u64>) {
-        assert!(self.al_waiting.is_empty(), "waiters added while readmitting");
+        assert!(
+            self.al_waiting.is_empty(),
+            "waiters added while readmitting"
+        );
         self.al_waiting = still;
         self.invariants();
     }
 
     /// An activity-log transaction `id` starts (its flush or its write).
     pub(super) fn begin_al_txn(&mut self, id: u64) {
-        assert!(self.al_txn.is_none(), "one activity-log transaction at a time");
+        assert!(
+            self.al_txn.is_none(),
+            "one activity-log transaction at a time"
+        );
         assert!(self.al.is_some());
         self.al_txn = Some(id);
         self.invariants();
@@ -121,7 +130,10 @@ impl MetaTxns {
 
     /// The transaction's data flush is done: its write `id` follows.
     pub(super) fn al_txn_write(&mut self, id: u64) {
-        assert!(self.al_txn.is_some(), "an activity-log flush without its transaction");
+        assert!(
+            self.al_txn.is_some(),
+            "an activity-log flush without its transaction"
+        );
         self.al_txn = Some(id);
         self.invariants();
     }

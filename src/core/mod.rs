@@ -25,8 +25,8 @@ mod replication;
 mod resync;
 mod session;
 mod split;
-mod sync_state;
 mod stop;
+mod sync_state;
 mod types;
 
 pub use node::Node;

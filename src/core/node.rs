@@ -840,8 +840,7 @@ impl Node {
             self.reply(conn, cookie, Err(errno::EPERM));
             return;
         }
-        let frozen =
-            (self.freeze.frozen()) && !matches!(req, IoRequest::Read { .. });
+        let frozen = (self.freeze.frozen()) && !matches!(req, IoRequest::Read { .. });
         if self.session.handshake.is_some() || self.session.promote_confirm.is_some() || frozen {
             self.held.push((conn, cookie, req));
             return;
@@ -1218,7 +1217,12 @@ impl Node {
             return;
         };
         // For the first waiting write only (the others wait behind it).
-        let ranges: Vec<Range> = self.writes.get(&first).map(|e| e.range).into_iter().collect();
+        let ranges: Vec<Range> = self
+            .writes
+            .get(&first)
+            .map(|e| e.range)
+            .into_iter()
+            .collect();
         // No activity log: a resource without a peer keeps none.
         let Some(al) = self.txn.al_mut() else { return };
         // No transaction possible now (every slot held by writes in flight): it
@@ -1667,10 +1671,7 @@ impl Node {
         let changing = self.sync.source().is_some()
             || self.repl == Replication::SyncTarget
             || (self.cfg.peer.is_some() && !self.replicating());
-        if changing
-            && self.bitmap.has_dirty()
-            && self.txn.bitmap_save_due(now_ms)
-        {
+        if changing && self.bitmap.has_dirty() && self.txn.bitmap_save_due(now_ms) {
             let pages = self.bitmap.take_dirty();
             self.persist_bitmap_pages(pages);
         }

@@ -246,7 +246,9 @@ impl Node {
         self.repl = Replication::Off;
         self.session = PeerSession::new(self.now_ms);
         self.stop_resync();
-        assert!(!self.replicating() && self.sync.source().is_none() && self.session.handshake.is_none());
+        assert!(
+            !self.replicating() && self.sync.source().is_none() && self.session.handshake.is_none()
+        );
         assert!(matches!(
             self.conn,
             ConnState::Connecting | ConnState::Standalone

@@ -65,7 +65,10 @@ impl SyncState {
 
     /// A finished verify's result.
     pub(super) fn verify_finished(&mut self, differing_blocks: u64) {
-        assert!(self.source.is_none(), "the verify is taken before it finishes");
+        assert!(
+            self.source.is_none(),
+            "the verify is taken before it finishes"
+        );
         self.last_verify = Some(differing_blocks);
     }
 
