@@ -127,7 +127,7 @@ attach() {
 
 mirrord_pid() { systemctl show -p MainPID --value "mirrord@$R.service"; }
 agent_pid() { systemctl show -p MainPID --value "nbd-attach@$R.service"; }
-agent_rounds() { journalctl -u "nbd-attach@$R" -o cat --no-pager 2>/dev/null | grep -c 'reconfigured with fresh connections'; }
+agent_rounds() { journalctl -u "nbd-attach@$R" -o cat --no-pager 2>/dev/null | grep -c 'reconfigured with fresh connections' || true; }
 nbd_sockets() { ss -xH state connected src "/run/nbd-mirror/$R.nbd" 2>/dev/null | wc -l; }
 nbd_clients() { ctl status --json 2>/dev/null | jq -r '.nbd_clients // 0' 2>/dev/null || echo 0; }
 all_connected() { [ "$(nbd_sockets)" -eq "$CONNS" ] && [ "$(nbd_clients)" = "$CONNS" ]; }
