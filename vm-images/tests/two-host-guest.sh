@@ -406,6 +406,7 @@ mirrord_event_phase() {
         "$(grep -c 'Connection timed out' "$k" || true), hb write hung $(grep -c 'hb write hung' "$k" || true)," \
         "agent reconnects $((rounds0)) -> $(agent_rounds), $(nbd_sockets) sockets / $(nbd_clients) of $CONNS clients," \
         "out of sync $(jq .out_of_sync_bytes "$S/status-ev-$kind.json"), split brain $(jq .split_brain "$S/status-ev-$kind.json")"
+    journalctl --no-pager -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" >"$S/journal-ev-$kind.log" 2>&1 || true
     cp "$S/delay-own.sha256" "$C/$node.delay-own.sha256"
     [ -z "$problems" ] || { echo "$kind: FAILED${problems}"; return 1; }
 }
