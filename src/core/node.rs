@@ -838,22 +838,33 @@ impl Node {
     }
 
     /// A metadata write failed (EIO): what is on the metadata disk (bitmap,
-    /// activity log, identifiers) may no longer say what differs from the peer,
-    /// so this disk is not trusted again without a full sync. It fails now (as
-    /// DRBD detaches on a meta-data I/O error), and the next start finds it
-    /// inconsistent, to be synced whole from the peer (simulator finding: a lost
-    /// bitmap page left an outdated node whose bitmap-based resync missed blocks).
+    /// activity log, identifiers) may no longer say what differs from the peer.
+    /// The disk fails now (as DRBD detaches on a meta-data I/O error), like a
+    /// data-disk error: it takes no more writes, and after a restart it is
+    /// outdated until a sync. Its data stays what it was (it may be the only copy
+    /// of acknowledged writes: marking it inconsistent threw those away in a sync
+    /// from an older peer, simulator finding), but every block counts as out of
+    /// sync, so the next resync, in whichever direction the identifiers decide,
+    /// moves all of it (simulator finding: a lost bitmap page made a bitmap-based
+    /// resync miss blocks).
     fn meta_write_failed(&mut self) {
-        let was_failed = self.disk == DiskState::Failed;
         if self.cfg.peer.is_some() {
-            self.meta.flags &= !md_flags::CONSISTENT;
             self.meta.flags |= md_flags::FULL_SYNC_NEEDED;
+            self.bitmap.set_all();
+            // Every page, not only the changed ones: the failed write may have
+            // been pages whose bits were already set in memory (seed 489).
+            self.bitmap.take_dirty();
+            let last = self.bitmap.page_of(self.bitmap.bits().saturating_sub(1));
+            self.persist_bitmap_pages((0..=last).collect());
+            if self.faults.meta_failure_discards_data {
+                // Fault injection (simulator only): the old rule.
+                self.meta.flags &= !md_flags::CONSISTENT;
+            }
         }
         self.disk_failed("metadata write failed");
-        if was_failed && self.cfg.peer.is_some() {
-            self.persist_superblock(false);
-        }
+        self.persist_superblock(false);
         assert_eq!(self.disk, DiskState::Failed);
+        assert!(self.cfg.peer.is_none() || self.bitmap.count() == self.bitmap.bits());
     }
 
     pub(super) fn disk_failed(&mut self, why: &str) {
