@@ -132,6 +132,7 @@ fn main() {
     let mut meta_seeds = 0u64;
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut pauses, mut pauses_back, mut reissued, mut overlapping) = (0u64, 0u64, 0u64, 0u64);
+    let (mut start_pauses, mut start_pauses_back) = (0u64, 0u64);
     let mut resends = sim::Stats::default();
     for o in &results {
         resends.timeouts += o.stats.timeouts;
@@ -143,6 +144,8 @@ fn main() {
         resends.replies_lost += o.stats.replies_lost;
         pauses += o.stats.pauses;
         pauses_back += o.stats.pauses_reconnected;
+        start_pauses += o.stats.start_pauses;
+        start_pauses_back += o.stats.start_pauses_reconnected;
         reissued += o.stats.writes_reissued;
         overlapping += o.stats.overlapping_cuts;
         links += o.stats.links;
@@ -192,6 +195,9 @@ fn main() {
     );
     eprintln!(
         "mirror-sim: {pauses} link pauses between two primaries, {pauses_back} ended by a reconnect, {reissued} writes issued again, {overlapping} cuts with overlapping writes in flight on both sides"
+    );
+    eprintln!(
+        "mirror-sim: {start_pauses} start pauses of a dual-primary node (writes held until the peer), {start_pauses_back} ended by the link"
     );
     eprintln!(
         "mirror-sim: client resends: {} request timeouts, {} stalled readers, {} writes sent again after a crash; {} duplicated requests (copies sent), {} of them while another copy was in flight; {} copies read after their connection was shut (dropped), {} replies lost on shut connections",

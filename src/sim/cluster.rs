@@ -243,6 +243,9 @@ pub struct Stats {
     /// sides.
     pub pauses: u64,
     pub pauses_reconnected: u64,
+    /// Start pauses (grace.rs): started, ended by a reconnect.
+    pub start_pauses: u64,
+    pub start_pauses_reconnected: u64,
     pub writes_reissued: u64,
     pub overlapping_cuts: u64,
     /// The kernel client's resends (resend.rs): request timeouts (a connection

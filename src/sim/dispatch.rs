@@ -400,6 +400,9 @@ impl Sim {
                     ),
                 }
             }
+            "pause-started" if v.get("reason").and_then(|x| x.as_str()) == Some("start") => {
+                self.stats.start_pauses += 1;
+            }
             "pause-started" => {
                 self.stats.pauses += 1;
                 let ranges: Vec<(u64, u64)> = v
@@ -421,6 +424,11 @@ impl Sim {
                     }
                 }
                 self.nodes[n].pause = Some((now, ranges));
+            }
+            "pause-ended" if v.get("at_start").and_then(|x| x.as_bool()) == Some(true) => {
+                if v.get("reconnected").and_then(|x| x.as_bool()) == Some(true) {
+                    self.stats.start_pauses_reconnected += 1;
+                }
             }
             "pause-ended" => {
                 self.nodes[n].pause = None;
