@@ -20,6 +20,7 @@ mod node;
 pub mod ordering;
 #[cfg(test)]
 mod pair_tests;
+mod peer_owed;
 mod peer_session;
 mod replication;
 mod resync;

@@ -10,6 +10,7 @@ use super::activity_log::{ActivityLog, Admit, EXTENT};
 use super::bitmap::{Bitmap, BLOCK};
 use super::meta_txn::SbDone;
 use super::ordering::{DiskOrder, Range};
+use super::peer_owed::Recent;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
 
@@ -170,15 +171,6 @@ impl Req {
     }
 }
 
-/// A write the peer has not acknowledged yet (for conflict detection).
-#[derive(Debug)]
-pub(super) struct Recent {
-    pub range: Range,
-    pub req: Option<u64>,
-    /// A local write's operation and FUA, to issue it again after a pause.
-    pub redo: Option<(DiskOp, bool)>,
-}
-
 pub struct Node {
     /// The peer session: what lives exactly as long as one (peer_session.rs).
     pub(super) session: super::peer_session::PeerSession,
@@ -213,16 +205,8 @@ pub struct Node {
     /// Those whose operation completed during the current event: their flushes
     /// start at its end. Empty between events.
     pub(super) fua_flushes: Vec<(ConnId, u64)>,
-    pub(super) recent: BTreeMap<u64, Recent>,
-    /// Local writes the peer acknowledged (seq -> range) but has not flushed yet:
-    /// if the peer loses power they may be gone from its disk, so they are marked
-    /// out of sync when the link is lost (like DRBD's transfer log up to a barrier).
-    pub(super) unflushed: BTreeMap<u64, Range>,
-    /// Flushes sent to the peer (id -> our highest write seq when sent).
-    pub(super) flush_marks: BTreeMap<u64, u64>,
-    pub(super) last_peer_flush_ms: u64,
-    /// Reads sent to the peer: id -> (client, cookie, length asked for).
-    pub(super) peer_reads: HashMap<u64, (ConnId, u64, u32)>,
+    /// What the peer owes us in this session: writes, flushes, reads (peer_owed.rs).
+    pub(super) owed: super::peer_owed::PeerOwed,
     pub(super) now_ms: u64,
     /// The peer connections and which one carries the session (links.rs).
     pub(super) links: super::links::Links,
@@ -300,11 +284,7 @@ impl Node {
             stream_grant: None,
             fua_pending: BTreeSet::new(),
             fua_flushes: Vec::new(),
-            recent: BTreeMap::new(),
-            unflushed: BTreeMap::new(),
-            flush_marks: BTreeMap::new(),
-            last_peer_flush_ms: 0,
-            peer_reads: HashMap::new(),
+            owed: super::peer_owed::PeerOwed::default(),
             now_ms: 0,
             session: super::peer_session::PeerSession::new(0),
             links: super::links::Links::default(),
@@ -437,7 +417,7 @@ impl Node {
         self.reqs.is_empty()
             && self.held.is_empty()
             && self.splits.is_empty()
-            && self.peer_reads.is_empty()
+            && !self.owed.has_reads()
             && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
             && !self
                 .writes
@@ -550,7 +530,7 @@ impl Node {
                 },
                 role: self.session.peer.as_ref().map(|p| p.role),
                 disk: self.session.peer.as_ref().map(|p| p.disk),
-                writes_in_flight: self.recent.len(),
+                writes_in_flight: self.owed.writes_in_flight(),
             }),
             resync: self.resync_status(),
             sync: SyncCounters {
@@ -958,7 +938,7 @@ impl Node {
                 .is_some_and(|p| p.disk == DiskState::UpToDate)
         {
             let id = self.new_id();
-            self.peer_reads.insert(id, (conn, cookie, len));
+            self.owed.read_sent(id, conn, cookie, len);
             self.send(Message::ReadRequest { id, offset, len });
         } else {
             self.reply(conn, cookie, Err(errno::EIO));
@@ -1191,7 +1171,7 @@ impl Node {
                 .and_then(|e| e.pieces.first().cloned())
                 .map(|op| (op, fua));
             debug_assert!(redo.is_some(), "a mirrored local write has its operation");
-            self.recent.insert(
+            self.owed.write_sent(
                 seq,
                 Recent {
                     range,
@@ -1249,7 +1229,7 @@ impl Node {
         // and marks them again from there.
         for e in &evicted {
             let ext = Range::new(*e as u64 * EXTENT, EXTENT);
-            for r in self.unflushed.values() {
+            for r in self.owed.unflushed() {
                 if r.overlaps(&ext) {
                     self.bitmap.set_range(*r);
                 }
@@ -1663,8 +1643,7 @@ impl Node {
             }
             // Keep the peer's unflushed writes few: they would all be resynced if
             // the peer lost power.
-            if !self.unflushed.is_empty() && now_ms.saturating_sub(self.last_peer_flush_ms) >= 1000
-            {
+            if self.owed.flush_due(now_ms, 1000) {
                 let id = self.new_id();
                 self.send_peer_flush(id);
             }
@@ -1691,7 +1670,7 @@ impl Node {
     /// Whether the peer owes us an answer: writes not yet acknowledged, reads,
     /// checksum requests or flushes outstanding.
     fn peer_work_pending(&self) -> bool {
-        !self.recent.is_empty() || !self.peer_reads.is_empty() || !self.flush_marks.is_empty()
+        self.owed.owes_answers()
     }
 
     /// Liveness comes from progress (docs/ARCHITECTURE.md): the peer is dropped

@@ -664,9 +664,9 @@ impl Node {
                         r.done_blocks += n;
                     }
                 } else {
-                    self.recent.insert(
+                    self.owed.write_sent(
                         seq,
-                        super::node::Recent {
+                        super::peer_owed::Recent {
                             range,
                             req: None,
                             redo: None,
@@ -925,8 +925,8 @@ impl Node {
         // block differed unmarked).
         let active = self.txn.al().map(|al| al.active()).unwrap_or_default();
         let uncovered: Vec<Range> = self
-            .unflushed
-            .values()
+            .owed
+            .unflushed()
             .filter(|r| {
                 !r.is_empty() && super::activity_log::extents_of(**r).any(|e| !active.contains(&e))
             })

@@ -44,7 +44,7 @@ impl Node {
         // The link goes with the process: writes the peer has not flushed yet may
         // still be lost there (simulator finding: after a clean stop and the peer's
         // power loss, an in-sync reconnect left the blocks different).
-        for (_, r) in std::mem::take(&mut self.unflushed) {
+        for r in self.owed.take_unflushed() {
             self.bitmap.set_range(r);
         }
         let pages = self.bitmap.take_dirty();
