@@ -9,6 +9,7 @@
 pub mod activity_log;
 mod adjust;
 pub mod bitmap;
+mod client_waits;
 mod clients;
 mod fencing;
 mod freeze;

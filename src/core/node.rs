@@ -183,7 +183,8 @@ pub struct Node {
     pub(super) repl: Replication,
     pub(super) want_connect: bool,
     pub(super) discard_my_data: bool,
-    pub(super) held: Vec<(ConnId, u64, IoRequest)>,
+    /// Requests held, FUA trims waiting for their flush, the stream grant (client_waits.rs).
+    pub(super) waits: super::client_waits::ClientWaits,
     /// Large local writes carried out in pieces (`split.rs`), by split id.
     pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
@@ -197,14 +198,6 @@ pub struct Node {
     pub(super) txn: super::meta_txn::MetaTxns,
     /// A clean stop has begun (`Node::begin_stop`).
     pub(super) stopping: bool,
-    /// The disk op id of the streamed write that just started (taken by `on_stream_write`).
-    pub(super) stream_grant: Option<u64>,
-    /// Trims and write-zeroes with FUA in the core: each is answered after a flush
-    /// (clients.rs). At most one entry per request in the core.
-    pub(super) fua_pending: BTreeSet<(ConnId, u64)>,
-    /// Those whose operation completed during the current event: their flushes
-    /// start at its end. Empty between events.
-    pub(super) fua_flushes: Vec<(ConnId, u64)>,
     /// What the peer owes us in this session: writes, flushes, reads (peer_owed.rs).
     pub(super) owed: super::peer_owed::PeerOwed,
     pub(super) now_ms: u64,
@@ -270,7 +263,7 @@ impl Node {
             repl: Replication::Off,
             want_connect: cfg.peer.is_some(),
             discard_my_data: false,
-            held: Vec::new(),
+            waits: super::client_waits::ClientWaits::default(),
             splits: BTreeMap::new(),
             clients: BTreeSet::new(),
             next_id: 1,
@@ -281,9 +274,6 @@ impl Node {
             bitmap,
             txn: super::meta_txn::MetaTxns::new(al),
             stopping: false,
-            stream_grant: None,
-            fua_pending: BTreeSet::new(),
-            fua_flushes: Vec::new(),
             owed: super::peer_owed::PeerOwed::default(),
             now_ms: 0,
             session: super::peer_session::PeerSession::new(0),
@@ -415,7 +405,7 @@ impl Node {
     /// No NBD request is in flight or held (what a clean stop waits for).
     pub fn clients_idle(&self) -> bool {
         self.reqs.is_empty()
-            && self.held.is_empty()
+            && self.waits.none_held()
             && self.splits.is_empty()
             && !self.owed.has_reads()
             && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
@@ -485,6 +475,7 @@ impl Node {
     // ----- events -----
 
     pub fn handle(&mut self, ev: Event) {
+        debug_assert!(self.waits.between_events());
         match ev {
             Event::Request { conn, cookie, req } => self.on_request(conn, cookie, req),
             Event::DiskDone { id, result } => self.on_disk_done(id, result),
@@ -506,9 +497,10 @@ impl Node {
             Event::StopBegin => self.on_stop_begin(),
             Event::StopFinal { data_flushed } => self.on_stop_final(data_flushed),
         }
-        if !self.fua_flushes.is_empty() {
+        if self.waits.fua_flushes_due() {
             self.run_fua_flushes();
         }
+        debug_assert!(self.waits.between_events());
     }
 
     pub fn status(&self) -> Status {
@@ -833,7 +825,7 @@ impl Node {
         }
         let frozen = (self.freeze.frozen()) && !matches!(req, IoRequest::Read { .. });
         if self.session.handshake.is_some() || self.session.promote_confirm.is_some() || frozen {
-            self.held.push((conn, cookie, req));
+            self.hold(conn, cookie, req);
             return;
         }
         let (range, op, fua) = match req {
@@ -884,6 +876,15 @@ impl Node {
         }
     }
 
+    /// Holds request (conn, cookie): writes are frozen, a handshake runs or a
+    /// promotion waits for the peer's confirmation.
+    pub(super) fn hold(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
+        let why = self.session.handshake.is_some()
+            || self.session.promote_confirm.is_some()
+            || self.freeze.frozen();
+        self.waits.hold(why, conn, cookie, req);
+    }
+
     /// Requests held during the connection handshake go on now (after the
     /// writes a pause left unanswered, issued again first).
     pub(super) fn release_held(&mut self) {
@@ -893,7 +894,7 @@ impl Node {
         if !self.txn.none_waiting() {
             self.readmit_al_waiters();
         }
-        for (conn, cookie, req) in std::mem::take(&mut self.held) {
+        for (conn, cookie, req) in self.waits.take_held() {
             self.on_request(conn, cookie, req);
         }
         if !self.splits.is_empty() {
@@ -1334,11 +1335,7 @@ impl Node {
             e.parts_pending = 1;
             let id = self.new_id();
             self.ios.insert(id, Io::WritePart { write: wid });
-            debug_assert!(
-                self.stream_grant.is_none(),
-                "an earlier grant was not taken"
-            );
-            self.stream_grant = Some(id);
+            self.waits.grant_stream(id);
             return;
         }
         let pieces = std::mem::take(&mut e.pieces);

@@ -427,7 +427,7 @@ impl Node {
         self.progress_event();
         let now = self.now_ms;
         let rate = self.cfg.sync_rate;
-        let app_busy = !self.reqs.is_empty() || !self.held.is_empty();
+        let app_busy = !self.reqs.is_empty() || !self.waits.none_held();
         // Called on every tick; only a running resync refills its budget.
         let Some(r) = self.sync.source_mut() else {
             return;

@@ -22,9 +22,9 @@ impl Node {
             }
         }
         self.stop_splits(errno::ESHUTDOWN);
-        for (conn, cookie, req) in std::mem::take(&mut self.held) {
+        for (conn, cookie, req) in self.waits.take_held() {
             if matches!(req, IoRequest::Read { .. }) {
-                self.held.push((conn, cookie, req)); // not frozen: goes on
+                self.hold(conn, cookie, req); // not frozen: goes on
                 continue;
             }
             self.reply(conn, cookie, Err(errno::ESHUTDOWN));
