@@ -11,6 +11,7 @@ mod adjust;
 pub mod bitmap;
 mod client_waits;
 mod clients;
+mod disk_ops;
 mod fencing;
 mod freeze;
 pub mod gi;

@@ -188,8 +188,8 @@ pub struct Node {
     /// Large local writes carried out in pieces (`split.rs`), by split id.
     pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
-    pub(super) next_id: u64,
-    pub(super) ios: HashMap<u64, Io>,
+    /// The id counter and the disk operations in flight (disk_ops.rs).
+    pub(super) ops: super::disk_ops::DiskOps,
     pub(super) reqs: HashMap<u64, Req>,
     pub(super) order: DiskOrder,
     pub(super) writes: HashMap<u64, WriteEntry>,
@@ -266,8 +266,7 @@ impl Node {
             waits: super::client_waits::ClientWaits::default(),
             splits: BTreeMap::new(),
             clients: BTreeSet::new(),
-            next_id: 1,
-            ios: HashMap::new(),
+            ops: super::disk_ops::DiskOps::default(),
             reqs: HashMap::new(),
             order: DiskOrder::new(),
             writes: HashMap::new(),
@@ -313,7 +312,7 @@ impl Node {
         node.meta.flags &= !md_flags::PRIMARY;
         node.crashed_primary = crashed;
         let id = node.new_id();
-        node.ios.insert(id, Io::BootFlush);
+        node.ops.begin(id, Io::BootFlush);
         node.out.push(Action::Disk {
             id,
             op: DiskOp::Flush,
@@ -336,9 +335,7 @@ impl Node {
     }
 
     pub(super) fn new_id(&mut self) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
+        self.ops.new_id()
     }
 
     /// A fresh, nonzero generation identifier with the low bit clear.
@@ -408,7 +405,7 @@ impl Node {
             && self.waits.none_held()
             && self.splits.is_empty()
             && !self.owed.has_reads()
-            && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
+            && !self.ops.client_read_in_flight()
             && !self
                 .writes
                 .values()
@@ -419,7 +416,7 @@ impl Node {
         self.reqs.is_empty()
             && self.splits.is_empty()
             && self.writes.is_empty()
-            && self.ios.is_empty()
+            && self.ops.is_empty()
             && self.sync.source().is_none()
     }
 
@@ -989,7 +986,7 @@ impl Node {
             },
         );
         let id = self.new_id();
-        self.ios.insert(id, Io::Flush { req: rid });
+        self.ops.begin(id, Io::Flush { req: rid });
         self.out.push(Action::Disk {
             id,
             op: DiskOp::Flush,
@@ -1251,7 +1248,7 @@ impl Node {
             // What was written in the evicted extents may still sit in the disk's
             // volatile cache: flush it before the log forgets them, or a crash
             // loses it where no replay looks (simulator finding).
-            self.ios.insert(id, Io::AlFlush { set });
+            self.ops.begin(id, Io::AlFlush { set });
             self.out.push(Action::Disk {
                 id,
                 op: DiskOp::Flush,
@@ -1334,7 +1331,7 @@ impl Node {
             // The daemon writes the data and reports this id's DiskDone.
             e.parts_pending = 1;
             let id = self.new_id();
-            self.ios.insert(id, Io::WritePart { write: wid });
+            self.ops.begin(id, Io::WritePart { write: wid });
             self.waits.grant_stream(id);
             return;
         }
@@ -1351,13 +1348,13 @@ impl Node {
             } else {
                 Io::WritePart { write: wid }
             };
-            self.ios.insert(id, io);
+            self.ops.begin(id, io);
             self.out.push(Action::Disk { id, op });
         }
     }
 
     fn on_disk_done(&mut self, id: u64, result: Result<Option<Bytes>, u32>) {
-        let Some(io) = self.ios.remove(&id) else {
+        let Some(io) = self.ops.complete(id) else {
             debug_assert!(false, "completion for unknown disk op {id}");
             return;
         };
@@ -1463,7 +1460,7 @@ impl Node {
             return;
         }
         let io = self.new_id();
-        self.ios.insert(io, direct);
+        self.ops.begin(io, direct);
         self.out.push(Action::Disk {
             id: io,
             op: DiskOp::Read {

@@ -487,7 +487,7 @@ impl Node {
 
     fn peer_flush_now(&mut self, id: u64) {
         let io = self.new_id();
-        self.ios.insert(io, super::node::Io::PeerFlush { id });
+        self.ops.begin(io, super::node::Io::PeerFlush { id });
         self.out.push(Action::Disk {
             id: io,
             op: DiskOp::Flush,

@@ -228,7 +228,7 @@ impl Node {
         let mut r = self.new_resync(false, checksum);
         r.start_flush = Some(flush);
         self.sync.begin_source(r, true);
-        self.ios.insert(flush, Io::ResyncStartFlush);
+        self.ops.begin(flush, Io::ResyncStartFlush);
         self.out.push(Action::Disk {
             id: flush,
             op: DiskOp::Flush,
@@ -885,7 +885,7 @@ impl Node {
         // finding: a block it had not flushed since a split brain was lost in a
         // power cut after the sync, and its data later won).
         let io = self.new_id();
-        self.ios.insert(
+        self.ops.begin(
             io,
             Io::SyncDoneFlush {
                 source_gis,
@@ -990,7 +990,7 @@ impl Node {
         // first (simulator finding: a block acknowledged but not yet flushed here
         // matched, its bit was cleared, then a power loss here lost it).
         let io = self.new_id();
-        self.ios.insert(io, Io::ChecksumFlush { id, offset, len });
+        self.ops.begin(io, Io::ChecksumFlush { id, offset, len });
         self.out.push(Action::Disk {
             id: io,
             op: DiskOp::Flush,
