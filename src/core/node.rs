@@ -188,6 +188,9 @@ pub struct Node {
     /// Large local writes carried out in pieces (`split.rs`), by split id.
     pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
+    /// Attached connections whose client shut down its sending side
+    /// ([`Event::ClientShut`]), with the requests dropped since (clients.rs).
+    pub(super) shut_clients: BTreeMap<ConnId, u64>,
     /// The id counter and the disk operations in flight (disk_ops.rs).
     pub(super) ops: super::disk_ops::DiskOps,
     pub(super) reqs: HashMap<u64, Req>,
@@ -266,6 +269,7 @@ impl Node {
             waits: super::client_waits::ClientWaits::default(),
             splits: BTreeMap::new(),
             clients: BTreeSet::new(),
+            shut_clients: BTreeMap::new(),
             ops: super::disk_ops::DiskOps::default(),
             reqs: HashMap::new(),
             order: DiskOrder::new(),
@@ -485,6 +489,7 @@ impl Node {
             Event::FenceDone { id, exit } => self.on_fence_done(id, exit),
             Event::ClientAttach { conn } => self.on_client_attach(conn),
             Event::ClientDetach { conn } => self.on_client_detach(conn),
+            Event::ClientShut { conn } => self.on_client_shut(conn),
             Event::StreamWrite {
                 conn,
                 cookie,
@@ -816,6 +821,9 @@ impl Node {
     // ----- local requests -----
 
     fn on_request(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
+        if self.stale_request(conn, cookie) {
+            return;
+        }
         if self.role != Role::Primary || !self.clients.contains(&conn) {
             self.reply(conn, cookie, Err(errno::EPERM));
             return;
