@@ -131,7 +131,7 @@ impl Node {
             && len > 0
             && self.txn.none_waiting()
             && self.txn.al().is_none_or(|al| al.covers(range))
-            && !self.order.overlaps(&range);
+            && !self.writes.order_overlaps(&range);
         let disk_id = if now {
             self.local_write(conn, cookie, range, None, false, None);
             let id = self.waits.take_stream_grant();

@@ -31,6 +31,7 @@ mod split;
 mod stop;
 mod sync_state;
 mod types;
+mod write_table;
 
 pub use node::Node;
 pub use split::MAX_PIECE_EXTENTS;

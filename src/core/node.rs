@@ -9,7 +9,7 @@ use serde_json::json;
 use super::activity_log::{ActivityLog, Admit, EXTENT};
 use super::bitmap::{Bitmap, BLOCK};
 use super::meta_txn::SbDone;
-use super::ordering::{DiskOrder, Range};
+use super::ordering::Range;
 use super::peer_owed::Recent;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
@@ -194,8 +194,8 @@ pub struct Node {
     /// The id counter and the disk operations in flight (disk_ops.rs).
     pub(super) ops: super::disk_ops::DiskOps,
     pub(super) reqs: HashMap<u64, Req>,
-    pub(super) order: DiskOrder,
-    pub(super) writes: HashMap<u64, WriteEntry>,
+    /// The disk order and its entries (write_table.rs).
+    pub(super) writes: super::write_table::WriteTable,
     pub(super) bitmap: Bitmap,
     /// The activity log and the metadata writes in flight (meta_txn.rs).
     pub(super) txn: super::meta_txn::MetaTxns,
@@ -272,8 +272,7 @@ impl Node {
             shut_clients: BTreeMap::new(),
             ops: super::disk_ops::DiskOps::default(),
             reqs: HashMap::new(),
-            order: DiskOrder::new(),
-            writes: HashMap::new(),
+            writes: super::write_table::WriteTable::new(),
             bitmap,
             txn: super::meta_txn::MetaTxns::new(al),
             stopping: false,
@@ -397,10 +396,7 @@ impl Node {
     /// disk order, e.g. a peer's write behind an overlapping one): each may
     /// still land. For the simulator's model.
     pub fn queued_disk_ops(&self) -> impl Iterator<Item = &DiskOp> {
-        self.writes
-            .values()
-            .filter(|e| !e.submitted)
-            .flat_map(|e| e.pieces.iter())
+        self.writes.queued_ops()
     }
 
     /// No NBD request is in flight or held (what a clean stop waits for).
@@ -410,10 +406,7 @@ impl Node {
             && self.splits.is_empty()
             && !self.owed.has_reads()
             && !self.ops.client_read_in_flight()
-            && !self
-                .writes
-                .values()
-                .any(|e| matches!(e.origin, Origin::LocalRead { .. }))
+            && !self.writes.any_local_read()
     }
 
     pub fn is_idle(&self) -> bool {
@@ -744,9 +737,7 @@ impl Node {
                 if ungated {
                     // In id (arrival) order: HashMap order would make the disk
                     // submission order, hence replays, differ from run to run.
-                    let mut ids: Vec<u64> = self.writes.keys().copied().collect();
-                    ids.sort_unstable();
-                    for w in ids {
+                    for w in self.writes.ids_sorted() {
                         self.try_start(w);
                     }
                 }
@@ -1082,7 +1073,7 @@ impl Node {
                 r.al_held = self.txn.al().is_some();
             }
         }
-        self.writes.insert(
+        self.writes.add_waiting(
             wid,
             WriteEntry {
                 range,
@@ -1123,7 +1114,7 @@ impl Node {
             // It waited for the activity log while the last good copy went away
             // (simulator finding: a sync target's write, admitted after its source
             // was lost, was acknowledged and then overwritten by the next resync).
-            self.writes.remove(&wid);
+            self.writes.drop_waiting(wid);
             if let Some(r) = self.reqs.get_mut(&rid) {
                 r.local_pending = false;
                 r.error = errno::EIO;
@@ -1199,10 +1190,7 @@ impl Node {
             self.start_deferred_generation();
             self.bitmap.set_range(range);
         }
-        let ready = self.order.push(wid, range);
-        if let Some(e) = self.writes.get_mut(&wid) {
-            e.ready = ready;
-        }
+        self.writes.enter_order(wid, range);
         self.try_start(wid);
     }
 
@@ -1441,8 +1429,7 @@ impl Node {
         pieces: Vec<DiskOp>,
     ) -> u64 {
         let wid = self.new_id();
-        let ready = self.order.push(wid, range);
-        self.writes.insert(
+        self.writes.enter(
             wid,
             WriteEntry {
                 range,
@@ -1450,7 +1437,7 @@ impl Node {
                 pieces,
                 streamed: false,
                 parts_pending: 0,
-                ready,
+                ready: false,
                 al_ok: true,
                 submitted: false,
                 error: 0,
@@ -1463,7 +1450,7 @@ impl Node {
     /// Reads `range` behind any write in flight that overlaps it (through the
     /// disk order, as `ordered`), else straight from the disk (as `direct`).
     pub(super) fn read_behind_writes(&mut self, range: Range, ordered: Origin, direct: Io) {
-        if !range.is_empty() && self.writes.values().any(|e| e.range.overlaps(&range)) {
+        if !range.is_empty() && self.writes.overlaps_any(&range) {
             self.ordered_read(range, ordered);
             return;
         }
@@ -1480,9 +1467,7 @@ impl Node {
 
     /// Every piece of a disk-order entry is done.
     pub(super) fn write_done(&mut self, wid: u64) {
-        let Some(e) = self.writes.remove(&wid) else {
-            panic!("write {wid} done twice, or never entered");
-        };
+        let e = self.writes.take(wid);
         if e.error != 0 {
             // Before the writes waiting behind this one start: a peer write whose
             // overlap this write won (it was left out) must not be acknowledged
@@ -1502,10 +1487,8 @@ impl Node {
                 _ => {}
             }
         }
-        for next in self.order.complete(wid) {
-            if let Some(n) = self.writes.get_mut(&next) {
-                n.ready = true;
-            }
+        for next in self.writes.complete_in_order(wid) {
+            self.writes.mark_ready(next);
             self.try_start(next);
         }
         match e.origin {

@@ -355,12 +355,7 @@ impl Node {
             }
             Message::WriteAck { seq, error } => self.on_write_ack(seq, error),
             Message::Flush { id } => {
-                let waiting = self
-                    .writes
-                    .iter()
-                    .filter(|(_, e)| matches!(e.origin, Origin::Peer { .. }))
-                    .map(|(k, _)| *k)
-                    .collect::<std::collections::BTreeSet<u64>>();
+                let waiting = self.writes.peer_write_ids();
                 if waiting.is_empty() {
                     self.peer_flush_now(id);
                 } else {
