@@ -52,7 +52,7 @@ impl Node {
     /// may be detached too: the edge does not track it.
     pub(super) fn on_client_detach(&mut self, conn: ConnId) {
         debug_assert!(
-            !self.fua_pending.iter().any(|&(c, _)| c == conn),
+            !self.waits.fua_pending_on(conn),
             "NBD connection {conn} left with a FUA trim unanswered"
         );
         if let Some(dropped) = self.shut_clients.remove(&conn) {
@@ -131,10 +131,10 @@ impl Node {
             && len > 0
             && self.txn.none_waiting()
             && self.txn.al().is_none_or(|al| al.covers(range))
-            && !self.order.overlaps(&range);
+            && !self.writes.order_overlaps(&range);
         let disk_id = if now {
             self.local_write(conn, cookie, range, None, false, None);
-            let id = self.stream_grant.take();
+            let id = self.waits.take_stream_grant();
             assert!(
                 id.is_some(),
                 "an admitted streamed write must start at once"
@@ -143,7 +143,7 @@ impl Node {
         } else {
             None
         };
-        debug_assert!(self.stream_grant.is_none());
+        debug_assert!(self.waits.between_events());
         self.out.push(Action::StreamWrite {
             conn,
             cookie,
@@ -156,12 +156,11 @@ impl Node {
     /// flush with the same cookie (after the current event), and the flush's
     /// result is its answer.
     pub(super) fn reply(&mut self, conn: ConnId, cookie: u64, result: Result<Option<Bytes>, u32>) {
-        if self.fua_pending.remove(&(conn, cookie)) && result.is_ok() {
+        if self.waits.fua_answer(conn, cookie, result.is_ok()) {
             debug_assert!(
                 matches!(result, Ok(None)),
                 "a trim or write-zeroes returns no data"
             );
-            self.fua_flushes.push((conn, cookie));
             return;
         }
         self.out.push(Action::Reply {
@@ -174,14 +173,13 @@ impl Node {
     /// A trim or write-zeroes with FUA arrives: its answer waits for a flush. (A
     /// request held during a handshake arrives a second time: the set keeps one.)
     pub(super) fn fua_after(&mut self, conn: ConnId, cookie: u64) {
-        self.fua_pending.insert((conn, cookie));
-        debug_assert!(self.fua_pending.contains(&(conn, cookie)));
+        self.waits.fua_after(conn, cookie);
     }
 
     /// Starts the flushes of FUA trims and write-zeroes that completed during the
     /// event just handled (at most one per such request).
     pub(super) fn run_fua_flushes(&mut self) {
-        let flushes = std::mem::take(&mut self.fua_flushes);
+        let flushes = self.waits.take_fua_flushes();
         for (conn, cookie) in flushes {
             self.handle(Event::Request {
                 conn,
@@ -189,7 +187,7 @@ impl Node {
                 req: IoRequest::Flush,
             });
         }
-        assert!(self.fua_flushes.is_empty(), "a flush is never a FUA trim");
+        assert!(!self.waits.fua_flushes_due(), "a flush is never a FUA trim");
     }
 
     /// What BLOCK_STATUS may tell a client: the disk's holes and zeroes only while

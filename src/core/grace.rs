@@ -110,19 +110,18 @@ impl Node {
         assert!(self.grace_applies());
         let peer_disk = self.session.peer.as_ref().map(|p| p.disk);
         let was_connected = self.conn == ConnState::Connected;
-        self.end_session_state();
+        let owed = self.end_session_state();
         if was_connected {
             self.notify(
                 "peer-disconnected",
                 json!({ "reason": reason, "pause_ms": self.cfg.reconnect_grace_ms }),
             );
         }
-        for (_, r) in std::mem::take(&mut self.unflushed) {
+        for r in owed.unflushed {
             self.bitmap.set_range(r);
         }
-        self.flush_marks.clear();
         let mut resend = Vec::new();
-        for (_, r) in std::mem::take(&mut self.recent) {
+        for (_, r) in owed.recent {
             self.bitmap.set_range(r.range);
             if let (Some(req), Some((op, fua))) = (r.req, r.redo) {
                 assert!(
@@ -144,7 +143,7 @@ impl Node {
             .map(|(k, _)| *k)
             .collect();
         flushes.sort_unstable();
-        self.fail_peer_reads();
+        self.fail_peer_reads(owed.reads);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
         match self.freeze.grace_mut() {

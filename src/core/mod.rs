@@ -9,7 +9,9 @@
 pub mod activity_log;
 mod adjust;
 pub mod bitmap;
+mod client_waits;
 mod clients;
+mod disk_ops;
 mod fencing;
 mod freeze;
 pub mod gi;
@@ -20,6 +22,7 @@ mod node;
 pub mod ordering;
 #[cfg(test)]
 mod pair_tests;
+mod peer_owed;
 mod peer_session;
 mod replication;
 mod resync;
@@ -28,6 +31,7 @@ mod split;
 mod stop;
 mod sync_state;
 mod types;
+mod write_table;
 
 pub use node::Node;
 pub use split::MAX_PIECE_EXTENTS;

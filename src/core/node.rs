@@ -9,7 +9,8 @@ use serde_json::json;
 use super::activity_log::{ActivityLog, Admit, EXTENT};
 use super::bitmap::{Bitmap, BLOCK};
 use super::meta_txn::SbDone;
-use super::ordering::{DiskOrder, Range};
+use super::ordering::Range;
+use super::peer_owed::Recent;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
 
@@ -170,15 +171,6 @@ impl Req {
     }
 }
 
-/// A write the peer has not acknowledged yet (for conflict detection).
-#[derive(Debug)]
-pub(super) struct Recent {
-    pub range: Range,
-    pub req: Option<u64>,
-    /// A local write's operation and FUA, to issue it again after a pause.
-    pub redo: Option<(DiskOp, bool)>,
-}
-
 pub struct Node {
     /// The peer session: what lives exactly as long as one (peer_session.rs).
     pub(super) session: super::peer_session::PeerSession,
@@ -191,41 +183,26 @@ pub struct Node {
     pub(super) repl: Replication,
     pub(super) want_connect: bool,
     pub(super) discard_my_data: bool,
-    pub(super) held: Vec<(ConnId, u64, IoRequest)>,
+    /// Requests held, FUA trims waiting for their flush, the stream grant (client_waits.rs).
+    pub(super) waits: super::client_waits::ClientWaits,
     /// Large local writes carried out in pieces (`split.rs`), by split id.
     pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
     /// Attached connections whose client shut down its sending side
     /// ([`Event::ClientShut`]), with the requests dropped since (clients.rs).
     pub(super) shut_clients: BTreeMap<ConnId, u64>,
-    pub(super) next_id: u64,
-    pub(super) ios: HashMap<u64, Io>,
+    /// The id counter and the disk operations in flight (disk_ops.rs).
+    pub(super) ops: super::disk_ops::DiskOps,
     pub(super) reqs: HashMap<u64, Req>,
-    pub(super) order: DiskOrder,
-    pub(super) writes: HashMap<u64, WriteEntry>,
+    /// The disk order and its entries (write_table.rs).
+    pub(super) writes: super::write_table::WriteTable,
     pub(super) bitmap: Bitmap,
     /// The activity log and the metadata writes in flight (meta_txn.rs).
     pub(super) txn: super::meta_txn::MetaTxns,
     /// A clean stop has begun (`Node::begin_stop`).
     pub(super) stopping: bool,
-    /// The disk op id of the streamed write that just started (taken by `on_stream_write`).
-    pub(super) stream_grant: Option<u64>,
-    /// Trims and write-zeroes with FUA in the core: each is answered after a flush
-    /// (clients.rs). At most one entry per request in the core.
-    pub(super) fua_pending: BTreeSet<(ConnId, u64)>,
-    /// Those whose operation completed during the current event: their flushes
-    /// start at its end. Empty between events.
-    pub(super) fua_flushes: Vec<(ConnId, u64)>,
-    pub(super) recent: BTreeMap<u64, Recent>,
-    /// Local writes the peer acknowledged (seq -> range) but has not flushed yet:
-    /// if the peer loses power they may be gone from its disk, so they are marked
-    /// out of sync when the link is lost (like DRBD's transfer log up to a barrier).
-    pub(super) unflushed: BTreeMap<u64, Range>,
-    /// Flushes sent to the peer (id -> our highest write seq when sent).
-    pub(super) flush_marks: BTreeMap<u64, u64>,
-    pub(super) last_peer_flush_ms: u64,
-    /// Reads sent to the peer: id -> (client, cookie, length asked for).
-    pub(super) peer_reads: HashMap<u64, (ConnId, u64, u32)>,
+    /// What the peer owes us in this session: writes, flushes, reads (peer_owed.rs).
+    pub(super) owed: super::peer_owed::PeerOwed,
     pub(super) now_ms: u64,
     /// The peer connections and which one carries the session (links.rs).
     pub(super) links: super::links::Links,
@@ -289,26 +266,17 @@ impl Node {
             repl: Replication::Off,
             want_connect: cfg.peer.is_some(),
             discard_my_data: false,
-            held: Vec::new(),
+            waits: super::client_waits::ClientWaits::default(),
             splits: BTreeMap::new(),
             clients: BTreeSet::new(),
             shut_clients: BTreeMap::new(),
-            next_id: 1,
-            ios: HashMap::new(),
+            ops: super::disk_ops::DiskOps::default(),
             reqs: HashMap::new(),
-            order: DiskOrder::new(),
-            writes: HashMap::new(),
+            writes: super::write_table::WriteTable::new(),
             bitmap,
             txn: super::meta_txn::MetaTxns::new(al),
             stopping: false,
-            stream_grant: None,
-            fua_pending: BTreeSet::new(),
-            fua_flushes: Vec::new(),
-            recent: BTreeMap::new(),
-            unflushed: BTreeMap::new(),
-            flush_marks: BTreeMap::new(),
-            last_peer_flush_ms: 0,
-            peer_reads: HashMap::new(),
+            owed: super::peer_owed::PeerOwed::default(),
             now_ms: 0,
             session: super::peer_session::PeerSession::new(0),
             links: super::links::Links::default(),
@@ -347,7 +315,7 @@ impl Node {
         node.meta.flags &= !md_flags::PRIMARY;
         node.crashed_primary = crashed;
         let id = node.new_id();
-        node.ios.insert(id, Io::BootFlush);
+        node.ops.begin(id, Io::BootFlush);
         node.out.push(Action::Disk {
             id,
             op: DiskOp::Flush,
@@ -373,9 +341,7 @@ impl Node {
     }
 
     pub(super) fn new_id(&mut self) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        id
+        self.ops.new_id()
     }
 
     /// A fresh, nonzero generation identifier with the low bit clear.
@@ -433,30 +399,24 @@ impl Node {
     /// disk order, e.g. a peer's write behind an overlapping one): each may
     /// still land. For the simulator's model.
     pub fn queued_disk_ops(&self) -> impl Iterator<Item = &DiskOp> {
-        self.writes
-            .values()
-            .filter(|e| !e.submitted)
-            .flat_map(|e| e.pieces.iter())
+        self.writes.queued_ops()
     }
 
     /// No NBD request is in flight or held (what a clean stop waits for).
     pub fn clients_idle(&self) -> bool {
         self.reqs.is_empty()
-            && self.held.is_empty()
+            && self.waits.none_held()
             && self.splits.is_empty()
-            && self.peer_reads.is_empty()
-            && !self.ios.values().any(|io| matches!(io, Io::Read { .. }))
-            && !self
-                .writes
-                .values()
-                .any(|e| matches!(e.origin, Origin::LocalRead { .. }))
+            && !self.owed.has_reads()
+            && !self.ops.client_read_in_flight()
+            && !self.writes.any_local_read()
     }
 
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty()
             && self.splits.is_empty()
             && self.writes.is_empty()
-            && self.ios.is_empty()
+            && self.ops.is_empty()
             && self.sync.source().is_none()
     }
 
@@ -512,6 +472,7 @@ impl Node {
     // ----- events -----
 
     pub fn handle(&mut self, ev: Event) {
+        debug_assert!(self.waits.between_events());
         match ev {
             Event::Request { conn, cookie, req } => self.on_request(conn, cookie, req),
             Event::DiskDone { id, result } => self.on_disk_done(id, result),
@@ -534,9 +495,10 @@ impl Node {
             Event::StopBegin => self.on_stop_begin(),
             Event::StopFinal { data_flushed } => self.on_stop_final(data_flushed),
         }
-        if !self.fua_flushes.is_empty() {
+        if self.waits.fua_flushes_due() {
             self.run_fua_flushes();
         }
+        debug_assert!(self.waits.between_events());
     }
 
     pub fn status(&self) -> Status {
@@ -558,7 +520,7 @@ impl Node {
                 },
                 role: self.session.peer.as_ref().map(|p| p.role),
                 disk: self.session.peer.as_ref().map(|p| p.disk),
-                writes_in_flight: self.recent.len(),
+                writes_in_flight: self.owed.writes_in_flight(),
             }),
             resync: self.resync_status(),
             sync: SyncCounters {
@@ -778,9 +740,7 @@ impl Node {
                 if ungated {
                     // In id (arrival) order: HashMap order would make the disk
                     // submission order, hence replays, differ from run to run.
-                    let mut ids: Vec<u64> = self.writes.keys().copied().collect();
-                    ids.sort_unstable();
-                    for w in ids {
+                    for w in self.writes.ids_sorted() {
                         self.try_start(w);
                     }
                 }
@@ -864,7 +824,7 @@ impl Node {
         }
         let frozen = (self.freeze.frozen()) && !matches!(req, IoRequest::Read { .. });
         if self.session.handshake.is_some() || self.session.promote_confirm.is_some() || frozen {
-            self.held.push((conn, cookie, req));
+            self.hold(conn, cookie, req);
             return;
         }
         let (range, op, fua) = match req {
@@ -915,6 +875,15 @@ impl Node {
         }
     }
 
+    /// Holds request (conn, cookie): writes are frozen, a handshake runs or a
+    /// promotion waits for the peer's confirmation.
+    pub(super) fn hold(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
+        let why = self.session.handshake.is_some()
+            || self.session.promote_confirm.is_some()
+            || self.freeze.frozen();
+        self.waits.hold(why, conn, cookie, req);
+    }
+
     /// Requests held during the connection handshake go on now (after the
     /// writes a pause left unanswered, issued again first).
     pub(super) fn release_held(&mut self) {
@@ -924,7 +893,7 @@ impl Node {
         if !self.txn.none_waiting() {
             self.readmit_al_waiters();
         }
-        for (conn, cookie, req) in std::mem::take(&mut self.held) {
+        for (conn, cookie, req) in self.waits.take_held() {
             self.on_request(conn, cookie, req);
         }
         if !self.splits.is_empty() {
@@ -969,7 +938,7 @@ impl Node {
                 .is_some_and(|p| p.disk == DiskState::UpToDate)
         {
             let id = self.new_id();
-            self.peer_reads.insert(id, (conn, cookie, len));
+            self.owed.read_sent(id, conn, cookie, len);
             self.send(Message::ReadRequest { id, offset, len });
         } else {
             self.reply(conn, cookie, Err(errno::EIO));
@@ -1019,7 +988,7 @@ impl Node {
             },
         );
         let id = self.new_id();
-        self.ios.insert(id, Io::Flush { req: rid });
+        self.ops.begin(id, Io::Flush { req: rid });
         self.out.push(Action::Disk {
             id,
             op: DiskOp::Flush,
@@ -1107,7 +1076,7 @@ impl Node {
                 r.al_held = self.txn.al().is_some();
             }
         }
-        self.writes.insert(
+        self.writes.add_waiting(
             wid,
             WriteEntry {
                 range,
@@ -1148,7 +1117,7 @@ impl Node {
             // It waited for the activity log while the last good copy went away
             // (simulator finding: a sync target's write, admitted after its source
             // was lost, was acknowledged and then overwritten by the next resync).
-            self.writes.remove(&wid);
+            self.writes.drop_waiting(wid);
             if let Some(r) = self.reqs.get_mut(&rid) {
                 r.local_pending = false;
                 r.error = errno::EIO;
@@ -1202,7 +1171,7 @@ impl Node {
                 .and_then(|e| e.pieces.first().cloned())
                 .map(|op| (op, fua));
             debug_assert!(redo.is_some(), "a mirrored local write has its operation");
-            self.recent.insert(
+            self.owed.write_sent(
                 seq,
                 Recent {
                     range,
@@ -1224,10 +1193,7 @@ impl Node {
             self.start_deferred_generation();
             self.bitmap.set_range(range);
         }
-        let ready = self.order.push(wid, range);
-        if let Some(e) = self.writes.get_mut(&wid) {
-            e.ready = ready;
-        }
+        self.writes.enter_order(wid, range);
         self.try_start(wid);
     }
 
@@ -1260,7 +1226,7 @@ impl Node {
         // and marks them again from there.
         for e in &evicted {
             let ext = Range::new(*e as u64 * EXTENT, EXTENT);
-            for r in self.unflushed.values() {
+            for r in self.owed.unflushed() {
                 if r.overlaps(&ext) {
                     self.bitmap.set_range(*r);
                 }
@@ -1281,7 +1247,7 @@ impl Node {
             // What was written in the evicted extents may still sit in the disk's
             // volatile cache: flush it before the log forgets them, or a crash
             // loses it where no replay looks (simulator finding).
-            self.ios.insert(id, Io::AlFlush { set });
+            self.ops.begin(id, Io::AlFlush { set });
             self.out.push(Action::Disk {
                 id,
                 op: DiskOp::Flush,
@@ -1364,12 +1330,8 @@ impl Node {
             // The daemon writes the data and reports this id's DiskDone.
             e.parts_pending = 1;
             let id = self.new_id();
-            self.ios.insert(id, Io::WritePart { write: wid });
-            debug_assert!(
-                self.stream_grant.is_none(),
-                "an earlier grant was not taken"
-            );
-            self.stream_grant = Some(id);
+            self.ops.begin(id, Io::WritePart { write: wid });
+            self.waits.grant_stream(id);
             return;
         }
         let pieces = std::mem::take(&mut e.pieces);
@@ -1385,13 +1347,13 @@ impl Node {
             } else {
                 Io::WritePart { write: wid }
             };
-            self.ios.insert(id, io);
+            self.ops.begin(id, io);
             self.out.push(Action::Disk { id, op });
         }
     }
 
     fn on_disk_done(&mut self, id: u64, result: Result<Option<Bytes>, u32>) {
-        let Some(io) = self.ios.remove(&id) else {
+        let Some(io) = self.ops.complete(id) else {
             debug_assert!(false, "completion for unknown disk op {id}");
             return;
         };
@@ -1470,8 +1432,7 @@ impl Node {
         pieces: Vec<DiskOp>,
     ) -> u64 {
         let wid = self.new_id();
-        let ready = self.order.push(wid, range);
-        self.writes.insert(
+        self.writes.enter(
             wid,
             WriteEntry {
                 range,
@@ -1479,7 +1440,7 @@ impl Node {
                 pieces,
                 streamed: false,
                 parts_pending: 0,
-                ready,
+                ready: false,
                 al_ok: true,
                 submitted: false,
                 error: 0,
@@ -1492,12 +1453,12 @@ impl Node {
     /// Reads `range` behind any write in flight that overlaps it (through the
     /// disk order, as `ordered`), else straight from the disk (as `direct`).
     pub(super) fn read_behind_writes(&mut self, range: Range, ordered: Origin, direct: Io) {
-        if !range.is_empty() && self.writes.values().any(|e| e.range.overlaps(&range)) {
+        if !range.is_empty() && self.writes.overlaps_any(&range) {
             self.ordered_read(range, ordered);
             return;
         }
         let io = self.new_id();
-        self.ios.insert(io, direct);
+        self.ops.begin(io, direct);
         self.out.push(Action::Disk {
             id: io,
             op: DiskOp::Read {
@@ -1509,9 +1470,7 @@ impl Node {
 
     /// Every piece of a disk-order entry is done.
     pub(super) fn write_done(&mut self, wid: u64) {
-        let Some(e) = self.writes.remove(&wid) else {
-            panic!("write {wid} done twice, or never entered");
-        };
+        let e = self.writes.take(wid);
         if e.error != 0 {
             // Before the writes waiting behind this one start: a peer write whose
             // overlap this write won (it was left out) must not be acknowledged
@@ -1531,10 +1490,8 @@ impl Node {
                 _ => {}
             }
         }
-        for next in self.order.complete(wid) {
-            if let Some(n) = self.writes.get_mut(&next) {
-                n.ready = true;
-            }
+        for next in self.writes.complete_in_order(wid) {
+            self.writes.mark_ready(next);
             self.try_start(next);
         }
         match e.origin {
@@ -1674,8 +1631,7 @@ impl Node {
             }
             // Keep the peer's unflushed writes few: they would all be resynced if
             // the peer lost power.
-            if !self.unflushed.is_empty() && now_ms.saturating_sub(self.last_peer_flush_ms) >= 1000
-            {
+            if self.owed.flush_due(now_ms, 1000) {
                 let id = self.new_id();
                 self.send_peer_flush(id);
             }
@@ -1702,7 +1658,7 @@ impl Node {
     /// Whether the peer owes us an answer: writes not yet acknowledged, reads,
     /// checksum requests or flushes outstanding.
     fn peer_work_pending(&self) -> bool {
-        !self.recent.is_empty() || !self.peer_reads.is_empty() || !self.flush_marks.is_empty()
+        self.owed.owes_answers()
     }
 
     /// Liveness comes from progress (docs/ARCHITECTURE.md): the peer is dropped

@@ -1,9 +1,10 @@
 //! The peer session: everything that lives exactly as long as one session with
 //! the peer (from the Hello exchange on its connection to its end), owned here
 //! so that starting and ending a session is one reset (`PeerSession::new`), not
-//! a field-by-field reset in several places. What the session leaves
-//! unanswered (writes and flushes the peer owed, reads sent to it) is settled
-//! by `replication.rs` `on_peer_down` before the reset.
+//! a field-by-field reset in several places. What the peer owes us in the
+//! session (writes and flushes it has not answered, reads sent to it) is in
+//! `peer_owed.rs`, taken whole in the same place (`replication.rs`
+//! `end_session_state`) and settled by its callers.
 
 use std::collections::BTreeSet;
 

@@ -6,6 +6,7 @@ use serde_json::json;
 use super::gi::{self, Decision, Side};
 use super::node::{gis_json, Node, Origin};
 use super::ordering::{subtract, Range};
+use super::peer_owed::Owed;
 use super::peer_session::{Handshake, PeerFlush, PeerSession, PeerView};
 use super::types::*;
 use crate::config::SbPolicy;
@@ -120,6 +121,7 @@ impl Node {
         self.link_epoch += 1;
         // A session starts fresh; the previous one was ended by on_peer_down.
         debug_assert!(self.session.handshake.is_none() && self.session.peer.is_none());
+        debug_assert!(self.owed.is_empty());
         self.session = PeerSession::new(self.now_ms);
         if let Some(why) = problem {
             self.notify("connect-refused", json!({ "reason": why }));
@@ -162,7 +164,7 @@ impl Node {
         let was_connected = self.conn == ConnState::Connected;
         let peer_disk = self.session.peer.as_ref().map(|p| p.disk);
         let was_replicating = self.replicating();
-        self.end_session_state();
+        let owed = self.end_session_state();
         if was_connected {
             self.notify("peer-disconnected", json!({ "reason": reason }));
             // Freeze before the writes in flight complete below: their replies
@@ -173,12 +175,11 @@ impl Node {
         }
         // Writes the peer acknowledged but had not flushed may be lost if it lost
         // power (simulator finding: nobody marked them, the disks stayed different).
-        for (_, r) in std::mem::take(&mut self.unflushed) {
+        for r in owed.unflushed {
             self.bitmap.set_range(r);
         }
-        self.flush_marks.clear();
         // Everything the peer did not acknowledge may differ now.
-        let recent = std::mem::take(&mut self.recent);
+        let recent = owed.recent;
         let wrote_apart = recent.values().any(|r| r.req.is_some());
         let local_good = self.disk == DiskState::UpToDate;
         for (_, r) in recent {
@@ -200,7 +201,7 @@ impl Node {
         for f in flushes {
             self.answer_without_peer(f, local_good);
         }
-        self.fail_peer_reads();
+        self.fail_peer_reads(owed.reads);
         // Only an up-to-date disk starts a new generation, as in DRBD (simulator
         // findings: with one, a failed node's outdated data later became the sync
         // source over its up-to-date peer, as the newer generation; and a sync
@@ -229,15 +230,16 @@ impl Node {
         assert!(
             !self.replicating() && self.session.handshake.is_none() && self.session.peer.is_none()
         );
-        assert!(self.recent.is_empty() && self.unflushed.is_empty());
-        assert!(self.flush_marks.is_empty() && self.peer_reads.is_empty());
+        assert!(self.owed.is_empty());
         debug_assert!(!self.reqs.values().any(|r| r.is_flush && r.ack_outstanding));
     }
 
     /// The peer session is gone: its connection state, handshake, pings,
-    /// resync and sequence numbers end (what it left unanswered is the
-    /// caller's to settle).
-    pub(super) fn end_session_state(&mut self) {
+    /// resync and sequence numbers end, and what the peer owed is taken whole
+    /// (the one place a session ends; what it left unanswered is the caller's
+    /// to settle).
+    #[must_use]
+    pub(super) fn end_session_state(&mut self) -> Owed {
         self.conn = if self.want_connect {
             ConnState::Connecting
         } else {
@@ -245,6 +247,7 @@ impl Node {
         };
         self.repl = Replication::Off;
         self.session = PeerSession::new(self.now_ms);
+        let owed = self.owed.end_session();
         self.stop_resync();
         assert!(
             !self.replicating() && self.sync.source().is_none() && self.session.handshake.is_none()
@@ -253,6 +256,8 @@ impl Node {
             self.conn,
             ConnState::Connecting | ConnState::Standalone
         ));
+        assert!(self.owed.is_empty());
+        owed
     }
 
     /// The peer will not answer request `req` (a write or flush it owed): it is
@@ -268,14 +273,11 @@ impl Node {
         self.maybe_finish(req);
     }
 
-    /// Reads sent to the peer fail: it will not answer them.
-    pub(super) fn fail_peer_reads(&mut self) {
+    /// Reads sent to the peer (`reads`, from [`Owed`]) fail: it will not answer them.
+    pub(super) fn fail_peer_reads(&mut self, reads: Vec<(ConnId, u64)>) {
         // Precondition: only when the session that owed the answers is over.
-        debug_assert!(!self.replicating());
-        let mut reads: Vec<(u64, (ConnId, u64, u32))> =
-            std::mem::take(&mut self.peer_reads).into_iter().collect();
-        reads.sort_unstable_by_key(|(id, _)| *id); // deterministic reply order
-        for (_, (conn, cookie, _)) in reads {
+        debug_assert!(!self.replicating() && !self.owed.has_reads());
+        for (conn, cookie) in reads {
             self.reply(conn, cookie, Err(errno::EIO));
         }
     }
@@ -344,7 +346,7 @@ impl Node {
                 resync,
             } => self.on_peer_write(seq, seen, offset, kind, fua, resync),
             Message::RecvAck { seq } => {
-                if let Some(req) = self.recent.get(&seq).and_then(|r| r.req) {
+                if let Some(req) = self.owed.write_req(seq) {
                     if let Some(q) = self.reqs.get_mut(&req) {
                         q.recv_got = true;
                     }
@@ -353,12 +355,7 @@ impl Node {
             }
             Message::WriteAck { seq, error } => self.on_write_ack(seq, error),
             Message::Flush { id } => {
-                let waiting = self
-                    .writes
-                    .iter()
-                    .filter(|(_, e)| matches!(e.origin, Origin::Peer { .. }))
-                    .map(|(k, _)| *k)
-                    .collect::<std::collections::BTreeSet<u64>>();
+                let waiting = self.writes.peer_write_ids();
                 if waiting.is_empty() {
                     self.peer_flush_now(id);
                 } else {
@@ -366,13 +363,9 @@ impl Node {
                 }
             }
             Message::FlushAck { id, error } => {
-                if let Some(upto) = self.flush_marks.remove(&id) {
-                    if error == 0 {
-                        // Everything we had sent before this flush is durable on the peer.
-                        let later = self.unflushed.split_off(&(upto + 1));
-                        self.unflushed = later;
-                    }
-                }
+                // Without an error, everything we had sent before this flush is
+                // durable on the peer.
+                self.owed.flush_acked(id, error == 0);
                 if let Some(q) = self.reqs.get_mut(&id) {
                     q.ack_outstanding = false;
                 }
@@ -417,9 +410,8 @@ impl Node {
                 );
             }
             Message::ReadReply { id, error, data } => {
-                if let Some((conn, cookie, len)) = self.peer_reads.remove(&id) {
+                if let Some((conn, cookie, len)) = self.owed.read(id) {
                     if error == 0 && data.len() != len as usize {
-                        self.peer_reads.insert(id, (conn, cookie, len));
                         self.drop_peer(
                             &format!(
                                 "protocol error: read reply {id} carries {} bytes, {len} were asked for",
@@ -429,6 +421,7 @@ impl Node {
                         );
                         return;
                     }
+                    self.owed.read_answered(id);
                     let result = if error == 0 {
                         Ok(Some(data))
                     } else {
@@ -483,14 +476,13 @@ impl Node {
 
     /// Asks the peer to flush; its FlushAck makes our writes sent so far durable there.
     pub(super) fn send_peer_flush(&mut self, id: u64) {
-        self.flush_marks.insert(id, self.session.seq);
-        self.last_peer_flush_ms = self.now_ms;
+        self.owed.flush_sent(id, self.session.seq, self.now_ms);
         self.send(Message::Flush { id });
     }
 
     fn peer_flush_now(&mut self, id: u64) {
         let io = self.new_id();
-        self.ios.insert(io, super::node::Io::PeerFlush { id });
+        self.ops.begin(io, super::node::Io::PeerFlush { id });
         self.out.push(Action::Disk {
             id: io,
             op: DiskOp::Flush,
@@ -515,7 +507,7 @@ impl Node {
     fn on_write_ack(&mut self, seq: u64, error: u32) {
         // From the peer (outside input): an ack of a write we no longer track
         // (issued again after a pause under a new sequence number) is ignored.
-        let Some(r) = self.recent.remove(&seq) else {
+        let Some(r) = self.owed.write_acked(seq) else {
             return;
         };
         if error != 0 {
@@ -530,7 +522,7 @@ impl Node {
             }
         } else if r.req.is_some() {
             // On the peer's disk, not yet on its medium (resync writes are FUA).
-            self.unflushed.insert(seq, r.range);
+            self.owed.write_unflushed(seq, r.range);
         }
         let local_good = self.disk == DiskState::UpToDate;
         match r.req {
@@ -603,7 +595,7 @@ impl Node {
         let wins = resync || self.local_wins();
         let mut holes = Vec::new();
         if wins {
-            for (_, r) in self.recent.range(seen + 1..) {
+            for r in self.owed.unseen_by_peer(seen) {
                 if r.req.is_some() && r.range.overlaps(&range) {
                     holes.push(r.range);
                 }

@@ -228,7 +228,7 @@ impl Node {
         let mut r = self.new_resync(false, checksum);
         r.start_flush = Some(flush);
         self.sync.begin_source(r, true);
-        self.ios.insert(flush, Io::ResyncStartFlush);
+        self.ops.begin(flush, Io::ResyncStartFlush);
         self.out.push(Action::Disk {
             id: flush,
             op: DiskOp::Flush,
@@ -427,7 +427,7 @@ impl Node {
         self.progress_event();
         let now = self.now_ms;
         let rate = self.cfg.sync_rate;
-        let app_busy = !self.reqs.is_empty() || !self.held.is_empty();
+        let app_busy = !self.reqs.is_empty() || !self.waits.none_held();
         // Called on every tick; only a running resync refills its budget.
         let Some(r) = self.sync.source_mut() else {
             return;
@@ -664,9 +664,9 @@ impl Node {
                         r.done_blocks += n;
                     }
                 } else {
-                    self.recent.insert(
+                    self.owed.write_sent(
                         seq,
-                        super::node::Recent {
+                        super::peer_owed::Recent {
                             range,
                             req: None,
                             redo: None,
@@ -885,7 +885,7 @@ impl Node {
         // finding: a block it had not flushed since a split brain was lost in a
         // power cut after the sync, and its data later won).
         let io = self.new_id();
-        self.ios.insert(
+        self.ops.begin(
             io,
             Io::SyncDoneFlush {
                 source_gis,
@@ -925,8 +925,8 @@ impl Node {
         // block differed unmarked).
         let active = self.txn.al().map(|al| al.active()).unwrap_or_default();
         let uncovered: Vec<Range> = self
-            .unflushed
-            .values()
+            .owed
+            .unflushed()
             .filter(|r| {
                 !r.is_empty() && super::activity_log::extents_of(**r).any(|e| !active.contains(&e))
             })
@@ -990,7 +990,7 @@ impl Node {
         // first (simulator finding: a block acknowledged but not yet flushed here
         // matched, its bit was cleared, then a power loss here lost it).
         let io = self.new_id();
-        self.ios.insert(io, Io::ChecksumFlush { id, offset, len });
+        self.ops.begin(io, Io::ChecksumFlush { id, offset, len });
         self.out.push(Action::Disk {
             id: io,
             op: DiskOp::Flush,

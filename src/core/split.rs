@@ -134,8 +134,8 @@ impl Node {
             return false;
         };
         let span = al.slots() as u64 * EXTENT;
-        let unflushed: u64 = self.unflushed.values().map(|r| r.len()).sum();
-        if unflushed >= span / 4 && self.flush_marks.is_empty() {
+        let unflushed: u64 = self.owed.unflushed().map(|r| r.len()).sum();
+        if unflushed >= span / 4 && !self.owed.flush_outstanding() {
             let id = self.new_id();
             self.send_peer_flush(id);
         }

@@ -22,9 +22,9 @@ impl Node {
             }
         }
         self.stop_splits(errno::ESHUTDOWN);
-        for (conn, cookie, req) in std::mem::take(&mut self.held) {
+        for (conn, cookie, req) in self.waits.take_held() {
             if matches!(req, IoRequest::Read { .. }) {
-                self.held.push((conn, cookie, req)); // not frozen: goes on
+                self.hold(conn, cookie, req); // not frozen: goes on
                 continue;
             }
             self.reply(conn, cookie, Err(errno::ESHUTDOWN));
@@ -44,7 +44,7 @@ impl Node {
         // The link goes with the process: writes the peer has not flushed yet may
         // still be lost there (simulator finding: after a clean stop and the peer's
         // power loss, an in-sync reconnect left the blocks different).
-        for (_, r) in std::mem::take(&mut self.unflushed) {
+        for r in self.owed.take_unflushed() {
             self.bitmap.set_range(r);
         }
         let pages = self.bitmap.take_dirty();
