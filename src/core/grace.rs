@@ -195,7 +195,7 @@ impl Node {
     pub(super) fn begin_start_pause(&mut self) {
         assert!(self.start_pause_applies());
         assert!(self.freeze.grace().is_none() && !self.replicating());
-        assert!(self.reqs.is_empty() && self.held.is_empty());
+        assert!(self.reqs.is_empty() && self.waits.none_held());
         self.notify(
             "pause-started",
             json!({ "writes": 0, "reason": "start", "grace_ms": self.cfg.reconnect_grace_ms }),
