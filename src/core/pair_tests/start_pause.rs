@@ -160,3 +160,19 @@ fn a_single_primary_pair_has_no_start_pause() {
     p.settle();
     assert_eq!(replies(&p, 0, 3), vec![Ok(None)], "written alone at once");
 }
+
+/// The operator's way out of the wait (DRBD's "skip" at wfc): `mirrorctl
+/// disconnect` ends the start pause at once; the held write goes on alone.
+#[test]
+fn disconnect_ends_the_start_pause_at_once() {
+    let mut p = beta_went_on_alone();
+    p.crash(1);
+    p.boot(0);
+    p.node(0).attach_client(9).expect("alpha serves I/O");
+    p.queue_write(0, 3, 30, 0xaa);
+    p.run_ms(1_000);
+    assert!(replies(&p, 0, 3).is_empty(), "held within the grace");
+    p.disconnect(0);
+    assert_eq!(replies(&p, 0, 3), vec![Ok(None)], "{:?}", p.events[0]);
+    assert!(!p.status(0).suspended);
+}
