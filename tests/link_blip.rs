@@ -10,6 +10,9 @@
 //!   node's last acknowledged write.
 //! - A cut longer than the grace with one node writing and the other idle: a
 //!   one-way resync, no split brain.
+//! - A primary killed and started again later than its peer's grace, its
+//!   client writing at once: the write waits for the peer (the start pause),
+//!   the restarted node becomes the sync target, no split brain.
 
 mod common;
 
@@ -218,4 +221,76 @@ fn a_cut_longer_than_the_grace_with_one_writer_is_a_one_way_resync() {
             "block {b} on beta does not hold alpha's last acknowledged write"
         );
     }
+}
+
+/// A primary that comes back slower than its peer's grace (`make vm-two-host`,
+/// 2026-12-07: a `systemctl restart` that took 8.1 s): the peer went on alone,
+/// and the restarted node's client writes at once, before the link is back.
+/// The start pause (src/core/grace.rs) holds that write until the peer is
+/// back: the restarted node is then the sync target (the peer went on alone),
+/// no split brain, and both writes are on both disks. Without it both wrote
+/// apart: a split brain.
+#[test]
+fn a_restart_slower_than_the_peers_grace_is_a_one_way_resync() {
+    let mut c = dual_primary("3s");
+    let (mut beta, _) = RawConn::handshake(c.nbd_addr(1), EXPORT);
+    beta.set_read_timeout(Duration::from_secs(60));
+    c.wait_status(1, T, "beta primary", |v| v["role"] == "primary");
+    // alpha crashes and stays away longer than beta's grace; beta writes alone.
+    c.kill(0);
+    c.net.as_ref().expect("namespaces").cut();
+    std::thread::sleep(Duration::from_secs(4));
+    beta.write_at(10 * BLOCK, &block_data(10));
+    assert_eq!(events(&c, 1, "split-brain"), 0);
+    // alpha is back (the link still down) and its client writes at once.
+    c.start(0);
+    let held = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let (mut alpha, _) = RawConn::handshake(c.nbd_addr(0), EXPORT);
+            alpha.set_read_timeout(Duration::from_secs(60));
+            let t = Instant::now();
+            alpha.write_at(20 * BLOCK, &block_data(20));
+            alpha.flush();
+            alpha.disconnect();
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            !h.is_finished(),
+            "alpha answered a write alone right after its start, without its peer"
+        );
+        c.net.as_ref().expect("namespaces").heal();
+        h.join().expect("alpha's writer")
+    });
+    beta.flush();
+    beta.disconnect();
+    wait_in_sync(&c, "in sync after the restart");
+    for i in 0..2 {
+        assert_eq!(
+            events(&c, i, "split-brain"),
+            0,
+            "node {i} saw a split brain"
+        );
+        assert_eq!(c.status_json(i)["split_brain"], false);
+    }
+    let decisions: Vec<String> = c
+        .log_text(0)
+        .lines()
+        .filter(|l| l.contains("\"event\":\"sync-decision\""))
+        .map(String::from)
+        .collect();
+    assert!(
+        decisions.last().is_some_and(|l| l.contains("Target")),
+        "alpha, restarted, was not the sync target of beta, which went on alone: {decisions:?}"
+    );
+    assert_disks_identical(&c, "after the restart");
+    let disk = read_disk(&c, 0);
+    for b in [10u64, 20] {
+        let at = (b * BLOCK) as usize;
+        assert!(
+            disk[at..at + BLOCK as usize] == block_data(b)[..],
+            "block {b} does not hold its acknowledged write"
+        );
+    }
+    eprintln!("alpha's first write after its restart waited {held:?} for the peer");
 }
