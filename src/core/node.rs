@@ -1125,15 +1125,17 @@ impl Node {
         let Some(first) = self.txn.next_to_plan() else {
             return;
         };
-        // For the first waiting write only (the others wait behind it).
-        let ranges: Vec<Range> = self
-            .writes
-            .get(&first)
-            .map(|e| e.range)
-            .into_iter()
-            .collect();
-        // No activity log: a resource without a peer keeps none.
-        let Some(al) = self.txn.al_mut() else { return };
+        // For the first waiting write only (the others wait behind it). A
+        // write waits for the activity log with its entry admitted.
+        let Some(e) = self.writes.get(&first) else {
+            unreachable!("write {first} waits for the activity log without its entry");
+        };
+        let ranges = vec![e.range];
+        // A write waits for the activity log only when the node keeps one
+        // (`MetaTxns` asserts it).
+        let Some(al) = self.txn.al_mut() else {
+            unreachable!("write {first} waits for an activity log the node does not keep");
+        };
         // No transaction possible now (every slot held by writes in flight): it
         // is tried again when one is released.
         let Some((set, evicted)) = al.plan(&ranges) else {

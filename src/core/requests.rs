@@ -168,10 +168,12 @@ impl Requests {
         ids
     }
 
-    /// Request `rid` is in flight and still waits for the peer. (A flush a
-    /// pause waited for may have been answered since.)
+    /// Request `rid` still waits for the peer.
     pub(super) fn awaits_peer(&self, rid: u64) -> bool {
-        self.reqs.get(&rid).is_some_and(|q| q.ack_outstanding)
+        let Some(q) = self.reqs.get(&rid) else {
+            unreachable!("request {rid} a pause waited for is gone");
+        };
+        q.ack_outstanding
     }
 
     /// A local write of `range` from (conn, cookie), a piece of `split` if any,
@@ -288,15 +290,17 @@ impl Requests {
     }
 
     /// The peer will not answer request `rid`: done as far as the peer goes,
-    /// failed (EIO) unless this disk (`local_good`) holds a good copy. A flush
-    /// answered without the peer when the session ended is no longer here
-    /// when the pause that also waited for it ends: then nothing changes.
+    /// failed (EIO) unless this disk (`local_good`) holds a good copy.
     pub(super) fn peer_gone(&mut self, rid: u64, local_good: bool) {
-        if let Some(q) = self.reqs.get_mut(&rid) {
-            q.ack_outstanding = false;
-            if !local_good && q.error == 0 {
-                q.error = errno::EIO;
-            }
+        // Legitimately gone: a flush a pause waited for that the session's
+        // end (`on_peer_down`) answered and finished before it ended the pause
+        // (`end_pause_alone`), which answers it again (mirror-sim seeds 77, 357).
+        let Some(q) = self.reqs.get_mut(&rid) else {
+            return;
+        };
+        q.ack_outstanding = false;
+        if !local_good && q.error == 0 {
+            q.error = errno::EIO;
         }
     }
 
