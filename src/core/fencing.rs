@@ -100,18 +100,7 @@ impl Node {
                 }
                 self.meta.flags &= !md_flags::WAS_UP_TO_DATE;
                 self.persist_superblock(false);
-                let mut held: Vec<u64> = self
-                    .reqs
-                    .iter()
-                    .filter(|(_, r)| !r.replied)
-                    .map(|(k, _)| *k)
-                    .collect();
-                held.sort_unstable();
-                for rid in held {
-                    if let Some(r) = self.reqs.get_mut(&rid) {
-                        r.error = errno::EIO;
-                    }
-                }
+                self.reqs.fail_unanswered(errno::EIO);
                 self.resume_io(outcome);
             }
             _ => {
@@ -128,9 +117,8 @@ impl Node {
             return;
         }
         self.notify("io-resumed", json!({ "by": by }));
-        let mut pending: Vec<u64> = self.reqs.keys().copied().collect();
-        pending.sort_unstable(); // deterministic reply order
-        for rid in pending {
+        // In id order: a deterministic reply order.
+        for rid in self.reqs.ids_sorted() {
             self.maybe_finish(rid);
         }
         self.release_held();

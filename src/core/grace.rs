@@ -38,7 +38,7 @@
 
 use serde_json::json;
 
-use super::node::{Node, Req};
+use super::node::Node;
 use super::ordering::Range;
 use super::types::*;
 
@@ -125,7 +125,7 @@ impl Node {
             self.bitmap.set_range(r.range);
             if let (Some(req), Some((op, fua))) = (r.req, r.redo) {
                 assert!(
-                    self.reqs.contains_key(&req),
+                    self.reqs.contains(req),
                     "unacknowledged write {req} has no request"
                 );
                 resend.push(Resend {
@@ -136,13 +136,7 @@ impl Node {
                 });
             }
         }
-        let mut flushes: Vec<u64> = self
-            .reqs
-            .iter()
-            .filter(|(_, r)| r.is_flush && r.ack_outstanding)
-            .map(|(k, _)| *k)
-            .collect();
-        flushes.sort_unstable();
+        let flushes = self.reqs.flushes_awaiting_peer();
         self.fail_peer_reads(owed.reads);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
@@ -307,7 +301,7 @@ impl Node {
             self.issue_local_write(wid, fua);
         }
         for f in g.flushes {
-            if self.reqs.get(&f).is_some_and(|q| q.ack_outstanding) {
+            if self.reqs.awaits_peer(f) {
                 self.send_peer_flush(f);
             }
         }
@@ -317,18 +311,8 @@ impl Node {
     /// Issues `r`'s write again as a new replicated write; its completion
     /// answers the original request.
     fn redo_write(&mut self, r: Resend) {
-        let Some(parent) = self.reqs.get(&r.req) else {
-            unreachable!("a write to issue again has no request {}", r.req);
-        };
-        assert!(
-            parent.ack_outstanding,
-            "write {} was answered already",
-            r.req
-        );
-        let (conn, cookie) = (parent.conn, parent.cookie);
         let rid = self.new_id();
-        self.reqs
-            .insert(rid, Req::write(conn, cookie, r.range, Some(r.req)));
+        self.reqs.add_redo(rid, r.req, r.range);
         self.enter_local_write(rid, r.range, Some(r.op), r.fua);
     }
 }

@@ -25,6 +25,7 @@ mod pair_tests;
 mod peer_owed;
 mod peer_session;
 mod replication;
+mod requests;
 mod resync;
 mod session;
 mod split;

@@ -1,7 +1,7 @@
 //! The node state machine: local NBD requests, the disk order, the activity log,
 //! roles and metadata. Peer messages are in `replication.rs`, resync in `resync.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use serde_json::json;
@@ -11,6 +11,7 @@ use super::bitmap::{Bitmap, BLOCK};
 use super::meta_txn::SbDone;
 use super::ordering::Range;
 use super::peer_owed::Recent;
+use super::requests::Answer;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
 
@@ -126,51 +127,6 @@ pub(super) struct WriteEntry {
     pub error: u32,
 }
 
-#[derive(Debug)]
-pub(super) struct Req {
-    pub conn: ConnId,
-    pub cookie: u64,
-    pub range: Range,
-    pub is_flush: bool,
-    pub local_pending: bool,
-    /// The reply waits for the peer's RecvAck (protocol B).
-    pub wait_recv: bool,
-    /// The reply waits for the peer's WriteAck / FlushAck (protocol C, FUA, flush).
-    pub wait_ack: bool,
-    pub ack_outstanding: bool,
-    pub recv_got: bool,
-    pub error: u32,
-    pub replied: bool,
-    pub al_held: bool,
-    /// A write issued again after a pause (grace.rs): its completion answers
-    /// this request instead of a client.
-    pub parent: Option<u64>,
-    /// A piece of this split (`split.rs`): its answer goes to the split, not the client.
-    pub split: Option<u64>,
-}
-
-impl Req {
-    /// A local write's request, before it is issued.
-    pub(super) fn write(conn: ConnId, cookie: u64, range: Range, parent: Option<u64>) -> Req {
-        Req {
-            conn,
-            cookie,
-            range,
-            is_flush: false,
-            local_pending: true,
-            wait_recv: false,
-            wait_ack: false,
-            ack_outstanding: false,
-            recv_got: false,
-            error: 0,
-            replied: false,
-            al_held: false,
-            parent,
-            split: None,
-        }
-    }
-}
-
 pub struct Node {
     /// The peer session: what lives exactly as long as one (peer_session.rs).
     pub(super) session: super::peer_session::PeerSession,
@@ -185,15 +141,14 @@ pub struct Node {
     pub(super) discard_my_data: bool,
     /// Requests held, FUA trims waiting for their flush, the stream grant (client_waits.rs).
     pub(super) waits: super::client_waits::ClientWaits,
-    /// Large local writes carried out in pieces (`split.rs`), by split id.
-    pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
     /// Attached connections whose client shut down its sending side
     /// ([`Event::ClientShut`]), with the requests dropped since (clients.rs).
     pub(super) shut_clients: BTreeMap<ConnId, u64>,
     /// The id counter and the disk operations in flight (disk_ops.rs).
     pub(super) ops: super::disk_ops::DiskOps,
-    pub(super) reqs: HashMap<u64, Req>,
+    /// The NBD requests in flight and the large writes in pieces (requests.rs).
+    pub(super) reqs: super::requests::Requests,
     /// The disk order and its entries (write_table.rs).
     pub(super) writes: super::write_table::WriteTable,
     pub(super) bitmap: Bitmap,
@@ -267,11 +222,10 @@ impl Node {
             want_connect: cfg.peer.is_some(),
             discard_my_data: false,
             waits: super::client_waits::ClientWaits::default(),
-            splits: BTreeMap::new(),
             clients: BTreeSet::new(),
             shut_clients: BTreeMap::new(),
             ops: super::disk_ops::DiskOps::default(),
-            reqs: HashMap::new(),
+            reqs: super::requests::Requests::default(),
             writes: super::write_table::WriteTable::new(),
             bitmap,
             txn: super::meta_txn::MetaTxns::new(al),
@@ -406,7 +360,7 @@ impl Node {
     pub fn clients_idle(&self) -> bool {
         self.reqs.is_empty()
             && self.waits.none_held()
-            && self.splits.is_empty()
+            && self.reqs.no_splits()
             && !self.owed.has_reads()
             && !self.ops.client_read_in_flight()
             && !self.writes.any_local_read()
@@ -414,7 +368,7 @@ impl Node {
 
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty()
-            && self.splits.is_empty()
+            && self.reqs.no_splits()
             && self.writes.is_empty()
             && self.ops.is_empty()
             && self.sync.source().is_none()
@@ -896,7 +850,7 @@ impl Node {
         for (conn, cookie, req) in self.waits.take_held() {
             self.on_request(conn, cookie, req);
         }
-        if !self.splits.is_empty() {
+        if !self.reqs.no_splits() {
             self.resume_splits();
         }
     }
@@ -968,25 +922,7 @@ impl Node {
         }
         let rid = self.new_id();
         let mirrored = self.replicating();
-        self.reqs.insert(
-            rid,
-            Req {
-                conn,
-                cookie,
-                range: Range::new(0, 0),
-                is_flush: true,
-                local_pending: true,
-                wait_recv: false,
-                wait_ack: mirrored,
-                ack_outstanding: mirrored,
-                recv_got: false,
-                error: 0,
-                replied: false,
-                al_held: false,
-                parent: None,
-                split: None,
-            },
-        );
+        self.reqs.add_flush(rid, conn, cookie, mirrored);
         let id = self.new_id();
         self.ops.begin(id, Io::Flush { req: rid });
         self.out.push(Action::Disk {
@@ -1036,9 +972,7 @@ impl Node {
             return;
         }
         let rid = self.new_id();
-        let mut req = Req::write(conn, cookie, range, None);
-        req.split = split;
-        self.reqs.insert(rid, req);
+        self.reqs.add_write(rid, conn, cookie, range, split);
         self.enter_local_write(rid, range, op, fua);
     }
 
@@ -1050,10 +984,7 @@ impl Node {
         op: Option<DiskOp>,
         fua: bool,
     ) {
-        assert!(self
-            .reqs
-            .get(&rid)
-            .is_some_and(|r| r.local_pending && !r.replied));
+        let redo = self.reqs.entering_write(rid);
         let wid = self.new_id();
         // First come, first served: while a write waits for the activity log, later
         // ones wait behind it, else a stream of writes to active extents starves a
@@ -1061,7 +992,6 @@ impl Node {
         // A write issued again after a pause goes first: its original holds
         // the same extents, so they are active, and it must not wait behind
         // writes that need extents only its original's end can free.
-        let redo = self.reqs.get(&rid).is_some_and(|r| r.parent.is_some());
         let queue_empty = self.txn.none_waiting() || redo;
         let al_ok = match self.txn.al_mut() {
             None => true,
@@ -1072,9 +1002,7 @@ impl Node {
             "a write issued again found its extents inactive"
         );
         if al_ok {
-            if let Some(r) = self.reqs.get_mut(&rid) {
-                r.al_held = self.txn.al().is_some();
-            }
+            self.reqs.hold_al(rid, self.txn.al().is_some());
         }
         self.writes.add_waiting(
             wid,
@@ -1118,10 +1046,7 @@ impl Node {
             // (simulator finding: a sync target's write, admitted after its source
             // was lost, was acknowledged and then overwritten by the next resync).
             self.writes.drop_waiting(wid);
-            if let Some(r) = self.reqs.get_mut(&rid) {
-                r.local_pending = false;
-                r.error = errno::EIO;
-            }
+            self.reqs.local_done(rid, errno::EIO);
             self.maybe_finish(rid);
             return;
         }
@@ -1157,11 +1082,7 @@ impl Node {
         // (simulator finding: protocol A acked a sync target's write that was then lost).
         let wait_ack = wait_ack || (mirrored && self.disk != DiskState::UpToDate);
         let wait_recv = wait_recv && !wait_ack;
-        if let Some(r) = self.reqs.get_mut(&rid) {
-            r.wait_recv = wait_recv;
-            r.wait_ack = wait_ack;
-            r.ack_outstanding = mirrored;
-        }
+        self.reqs.issued(rid, wait_recv, wait_ack, mirrored);
         if let Some(kind) = kind {
             self.session.seq += 1;
             let seq = self.session.seq;
@@ -1204,15 +1125,17 @@ impl Node {
         let Some(first) = self.txn.next_to_plan() else {
             return;
         };
-        // For the first waiting write only (the others wait behind it).
-        let ranges: Vec<Range> = self
-            .writes
-            .get(&first)
-            .map(|e| e.range)
-            .into_iter()
-            .collect();
-        // No activity log: a resource without a peer keeps none.
-        let Some(al) = self.txn.al_mut() else { return };
+        // For the first waiting write only (the others wait behind it). A
+        // write waits for the activity log with its entry admitted.
+        let Some(e) = self.writes.get(&first) else {
+            unreachable!("write {first} waits for the activity log without its entry");
+        };
+        let ranges = vec![e.range];
+        // A write waits for the activity log only when the node keeps one
+        // (`MetaTxns` asserts it).
+        let Some(al) = self.txn.al_mut() else {
+            unreachable!("write {first} waits for an activity log the node does not keep");
+        };
         // No transaction possible now (every slot held by writes in flight): it
         // is tried again when one is released.
         let Some((set, evicted)) = al.plan(&ranges) else {
@@ -1299,9 +1222,7 @@ impl Node {
                     e.al_ok = true;
                     fua = matches!(e.pieces.first(), Some(DiskOp::Write { fua: true, .. }));
                     if let Origin::Local { req } = e.origin {
-                        if let Some(r) = self.reqs.get_mut(&req) {
-                            r.al_held = self.txn.al().is_some();
-                        }
+                        self.reqs.hold_al(req, self.txn.al().is_some());
                     }
                 }
                 self.issue_local_write(wid, fua);
@@ -1372,12 +1293,7 @@ impl Node {
             }
             Io::Read { conn, cookie } => self.local_read_done(conn, cookie, result),
             Io::Flush { req } => {
-                if let Some(r) = self.reqs.get_mut(&req) {
-                    r.local_pending = false;
-                    if let Err(code) = result {
-                        r.error = code;
-                    }
-                }
+                self.reqs.local_done(req, result.err().unwrap_or(0));
                 self.maybe_finish(req);
             }
             Io::BootFlush => {
@@ -1496,13 +1412,9 @@ impl Node {
         }
         match e.origin {
             Origin::Local { req } => {
-                if let Some(r) = self.reqs.get_mut(&req) {
-                    r.local_pending = false;
-                    // Keep an error the peer side already set (no good copy left).
-                    if e.error != 0 {
-                        r.error = e.error;
-                    }
-                }
+                // Keeps an error the peer side already set (no good copy left)
+                // unless this one failed too.
+                self.reqs.local_done(req, e.error);
                 if e.error != 0 {
                     let pages = self.bitmap.take_dirty();
                     self.persist_bitmap_pages(pages);
@@ -1549,52 +1461,31 @@ impl Node {
         // Callers look again after every ack and completion; the request may
         // have finished at an earlier one (a late ack of a request answered and
         // done when the link went down, e.g.).
-        let Some(r) = self.reqs.get_mut(&rid) else {
+        let Some((answer, finished)) = self.reqs.settle(rid, self.freeze.suspended()) else {
             return;
         };
-        // C/FUA/flush wait for the peer's WriteAck/FlushAck; B for its RecvAck; the link
-        // going down clears `ack_outstanding`.
-        let waiting_ack = r.wait_ack && r.ack_outstanding;
-        let waiting_recv = r.wait_recv && !r.recv_got && r.ack_outstanding;
-        let peer_ok = !waiting_ack && !waiting_recv;
-        // Fencing holds replies until the peer is known outdated (fencing.rs).
-        let mut answers_parent = None;
         let mut piece_answer = None;
-        let mut client_answer = None;
-        if !r.replied && !r.local_pending && peer_ok && !self.freeze.suspended() {
-            r.replied = true;
-            let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
-            match (r.parent, r.split) {
-                // A write issued again after a pause: it answers the original.
-                (Some(p), _) => answers_parent = Some((p, r.error)),
-                (None, Some(sid)) => piece_answer = Some((sid, result)),
-                (None, None) => client_answer = Some((r.conn, r.cookie, result)),
+        match answer {
+            Some(Answer::Client {
+                conn,
+                cookie,
+                result,
+            }) => self.reply(conn, cookie, result),
+            Some(Answer::Parent { parent, error }) => {
+                self.reqs.answer_parent(parent, error);
+                self.maybe_finish(parent);
             }
-        }
-        let finished = r.replied && !r.local_pending && !r.ack_outstanding;
-        if let Some((conn, cookie, result)) = client_answer {
-            self.reply(conn, cookie, result);
-        }
-        if let Some((p, error)) = answers_parent {
-            let Some(pr) = self.reqs.get_mut(&p) else {
-                unreachable!("the write issued again for {p} outlived its request");
-            };
-            pr.ack_outstanding = false;
-            if error != 0 && pr.error == 0 {
-                pr.error = error;
-            }
-            self.maybe_finish(p);
+            Some(Answer::Piece { split, result }) => piece_answer = Some((split, result)),
+            None => {}
         }
         if finished {
-            let done = self.reqs.remove(&rid);
-            if let Some(d) = done {
-                if d.al_held {
-                    if let Some(al) = self.txn.al_mut() {
-                        al.release(d.range);
-                    }
-                    if !self.txn.none_waiting() {
-                        self.try_al_transaction();
-                    }
+            let d = self.reqs.finish(rid);
+            if d.al_held {
+                if let Some(al) = self.txn.al_mut() {
+                    al.release(d.range);
+                }
+                if !self.txn.none_waiting() {
+                    self.try_al_transaction();
                 }
             }
         }
@@ -1638,7 +1529,7 @@ impl Node {
         }
         self.resync_tick();
         self.maybe_resume_verify();
-        if !self.splits.is_empty() {
+        if !self.reqs.no_splits() {
             // A split waiting for the peer's flush goes on (split.rs).
             self.resume_splits();
         }

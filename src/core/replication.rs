@@ -188,17 +188,11 @@ impl Node {
                 self.answer_without_peer(req, local_good);
             }
         }
-        let mut flushes: Vec<u64> = self
-            .reqs
-            .iter()
-            .filter(|(_, r)| r.is_flush && r.ack_outstanding)
-            .map(|(k, _)| *k)
-            .collect();
-        flushes.sort_unstable(); // deterministic reply order
-                                 // Without a good local disk the peer's flush was the only one that
-                                 // counted (simulator finding: a primary with a failed disk acknowledged
-                                 // a flush its crashed peer never made, and the data was lost).
-        for f in flushes {
+        // In id order (a deterministic reply order). Without a good local disk
+        // the peer's flush was the only one that counted (simulator finding: a
+        // primary with a failed disk acknowledged a flush its crashed peer never
+        // made, and the data was lost).
+        for f in self.reqs.flushes_awaiting_peer() {
             self.answer_without_peer(f, local_good);
         }
         self.fail_peer_reads(owed.reads);
@@ -231,7 +225,7 @@ impl Node {
             !self.replicating() && self.session.handshake.is_none() && self.session.peer.is_none()
         );
         assert!(self.owed.is_empty());
-        debug_assert!(!self.reqs.values().any(|r| r.is_flush && r.ack_outstanding));
+        debug_assert!(self.reqs.flushes_awaiting_peer().is_empty());
     }
 
     /// The peer session is gone: its connection state, handshake, pings,
@@ -264,12 +258,7 @@ impl Node {
     /// done as far as the peer goes, and fails (EIO) unless this disk
     /// (`local_good`) holds a good copy.
     pub(super) fn answer_without_peer(&mut self, req: u64, local_good: bool) {
-        if let Some(q) = self.reqs.get_mut(&req) {
-            q.ack_outstanding = false;
-            if !local_good && q.error == 0 {
-                q.error = errno::EIO;
-            }
-        }
+        self.reqs.peer_gone(req, local_good);
         self.maybe_finish(req);
     }
 
@@ -347,9 +336,7 @@ impl Node {
             } => self.on_peer_write(seq, seen, offset, kind, fua, resync),
             Message::RecvAck { seq } => {
                 if let Some(req) = self.owed.write_req(seq) {
-                    if let Some(q) = self.reqs.get_mut(&req) {
-                        q.recv_got = true;
-                    }
+                    self.reqs.peer_received(req);
                     self.maybe_finish(req);
                 }
             }
@@ -366,9 +353,7 @@ impl Node {
                 // Without an error, everything we had sent before this flush is
                 // durable on the peer.
                 self.owed.flush_acked(id, error == 0);
-                if let Some(q) = self.reqs.get_mut(&id) {
-                    q.ack_outstanding = false;
-                }
+                self.reqs.peer_flushed(id);
                 if error != 0 {
                     // The peer's disk failed to flush: it is no longer a durable copy.
                     // The client's data is durable here; the peer will be resynced.
@@ -527,14 +512,7 @@ impl Node {
         let local_good = self.disk == DiskState::UpToDate;
         match r.req {
             Some(req) => {
-                if let Some(q) = self.reqs.get_mut(&req) {
-                    q.ack_outstanding = false;
-                    q.recv_got = true;
-                    if error != 0 && !local_good && q.error == 0 {
-                        // The peer failed it and the local disk is no good copy.
-                        q.error = error;
-                    }
-                }
+                self.reqs.peer_acked(req, error, local_good);
                 self.maybe_finish(req);
             }
             None => self.resync_write_acked(r.range, error),

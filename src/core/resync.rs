@@ -190,9 +190,10 @@ impl Node {
             }
             "target"
         } else {
-            return;
+            return; // no resync driven or received: nothing to report
         };
-        // Only a running resync has progress to report.
+        // Only a running resync has progress to report (a received one's
+        // progress is kept while the link is down, with no status then).
         let Some(st) = self.resync_status() else {
             return;
         };
@@ -761,13 +762,17 @@ impl Node {
             .map(|(k, _)| *k);
         // An ack (from the peer) for a batch already ended: nothing left to account.
         let Some(bid) = bid else { return };
-        let mut marked = Vec::new();
-        if let Some(b) = r.batches.get_mut(&bid) {
-            b.writes_out -= 1;
-            marked.clone_from(&b.dirtied);
-            if b.writes_out == 0 {
-                r.batches.remove(&bid);
-            }
+        let Some(b) = r.batches.get_mut(&bid) else {
+            unreachable!("resync batch {bid} just found is gone");
+        };
+        assert!(
+            b.writes_out > 0,
+            "resync batch {bid} acked with no write out"
+        );
+        b.writes_out -= 1;
+        let marked = b.dirtied.clone();
+        if b.writes_out == 0 {
+            r.batches.remove(&bid);
         }
         if error == 0 {
             // Blocks marked since this data was sent (a later write the peer
@@ -1072,7 +1077,7 @@ impl Node {
             }
             Some(b.range)
         }) else {
-            return;
+            return; // from the peer: a reply for a batch or resync since ended
         };
         self.resync_read(id, range);
     }

@@ -96,7 +96,7 @@ impl Node {
             DiskOp::Write { .. } | DiskOp::Trim { .. } | DiskOp::WriteZeroes { .. }
         ));
         let sid = self.new_id();
-        self.splits.insert(
+        self.reqs.add_split(
             sid,
             Split {
                 conn,
@@ -151,7 +151,7 @@ impl Node {
         for _ in 0..PIECES_IN_FLIGHT {
             let held = self.local_writes_held() || self.peer_flush_throttle();
             let serves = self.role == Role::Primary;
-            let Some(s) = self.splits.get_mut(&sid) else {
+            let Some(s) = self.reqs.split_mut(sid) else {
                 return; // finished by a piece that failed at once (below)
             };
             debug_assert!(s.next <= s.range.end && s.in_flight <= PIECES_IN_FLIGHT);
@@ -186,12 +186,12 @@ impl Node {
             self.local_write(conn, cookie, piece, Some(op), fua, Some(sid));
         }
         // A piece that failed at once may have finished the split inside the loop.
-        let Some(s) = self.splits.get(&sid) else {
+        let Some(s) = self.reqs.split(sid) else {
             return;
         };
         let done = s.in_flight == 0 && (s.error != 0 || s.cut || s.next >= s.range.end);
         if done {
-            let s = self.splits.remove(&sid).expect("split present");
+            let s = self.reqs.take_split(sid);
             if s.cut && s.error == 0 {
                 self.trim_cut_short(&s);
             }
@@ -199,8 +199,8 @@ impl Node {
             self.reply(s.conn, s.cookie, result);
         }
         debug_assert!(self
-            .splits
-            .get(&sid)
+            .reqs
+            .split(sid)
             .is_none_or(|s| s.in_flight <= PIECES_IN_FLIGHT));
     }
 
@@ -238,36 +238,15 @@ impl Node {
 
     /// A piece of split `sid` got its answer (what a whole request's reply would be).
     pub(super) fn piece_done(&mut self, sid: u64, result: &Result<Option<bytes::Bytes>, u32>) {
-        let s = self
-            .splits
-            .get_mut(&sid)
-            .unwrap_or_else(|| panic!("piece of unknown split {sid}"));
-        assert!(s.in_flight > 0, "piece answered with none in flight");
-        s.in_flight -= 1;
-        if let Err(code) = result {
-            if s.error == 0 {
-                s.error = *code;
-            }
-        }
+        self.reqs.piece_answered(sid, result);
         self.pump_split(sid);
     }
 
     /// Splits whose next pieces waited (handshake, promotion check, freeze,
     /// peer flush) go on.
     pub(super) fn resume_splits(&mut self) {
-        let ids: Vec<u64> = self.splits.keys().copied().collect();
-        for sid in ids {
+        for sid in self.reqs.split_ids() {
             self.pump_split(sid);
-        }
-    }
-
-    /// A clean stop while frozen: splits start no further piece and answer
-    /// ESHUTDOWN once the pieces in flight are done.
-    pub(super) fn stop_splits(&mut self, error: u32) {
-        for s in self.splits.values_mut() {
-            if s.error == 0 {
-                s.error = error;
-            }
         }
     }
 }

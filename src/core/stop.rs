@@ -16,12 +16,8 @@ impl Node {
         if !self.freeze.suspended() {
             return;
         }
-        for r in self.reqs.values_mut() {
-            if !r.replied {
-                r.error = errno::ESHUTDOWN;
-            }
-        }
-        self.stop_splits(errno::ESHUTDOWN);
+        self.reqs.fail_unanswered(errno::ESHUTDOWN);
+        self.reqs.fail_splits(errno::ESHUTDOWN);
         for (conn, cookie, req) in self.waits.take_held() {
             if matches!(req, IoRequest::Read { .. }) {
                 self.hold(conn, cookie, req); // not frozen: goes on

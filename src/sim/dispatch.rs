@@ -426,7 +426,10 @@ impl Sim {
                 self.nodes[n].pause = Some((now, ranges));
             }
             "pause-ended" if v.get("at_start").and_then(|x| x.as_bool()) == Some(true) => {
-                if v.get("reconnected").and_then(|x| x.as_bool()) == Some(true) {
+                // A start pause ended alone counts nothing (and must not fall
+                // through to the link pause's arm below).
+                let reconnected = v.get("reconnected").and_then(|x| x.as_bool()) == Some(true);
+                if reconnected {
                     self.stats.start_pauses_reconnected += 1;
                 }
             }
