@@ -21,11 +21,13 @@ mod pair_tests;
 mod peer_session;
 mod replication;
 mod resync;
+mod resync_rate;
 mod session;
 mod split;
 mod stop;
 mod types;
 
 pub use node::Node;
+pub use resync_rate::SyncRate;
 pub use split::MAX_PIECE_EXTENTS;
 pub use types::*;
