@@ -167,9 +167,7 @@ impl ResyncRate {
     pub fn floor_rate(&self, mode: SyncRate) -> Option<u64> {
         match mode {
             SyncRate::Adaptive { min_rate: Some(m) } => Some(m),
-            SyncRate::Adaptive { min_rate: None } => {
-                self.idle_rate.map(|r| r / IDLE_FLOOR_DIVISOR)
-            }
+            SyncRate::Adaptive { min_rate: None } => self.idle_rate.map(|r| r / IDLE_FLOOR_DIVISOR),
             SyncRate::Fixed(_) => None,
         }
     }
@@ -253,7 +251,10 @@ impl ResyncRate {
             "the resync window {} is inside its bounds",
             self.window
         );
-        assert!(self.budget <= i64::MAX / 2, "the fixed-mode budget is bounded");
+        assert!(
+            self.budget <= i64::MAX / 2,
+            "the fixed-mode budget is bounded"
+        );
     }
 }
 
