@@ -12,6 +12,7 @@
 //!   [`MIN_WINDOW`], else it grows by one. Whatever the pressure, the window
 //!   grows while the resync moves less than its floor rate: `[sync] min-rate`,
 //!   or by default an eighth of the rate it reached with no application I/O
+//!   (that resync's own; one that starts under application writes has none)
 //!   (DRBD's c-min-rate plays that part in its controller, with a fixed
 //!   default). DRBD's c-plan-ahead / c-fill-target controller steers the data
 //!   in flight toward a fill target; this one steers toward the application's
@@ -83,7 +84,7 @@ pub(super) struct ResyncRate {
     app_latency_base_us: Option<u64>,
     app_latency_us: Option<u64>,
     /// Resync rate (bytes/s), smoothed, and its smoothed value with no
-    /// application I/O at the full window.
+    /// application I/O at the full window (this resync's only).
     rate: u64,
     idle_rate: Option<u64>,
     window: usize,
@@ -119,10 +120,15 @@ impl ResyncRate {
 
     /// A resync or verify starts (or goes round again): it counts its done
     /// bytes from zero, starts at the full window, and in fixed mode with a
-    /// tenth of a second's budget.
+    /// tenth of a second's budget. Its idle rate is its own: a checksum resync
+    /// of equal disks progresses at many times the rate of a full one, a
+    /// scattered incremental one at a fraction (bench finding: the floor
+    /// taken from a checksum resync's idle rate was the whole link, and the
+    /// next full resync never yielded to the application).
     pub fn begin(&mut self, mode: SyncRate) {
         self.last_done_bytes = 0;
         self.rate = 0;
+        self.idle_rate = None;
         self.app_latency_us = None;
         self.window = MAX_WINDOW;
         self.budget = match mode {
@@ -312,6 +318,9 @@ mod tests {
         assert_eq!(d.c.floor_rate(AUTO), Some(idle / 8));
         assert!(d.c.may_start(AUTO, MAX_WINDOW - 1));
         assert!(!d.c.may_start(AUTO, MAX_WINDOW));
+        // The next resync learns its own.
+        d.c.begin(AUTO);
+        assert_eq!(d.c.floor_rate(AUTO), None);
     }
 
     #[test]

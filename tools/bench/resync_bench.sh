@@ -15,8 +15,9 @@
 #      `verify` counts the differing blocks, then `resync --full --checksum`
 #      on alpha: bytes moved against the device size.
 #   4. An application during a full resync: fio (4 KiB random writes, QD16,
-#      ioengine=nbd) on the primary for RESYNC_BENCH_APP_SECONDS (15) with the
-#      pair in sync, then `resync --full`, 2 s of idle resync, and the same fio
+#      ioengine=nbd) on the primary for RESYNC_BENCH_APP_SECONDS (default 40%
+#      of step 1's time, at least 3 s: the resync must outlast it) with the
+#      pair in sync, then `resync --full`, 1 s of idle resync, and the same fio
 #      again while it runs; the resync's rate during that fio (status
 #      done_bytes) against its idle rate of step 1.
 #
@@ -28,7 +29,7 @@
 # Output on stdout and in target/bench/resync-results.md.
 #
 # Environment: RESYNC_BENCH_SIZE (2G), RESYNC_BENCH_PLANT (100),
-# RESYNC_BENCH_APP_SECONDS (15), RESYNC_BENCH_RATE (sync.rate, "auto"), RESYNC_BENCH_KEEP
+# RESYNC_BENCH_APP_SECONDS, RESYNC_BENCH_RATE (sync.rate, "auto"), RESYNC_BENCH_KEEP
 # (keep the disk images in target/bench/resync-work),
 # BENCH_OUT (target/bench), MIRRORD_BIN / MIRRORCTL_BIN (target/release/...).
 set -euo pipefail
@@ -37,7 +38,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 SIZE=${RESYNC_BENCH_SIZE:-2G}
 PLANT=${RESYNC_BENCH_PLANT:-100}
-APP_SECS=${RESYNC_BENCH_APP_SECONDS:-15}
+APP_SECS=${RESYNC_BENCH_APP_SECONDS:-}
 RATE=${RESYNC_BENCH_RATE:-auto}
 MIRRORD=${MIRRORD_BIN:-$ROOT/target/release/mirrord}
 MIRRORCTL=${MIRRORCTL_BIN:-$ROOT/target/release/mirrorctl}
@@ -269,7 +270,9 @@ sum_sent=$(($(st 0 's["sync"]["bytes_sent"]') - sent0))
 sum_equal=$(($(st 0 's["sync"]["blocks_equal"]') - equal0))
 cmp -s "$WORK/alpha.img" "$WORK/beta.img" || die "disks differ after the checksum resync"
 
-# 4. An application during a full resync.
+# 4. An application during a full resync, which must outlast fio: fio runs for
+# 40% of the idle full resync's time unless told.
+[[ -n $APP_SECS ]] || APP_SECS=$($PY -c "print(max(3, int(0.4 * ($full_t1 - $full_t0))))")
 URI="nbd+unix:///r0?socket=$WORK/alpha-run/r0.nbd"
 app_iops() { # name: fio 4 KiB random writes QD16 on alpha; prints the IOPS
     fio --name="$1" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 \
@@ -283,7 +286,7 @@ log "application: fio randwrite 4k QD16 for ${APP_SECS}s in sync"
 iops_sync=$(app_iops in-sync)
 log "application: the same during a full resync"
 ctl 0 resync --full >/dev/null
-sleep 2
+sleep 1
 idle2_rate=$(st 0 's["resync"]["rate_bytes_per_sec"] // 1048576')
 d0=$(st 0 's["resync"]["done_bytes"]')
 a0=$(now)
@@ -320,7 +323,7 @@ cores=$(nproc)
     echo "- sync.rate = \"$RATE\"; the sync source's pace at the end of the fio window: $pace"
     echo "- full resync / TCP copy throughput: **${ratio}x** (target >= 0.9x: $(verdict "$ratio" 0.9))"
     echo "- application IOPS during the resync / in sync: **${app_ratio}x** (target >= 0.7x: $(verdict "$app_ratio" 0.7))"
-    echo "- resync rate during the application / idle (step 1): **${floor_pct}%** (target >= 10%: $(verdict "$floor_pct" 10)); idle rate of this resync after 2 s: $idle2_rate MiB/s"
+    echo "- resync rate during the application / idle (step 1): **${floor_pct}%** (target >= 10%: $(verdict "$floor_pct" 10)); idle rate of this resync after 1 s: $idle2_rate MiB/s"
     echo "- incremental: moved $inc_sent bytes for $inc_changed changed ($(
         $PY -c "print(f'{$inc_sent / $inc_changed:.3f}')")x); alpha had $oos bytes out of sync"
     echo "- verify found $found differing blocks; checksum resync moved $sum_sent bytes of $bytes" \
