@@ -14,12 +14,13 @@
 #      flipped in RESYNC_BENCH_PLANT (100) blocks of its file, beta restarts;
 #      `verify` counts the differing blocks, then `resync --full --checksum`
 #      on alpha: bytes moved against the device size.
-#   4. An application during a full resync: fio (4 KiB random writes, QD16,
-#      ioengine=nbd) on the primary for RESYNC_BENCH_APP_SECONDS (default 40%
-#      of step 1's time, at least 3 s: the resync must outlast it) with the
-#      pair in sync, then `resync --full`, 1 s of idle resync, and the same fio
-#      again while it runs; the resync's rate during that fio (status
-#      done_bytes) against its idle rate of step 1.
+#   4. An application during a full resync: `resync --full`, 0.5 s of idle
+#      resync, then fio (4 KiB random writes, QD16, ioengine=nbd) on the
+#      primary while it runs, for RESYNC_BENCH_APP_SECONDS (default: half the
+#      time the rest of the resync takes at its idle rate so far, at least
+#      2 s: the resync must outlast it); once in sync, the same fio again. The
+#      resync's rate during fio (status done_bytes) against its idle rate of
+#      step 1.
 #
 # The resync pace is the default (sync.rate = "auto", adaptive); checksum is
 # off except for step 3's explicit --checksum. Three ratios with their targets
@@ -270,9 +271,7 @@ sum_sent=$(($(st 0 's["sync"]["bytes_sent"]') - sent0))
 sum_equal=$(($(st 0 's["sync"]["blocks_equal"]') - equal0))
 cmp -s "$WORK/alpha.img" "$WORK/beta.img" || die "disks differ after the checksum resync"
 
-# 4. An application during a full resync, which must outlast fio: fio runs for
-# 40% of the idle full resync's time unless told.
-[[ -n $APP_SECS ]] || APP_SECS=$($PY -c "print(max(3, int(0.4 * ($full_t1 - $full_t0))))")
+# 4. An application during a full resync, which must outlast fio.
 URI="nbd+unix:///r0?socket=$WORK/alpha-run/r0.nbd"
 app_iops() { # name: fio 4 KiB random writes QD16 on alpha; prints the IOPS
     fio --name="$1" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=16 \
@@ -282,13 +281,12 @@ app_iops() { # name: fio 4 KiB random writes QD16 on alpha; prints the IOPS
     $PY -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' \
         "$WORK/fio-$1.json"
 }
-log "application: fio randwrite 4k QD16 for ${APP_SECS}s in sync"
-iops_sync=$(app_iops in-sync)
-log "application: the same during a full resync"
 ctl 0 resync --full >/dev/null
-sleep 1
-idle2_rate=$(st 0 's["resync"]["rate_bytes_per_sec"] // 1048576')
-d0=$(st 0 's["resync"]["done_bytes"]')
+sleep 0.5
+read -r idle2_rate d0 <<<"$(st 0 '" ".join(str(s["resync"][k]) for k in ("rate_bytes_per_sec", "done_bytes"))')"
+[[ -n $APP_SECS ]] || APP_SECS=$($PY -c "print(max(2, int(0.5 * ($bytes - $d0) / max($idle2_rate, 1))))")
+idle2_rate=$((idle2_rate / 1048576))
+log "application: fio randwrite 4k QD16 for ${APP_SECS}s during a full resync"
 a0=$(now)
 iops_resync=$(app_iops during-resync)
 a1=$(now)
@@ -298,6 +296,8 @@ pace=$(st 0 's["resync"].get("pace")')
 during_rate=$(mibps "$((during - d0))" "$a0" "$a1")
 wait_sync
 cmp -s "$WORK/alpha.img" "$WORK/beta.img" || die "disks differ after the resync under application writes"
+log "application: the same for ${APP_SECS}s in sync"
+iops_sync=$(app_iops in-sync)
 app_ratio=$($PY -c "print(f'{$iops_resync / $iops_sync:.2f}')")
 floor_pct=$($PY -c "print(f'{100 * ($during - $d0) / ($a1 - $a0) / ($bytes / ($full_t1 - $full_t0)):.0f}')")
 verdict() { $PY -c "print('met' if $1 >= $2 else 'NOT met')"; }
@@ -323,7 +323,7 @@ cores=$(nproc)
     echo "- sync.rate = \"$RATE\"; the sync source's pace at the end of the fio window: $pace"
     echo "- full resync / TCP copy throughput: **${ratio}x** (target >= 0.9x: $(verdict "$ratio" 0.9))"
     echo "- application IOPS during the resync / in sync: **${app_ratio}x** (target >= 0.7x: $(verdict "$app_ratio" 0.7))"
-    echo "- resync rate during the application / idle (step 1): **${floor_pct}%** (target >= 10%: $(verdict "$floor_pct" 10)); idle rate of this resync after 1 s: $idle2_rate MiB/s"
+    echo "- resync rate during the application / idle (step 1): **${floor_pct}%** (target >= 10%: $(verdict "$floor_pct" 10)); idle rate of this resync after 0.5 s: $idle2_rate MiB/s"
     echo "- incremental: moved $inc_sent bytes for $inc_changed changed ($(
         $PY -c "print(f'{$inc_sent / $inc_changed:.3f}')")x); alpha had $oos bytes out of sync"
     echo "- verify found $found differing blocks; checksum resync moved $sum_sent bytes of $bytes" \
