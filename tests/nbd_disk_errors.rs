@@ -128,6 +128,10 @@ fn a_client_leaving_after_the_disk_failed_its_write_still_leaves_the_disk_failed
     let part = pattern::bytes(3, 3 * MIB as usize / 2);
     conn.send_request(0, CMD_WRITE, 9, 8 * MIB, 4 * MIB as u32, &part)
         .expect("send part of the write");
+    // The reader has taken the request and is streaming its payload before the client
+    // leaves: a request read after the client shut its side would be dropped unrun
+    // (docs/CONFLICTS.md), and the disk would never see this write.
+    conn.wait_until_unread_at_most(part.len() as u64 - 256 * 1024, Duration::from_secs(20));
     conn.shutdown_write();
     let ending = conn.wait_for_close(Duration::from_secs(10));
     assert!(

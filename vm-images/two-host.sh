@@ -35,7 +35,6 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-repo=$(cd "$here/.." && pwd)
 ME=vm-two-host
 # shellcheck source=vm-images/lib/host.sh
 . "$here/lib/host.sh"
@@ -59,49 +58,9 @@ t=$(now)
 image=$("$here/build-image.sh")
 t_image=$(since "$t")
 vm_select_backend "$image"
-mkdir -p "$repo/.cache/vm"
-work=$(mktemp -d "$repo/.cache/vm/two-host.XXXXXX")
-ns="nbdm-vm-$$"
-common=$work/common
 declare -A pids=()
-
-# kill_guest PGID: SIGKILL the process group of one guest (run-guest.sh's
-# --pid-file), never this script's own group.
-kill_guest() {
-    local pg=$1
-    [[ $pg =~ ^[0-9]+$ ]] && [ "$pg" -gt 1 ] || return 0
-    [ "$pg" != "$(ps -o pgid= $$ | tr -d ' ')" ] || return 0
-    kill -KILL -- "-$pg" 2>/dev/null || true
-}
-# Kill only the guests this script started (their run-guest.sh and the guest
-# process groups recorded in the pid files), then delete the namespace.
-cleanup() {
-    local k
-    # Only guests still running (in pids): a finished guest's group id may
-    # have been reused.
-    for k in "${!pids[@]}"; do
-        kill_guest "$(cat "$work/$k.pid" 2>/dev/null)"
-        kill "${pids[$k]}" 2>/dev/null || true
-    done
-    wait 2>/dev/null || true
-    ip netns del "$ns" 2>/dev/null || true
-}
-trap cleanup EXIT
-
-# --- network namespace with a bridge and two taps ----------------------------
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-ip -n "$ns" link add br0 type bridge
-ip -n "$ns" link set br0 up
-for n in alpha beta; do
-    ip -n "$ns" tuntap add dev "tap-$n" mode tap
-    ip -n "$ns" link set "tap-$n" master br0
-    ip -n "$ns" link set "tap-$n" up
-done
-
-# --- shared config ------------------------------------------------------------
-mkdir -p "$common"
-head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$common/r0.secret"
+# The work and common folders, the network namespace, the guests killed on exit.
+vm_two_guests two-host
 {
     toml_table resource name=r0 protocol=C allow-two-primaries=true auto-promote=true \
         shared-secret-file=/etc/nbd-mirror/r0.secret
@@ -174,7 +133,7 @@ sleep 2
 bpg=$(cat "$work/beta-1.pid") || fail "no pid file for beta-1"
 [[ $bpg =~ ^[0-9]+$ ]] || fail "bad pid file for beta-1"
 vm_guest_group "$bpg" "vm-beta-1-$$" || fail "process group $bpg is not beta's guest"
-kill_guest "$bpg"
+vm_kill_guest "$bpg"
 now >"$common/host.beta-killed"
 say "killed beta's guest (process group $bpg)"
 finish beta-1

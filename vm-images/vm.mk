@@ -6,7 +6,7 @@ VM_SAVED_DEFAULT_GOAL := $(.DEFAULT_GOAL)
 VM_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 CARGO ?= cargo
 
-.PHONY: vm-deps vm-bins vm-image vm-smoke vm-smoke-standin vm-two-host vm-restart vm-clean vm-test vm-ci
+.PHONY: vm-deps vm-bins vm-image vm-smoke vm-smoke-standin vm-two-host vm-restart vm-clean vm-test vm-ci bench-vm
 
 # All VM tests: one guest (smoke), two guests with OCFS2 (two-host), and what
 # a file system sees when mirrord restarts under load (restart). Each target
@@ -44,6 +44,13 @@ vm-two-host: vm-deps vm-bins
 # units as shipped (mirrorctl attach): fails on any I/O error, lost connection or fsck error.
 vm-restart: vm-deps vm-bins
 	$(VM_DIR)/restart.sh
+
+# A benchmark, not a test (not in vm-test, make test or CI): nbd-mirror side by
+# side with DRBD 8.4 in the same two guests, protocol C, fio on /dev/nbd0 and
+# /dev/drbd0 in turns; prints the table with the ratios (docs/BENCH.md).
+# VM_BENCH_ROUNDS (3), VM_BENCH_SECONDS (15), VM_BENCH_DISK_SIZE (1G).
+bench-vm: vm-deps vm-bins
+	$(VM_DIR)/bench-vm.sh
 
 vm-clean:
 	rm -rf $(VM_DIR)/../.cache/vm

@@ -132,7 +132,15 @@ fn main() {
     let mut meta_seeds = 0u64;
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut pauses, mut pauses_back, mut reissued, mut overlapping) = (0u64, 0u64, 0u64, 0u64);
+    let mut resends = sim::Stats::default();
     for o in &results {
+        resends.timeouts += o.stats.timeouts;
+        resends.stalls += o.stats.stalls;
+        resends.crash_resends += o.stats.crash_resends;
+        resends.copies += o.stats.copies;
+        resends.concurrent_copies += o.stats.concurrent_copies;
+        resends.stale_dropped += o.stats.stale_dropped;
+        resends.replies_lost += o.stats.replies_lost;
         pauses += o.stats.pauses;
         pauses_back += o.stats.pauses_reconnected;
         reissued += o.stats.writes_reissued;
@@ -184,6 +192,16 @@ fn main() {
     );
     eprintln!(
         "mirror-sim: {pauses} link pauses between two primaries, {pauses_back} ended by a reconnect, {reissued} writes issued again, {overlapping} cuts with overlapping writes in flight on both sides"
+    );
+    eprintln!(
+        "mirror-sim: client resends: {} request timeouts, {} stalled readers, {} writes sent again after a crash; {} duplicated requests (copies sent), {} of them while another copy was in flight; {} copies read after their connection was shut (dropped), {} replies lost on shut connections",
+        resends.timeouts,
+        resends.stalls,
+        resends.crash_resends,
+        resends.copies,
+        resends.concurrent_copies,
+        resends.stale_dropped,
+        resends.replies_lost
     );
     eprintln!(
         "mirror-sim: {meta_failures} metadata writes failed (in {meta_seeds} seeds{}), {stop_flush_failures} clean stops whose data flush failed, {fua_trims} trims and write-zeroes with FUA",

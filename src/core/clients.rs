@@ -55,6 +55,14 @@ impl Node {
             !self.fua_pending.iter().any(|&(c, _)| c == conn),
             "NBD connection {conn} left with a FUA trim unanswered"
         );
+        if let Some(dropped) = self.shut_clients.remove(&conn) {
+            if dropped > 0 {
+                self.notify(
+                    "stale-requests-dropped",
+                    json!({ "conn": conn, "requests": dropped }),
+                );
+            }
+        }
         if self.clients.remove(&conn) {
             self.notify(
                 "client-detached",
@@ -65,6 +73,37 @@ impl Node {
             }
         }
         assert!(!self.clients.contains(&conn));
+        assert!(!self.shut_clients.contains_key(&conn));
+    }
+
+    /// [`Event::ClientShut`]: the client of `conn` shut down its sending side. Its
+    /// later requests were read after that, so it can never get their replies: the
+    /// kernel's NBD client shuts a socket down (both ways) when a request on it timed
+    /// out, and sends every request it has no reply for again on another connection.
+    /// Such a stale copy, run late, could land over a write the client issued after
+    /// the resent copy's reply; dropping it keeps the order (docs/CONFLICTS.md). At
+    /// most one entry per attached connection.
+    pub(super) fn on_client_shut(&mut self, conn: ConnId) {
+        if self.clients.contains(&conn) {
+            self.shut_clients.entry(conn).or_insert(0);
+        }
+        assert!(self.shut_clients.len() <= self.clients.len());
+    }
+
+    /// A request of a connection whose client shut down its sending side: dropped,
+    /// answered with ESHUTDOWN (a reply nobody receives, which lets the edge forget
+    /// it). True when dropped.
+    pub(super) fn stale_request(&mut self, conn: ConnId, cookie: u64) -> bool {
+        let Some(dropped) = self.shut_clients.get_mut(&conn) else {
+            return false;
+        };
+        *dropped += 1;
+        assert!(
+            self.clients.contains(&conn),
+            "a shut connection is attached"
+        );
+        self.reply(conn, cookie, Err(errno::ESHUTDOWN));
+        true
     }
 
     /// [`Event::StreamWrite`]: admits a local WRITE of `len` bytes at `offset` whose
@@ -82,6 +121,7 @@ impl Node {
         let now = self.role == Role::Primary
             && self.clients.contains(&conn)
             && !self.freeze.frozen()
+            && !self.shut_clients.contains_key(&conn)
             && self.session.handshake.is_none()
             && self.session.promote_confirm.is_none()
             && !self.txn.gated()

@@ -195,6 +195,9 @@ pub struct Node {
     /// Large local writes carried out in pieces (`split.rs`), by split id.
     pub(super) splits: BTreeMap<u64, super::split::Split>,
     pub(super) clients: BTreeSet<ConnId>,
+    /// Attached connections whose client shut down its sending side
+    /// ([`Event::ClientShut`]), with the requests dropped since (clients.rs).
+    pub(super) shut_clients: BTreeMap<ConnId, u64>,
     pub(super) next_id: u64,
     pub(super) ios: HashMap<u64, Io>,
     pub(super) reqs: HashMap<u64, Req>,
@@ -291,6 +294,7 @@ impl Node {
             held: Vec::new(),
             splits: BTreeMap::new(),
             clients: BTreeSet::new(),
+            shut_clients: BTreeMap::new(),
             next_id: 1,
             ios: HashMap::new(),
             reqs: HashMap::new(),
@@ -520,6 +524,7 @@ impl Node {
             Event::FenceDone { id, exit } => self.on_fence_done(id, exit),
             Event::ClientAttach { conn } => self.on_client_attach(conn),
             Event::ClientDetach { conn } => self.on_client_detach(conn),
+            Event::ClientShut { conn } => self.on_client_shut(conn),
             Event::StreamWrite {
                 conn,
                 cookie,
@@ -850,6 +855,9 @@ impl Node {
     // ----- local requests -----
 
     fn on_request(&mut self, conn: ConnId, cookie: u64, req: IoRequest) {
+        if self.stale_request(conn, cookie) {
+            return;
+        }
         if self.role != Role::Primary || !self.clients.contains(&conn) {
             self.reply(conn, cookie, Err(errno::EPERM));
             return;

@@ -1818,3 +1818,47 @@ mod large_writes {
         assert!(p.node(0).clients_idle());
     }
 }
+
+/// A request of a connection whose client shut down its side (`Event::ClientShut`) is stale:
+/// dropped, answered with ESHUTDOWN, on neither disk, and not streamed; the count goes out
+/// when the connection detaches, and the next connection is served as ever.
+#[test]
+fn requests_after_the_client_shut_its_side_are_dropped() {
+    let mut p = Pair::in_sync("");
+    p.node(0).attach_client(9).expect("node serves I/O");
+    p.queue_write(0, 1, 3, 0xAB);
+    p.settle();
+    assert_eq!(
+        p.disks[0][3 * 4096],
+        0xAB,
+        "a request before the shutdown runs"
+    );
+    p.node(0).handle(Event::ClientShut { conn: 9 });
+    assert_eq!(
+        p.node(0).try_stream_write(9, 2, 5 * 4096, 4096),
+        None,
+        "no streamed write after the shutdown"
+    );
+    p.queue_write(0, 3, 3, 0xCD);
+    p.queue_write(0, 4, 4, 0xCD);
+    p.settle();
+    for i in 0..2 {
+        assert_eq!(p.disks[i][3 * 4096], 0xAB, "stale write on node {i}'s disk");
+        assert_eq!(p.disks[i][4 * 4096], 0, "stale write on node {i}'s disk");
+    }
+    let stale: Vec<&(u64, NbdResult)> = p.nbd_replies[0].iter().filter(|r| r.0 >= 3).collect();
+    assert_eq!(stale.len(), 2, "each stale request answered once");
+    assert!(
+        stale.iter().all(|r| r.1 == Err(errno::ESHUTDOWN)),
+        "{stale:?}"
+    );
+    p.node(0).detach_client(9);
+    p.settle();
+    let dropped: Vec<&serde_json::Value> = p.events[0]
+        .iter()
+        .filter(|e| e["event"] == "stale-requests-dropped")
+        .collect();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(dropped[0]["requests"], 2);
+    p.write(0, 4, 0xEF);
+}

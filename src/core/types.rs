@@ -269,6 +269,13 @@ pub enum Event {
     ClientDetach {
         conn: ConnId,
     },
+    /// The client of NBD connection `conn` has shut down its sending side (the
+    /// edge saw POLLRDHUP before handing over the requests it read since): every
+    /// request of `conn` that arrives after this is stale and is dropped
+    /// (docs/CONFLICTS.md, "A request that arrives twice").
+    ClientShut {
+        conn: ConnId,
+    },
     /// A plain WRITE (no FUA) whose payload the edge could move from the socket to
     /// the disk itself (splice) instead of reading it into memory. Answered with
     /// [`Action::StreamWrite`].

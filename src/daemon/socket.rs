@@ -107,6 +107,22 @@ pub(super) async fn read_buffered<S: NbdStream>(
     Ok(out.freeze())
 }
 
+/// Whether the other end of `fd` has shut down its sending side: its FIN (TCP) or its
+/// `shutdown` (Unix socket) has reached us, even with bytes it sent before still unread
+/// (`tcp_poll` and `unix_poll` report POLLRDHUP once the receive side is shut, whatever is
+/// queued). One `poll` with a zero timeout. An error counts as not shut: the next read
+/// reports it.
+pub(super) fn peer_shut_write(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, for the duration of the call; timeout 0 never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+}
+
 /// readiness, which only the reactor sets): Some(result) of the first read that is not
 /// `EAGAIN` (bytes appended to `buf`, at most `limit`; 0 = end of stream), None when `poll`
 /// ran out first (or is zero).

@@ -2,13 +2,14 @@
 //! disks and metadata stores, the network between them, the clients, and the
 //! event loop that drives it all from one seed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::data;
 use super::disk::SimDisk;
 use super::meta::{Durable, SimMeta};
 use super::model::Model;
 use super::net::Net;
+use super::resend::{Group, WriteSpec};
 use super::rng::Rng;
 use super::scenario::{Scenario, Start, NAMES};
 use super::world::World;
@@ -79,6 +80,18 @@ pub enum Ev {
         id: u64,
         exit: Option<i32>,
     },
+    /// The stalled NBD reader of client connection `conn` reads what waits in it.
+    ConnRead {
+        node: usize,
+        inc: u64,
+        conn: ConnId,
+    },
+    /// The client reconnects after node `node` restarted and sends its
+    /// unanswered writes again (resend.rs).
+    Resend {
+        node: usize,
+        inc: u64,
+    },
     Workload,
     Fault,
     Operator,
@@ -106,6 +119,21 @@ pub struct Req {
     pub kind: ReqKind,
     pub issue: u64,
     pub issued_us: u64,
+    /// When the node's reader read it (u64::MAX while it waits unread).
+    pub read_us: u64,
+    /// A write small enough to be sent again (resend.rs): what it writes.
+    pub spec: Option<WriteSpec>,
+    /// Its copies, once it was sent again (key of `Sim::groups`).
+    pub group: Option<u64>,
+}
+
+/// A request the client sent that the node's NBD reader has not read yet (its
+/// reader is stalled): it reaches the core when the reader reads it.
+#[derive(Debug)]
+pub struct Unread {
+    pub cookie: u64,
+    pub req: crate::core::IoRequest,
+    pub step: u64,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +142,17 @@ pub struct Client {
     pub next_cookie: u64,
     pub close_at: u64,
     pub closing: bool,
+    /// The client shut the connection down (a request timed out): replies on it
+    /// are lost, and what the reader reads from now on is stale (resend.rs).
+    pub shut: bool,
+    /// The core was told ([`Event::ClientShut`]), before the first request
+    /// read after the shutdown.
+    pub told_shut: bool,
+    /// Its reader is stalled: requests wait in `unread`, in order.
+    pub stalled: bool,
+    pub unread: VecDeque<Unread>,
+    /// Cookies of copies read after the shutdown: the core must drop them.
+    pub stale: BTreeSet<u64>,
 }
 
 /// A clean stop in progress (the daemon's SIGTERM path).
@@ -153,6 +192,9 @@ pub struct SimNode {
     pub verify_resumed: bool,
     /// The operator invalidated this node's data; its next sync as target discards it.
     pub invalidated: bool,
+    /// Writes the client had in flight when the node crashed: sent again after it
+    /// restarts (resend.rs).
+    pub orphans: Vec<WriteSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +245,18 @@ pub struct Stats {
     pub pauses_reconnected: u64,
     pub writes_reissued: u64,
     pub overlapping_cuts: u64,
+    /// The kernel client's resends (resend.rs): request timeouts (a connection
+    /// shut, its writes sent again on a new one), stalled readers, writes sent
+    /// again after a crash, copies sent in all, copies sent while another copy of
+    /// the same write was still in flight, copies read after their connection was
+    /// shut (dropped by the core), and replies lost on shut connections.
+    pub timeouts: u64,
+    pub stalls: u64,
+    pub crash_resends: u64,
+    pub copies: u64,
+    pub concurrent_copies: u64,
+    pub stale_dropped: u64,
+    pub replies_lost: u64,
     pub decisions: u64,
     pub split_brains: u64,
     pub rebases: u64,
@@ -242,6 +296,12 @@ pub struct Sim {
     /// away justifiably (a failed disk, `invalidate`) happened since: a
     /// handshake must not end with no good data on either side.
     pub good_data: bool,
+    /// The copies of writes sent more than once (resend.rs), by group id.
+    pub groups: BTreeMap<u64, Group>,
+    pub next_group: u64,
+    /// The core is told when a client shut its connection down (the daemon's
+    /// reader rule). Off only to show that the simulator catches its absence.
+    pub shut_rule: bool,
 }
 
 fn words_for(data_size: u64) -> usize {
@@ -267,6 +327,12 @@ impl Sim {
         if zeroing.chance(0.8) {
             let floor = zeroing.chance(0.3).then(|| zeroing.range(1, 32) << 20);
             sc.sync_rate = crate::core::SyncRate::Adaptive { min_rate: floor };
+        }
+        // In half of the seeds the client times requests out and sends them again
+        // (resend.rs); drawn from its own stream, after the above.
+        let mut resends = Rng::new(seed ^ 0x5EED_0019_D0B1_E000);
+        if resends.chance(0.5) {
+            sc.resend_timeout_us = Some(resends.range(300_000, 4_000_000));
         }
         let sectors = sc.data_size / data::SECTOR;
         let words = words_for(sc.data_size);
@@ -341,6 +407,7 @@ impl Sim {
             last_verify: None,
             verify_resumed: false,
             invalidated: false,
+            orphans: Vec::new(),
         };
         let reply_bound = sc.reply_bound_us();
         let mut sim = Sim {
@@ -368,6 +435,9 @@ impl Sim {
             settled: false,
             favourite: 0,
             good_data: sc.start != Start::BothFresh,
+            groups: BTreeMap::new(),
+            next_group: 1,
+            shut_rule: std::env::var_os("MIRROR_SIM_NO_SHUT_RULE").is_none(),
             sc,
         };
         if trace {
@@ -486,6 +556,10 @@ impl Sim {
         });
         self.world.after(100_000, Ev::Tick { node: n, inc });
         self.run_core(n, |_| ());
+        if !self.nodes[n].orphans.is_empty() {
+            let d = self.rng_work.range(1_000, 300_000);
+            self.world.after(d, Ev::Resend { node: n, inc });
+        }
     }
 
     /// Node `n` dies; `power`: its volatile caches are lost too.
@@ -508,6 +582,7 @@ impl Sim {
         // Any crash of the node acknowledging a write may lose it unless flushed: a
         // killed primary's peer may take over without it (power loss or not).
         self.model.crash(n, step, true);
+        self.keep_orphans(n);
         let sn = &mut self.nodes[n];
         sn.clients.clear();
         sn.core = None;
@@ -795,6 +870,16 @@ impl Sim {
             } => {
                 if self.nodes[node].inc == inc && self.alive(node) {
                     self.run_core(node, |c| c.handle(Event::FenceDone { id, exit }));
+                }
+            }
+            Ev::ConnRead { node, inc, conn } => {
+                if self.nodes[node].inc == inc {
+                    self.conn_read(node, conn);
+                }
+            }
+            Ev::Resend { node, inc } => {
+                if self.nodes[node].inc == inc {
+                    self.resend_orphans(node);
                 }
             }
             Ev::Workload => self.workload_tick(),

@@ -347,20 +347,22 @@ impl Sim {
         }
     }
 
-    /// No request waits longer than the bound.
+    /// No request waits longer than the bound after the node read it.
     pub fn check_liveness(&mut self) {
         let now = self.now();
         let bound = self.reply_bound;
         for n in 0..2 {
             for (conn, c) in &self.nodes[n].clients {
-                if let Some((cookie, r)) =
-                    c.inflight.iter().find(|(_, r)| now - r.issued_us > bound)
+                if let Some((cookie, r)) = c
+                    .inflight
+                    .iter()
+                    .find(|(_, r)| now.saturating_sub(r.read_us) > bound)
                 {
                     let detail = format!(
                         "{} has not answered request {conn}/{cookie} ({:?}) after {} ms",
                         Sim::name(n),
                         r.kind,
-                        (now - r.issued_us) / 1000
+                        (now - r.read_us) / 1000
                     );
                     self.violate("no reply", detail);
                     return;

@@ -20,6 +20,7 @@ mod invariants;
 mod meta;
 mod model;
 mod net;
+mod resend;
 mod rng;
 mod run;
 mod scenario;

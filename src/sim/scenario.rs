@@ -43,6 +43,10 @@ pub struct Scenario {
     /// daemon's defaults, or a budget of a few ms and pieces of one extent.
     pub trim_budget_ms: u64,
     pub max_piece_extents: u64,
+    /// The kernel client's request timeout, µs, when this seed has its resends
+    /// (resend.rs): timeouts, stalled readers, writes sent again after a crash.
+    /// Drawn apart from every other draw, as `large_zeroing`.
+    pub resend_timeout_us: Option<u64>,
     pub ping_interval_ms: u64,
     pub ping_timeout_ms: u64,
     pub timeout_ms: u64,
@@ -153,6 +157,7 @@ impl Scenario {
             large_zeroing: false,
             trim_budget_ms: crate::core::TRIM_BUDGET_MS,
             max_piece_extents: crate::core::MAX_PIECE_EXTENTS,
+            resend_timeout_us: None,
         }
     }
 

@@ -7,6 +7,7 @@
 use super::cluster::{Client, Ev, Phase, Req, ReqKind, Sim};
 use super::data::{self, SECTOR};
 use super::model::Kind;
+use super::resend::WriteSpec;
 use crate::core::{Action, AdminCmd, ConnId, DiskOp, Event, IoRequest, Role};
 
 impl Sim {
@@ -73,10 +74,18 @@ impl Sim {
         let Some(c) = self.nodes[n].clients.get_mut(&conn) else {
             return;
         };
-        if !on || now >= c.close_at {
+        if !on || now >= c.close_at || c.shut {
             c.closing = true;
         }
         let inc = self.nodes[n].inc;
+        if !c.closing && self.timed_out(n, conn) {
+            self.time_out(n, conn);
+            self.world.after(5_000, Ev::Client { node: n, inc, conn });
+            return;
+        }
+        let Some(c) = self.nodes[n].clients.get_mut(&conn) else {
+            return;
+        };
         if c.closing {
             if c.inflight.is_empty() {
                 self.nodes[n].clients.remove(&conn);
@@ -230,6 +239,39 @@ impl Sim {
                 )
             }
         };
+        let spec = match (&kind, &req) {
+            // Plain writes only: each copy has data of its own, so the simulator
+            // tells which copy a mirrored write is (trims and write-zeroes it tells
+            // by their ranges, the same for every copy).
+            (ReqKind::Write(id), IoRequest::Write { .. }) if count <= 256 => {
+                let w = &self.model.writes[*id as usize];
+                let may_trim = matches!(req, IoRequest::WriteZeroes { may_trim: true, .. });
+                Some(WriteSpec {
+                    first: w.first,
+                    n: w.n,
+                    kind: w.kind,
+                    fua: w.fua,
+                    may_trim,
+                })
+            }
+            _ => None,
+        };
+        self.send_request(n, conn, kind, req, step, spec, None);
+    }
+
+    /// The client sends `req` on `conn`: the node's reader reads it at once, or
+    /// later when it is stalled (resend.rs).
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_request(
+        &mut self,
+        n: usize,
+        conn: ConnId,
+        kind: ReqKind,
+        req: IoRequest,
+        step: u64,
+        spec: Option<WriteSpec>,
+        group: Option<u64>,
+    ) {
         let Some(c) = self.nodes[n].clients.get_mut(&conn) else {
             return;
         };
@@ -242,6 +284,9 @@ impl Sim {
                 kind: kind.clone(),
                 issue: step,
                 issued_us,
+                read_us: u64::MAX,
+                spec,
+                group,
             },
         );
         self.stats.requests += 1;
@@ -251,6 +296,28 @@ impl Sim {
                 super::trace::io_request(&req)
             )
         });
+        if self.maybe_unread(n, conn, cookie, &req, step) {
+            return;
+        }
+        self.submit(n, conn, cookie, req, step);
+    }
+
+    /// The node's reader reads request `conn`/`cookie` and hands it to the core.
+    pub fn submit(&mut self, n: usize, conn: ConnId, cookie: u64, req: IoRequest, step: u64) {
+        self.before_submit(n, conn, cookie);
+        let now = self.world.now;
+        let r = self.nodes[n]
+            .clients
+            .get_mut(&conn)
+            .and_then(|c| c.inflight.get_mut(&cookie))
+            .expect("a request sent is in flight until answered");
+        r.read_us = now;
+        let write = match r.kind {
+            ReqKind::Write(id) => Some(id),
+            _ => None,
+        };
+        let replicating = self.replicating(n);
+        let gen = self.nodes[n].link_gen;
         // Every other plain write goes the way the daemon's splice path does: admitted by
         // Event::StreamWrite, its data handed to the disk by us (not by an action), DiskDone.
         let streamed = match &req {
@@ -292,7 +359,7 @@ impl Sim {
         if !streamed {
             self.run_core(n, |core| core.handle(Event::Request { conn, cookie, req }));
         }
-        if let ReqKind::Write(id) = kind {
+        if let Some(id) = write {
             self.model.writes[id as usize].replicating_at_issue = replicating.then_some(gen);
         }
     }
@@ -323,6 +390,11 @@ impl Sim {
             );
             return;
         };
+        if c.shut {
+            self.reply_lost(n, conn, cookie, &result);
+            return;
+        }
+        let group = req.group;
         let step = self.next_step();
         self.stats.replies += 1;
         self.trace_line(Some(n), || {
@@ -371,6 +443,9 @@ impl Sim {
                     .is_some_and(|c| c.disk_state() == crate::core::DiskState::UpToDate);
                 self.model.writes[id as usize].peer_only = !own_good;
                 self.model.reply(id, result.is_ok(), step);
+                if let Some(g) = group {
+                    self.group_answered(g, id, step);
+                }
             }
             ReqKind::Flush { gen, peer_errors } => {
                 if result.is_ok() {

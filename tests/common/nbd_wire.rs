@@ -198,6 +198,34 @@ impl RawConn {
         let _ = self.s.shutdown(Shutdown::Write);
     }
 
+    /// Waits until at most `left` bytes sent on this connection are still unread by the
+    /// server (TCP: our send queue and its receive queue, from /proc/net/tcp; Unix: our
+    /// send queue, SIOCOUTQ): the server's
+    /// reader has taken the rest. Panics after `within`.
+    pub fn wait_until_unread_at_most(&self, left: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let unread = match &self.s {
+                Stream::Tcp(tcp) => {
+                    let me = tcp.local_addr().expect("local address").port();
+                    let server = tcp.peer_addr().expect("peer address").port();
+                    tcp_queued(me, server, true) + tcp_queued(server, me, false)
+                }
+                // A Unix stream socket's send queue is what the peer has not read yet
+                // (in bytes of buffer, a little above the data).
+                Stream::Unix(u) => unix_outq(u),
+            };
+            if unread <= left {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server left {unread} bytes unread for {within:?} (waiting for {left})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn recv_exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; n];
         self.s.read_exact(&mut buf)?;
@@ -492,4 +520,36 @@ pub fn request_bytes(
     m.extend_from_slice(&len.to_be_bytes());
     m.extend_from_slice(payload);
     m
+}
+
+/// The send (`tx`) or receive queue of the loopback TCP socket from port `local` to port
+/// `remote`, as /proc/net/tcp and /proc/net/tcp6 show it (0 when there is no such socket).
+fn tcp_queued(local: u16, remote: u16, tx: bool) -> u64 {
+    let port = |field: &str| -> Option<u16> {
+        u16::from_str_radix(field.rsplit(':').next()?, 16).ok()
+    };
+    let mut total = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 5 || port(f[1]) != Some(local) || port(f[2]) != Some(remote) {
+                continue;
+            }
+            let (txq, rxq) = f[4].split_once(':').expect("tx_queue:rx_queue in /proc/net/tcp");
+            let q = if tx { txq } else { rxq };
+            total += u64::from_str_radix(q, 16).expect("hex queue length in /proc/net/tcp");
+        }
+    }
+    total
+}
+
+/// Bytes sent on `u` that the peer has not read yet (SIOCOUTQ).
+fn unix_outq(u: &UnixStream) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int through the pointer; `u` keeps the fd open.
+    let rc = unsafe { libc::ioctl(u.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    assert_eq!(rc, 0, "SIOCOUTQ: {}", io::Error::last_os_error());
+    u64::try_from(n).expect("a queue length is not negative")
 }

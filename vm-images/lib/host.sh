@@ -20,6 +20,16 @@
 #                        DIR/lib-guest.sh
 #   vm_guest_group PGID NAME     true while process group PGID holds guest NAME
 #   vm_guest_pids NAME   host processes of guest NAME (pids; none once it is gone)
+#   vm_kill_guest PGID   SIGKILL one guest's process group (never the caller's)
+#   vm_cleanup_guests DIR NS     for each KEY of the caller's associative
+#                        array pids (run-guest.sh pids): kill the guest group
+#                        in DIR/KEY.pid and its run-guest.sh; delete NS
+#   vm_two_guests NAME   sets work (a new folder .cache/vm/NAME.XXXXXX), common
+#                        (work/common, with a fresh r0.secret), ns (a namespace
+#                        with br0, tap-alpha and tap-beta); an EXIT trap runs
+#                        vm_cleanup_guests (the caller declares pids: declare -A)
+#   vm_netns_bridge NS TAP...    network namespace NS with a bridge br0 and
+#                        the taps on it (the caller deletes NS)
 ME=${ME:-$(basename "$0" .sh)}
 VM_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -149,4 +159,53 @@ vm_guest_group() {
 }
 vm_guest_pids() {
     ps -eo pid=,args= | awk -v u="vm.name=$1 " 'index($0 " ", u) && !/awk/ { print $1 }'
+}
+
+# The guests of a multi-guest test talk over a bridge inside a namespace the
+# test creates, so no guest reaches an address outside it.
+vm_netns_bridge() {
+    local ns=$1 tap
+    shift
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" link add br0 type bridge
+    ip -n "$ns" link set br0 up
+    for tap in "$@"; do
+        ip -n "$ns" tuntap add dev "$tap" mode tap
+        ip -n "$ns" link set "$tap" master br0
+        ip -n "$ns" link set "$tap" up
+    done
+}
+
+# vm_kill_guest PGID: SIGKILL the process group of one guest (run-guest.sh's
+# --pid-file), never the caller's own group.
+vm_kill_guest() {
+    local pg=$1
+    [[ $pg =~ ^[0-9]+$ ]] && [ "$pg" -gt 1 ] || return 0
+    [ "$pg" != "$(ps -o pgid= $$ | tr -d ' ')" ] || return 0
+    kill -KILL -- "-$pg" 2>/dev/null || true
+}
+# Kill only the guests the caller started, then delete the namespace. Only
+# guests still in pids: a finished guest's group id may have been reused.
+# shellcheck disable=SC2154 # pids: the caller's
+vm_cleanup_guests() {
+    local dir=$1 ns=$2 k
+    for k in "${!pids[@]}"; do
+        vm_kill_guest "$(cat "$dir/$k.pid" 2>/dev/null)"
+        kill "${pids[$k]}" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2034 # work, ns, common: for the caller
+vm_two_guests() {
+    mkdir -p "$VM_CACHE"
+    work=$(mktemp -d "$VM_CACHE/$1.XXXXXX")
+    ns="nbdm-$1-$$"
+    common=$work/common
+    trap 'vm_cleanup_guests "$work" "$ns"' EXIT
+    vm_netns_bridge "$ns" tap-alpha tap-beta
+    mkdir -p "$common"
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$common/r0.secret"
 }

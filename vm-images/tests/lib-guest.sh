@@ -24,6 +24,13 @@
 #   create_md              mirrorctl create-md
 #   start_daemon           systemctl start mirrord@R (returns at READY=1); active
 #   attach                 systemctl start nbd-attach@R; both active; DEV has a size
+#   link_drops             peer-link drops since mirrord@R started (journal)
+# Tests with two guests set C (the folder both mount), node and other:
+#   node_setup ADDR/PREFIX host name, NIC 0's address, config and secret from C
+#   wait_for FILE SECONDS  until C/FILE exists (SECONDS scaled); gives up
+#                          early when C/OTHER.failed appears
+#   barrier NAME [SECONDS] both guests reach NAME
+#   figure TEXT...         "NODE: TEXT" to C/NODE.figures (the host prints it)
 # shellcheck disable=SC2034 # used by the tests that source this file
 {
     S=/mnt/host
@@ -108,4 +115,47 @@ attach() {
     size=$(cat /sys/block/nbd0/size)
     echo "nbd0: $((size * 512)) bytes"
     [ "$size" -gt 0 ]
+}
+# Times the peer link dropped since mirrord started (each drop of a connected
+# session is one peer-disconnected event, a pause within the grace included).
+link_drops() {
+    journalctl --no-pager -o cat -u "mirrord@$R" | grep -c '"event":"peer-disconnected"' || true
+}
+
+# --- two guests ---------------------------------------------------------------
+# shellcheck disable=SC2154 # C, node and other: set by the two-guest tests
+{
+# node_setup ADDR/PREFIX: host name NODE, the address on NIC 0, the config,
+# secret and MIRROR_NODE from C.
+node_setup() {
+    local nic
+    nic=$(vm_nic 0)
+    hostname "$node"
+    echo "$node" >/etc/hostname
+    ip link set "$nic" up
+    ip addr add "$1" dev "$nic"
+    # Twice, about 650 MB into the 4 GiB initial sync (about when the
+    # target's page cache would have filled the guest's 768 MB), the target's
+    # UML network card died for good (README, "A UML guest's network can
+    # die"): keep a free reserve for the kernel's atomic allocations and
+    # little dirty data. Two runs since did not see it.
+    sysctl -qw vm.min_free_kbytes=49152 vm.dirty_background_bytes=16777216 vm.dirty_bytes=67108864
+    install -m 0644 "$C/$R.toml" "$CFG"
+    install -m 0600 "$C/$R.secret" "/etc/nbd-mirror/$R.secret"
+    printf 'MIRROR_NODE=%s\nRUST_LOG=info\n' "$node" >"/etc/nbd-mirror/$R.env"
+}
+wait_for() {
+    local f=$1 secs
+    secs=$(scaled "${2:-180}")
+    for _ in $(seq $((secs * 2))); do
+        [ -e "$C/$f" ] && return 0
+        [ -e "$C/$other.failed" ] && { echo "$other failed"; return 1; }
+        sleep 0.5
+    done
+    echo "$(ts) waited ${secs}s for $f"
+    return 1
+}
+# The first guest to reach NAME waits for the other.
+barrier() { : >"$C/$node.$1"; wait_for "$other.$1" "${2:-180}"; }
+figure() { echo "$node: $*" | tee -a "$C/$node.figures"; }
 }

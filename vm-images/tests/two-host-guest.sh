@@ -32,21 +32,6 @@ other=alpha peer_ip=10.99.0.1
 
 # A failed step tells the other guest to stop waiting.
 on_step_fail() { : >"$C/$node.failed"; }
-# wait_for FILE SECONDS: until FILE exists in the common folder; gives up
-# early when the other node reports a failure.
-wait_for() {
-    local f=$1 secs i
-    secs=$(scaled "${2:-180}")
-    for i in $(seq $((secs * 2))); do
-        [ -e "$C/$f" ] && return 0
-        [ -e "$C/$other.failed" ] && { echo "$other failed"; return 1; }
-        sleep 0.5
-    done
-    echo "$(ts) waited ${secs}s for $f"
-    return 1
-}
-# Both guests reach NAME (the first one waits for the other).
-barrier() { : >"$C/$node.$1"; wait_for "$other.$1" "${2:-180}"; }
 # status_is JQ-FILTER: the daemon's status --json satisfies the filter.
 status_is() { ctl status --json | jq -e "$1" >/dev/null; }
 
@@ -76,11 +61,6 @@ dm_delay() {
     dmsetup resume "$DM"
     echo "$(ts) $DM: $(dmsetup table "$DM")"
 }
-# Times the peer link dropped since mirrord started (each drop of a connected
-# session is one peer-disconnected event, a pause within the grace included).
-link_drops() {
-    journalctl --no-pager -o cat -u "mirrord@$R" | grep -c '"event":"peer-disconnected"' || true
-}
 # Requests the kernel's NBD client timed out in this boot (the attach agent
 # replaces the socket the kernel gave up; the request is sent again).
 nbd_timeouts() { dmesg | grep -c 'nbd0: Connection timed out' || true; }
@@ -97,26 +77,9 @@ kernel_client() {
     figure "kernel NBD client ($phase boot): $n request timeouts, $io I/O errors, $clients of 4 connections left"
     echo "$n $clients $io" >"$C/$node-$phase.kclient"
 }
-# A figure for the report: this node's figures file in the common folder,
-# which the host prints.
-figure() { echo "$node: $*" | tee -a "$C/$node.figures"; }
 setup() {
-    local nic
-    nic=$(vm_nic 0)
-    hostname "$node"
-    echo "$node" >/etc/hostname
-    ip link set "$nic" up
-    ip addr add "$ip" dev "$nic"
-    # Twice, about 650 MB into the 4 GiB initial sync (about when the
-    # target's page cache would have filled the guest's 768 MB), the target's
-    # UML network card died for good (README, "A UML guest's network can
-    # die"): keep a free reserve for the kernel's atomic allocations and
-    # little dirty data. Two runs since did not see it.
-    sysctl -qw vm.min_free_kbytes=49152 vm.dirty_background_bytes=16777216 vm.dirty_bytes=67108864
+    node_setup "$ip"
     dm_setup
-    install -m 0644 "$C/$R.toml" "$CFG"
-    install -m 0600 "$C/$R.secret" "/etc/nbd-mirror/$R.secret"
-    printf 'MIRROR_NODE=%s\nRUST_LOG=info\n' "$node" >"/etc/nbd-mirror/$R.env"
     # mirrord's log streams to the share as it happens, so a power cut keeps it.
     journalctl --no-pager -f -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" \
         >>"$S/mirrord-live.log" 2>&1 &

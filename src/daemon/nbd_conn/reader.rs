@@ -111,6 +111,7 @@ pub(super) async fn read_loop<S: NbdStream>(
         disc: false,
         pipe: None,
         no_pipe: false,
+        shut: false,
     };
     let mut events = Vec::new();
     let mut stop = shared.stop_rx.clone();
@@ -129,9 +130,7 @@ pub(super) async fn read_loop<S: NbdStream>(
         loop {
             if !backpressure::may_take(sink.held()) {
                 // What was decoded goes to the core first: its answers are what frees room.
-                if !events.is_empty() {
-                    disk_io::batch(shared, || shared.handle_many(events.drain(..)));
-                }
+                ctx.submit(&mut events);
                 tracing::debug!(
                     "NBD conn {conn}: {} bytes of requests and unsent replies held; reading no \
                      more requests until the client reads its replies",
@@ -143,9 +142,7 @@ pub(super) async fn read_loop<S: NbdStream>(
             }
             if let Some(req) = dec.take_large_write(&mut buf, DIRECT_PAYLOAD_MIN) {
                 // What came before goes to the core before we wait for this payload.
-                if !events.is_empty() {
-                    disk_io::batch(shared, || shared.handle_many(events.drain(..)));
-                }
+                ctx.submit(&mut events);
                 last_len = req.length;
                 after_large = true;
                 if let Some((id, pipe)) = ctx.try_stream(&req) {
@@ -180,7 +177,7 @@ pub(super) async fn read_loop<S: NbdStream>(
                     }
                     events.push(disk_io::streamed(shared, id, offset, len, streamed.disk));
                     if let Err(e) = streamed.conn {
-                        disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+                        ctx.submit(&mut events);
                         return Err(payload_error(e));
                     }
                 } else {

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::sink::ConnSink;
 use super::sink_state::Pending;
 use crate::core::{BlockStatusView, ConnId, Event, IoRequest};
+use crate::daemon::socket::peer_shut_write;
 use crate::daemon::splice::Pipe;
 use crate::daemon::{backpressure, disk_io, Shared};
 use crate::nbd::consts::*;
@@ -29,6 +30,9 @@ pub(super) struct ReqCtx<'a> {
     pub(super) pipe: Option<Pipe>,
     /// No pipe could be made: no streamed writes on this connection.
     pub(super) no_pipe: bool,
+    /// The client has shut down its sending side, and the core was told
+    /// (`Event::ClientShut`).
+    pub(super) shut: bool,
 }
 
 impl ReqCtx<'_> {
@@ -42,11 +46,40 @@ impl ReqCtx<'_> {
 
     /// Hands the core what was decoded; true when the client sent NBD_CMD_DISC.
     pub(super) fn run_batch(&mut self, events: &mut Vec<Event>) -> bool {
-        let shared = self.shared;
-        if !events.is_empty() {
-            disk_io::batch(shared, || shared.handle_many(events.drain(..)));
-        }
+        self.submit(events);
         self.disc
+    }
+
+    /// Hands the core `events` (if any), after telling it when the client has shut
+    /// down its sending side since the last look: every request handed over later
+    /// was read after that (or may have been), and the core drops it
+    /// (`Event::ClientShut`, docs/CONFLICTS.md). One `poll` per batch, none once shut.
+    pub(super) fn submit(&mut self, events: &mut Vec<Event>) {
+        if events.is_empty() {
+            return;
+        }
+        self.look_for_shut();
+        let shared = self.shared;
+        disk_io::batch(shared, || shared.handle_many(events.drain(..)));
+        debug_assert!(events.is_empty());
+    }
+
+    /// Tells the core, once, that the client shut down its sending side: right before
+    /// a request goes to it, so that a request the core takes was read before that.
+    /// A client that sent NBD_CMD_DISC in what was read so far closed politely: the
+    /// requests before its DISC are outstanding ones the spec says to finish, so its
+    /// shutdown does not make them stale.
+    fn look_for_shut(&mut self) {
+        if self.shut || self.disc || !peer_shut_write(self.sink.fd) {
+            return;
+        }
+        self.shut = true;
+        tracing::info!(
+            "NBD conn {}: the client shut down its side; requests read from now on are \
+             stale (it sends them again elsewhere) and are dropped",
+            self.conn
+        );
+        self.shared.handle(Event::ClientShut { conn: self.conn });
     }
 
     /// A large plain WRITE the core lets us stream from the socket to the disk (see
@@ -74,6 +107,7 @@ impl ReqCtx<'_> {
                 return None;
             }
         };
+        self.look_for_shut();
         let idx = self.idx + 1;
         // Registered first: the core may answer (with an error) before the disk op is done.
         self.sink.register(
