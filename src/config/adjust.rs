@@ -75,6 +75,7 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
     } = new;
     let live = &mut p.live;
     diff(live, "sync.rate", &old.sync.rate, &sync.rate);
+    diff(live, "sync.min-rate", &old.sync.min_rate, &sync.min_rate);
     diff(live, "sync.checksum", &old.sync.checksum, &sync.checksum);
     let sb = &old.split_brain;
     diff(
@@ -230,6 +231,7 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
 pub fn apply(old: &Settings, new: &Settings) -> Settings {
     let mut s = old.clone();
     s.sync.rate = new.sync.rate;
+    s.sync.min_rate = new.sync.min_rate;
     s.sync.checksum = new.sync.checksum;
     s.split_brain = new.split_brain.clone();
     s.handlers.fence_peer = new.handlers.fence_peer.clone();

@@ -23,6 +23,7 @@ mod pair_tests;
 mod peer_session;
 mod replication;
 mod resync;
+mod resync_rate;
 mod session;
 mod split;
 mod stop;
@@ -30,5 +31,6 @@ mod sync_state;
 mod types;
 
 pub use node::Node;
+pub use resync_rate::SyncRate;
 pub use split::MAX_PIECE_EXTENTS;
 pub use types::*;

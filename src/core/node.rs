@@ -227,6 +227,8 @@ pub struct Node {
     /// Reads sent to the peer: id -> (client, cookie, length asked for).
     pub(super) peer_reads: HashMap<u64, (ConnId, u64, u32)>,
     pub(super) now_ms: u64,
+    /// The resync's pace controller (resync_rate.rs).
+    pub(super) resync_rate: super::resync_rate::ResyncRate,
     /// The peer connections and which one carries the session (links.rs).
     pub(super) links: super::links::Links,
     /// The flush every start begins with is done: the peer link may start.
@@ -310,6 +312,7 @@ impl Node {
             last_peer_flush_ms: 0,
             peer_reads: HashMap::new(),
             now_ms: 0,
+            resync_rate: super::resync_rate::ResyncRate::new(0),
             session: super::peer_session::PeerSession::new(0),
             links: super::links::Links::default(),
             boot_flushed: false,
@@ -1613,6 +1616,7 @@ impl Node {
         }
         let finished = r.replied && !r.local_pending && !r.ack_outstanding;
         if let Some((conn, cookie, result)) = client_answer {
+            self.resync_rate.app_answered();
             self.reply(conn, cookie, result);
         }
         if let Some((p, error)) = answers_parent {

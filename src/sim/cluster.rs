@@ -321,6 +321,13 @@ impl Sim {
             sc.trim_budget_ms = zeroing.below(10);
             sc.max_piece_extents = 1;
         }
+        // Most seeds resync adaptively (core/resync_rate.rs), some of them
+        // with a configured floor; the rest keep the fixed cap drawn above.
+        // Drawn after the above from the same stream.
+        if zeroing.chance(0.8) {
+            let floor = zeroing.chance(0.3).then(|| zeroing.range(1, 32) << 20);
+            sc.sync_rate = crate::core::SyncRate::Adaptive { min_rate: floor };
+        }
         // In half of the seeds the client times requests out and sends them again
         // (resend.rs); drawn from its own stream, after the above.
         let mut resends = Rng::new(seed ^ 0x5EED_0019_D0B1_E000);
