@@ -427,9 +427,9 @@ async fn read_loop(
             }
         }
         if !msgs.is_empty() {
-            // A batch: the peer's writes go to the page cache on this thread, and the NBD
-            // replies their acks release leave together.
-            super::disk_io::batch(&shared, || {
+            // A batch: the peer's writes go to the page cache on this thread (large ones too),
+            // and the NBD replies their acks release leave together.
+            super::disk_io::batch_with(&shared, super::disk_io::InlineWrites::Any, || {
                 shared.handle_many(msgs.drain(..).map(|msg| Event::PeerMsg { link, msg }))
             });
             msgs.clear();
