@@ -106,6 +106,8 @@ fuzz:
 # The deterministic simulator (src/sim, mirror-sim): SEEDS seeds (default 1000),
 # release build with debug assertions and overflow checks on, in its own target
 # dir so `make build` is not rebuilt. A failing seed prints its replay command.
+# Metadata writes fail now and then (one in 500, until the faults stop; the
+# summary counts them); `mirror-sim --no-meta-failures` turns that off.
 SEEDS ?= 1000
 SIM_BIN := target/sim/release/mirror-sim
 SIM_BUILD := CARGO_TARGET_DIR=target/sim CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true \

@@ -5,7 +5,8 @@ use nbd_mirror::core::Faults;
 use nbd_mirror::sim::{run_seed, Options};
 
 /// Runs seeds from 1 until one reports a violation; returns (seed, kind).
-fn first_violation(faults: Faults, max_seeds: u64) -> Option<(u64, String)> {
+/// `meta_failures`: metadata writes fail now and then, as in `make sim`.
+fn first_violation(faults: Faults, max_seeds: u64, meta_failures: bool) -> Option<(u64, String)> {
     let found = std::sync::Mutex::new(None::<(u64, String)>);
     let next = std::sync::atomic::AtomicU64::new(1);
     let threads = std::thread::available_parallelism()
@@ -24,7 +25,7 @@ fn first_violation(faults: Faults, max_seeds: u64) -> Option<(u64, String)> {
                     Options {
                         faults,
                         trace: false,
-                        meta_failures: false,
+                        meta_failures,
                     },
                 );
                 if let Some(v) = o.violation {
@@ -45,7 +46,7 @@ fn ack_before_the_peer_is_caught() {
         ack_before_peer: true,
         ..Faults::default()
     };
-    let hit = first_violation(f, 50);
+    let hit = first_violation(f, 50, false);
     assert!(
         hit.is_some(),
         "protocol C acks before the peer's disk went unnoticed in 50 seeds"
@@ -58,7 +59,7 @@ fn clearing_resync_bits_early_is_caught() {
         clear_resync_bit_early: true,
         ..Faults::default()
     };
-    let hit = first_violation(f, 300);
+    let hit = first_violation(f, 300, false);
     assert!(
         hit.is_some(),
         "resync bits cleared before the target's write went unnoticed in 300 seeds"
@@ -71,7 +72,7 @@ fn a_wrong_sync_direction_is_caught() {
         wrong_sync_direction: true,
         ..Faults::default()
     };
-    let hit = first_violation(f, 50);
+    let hit = first_violation(f, 50, false);
     assert!(
         hit.is_some(),
         "the wrong sync source went unnoticed in 50 seeds"
@@ -84,9 +85,25 @@ fn a_connection_race_is_caught() {
         hello_keeps_old_session: true,
         ..Faults::default()
     };
-    let hit = first_violation(f, 100);
+    let hit = first_violation(f, 100, false);
     assert!(
         hit.is_some(),
         "a follower that kept its old session beside a new connection went unnoticed in 100 seeds"
+    );
+}
+
+#[test]
+fn discarding_data_on_a_metadata_failure_is_caught() {
+    // The rule before metadata failures ran in `make sim`: the failed disk
+    // became inconsistent, and a node holding the only copy of acknowledged
+    // writes took a full sync from its older peer (76 of seeds 1-1000 failed).
+    let f = Faults {
+        meta_failure_discards_data: true,
+        ..Faults::default()
+    };
+    let hit = first_violation(f, 100, true);
+    assert!(
+        hit.is_some(),
+        "a failed metadata write that discarded the disk's data went unnoticed in 100 seeds"
     );
 }

@@ -1,6 +1,6 @@
 //! `mirror-sim`: runs the deterministic simulator over many seeds.
 //!
-//!   mirror-sim --seeds 1000 [--first 1] [--threads 2] [--fault NAME]...
+//!   mirror-sim --seeds 1000 [--first 1] [--threads 2] [--fault NAME]... [--no-meta-failures]
 //!   mirror-sim --seed 42 --trace
 //!
 //! Prints one line per failing seed with the command that replays it, then
@@ -35,12 +35,13 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
-    /// Turn on a deliberate core bug: ack-before-peer, clear-resync-bit-early, wrong-sync-direction, hello-keeps-old-session.
+    /// Turn on a deliberate core bug: ack-before-peer, clear-resync-bit-early, wrong-sync-direction, hello-keeps-old-session, meta-failure-discards-data.
     #[arg(long = "fault")]
     faults: Vec<String>,
-    /// Fail metadata writes now and then (EIO, nothing of the write lands).
+    /// Never fail a metadata write. By default one in 500 fails (EIO, nothing
+    /// of the write lands) until the faults stop.
     #[arg(long)]
-    meta_failures: bool,
+    no_meta_failures: bool,
     /// Run every seed twice and fail it if the two runs differ.
     #[arg(long)]
     twice: bool,
@@ -65,14 +66,17 @@ fn main() {
         .faults
         .iter()
         .map(|f| format!(" --fault {f}"))
-        .chain(args.meta_failures.then(|| " --meta-failures".to_string()))
+        .chain(
+            args.no_meta_failures
+                .then(|| " --no-meta-failures".to_string()),
+        )
         .collect();
     let (first, count) = match args.seed {
         Some(s) => (s, 1),
         None => (args.first, args.seeds),
     };
     let trace = args.trace && args.seed.is_some();
-    let meta_failures = args.meta_failures;
+    let meta_failures = !args.no_meta_failures;
     if !trace {
         sim::quiet_panics();
     }
@@ -125,6 +129,7 @@ fn main() {
     let mut streamed = 0u64;
     let (mut meta_failures, mut stop_flush_failures, mut fua_trims) = (0u64, 0u64, 0u64);
     let (mut trims_cut, mut trim_skipped, mut budget_seeds) = (0u64, 0u64, 0u64);
+    let mut meta_seeds = 0u64;
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut pauses, mut pauses_back, mut reissued, mut overlapping) = (0u64, 0u64, 0u64, 0u64);
     for o in &results {
@@ -144,6 +149,7 @@ fn main() {
         sbs += o.stats.split_brains;
         streamed += o.stats.streamed;
         meta_failures += o.stats.meta_failures;
+        meta_seeds += u64::from(o.stats.meta_failures > 0);
         stop_flush_failures += o.stats.stop_flush_failures;
         fua_trims += o.stats.fua_trims;
         trims_cut += o.stats.trims_cut_short;
@@ -180,7 +186,12 @@ fn main() {
         "mirror-sim: {pauses} link pauses between two primaries, {pauses_back} ended by a reconnect, {reissued} writes issued again, {overlapping} cuts with overlapping writes in flight on both sides"
     );
     eprintln!(
-        "mirror-sim: {meta_failures} metadata writes failed, {stop_flush_failures} clean stops whose data flush failed, {fua_trims} trims and write-zeroes with FUA"
+        "mirror-sim: {meta_failures} metadata writes failed (in {meta_seeds} seeds{}), {stop_flush_failures} clean stops whose data flush failed, {fua_trims} trims and write-zeroes with FUA",
+        if args.no_meta_failures {
+            ", --no-meta-failures"
+        } else {
+            ""
+        }
     );
     eprintln!(
         "mirror-sim: {trims_cut} large trims cut short by their time budget (in {budget_seeds} seeds), {trim_skipped} bytes skipped"

@@ -81,17 +81,16 @@ impl Node {
         let range = Range::new(offset, u64::from(len));
         let now = self.role == Role::Primary
             && self.clients.contains(&conn)
-            && !self.suspended
-            && self.grace.is_none()
+            && !self.freeze.frozen()
             && self.session.handshake.is_none()
             && self.session.promote_confirm.is_none()
-            && !self.gate_writes
-            && self.pending_gen.is_none()
+            && !self.txn.gated()
+            && !self.txn.generation_deferred()
             && !self.replicating()
             && self.disk == DiskState::UpToDate
             && len > 0
-            && self.al_waiting.is_empty()
-            && self.al.as_ref().is_none_or(|al| al.covers(range))
+            && self.txn.none_waiting()
+            && self.txn.al().is_none_or(|al| al.covers(range))
             && !self.order.overlaps(&range);
         let disk_id = if now {
             self.local_write(conn, cookie, range, None, false, None);

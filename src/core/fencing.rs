@@ -36,7 +36,7 @@ impl Node {
             || self.cfg.peer.is_none()
             || self.role != Role::Primary
             || self.conn == ConnState::Connected
-            || self.fence_id.is_some()
+            || self.freeze.fence_running()
             || self.meta.flags & md_flags::PEER_OUTDATED != 0
         {
             return;
@@ -49,8 +49,7 @@ impl Node {
             return;
         }
         let id = self.new_id();
-        self.fence_id = Some(id);
-        self.suspended = true;
+        self.freeze.begin_fence(id);
         self.out.push(Action::FencePeer { id });
         self.notify(
             "fence-peer",
@@ -62,15 +61,14 @@ impl Node {
             self.on_stop_begin();
         }
         // Postcondition: frozen with the handler running, or (stopping) not at all.
-        assert!(self.stopping || (self.suspended && self.fence_id == Some(id)));
+        assert!(self.stopping || (self.freeze.suspended() && self.freeze.fence_running()));
     }
 
     /// The fence-peer handler ended.
     pub(super) fn on_fence_done(&mut self, id: u64, exit: Option<i32>) {
-        if self.fence_id != Some(id) {
+        if !self.freeze.end_fence(id) {
             return; // the peer came back meanwhile; its answer no longer matters
         }
-        self.fence_id = None;
         let up_to_date = self.disk == DiskState::UpToDate;
         let outcome = match exit {
             Some(3) => "peer-inconsistent",
@@ -121,15 +119,14 @@ impl Node {
             }
         }
         // Postcondition: the handler's answer is taken, whatever it was.
-        assert!(self.fence_id.is_none());
+        assert!(!self.freeze.fence_running());
     }
 
     /// Lifts the freeze: held requests go on, held replies go out.
     pub(super) fn resume_io(&mut self, by: &str) {
-        if !self.suspended {
+        if !self.freeze.lift() {
             return;
         }
-        self.suspended = false;
         self.notify("io-resumed", json!({ "by": by }));
         let mut pending: Vec<u64> = self.reqs.keys().copied().collect();
         pending.sort_unstable(); // deterministic reply order
@@ -138,31 +135,31 @@ impl Node {
         }
         self.release_held();
         assert!(
-            !self.suspended,
+            !self.freeze.suspended(),
             "a freeze lifted is not frozen again by its own replies"
         );
     }
 
     /// `mirrorctl resume-io`.
     pub(super) fn admin_resume_io(&mut self) -> Result<String, String> {
-        if !self.suspended {
+        if !self.freeze.suspended() {
             return Err("I/O is not suspended".into());
         }
         // A handler still running is ignored from now on.
-        self.fence_id = None;
+        self.freeze.forget_fence();
         self.resume_io("operator");
         Ok("resumed".into())
     }
 
     /// The peer is connected again: its disk state is known, fencing is over.
     pub(super) fn fencing_peer_back(&mut self) {
-        self.fence_id = None;
+        self.freeze.forget_fence();
         if self.meta.flags & md_flags::PEER_OUTDATED != 0 {
             self.meta.flags &= !md_flags::PEER_OUTDATED;
             self.persist_superblock(false);
         }
         self.resume_io("peer-reconnected");
-        assert!(self.fence_id.is_none() && !self.suspended);
+        assert!(!self.freeze.fence_running() && !self.freeze.suspended());
         assert_eq!(self.meta.flags & md_flags::PEER_OUTDATED, 0);
     }
 }

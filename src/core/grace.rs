@@ -60,7 +60,7 @@ impl Node {
     /// Whether a broken link is a pause: two primaries, both up to date and
     /// replicating, a grace configured (or a pause already running).
     pub(super) fn grace_applies(&self) -> bool {
-        if self.grace.is_some() {
+        if self.freeze.grace().is_some() {
             return true;
         }
         self.cfg.reconnect_grace_ms > 0
@@ -129,7 +129,7 @@ impl Node {
         self.fail_peer_reads();
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        match self.grace.as_mut() {
+        match self.freeze.grace_mut() {
             Some(g) => {
                 // A reconnect failed in its handshake: nothing was issued again yet.
                 debug_assert!(resend.is_empty());
@@ -146,7 +146,7 @@ impl Node {
                     "pause-started",
                     json!({ "writes": resend.len(), "ranges": ranges, "grace_ms": self.cfg.reconnect_grace_ms }),
                 );
-                self.grace = Some(super::grace::Grace {
+                self.freeze.begin_pause(super::grace::Grace {
                     since_ms: self.now_ms,
                     reason: reason.to_string(),
                     peer_disk,
@@ -156,14 +156,14 @@ impl Node {
                 });
             }
         }
-        debug_assert!(self.grace.is_some() && !self.replicating());
+        debug_assert!(self.freeze.grace().is_some() && !self.replicating());
     }
 
     /// On each tick: a pause that outlasts the grace ends without the peer.
     pub(super) fn grace_tick(&mut self) {
         let expired = self
-            .grace
-            .as_ref()
+            .freeze
+            .grace()
             .is_some_and(|g| self.now_ms.saturating_sub(g.since_ms) > self.cfg.reconnect_grace_ms);
         if expired && self.conn != ConnState::Connected {
             self.end_pause_alone();
@@ -174,7 +174,7 @@ impl Node {
     /// what the loss of the peer would have done at the cut happens now.
     pub(super) fn end_pause_alone(&mut self) {
         // No pause running is normal: every stop and every end of a session calls this.
-        let Some(g) = self.grace.take() else {
+        let Some(g) = self.freeze.end_pause() else {
             return;
         };
         self.notify(
@@ -202,7 +202,7 @@ impl Node {
             self.issue_local_write(wid, fua);
         }
         self.release_held();
-        debug_assert!(self.grace.is_none());
+        debug_assert!(self.freeze.grace().is_none());
     }
 
     /// A local write admitted before the cut is ready to be issued during the
@@ -210,7 +210,7 @@ impl Node {
     /// disk only, and a union resync could then overwrite it). True if held.
     pub(super) fn hold_for_pause(&mut self, wid: u64, fua: bool) -> bool {
         // Not paused: the write goes on (the common case).
-        let Some(g) = self.grace.as_mut() else {
+        let Some(g) = self.freeze.grace_mut() else {
             return false;
         };
         debug_assert!(!g.unissued.iter().any(|(w, _)| *w == wid));
@@ -223,7 +223,7 @@ impl Node {
     pub(super) fn end_pause_reconnected(&mut self) {
         assert!(self.replicating());
         // Called at every handshake's end; only a paused pair has a grace to end.
-        let Some(g) = self.grace.take() else {
+        let Some(g) = self.freeze.end_pause() else {
             return;
         };
         self.notify(
@@ -241,7 +241,7 @@ impl Node {
                 self.send_peer_flush(f);
             }
         }
-        debug_assert!(self.grace.is_none());
+        debug_assert!(self.freeze.grace().is_none());
     }
 
     /// Issues `r`'s write again as a new replicated write; its completion

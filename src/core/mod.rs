@@ -11,9 +11,11 @@ mod adjust;
 pub mod bitmap;
 mod clients;
 mod fencing;
+mod freeze;
 pub mod gi;
 mod grace;
 mod links;
+mod meta_txn;
 mod node;
 pub mod ordering;
 #[cfg(test)]
@@ -24,6 +26,7 @@ mod resync;
 mod session;
 mod split;
 mod stop;
+mod sync_state;
 mod types;
 
 pub use node::Node;

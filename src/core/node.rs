@@ -8,8 +8,8 @@ use serde_json::json;
 
 use super::activity_log::{ActivityLog, Admit, EXTENT};
 use super::bitmap::{Bitmap, BLOCK};
+use super::meta_txn::SbDone;
 use super::ordering::{DiskOrder, Range};
-use super::resync::Resync;
 use super::types::*;
 use crate::peer::{Gis, Message, PeerDisk, PeerRole};
 
@@ -201,19 +201,10 @@ pub struct Node {
     pub(super) order: DiskOrder,
     pub(super) writes: HashMap<u64, WriteEntry>,
     pub(super) bitmap: Bitmap,
-    pub(super) al: Option<ActivityLog>,
-    pub(super) al_waiting: Vec<u64>,
-    pub(super) al_txn: Option<u64>,
-    pub(super) sb_txn: Option<u64>,
-    pub(super) sb_again: bool,
+    /// The activity log and the metadata writes in flight (meta_txn.rs).
+    pub(super) txn: super::meta_txn::MetaTxns,
     /// A clean stop has begun (`Node::begin_stop`).
     pub(super) stopping: bool,
-    /// Local writes wait while a superblock with new identifiers is being persisted.
-    pub(super) gate_writes: bool,
-    /// A new data generation starts at the next local write that the peer does
-    /// not get (`Some(primary before the split)`), not when the peer is lost:
-    /// a primary that writes nothing while apart keeps its identifiers.
-    pub(super) pending_gen: Option<bool>,
     /// The disk op id of the streamed write that just started (taken by `on_stream_write`).
     pub(super) stream_grant: Option<u64>,
     /// Trims and write-zeroes with FUA in the core: each is answered after a flush
@@ -237,34 +228,20 @@ pub struct Node {
     pub(super) links: super::links::Links,
     /// The flush every start begins with is done: the peer link may start.
     pub(super) boot_flushed: bool,
-    pub(super) last_bitmap_save_ms: u64,
     pub(super) out: Vec<Action>,
-    pub(super) resync: Option<Resync>,
     pub(super) split_brain: bool,
-    /// Writes frozen while the fence-peer handler runs (see fencing.rs).
-    pub(super) suspended: bool,
-    /// A link blip between two primaries, within its grace (grace.rs).
-    pub(super) grace: Option<super::grace::Grace>,
-    /// The running fence-peer handler's id.
-    pub(super) fence_id: Option<u64>,
+    /// What holds local writes: fencing's suspension, a pause (freeze.rs).
+    pub(super) freeze: super::freeze::Freeze,
     /// This node crashed while primary and has not synced since.
     pub(super) crashed_primary: bool,
     /// Primary because an NBD client arrived: demoted when the last one leaves.
     pub(super) auto_promoted: bool,
     /// Incremented on every new peer connection; acks of older links are dropped.
     pub(super) link_epoch: u64,
-    pub(super) last_verify: Option<u64>,
-    /// A verify the lost link cut: (first block not verified, differing so far).
-    pub(super) verify_resume: Option<(u64, u64)>,
-    /// Resync counters for `status` (bytes moved, resyncs run).
-    pub(super) sync_stats: SyncCounters,
+    /// The resync this node drives or receives, verify results (sync_state.rs).
+    pub(super) sync: super::sync_state::SyncState,
     /// TRIMs cut short by their time budget (core/split.rs).
     pub(super) trim_budget_stats: TrimBudgetStats,
-    /// Progress of the resync this node receives, while it is sync target.
-    pub(super) sync_target: Option<super::resync::TargetProgress>,
-    /// Ranges of our writes the peer failed (error acks) while this node is sync
-    /// target: the clear-all at the end of the resync must leave them marked.
-    pub(super) target_neg_acked: Vec<Range>,
     /// Deliberate bugs for the simulator's fault tests (never set by the daemon).
     pub(super) faults: Faults,
 }
@@ -318,14 +295,8 @@ impl Node {
             order: DiskOrder::new(),
             writes: HashMap::new(),
             bitmap,
-            al,
-            al_waiting: Vec::new(),
-            al_txn: None,
-            sb_txn: None,
-            sb_again: false,
+            txn: super::meta_txn::MetaTxns::new(al),
             stopping: false,
-            gate_writes: false,
-            pending_gen: None,
             stream_grant: None,
             fua_pending: BTreeSet::new(),
             fua_flushes: Vec::new(),
@@ -338,22 +309,14 @@ impl Node {
             session: super::peer_session::PeerSession::new(0),
             links: super::links::Links::default(),
             boot_flushed: false,
-            last_bitmap_save_ms: 0,
             out: Vec::new(),
-            resync: None,
             split_brain: false,
-            suspended: false,
-            grace: None,
-            fence_id: None,
+            freeze: super::freeze::Freeze::default(),
             crashed_primary: false,
             auto_promoted: false,
             link_epoch: 0,
-            last_verify: None,
-            verify_resume: None,
-            sync_stats: SyncCounters::default(),
+            sync: super::sync_state::SyncState::default(),
             trim_budget_stats: TrimBudgetStats::default(),
-            sync_target: None,
-            target_neg_acked: Vec::new(),
             faults: Faults::default(),
             meta: meta.clone(),
             cfg,
@@ -363,7 +326,7 @@ impl Node {
             // (it tells the peer this node was a crashed primary) until the next sync.
             let pages = node.bitmap.take_dirty();
             node.persist_bitmap_pages(pages);
-            if node.al.is_some() {
+            if node.txn.al().is_some() {
                 let id = node.new_id();
                 node.out.push(Action::Persist {
                     id,
@@ -487,7 +450,7 @@ impl Node {
             && self.splits.is_empty()
             && self.writes.is_empty()
             && self.ios.is_empty()
-            && self.resync.is_none()
+            && self.sync.source().is_none()
     }
 
     pub(super) fn notify(&mut self, event: &str, mut detail: serde_json::Value) {
@@ -591,11 +554,11 @@ impl Node {
             }),
             resync: self.resync_status(),
             sync: SyncCounters {
-                last_verify_differing_blocks: self.last_verify,
-                ..self.sync_stats
+                last_verify_differing_blocks: self.sync.last_verify(),
+                ..self.sync.stats()
             },
             split_brain: self.split_brain,
-            suspended: self.suspended || self.grace.is_some(),
+            suspended: self.freeze.frozen(),
         }
     }
 
@@ -718,8 +681,7 @@ impl Node {
     /// The next local write the peer does not get starts a new data generation;
     /// `primary_before`: this node was primary when it lost the peer.
     pub(super) fn defer_generation(&mut self, primary_before: bool) {
-        let mark = self.pending_gen.unwrap_or(false) || primary_before;
-        self.pending_gen = Some(mark);
+        let mark = self.txn.defer_generation(primary_before);
         self.notify("generation-deferred", json!({ "primary_before": mark }));
     }
 
@@ -729,7 +691,7 @@ impl Node {
     /// disk under the old identifier.
     fn start_deferred_generation(&mut self) {
         // Called before every unreplicated local write; most find no deferred generation.
-        let Some(mark) = self.pending_gen.take() else {
+        let Some(mark) = self.txn.take_deferred_generation() else {
             return;
         };
         debug_assert!(!self.replicating());
@@ -739,9 +701,9 @@ impl Node {
         {
             self.new_generation(mark);
             self.persist_superblock(true);
-            debug_assert!(self.gate_writes);
+            debug_assert!(self.txn.gated());
         }
-        debug_assert!(self.pending_gen.is_none());
+        debug_assert!(!self.txn.generation_deferred());
     }
 
     /// Starts a new data generation: this node's data now differs from the last common one.
@@ -771,15 +733,11 @@ impl Node {
 
     /// Queues a superblock write; with `gate`, local writes wait until it is durable.
     pub(super) fn persist_superblock(&mut self, gate: bool) {
-        if gate {
-            self.gate_writes = true;
-        }
-        if self.sb_txn.is_some() {
-            self.sb_again = true;
-            return;
+        if !self.txn.want_superblock(gate) {
+            return; // written again when the write in flight is done
         }
         let id = self.new_id();
-        self.sb_txn = Some(id);
+        self.txn.begin_superblock(id);
         self.out.push(Action::Persist {
             id,
             write: MetaWrite::Superblock(self.meta.clone()),
@@ -802,21 +760,14 @@ impl Node {
         if !ok {
             self.meta_write_failed();
         }
-        if self.al_txn == Some(id) {
-            self.al_txn = None;
-            if let Some(al) = self.al.as_mut() {
-                al.committed();
-            }
+        if self.txn.end_al_txn(id) {
             self.readmit_al_waiters();
         }
-        if self.sb_txn == Some(id) {
-            self.sb_txn = None;
-            if self.sb_again {
-                self.sb_again = false;
-                self.persist_superblock(false);
-            } else {
-                if self.gate_writes {
-                    self.gate_writes = false;
+        match self.txn.end_superblock(id) {
+            SbDone::Other => {}
+            SbDone::Again => self.persist_superblock(false),
+            SbDone::Durable { ungated } => {
+                if ungated {
                     // In id (arrival) order: HashMap order would make the disk
                     // submission order, hence replays, differ from run to run.
                     let mut ids: Vec<u64> = self.writes.keys().copied().collect();
@@ -838,22 +789,33 @@ impl Node {
     }
 
     /// A metadata write failed (EIO): what is on the metadata disk (bitmap,
-    /// activity log, identifiers) may no longer say what differs from the peer,
-    /// so this disk is not trusted again without a full sync. It fails now (as
-    /// DRBD detaches on a meta-data I/O error), and the next start finds it
-    /// inconsistent, to be synced whole from the peer (simulator finding: a lost
-    /// bitmap page left an outdated node whose bitmap-based resync missed blocks).
+    /// activity log, identifiers) may no longer say what differs from the peer.
+    /// The disk fails now (as DRBD detaches on a meta-data I/O error), like a
+    /// data-disk error: it takes no more writes, and after a restart it is
+    /// outdated until a sync. Its data stays what it was (it may be the only copy
+    /// of acknowledged writes: marking it inconsistent threw those away in a sync
+    /// from an older peer, simulator finding), but every block counts as out of
+    /// sync, so the next resync, in whichever direction the identifiers decide,
+    /// moves all of it (simulator finding: a lost bitmap page made a bitmap-based
+    /// resync miss blocks).
     fn meta_write_failed(&mut self) {
-        let was_failed = self.disk == DiskState::Failed;
         if self.cfg.peer.is_some() {
-            self.meta.flags &= !md_flags::CONSISTENT;
             self.meta.flags |= md_flags::FULL_SYNC_NEEDED;
+            self.bitmap.set_all();
+            // Every page, not only the changed ones: the failed write may have
+            // been pages whose bits were already set in memory (seed 489).
+            self.bitmap.take_dirty();
+            let last = self.bitmap.page_of(self.bitmap.bits().saturating_sub(1));
+            self.persist_bitmap_pages((0..=last).collect());
+            if self.faults.meta_failure_discards_data {
+                // Fault injection (simulator only): the old rule.
+                self.meta.flags &= !md_flags::CONSISTENT;
+            }
         }
         self.disk_failed("metadata write failed");
-        if was_failed && self.cfg.peer.is_some() {
-            self.persist_superblock(false);
-        }
+        self.persist_superblock(false);
         assert_eq!(self.disk, DiskState::Failed);
+        assert!(self.cfg.peer.is_none() || self.bitmap.count() == self.bitmap.bits());
     }
 
     pub(super) fn disk_failed(&mut self, why: &str) {
@@ -889,8 +851,7 @@ impl Node {
             self.reply(conn, cookie, Err(errno::EPERM));
             return;
         }
-        let frozen =
-            (self.suspended || self.grace.is_some()) && !matches!(req, IoRequest::Read { .. });
+        let frozen = (self.freeze.frozen()) && !matches!(req, IoRequest::Read { .. });
         if self.session.handshake.is_some() || self.session.promote_confirm.is_some() || frozen {
             self.held.push((conn, cookie, req));
             return;
@@ -946,10 +907,10 @@ impl Node {
     /// Requests held during the connection handshake go on now (after the
     /// writes a pause left unanswered, issued again first).
     pub(super) fn release_held(&mut self) {
-        if self.grace.is_some() && self.replicating() {
+        if self.freeze.grace().is_some() && self.replicating() {
             self.end_pause_reconnected();
         }
-        if !self.al_waiting.is_empty() {
+        if !self.txn.none_waiting() {
             self.readmit_al_waiters();
         }
         for (conn, cookie, req) in std::mem::take(&mut self.held) {
@@ -1082,7 +1043,7 @@ impl Node {
         debug_assert!(
             op.is_none()
                 || range.is_empty()
-                || self.al.as_ref().is_none_or(|al| {
+                || self.txn.al().is_none_or(|al| {
                     super::activity_log::extents_of(range).count() <= al.slots()
                 }),
             "a local write wider than the activity log must be split: {range:?}"
@@ -1121,8 +1082,8 @@ impl Node {
         // the same extents, so they are active, and it must not wait behind
         // writes that need extents only its original's end can free.
         let redo = self.reqs.get(&rid).is_some_and(|r| r.parent.is_some());
-        let queue_empty = self.al_waiting.is_empty() || redo;
-        let al_ok = match self.al.as_mut() {
+        let queue_empty = self.txn.none_waiting() || redo;
+        let al_ok = match self.txn.al_mut() {
             None => true,
             Some(al) => queue_empty && al.admit(range) == Admit::Go,
         };
@@ -1132,7 +1093,7 @@ impl Node {
         );
         if al_ok {
             if let Some(r) = self.reqs.get_mut(&rid) {
-                r.al_held = self.al.is_some();
+                r.al_held = self.txn.al().is_some();
             }
         }
         self.writes.insert(
@@ -1152,7 +1113,7 @@ impl Node {
         if al_ok {
             self.issue_local_write(wid, fua);
         } else {
-            self.al_waiting.push(wid);
+            self.txn.wait_for_al(wid);
             self.try_al_transaction();
         }
     }
@@ -1262,18 +1223,19 @@ impl Node {
     // ----- activity log -----
 
     pub(super) fn try_al_transaction(&mut self) {
-        if self.al_txn.is_some() || self.al_waiting.is_empty() {
+        // No transaction in flight and a write waiting, or nothing to do.
+        let Some(first) = self.txn.next_to_plan() else {
             return;
-        }
+        };
         // For the first waiting write only (the others wait behind it).
         let ranges: Vec<Range> = self
-            .al_waiting
-            .iter()
-            .take(1)
-            .filter_map(|w| self.writes.get(w).map(|e| e.range))
+            .writes
+            .get(&first)
+            .map(|e| e.range)
+            .into_iter()
             .collect();
         // No activity log: a resource without a peer keeps none.
-        let Some(al) = self.al.as_mut() else { return };
+        let Some(al) = self.txn.al_mut() else { return };
         // No transaction possible now (every slot held by writes in flight): it
         // is tried again when one is released.
         let Some((set, evicted)) = al.plan(&ranges) else {
@@ -1303,7 +1265,7 @@ impl Node {
         pages.dedup();
         self.persist_bitmap_pages(pages);
         let id = self.new_id();
-        self.al_txn = Some(id);
+        self.txn.begin_al_txn(id);
         if evicting {
             // What was written in the evicted extents may still sit in the disk's
             // volatile cache: flush it before the log forgets them, or a crash
@@ -1327,7 +1289,7 @@ impl Node {
             self.disk_failed("flush error");
         }
         let id = self.new_id();
-        self.al_txn = Some(id);
+        self.txn.al_txn_write(id);
         self.out.push(Action::Persist {
             id,
             write: MetaWrite::ActivityLog(set),
@@ -1341,7 +1303,7 @@ impl Node {
             // read its stale copy of the block). The handshake's end readmits.
             return;
         }
-        let waiting = std::mem::take(&mut self.al_waiting);
+        let waiting = self.txn.take_waiting();
         let mut still = Vec::new();
         for wid in waiting {
             let Some(range) = self.writes.get(&wid).map(|e| e.range) else {
@@ -1350,8 +1312,8 @@ impl Node {
             // In order: once one must wait, so do the ones behind it.
             let go = still.is_empty()
                 && self
-                    .al
-                    .as_mut()
+                    .txn
+                    .al_mut()
                     .map(|al| al.admit(range) == Admit::Go)
                     .unwrap_or(true);
             if go {
@@ -1361,7 +1323,7 @@ impl Node {
                     fua = matches!(e.pieces.first(), Some(DiskOp::Write { fua: true, .. }));
                     if let Origin::Local { req } = e.origin {
                         if let Some(r) = self.reqs.get_mut(&req) {
-                            r.al_held = self.al.is_some();
+                            r.al_held = self.txn.al().is_some();
                         }
                     }
                 }
@@ -1370,7 +1332,7 @@ impl Node {
                 still.push(wid);
             }
         }
-        self.al_waiting = still;
+        self.txn.put_back_waiting(still);
         self.try_al_transaction();
     }
 
@@ -1378,7 +1340,7 @@ impl Node {
 
     /// Submits a write entry if it is first in line for its range and admitted.
     pub(super) fn try_start(&mut self, wid: u64) {
-        let gate = self.gate_writes;
+        let gate = self.txn.gated();
         let Some(e) = self.writes.get_mut(&wid) else {
             panic!("write {wid} to start is not in the disk order");
         };
@@ -1631,7 +1593,7 @@ impl Node {
         let mut answers_parent = None;
         let mut piece_answer = None;
         let mut client_answer = None;
-        if !r.replied && !r.local_pending && peer_ok && !self.suspended {
+        if !r.replied && !r.local_pending && peer_ok && !self.freeze.suspended() {
             r.replied = true;
             let result = if r.error != 0 { Err(r.error) } else { Ok(None) };
             match (r.parent, r.split) {
@@ -1659,10 +1621,10 @@ impl Node {
             let done = self.reqs.remove(&rid);
             if let Some(d) = done {
                 if d.al_held {
-                    if let Some(al) = self.al.as_mut() {
+                    if let Some(al) = self.txn.al_mut() {
                         al.release(d.range);
                     }
-                    if !self.al_waiting.is_empty() {
+                    if !self.txn.none_waiting() {
                         self.try_al_transaction();
                     }
                 }
@@ -1717,14 +1679,10 @@ impl Node {
         // writes without the peer): an interrupted resync resumes near where it was,
         // and `dump-md` on a running node shows what is out of sync.
         // The sync target too: its bitmap is what an interrupted resync resumes from.
-        let changing = self.resync.is_some()
+        let changing = self.sync.source().is_some()
             || self.repl == Replication::SyncTarget
             || (self.cfg.peer.is_some() && !self.replicating());
-        if changing
-            && self.bitmap.has_dirty()
-            && now_ms.saturating_sub(self.last_bitmap_save_ms) >= 1000
-        {
-            self.last_bitmap_save_ms = now_ms;
+        if changing && self.bitmap.has_dirty() && self.txn.bitmap_save_due(now_ms) {
             let pages = self.bitmap.take_dirty();
             self.persist_bitmap_pages(pages);
         }
@@ -1805,7 +1763,7 @@ impl Node {
             AdminCmd::Resync { full, checksum } => self.admin_resync(full, checksum),
             AdminCmd::Verify => {
                 // An operator's verify starts from the beginning.
-                self.verify_resume = None;
+                self.sync.forget_verify_resume();
                 self.admin_verify()
             }
             AdminCmd::Invalidate => self.admin_invalidate(),

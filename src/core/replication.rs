@@ -246,7 +246,9 @@ impl Node {
         self.repl = Replication::Off;
         self.session = PeerSession::new(self.now_ms);
         self.stop_resync();
-        assert!(!self.replicating() && self.resync.is_none() && self.session.handshake.is_none());
+        assert!(
+            !self.replicating() && self.sync.source().is_none() && self.session.handshake.is_none()
+        );
         assert!(matches!(
             self.conn,
             ConnState::Connecting | ConnState::Standalone
@@ -450,7 +452,7 @@ impl Node {
             Message::SyncDone { source_gis } => self.on_sync_done(source_gis),
             Message::VerifyDone { differing_blocks } => {
                 self.repl = Replication::Established;
-                self.last_verify = Some(differing_blocks);
+                self.sync.peer_verify_finished(differing_blocks);
                 self.notify(
                     "verify-finished",
                     json!({ "differing_blocks": differing_blocks, "role": "target" }),
@@ -524,7 +526,7 @@ impl Node {
             if self.repl == Replication::SyncTarget {
                 // The source does not hold this write: the end of the resync
                 // must not clear its bit (see `on_sync_done_flush`).
-                self.target_neg_acked.push(r.range);
+                self.sync.target_write_failed(r.range);
             }
         } else if r.req.is_some() {
             // On the peer's disk, not yet on its medium (resync writes are FUA).
@@ -589,8 +591,9 @@ impl Node {
         }
         self.session.peer_seen = seq;
         if resync {
-            self.sync_stats.bytes_received += len;
-            self.sync_stats.blocks_received += len.div_ceil(super::bitmap::BLOCK);
+            let stats = self.sync.stats_mut();
+            stats.bytes_received += len;
+            stats.blocks_received += len.div_ceil(super::bitmap::BLOCK);
         }
         if self.cfg.protocol == Protocol::B {
             self.send(Message::RecvAck { seq });

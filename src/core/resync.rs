@@ -87,6 +87,17 @@ pub(super) struct TargetProgress {
     last_event_ms: u64,
 }
 
+impl TargetProgress {
+    /// A received resync starting at `now_ms`.
+    pub(super) fn new(now_ms: u64) -> TargetProgress {
+        TargetProgress {
+            started_ms: now_ms,
+            done_blocks: 0,
+            last_event_ms: now_ms,
+        }
+    }
+}
+
 fn progress(
     started_ms: u64,
     now_ms: u64,
@@ -142,10 +153,10 @@ impl Node {
 
     /// The running resync or verify, as its source or as its target.
     pub(super) fn resync_status(&self) -> Option<ResyncStatus> {
-        if let Some(r) = &self.resync {
+        if let Some(r) = self.sync.source() {
             return Some(r.status(self.now_ms));
         }
-        let t = self.sync_target.as_ref()?;
+        let t = self.sync.target()?;
         (self.repl == Replication::SyncTarget).then(|| {
             progress(
                 t.started_ms,
@@ -168,12 +179,12 @@ impl Node {
             }
             go
         };
-        let role = if let Some(r) = self.resync.as_mut() {
+        let role = if let Some(r) = self.sync.source_mut() {
             if !due(&mut r.last_event_ms) {
                 return;
             }
             "source"
-        } else if let Some(t) = self.sync_target.as_mut() {
+        } else if let Some(t) = self.sync.target_mut() {
             if !due(&mut t.last_event_ms) {
                 return;
             }
@@ -216,13 +227,12 @@ impl Node {
         let flush = self.new_id();
         let mut r = self.new_resync(false, checksum);
         r.start_flush = Some(flush);
-        self.resync = Some(r);
+        self.sync.begin_source(r, true);
         self.ios.insert(flush, Io::ResyncStartFlush);
         self.out.push(Action::Disk {
             id: flush,
             op: DiskOp::Flush,
         });
-        self.sync_stats.resyncs_started += 1;
         self.send(Message::StartSync {
             mode,
             source_gis: self.meta.gis,
@@ -237,13 +247,7 @@ impl Node {
     /// This node receives a resync: its disk is inconsistent until it ends.
     pub(super) fn become_sync_target(&mut self) {
         self.repl = Replication::SyncTarget;
-        self.sync_stats.resyncs_started += 1;
-        self.sync_target = Some(TargetProgress {
-            started_ms: self.now_ms,
-            done_blocks: 0,
-            last_event_ms: self.now_ms,
-        });
-        self.target_neg_acked.clear();
+        self.sync.begin_target(self.now_ms);
         self.disk = DiskState::Inconsistent;
         // From here the bitmap (all set when a full sync is needed: create-md and
         // invalidate set every bit) records what is left, persisted as the resync
@@ -296,8 +300,8 @@ impl Node {
     }
 
     pub(super) fn stop_resync(&mut self) {
-        self.sync_target = None;
-        if let Some(r) = self.resync.take() {
+        self.sync.end_target();
+        if let Some(r) = self.sync.take_source() {
             if r.verify {
                 // Resumed from the first block not verified yet once the pair
                 // is back in sync (`maybe_resume_verify`).
@@ -309,14 +313,14 @@ impl Node {
                     .unwrap_or(r.cursor)
                     .min(r.cursor);
                 debug_assert!(from <= self.bitmap.bits());
-                self.verify_resume = Some((from, r.differing_blocks));
+                self.sync.set_verify_resume(from, r.differing_blocks);
             }
             self.notify(
                 "resync-stopped",
                 json!({ "done_bytes": r.done_blocks * BLOCK, "total_bytes": r.total_blocks * BLOCK, "verify": r.verify }),
             );
         }
-        assert!(self.resync.is_none() && self.sync_target.is_none());
+        assert!(self.sync.source().is_none() && self.sync.target().is_none());
     }
 
     pub(super) fn admin_resync(&mut self, full: bool, checksum: bool) -> Result<String, String> {
@@ -326,7 +330,7 @@ impl Node {
         if self.disk != DiskState::UpToDate {
             return Err("this node's disk is not up to date; it cannot be the sync source".into());
         }
-        if self.resync.is_some() || self.repl != Replication::Established {
+        if self.sync.source().is_some() || self.repl != Replication::Established {
             return Err("a resync or verify is already running".into());
         }
         if full {
@@ -346,13 +350,13 @@ impl Node {
     /// each tick). Kept in memory only: a restart of the node starts over.
     pub(super) fn maybe_resume_verify(&mut self) {
         // Called on every tick; most find no verify to resume.
-        let Some((from, differing)) = self.verify_resume else {
+        let Some((from, differing)) = self.sync.verify_resume() else {
             return;
         };
-        if self.resync.is_some() || self.start_verify(from, differing).is_err() {
+        if self.sync.source().is_some() || self.start_verify(from, differing).is_err() {
             return;
         }
-        self.verify_resume = None;
+        self.sync.forget_verify_resume();
         self.notify(
             "verify-resumed",
             json!({ "from_bytes": from * BLOCK, "differing_blocks": differing }),
@@ -382,8 +386,7 @@ impl Node {
         r.cursor = from.min(self.bitmap.bits());
         r.done_blocks = r.cursor;
         r.differing_blocks = differing;
-        self.resync = Some(r);
-        self.last_verify = None;
+        self.sync.begin_source(r, false);
         self.send(Message::StartVerify);
         self.notify(
             "verify-started",
@@ -397,7 +400,7 @@ impl Node {
         if self.role == Role::Primary {
             return Err("refusing to invalidate a primary; make it secondary first".into());
         }
-        if self.resync.is_some() {
+        if self.sync.source().is_some() {
             return Err("a resync or verify is running".into());
         }
         self.bitmap.set_all();
@@ -426,7 +429,7 @@ impl Node {
         let rate = self.cfg.sync_rate;
         let app_busy = !self.reqs.is_empty() || !self.held.is_empty();
         // Called on every tick; only a running resync refills its budget.
-        let Some(r) = self.resync.as_mut() else {
+        let Some(r) = self.sync.source_mut() else {
             return;
         };
         let dt = now.saturating_sub(r.last_refill_ms);
@@ -448,7 +451,7 @@ impl Node {
     fn resync_pump(&mut self) {
         loop {
             // A batch that failed at once may have ended the resync inside this loop.
-            let Some(r) = self.resync.as_ref() else {
+            let Some(r) = self.sync.source() else {
                 return;
             };
             if r.batches.len() >= MAX_INFLIGHT || r.budget <= 0 || r.start_flush.is_some() {
@@ -481,7 +484,7 @@ impl Node {
             let range = Range { start: offset, end };
             let checksum = r.checksum;
             let bid = self.new_id();
-            if let Some(r) = self.resync.as_mut() {
+            if let Some(r) = self.sync.source_mut() {
                 r.cursor = last;
                 r.budget -= range.len() as i64;
                 r.batches.insert(
@@ -515,7 +518,7 @@ impl Node {
         result: Result<Option<Bytes>, u32>,
     ) {
         // The resync may have stopped (link lost) while its start flush ran.
-        let Some(r) = self.resync.as_mut() else {
+        let Some(r) = self.sync.source_mut() else {
             return;
         };
         if r.start_flush != Some(io) {
@@ -534,7 +537,7 @@ impl Node {
     fn resync_read(&mut self, bid: u64, range: Range) {
         let wid = self.ordered_read(range, Origin::ResyncRead);
         let seen = self.session.peer_seen;
-        if let Some(r) = self.resync.as_mut() {
+        if let Some(r) = self.sync.source_mut() {
             r.reads.insert(wid, bid);
             if let Some(b) = r.batches.get_mut(&bid) {
                 b.seen = seen;
@@ -564,7 +567,7 @@ impl Node {
             self.on_checksum_read_done(id, verify, result);
             return;
         }
-        let bid = self.resync.as_mut().and_then(|r| r.reads.remove(&wid));
+        let bid = self.sync.source_mut().and_then(|r| r.reads.remove(&wid));
         let Some(bid) = bid else {
             // The resync stopped meanwhile: just leave the order.
             self.write_done_after_read(wid);
@@ -579,11 +582,11 @@ impl Node {
                 return;
             }
         };
-        let Some(batch) = self.resync.as_mut().and_then(|r| r.batches.remove(&bid)) else {
+        let Some(batch) = self.sync.source_mut().and_then(|r| r.batches.remove(&bid)) else {
             self.write_done_after_read(wid);
             return;
         };
-        let verify = self.resync.as_ref().is_some_and(|r| r.verify);
+        let verify = self.sync.source().is_some_and(|r| r.verify);
         let first_block = batch.range.start / BLOCK;
         // Which blocks to send: all, or those whose checksums differ.
         let mine = block_sums(&data);
@@ -604,7 +607,7 @@ impl Node {
                         .set_range(Range::new((first_block + i as u64) * BLOCK, BLOCK));
                 }
             }
-            if let Some(r) = self.resync.as_mut() {
+            if let Some(r) = self.sync.source_mut() {
                 r.differing_blocks += n;
                 r.done_blocks += differs.len() as u64;
             }
@@ -628,8 +631,8 @@ impl Node {
                     // Equal on both sides: in sync.
                     let b = first_block + i as u64;
                     self.bitmap.clear_blocks(b..b + 1);
-                    self.sync_stats.blocks_equal += 1;
-                    if let Some(r) = self.resync.as_mut() {
+                    self.sync.stats_mut().blocks_equal += 1;
+                    if let Some(r) = self.sync.source_mut() {
                         r.done_blocks += 1;
                     }
                     i += 1;
@@ -646,18 +649,18 @@ impl Node {
                 let offset = batch.range.start + start as u64;
                 let piece = data.slice(start..end);
                 let range = Range::new(offset, piece.len() as u64);
-                if let Some(r) = self.resync.as_mut() {
+                if let Some(r) = self.sync.source_mut() {
                     r.bytes_sent += piece.len() as u64;
                 }
-                self.sync_stats.bytes_sent += piece.len() as u64;
-                self.sync_stats.blocks_sent += (piece.len() as u64).div_ceil(BLOCK);
+                self.sync.stats_mut().bytes_sent += piece.len() as u64;
+                self.sync.stats_mut().blocks_sent += (piece.len() as u64).div_ceil(BLOCK);
                 if self.faults.clear_resync_bit_early {
                     // Fault injection (simulator only): count the blocks as synced
                     // once queued, before the target has written them.
                     let n = self
                         .bitmap
                         .clear_blocks(range.start / BLOCK..range.end.div_ceil(BLOCK));
-                    if let Some(r) = self.resync.as_mut() {
+                    if let Some(r) = self.sync.source_mut() {
                         r.done_blocks += n;
                     }
                 } else {
@@ -688,7 +691,7 @@ impl Node {
         // The data is queued to the peer: application writes behind it may go now.
         self.write_done_after_read(wid);
         if writes_out > 0 {
-            if let Some(r) = self.resync.as_mut() {
+            if let Some(r) = self.sync.source_mut() {
                 r.batches.insert(
                     bid,
                     Batch {
@@ -708,7 +711,7 @@ impl Node {
     /// in the disk order ahead of it must not send their older data for it.
     pub(super) fn resync_note_local_write(&mut self, range: Range) {
         // Called for every local write sent to the peer; most find no resync.
-        let Some(r) = self.resync.as_mut() else {
+        let Some(r) = self.sync.source_mut() else {
             return;
         };
         if r.verify {
@@ -728,7 +731,7 @@ impl Node {
     /// acknowledgements must not clear it.
     pub(super) fn resync_note_marked(&mut self, range: Range) {
         // Called for every range marked after a failed peer write; most find no resync.
-        let Some(r) = self.resync.as_mut() else {
+        let Some(r) = self.sync.source_mut() else {
             return;
         };
         for b in r.batches.values_mut() {
@@ -748,7 +751,7 @@ impl Node {
     /// A resync write we sent was acknowledged (on the source).
     pub(super) fn resync_write_acked(&mut self, range: Range, error: u32) {
         // Acks of resync writes may arrive after the resync ended (link lost, stopped).
-        let Some(r) = self.resync.as_mut() else {
+        let Some(r) = self.sync.source_mut() else {
             return;
         };
         let bid = r
@@ -780,7 +783,7 @@ impl Node {
                     n += 1;
                 }
             }
-            if let Some(r) = self.resync.as_mut() {
+            if let Some(r) = self.sync.source_mut() {
                 r.done_blocks += n;
             }
         } else {
@@ -801,7 +804,7 @@ impl Node {
         let last = range.end / BLOCK;
         if first < last {
             let n = self.bitmap.clear_blocks(first..last);
-            if let Some(t) = self.sync_target.as_mut() {
+            if let Some(t) = self.sync.target_mut() {
                 t.done_blocks += n;
             }
         }
@@ -809,16 +812,16 @@ impl Node {
 
     fn maybe_finish_resync(&mut self) {
         // Called after every resync step; the resync may be over already.
-        let Some(r) = self.resync.as_ref() else {
+        let Some(r) = self.sync.source() else {
             return;
         };
         if !r.batches.is_empty() || !r.reads.is_empty() {
             return;
         }
-        let r = self.resync.take().expect("checked just above");
+        let r = self.sync.take_source().expect("checked just above");
         if r.verify {
             self.repl = Replication::Established;
-            self.last_verify = Some(r.differing_blocks);
+            self.sync.verify_finished(r.differing_blocks);
             self.send(Message::VerifyDone {
                 differing_blocks: r.differing_blocks,
             });
@@ -832,7 +835,8 @@ impl Node {
         }
         if self.bitmap.count() > 0 {
             // Blocks dirtied behind the cursor (write errors): go round again.
-            self.resync = Some(self.new_resync(false, r.checksum));
+            let again = self.new_resync(false, r.checksum);
+            self.sync.begin_source(again, false);
             self.resync_pump();
             return;
         }
@@ -855,7 +859,7 @@ impl Node {
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        self.sync_stats.resyncs_finished += 1;
+        self.sync.stats_mut().resyncs_finished += 1;
         self.notify(
             "resync-finished",
             json!({ "role": "source", "bytes_sent": r.bytes_sent, "total_bytes": r.total_blocks * BLOCK, "gis": gis_json(&self.meta.gis) }),
@@ -863,7 +867,7 @@ impl Node {
     }
 
     pub(super) fn on_sync_done(&mut self, source_gis: Gis) {
-        self.sync_target = None;
+        self.sync.end_target();
         if matches!(self.disk, DiskState::Failed | DiskState::Diskless) {
             // The disk failed during the resync: it is no good copy, whatever the
             // source sent. It stays failed, with its bitmap and metadata (simulator
@@ -919,7 +923,7 @@ impl Node {
         // eviction marked them (simulator finding: an eviction during the resync
         // marked one, this cleared it, the peer lost it in a power cut, and the
         // block differed unmarked).
-        let active = self.al.as_ref().map(|al| al.active()).unwrap_or_default();
+        let active = self.txn.al().map(|al| al.active()).unwrap_or_default();
         let uncovered: Vec<Range> = self
             .unflushed
             .values()
@@ -938,7 +942,7 @@ impl Node {
         // while this flush ran, the clear-all above wiped it, and the block
         // differed unmarked once this node was up to date). In DRBD a bit a
         // NegAck set (got_NegAck -> drbd_set_out_of_sync) stays until resynced.
-        for r in std::mem::take(&mut self.target_neg_acked) {
+        for r in self.sync.take_target_failed() {
             self.bitmap.set_range(r);
         }
         self.meta.gis = Gis {
@@ -950,7 +954,7 @@ impl Node {
         self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
         self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
         self.repl = Replication::Established;
-        self.sync_stats.resyncs_finished += 1;
+        self.sync.stats_mut().resyncs_finished += 1;
         self.persist_superblock(false);
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
@@ -1045,8 +1049,8 @@ impl Node {
 
     pub(super) fn on_checksum_reply(&mut self, id: u64, error: u32, sums: Vec<u32>) {
         let asked = self
-            .resync
-            .as_ref()
+            .sync
+            .source()
             .and_then(|r| r.batches.get(&id))
             .map(|b| b.range.len().div_ceil(BLOCK));
         if let (0, Some(blocks)) = (error, asked) {
@@ -1061,7 +1065,7 @@ impl Node {
                 return;
             }
         }
-        let Some(range) = self.resync.as_mut().and_then(|r| {
+        let Some(range) = self.sync.source_mut().and_then(|r| {
             let b = r.batches.get_mut(&id)?;
             if error == 0 {
                 b.sums = Some(sums);

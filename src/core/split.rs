@@ -69,7 +69,7 @@ impl Node {
     /// Extents per piece: 16 (64 MiB; `max_piece_extents`), fewer when the
     /// activity log has fewer slots, so that any piece fits in the log.
     pub(super) fn piece_extents(&self) -> u64 {
-        let slots = self.al.as_ref().map_or(usize::MAX, |al| al.slots());
+        let slots = self.txn.al().map_or(usize::MAX, |al| al.slots());
         self.cfg.max_piece_extents.min(slots as u64).max(1)
     }
 
@@ -118,8 +118,7 @@ impl Node {
     fn local_writes_held(&self) -> bool {
         self.session.handshake.is_some()
             || self.session.promote_confirm.is_some()
-            || self.suspended
-            || self.grace.is_some()
+            || self.freeze.frozen()
     }
 
     /// While replicating: whether the peer holds too many of our writes that
@@ -131,7 +130,7 @@ impl Node {
     /// peer to flush, and past half of it it waits for that flush (it goes on
     /// at the next answer of a piece or tick).
     fn peer_flush_throttle(&mut self) -> bool {
-        let Some(al) = self.al.as_ref().filter(|_| self.replicating()) else {
+        let Some(al) = self.txn.al().filter(|_| self.replicating()) else {
             return false;
         };
         let span = al.slots() as u64 * EXTENT;

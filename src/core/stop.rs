@@ -13,7 +13,7 @@ impl Node {
         self.stopping = true;
         // A pause ends as its grace would have: the process is going away.
         self.end_pause_alone();
-        if !self.suspended {
+        if !self.freeze.suspended() {
             return;
         }
         for r in self.reqs.values_mut() {
@@ -29,7 +29,7 @@ impl Node {
             }
             self.reply(conn, cookie, Err(errno::ESHUTDOWN));
         }
-        self.fence_id = None;
+        self.freeze.forget_fence();
         self.resume_io("stopping");
     }
 
@@ -49,7 +49,7 @@ impl Node {
         }
         let pages = self.bitmap.take_dirty();
         self.persist_bitmap_pages(pages);
-        if let Some(al) = self.al.as_mut().filter(|_| data_flushed) {
+        if let Some(al) = self.txn.al_mut().filter(|_| data_flushed) {
             if al.reset_idle() {
                 let id = self.new_id();
                 self.out.push(Action::Persist {

@@ -440,4 +440,8 @@ pub struct Faults {
     /// Connection race: the follower answers the leader's Hello on a new
     /// connection but keeps running its session on the old one.
     pub hello_keeps_old_session: bool,
+    /// A failed metadata write marks the disk inconsistent (the rule before
+    /// the simulator ran with metadata failures): a node holding the only copy
+    /// of acknowledged writes then takes a full sync from an older peer.
+    pub meta_failure_discards_data: bool,
 }

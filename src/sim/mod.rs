@@ -31,11 +31,12 @@ pub use cluster::{Stats, Violation};
 pub use run::{quiet_panics, run_seed, Options, Outcome};
 
 /// The deliberate core bugs by name (for `mirror-sim --fault NAME`).
-pub const FAULT_NAMES: [&str; 4] = [
+pub const FAULT_NAMES: [&str; 5] = [
     "ack-before-peer",
     "clear-resync-bit-early",
     "wrong-sync-direction",
     "hello-keeps-old-session",
+    "meta-failure-discards-data",
 ];
 
 /// Turns a fault's name on in `faults`; false if the name is unknown.
@@ -45,6 +46,7 @@ pub fn set_fault(faults: &mut crate::core::Faults, name: &str) -> bool {
         "clear-resync-bit-early" => faults.clear_resync_bit_early = true,
         "wrong-sync-direction" => faults.wrong_sync_direction = true,
         "hello-keeps-old-session" => faults.hello_keeps_old_session = true,
+        "meta-failure-discards-data" => faults.meta_failure_discards_data = true,
         _ => return false,
     }
     true
