@@ -186,6 +186,13 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
         &n.insecure_allow_relay,
         &net.insecure_allow_relay,
     );
+    // Read when a peer connection's sender is made.
+    diff(
+        rs,
+        "net.data-integrity",
+        &n.data_integrity,
+        &net.data_integrity,
+    );
     // Certificates and the CA are loaded at start (docs/OPERATIONS.md: restart after renewing).
     diff(rs, "tls (this node)", &old.tls, tls);
     diff(rs, "node (count)", &old.nodes.len(), &nodes.len());

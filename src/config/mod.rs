@@ -185,6 +185,10 @@ pub struct NetSettings {
     /// connection's endpoints, so NAT or a proxy between the nodes works, and so
     /// does a relay by anyone who can reach both peer ports. Both nodes must agree.
     pub insecure_allow_relay: bool,
+    /// `data-integrity = true`: the CRC of every peer frame this node sends covers the data
+    /// of writes and read replies too, not only the header and fixed fields (DRBD's
+    /// data-integrity-alg; off by default, as there: TCP checksums every segment).
+    pub data_integrity: bool,
 }
 
 /// `[tls]`: TLS on the peer link, mutual. Present: both nodes must have it.
@@ -548,6 +552,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             .parsed_or("reconnect-grace", 8_000, units::parse_duration_ms)
             .map_err(err)?,
         insecure_allow_relay: nt.bool_or("insecure-allow-relay", false).map_err(err)?,
+        data_integrity: nt.bool_or("data-integrity", false).map_err(err)?,
     };
     for (key, v) in [
         ("ping-interval", net.ping_interval_ms),
