@@ -525,9 +525,8 @@ pub fn request_bytes(
 /// The send (`tx`) or receive queue of the loopback TCP socket from port `local` to port
 /// `remote`, as /proc/net/tcp and /proc/net/tcp6 show it (0 when there is no such socket).
 fn tcp_queued(local: u16, remote: u16, tx: bool) -> u64 {
-    let port = |field: &str| -> Option<u16> {
-        u16::from_str_radix(field.rsplit(':').next()?, 16).ok()
-    };
+    let port =
+        |field: &str| -> Option<u16> { u16::from_str_radix(field.rsplit(':').next()?, 16).ok() };
     let mut total = 0;
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
@@ -536,7 +535,9 @@ fn tcp_queued(local: u16, remote: u16, tx: bool) -> u64 {
             if f.len() < 5 || port(f[1]) != Some(local) || port(f[2]) != Some(remote) {
                 continue;
             }
-            let (txq, rxq) = f[4].split_once(':').expect("tx_queue:rx_queue in /proc/net/tcp");
+            let (txq, rxq) = f[4]
+                .split_once(':')
+                .expect("tx_queue:rx_queue in /proc/net/tcp");
             let q = if tx { txq } else { rxq };
             total += u64::from_str_radix(q, 16).expect("hex queue length in /proc/net/tcp");
         }
