@@ -36,7 +36,8 @@ vm-smoke: vm-deps vm-bins
 vm-smoke-standin: vm-deps
 	VM_SMOKE_SERVER=standin $(VM_DIR)/smoke.sh
 
-# Two guests, mirrord peers (dual-primary), OCFS2 on both, power cut of one, resync.
+# Two guests, mirrord peers (dual-primary), OCFS2 on both, restart and kill -9 of one
+# mirrord while both write, power cut of one, resync.
 vm-two-host: vm-deps vm-bins
 	$(VM_DIR)/two-host.sh
 

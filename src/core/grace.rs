@@ -24,6 +24,17 @@
 //! If the grace runs out, the node does what it would have done at the cut:
 //! fence when configured, answer the unanswered writes from its own disk, start
 //! a new generation, release what it held.
+//!
+//! A node that starts (a restart, an upgrade, a crash, a reboot) as one half of
+//! such a pair pauses the same way before it has seen its peer: the start pause
+//! ([`Node::begin_start_pause`]). Without it, a restarted primary took the
+//! kernel's writes on its handed-over sockets at once, alone; if the peer's own
+//! grace had run out meanwhile (a restart slower than the grace), both had
+//! written apart: a split brain under OCFS2 (`make vm-two-host`, 2026-12-07).
+//! With it, the restarted node writes nothing until the link is back (then it
+//! is at worst the sync target of a peer that went on alone) or its own grace
+//! runs out. This is DRBD's wait for the connection at start (`wfc-timeout`),
+//! bounded by the grace.
 
 use serde_json::json;
 
@@ -54,6 +65,13 @@ pub(super) struct Grace {
     /// Local writes admitted before the cut whose issue (to the disk order and
     /// the peer) came during the pause: write id and FUA, issued when it ends.
     pub unissued: Vec<(u64, bool)>,
+    /// The start pause: nothing was replicated yet, so nothing is answered,
+    /// fenced or put in a new generation when it ends (a promotion during it
+    /// deferred its own generation and ran its own fencing).
+    pub at_start: bool,
+    /// `since_ms` is a time of the core's clock: false for the start pause
+    /// until the first tick gives one.
+    pub timed: bool,
 }
 
 impl Node {
@@ -153,14 +171,57 @@ impl Node {
                     resend,
                     flushes,
                     unissued: Vec::new(),
+                    at_start: false,
+                    timed: true,
                 });
             }
         }
         debug_assert!(self.freeze.grace().is_some() && !self.replicating());
     }
 
+    /// Whether a node that starts waits for its peer before it writes alone:
+    /// one half of a dual-primary pair with a grace, its disk up to date and its
+    /// peer not known to be outdated (then it could not have gone on alone).
+    pub(super) fn start_pause_applies(&self) -> bool {
+        self.cfg.reconnect_grace_ms > 0
+            && self.cfg.allow_two_primaries
+            && self.cfg.peer.is_some()
+            && self.disk == DiskState::UpToDate
+            && self.meta.flags & md_flags::PEER_OUTDATED == 0
+    }
+
+    /// At start, before any connection: writes, trims, zeroes and flushes are
+    /// held until the link is up and replicating, or the grace (counted from
+    /// the process's start) runs out.
+    pub(super) fn begin_start_pause(&mut self) {
+        assert!(self.start_pause_applies());
+        assert!(self.freeze.grace().is_none() && !self.replicating());
+        assert!(self.reqs.is_empty() && self.held.is_empty());
+        self.notify(
+            "pause-started",
+            json!({ "writes": 0, "reason": "start", "grace_ms": self.cfg.reconnect_grace_ms }),
+        );
+        self.freeze.begin_pause(super::grace::Grace {
+            since_ms: self.now_ms,
+            reason: "started without the peer".to_string(),
+            peer_disk: None,
+            resend: Vec::new(),
+            flushes: Vec::new(),
+            unissued: Vec::new(),
+            at_start: true,
+            timed: false,
+        });
+        assert!(self.freeze.frozen());
+    }
+
     /// On each tick: a pause that outlasts the grace ends without the peer.
     pub(super) fn grace_tick(&mut self) {
+        if let Some(g) = self.freeze.grace_mut().filter(|g| !g.timed) {
+            // The start pause counts from the first time the core is given.
+            assert!(g.at_start);
+            g.since_ms = self.now_ms;
+            g.timed = true;
+        }
         let expired = self
             .freeze
             .grace()
@@ -179,8 +240,18 @@ impl Node {
         };
         self.notify(
             "pause-ended",
-            json!({ "reconnected": false, "after_ms": self.now_ms.saturating_sub(g.since_ms) }),
+            json!({ "reconnected": false, "after_ms": self.now_ms.saturating_sub(g.since_ms), "at_start": g.at_start }),
         );
+        if g.at_start {
+            // Nothing was replicated yet: nothing to answer, fence or start.
+            assert!(g.resend.is_empty() && g.flushes.is_empty());
+            for (wid, fua) in g.unissued {
+                self.issue_local_write(wid, fua);
+            }
+            self.release_held();
+            debug_assert!(self.freeze.grace().is_none());
+            return;
+        }
         // Fence first: the replies below wait for its answer (fencing.rs).
         self.maybe_fence(g.peer_disk, &g.reason);
         let local_good = self.disk == DiskState::UpToDate;
@@ -228,7 +299,7 @@ impl Node {
         };
         self.notify(
             "pause-ended",
-            json!({ "reconnected": true, "after_ms": self.now_ms.saturating_sub(g.since_ms), "writes": g.resend.len() }),
+            json!({ "reconnected": true, "after_ms": self.now_ms.saturating_sub(g.since_ms), "writes": g.resend.len(), "at_start": g.at_start }),
         );
         for r in g.resend {
             self.redo_write(r);

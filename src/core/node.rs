@@ -359,6 +359,9 @@ impl Node {
             // The first dial follows when the boot flush is done.
             node.conn = ConnState::Connecting;
         }
+        if node.start_pause_applies() {
+            node.begin_start_pause();
+        }
         node
     }
 

@@ -1472,6 +1472,7 @@ mod stream_writes {
 }
 
 mod hostile_peer;
+mod start_pause;
 
 /// Local writes wider than the activity log (`split.rs`): a TRIM, WRITE_ZEROES
 /// or WRITE is carried out in pieces that each fit in the log, one client reply.

@@ -24,6 +24,20 @@
 #   create_md              mirrorctl create-md
 #   start_daemon           systemctl start mirrord@R (returns at READY=1); active
 #   attach                 systemctl start nbd-attach@R; both active; DEV has a size
+#
+# mirrord and the attach agent under restarts and crashes (vm-restart,
+# vm-two-host); CONNS is the agent's --connections (4, as shipped):
+#   mirrord_pid, agent_pid the units' main PIDs (0: not running)
+#   agent_rounds           reconnects the agent logged ("reconfigured with
+#                          fresh connections") since the boot
+#   nbd_sockets, nbd_clients   kernel sockets on mirrord's NBD socket;
+#                          mirrord's nbd_clients
+#   all_connected          both are CONNS
+#   mirrord_event KIND     restart: systemctl restart mirrord@R; kill: kill -9
+#                          of mirrord, returns when systemd has started a new
+#                          one and it answers (fails otherwise)
+#   kernel_errors [ERE]    kernel log lines (from stdin) naming an I/O error
+#                          or matching ERE
 #   link_drops             peer-link drops since mirrord@R started (journal)
 # Tests with two guests set C (the folder both mount), node and other:
 #   node_setup ADDR/PREFIX host name, NIC 0's address, config and secret from C
@@ -37,6 +51,7 @@
     R=${R:-r0}
     CFG=/etc/nbd-mirror/$R.toml
     DEV=/dev/nbd0
+    CONNS=4
 }
 
 now() { date +%s.%N; }
@@ -116,6 +131,29 @@ attach() {
     echo "nbd0: $((size * 512)) bytes"
     [ "$size" -gt 0 ]
 }
+
+mirrord_pid() { systemctl show -p MainPID --value "mirrord@$R.service"; }
+agent_pid() { systemctl show -p MainPID --value "nbd-attach@$R.service"; }
+agent_rounds() { journalctl -u "nbd-attach@$R" -o cat --no-pager 2>/dev/null | grep -c 'reconfigured with fresh connections' || true; }
+nbd_sockets() { ss -xH state connected src "/run/nbd-mirror/$R.nbd" 2>/dev/null | wc -l; }
+nbd_clients() { ctl status --json 2>/dev/null | jq -r '.nbd_clients // 0' 2>/dev/null || echo 0; }
+all_connected() { [ "$(nbd_sockets)" -eq "$CONNS" ] && [ "$(nbd_clients)" = "$CONNS" ]; }
+mirrord_answers() { [ "$(mirrord_pid)" != 0 ] && ctl status --json >/dev/null 2>&1; }
+mirrord_moved() { [ "$(mirrord_pid)" != "$1" ] && [ "$(mirrord_pid)" != 0 ]; }
+mirrord_event() {
+    local pid
+    pid=$(mirrord_pid)
+    case $1 in
+        restart) systemctl restart "mirrord@$R.service" || { echo "systemctl restart exit $?"; return 1; } ;;
+        kill)
+            kill -9 "$pid"
+            wait_until "$(scaled 30)" mirrord_moved "$pid" || { echo "mirrord not restarted after kill -9"; return 1; }
+            wait_until "$(scaled 30)" mirrord_answers || { echo "mirrord not answering after the kill"; return 1; }
+            ;;
+        *) echo "mirrord_event: unknown kind $1"; return 1 ;;
+    esac
+}
+kernel_errors() { grep -E "I/O error${1:+|$1}"; }
 # Times the peer link dropped since mirrord started (each drop of a connected
 # session is one peer-disconnected event, a pause within the grace included).
 link_drops() {

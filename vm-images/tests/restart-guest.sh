@@ -41,16 +41,11 @@ bad() {
     fact "FAIL: $*"
     fails=$((fails + 1))
 }
-conns() { ss -xH state connected src "/run/nbd-mirror/$R.nbd" 2>/dev/null | wc -l; }
-clients() { ctl status --json 2>/dev/null | jq -r '.nbd_clients // 0' 2>/dev/null || echo 0; }
-mpid() { systemctl show -p MainPID --value "mirrord@$R.service"; }
-apid() { systemctl show -p MainPID --value "nbd-attach@$R.service"; }
-rounds() { journalctl -u "nbd-attach@$R" -o cat --no-pager 2>/dev/null | grep -c 'reconfigured with fresh connections'; }
-all_back() { [ "$(conns)" -eq 4 ] && [ "$(clients)" = 4 ]; }
+# The mirrord/agent helpers (mirrord_pid, agent_pid, agent_rounds, nbd_sockets,
+# nbd_clients, all_connected, mirrord_event, kernel_errors) are in lib-guest.sh,
+# shared with the two-host test's restart and kill -9.
 attached() { [ -e /sys/block/nbd0/pid ] && [ "$(cat /sys/block/nbd0/size)" -gt 0 ]; }
-agent_moved() { [ "$(apid)" != "$old_agent" ] && [ "$(apid)" != 0 ] && systemctl is-active --quiet "nbd-attach@$R.service"; }
-moved() { [ "$(mpid)" != "$old_pid" ] && [ "$(mpid)" != 0 ]; }
-mirrord_up() { [ "$(mpid)" != 0 ] && ctl status --json >/dev/null 2>&1; }
+agent_moved() { [ "$(agent_pid)" != "$old_agent" ] && [ "$(agent_pid)" != 0 ] && systemctl is-active --quiet "nbd-attach@$R.service"; }
 
 setup() {
     mkdir -p /etc/nbd-mirror
@@ -59,7 +54,7 @@ setup() {
     systemctl enable "nbd-attach@$R.service" 2>/dev/null || die "enable nbd-attach@$R"
     systemctl start "mirrord@$R.service" "nbd-attach@$R.service" || die "start the units"
     wait_until "$(scaled 30)" attached || die "/dev/nbd0 not attached"
-    wait_until "$(scaled 30)" all_back || die "not 4 connections: $(conns) sockets, $(clients) clients"
+    wait_until "$(scaled 30)" all_connected || die "not $CONNS connections: $(nbd_sockets) sockets, $(nbd_clients) clients"
     fact "attached: $(journalctl -u "nbd-attach@$R" -o cat --no-pager | grep -m1 attached) backend=$(cat /sys/block/nbd0/backend)"
     mkfs.ext4 -q -F -E nodiscard "$DEV" || die "mkfs"
     mkdir -p "$M"
@@ -124,30 +119,30 @@ check_case() {
     # "Dead connection, failed to find a fallback" is logged whenever a request finds no
     # live socket; it then waits for the dead-connection timeout: a fact, not an error.
     fact "kernel: io_errors=$io journal_aborts=$jab ext4_errors=$ext read_only=$ro no_live_socket=$dead timed_out_retrying=$tmo receive_failed=$rcv"
-    [ $((io + jab + ext + ro)) -eq 0 ] || bad "kernel log: $(grep -m3 -E 'I/O error|Aborting journal|EXT4-fs error|read-only' <<<"$k" | tr '\n' '|')"
+    [ $((io + jab + ext + ro)) -eq 0 ] || bad "kernel log: $(kernel_errors 'Aborting journal|EXT4-fs error|read-only' <<<"$k" | head -n 3 | tr '\n' '|')"
     # Connections.
     ms=$(now)
-    wait_until "$(scaled 30)" all_back
-    fact "connections: kernel_sockets=$(conns) mirrord_nbd_clients=$(clients) waited=$(since "$ms")s agent_rounds=$r0->$(rounds) mirrord_pid=$m0->$(mpid) agent_pid=$a0->$(apid)"
-    all_back || bad "not all 4 connections back: $(conns) sockets, $(clients) clients"
+    wait_until "$(scaled 30)" all_connected
+    fact "connections: kernel_sockets=$(nbd_sockets) mirrord_nbd_clients=$(nbd_clients) waited=$(since "$ms")s agent_rounds=$r0->$(agent_rounds) mirrord_pid=$m0->$(mirrord_pid) agent_pid=$a0->$(agent_pid)"
+    all_connected || bad "not all $CONNS connections back: $(nbd_sockets) sockets, $(nbd_clients) clients"
     if [ "$kind" = agentkill ]; then
-        [ "$(apid)" != "$a0" ] || bad "the agent kept PID $a0 after kill -9"
+        [ "$(agent_pid)" != "$a0" ] || bad "the agent kept PID $a0 after kill -9"
         journalctl -u "nbd-attach@$R" -o cat --no-pager | grep -q 'adopting it' || bad "the new agent did not adopt the device"
     else
-        [ "$(apid)" = "$a0" ] || bad "the agent was restarted ($a0 -> $(apid)): the mirrord restart reached nbd-attach@"
+        [ "$(agent_pid)" = "$a0" ] || bad "the agent was restarted ($a0 -> $(agent_pid)): the mirrord restart reached nbd-attach@"
     fi
     if [ "$kind" = stall ] || [ "$kind" = agentkill ]; then
-        [ "$(mpid)" = "$m0" ] || bad "mirrord changed PID during a stall"
+        [ "$(mirrord_pid)" = "$m0" ] || bad "mirrord changed PID during a stall"
     else
-        [ "$(mpid)" != "$m0" ] || bad "mirrord kept PID $m0"
+        [ "$(mirrord_pid)" != "$m0" ] || bad "mirrord kept PID $m0"
     fi
     if [ "$kind" = kill ] || [ "$kind" = stall ]; then
-        [ "$(rounds)" -gt "$r0" ] || bad "the agent logged no reconnect"
+        [ "$(agent_rounds)" -gt "$r0" ] || bad "the agent logged no reconnect"
     fi
     if [ "$kind" = upgrade ]; then
         local want got
         want=$(sha256sum "$S/mirrord-upgrade" | cut -d' ' -f1)
-        got=$(sha256sum "/proc/$(mpid)/exe" | cut -d' ' -f1)
+        got=$(sha256sum "/proc/$(mirrord_pid)/exe" | cut -d' ' -f1)
         fact "upgrade: running binary sha256 ${got:0:16} (upgrade ${want:0:16})"
         [ "$got" = "$want" ] || bad "the running mirrord is not the upgrade"
     fi
@@ -166,28 +161,22 @@ check_case() {
 
 run_case() {
     case_name=$1
-    local kind=${1%%[0-9]*} m0 a0 r0 t0 rc
+    local kind=${1%%[0-9]*} m0 a0 r0 t0 rc out
     echo "=== $(ts) case $case_name ($kind)"
     dmesg -C
-    m0=$(mpid)
-    a0=$(apid)
-    r0=$(rounds)
+    m0=$(mirrord_pid)
+    a0=$(agent_pid)
+    r0=$(agent_rounds)
     rm -f "$S/ticker-$case_name.txt"
     start_fio 30
     start_ticker
     sleep 5
     t0=$(now)
     case $kind in
-        restart) systemctl restart "mirrord@$R.service" || bad "systemctl restart exit $?" ;;
+        restart | kill) out=$(mirrord_event "$kind") || bad "$out" ;;
         upgrade)
             install -m 0755 "$S/mirrord-upgrade" /usr/sbin/mirrord.new && mv /usr/sbin/mirrord.new /usr/sbin/mirrord
-            systemctl restart "mirrord@$R.service" || bad "systemctl restart exit $?"
-            ;;
-        kill)
-            kill -9 "$m0"
-            old_pid=$m0
-            wait_until "$(scaled 30)" moved || bad "mirrord not restarted"
-            wait_until "$(scaled 30)" mirrord_up || bad "mirrord not answering after the kill"
+            out=$(mirrord_event restart) || bad "$out"
             ;;
         agentkill)
             # The agent itself crashes: systemd restarts it and it adopts the device.

@@ -254,7 +254,8 @@ timed_writes() {
         i=$((i + 1))
         printf -v f 'delay/%s-%s-%04d' "$node" "$tag" "$i"
         t0=${EPOCHREALTIME/./}
-        dd if=/dev/urandom of="$M/$f" bs=64K count=1 iflag=fullblock conv=fsync status=none
+        dd if=/dev/urandom of="$M/$f" bs=64K count=1 iflag=fullblock conv=fsync status=none ||
+            { echo "$(ts) write $i ($f) failed"; return 1; }
         t1=${EPOCHREALTIME/./}
         echo "$i $((t1 - t0))" >>"$S/$tag.times"
     done
@@ -307,6 +308,83 @@ delay_check() {
     cp "$S/delay-own.sha256" "$C/$node.delay-own.sha256"
 }
 delay_read_other() { (cd "$M" && sha256sum --quiet -c "$C/$other.delay-own.sha256"); }
+
+# --- a restart and a kill -9 of one host's mirrord while both write -----------
+# The writes are timed_writes' (fsync'd 64 KiB files under delay/, each timed;
+# the longest is the pause a writer saw). EV_NODE's mirrord is restarted
+# (systemctl restart: hand-over through the fd store) or killed (kill -9:
+# systemd restarts it, the attach agent reconnects) 5 s in. The other host's
+# mirrord loses its peer for the moment (a pause within reconnect-grace).
+# Fails on any failed write, any I/O error, OCFS2 error or abort, heartbeat
+# write timeout, fencing or node-down in the kernel log, fewer than CONNS
+# connections afterwards, a restarted agent, a split brain or anything out
+# of sync once the resync is done. Known data: each host then reads back the
+# other's files, written before and during the event (ev_read_other).
+ev_kernel_bad='OCFS2: ERROR|OCFS2: abort|read-only|aborted journal|very sorry to be fencing|Heartbeat write timeout|fencing this node|Node [0-9]+/[0-9]+ down|Begin replay journal|Begin recovery on domain|No longer connected to node'
+mirrord_event_phase() {
+    local kind=$1 ev_node=$2 secs=$3 k0 m0 a0 rounds0 drops0 t0 wpid wrc=0 evt=- out n med max k problems=
+    k0=$(dmesg | wc -l)
+    m0=$(mirrord_pid)
+    a0=$(agent_pid)
+    rounds0=$(agent_rounds)
+    drops0=$(link_drops)
+    timed_writes "ev-$kind" "$secs" >"$S/ev-$kind.writer.log" 2>&1 &
+    wpid=$!
+    if [ "$node" = "$ev_node" ]; then
+        sleep 5
+        t0=$(now)
+        echo "$(ts) $kind of mirrord (PID $m0)"
+        out=$(mirrord_event "$kind") || problems+="; $out"
+        evt=$(since "$t0")
+        echo "$(ts) $kind done in ${evt}s, mirrord PID $(mirrord_pid)"
+    fi
+    wait "$wpid" || wrc=$?
+    cat "$S/ev-$kind.writer.log"
+    [ "$wrc" -eq 0 ] || problems+="; the writer failed (exit $wrc): $(grep -m1 failed "$S/ev-$kind.writer.log")"
+    # The kernel log since the phase began.
+    dmesg | tail -n "+$((k0 + 1))" >"$S/dmesg-ev-$kind.log"
+    k=$S/dmesg-ev-$kind.log
+    if kernel_errors "$ev_kernel_bad" <"$k" >"$S/ev-$kind.kernel-bad"; then
+        problems+="; kernel log: $(head -n 3 "$S/ev-$kind.kernel-bad" | tr '\n' '|')"
+    fi
+    # Every connection back, then the pair in sync again.
+    wait_until "$(scaled 30)" all_connected || problems+="; $(nbd_sockets) sockets, $(nbd_clients) of $CONNS clients"
+    ctl wait-sync --timeout "$(scaled 120)" || problems+="; wait-sync failed"
+    ctl status --json >"$S/status-ev-$kind.json"
+    jq -e '.peer.connection == "connected" and .peer.replication == "established"
+           and .out_of_sync_bytes == 0 and .split_brain == false and .disk == "up-to-date"
+           and .peer.disk == "up-to-date"' "$S/status-ev-$kind.json" >/dev/null ||
+        problems+="; status: $(jq -c '{disk, out_of_sync_bytes, split_brain, peer}' "$S/status-ev-$kind.json")"
+    [ "$(agent_pid)" = "$a0" ] || problems+="; the agent was restarted ($a0 -> $(agent_pid))"
+    if [ "$node" = "$ev_node" ]; then
+        [ "$(mirrord_pid)" != "$m0" ] || problems+="; mirrord kept PID $m0"
+        if [ "$kind" = kill ] && [ "$(agent_rounds)" -le "$rounds0" ]; then problems+="; the agent logged no reconnect"; fi
+    else
+        [ "$(mirrord_pid)" = "$m0" ] || problems+="; the other host's mirrord changed PID ($m0 -> $(mirrord_pid))"
+    fi
+    read -r n med max <"$S/ev-$kind.summary" || { n=0 med=- max=-; }
+    echo "$max" >"$C/$node.ev-$kind.pause"
+    figure "$kind of $ev_node's mirrord (event ${evt}s) while both write: $n writes of 64 KiB (fsync'd) in ${secs}s," \
+        "median ${med}s, longest pause ${max}s; link drops $(($(link_drops) - drops0)), kernel request timeouts" \
+        "$(grep -c 'Connection timed out' "$k" || true), hb write hung $(grep -c 'hb write hung' "$k" || true)," \
+        "agent reconnects $((rounds0)) -> $(agent_rounds), $(nbd_sockets) sockets / $(nbd_clients) of $CONNS clients," \
+        "out of sync $(jq .out_of_sync_bytes "$S/status-ev-$kind.json"), split brain $(jq .split_brain "$S/status-ev-$kind.json")"
+    journalctl --no-pager -o short-monotonic -u "mirrord@$R" -u "nbd-attach@$R" >"$S/journal-ev-$kind.log" 2>&1 || true
+    cp "$S/delay-own.sha256" "$C/$node.delay-own.sha256"
+    [ -z "$problems" ] || { echo "$kind: FAILED${problems}"; return 1; }
+}
+# Known data after an event: from the device (caches dropped), this host's
+# files and the other's, written before (the 16 MiB files, the concurrent
+# writers', the timed writes) and during it.
+ev_read_other() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    (cd "$M" && sha256sum --quiet -c "$C/alpha.delay-own.sha256" "$C/beta.delay-own.sha256" \
+        "$C/alpha.conc-own.sha256" "$C/beta.conc-own.sha256")
+    [ "$(sha256sum "$M/alpha.bin" | cut -d' ' -f1)" = "$(cat "$C/alpha.sha256")" ]
+    [ "$(sha256sum "$M/beta.bin" | cut -d' ' -f1)" = "$(cat "$C/beta.sha256")" ]
+    echo "$(cat "$C"/*.delay-own.sha256 | wc -l) timed-write files and the earlier files read back"
+}
 
 # --- power cut of beta (alpha's side) -----------------------------------------
 # Writer on alpha: one 64 KiB file at a time under during/, fsync'd, its
@@ -516,6 +594,14 @@ if [ "$phase" = first ]; then
     step delay-check delay_check
     step b-delay-checked barrier delay-checked
     step delay-read-other delay_read_other
+    step b-ev-restart barrier ev-restart
+    step ev-restart mirrord_event_phase restart alpha 25
+    step b-ev-restart-done barrier ev-restart-done 300
+    step ev-restart-read ev_read_other
+    step b-ev-kill barrier ev-kill
+    step ev-kill mirrord_event_phase kill beta 45
+    step b-ev-kill-done barrier ev-kill-done 300
+    step ev-kill-read ev_read_other
     if [ "$node" = beta ]; then
         step power-cut wait_for_power_cut
         exit 1
