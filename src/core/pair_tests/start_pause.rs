@@ -35,7 +35,12 @@ fn beta_went_on_alone() -> Pair {
     assert!(p.in_sync_now());
     p.crash(0);
     p.settle();
-    assert_eq!(pauses(&p, 1, "pause-started", false).len(), 1, "{:?}", p.events[1]);
+    assert_eq!(
+        pauses(&p, 1, "pause-started", false).len(),
+        1,
+        "{:?}",
+        p.events[1]
+    );
     p.run_ms(9_000);
     let ended = pauses(&p, 1, "pause-ended", false);
     assert_eq!(ended.len(), 1, "{:?}", p.events[1]);
@@ -61,15 +66,28 @@ fn a_restarted_primary_waits_for_its_peer_and_becomes_its_sync_target() {
     let held = p.step(|_, _| false);
     assert!(held.is_empty());
     assert!(replies(&p, 0, 3).is_empty(), "{:?}", p.nbd_replies[0]);
-    assert_eq!(p.disks[0][30 * 4096], 0, "the held write is not on alpha's disk");
+    assert_eq!(
+        p.disks[0][30 * 4096],
+        0,
+        "the held write is not on alpha's disk"
+    );
     assert!(p.status(0).suspended, "alpha's writes are held at start");
     let ours = p.events[0].len();
-    assert_eq!(pauses(&p, 0, "pause-started", true).len(), 2, "at both boots: {:?}", p.events[0]);
+    assert_eq!(
+        pauses(&p, 0, "pause-started", true).len(),
+        2,
+        "at both boots: {:?}",
+        p.events[0]
+    );
     assert!(p.named(0, "new-current-gi").is_empty(), "{:?}", p.events[0]);
     // The link is back within alpha's grace.
     p.run_until(10_000, "in sync", |p| p.in_sync_now());
     for i in 0..2 {
-        assert!(p.named(i, "split-brain").is_empty(), "node {i}: {:?}", p.events[i]);
+        assert!(
+            p.named(i, "split-brain").is_empty(),
+            "node {i}: {:?}",
+            p.events[i]
+        );
     }
     let ended: Vec<_> = p.events[0][ours..]
         .iter()
@@ -78,9 +96,21 @@ fn a_restarted_primary_waits_for_its_peer_and_becomes_its_sync_target() {
     assert_eq!(ended.len(), 1, "{:?}", p.events[0]);
     assert_eq!(ended[0]["reconnected"], true);
     assert_eq!(ended[0]["at_start"], true);
-    assert_eq!(replies(&p, 0, 3), vec![Ok(None)], "alpha's held write is answered");
-    assert_eq!(p.disks[0][20 * 4096], 0xbb, "beta's write alone reached alpha");
-    assert_eq!(p.disks[1][30 * 4096], 0xaa, "alpha's held write reached beta");
+    assert_eq!(
+        replies(&p, 0, 3),
+        vec![Ok(None)],
+        "alpha's held write is answered"
+    );
+    assert_eq!(
+        p.disks[0][20 * 4096],
+        0xbb,
+        "beta's write alone reached alpha"
+    );
+    assert_eq!(
+        p.disks[1][30 * 4096],
+        0xaa,
+        "alpha's held write reached beta"
+    );
     assert!(p.disks[0] == p.disks[1], "both disks are identical");
 }
 
