@@ -13,8 +13,9 @@
 #   make deb-check    make deb, then lintian on it (installs lintian if missing)
 #   make demo         tools/demo.sh (installs what it needs first: install-deps.sh demo)
 #   make bench        tools/bench/bench.sh (BENCH_SECONDS per job, default 10;
-#                     BENCH_ROUNDS rounds, default 3, medians reported)
-#   make bench-resync tools/bench/resync_bench.sh (full resync vs TCP copy, 2 GiB)
+#                     BENCH_ROUNDS rounds, default 3, medians reported), then bench-resync
+#   make bench-resync tools/bench/resync_bench.sh (full resync vs TCP copy, 2 GiB;
+#                     fio during a full resync vs in sync)
 #   make fuzz         tools/fuzz.sh (FUZZ_SECONDS, default 60)
 #   make vm-smoke / vm-test   from vm-images/vm.mk, when present
 #
@@ -90,9 +91,11 @@ demo-deps:
 
 bench: deps build
 	BENCH_SECONDS=$(BENCH_SECONDS) BENCH_ROUNDS=$(BENCH_ROUNDS) tools/bench/bench.sh
+	tools/bench/resync_bench.sh
 
 # Full resync of a 2 GiB disk against a plain TCP copy, bytes moved by an
-# incremental (1%) and a checksum resync (tools/bench/resync_bench.sh).
+# incremental (1%) and a checksum resync, an application's IOPS and the resync's
+# rate during a full resync (tools/bench/resync_bench.sh; `make bench` runs it too).
 .PHONY: bench-resync
 bench-resync: build
 	tools/bench/resync_bench.sh

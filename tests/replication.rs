@@ -397,11 +397,12 @@ fn a_peer_with_the_wrong_secret_is_refused() {
 
 #[test]
 fn a_corrupted_peer_message_is_detected_and_not_applied() {
-    // The proxy is a relay: both nodes opt out of binding the connection.
+    // The proxy is a relay: both nodes opt out of binding the connection. The data
+    // checksum is on, so a flipped bit in a write's data is a CRC error.
     let mut c = ClusterSpec::new(2)
         .size(32 * MIB)
         .mirrord_only()
-        .table("[net]\ninsecure-allow-relay = true")
+        .table("[net]\ninsecure-allow-relay = true\ndata-integrity = true")
         .build();
     // alpha reaches beta only through the proxy; beta cannot dial alpha at all.
     let text = std::fs::read_to_string(&c.config).expect("config");

@@ -59,6 +59,10 @@ fn clearing_resync_bits_early_is_caught() {
         clear_resync_bit_early: true,
         ..Faults::default()
     };
+    // The window this fault opens is the resync writes in flight; the simulator
+    // keeps the fixed cap for it (the adaptive pace keeps few resync writes out
+    // while the application writes: src/sim/cluster.rs). Caught at seed 196
+    // with the fixed cap.
     let hit = first_violation(f, 300, false);
     assert!(
         hit.is_some(),

@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes to the peer frame decoder (in chunks the input
 //! chooses) and to the peer authenticator. Must never panic, and every
-//! decoded message must re-encode to exactly the bytes it was decoded from.
+//! decoded message must re-encode to exactly the bytes it was decoded from
+//! (with or without the data under the CRC, as the frame's flags say).
 //!
 //! Input: byte 0 = chunk size, byte 1 = mode bits (bit 0: patch every
 //! frame's CRC so the fuzzer reaches payload parsing; bit 1: small payload
@@ -11,7 +12,9 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use nbd_mirror::peer::auth::CHALLENGE_LEN;
 use nbd_mirror::peer::frame::{frame_crc, HEADER_LEN};
-use nbd_mirror::peer::{encode, Authenticator, Decoder, DEFAULT_MAX_PAYLOAD};
+use nbd_mirror::peer::{
+    crc_covered_len, data_crc_of, encode_with, Authenticator, Decoder, DEFAULT_MAX_PAYLOAD,
+};
 
 /// Rewrites the CRC field of each frame in `stream` to the right value.
 fn patch_crcs(stream: &mut [u8]) {
@@ -21,7 +24,15 @@ fn patch_crcs(stream: &mut [u8]) {
         head.copy_from_slice(header);
         let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
         let end = (at + HEADER_LEN).saturating_add(len).min(stream.len());
-        let crc = frame_crc(&head, &[&stream[at + HEADER_LEN..end]]);
+        let (msg_type, flags) = (
+            u16::from_be_bytes([head[4], head[5]]),
+            u16::from_be_bytes([head[6], head[7]]),
+        );
+        let covered = crc_covered_len(msg_type, flags, end - at - HEADER_LEN);
+        let crc = frame_crc(
+            &head,
+            &[&stream[at + HEADER_LEN..at + HEADER_LEN + covered]],
+        );
         stream[at + 12..at + 16].copy_from_slice(&crc.to_be_bytes());
         at = end;
     }
@@ -54,7 +65,11 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(msg)) => {
                     let consumed = before.len() - buf.len();
                     reencoded.clear();
-                    encode(&msg, &mut reencoded);
+                    let data_crc = data_crc_of(
+                        u16::from_be_bytes([before[4], before[5]]),
+                        u16::from_be_bytes([before[6], before[7]]),
+                    );
+                    encode_with(&msg, &mut reencoded, data_crc);
                     assert_eq!(
                         &reencoded[..],
                         &before[..consumed],
@@ -70,13 +85,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let Ok(mut auth) = Authenticator::with_challenge(
-        b"key",
-        "alpha",
-        "r0",
-        None,
-        [7; CHALLENGE_LEN],
-    )
+    let Ok(mut auth) =
+        Authenticator::with_challenge(b"key", "alpha", "r0", None, [7; CHALLENGE_LEN])
     else {
         return;
     };

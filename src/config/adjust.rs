@@ -75,6 +75,7 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
     } = new;
     let live = &mut p.live;
     diff(live, "sync.rate", &old.sync.rate, &sync.rate);
+    diff(live, "sync.min-rate", &old.sync.min_rate, &sync.min_rate);
     diff(live, "sync.checksum", &old.sync.checksum, &sync.checksum);
     let sb = &old.split_brain;
     diff(
@@ -185,6 +186,13 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
         &n.insecure_allow_relay,
         &net.insecure_allow_relay,
     );
+    // Read when a peer connection's sender is made.
+    diff(
+        rs,
+        "net.data-integrity",
+        &n.data_integrity,
+        &net.data_integrity,
+    );
     // Certificates and the CA are loaded at start (docs/OPERATIONS.md: restart after renewing).
     diff(rs, "tls (this node)", &old.tls, tls);
     diff(rs, "node (count)", &old.nodes.len(), &nodes.len());
@@ -230,6 +238,7 @@ pub fn plan(old: &Settings, new: &Settings) -> Plan {
 pub fn apply(old: &Settings, new: &Settings) -> Settings {
     let mut s = old.clone();
     s.sync.rate = new.sync.rate;
+    s.sync.min_rate = new.sync.min_rate;
     s.sync.checksum = new.sync.checksum;
     s.split_brain = new.split_brain.clone();
     s.handlers.fence_peer = new.handlers.fence_peer.clone();

@@ -111,9 +111,61 @@ pub struct DiskSettings {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SyncSettings {
-    /// Resync bandwidth cap, bytes per second.
-    pub rate: u64,
+    /// The resync's pace: `auto` (adaptive, the default) or a fixed cap.
+    pub rate: Rate,
+    /// The floor an adaptive resync keeps while applications write: `auto`
+    /// (an eighth of its idle rate) or bytes per second.
+    pub min_rate: Rate,
     pub checksum: bool,
+}
+
+/// A rate key: `"auto"` or bytes per second. Shown (adjust, debug) as `auto`
+/// or the number.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    Auto,
+    PerSec(u64),
+}
+
+impl Rate {
+    pub fn per_sec(self) -> Option<u64> {
+        match self {
+            Rate::Auto => None,
+            Rate::PerSec(n) => Some(n),
+        }
+    }
+
+    /// Parses `auto` or a size (`250MiB`, per second).
+    fn parse(text: &str) -> Result<Rate, String> {
+        if text.trim() == "auto" {
+            return Ok(Rate::Auto);
+        }
+        units::parse_size(text).map(Rate::PerSec)
+    }
+}
+
+impl From<u64> for Rate {
+    fn from(n: u64) -> Rate {
+        Rate::PerSec(n)
+    }
+}
+
+impl std::fmt::Debug for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rate::Auto => f.write_str("auto"),
+            Rate::PerSec(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Rate::Auto => s.serialize_str("auto"),
+            Rate::PerSec(n) => s.serialize_u64(*n),
+        }
+    }
 }
 
 /// Peer-link timing, DRBD's net options.
@@ -133,6 +185,10 @@ pub struct NetSettings {
     /// connection's endpoints, so NAT or a proxy between the nodes works, and so
     /// does a relay by anyone who can reach both peer ports. Both nodes must agree.
     pub insecure_allow_relay: bool,
+    /// `data-integrity = true`: the CRC of every peer frame this node sends covers the data
+    /// of writes and read replies too, not only the header and fixed fields (DRBD's
+    /// data-integrity-alg; off by default, as there: TCP checksums every segment).
+    pub data_integrity: bool,
 }
 
 /// `[tls]`: TLS on the peer link, mutual. Present: both nodes must have it.
@@ -382,16 +438,19 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
 
     let mut sy = Section::new("sync", top.table("sync").map_err(err)?.unwrap_or(&empty));
     let sync = SyncSettings {
-        rate: sy
-            .parsed_or("rate", 250 << 20, units::parse_size)
+        rate: sy.parsed_or("rate", Rate::Auto, Rate::parse).map_err(err)?,
+        min_rate: sy
+            .parsed_or("min-rate", Rate::Auto, Rate::parse)
             .map_err(err)?,
         checksum: sy.bool_or("checksum", true).map_err(err)?,
     };
-    if sync.rate < 4096 {
-        return Err(err(KeyError {
-            key: "sync.rate".into(),
-            reason: "must be at least 4KiB per second".into(),
-        }));
+    for (key, rate) in [("sync.rate", sync.rate), ("sync.min-rate", sync.min_rate)] {
+        if rate.per_sec().is_some_and(|n| n < 4096) {
+            return Err(err(KeyError {
+                key: key.into(),
+                reason: "must be `auto` or at least 4KiB per second".into(),
+            }));
+        }
     }
     sy.finish().map_err(err)?;
 
@@ -493,6 +552,7 @@ pub fn parse(file: &Path, text: &str, node_cli: Option<&str>) -> Result<Settings
             .parsed_or("reconnect-grace", 8_000, units::parse_duration_ms)
             .map_err(err)?,
         insecure_allow_relay: nt.bool_or("insecure-allow-relay", false).map_err(err)?,
+        data_integrity: nt.bool_or("data-integrity", false).map_err(err)?,
     };
     for (key, v) in [
         ("ping-interval", net.ping_interval_ms),

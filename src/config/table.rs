@@ -96,16 +96,16 @@ impl<'a> Section<'a> {
     }
 
     /// A value given as a string parsed by `parse`, or as a bare integer.
-    pub fn parsed_or(
+    pub fn parsed_or<T: From<u64>>(
         &mut self,
         key: &'static str,
-        default: u64,
-        parse: fn(&str) -> Result<u64, String>,
-    ) -> Result<u64, KeyError> {
+        default: T,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<T, KeyError> {
         match self.get(key) {
             None => Ok(default),
             Some(Value::String(s)) => parse(s).map_err(|e| self.error(key, e)),
-            Some(Value::Integer(_)) => self.u64_or(key, default),
+            Some(Value::Integer(_)) => self.u64_or(key, 0).map(T::from),
             Some(other) => {
                 Err(self.error(key, format!("expected a string, got {}", other.type_str())))
             }

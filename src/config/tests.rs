@@ -34,7 +34,8 @@ fn defaults_and_resolution() {
     assert_eq!(s.nbd_listen, Listen::Unix("/run/nbd-mirror/r0.nbd".into()));
     assert_eq!(s.nbd_busy_poll_us, DEFAULT_BUSY_POLL_US);
     assert_eq!(s.control_socket(), PathBuf::from("/run/nbd-mirror/r0.ctl"));
-    assert_eq!(s.sync.rate, 250 << 20);
+    assert_eq!(s.sync.rate, Rate::Auto);
+    assert_eq!(s.sync.min_rate, Rate::Auto);
     assert_eq!(s.node().meta_disk, MetaDisk::Internal);
     assert_eq!(s.peer().unwrap().name, "beta");
     assert_eq!(s.split_brain.after_sb_0pri, SbPolicy::Disconnect);

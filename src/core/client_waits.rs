@@ -51,6 +51,11 @@ impl ClientWaits {
         held
     }
 
+    /// Requests held (the resync's pace counts them, resync_rate.rs).
+    pub(super) fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
     pub(super) fn none_held(&self) -> bool {
         self.held.is_empty()
     }

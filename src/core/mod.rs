@@ -27,6 +27,7 @@ mod peer_session;
 mod replication;
 mod requests;
 mod resync;
+mod resync_rate;
 mod session;
 mod split;
 mod stop;
@@ -35,5 +36,6 @@ mod types;
 mod write_table;
 
 pub use node::Node;
+pub use resync_rate::SyncRate;
 pub use split::MAX_PIECE_EXTENTS;
 pub use types::*;

@@ -159,6 +159,8 @@ pub struct Node {
     /// What the peer owes us in this session: writes, flushes, reads (peer_owed.rs).
     pub(super) owed: super::peer_owed::PeerOwed,
     pub(super) now_ms: u64,
+    /// The resync's pace controller (resync_rate.rs).
+    pub(super) resync_rate: super::resync_rate::ResyncRate,
     /// The peer connections and which one carries the session (links.rs).
     pub(super) links: super::links::Links,
     /// The flush every start begins with is done: the peer link may start.
@@ -232,6 +234,7 @@ impl Node {
             stopping: false,
             owed: super::peer_owed::PeerOwed::default(),
             now_ms: 0,
+            resync_rate: super::resync_rate::ResyncRate::new(0),
             session: super::peer_session::PeerSession::new(0),
             links: super::links::Links::default(),
             boot_flushed: false,
@@ -1470,7 +1473,10 @@ impl Node {
                 conn,
                 cookie,
                 result,
-            }) => self.reply(conn, cookie, result),
+            }) => {
+                self.resync_rate.app_answered();
+                self.reply(conn, cookie, result);
+            }
             Some(Answer::Parent { parent, error }) => {
                 self.reqs.answer_parent(parent, error);
                 self.maybe_finish(parent);

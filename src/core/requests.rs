@@ -145,6 +145,11 @@ impl Requests {
         self.reqs.is_empty()
     }
 
+    /// Requests in flight (the resync's pace counts them, resync_rate.rs).
+    pub(super) fn len(&self) -> usize {
+        self.reqs.len()
+    }
+
     pub(super) fn contains(&self, rid: u64) -> bool {
         self.reqs.contains_key(&rid)
     }

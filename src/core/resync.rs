@@ -19,8 +19,6 @@ use crate::peer::{Gis, Message, SyncMode, WriteKind, MAX_DATA_LEN};
 /// sync write per 256 KiB and a 2 GiB full resync ran at 0.85x a plain TCP
 /// copy; with 1 MiB runs it is on par or faster (tools/bench/resync_bench.sh).
 const RUN_BLOCKS: u64 = 256;
-/// Resync requests in flight at once.
-const MAX_INFLIGHT: usize = 16;
 /// A `resync-progress` / `verify-progress` event at most this often.
 const PROGRESS_EVERY_MS: u64 = 1000;
 
@@ -51,30 +49,29 @@ pub(super) struct Resync {
     /// Next block to consider.
     cursor: u64,
     started_ms: u64,
-    budget: i64,
-    last_refill_ms: u64,
     batches: HashMap<u64, Batch>,
     /// Disk-order entry id -> batch id for reads in flight.
     reads: HashMap<u64, u64>,
     pub bytes_sent: u64,
     pub differing_blocks: u64,
-    /// Application requests were waiting during the last tick: back off.
-    app_busy: bool,
     /// The source's start flush in flight (see `Io::ResyncStartFlush`).
     start_flush: Option<u64>,
     last_event_ms: u64,
 }
 
 impl Resync {
-    pub fn status(&self, now_ms: u64) -> ResyncStatus {
-        progress(
-            self.started_ms,
-            now_ms,
-            self.done_blocks,
-            self.total_blocks,
-            self.verify,
-            self.differing_blocks,
-        )
+    fn status(&self, now_ms: u64, pace: ResyncPace) -> ResyncStatus {
+        ResyncStatus {
+            pace: Some(pace),
+            ..progress(
+                self.started_ms,
+                now_ms,
+                self.done_blocks,
+                self.total_blocks,
+                self.verify,
+                self.differing_blocks,
+            )
+        }
     }
 }
 
@@ -118,6 +115,7 @@ fn progress(
         eta_seconds: eta,
         verify,
         differing_blocks,
+        pace: None,
     }
 }
 
@@ -126,7 +124,8 @@ fn block_sums(data: &[u8]) -> Vec<u32> {
 }
 
 impl Node {
-    fn new_resync(&self, verify: bool, checksum: bool) -> Resync {
+    fn new_resync(&mut self, verify: bool, checksum: bool) -> Resync {
+        self.resync_rate.begin(self.cfg.sync_rate);
         let total = if verify {
             self.bitmap.bits()
         } else {
@@ -139,13 +138,10 @@ impl Node {
             done_blocks: 0,
             cursor: 0,
             started_ms: self.now_ms,
-            budget: (self.cfg.sync_rate / 10) as i64,
-            last_refill_ms: self.now_ms,
             batches: HashMap::new(),
             reads: HashMap::new(),
             bytes_sent: 0,
             differing_blocks: 0,
-            app_busy: false,
             start_flush: None,
             last_event_ms: self.now_ms,
         }
@@ -154,7 +150,13 @@ impl Node {
     /// The running resync or verify, as its source or as its target.
     pub(super) fn resync_status(&self) -> Option<ResyncStatus> {
         if let Some(r) = self.sync.source() {
-            return Some(r.status(self.now_ms));
+            let mode = self.cfg.sync_rate;
+            let pace = ResyncPace {
+                mode: mode.name(),
+                inflight_limit: self.resync_rate.window(),
+                floor_bytes_per_sec: self.resync_rate.floor_rate(mode),
+            };
+            return Some(r.status(self.now_ms, pace));
         }
         let t = self.sync.target()?;
         (self.repl == Replication::SyncTarget).then(|| {
@@ -423,42 +425,33 @@ impl Node {
         }
     }
 
-    /// Called on each tick: refill the rate budget and send more.
+    /// Called on each tick: the pace controller (resync_rate.rs) learns from
+    /// the last tick and sets the window; then send more.
     pub(super) fn resync_tick(&mut self) {
         self.progress_event();
-        let now = self.now_ms;
-        let rate = self.cfg.sync_rate;
-        let app_busy = !self.reqs.is_empty() || !self.waits.none_held();
-        // Called on every tick; only a running resync refills its budget.
-        let Some(r) = self.sync.source_mut() else {
-            return;
+        let sample = super::resync_rate::TickSample {
+            now_ms: self.now_ms,
+            app_inflight: (self.reqs.len() + self.waits.held_len()) as u64,
+            resync_running: self.sync.source().is_some(),
+            done_bytes: self.sync.source().map_or(0, |r| r.done_blocks * BLOCK),
         };
-        let dt = now.saturating_sub(r.last_refill_ms);
-        r.last_refill_ms = now;
-        // Back off to a quarter of the cap while application I/O waits (at least 4 MiB/s).
-        let effective = if app_busy || r.app_busy {
-            (rate / 4).max(4 << 20).min(rate)
-        } else {
-            rate
-        };
-        r.app_busy = app_busy;
-        let cap = (effective / 5) as i64; // at most 200 ms of burst
-        r.budget = (r.budget + (effective * dt / 1000) as i64)
-            .min(cap.max(RUN_BLOCKS as i64 * BLOCK as i64));
+        // Called on every tick: with no resync it learns the application's baseline.
+        self.resync_rate.tick(self.cfg.sync_rate, sample);
         self.resync_pump();
     }
 
-    /// Starts as many resync requests as the budget and the in-flight limit allow.
+    /// Starts as many resync requests as the pace controller allows.
     fn resync_pump(&mut self) {
+        let mode = self.cfg.sync_rate;
         loop {
             // A batch that failed at once may have ended the resync inside this loop.
             let Some(r) = self.sync.source() else {
                 return;
             };
-            if r.batches.len() >= MAX_INFLIGHT || r.budget <= 0 || r.start_flush.is_some() {
+            if !self.resync_rate.may_start(mode, r.batches.len()) || r.start_flush.is_some() {
                 return;
             }
-            // Each round adds a batch: the loop ends within MAX_INFLIGHT rounds.
+            // Each round adds a batch: the loop ends within MAX_WINDOW rounds.
             assert!(
                 r.cursor <= self.bitmap.bits(),
                 "the resync cursor is inside the device"
@@ -485,9 +478,9 @@ impl Node {
             let range = Range { start: offset, end };
             let checksum = r.checksum;
             let bid = self.new_id();
+            self.resync_rate.started(mode, range.len());
             if let Some(r) = self.sync.source_mut() {
                 r.cursor = last;
-                r.budget -= range.len() as i64;
                 r.batches.insert(
                     bid,
                     Batch {

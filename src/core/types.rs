@@ -68,7 +68,8 @@ pub struct CoreConfig {
     pub al_slots: usize,
     /// Bits of the out-of-sync bitmap per persisted metadata page.
     pub bitmap_bits_per_page: u64,
-    pub sync_rate: u64,
+    /// The resync's pace: adaptive (the default) or a fixed cap (resync_rate.rs).
+    pub sync_rate: super::resync_rate::SyncRate,
     pub sync_checksum: bool,
     pub split_brain: crate::config::SplitBrain,
     pub fencing: crate::config::Fencing,
@@ -398,6 +399,20 @@ pub struct ResyncStatus {
     pub eta_seconds: u64,
     pub verify: bool,
     pub differing_blocks: u64,
+    /// On the sync source: what sets the resync's pace now (resync_rate.rs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pace: Option<ResyncPace>,
+}
+
+/// The sync source's pace controller as status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResyncPace {
+    /// `adaptive` or `fixed` (`[sync] rate`).
+    pub mode: &'static str,
+    /// Resync requests (up to 1 MiB each) allowed in flight now.
+    pub inflight_limit: usize,
+    /// Adaptive: the rate kept while applications write, once known.
+    pub floor_bytes_per_sec: Option<u64>,
 }
 
 /// Resync and verify counters since the daemon started: what a resync

@@ -8,10 +8,15 @@
 //! to a disk thread and back. Everything that may wait for the device (flush, FUA, O_DIRECT,
 //! cache misses, discard) goes to the disk engine, whose completions come back as events.
 //!
-//! Only threads inside [`run_batch`] run I/O inline; every other caller (engine completion
-//! threads, the metadata thread, timers) submits to the engine as before.
+//! Only threads inside [`batch`] run I/O inline; every other caller (engine completion
+//! threads, the metadata thread, timers) submits to the engine as before. Writes inline are
+//! buffered writes of at most 256 KiB, except in the peer link reader's batches
+//! ([`InlineWrites::Any`]): a mirrored 1 MiB write is then one `pwrite` on the reader, and
+//! its ack leaves in the same batch, instead of a wake-up of a disk thread and an ack from
+//! there. (An NBD reader keeps large writes on the disk threads: it has the client's next
+//! requests to read meanwhile.)
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 
 use super::{lock, nbd_conn, Shared};
@@ -22,6 +27,20 @@ thread_local! {
     /// Completions of I/O run inline on this thread and not yet fed to the core. Some while
     /// this thread is inside [`run_batch`].
     static INLINE: RefCell<Option<Vec<Event>>> = const { RefCell::new(None) };
+    /// The largest buffered write run inline in this thread's batch.
+    static INLINE_WRITE_MAX: Cell<usize> = const { Cell::new(SMALL_WRITE_MAX) };
+}
+
+/// Buffered writes up to this size run inline in any batch (the disk's own limit).
+const SMALL_WRITE_MAX: usize = 256 * 1024;
+
+/// Which buffered writes a batch runs inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum InlineWrites {
+    /// Up to 256 KiB (NBD readers: larger ones overlap better on the disk threads).
+    Small,
+    /// Any size a peer frame carries (the peer link's reader).
+    Any,
 }
 
 /// Clears this thread's batch state however the batch ends (a panic in the core included), so
@@ -31,6 +50,7 @@ struct BatchGuard;
 impl Drop for BatchGuard {
     fn drop(&mut self) {
         INLINE.with(|b| b.borrow_mut().take());
+        INLINE_WRITE_MAX.with(|m| m.set(SMALL_WRITE_MAX));
     }
 }
 
@@ -39,6 +59,15 @@ impl Drop for BatchGuard {
 /// left. NBD replies produced meanwhile are sent together at the end (one `sendmsg` per
 /// connection instead of one per reply). Must not be held across an await.
 pub(super) fn batch<R>(shared: &Arc<Shared>, f: impl FnOnce() -> R) -> R {
+    batch_with(shared, InlineWrites::Small, f)
+}
+
+/// [`batch`], with the writes `writes` says run inline (a nested batch keeps the outer one's).
+pub(super) fn batch_with<R>(
+    shared: &Arc<Shared>,
+    writes: InlineWrites,
+    f: impl FnOnce() -> R,
+) -> R {
     let nested = INLINE.with(|b| {
         let mut b = b.borrow_mut();
         if b.is_some() {
@@ -53,6 +82,11 @@ pub(super) fn batch<R>(shared: &Arc<Shared>, f: impl FnOnce() -> R) -> R {
         return f();
     }
     let _guard = BatchGuard;
+    let write_max = match writes {
+        InlineWrites::Small => SMALL_WRITE_MAX,
+        InlineWrites::Any => crate::peer::MAX_DATA_LEN as usize,
+    };
+    INLINE_WRITE_MAX.with(|m| m.set(write_max));
     let _cork = nbd_conn::Cork::new();
     let r = f();
     let mut done = Vec::new();
@@ -89,7 +123,9 @@ pub(super) fn submit(shared: &Arc<Shared>, id: u64, op: DiskOp) {
     let traced = shared.disk_trace.as_ref().and_then(|_| trace_line(&op));
     let in_batch = INLINE.with(|b| b.borrow().is_some());
     let op = if in_batch {
-        match shared.disk.run_inline(op) {
+        let write_max = INLINE_WRITE_MAX.with(Cell::get);
+        debug_assert!(write_max >= SMALL_WRITE_MAX);
+        match shared.disk.run_inline_up_to(op, write_max) {
             Ok(result) => {
                 let ev = completion(shared, id, traced.as_deref(), result);
                 INLINE.with(|b| {

@@ -33,7 +33,8 @@ use super::peer_tls::{TlsContext, TlsRecords};
 use super::{lock, Shared};
 use crate::core::{Event, LinkId};
 use crate::peer::{
-    encode_split, AuthStep, Authenticator, Decoder, Endpoints, Message, DEFAULT_MAX_PAYLOAD,
+    encode_split_with, AuthStep, Authenticator, DataCrc, Decoder, Endpoints, Message,
+    DEFAULT_MAX_PAYLOAD,
 };
 
 const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -306,7 +307,12 @@ async fn establish(
         }
     };
     let s = Arc::new(s);
-    let out = Arc::new(PeerOut::new(s.clone(), records.clone()));
+    let data_crc = if shared.settings.net.data_integrity {
+        DataCrc::On
+    } else {
+        DataCrc::Off
+    };
+    let out = Arc::new(PeerOut::new(s.clone(), records.clone(), data_crc));
     let link = {
         let mut p = lock(&shared.peer);
         p.next_id += 1;
@@ -421,9 +427,9 @@ async fn read_loop(
             }
         }
         if !msgs.is_empty() {
-            // A batch: the peer's writes go to the page cache on this thread, and the NBD
-            // replies their acks release leave together.
-            super::disk_io::batch(&shared, || {
+            // A batch: the peer's writes go to the page cache on this thread (large ones too),
+            // and the NBD replies their acks release leave together.
+            super::disk_io::batch_with(&shared, super::disk_io::InlineWrites::Any, || {
                 shared.handle_many(msgs.drain(..).map(|msg| Event::PeerMsg { link, msg }))
             });
             msgs.clear();
@@ -528,6 +534,8 @@ pub struct PeerOut {
     fd: RawFd,
     /// The TLS session's records, when TLS is on: every frame is sealed before it is sent.
     tls: Option<Arc<TlsRecords>>,
+    /// Whether frames' CRCs cover their data (`[net] data-integrity`, read at start).
+    data_crc: DataCrc,
     /// Keeps the socket (and so `fd`) open for as long as anyone may send on it.
     _stream: Arc<TcpStream>,
     state: Mutex<OutState>,
@@ -621,10 +629,11 @@ fn msg_bytes(m: &Message) -> u64 {
 }
 
 impl PeerOut {
-    fn new(stream: Arc<TcpStream>, tls: Option<Arc<TlsRecords>>) -> PeerOut {
+    fn new(stream: Arc<TcpStream>, tls: Option<Arc<TlsRecords>>, data_crc: DataCrc) -> PeerOut {
         PeerOut {
             fd: stream.as_raw_fd(),
             tls,
+            data_crc,
             _stream: stream,
             state: Mutex::new(OutState::default()),
             wake: Notify::new(),
@@ -690,7 +699,7 @@ impl PeerOut {
             let msgs = st.take_msgs();
             drop(st);
             let mut chunks = VecDeque::new();
-            let res = encode_all(msgs, self.tls.as_deref()).and_then(|c| {
+            let res = encode_all(msgs, self.tls.as_deref(), self.data_crc).and_then(|c| {
                 chunks = c;
                 send_chunks(self.fd, &mut chunks)
             });
@@ -725,11 +734,15 @@ impl PeerOut {
 /// Frames `msgs` in order: fixed fields copied together, bulk data by reference; over TLS,
 /// sealed into records (one buffer). A message too large for a frame is an error (the link
 /// is dropped, not the daemon). Called by one sender at a time, in the order of sending.
-fn encode_all(msgs: VecDeque<Message>, tls: Option<&TlsRecords>) -> io::Result<VecDeque<Bytes>> {
+fn encode_all(
+    msgs: VecDeque<Message>,
+    tls: Option<&TlsRecords>,
+    data_crc: DataCrc,
+) -> io::Result<VecDeque<Bytes>> {
     let mut chunks = VecDeque::new();
     let mut head = BytesMut::with_capacity(msgs.len() * 64);
     for m in &msgs {
-        let tail = encode_split(m, &mut head).map_err(io::Error::other)?;
+        let tail = encode_split_with(m, &mut head, data_crc).map_err(io::Error::other)?;
         if tail.len() >= ZERO_COPY_MIN {
             chunks.push_back(head.split().freeze());
             chunks.push_back(tail);
@@ -836,7 +849,7 @@ async fn write_loop(s: Arc<TcpStream>, out: Arc<PeerOut>, stall_limit: Duration)
             }
             if st.writer_owns && st.backlog.is_empty() {
                 let msgs = st.take_msgs();
-                match encode_all(msgs, out.tls.as_deref()) {
+                match encode_all(msgs, out.tls.as_deref(), out.data_crc) {
                     Ok(chunks) => st.set_backlog(chunks),
                     Err(e) => {
                         st.failed = Some(format!("write to the peer: {e}"));
@@ -926,7 +939,7 @@ mod tests {
     /// `n` writes of `data` (sharing its buffer) queued and flushed on a new link.
     fn queued_link(near: TcpStream, data: &Bytes, n: u64) -> (Arc<TcpStream>, Arc<PeerOut>) {
         let s = Arc::new(near);
-        let out = Arc::new(PeerOut::new(s.clone(), None));
+        let out = Arc::new(PeerOut::new(s.clone(), None, DataCrc::On));
         for seq in 0..n {
             out.queue(Message::Write {
                 seq,

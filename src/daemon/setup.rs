@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, Settings};
-use crate::core::{CoreConfig, MetaState, Protocol};
+use crate::core::{CoreConfig, MetaState, Protocol, SyncRate};
 use crate::peer::Gis;
 use crate::storage::engine::{Disk, DiskOptions, EngineKind};
 use crate::storage::meta::{self, Loaded, MetaLocation, MetaStore, BITMAP_BITS_PER_PAGE};
@@ -71,7 +71,12 @@ pub fn core_config(s: &Settings, data_size: u64, al_slots: u32, max_io: u32) -> 
         auto_promote: s.auto_promote,
         al_slots: al_slots.max(2) as usize,
         bitmap_bits_per_page: BITMAP_BITS_PER_PAGE,
-        sync_rate: s.sync.rate,
+        sync_rate: match s.sync.rate.per_sec() {
+            Some(cap) => SyncRate::Fixed(cap),
+            None => SyncRate::Adaptive {
+                min_rate: s.sync.min_rate.per_sec(),
+            },
+        },
         sync_checksum: s.sync.checksum,
         split_brain: s.split_brain.clone(),
         fencing: s.fencing,

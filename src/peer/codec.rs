@@ -25,7 +25,8 @@
 //!
 //! Decoding is strict: unknown flag bits, unknown enum values, trailing or
 //! missing bytes are all [`DecodeError::Malformed`], so every frame that
-//! decodes re-encodes to the same bytes.
+//! decodes re-encodes to the same bytes (with the same [`DataCrc`], which
+//! [`data_crc_of`] reads from the frame's header).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -40,6 +41,51 @@ const WRITE_KIND_ZEROES: u8 = 2;
 const WRITE_PREFIX_LEN: usize = 8 + 8 + 8 + 1;
 /// Bytes of a ReadReply payload before its data.
 const READ_REPLY_PREFIX_LEN: usize = 8 + 4;
+
+/// Whether a frame's CRC covers its bulk data (Write data, ReadReply data): `[net]
+/// data-integrity`. The header and the fixed fields are covered either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataCrc {
+    On,
+    Off,
+}
+
+/// Bytes of a `len`-byte payload the frame's CRC covers: all of them, or for a Write of data or
+/// a ReadReply sent without a data checksum, the fixed fields before the data.
+pub fn crc_covered_len(msg_type: u16, flags: u16, len: usize) -> usize {
+    let prefix = match data_crc_of(msg_type, flags) {
+        DataCrc::On => return len,
+        DataCrc::Off if msg_type == TYPE_WRITE => WRITE_PREFIX_LEN,
+        DataCrc::Off => READ_REPLY_PREFIX_LEN,
+    };
+    prefix.min(len)
+}
+
+/// Whether a frame of this type and flags was sent with its data under the CRC.
+pub fn data_crc_of(msg_type: u16, flags: u16) -> DataCrc {
+    let off = match msg_type {
+        TYPE_WRITE => flags & FLAG_WRITE_DATA_UNCHECKED != 0,
+        TYPE_READ_REPLY => flags & FLAG_READ_REPLY_DATA_UNCHECKED != 0,
+        _ => false,
+    };
+    if off {
+        DataCrc::Off
+    } else {
+        DataCrc::On
+    }
+}
+
+/// The flag that marks `msg`'s data as outside the CRC (0 for a message without data).
+fn data_unchecked_flag(msg: &Message) -> u16 {
+    match msg {
+        Message::Write {
+            kind: WriteKind::Data(_),
+            ..
+        } => FLAG_WRITE_DATA_UNCHECKED,
+        Message::ReadReply { .. } => FLAG_READ_REPLY_DATA_UNCHECKED,
+        _ => 0,
+    }
+}
 
 /// Streaming frame decoder. Feed it the receive buffer; it consumes one
 /// whole frame per decoded message and leaves partial frames in place.
@@ -143,13 +189,15 @@ impl Decoder {
     }
 }
 
-/// The frame's CRC against header and payload.
+/// The frame's CRC against header and payload (the part of it the CRC covers).
 fn check_crc(
     head_bytes: &[u8; HEADER_LEN],
     header: &FrameHeader,
     payload: &[u8],
 ) -> Result<(), DecodeError> {
-    let got = frame_crc(head_bytes, &[payload]);
+    let covered = crc_covered_len(header.msg_type, header.flags, payload.len());
+    debug_assert!(covered <= payload.len());
+    let got = frame_crc(head_bytes, &[&payload[..covered]]);
     if got != header.crc {
         return Err(DecodeError::BadCrc {
             expected: header.crc,
@@ -167,7 +215,12 @@ fn check_crc(
 /// [`MAX_DATA_LEN`]; a bigger one is a bug in the caller). Senders of data use
 /// [`encode_split`], which returns the error instead.
 pub fn encode(msg: &Message, out: &mut BytesMut) {
-    match encode_split(msg, out) {
+    encode_with(msg, out, DataCrc::On)
+}
+
+/// [`encode`] with the data under the CRC or not.
+pub fn encode_with(msg: &Message, out: &mut BytesMut, data_crc: DataCrc) {
+    match encode_split_with(msg, out, data_crc) {
         Ok(tail) => out.extend_from_slice(&tail),
         Err(e) => panic!("{e}"),
     }
@@ -200,9 +253,26 @@ impl std::error::Error for EncodeError {}
 /// vectored write. A payload over [`DEFAULT_MAX_PAYLOAD`] (the peer's decoder
 /// would refuse it) is an error, and `out` is left as it was.
 pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Result<Bytes, EncodeError> {
+    encode_split_with(msg, out, DataCrc::On)
+}
+
+/// [`encode_split`] with the data under the CRC ([`DataCrc::On`]) or not: `Off` marks a Write
+/// of data or a ReadReply with its data-unchecked flag and leaves the data out of the CRC (the
+/// header and fixed fields stay covered); other messages are encoded as with `On`.
+pub fn encode_split_with(
+    msg: &Message,
+    out: &mut BytesMut,
+    data_crc: DataCrc,
+) -> Result<Bytes, EncodeError> {
     let start = out.len();
     out.put_bytes(0, HEADER_LEN);
-    let (msg_type, flags, tail) = put_fixed_fields(msg, out);
+    let (msg_type, mut flags, tail) = put_fixed_fields(msg, out);
+    let unchecked = match data_crc {
+        DataCrc::On => 0,
+        DataCrc::Off => data_unchecked_flag(msg),
+    };
+    debug_assert_eq!(flags & unchecked, 0);
+    flags |= unchecked;
     let fixed_len = out.len() - start - HEADER_LEN;
     let payload_len = fixed_len + tail.len();
     let len = match u32::try_from(payload_len) {
@@ -222,7 +292,8 @@ pub fn encode_split(msg: &Message, out: &mut BytesMut) -> Result<Bytes, EncodeEr
         len,
         crc: 0,
     };
-    header.crc = frame_crc(&header.to_bytes(), &[&out[start + HEADER_LEN..], &tail]);
+    let data: &[u8] = if unchecked == 0 { &tail } else { &[] };
+    header.crc = frame_crc(&header.to_bytes(), &[&out[start + HEADER_LEN..], data]);
     out[start..start + HEADER_LEN].copy_from_slice(&header.to_bytes());
     debug_assert_eq!(out.len() - start, HEADER_LEN + fixed_len);
     Ok(tail)
@@ -484,7 +555,10 @@ fn allowed_flags(msg_type: u16) -> u16 {
             FLAG_HELLO_TWO_PRIMARIES | FLAG_HELLO_CRASHED_PRIMARY | FLAG_HELLO_DISCARD_MY_DATA
         }
         TYPE_BITMAP_CHUNK => FLAG_BITMAP_LAST,
-        TYPE_WRITE => FLAG_WRITE_FUA | FLAG_WRITE_RESYNC | FLAG_WRITE_MAY_TRIM,
+        TYPE_WRITE => {
+            FLAG_WRITE_FUA | FLAG_WRITE_RESYNC | FLAG_WRITE_MAY_TRIM | FLAG_WRITE_DATA_UNCHECKED
+        }
+        TYPE_READ_REPLY => FLAG_READ_REPLY_DATA_UNCHECKED,
         TYPE_CHECKSUM_REQUEST => FLAG_CHECKSUM_VERIFY,
         _ => 0,
     }
@@ -560,6 +634,9 @@ fn parse_payload(msg_type: u16, flags: u16, mut payload: Bytes) -> Result<Messag
             let kind_code = r.u8()?;
             if kind_code != WRITE_KIND_ZEROES && has(FLAG_WRITE_MAY_TRIM) {
                 return Err("may-trim flag on a write that is not of zeroes");
+            }
+            if kind_code != WRITE_KIND_DATA && has(FLAG_WRITE_DATA_UNCHECKED) {
+                return Err("data-unchecked flag on a write without data");
             }
             let kind = match kind_code {
                 WRITE_KIND_DATA => {

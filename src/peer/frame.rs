@@ -10,6 +10,13 @@
 //! | 8      | 4    | payload length in bytes                       |
 //! | 12     | 4    | CRC32 (IEEE) over bytes 0..12, then the payload |
 //! | 16     | len  | payload                                       |
+//!
+//! A Write of data or a ReadReply sent without a data checksum (`[net]
+//! data-integrity = false`, the default) says so in its flags
+//! ([`FLAG_WRITE_DATA_UNCHECKED`], [`FLAG_READ_REPLY_DATA_UNCHECKED`]); its CRC
+//! then covers the header and the payload's fixed fields, not the data
+//! (`codec::crc_covered_len`). The flag is under the CRC, so it cannot be
+//! flipped unnoticed.
 
 use std::fmt;
 
@@ -66,6 +73,10 @@ pub const FLAG_WRITE_FUA: u16 = 1 << 0;
 pub const FLAG_WRITE_RESYNC: u16 = 1 << 1;
 /// Write of zeroes: the receiver may trim instead.
 pub const FLAG_WRITE_MAY_TRIM: u16 = 1 << 2;
+/// Write of data: the CRC does not cover the data (sent with `data-integrity = false`).
+pub const FLAG_WRITE_DATA_UNCHECKED: u16 = 1 << 3;
+/// ReadReply: the CRC does not cover the data (sent with `data-integrity = false`).
+pub const FLAG_READ_REPLY_DATA_UNCHECKED: u16 = 1 << 0;
 /// ChecksumRequest: this is online verify, not checksum resync.
 pub const FLAG_CHECKSUM_VERIFY: u16 = 1 << 0;
 

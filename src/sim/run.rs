@@ -388,6 +388,23 @@ impl Sim {
         // Online verify finds nothing. A verify cut before the settling may resume
         // first and count what it found back then: then verify once more.
         for _ in 0..2 {
+            // A verify cut before the settling may be running again (resumed by
+            // either node): this one is refused until both have seen it end
+            // (simulator finding with the adaptive resync pace: the peer's
+            // resumed verify ended just before, its VerifyDone still on the way).
+            let deadline = self.now() + 120_000_000;
+            self.run_until(|s| {
+                (0..2).all(|m| {
+                    s.nodes[m].core.as_ref().is_none_or(|c| {
+                        c.status().peer.is_none_or(|p| {
+                            !matches!(
+                                p.replication,
+                                Replication::VerifySource | Replication::VerifyTarget
+                            )
+                        })
+                    })
+                }) || s.now() > deadline
+            });
             self.nodes[0].last_verify = None;
             self.admin(0, AdminCmd::Verify);
             let deadline = self.now() + 120_000_000;

@@ -3,7 +3,7 @@
 
 use super::rng::Rng;
 use crate::config::{SbPolicy, SplitBrain};
-use crate::core::{CoreConfig, Faults, Protocol};
+use crate::core::{CoreConfig, Faults, Protocol, SyncRate};
 
 pub const NAMES: [&str; 2] = ["alpha", "bravo"];
 const MIB: u64 = 1 << 20;
@@ -28,7 +28,8 @@ pub struct Scenario {
     pub data_size: u64,
     pub bits_per_page: u64,
     pub al_slots: usize,
-    pub sync_rate: u64,
+    /// A fixed cap as drawn here; most seeds make it adaptive (cluster.rs).
+    pub sync_rate: SyncRate,
     pub sync_checksum: bool,
     pub split_brain: SplitBrain,
     /// `resource-only` fencing (the simulated fence-peer handler answers after
@@ -131,7 +132,7 @@ impl Scenario {
             data_size,
             bits_per_page: 64 * rng.range(2, 16),
             al_slots: rng.range(2, 4) as usize,
-            sync_rate: rng.range(4, 64) * MIB,
+            sync_rate: SyncRate::Fixed(rng.range(4, 64) * MIB),
             sync_checksum: rng.chance(0.3),
             split_brain,
             ping_interval_ms,

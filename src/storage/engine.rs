@@ -417,6 +417,19 @@ impl Disk {
     /// rejected up front complete here too. Otherwise hands `op` back unchanged, for
     /// [`Disk::submit`]. Never used with O_DIRECT, where every request reaches the device.
     pub fn run_inline(&self, op: DiskOp) -> Result<io::Result<DiskOutput>, DiskOp> {
+        self.run_inline_up_to(op, INLINE_WRITE_MAX)
+    }
+
+    /// [`Disk::run_inline`] with buffered writes of up to `write_max` bytes taken inline (at
+    /// least 256 KiB): for a caller with nothing else to do meanwhile, such as the peer link's
+    /// reader, for which handing a large write to a disk thread costs a wake-up and gains
+    /// nothing (the peer's next frames wait in the socket either way).
+    pub fn run_inline_up_to(
+        &self,
+        op: DiskOp,
+        write_max: usize,
+    ) -> Result<io::Result<DiskOutput>, DiskOp> {
+        assert!(write_max >= INLINE_WRITE_MAX);
         let inner = &self.inner;
         let ctx = &inner.ctx;
         if ctx.direct || inner.shut.load(Ordering::Acquire) {
@@ -425,7 +438,7 @@ impl Disk {
         let inline_read = matches!(op, DiskOp::Read { .. });
         let inline_write = match &op {
             DiskOp::Write { data, fua, .. } => {
-                !*fua && data.len() <= INLINE_WRITE_MAX && !self.inline_writes_paused()
+                !*fua && data.len() <= write_max && !self.inline_writes_paused()
             }
             _ => false,
         };

@@ -14,10 +14,18 @@
 #   4K random write QD32, 4K random read QD32 (IOPS),
 #   1M sequential write QD8, 1M sequential read QD8 (MiB/s),
 #   4K random write QD1 (mean latency, usec, lower is better).
+# A row listed in ROW_JOBS runs only the jobs given there.
 #
 # Also measured, at the start and the end: a 4 KiB TCP ping-pong on loopback
 # (the floor under the replicated rows' trip to the peer) and the machine's
 # load average and CPU pressure.
+#
+# CPU rows: mirrord-bp0 and mirrord-pair-c-bp0 are the single node and the
+# pair with `[nbd] busy-poll-us = 0` on every node, so a spin waiting for the
+# client's next request is not counted as work; they run the write jobs only
+# (ROW_JOBS) and give the pair's CPU cost against the single node (issue 21).
+# The report ends with the targets of issue 21 and how far each figure is
+# from its target.
 #
 # Every job starts after a sync, so no job runs beside the writeback of the one
 # before it.
@@ -29,8 +37,11 @@
 #
 # CPU: during each job (after fio's ramp) the servers' CPU time (utime+stime
 # of every pid in PIDS, all threads) and the machine's busy time (/proc/stat)
-# are sampled; the report gives CPU per operation for the server and for fio,
-# and how busy the 2 CPUs were. A row whose CPUs are saturated is CPU-bound:
+# are sampled; the report gives CPU per operation for the server (each
+# process) and for fio, the whole machine's busy CPU per operation less
+# fio's own (loopback softirq work is charged to whichever process happens
+# to be running, so per-process figures alone can mislead; the machine
+# figure also counts other jobs on the machine), and how busy the CPUs were. A row whose CPUs are saturated is CPU-bound:
 # its throughput is the CPU count divided by the CPU spent per operation.
 #
 # Output: a table on stdout and in target/bench/results.md; fio JSON per
@@ -57,16 +68,19 @@ ME=bench
 JOB_SECONDS=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
-SERVERS=${BENCH_SERVERS:-"file mirrord mirrord-pair-c mirrord-pair-tls qemu-nbd nbdkit nbd-server"}
+SERVERS=${BENCH_SERVERS:-"file mirrord mirrord-bp0 mirrord-pair-c mirrord-pair-c-bp0 mirrord-pair-tls qemu-nbd nbdkit nbd-server"}
 OUT=${BENCH_OUT:-$ROOT/target/bench}
 MIRRORD=${MIRRORD_BIN:-$ROOT/target/release/mirrord}
 MIRRORCTL=${MIRRORCTL_BIN:-$ROOT/target/release/mirrorctl}
 PY=/usr/bin/python3
 
-# ceiling: not NBD; subject: ours (gets ratio rows); reference: others.
+# ceiling: not NBD; subject: ours (gets ratio rows); reference: others;
+# variant: ours with other settings, for the CPU and target tables only.
 declare -A ROLE=(
     [file]=ceiling
     [mirrord]=subject
+    [mirrord-bp0]=variant
+    [mirrord-pair-c-bp0]=variant
     [mirrord-pair-c]=subject
     [mirrord-pair-tls]=subject
     [qemu-nbd]=reference
@@ -83,6 +97,11 @@ declare -A JOBS=(
     [lat-4k-qd1]="--rw=randwrite --bs=4k --iodepth=1"
 )
 JOB_ORDER="seqwrite-1m-qd8 randwrite-4k-qd32 lat-4k-qd1 seqread-1m-qd8 randread-4k-qd32"
+# Rows that run only some of the jobs (the busy-poll-off CPU rows: writes only).
+declare -A ROW_JOBS=(
+    [mirrord-bp0]="seqwrite-1m-qd8 randwrite-4k-qd32"
+    [mirrord-pair-c-bp0]="seqwrite-1m-qd8 randwrite-4k-qd32"
+)
 
 WORK=$OUT/work
 RAW=$OUT/raw
@@ -137,18 +156,31 @@ start_server_file() {
 }
 
 start_server_mirrord() {
-    [ -x "$MIRRORD" ] || { echo "$MIRRORD not built (make build)" >"$RAW/mirrord/ERROR"; return 1; }
+    start_single mirrord ""
+}
+
+# The single node with `[nbd] busy-poll-us = 0`: its CPU is work, not spin.
+start_server_mirrord_bp0() {
+    start_single mirrord-bp0 busy-poll-us=0
+}
+
+# One mirrord standalone; $1 is the row (for its ERROR file), $2 extra [nbd] keys.
+start_single() {
+    local row=$1 nbd_keys=$2
+    [ -x "$MIRRORD" ] || { echo "$MIRRORD not built (make build)" >"$RAW/$row/ERROR"; return 1; }
     local dir=$WORK/mirrord
+    rm -rf "$dir"
     mkdir -p "$dir/run"
     echo "bench-secret" >"$dir/secret"
     chmod 600 "$dir/secret"
     {
         toml_table resource name=r0 shared-secret-file="$dir/secret" run-dir="$dir/run"
-        toml_table nbd listen="unix:$dir/run/r0.nbd"
+        # shellcheck disable=SC2086 # one K=V word per key
+        toml_table nbd listen="unix:$dir/run/r0.nbd" $nbd_keys
         toml_node bench "127.0.0.1:$(free_port)" "$IMG" "$dir/r0.md"
     } >"$dir/r0.toml"
     if ! "$MIRRORCTL" --config "$dir/r0.toml" --node bench create-md --force >"$dir/create-md.log" 2>&1; then
-        { echo "create-md failed:"; tail -5 "$dir/create-md.log"; } >"$RAW/mirrord/ERROR"
+        { echo "create-md failed:"; tail -5 "$dir/create-md.log"; } >"$RAW/$row/ERROR"
         return 1
     fi
     "$MIRRORD" --config "$dir/r0.toml" --node bench >"$dir/mirrord.log" 2>&1 &
@@ -162,6 +194,11 @@ start_server_mirrord_pair_c() {
     start_pair mirrord-pair-c ""
 }
 
+# The same pair with `[nbd] busy-poll-us = 0` on both nodes (the CPU row).
+start_server_mirrord_pair_c_bp0() {
+    start_pair mirrord-pair-c-bp0 "" busy-poll-us=0
+}
+
 # The same pair with [tls] on the peer link (certificates from a throwaway CA).
 start_server_mirrord_pair_tls() {
     command -v openssl >/dev/null || { echo "openssl missing" >"$RAW/mirrord-pair-tls/ERROR"; return 1; }
@@ -169,9 +206,9 @@ start_server_mirrord_pair_tls() {
 }
 
 # Two mirrord on loopback, protocol C, node a primary after the initial sync; with TLS
-# if $2 is "tls". $1 is the row (for its ERROR file).
+# if $2 is "tls". $1 is the row (for its ERROR file); $3 extra [nbd] keys.
 start_pair() {
-    local row=$1 tls=$2 dir=$WORK/pair n
+    local row=$1 tls=$2 nbd_keys=${3:-} dir=$WORK/pair n
     [ -x "$MIRRORD" ] || { echo "$MIRRORD not built (make build)" >"$RAW/$row/ERROR"; return 1; }
     rm -rf "$dir"
     mkdir -p "$dir/run-a" "$dir/run-b"
@@ -192,6 +229,8 @@ start_pair() {
         toml_table resource name=r0 protocol=C shared-secret-file="$dir/secret"
         toml_table sync rate=4GiB
         [ "$tls" = tls ] && toml_table tls ca="$dir/ca.pem"
+        # shellcheck disable=SC2086 # one K=V word per key
+        [ -n "$nbd_keys" ] && toml_table nbd $nbd_keys
         # shellcheck disable=SC2086 # one K=V word per key
         toml_node a "127.0.0.1:$(free_port)" "$IMG" "$dir/a.md" run-dir="$dir/run-a" ${certs[a]}
         # shellcheck disable=SC2086
@@ -310,7 +349,8 @@ machine_ticks() {
 
 # $1 server, $2 job, $3 round. fio JSON in JOB.rN.json; CPU samples over the
 # measured window (after the ramp) in JOB.rN.cpu as
-#   "server_seconds machine_busy_fraction window_seconds [seconds per pid...]"
+#   "server_seconds machine_busy_fraction window_seconds machine_busy_seconds
+#    [seconds per pid...]"
 # (the per-pid seconds in PIDS order: node a, then b, for the pair).
 run_job() {
     local server=$1 job=$2 round=$3 base=$RAW/$1/$2.r$3 fio_pid s0 s1 m0 m1 t0 t1
@@ -338,7 +378,7 @@ run_job() {
             n = split(s0, p0, " "); split(s1, p1, " "); total = 0; each = "";
             for (i = 1; i <= n; i++) {
                 d = (p1[i] - p0[i]) / hz; total += d; each = each sprintf(" %.3f", d) }
-            printf "%.3f %.3f %.3f%s\n", total, busy, t1 - t0, each }' >"$base.cpu"
+            printf "%.3f %.3f %.3f %.3f%s\n", total, busy, t1 - t0, (b[1] - a[1]) / hz, each }' >"$base.cpu"
 }
 
 main() {
@@ -388,7 +428,7 @@ main() {
                 fi
                 FIO_TARGET=(--ioengine=nbd --uri="$URI")
             fi
-            for job in $JOB_ORDER; do
+            for job in ${ROW_JOBS[$server]:-$JOB_ORDER}; do
                 log "$server: $job (${JOB_SECONDS}s)"
                 run_job "$server" "$job" "$round"
             done

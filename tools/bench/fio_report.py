@@ -5,12 +5,13 @@ one table of ratios for each "subject" server (mirrord, and any later rows
 such as replicated mirrord) against each reference server and the best one.
 
 usage: fio_report.py RAWDIR OUT.md ROUNDS SERVER:ROLE [SERVER:ROLE ...]
-  ROLE is ceiling (plain file), subject (ours) or reference (others).
+  ROLE is ceiling (plain file), subject (ours), reference (others) or
+  variant (ours with other settings: CPU and target tables only).
   RAWDIR/SERVER/JOB.rN.json (N = 1..ROUNDS) are fio --output-format=json
   files; RAWDIR/SERVER/JOB.rN.cpu the CPU samples bench.sh took during that
-  job ("server_seconds machine_busy_fraction window_seconds", then the seconds
-  of each server process when there are several). A missing or
-  failed file shows as "n/a" (RAWDIR/SERVER/ERROR, if present, says why).
+  job ("server_seconds machine_busy_fraction window_seconds
+  machine_busy_seconds", then the seconds of each server process). A missing
+  or failed file shows as "n/a" (RAWDIR/SERVER/ERROR, if present, says why).
 
 Every cell is the median of the rounds that produced a number; the spread
 table gives the lowest and highest.
@@ -18,6 +19,14 @@ table gives the lowest and highest.
 Ratios: for IOPS and MiB/s, subject / reference (above 1 means the subject
 is faster); for latency, reference / subject (above 1 still means the
 subject is better).
+
+The report ends with the targets of issue 21 (the replicated write's cost)
+and each figure's distance from its target: CPU per operation of the pair
+against the single node from the busy-poll-off rows (mirrord-pair-c-bp0,
+mirrord-bp0), per process and for the whole machine less fio; the pair's
+QD1 latency against the single node's plus the loopback TCP round trip
+plus 15 µs; the pair's 4K QD32 write IOPS against the single node's; and
+the single node and the pair's reads against the best reference.
 """
 import json
 import os
@@ -91,22 +100,31 @@ def median(xs):
 
 
 def cpu_sample(rawdir, name, job, section, kind, rnd):
-    """(server us, fio us, machine busy fraction, [us of each server process]) per
-    operation (per MiB for MiB/s jobs) for one round, or None."""
+    """(server us, fio us, machine busy fraction, machine us less fio, [us of each
+    server process]) per operation (per MiB for MiB/s jobs) for one round, or None."""
     base = os.path.join(rawdir, name, f"{job}.r{rnd}")
     rate = metric(base + ".json", section, "mib" if kind == "mib" else "iops")
     j = fio_job(base + ".json")
     try:
         with open(base + ".cpu") as f:
             fields = [float(x) for x in f.read().split()]
-        server_s, busy, window, each = fields[0], fields[1], fields[2], fields[3:]
+        server_s, busy, window, machine_s = fields[0], fields[1], fields[2], fields[3]
+        each = fields[4:]
     except (OSError, ValueError, IndexError):
         return None
     if rate is None or j is None or rate <= 0 or window <= 0:
         return None
     fio_cores = (float(j.get("usr_cpu", 0)) + float(j.get("sys_cpu", 0))) / 100.0
     per_op = 1e6 / window / rate
-    return (server_s * per_op, fio_cores / rate * 1e6, busy, [e * per_op for e in each])
+    # fio's usr/sys CPU is a share of its measured runtime, which is the sampled window.
+    machine_less_fio = (machine_s - fio_cores * window) * per_op
+    return (
+        server_s * per_op,
+        fio_cores / rate * 1e6,
+        busy,
+        machine_less_fio,
+        [e * per_op for e in each],
+    )
 
 
 def fmt(v, unit):
@@ -123,6 +141,89 @@ def ratio(subject, ref, higher_is_better):
     return subject / ref if higher_is_better else ref / subject
 
 
+def rtt_us(rawdir):
+    """The loopback 4 KiB TCP round trip of this run (mean of the samples), or None."""
+    got = [
+        metric(os.path.join(rawdir, "tcp-floor", n + ".json"), "write", "lat_us")
+        for n in ("start", "end")
+    ]
+    got = [v for v in got if v is not None]
+    return sum(got) / len(got) if got else None
+
+
+def target_row(what, value, target, met, distance):
+    """One row of the targets table; value/target are text, met None if unknown."""
+    verdict = "n/a" if met is None else ("met" if met else "**not met**")
+    return f"| {what} | {value} | {target} | {distance} | {verdict} |"
+
+
+def cpu_ratio_rows(cpu, job, unit, single, pair):
+    """The pair's CPU per operation against the single node's on JOB: per process
+    (server CPU, both daemons) and for the whole machine less fio. Target <= 2.2."""
+    rows = []
+    s, p = cpu.get((single, job)), cpu.get((pair, job))
+    for what, i in (("per process", 0), ("whole machine less fio", 3)):
+        title = f"{pair} ÷ {single}, CPU per {unit}, {what}"
+        if s is None or p is None or s[i] <= 0:
+            rows.append(target_row(title, "n/a", "≤ 2.20x", None, "n/a"))
+            continue
+        r = p[i] / s[i]
+        value = f"{r:.2f}x ({p[i]:.1f} ÷ {s[i]:.1f} µs)"
+        rows.append(target_row(title, value, "≤ 2.20x", r <= 2.2, f"{r - 2.2:+.2f}x"))
+    return rows
+
+
+def target_lines(rawdir, values, cpu, servers):
+    """The targets of issue 21 and how far each figure of this run is from its target."""
+    names = {n for n, _ in servers}
+    out = ["", "Targets (issue 21; ratios of medians measured in this run):", ""]
+    out.append("| target | this run | target | distance | |")
+    out.append("|---|---:|---:|---:|---|")
+    single, pair = "mirrord", "mirrord-pair-c"
+    single0, pair0 = "mirrord-bp0", "mirrord-pair-c-bp0"
+    if single0 in names and pair0 in names:
+        out += cpu_ratio_rows(cpu, "seqwrite-1m-qd8", "MiB (1M seq write QD8, busy-poll 0)", single0, pair0)
+        out += cpu_ratio_rows(cpu, "randwrite-4k-qd32", "write (4K rand write QD32, busy-poll 0)", single0, pair0)
+    if single in names and pair in names:
+        lat_s, lat_p = values.get((single, "lat-4k-qd1")), values.get((pair, "lat-4k-qd1"))
+        rtt = rtt_us(rawdir)
+        title = "pair's 4K QD1 write latency ≤ single + loopback RTT + 15 µs"
+        if None in (lat_s, lat_p, rtt):
+            out.append(target_row(title, "n/a", "n/a", None, "n/a"))
+        else:
+            bound = lat_s + rtt + 15
+            out.append(target_row(
+                title, f"{lat_p:.1f} µs", f"≤ {bound:.1f} µs ({lat_s:.1f} + {rtt:.1f} + 15)",
+                lat_p <= bound, f"{lat_p - bound:+.1f} µs"))
+        iops_s = values.get((single, "randwrite-4k-qd32"))
+        iops_p = values.get((pair, "randwrite-4k-qd32"))
+        title = "pair's 4K rand write QD32 IOPS ÷ single node's"
+        if None in (iops_s, iops_p) or not iops_s:
+            out.append(target_row(title, "n/a", "≥ 0.80x", None, "n/a"))
+        else:
+            r = iops_p / iops_s
+            out.append(target_row(title, f"{r:.2f}x ({iops_p:,.0f} ÷ {iops_s:,.0f})", "≥ 0.80x",
+                                  r >= 0.8, f"{r - 0.8:+.2f}x"))
+    refs = [n for n, r in servers if r == "reference"]
+    rows = [(single, [j[0] for j in JOBS]), (pair, ["seqread-1m-qd8", "randread-4k-qd32"])]
+    for name, jobs in rows:
+        if name not in names or not refs:
+            continue
+        for job, title, _, _, _, hib in JOBS:
+            if job not in jobs:
+                continue
+            present = [values[(r, job)] for r in refs if values.get((r, job)) is not None]
+            r = None
+            if present:
+                r = ratio(values.get((name, job)), max(present) if hib else min(present), hib)
+            what = f"{name} ÷ best reference, {title}"
+            if r is None:
+                out.append(target_row(what, "n/a", "≥ 1.00x", None, "n/a"))
+            else:
+                out.append(target_row(what, f"{r:.2f}x", "≥ 1.00x", r >= 1.0, f"{r - 1.0:+.2f}x"))
+    return out
+
+
 def main():
     if len(sys.argv) < 5:
         sys.exit(__doc__)
@@ -131,7 +232,7 @@ def main():
     servers = []
     for arg in sys.argv[4:]:
         name, _, role = arg.partition(":")
-        if role not in ("ceiling", "subject", "reference"):
+        if role not in ("ceiling", "subject", "reference", "variant"):
             sys.exit(f"bad role in {arg!r}")
         servers.append((name, role))
 
@@ -150,9 +251,9 @@ def main():
             samples = [cpu_sample(rawdir, name, job, section, kind, r) for r in range(1, rounds + 1)]
             samples = [c for c in samples if c is not None]
             if samples:
-                n_each = min(len(c[3]) for c in samples)
-                each = [median([c[3][k] for c in samples]) for k in range(n_each)]
-                cpu[(name, job)] = tuple(median([c[i] for c in samples]) for i in range(3)) + (each,)
+                n_each = min(len(c[4]) for c in samples)
+                each = [median([c[4][k] for c in samples]) for k in range(n_each)]
+                cpu[(name, job)] = tuple(median([c[i] for c in samples]) for i in range(4)) + (each,)
             else:
                 cpu[(name, job)] = None
 
@@ -178,8 +279,10 @@ def main():
     lines.append("")
     lines.append(
         "CPU per operation (per MiB for the 1M jobs), median over the rounds: server µs (for "
-        "several server processes, each in brackets in start order) + fio µs, and how busy the "
-        "machine's CPUs were (100% = every CPU busy; then the row is CPU-bound):"
+        "several server processes, each in brackets in start order: primary + peer) + fio µs; "
+        "then the whole machine's busy CPU per operation less fio's (m, which also counts "
+        "loopback softirq work charged to fio and any other job on the machine), and how busy "
+        "the machine's CPUs were (100% = every CPU busy; then the row is CPU-bound):"
     )
     lines.append("")
     lines.append("| server | " + " | ".join(t for _, t, _, _, _, _ in JOBS) + " |")
@@ -191,8 +294,8 @@ def main():
             if c is None:
                 cells.append("n/a")
                 continue
-            each = " [" + " + ".join(f"{e:.1f}" for e in c[3]) + "]" if len(c[3]) > 1 else ""
-            cells.append(f"{c[0]:.1f}{each} + {c[1]:.1f} ({c[2] * 100:.0f}%)")
+            each = " [" + " + ".join(f"{e:.1f}" for e in c[4]) + "]" if len(c[4]) > 1 else ""
+            cells.append(f"{c[0]:.1f}{each} + {c[1]:.1f}, m {c[3]:.1f} ({c[2] * 100:.0f}%)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = []
     for name, _ in servers:
@@ -242,6 +345,7 @@ def main():
             "Loopback TCP round trip, 4 KiB ping-pong (fio net engine; the floor under a "
             "replicated write's trip to the peer): " + floor + " usec mean."
         )
+    ratio_lines += target_lines(rawdir, values, cpu, servers)
 
     text = "\n".join(lines + ratio_lines)
     if notes:

@@ -82,7 +82,7 @@ fn timeouts_rate_policies_and_handlers_are_live() {
     );
     let old = settings(BASE);
     let applied = apply(&old, &settings(&BASE.replace("250MiB", "10MiB")));
-    assert_eq!(applied.sync.rate, 10 << 20);
+    assert_eq!(applied.sync.rate, crate::config::Rate::PerSec(10 << 20));
     assert_eq!(applied.nodes, old.nodes);
 }
 

@@ -289,6 +289,7 @@ mod tests {
                 eta_seconds: 8,
                 verify: false,
                 differing_blocks: 0,
+                pace: None,
             }),
             sync: SyncCounters {
                 bytes_sent: 4096,

@@ -281,6 +281,133 @@ fn corrupted_payload_is_a_crc_error() {
     assert!(text.contains("CRC") && text.contains("Flush"), "{text}");
 }
 
+fn data_write(data: &[u8]) -> Message {
+    Message::Write {
+        seq: 9,
+        seen: 8,
+        offset: 4096,
+        kind: WriteKind::Data(Bytes::copy_from_slice(data)),
+        fua: false,
+        resync: false,
+    }
+}
+
+fn encoded_with(msg: &Message, data_crc: DataCrc) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_with(msg, &mut out, data_crc);
+    out
+}
+
+#[test]
+fn a_corrupted_write_payload_with_the_data_checksum_on_is_a_crc_error() {
+    let msg = data_write(&[0x5a; 4096]);
+    let mut bytes = encoded_with(&msg, DataCrc::On);
+    assert_eq!(bytes, encoded(&msg), "On is what encode does");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    assert!(
+        matches!(
+            decode_one(&bytes),
+            Err(DecodeError::BadCrc {
+                msg_type: TYPE_WRITE,
+                ..
+            })
+        ),
+        "{:?}",
+        decode_one(&bytes)
+    );
+}
+
+#[test]
+fn with_the_data_checksum_off_the_crc_covers_header_and_fixed_fields_only() {
+    let msg = data_write(&[0x5a; 4096]);
+    let bytes = encoded_with(&msg, DataCrc::Off);
+    let flags = u16::from_be_bytes([bytes[6], bytes[7]]);
+    assert_eq!(flags, FLAG_WRITE_DATA_UNCHECKED);
+    assert_eq!(data_crc_of(TYPE_WRITE, flags), DataCrc::Off);
+    assert_eq!(decode_one(&bytes), Ok(Some(msg.clone())));
+    // The data is not checked: a flipped data bit decodes (TCP's checksum is the guard).
+    let mut data_flip = bytes.clone();
+    let last = data_flip.len() - 1;
+    data_flip[last] ^= 0x01;
+    assert_ne!(decode_one(&data_flip), Ok(Some(msg.clone())));
+    assert!(matches!(
+        decode_one(&data_flip),
+        Ok(Some(Message::Write { .. }))
+    ));
+    // The fixed fields (here the offset) and the flag itself still are.
+    for at in [HEADER_LEN + 17, 7] {
+        let mut flip = bytes.clone();
+        flip[at] ^= 0x08;
+        assert!(
+            matches!(decode_one(&flip), Err(DecodeError::BadCrc { .. })),
+            "byte {at}: {:?}",
+            decode_one(&flip)
+        );
+    }
+    // Messages without data are encoded the same either way.
+    for other in one_of_each() {
+        if !matches!(
+            other,
+            Message::Write {
+                kind: WriteKind::Data(_),
+                ..
+            } | Message::ReadReply { .. }
+        ) {
+            assert_eq!(
+                encoded_with(&other, DataCrc::Off),
+                encoded(&other),
+                "{other:?}"
+            );
+        }
+    }
+    let reply = Message::ReadReply {
+        id: 3,
+        error: 0,
+        data: Bytes::from_static(&[1; 512]),
+    };
+    let bytes = encoded_with(&reply, DataCrc::Off);
+    assert_eq!(
+        u16::from_be_bytes([bytes[6], bytes[7]]),
+        FLAG_READ_REPLY_DATA_UNCHECKED
+    );
+    assert_eq!(decode_one(&bytes), Ok(Some(reply)));
+}
+
+#[test]
+fn the_data_unchecked_flag_on_a_write_without_data_is_malformed() {
+    let msg = Message::Write {
+        seq: 1,
+        seen: 0,
+        offset: 0,
+        kind: WriteKind::Trim { len: 4096 },
+        fua: false,
+        resync: false,
+    };
+    let mut bytes = encoded(&msg);
+    bytes[7] |= FLAG_WRITE_DATA_UNCHECKED as u8;
+    let mut head = [0u8; HEADER_LEN];
+    head.copy_from_slice(&bytes[..HEADER_LEN]);
+    let covered = crc_covered_len(
+        TYPE_WRITE,
+        FLAG_WRITE_DATA_UNCHECKED,
+        bytes.len() - HEADER_LEN,
+    );
+    let crc = frame_crc(&head, &[&bytes[HEADER_LEN..HEADER_LEN + covered]]);
+    bytes[12..16].copy_from_slice(&crc.to_be_bytes());
+    assert!(
+        matches!(
+            decode_one(&bytes),
+            Err(DecodeError::Malformed {
+                msg_type: TYPE_WRITE,
+                ..
+            })
+        ),
+        "{:?}",
+        decode_one(&bytes)
+    );
+}
+
 #[test]
 fn unknown_type_with_good_crc_is_consumed_and_reported() {
     let mut buf = raw_frame(999, 0, b"abc");

@@ -268,7 +268,9 @@ pub fn raw_frame(msg_type: u16, flags: u16, payload: &[u8]) -> BytesMut {
         len: u32::try_from(payload.len()).expect("test payload fits u32"),
         crc: 0,
     };
-    header.crc = frame_crc(&header.to_bytes(), &[payload]);
+    // The part the CRC covers: all of it, unless the flags leave the data out.
+    let covered = crc_covered_len(msg_type, flags, payload.len());
+    header.crc = frame_crc(&header.to_bytes(), &[&payload[..covered]]);
     let mut out = BytesMut::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&header.to_bytes());
     out.extend_from_slice(payload);
