@@ -101,24 +101,35 @@ fn requests_held_by_a_freeze_are_bounded_and_all_answered_after_it() {
 
     // The freeze ends: every request sent is answered, once, without error.
     c.mirrorctl(0, &["resume-io"]).assert_success();
+    // The replies are read on a thread of their own while the rest of the
+    // last request is sent: the daemon stops reading a connection whose
+    // replies nobody reads (back-pressure), so sending first and reading after
+    // could wait on each other (a CI run: the send timed out after 30 s).
     greedy.set_write_timeout(Duration::from_secs(30));
-    let whole = sent.div_ceil(REQ);
-    greedy
-        .send(&reqs[sent..whole * REQ])
-        .expect("send the rest of the last request");
     greedy.set_read_timeout(Duration::from_secs(30));
-    let mut answered = BTreeSet::new();
-    for _ in 0..whole {
-        let r = greedy
-            .read_simple_reply()
-            .expect("a reply after the freeze");
-        assert_eq!(r.error, 0, "TRIM {} failed", r.cookie);
-        assert!(
-            answered.insert(r.cookie),
-            "TRIM {} answered twice",
-            r.cookie
-        );
-    }
+    let whole = sent.div_ceil(REQ);
+    let mut replies = greedy.try_clone();
+    let answered = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut answered = BTreeSet::new();
+            for _ in 0..whole {
+                let r = replies
+                    .read_simple_reply()
+                    .expect("a reply after the freeze");
+                assert_eq!(r.error, 0, "TRIM {} failed", r.cookie);
+                assert!(
+                    answered.insert(r.cookie),
+                    "TRIM {} answered twice",
+                    r.cookie
+                );
+            }
+            answered
+        });
+        greedy
+            .send(&reqs[sent..whole * REQ])
+            .expect("send the rest of the last request");
+        reader.join().expect("the reply reader")
+    });
     assert_eq!(answered.len(), whole);
     assert_eq!(answered.last().copied(), Some(whole as u64 - 1));
     // And the connection goes on.

@@ -173,6 +173,16 @@ impl RawConn {
         RawConn { s }
     }
 
+    /// A second handle on the same connection: one thread can read replies
+    /// while another sends (socket options are shared).
+    pub fn try_clone(&self) -> RawConn {
+        let s = match &self.s {
+            Stream::Unix(u) => Stream::Unix(u.try_clone().expect("clone the unix socket")),
+            Stream::Tcp(t) => Stream::Tcp(t.try_clone().expect("clone the TCP socket")),
+        };
+        RawConn { s }
+    }
+
     /// Read timeout for what follows (IO_TIMEOUT is the default).
     pub fn set_read_timeout(&mut self, d: Duration) {
         self.s.set_read_timeout(Some(d)).expect("set read timeout");
