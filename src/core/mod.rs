@@ -35,6 +35,19 @@ mod sync_state;
 mod types;
 mod write_table;
 
+/// Tables up to this many entries get the O(n) cross-checks of their
+/// sub-states (recounts, "not there twice" scans) in debug builds.
+pub const SCAN_CHECK_MAX: usize = 1024;
+
+/// Whether a sub-state's O(n) cross-checks run for a table of `n` entries:
+/// debug builds (the simulator's, the tests') and at most [`SCAN_CHECK_MAX`]
+/// entries. Run on every change, they are quadratic in the table's size: a
+/// debug daemon releasing 16,385 requests held by a freeze
+/// (tests/held_requests.rs) spent more than 30 s in them before its first reply.
+pub fn scan_checks(n: usize) -> bool {
+    cfg!(debug_assertions) && n <= SCAN_CHECK_MAX
+}
+
 pub use node::Node;
 pub use resync_rate::SyncRate;
 pub use split::MAX_PIECE_EXTENTS;
