@@ -154,10 +154,20 @@ impl Sim {
                 };
                 let (first, count) = (offset / SECTOR, *len as u64 / SECTOR);
                 let pending = self.model.pending(n);
-                let whole = pending.iter().copied().find(|id| {
-                    let w = &self.model.writes[*id as usize];
-                    w.kind == want && w.first == first && w.n == count && w.mirror.is_none()
-                });
+                // A trim carries no data to tell whose it is. With client resends
+                // two identical ones may be pending: a copy held on a connection
+                // the client shut, and its new copy (seeds 12949 and 29 more of
+                // make sim-long: the held one took the new one's send, and the new
+                // one's reply then looked unmirrored). The latest issued is taken;
+                // the other is paired with the next identical send.
+                let whole = pending
+                    .iter()
+                    .copied()
+                    .filter(|id| {
+                        let w = &self.model.writes[*id as usize];
+                        w.kind == want && w.first == first && w.n == count && w.mirror.is_none()
+                    })
+                    .max_by_key(|id| self.model.writes[*id as usize].issue);
                 // Else a piece of a split one (the workload has no other trim
                 // or write-zeroes pending on a node with a large one pending;
                 // with pieces of one extent small ones that cross an extent
