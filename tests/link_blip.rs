@@ -91,6 +91,15 @@ fn events(c: &Cluster, i: usize, name: &str) -> usize {
         .count()
 }
 
+/// Node `i`'s sync-decision event lines, in order.
+fn sync_decisions(c: &Cluster, i: usize) -> Vec<String> {
+    c.log_text(i)
+        .lines()
+        .filter(|l| l.contains("\"event\":\"sync-decision\""))
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 fn a_short_cut_between_two_writing_primaries_is_a_pause() {
     let c = dual_primary("8s");
@@ -202,12 +211,7 @@ fn a_cut_longer_than_the_grace_with_one_writer_is_a_one_way_resync() {
             "node {i} saw a split brain"
         );
     }
-    let decisions: Vec<String> = c
-        .log_text(0)
-        .lines()
-        .filter(|l| l.contains("\"event\":\"sync-decision\""))
-        .map(String::from)
-        .collect();
+    let decisions = sync_decisions(&c, 0);
     assert!(
         decisions.last().is_some_and(|l| l.contains("Source")),
         "alpha, the only writer, was not the sync source: {decisions:?}"
@@ -273,12 +277,7 @@ fn a_restart_slower_than_the_peers_grace_is_a_one_way_resync() {
         );
         assert_eq!(c.status_json(i)["split_brain"], false);
     }
-    let decisions: Vec<String> = c
-        .log_text(0)
-        .lines()
-        .filter(|l| l.contains("\"event\":\"sync-decision\""))
-        .map(String::from)
-        .collect();
+    let decisions = sync_decisions(&c, 0);
     assert!(
         decisions.last().is_some_and(|l| l.contains("Target")),
         "alpha, restarted, was not the sync target of beta, which went on alone: {decisions:?}"

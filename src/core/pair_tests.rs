@@ -496,6 +496,41 @@ impl Pair {
             .cloned()
             .collect()
     }
+
+    /// Node `i`'s `event`s from its `from`-th event on.
+    fn named_since(&self, i: usize, from: usize, event: &str) -> Vec<serde_json::Value> {
+        self.events[i][from..]
+            .iter()
+            .filter(|v| v["event"] == event)
+            .cloned()
+            .collect()
+    }
+
+    /// Node `i`'s NBD replies for `cookie`.
+    fn replies_for(&self, i: usize, cookie: u64) -> Vec<NbdResult> {
+        self.nbd_replies[i]
+            .iter()
+            .filter(|(c, _)| *c == cookie)
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// Two primaries in sync (`allow-two-primaries`), client 9 attached on
+    /// both and the activity-log extent of block 5 warm on both sides, so
+    /// that later writes go straight to disk and the wire.
+    fn dual_primary_warm() -> Pair {
+        let mut p = Pair::in_sync("allow-two-primaries = true");
+        for i in 0..2 {
+            p.node(i).attach_client(9).expect("both may be primary");
+        }
+        p.settle();
+        for (i, byte) in [(0, 1u8), (1, 2u8)] {
+            p.queue_write(i, 1, 5, byte);
+            p.settle();
+        }
+        assert!(p.in_sync_now());
+        p
+    }
 }
 
 const SLOW: &str = "[sync]\nrate = \"2MiB\"\nchecksum = false";
@@ -746,18 +781,7 @@ fn a_primary_with_a_failed_disk_starts_no_generation() {
 /// written (a NegAck makes the peer mark the block out of sync).
 #[test]
 fn a_peer_write_left_out_for_a_local_write_that_failed_gets_a_negative_ack() {
-    let mut p = Pair::in_sync("allow-two-primaries = true");
-    for i in 0..2 {
-        p.node(i).attach_client(9).expect("both may be primary");
-    }
-    p.settle();
-    // Warm the activity-log extent on both sides, so the writes below go
-    // straight to disk and the wire.
-    for (i, byte) in [(0, 1u8), (1, 2u8)] {
-        p.queue_write(i, 1, 5, byte);
-        p.settle();
-    }
-    assert!(p.in_sync_now());
+    let mut p = Pair::dual_primary_warm();
     // alpha wins conflicts ("alpha" < "beta"); its disk now fails writes.
     p.broken[0] = true;
     for (i, byte) in [(0, 3u8), (1, 4u8)] {
@@ -1333,15 +1357,6 @@ mod stream_writes {
                 result: Ok(None),
             });
             self.settle();
-        }
-
-        /// Node `i`'s NBD replies for `cookie`.
-        fn replies_for(&self, i: usize, cookie: u64) -> Vec<NbdResult> {
-            self.nbd_replies[i]
-                .iter()
-                .filter(|(c, _)| *c == cookie)
-                .map(|(_, r)| r.clone())
-                .collect()
         }
     }
 

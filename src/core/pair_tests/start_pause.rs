@@ -3,14 +3,6 @@
 
 use super::*;
 
-fn replies(p: &Pair, i: usize, cookie: u64) -> Vec<NbdResult> {
-    p.nbd_replies[i]
-        .iter()
-        .filter(|(c, _)| *c == cookie)
-        .map(|(_, r)| r.clone())
-        .collect()
-}
-
 /// Node `i`'s `event`s (pause-started or pause-ended) of the start pause, or
 /// of link pauses.
 fn pauses(p: &Pair, i: usize, event: &str, at_start: bool) -> Vec<serde_json::Value> {
@@ -23,16 +15,7 @@ fn pauses(p: &Pair, i: usize, event: &str, at_start: bool) -> Vec<serde_json::Va
 /// Both primary and in sync, the activity log warm; then alpha crashes and
 /// beta's grace runs out: beta goes on alone and writes block 20.
 fn beta_went_on_alone() -> Pair {
-    let mut p = Pair::in_sync("allow-two-primaries = true");
-    for i in 0..2 {
-        p.node(i).attach_client(9).expect("both may be primary");
-    }
-    p.settle();
-    for (i, byte) in [(0, 1u8), (1, 2u8)] {
-        p.queue_write(i, 1, 5, byte);
-        p.settle();
-    }
-    assert!(p.in_sync_now());
+    let mut p = Pair::dual_primary_warm();
     p.crash(0);
     p.settle();
     assert_eq!(
@@ -47,7 +30,7 @@ fn beta_went_on_alone() -> Pair {
     assert_eq!(ended[0]["reconnected"], false);
     p.queue_write(1, 2, 20, 0xbb);
     p.settle();
-    assert_eq!(replies(&p, 1, 2), vec![Ok(None)], "beta writes alone");
+    assert_eq!(p.replies_for(1, 2), vec![Ok(None)], "beta writes alone");
     p
 }
 
@@ -65,7 +48,7 @@ fn a_restarted_primary_waits_for_its_peer_and_becomes_its_sync_target() {
     // Everything but a new link: the write is held, nothing reached the disk.
     let held = p.step(|_, _| false);
     assert!(held.is_empty());
-    assert!(replies(&p, 0, 3).is_empty(), "{:?}", p.nbd_replies[0]);
+    assert!(p.replies_for(0, 3).is_empty(), "{:?}", p.nbd_replies[0]);
     assert_eq!(
         p.disks[0][30 * 4096],
         0,
@@ -89,15 +72,12 @@ fn a_restarted_primary_waits_for_its_peer_and_becomes_its_sync_target() {
             p.events[i]
         );
     }
-    let ended: Vec<_> = p.events[0][ours..]
-        .iter()
-        .filter(|v| v["event"] == "pause-ended")
-        .collect();
+    let ended = p.named_since(0, ours, "pause-ended");
     assert_eq!(ended.len(), 1, "{:?}", p.events[0]);
     assert_eq!(ended[0]["reconnected"], true);
     assert_eq!(ended[0]["at_start"], true);
     assert_eq!(
-        replies(&p, 0, 3),
+        p.replies_for(0, 3),
         vec![Ok(None)],
         "alpha's held write is answered"
     );
@@ -126,23 +106,17 @@ fn the_start_pause_ends_after_the_grace_without_the_peer() {
     p.queue_write(0, 3, 30, 0xaa);
     let ours = p.events[0].len();
     p.run_ms(7_000);
-    assert!(replies(&p, 0, 3).is_empty(), "held within the grace");
+    assert!(p.replies_for(0, 3).is_empty(), "held within the grace");
     p.run_ms(2_000);
-    let ended: Vec<_> = p.events[0][ours..]
-        .iter()
-        .filter(|v| v["event"] == "pause-ended")
-        .collect();
+    let ended = p.named_since(0, ours, "pause-ended");
     assert_eq!(ended.len(), 1, "{:?}", p.events[0]);
     assert_eq!(ended[0]["reconnected"], false);
     assert_eq!(ended[0]["at_start"], true);
-    assert_eq!(replies(&p, 0, 3), vec![Ok(None)], "{:?}", p.events[0]);
+    assert_eq!(p.replies_for(0, 3), vec![Ok(None)], "{:?}", p.events[0]);
     assert_eq!(p.disks[0][30 * 4096], 0xaa);
     assert!(!p.status(0).suspended);
-    let gis = p.events[0][ours..]
-        .iter()
-        .filter(|v| v["event"] == "new-current-gi")
-        .count();
-    assert_eq!(gis, 1, "{:?}", p.events[0]);
+    let gis = p.named_since(0, ours, "new-current-gi");
+    assert_eq!(gis.len(), 1, "{:?}", p.events[0]);
 }
 
 /// A single-primary pair (no allow-two-primaries) has no start pause.
@@ -158,7 +132,7 @@ fn a_single_primary_pair_has_no_start_pause() {
     p.queue_write(0, 3, 30, 0xaa);
     p.node(0).attach_client(9).expect("alpha serves I/O");
     p.settle();
-    assert_eq!(replies(&p, 0, 3), vec![Ok(None)], "written alone at once");
+    assert_eq!(p.replies_for(0, 3), vec![Ok(None)], "written alone at once");
 }
 
 /// The operator's way out of the wait (DRBD's "skip" at wfc): `mirrorctl
@@ -171,8 +145,8 @@ fn disconnect_ends_the_start_pause_at_once() {
     p.node(0).attach_client(9).expect("alpha serves I/O");
     p.queue_write(0, 3, 30, 0xaa);
     p.run_ms(1_000);
-    assert!(replies(&p, 0, 3).is_empty(), "held within the grace");
+    assert!(p.replies_for(0, 3).is_empty(), "held within the grace");
     p.disconnect(0);
-    assert_eq!(replies(&p, 0, 3), vec![Ok(None)], "{:?}", p.events[0]);
+    assert_eq!(p.replies_for(0, 3), vec![Ok(None)], "{:?}", p.events[0]);
     assert!(!p.status(0).suspended);
 }
