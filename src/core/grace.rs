@@ -238,17 +238,30 @@ impl Node {
         if g.at_start {
             // Nothing was replicated yet: nothing to answer, fence or start.
             assert!(g.resend.is_empty() && g.flushes.is_empty());
-            for (wid, fua) in g.unissued {
-                self.issue_local_write(wid, fua);
-            }
-            self.release_held();
-            debug_assert!(self.freeze.grace().is_none());
-            return;
+        } else {
+            self.end_link_pause_alone(&g);
         }
+        for (wid, fua) in g.unissued {
+            self.issue_local_write(wid, fua);
+        }
+        self.release_held();
+        debug_assert!(self.freeze.grace().is_none());
+    }
+
+    /// A link pause ran out: what the loss of the peer would have done at the
+    /// cut (fencing, the unanswered writes and flushes answered from this disk,
+    /// the new data generation).
+    fn end_link_pause_alone(&mut self, g: &Grace) {
+        assert!(!g.at_start);
         // Fence first: the replies below wait for its answer (fencing.rs).
         self.maybe_fence(g.peer_disk, &g.reason);
         let local_good = self.disk == DiskState::UpToDate;
-        let waiting: Vec<u64> = g.resend.iter().map(|r| r.req).chain(g.flushes).collect();
+        let waiting: Vec<u64> = g
+            .resend
+            .iter()
+            .map(|r| r.req)
+            .chain(g.flushes.iter().copied())
+            .collect();
         for req in waiting {
             self.answer_without_peer(req, local_good);
         }
@@ -262,11 +275,6 @@ impl Node {
                 self.persist_superblock(true);
             }
         }
-        for (wid, fua) in g.unissued {
-            self.issue_local_write(wid, fua);
-        }
-        self.release_held();
-        debug_assert!(self.freeze.grace().is_none());
     }
 
     /// A local write admitted before the cut is ready to be issued during the
