@@ -130,6 +130,7 @@ fn main() {
     let (mut meta_failures, mut stop_flush_failures, mut fua_trims) = (0u64, 0u64, 0u64);
     let (mut trims_cut, mut trim_skipped, mut budget_seeds) = (0u64, 0u64, 0u64);
     let mut meta_seeds = 0u64;
+    let mut resolutions = 0u64;
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut pauses, mut pauses_back, mut reissued, mut overlapping) = (0u64, 0u64, 0u64, 0u64);
     let (mut start_pauses, mut start_pauses_back) = (0u64, 0u64);
@@ -158,6 +159,7 @@ fn main() {
         reads += o.stats.reads_checked;
         crashes += o.stats.crashes;
         sbs += o.stats.split_brains;
+        resolutions += o.stats.resolutions_checked;
         streamed += o.stats.streamed;
         meta_failures += o.stats.meta_failures;
         meta_seeds += u64::from(o.stats.meta_failures > 0);
@@ -190,6 +192,7 @@ fn main() {
         sbs,
         streamed
     );
+    eprintln!("mirror-sim: {resolutions} split brains resolved by policy, each winner checked against the policy");
     eprintln!(
         "mirror-sim: {links} connections, {races} sessions won a race against another connection; connection faults: {extra} extra dials, {crossed} crossed dials, {resets} resets mid-handshake"
     );

@@ -778,13 +778,7 @@ impl Node {
             self.out.push(Action::SplitBrainHandler);
             self.notify("split-brain", json!({ "peer": h.node }));
             decision = match self.resolve_split_brain(&hs.peer_words, full, discard_mine) {
-                Some(d) => {
-                    self.notify(
-                        "split-brain-resolved",
-                        json!({ "decision": format!("{d:?}") }),
-                    );
-                    d
-                }
+                Some(d) => d,
                 None => {
                     self.drop_peer("split brain detected; resolve it manually (`mirrorctl connect --discard-my-data` on the victim)", false);
                     return;
@@ -863,13 +857,21 @@ impl Node {
     ) -> Option<Decision> {
         let peer = self.session.peer.clone()?;
         let peer_discard = peer.hello.discard_my_data;
-        if me_discard && !peer_discard {
-            return Some(Decision::Target { full });
+        if me_discard != peer_discard {
+            // The operator chose the victim (`connect --discard-my-data`).
+            let d = if me_discard {
+                Decision::Target { full }
+            } else {
+                Decision::Source { full }
+            };
+            self.notify(
+                "split-brain-resolved",
+                json!({ "decision": format!("{d:?}"), "discard_my_data": me_discard, "peer_discard_my_data": peer_discard }),
+            );
+            return Some(d);
         }
-        if peer_discard && !me_discard {
-            return Some(Decision::Source { full });
-        }
-        let primaries = (self.role == Role::Primary) as u8 + (peer.role == Role::Primary) as u8;
+        let my_role = self.role;
+        let primaries = (my_role == Role::Primary) as u8 + (peer.role == Role::Primary) as u8;
         let policy = match primaries {
             0 => self.cfg.split_brain.after_sb_0pri.clone(),
             1 => self.cfg.split_brain.after_sb_1pri.clone(),
@@ -877,7 +879,30 @@ impl Node {
         };
         let my_changes = self.bitmap.count();
         let peer_changes: u64 = peer_words.iter().map(|w| w.count_ones() as u64).sum();
-        self.sb_policy_0pri(&policy, my_changes, peer_changes, &peer, full)
+        let mut d = self.sb_policy_0pri(&policy, my_changes, peer_changes, &peer, full)?;
+        if self.faults.sb_loser_wins {
+            // Fault injection (simulator only): both sides keep the policy's loser.
+            d = d.mirrored();
+        }
+        assert!(matches!(
+            d,
+            Decision::Source { .. } | Decision::Target { .. }
+        ));
+        // The policy's inputs go with the event: the simulator checks the winner
+        // against its own reading of the policy (src/sim/policy.rs).
+        self.notify(
+            "split-brain-resolved",
+            json!({
+                "decision": format!("{d:?}"),
+                "primary": my_role == Role::Primary,
+                "peer_primary": peer.role == Role::Primary,
+                "changes": my_changes,
+                "peer_changes": peer_changes,
+                "older_primary": self.meta.gis.current & 1 == 1,
+                "peer_older_primary": peer.hello.gis.current & 1 == 1,
+            }),
+        );
+        Some(d)
     }
 
     fn sb_policy_0pri(

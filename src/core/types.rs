@@ -466,4 +466,8 @@ pub struct Faults {
     /// the simulator ran with metadata failures): a node holding the only copy
     /// of acknowledged writes then takes a full sync from an older peer.
     pub meta_failure_discards_data: bool,
+    /// Split-brain resolution: both sides keep the policy's loser as the sync
+    /// source (the decision stays symmetric, so only a check of the winner
+    /// against the policy finds it).
+    pub sb_loser_wins: bool,
 }

@@ -183,6 +183,9 @@ pub struct SimNode {
     pub link_gen: u64,
     /// The node's bitmap just before it read the peer's last handshake bitmap chunk.
     pub bitmap_before: Vec<u64>,
+    /// The simulator asked this node to `connect --discard-my-data`, and no
+    /// handshake of it has decided since.
+    pub discarded: bool,
     pub failed_since: Option<u64>,
     /// Since when the node's writes are frozen by fencing.
     pub suspended_since: Option<u64>,
@@ -264,6 +267,8 @@ pub struct Stats {
     pub split_brains: u64,
     pub rebases: u64,
     pub violations_checked: u64,
+    /// Split brains resolved by policy whose winner was checked (policy.rs).
+    pub resolutions_checked: u64,
 }
 
 pub struct Sim {
@@ -299,6 +304,9 @@ pub struct Sim {
     /// away justifiably (a failed disk, `invalidate`) happened since: a
     /// handshake must not end with no good data on either side.
     pub good_data: bool,
+    /// The node whose data the cluster chose last, while nothing since took
+    /// its standing away (policy.rs).
+    pub reference: Option<usize>,
     /// The copies of writes sent more than once (resend.rs), by group id.
     pub groups: BTreeMap<u64, Group>,
     pub next_group: u64,
@@ -411,6 +419,7 @@ impl Sim {
             restart_at: None,
             link_gen: 0,
             bitmap_before: Vec::new(),
+            discarded: false,
             failed_since: None,
             suspended_since: None,
             last_verify: None,
@@ -444,6 +453,7 @@ impl Sim {
             settled: false,
             favourite: 0,
             good_data: sc.start != Start::BothFresh,
+            reference: None,
             groups: BTreeMap::new(),
             next_group: 1,
             shut_rule: std::env::var_os("MIRROR_SIM_NO_SHUT_RULE").is_none(),

@@ -454,6 +454,17 @@ impl Sim {
             "sync-decision" => {
                 self.stats.decisions += 1;
                 let d = s("decision");
+                if !d.starts_with("SplitBrain") {
+                    self.nodes[n].discarded = false;
+                }
+                if self.net.active_link(n).is_some() {
+                    self.check_reference(n, &d, &v);
+                    if d.starts_with("Source") {
+                        self.set_reference(n, "sync source");
+                    } else if d.starts_with("Target") {
+                        self.set_reference(1 - n, "sync source");
+                    }
+                }
                 if d.starts_with("Source") {
                     self.model.data_wins(n);
                 } else if d.starts_with("Target") {
@@ -462,8 +473,17 @@ impl Sim {
                 self.on_decision(n, &d, false);
             }
             "split-brain" => self.stats.split_brains += 1,
+            "new-current-gi" if self.reference == Some(1 - n) => {
+                self.clear_reference("the other node began a generation");
+            }
             "split-brain-resolved" => {
                 let d = s("decision");
+                self.check_resolution(n, &v);
+                self.nodes[n].discarded = false;
+                if self.net.active_link(n).is_some() {
+                    let winner = if d.starts_with("Source") { n } else { 1 - n };
+                    self.set_reference(winner, "split brain resolved");
+                }
                 if d.starts_with("Source") {
                     self.model.data_wins(n);
                 } else if d.starts_with("Target") {
@@ -473,11 +493,15 @@ impl Sim {
             }
             "forced-up-to-date" => {
                 self.good_data = true;
+                self.set_reference(n, "primary --force");
                 self.rebase(n, "primary --force");
             }
             "resync-finished" if v.get("gis").is_some() => self.good_data = true,
             "disk-failed" | "invalidated" => {
                 self.good_data = false;
+                if self.reference == Some(n) {
+                    self.clear_reference(&event);
+                }
                 if event == "disk-failed" {
                     let now = self.now();
                     self.nodes[n].failed_since.get_or_insert(now);

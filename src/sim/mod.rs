@@ -8,7 +8,8 @@
 //! draws), `cluster.rs` (nodes and the event loop), `dispatch.rs` (carrying out
 //! core actions, delivering messages), `net.rs`, `disk.rs`, `meta.rs`,
 //! `data.rs` (sector contents), `workload.rs` (clients), `faults.rs` (faults and
-//! operator), `model.rs` (acknowledged data), `invariants.rs`, `run.rs`
+//! operator), `model.rs` (acknowledged data), `invariants.rs`, `policy.rs` (whose data a
+//! handshake keeps), `run.rs`
 //! (phases and final checks), `trace.rs`.
 
 mod cluster;
@@ -20,6 +21,7 @@ mod invariants;
 mod meta;
 mod model;
 mod net;
+mod policy;
 mod resend;
 mod rng;
 mod run;
@@ -32,12 +34,13 @@ pub use cluster::{Stats, Violation};
 pub use run::{quiet_panics, run_seed, Options, Outcome};
 
 /// The deliberate core bugs by name (for `mirror-sim --fault NAME`).
-pub const FAULT_NAMES: [&str; 5] = [
+pub const FAULT_NAMES: [&str; 6] = [
     "ack-before-peer",
     "clear-resync-bit-early",
     "wrong-sync-direction",
     "hello-keeps-old-session",
     "meta-failure-discards-data",
+    "sb-loser-wins",
 ];
 
 /// Turns a fault's name on in `faults`; false if the name is unknown.
@@ -48,6 +51,7 @@ pub fn set_fault(faults: &mut crate::core::Faults, name: &str) -> bool {
         "wrong-sync-direction" => faults.wrong_sync_direction = true,
         "hello-keeps-old-session" => faults.hello_keeps_old_session = true,
         "meta-failure-discards-data" => faults.meta_failure_discards_data = true,
+        "sb-loser-wins" => faults.sb_loser_wins = true,
         _ => return false,
     }
     true

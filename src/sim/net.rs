@@ -55,6 +55,9 @@ pub struct Link {
     pub closed: [bool; 2],
     /// Each side's sync decision on this link.
     pub decided: [Option<String>; 2],
+    /// Each side's reading of a split brain it resolved by policy on this link
+    /// (its role, its peer's, whether each was the older primary): policy.rs.
+    pub resolved: [Option<(bool, bool, bool, bool)>; 2],
     /// The model was rebased for a justified loss decided on this link.
     pub rebased: bool,
 }

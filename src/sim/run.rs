@@ -241,6 +241,7 @@ impl Sim {
                 return;
             }
             if conn(if victim == 0 { s0 } else { s1 }) == Some(ConnState::Standalone) {
+                self.nodes[victim].discarded = true;
                 self.admin(
                     victim,
                     AdminCmd::Connect {
