@@ -417,8 +417,23 @@ impl Node {
             }
             Message::StartSync { mode, source_gis } => self.on_start_sync(mode, source_gis),
             Message::StartVerify => {
-                self.repl = Replication::VerifyTarget;
-                self.notify("verify-started", json!({ "role": "target" }));
+                match self.sync.source().map(|r| r.verify) {
+                    // Our resync start crossed the peer's verify start: the
+                    // peer cuts its verify when our StartSync (sent before
+                    // this arrived) reaches it (`on_start_sync`). Its checksum
+                    // requests until then are answered as any.
+                    Some(false) => {}
+                    // Both started a verify at once: both run, each answering
+                    // the other's checksum requests (a verify only reads); this
+                    // node stays verify source until its own ends.
+                    Some(true) => {
+                        self.notify("verify-started", json!({ "role": "target" }));
+                    }
+                    None => {
+                        self.repl = Replication::VerifyTarget;
+                        self.notify("verify-started", json!({ "role": "target" }));
+                    }
+                }
             }
             Message::ChecksumRequest {
                 id,
@@ -429,7 +444,10 @@ impl Node {
             Message::ChecksumReply { id, error, sums } => self.on_checksum_reply(id, error, sums),
             Message::SyncDone { source_gis } => self.on_sync_done(source_gis),
             Message::VerifyDone { differing_blocks } => {
-                self.repl = Replication::Established;
+                if self.sync.source().is_none() {
+                    // Else our own verify, started as the peer's did, still runs.
+                    self.repl = Replication::Established;
+                }
                 self.sync.peer_verify_finished(differing_blocks);
                 self.notify(
                     "verify-finished",

@@ -280,6 +280,40 @@ impl Node {
     }
 
     pub(super) fn on_start_sync(&mut self, mode: SyncMode, _source_gis: Gis) {
+        if mode != SyncMode::None {
+            if let Some(verify) = self.sync.source().map(|r| r.verify) {
+                // This node started a resync or verify as source while the
+                // peer's StartSync was on the way: the two starts crossed on
+                // the link (simulator finding: seeds 24542, 95257 and 96459 of
+                // make sim-long, an operator's verify here and resync there;
+                // becoming sync target too broke "source or target, never
+                // both").
+                if !verify {
+                    // Two resyncs, each node the source: neither may apply the
+                    // other's data. The peer, receiving our StartSync, does the
+                    // same; nothing of either resync was applied yet (each sent
+                    // its StartSync before any resync data). The bits stay set,
+                    // and the next connection's decision picks one direction
+                    // for their union.
+                    self.drop_peer(
+                        "the peer started a resync while this node drove one; reconnecting to decide the direction",
+                        true,
+                    );
+                    return;
+                }
+                // Our verify against the peer's resync: the resync wins. A verify
+                // only compares, and the peer, a sync source, ignores our
+                // StartVerify; ours is cut as a lost link cuts it, resumed once
+                // the pair is in sync again (`maybe_resume_verify`). Replies to
+                // its checksum requests still on the way find no batch.
+                self.stop_resync();
+                self.repl = Replication::Established;
+            }
+        }
+        assert!(
+            mode == SyncMode::None || self.sync.source().is_none(),
+            "a sync target drives no resync"
+        );
         match mode {
             SyncMode::None => {}
             SyncMode::Full => {

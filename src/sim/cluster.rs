@@ -817,6 +817,7 @@ impl Sim {
         };
         self.stats.events += 1;
         let now = self.world.now;
+        super::run::note_time(now);
         self.mix(now);
         match ev {
             Ev::Tick { node, inc } => {

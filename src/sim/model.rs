@@ -65,6 +65,8 @@ pub struct WriteRec {
     /// split it and wrote some pieces while not replicating (those are in its
     /// bitmap, for the resync).
     pub mirrored: u64,
+    /// The sectors of each piece mirrored on the link of `mirror`.
+    pub pieces: Vec<std::ops::Range<u64>>,
     /// The issuing node's link generation if it replicated when the write was issued.
     pub replicating_at_issue: Option<u64>,
     /// The acknowledging node's own disk was not up to date: the peer held the only good copy.
@@ -76,21 +78,34 @@ pub struct WriteRec {
 
 impl WriteRec {
     /// One of its pieces (the whole write, if not split) was mirrored.
-    pub fn piece_sent(&mut self, link: u64, seq: u64, sectors: u64) {
+    pub fn piece_sent(&mut self, link: u64, seq: u64, piece: std::ops::Range<u64>) {
         if self.mirror.is_none_or(|(l, _)| l != link) {
             // Pieces sent on an earlier link are gone with it (seed 559: one
             // was never acknowledged, and the count waited for it forever).
             self.mirror = Some((link, seq));
             self.mirrored = 0;
+            self.pieces.clear();
             self.unacked = 0;
             self.unreceived = 0;
             self.piece_error = 0;
         }
-        self.mirrored += sectors;
+        self.mirrored += piece.end - piece.start;
+        self.pieces.push(piece);
         self.unacked += 1;
         self.unreceived += 1;
         self.peer_ack = None;
         self.recv_acked = false;
+    }
+
+    /// A piece of it starting at sector `first` went over `link` already.
+    pub fn piece_sent_at(&self, link: u64, first: u64) -> bool {
+        self.mirror.is_some_and(|(l, _)| l == link) && self.pieces.iter().any(|p| p.start == first)
+    }
+
+    /// A piece of it ending at sector `first` went over `link`: a piece
+    /// starting there is its next one.
+    pub fn piece_ends_at(&self, link: u64, first: u64) -> bool {
+        self.mirror.is_some_and(|(l, _)| l == link) && self.pieces.iter().any(|p| p.end == first)
     }
 
     /// All of it went over one link (whole, or every piece).
@@ -109,7 +124,9 @@ impl WriteRec {
         }
     }
 
-    /// The peer received one of its pieces (protocol B).
+    /// The peer received one of its pieces (protocol B): its RecvAck, or its
+    /// WriteAck when no RecvAck came first (a peer whose disk failed answers
+    /// a write with an error WriteAck alone).
     pub fn piece_received(&mut self) {
         self.unreceived = self.unreceived.saturating_sub(1);
         self.recv_acked = self.unreceived == 0;
@@ -187,6 +204,7 @@ impl Model {
                 unreceived: 0,
                 piece_error: 0,
                 mirrored: 0,
+                pieces: Vec::new(),
                 replicating_at_issue: None,
                 peer_only: false,
                 skipped_from: None,
@@ -241,6 +259,7 @@ impl Model {
             unreceived: 0,
             piece_error: 0,
             mirrored: 0,
+            pieces: Vec::new(),
             replicating_at_issue: None,
             peer_only: false,
             skipped_from: None,

@@ -9,7 +9,7 @@
 //! real codec (`peer::encode` / `peer::Decoder`) with a flipped bit; the
 //! receiver's CRC check must refuse it, and the link then drops.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::rng::Rng;
 use crate::peer::Message;
@@ -38,6 +38,8 @@ pub struct Dir {
     /// seq -> simulator write id and the sectors of the piece sent (the whole
     /// write unless the node split it), for application writes the sender mirrored.
     pub writes: BTreeMap<u64, (u32, std::ops::Range<u64>)>,
+    /// Seqs of `writes` the receiver answered (RecvAck, or WriteAck first).
+    pub received: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]

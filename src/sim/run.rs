@@ -46,6 +46,14 @@ const EVENT_BUDGET: u64 = 20_000_000;
 
 thread_local! {
     static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// The simulated time of the event being handled, for a panic's report
+    /// (which has no `Sim` to ask: it was reported as 0 s before).
+    static NOW_US: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The simulated time now is `us` (called for each event).
+pub(super) fn note_time(us: u64) {
+    NOW_US.with(|t| t.set(us));
 }
 
 /// Replaces the panic hook by one that keeps the panic's location for the
@@ -64,6 +72,7 @@ pub fn quiet_panics() {
 /// Runs one seed; a panic anywhere (core or simulator) is reported as a violation.
 pub fn run_seed(seed: u64, opts: Options) -> Outcome {
     PANIC_AT.with(|p| *p.borrow_mut() = None);
+    note_time(0);
     match catch_unwind(AssertUnwindSafe(|| run(seed, opts))) {
         Ok(o) => o,
         Err(p) => {
@@ -78,12 +87,12 @@ pub fn run_seed(seed: u64, opts: Options) -> Outcome {
             Outcome {
                 seed,
                 violation: Some(Violation {
-                    time_us: 0,
+                    time_us: NOW_US.with(|t| t.get()),
                     kind: "panic".into(),
                     detail: msg,
                 }),
                 stats: Stats::default(),
-                sim_us: 0,
+                sim_us: NOW_US.with(|t| t.get()),
                 digest: 0,
             }
         }
