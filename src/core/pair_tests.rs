@@ -67,6 +67,9 @@ const SIZE: u64 = 16 << 20;
 /// What an NBD request got: data for a read, nothing for a write, or an errno.
 type NbdResult = Result<Option<bytes::Bytes>, u32>;
 
+/// Picks the superblock write that fails (`Pair::failing_superblock`).
+type SuperblockFault = fn(&MetaState) -> bool;
+
 /// What the metadata store holds for one node.
 #[derive(Clone, Debug)]
 struct Persisted {
@@ -94,6 +97,9 @@ struct Pair {
     /// A write to node i's disk that starts at this offset fails with EIO
     /// (a bad sector; other writes succeed).
     bad_offset: [Option<u64>; 2],
+    /// The next superblock write of node i for which this holds fails (EIO)
+    /// and is not stored; once (the node writes its superblock again after).
+    failing_superblock: [Option<SuperblockFault>; 2],
     /// Every peer message node i sent while the link was up.
     sent: [Vec<crate::peer::Message>; 2],
     /// NBD replies of node i: (cookie, result).
@@ -149,6 +155,7 @@ impl Pair {
             seed: 7,
             broken: [false, false],
             bad_offset: [None, None],
+            failing_superblock: [None, None],
             sent: [Vec::new(), Vec::new()],
             nbd_replies: [Vec::new(), Vec::new()],
         };
@@ -257,6 +264,13 @@ impl Pair {
                     self.queue[i].push_back(Event::DiskDone { id, result });
                 }
                 Action::Persist { id, write } => {
+                    if let MetaWrite::Superblock(sb) = &write {
+                        if self.failing_superblock[i].is_some_and(|f| f(sb)) {
+                            self.failing_superblock[i] = None;
+                            self.queue[i].push_back(Event::MetaDone { id, ok: false });
+                            continue;
+                        }
+                    }
                     let md = &mut self.md[i];
                     match write {
                         MetaWrite::Superblock(sb) => md.sb = sb,
@@ -1489,6 +1503,7 @@ mod stream_writes {
 mod crossed_starts;
 mod hostile_peer;
 mod start_pause;
+mod sync_direction;
 
 /// Local writes wider than the activity log (`split.rs`): a TRIM, WRITE_ZEROES
 /// or WRITE is carried out in pieces that each fit in the log, one client reply.

@@ -718,24 +718,12 @@ impl Node {
         let failed = |d: DiskState| matches!(d, DiskState::Failed | DiskState::Diskless);
         let (me_failed, peer_failed) = (failed(self.disk), failed(disk_of(h.disk)));
         if me_failed || peer_failed {
-            // A failed disk cannot be resynced now. Deciding as if it were merely
-            // inconsistent silently discarded a diverged side's data (simulator
-            // finding). Compare the generations as if it were whole: if the other
-            // side holds the same or newer data it serves the I/O, else neither has
-            // the latest data reachable and the link is dropped until the failed
-            // disk is back (then the normal decision, split-brain detection included).
-            let whole = |s: gi::Side| gi::Side {
-                consistent: true,
-                up_to_date: true,
-                ..s
-            };
-            let d = gi::decide(&whole(me), &whole(peer_side), self.local_wins());
-            let failed_side_behind = match d {
-                Decision::InSync => true,
-                Decision::Target { .. } => me_failed && !peer_failed,
-                Decision::Source { .. } => peer_failed && !me_failed,
-                _ => false,
-            };
+            // A failed disk cannot be resynced now: if the other side holds the
+            // same or newer data it serves the I/O, else neither has the latest
+            // data reachable and the link is dropped until the failed disk is
+            // back (then the normal decision, split-brain detection included).
+            let failed_side_behind =
+                gi::failed_side_behind(&me, &peer_side, me_failed, peer_failed, self.local_wins());
             self.notify(
                 "sync-decision",
                 json!({ "decision": if failed_side_behind { "FailedDisk" } else { "FailedDiskAhead" }, "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis) }),
@@ -850,7 +838,7 @@ impl Node {
                     self.bitmap.merge(&hs.peer_words);
                 }
                 self.split_brain = false;
-                self.become_sync_target();
+                self.become_sync_target(h.gis);
                 self.release_held();
             }
             Decision::SplitBrain { .. } => unreachable!("resolved above"),

@@ -248,7 +248,7 @@ impl Node {
     }
 
     /// This node receives a resync: its disk is inconsistent until it ends.
-    pub(super) fn become_sync_target(&mut self) {
+    pub(super) fn become_sync_target(&mut self, source: Gis) {
         self.repl = Replication::SyncTarget;
         self.sync.begin_target(self.now_ms);
         self.disk = DiskState::Inconsistent;
@@ -260,16 +260,33 @@ impl Node {
         self.persist_bitmap_pages(pages);
         self.meta.flags &= !(md_flags::CONSISTENT | md_flags::FULL_SYNC_NEEDED);
         self.meta.flags |= md_flags::SYNC_TARGET;
-        // Remember whose data this disk is becoming: after a cut the next
+        // Remember whose data this disk is on its way to: after a cut the next
         // decision then finds the two related, and the resync continues from
         // the bits still set instead of starting a full sync over (an initial
-        // sync's target shares no identifier with its source before).
-        if let Some(src) = self.session.peer.as_ref().map(|p| p.hello.gis.current) {
-            let g = &mut self.meta.gis;
-            let known = [g.current, g.bitmap, g.history[0], g.history[1]];
-            if src != 0 && !known.contains(&src) {
-                g.history = [src, g.history[0]];
-            }
+        // sync's target shares no identifier with its source before). The
+        // identifier is the one the source's bitmap counts from (its bitmap
+        // identifier, or its current one if it has none: the identifier its
+        // next generation would move there), as DRBD's target takes the sync
+        // UUID, the source's bitmap UUID, as its current at the start
+        // (P_SYNC_UUID). It is never the source's current into this node's
+        // history: that says this disk went on from the source's data, newer
+        // than it. If the source's end was durable and SyncDone lost (the
+        // target's flush or the source's metadata failed), the source's history
+        // held this node's current and this history the source's: each found
+        // the other older, and with a failed disk the two decided opposite
+        // directions (simulator seed 5828 and 17 more). The target's own
+        // identifiers stay otherwise: this disk holds no data newer than the
+        // source's (it is inconsistent until SyncDone, which adopts all of the
+        // source's identifiers).
+        let base = if source.bitmap != 0 {
+            source.bitmap
+        } else {
+            source.current
+        };
+        let g = &mut self.meta.gis;
+        if base != 0 && g.current != source.current {
+            g.current = base;
+            g.bitmap = 0;
         }
         self.persist_superblock(false);
         self.send_state();
@@ -279,7 +296,7 @@ impl Node {
         );
     }
 
-    pub(super) fn on_start_sync(&mut self, mode: SyncMode, _source_gis: Gis) {
+    pub(super) fn on_start_sync(&mut self, mode: SyncMode, source_gis: Gis) {
         if mode != SyncMode::None {
             if let Some(verify) = self.sync.source().map(|r| r.verify) {
                 // This node started a resync or verify as source while the
@@ -319,7 +336,7 @@ impl Node {
             SyncMode::Full => {
                 self.bitmap.set_all();
                 if self.repl != Replication::SyncTarget {
-                    self.become_sync_target();
+                    self.become_sync_target(source_gis);
                 }
             }
             SyncMode::Bitmap => {
@@ -330,7 +347,7 @@ impl Node {
                     // write the source holds; the source never sent that block,
                     // and the end of the resync cleared its bit here).
                     self.send_bitmap();
-                    self.become_sync_target();
+                    self.become_sync_target(source_gis);
                 }
             }
         }
