@@ -633,6 +633,28 @@ impl Node {
         debug_assert!(!self.txn.generation_deferred());
     }
 
+    /// The peer's disk is gone (failed or detached) while this one is up to
+    /// date: what is written from now on is only here. With a primary on either
+    /// side, start a new generation, as DRBD does when it loses the peer's disk
+    /// (simulator finding: without one, both disks later came back with the same
+    /// generation and the sync direction went by name, discarding the writes
+    /// made meanwhile). Called when the peer's disk goes, and when this disk
+    /// becomes up to date after the peer's went (the end of a resync whose
+    /// source failed after sending it all: simulator seed 35061).
+    pub(super) fn new_generation_without_peer_disk(&mut self) {
+        let Some(peer) = self.session.peer.as_ref() else {
+            return; // no peer session: on_peer_down decides about generations
+        };
+        debug_assert!(matches!(peer.disk, DiskState::Failed | DiskState::Diskless));
+        if self.disk == DiskState::UpToDate
+            && (self.role == Role::Primary || peer.role == Role::Primary)
+            && self.meta.gis.bitmap == 0
+        {
+            self.new_generation(self.role == Role::Primary);
+            self.persist_superblock(true);
+        }
+    }
+
     /// Starts a new data generation: this node's data now differs from the last common one.
     pub(super) fn bump_current_gi(&mut self) {
         self.new_generation(false);
