@@ -775,6 +775,52 @@ fn a_primary_with_a_failed_disk_starts_no_generation() {
     );
 }
 
+/// `primary --force` answers "primary" only once the superblock that makes
+/// the disk up to date is durable: a process killed before that comes back
+/// with its old, not up-to-date disk, so an earlier "primary" promised good
+/// data that was gone (simulator seed 69431: "good data lost").
+#[test]
+fn a_forced_promotion_is_answered_once_its_superblock_is_durable() {
+    let mut p = Pair::in_sync("");
+    p.crash(1);
+    p.crash(0);
+    p.md[0].sb.flags &= !md_flags::WAS_UP_TO_DATE;
+    p.boot(0);
+    p.settle();
+    assert_eq!(p.status(0).disk, DiskState::Outdated);
+    p.node(0).handle(Event::Admin {
+        id: 7,
+        cmd: AdminCmd::Primary { force: true },
+    });
+    let actions = p.node(0).take_actions();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::AdminReply { .. })),
+        "no answer before the superblock is durable: {actions:?}"
+    );
+    let sb = actions.iter().find_map(|a| match a {
+        Action::Persist {
+            id,
+            write: MetaWrite::Superblock(m),
+        } => Some((*id, m.clone())),
+        _ => None,
+    });
+    let Some((sb_id, m)) = sb else {
+        panic!("the forced superblock is written: {actions:?}");
+    };
+    assert_ne!(m.flags & md_flags::WAS_UP_TO_DATE, 0, "{m:?}");
+    // The superblock lands: now the answer comes.
+    p.md[0].sb = m;
+    p.queue[0].push_back(Event::MetaDone {
+        id: sb_id,
+        ok: true,
+    });
+    p.settle();
+    assert_eq!(p.replies[0], vec![Ok("primary".to_string())]);
+    assert_eq!(p.status(0).disk, DiskState::UpToDate);
+}
+
 /// Dual primaries, overlapping writes in flight: the node whose write wins
 /// leaves the peer's write out where they overlap. If its own write then fails,
 /// neither is on its disk, so it must not acknowledge the peer's write as

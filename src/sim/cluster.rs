@@ -299,6 +299,11 @@ pub struct Sim {
     /// away justifiably (a failed disk, `invalidate`) happened since: a
     /// handshake must not end with no good data on either side.
     pub good_data: bool,
+    /// Admin ids of `primary --force` not answered yet: a forced promotion
+    /// holds good data once the core says "primary" (after its superblock is
+    /// durable), not at its "forced-up-to-date" event, which a process kill
+    /// before that superblock undoes (seed 69431).
+    pub forcing: Vec<u64>,
     /// The copies of writes sent more than once (resend.rs), by group id.
     pub groups: BTreeMap<u64, Group>,
     pub next_group: u64,
@@ -444,6 +449,7 @@ impl Sim {
             settled: false,
             favourite: 0,
             good_data: sc.start != Start::BothFresh,
+            forcing: Vec::new(),
             groups: BTreeMap::new(),
             next_group: 1,
             shut_rule: std::env::var_os("MIRROR_SIM_NO_SHUT_RULE").is_none(),
@@ -793,6 +799,9 @@ impl Sim {
         let id = self.next_admin;
         self.next_admin += 1;
         self.trace_line(Some(n), || format!("admin {id}: {cmd:?}"));
+        if matches!(cmd, AdminCmd::Primary { force: true }) {
+            self.forcing.push(id);
+        }
         self.run_core(n, |c| c.handle(Event::Admin { id, cmd }));
     }
 
