@@ -173,6 +173,10 @@ pub struct Node {
     pub(super) crashed_primary: bool,
     /// Primary because an NBD client arrived: demoted when the last one leaves.
     pub(super) auto_promoted: bool,
+    /// Admin commands (`primary`) answered once the superblock of a forced
+    /// promotion is durable: "primary" before that was a promise a process
+    /// kill could break (simulator seed 69431).
+    pub(super) force_replies: Vec<u64>,
     /// Incremented on every new peer connection; acks of older links are dropped.
     pub(super) link_epoch: u64,
     /// The resync this node drives or receives, verify results (sync_state.rs).
@@ -243,6 +247,7 @@ impl Node {
             freeze: super::freeze::Freeze::default(),
             crashed_primary: false,
             auto_promoted: false,
+            force_replies: Vec::new(),
             link_epoch: 0,
             sync: super::sync_state::SyncState::default(),
             trim_budget_stats: TrimBudgetStats::default(),
@@ -633,6 +638,28 @@ impl Node {
         debug_assert!(!self.txn.generation_deferred());
     }
 
+    /// The peer's disk is gone (failed or detached) while this one is up to
+    /// date: what is written from now on is only here. With a primary on either
+    /// side, start a new generation, as DRBD does when it loses the peer's disk
+    /// (simulator finding: without one, both disks later came back with the same
+    /// generation and the sync direction went by name, discarding the writes
+    /// made meanwhile). Called when the peer's disk goes, and when this disk
+    /// becomes up to date after the peer's went (the end of a resync whose
+    /// source failed after sending it all: simulator seed 35061).
+    pub(super) fn new_generation_without_peer_disk(&mut self) {
+        let Some(peer) = self.session.peer.as_ref() else {
+            return; // no peer session: on_peer_down decides about generations
+        };
+        debug_assert!(matches!(peer.disk, DiskState::Failed | DiskState::Diskless));
+        if self.disk == DiskState::UpToDate
+            && (self.role == Role::Primary || peer.role == Role::Primary)
+            && self.meta.gis.bitmap == 0
+        {
+            self.new_generation(self.role == Role::Primary);
+            self.persist_superblock(true);
+        }
+    }
+
     /// Starts a new data generation: this node's data now differs from the last common one.
     pub(super) fn bump_current_gi(&mut self) {
         self.new_generation(false);
@@ -701,6 +728,9 @@ impl Node {
                         self.try_start(w);
                     }
                 }
+                if !self.force_replies.is_empty() {
+                    self.answer_forced_promotions();
+                }
                 if std::mem::take(&mut self.session.sync_done_wait)
                     && ok
                     && self.conn == ConnState::Connected
@@ -711,6 +741,25 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// A superblock is durable: the forced promotions waiting for it are
+    /// answered (it carries their up-to-date flags, unless the disk failed or
+    /// the node was demoted meanwhile).
+    fn answer_forced_promotions(&mut self) {
+        let lasted = self.disk == DiskState::UpToDate && self.role == Role::Primary;
+        for id in std::mem::take(&mut self.force_replies) {
+            let result = if lasted {
+                Ok("primary".to_string())
+            } else {
+                Err(format!(
+                    "the forced promotion did not last: disk {:?}, role {:?}",
+                    self.disk, self.role
+                ))
+            };
+            self.out.push(Action::AdminReply { id, result });
+        }
+        assert!(self.force_replies.is_empty());
     }
 
     /// A metadata write failed (EIO): what is on the metadata disk (bitmap,
@@ -1598,11 +1647,30 @@ impl Node {
 
     fn on_admin(&mut self, id: u64, cmd: AdminCmd) {
         let result = match cmd {
-            AdminCmd::Primary { force } => self.promote(force).map(|_| {
-                // An explicit promotion stays until `secondary`.
-                self.auto_promoted = false;
-                "primary".to_string()
-            }),
+            AdminCmd::Primary { force } => {
+                let forcing = force && self.disk != DiskState::UpToDate;
+                match self.promote(force) {
+                    Ok(()) => {
+                        // An explicit promotion stays until `secondary`.
+                        self.auto_promoted = false;
+                        // A forced promotion makes this disk the up-to-date one
+                        // only once its superblock says so: answer then, as
+                        // DRBD's `primary --force` returns after its meta-data
+                        // sync (simulator seed 69431: the process was killed
+                        // right after "primary", before the superblock landed,
+                        // and came back inconsistent: no good data anywhere).
+                        // Writes wait for that superblock already (the gate).
+                        let forced = forcing && self.disk == DiskState::UpToDate;
+                        if forced || !self.force_replies.is_empty() {
+                            debug_assert!(self.txn.gated() || !forced);
+                            self.force_replies.push(id);
+                            return;
+                        }
+                        Ok("primary".to_string())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             AdminCmd::Secondary => {
                 if !self.clients.is_empty() {
                     Err(format!(

@@ -789,6 +789,52 @@ fn a_primary_with_a_failed_disk_starts_no_generation() {
     );
 }
 
+/// `primary --force` answers "primary" only once the superblock that makes
+/// the disk up to date is durable: a process killed before that comes back
+/// with its old, not up-to-date disk, so an earlier "primary" promised good
+/// data that was gone (simulator seed 69431: "good data lost").
+#[test]
+fn a_forced_promotion_is_answered_once_its_superblock_is_durable() {
+    let mut p = Pair::in_sync("");
+    p.crash(1);
+    p.crash(0);
+    p.md[0].sb.flags &= !md_flags::WAS_UP_TO_DATE;
+    p.boot(0);
+    p.settle();
+    assert_eq!(p.status(0).disk, DiskState::Outdated);
+    p.node(0).handle(Event::Admin {
+        id: 7,
+        cmd: AdminCmd::Primary { force: true },
+    });
+    let actions = p.node(0).take_actions();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::AdminReply { .. })),
+        "no answer before the superblock is durable: {actions:?}"
+    );
+    let sb = actions.iter().find_map(|a| match a {
+        Action::Persist {
+            id,
+            write: MetaWrite::Superblock(m),
+        } => Some((*id, m.clone())),
+        _ => None,
+    });
+    let Some((sb_id, m)) = sb else {
+        panic!("the forced superblock is written: {actions:?}");
+    };
+    assert_ne!(m.flags & md_flags::WAS_UP_TO_DATE, 0, "{m:?}");
+    // The superblock lands: now the answer comes.
+    p.md[0].sb = m;
+    p.queue[0].push_back(Event::MetaDone {
+        id: sb_id,
+        ok: true,
+    });
+    p.settle();
+    assert_eq!(p.replies[0], vec![Ok("primary".to_string())]);
+    assert_eq!(p.status(0).disk, DiskState::UpToDate);
+}
+
 /// Dual primaries, overlapping writes in flight: the node whose write wins
 /// leaves the peer's write out where they overlap. If its own write then fails,
 /// neither is on its disk, so it must not acknowledge the peer's write as
@@ -1216,6 +1262,62 @@ mod resync_marks {
         assert_eq!(p.named(1, "resync-finished").len(), 1, "{:?}", p.events[1]);
         assert!(p.marked(1, 9), "block 9 stays marked: {:?}", p.status(1));
         assert!(p.persisted_marked(1, 9), "and persisted");
+    }
+
+    /// The source's disk fails after it sent the whole resync (its SyncDone
+    /// still comes): the target, up to date now and the only such disk, starts
+    /// a new generation, as when the peer's disk fails under an up-to-date
+    /// node. Simulator seed 35061: it did not; its later writes were only on
+    /// its disk under the common identifiers, its disk failed too, both came
+    /// back outdated with the same generation, the direction went by name, and
+    /// the failed source's old data overwrote the target's acknowledged write.
+    #[test]
+    fn a_target_made_up_to_date_after_its_source_failed_starts_a_generation() {
+        let mut p = Pair::in_sync("[sync]\nchecksum = false");
+        let held = beta_primary_sync_target(&mut p, hold_sync_done_for_beta);
+        assert_eq!(held.len(), 1, "the resync is over on alpha");
+        // Alpha's disk fails (a write of beta's it cannot store).
+        p.bad_offset[0] = Some(9 * 4096);
+        p.queue_write(1, 2, 9, 0x33);
+        p.settle();
+        assert_eq!(p.status(0).disk, DiskState::Failed);
+        let alpha_gis = p.node(0).meta().gis;
+        for (i, ev) in held {
+            p.queue[i].push_back(ev);
+        }
+        p.settle();
+        assert_eq!(p.status(1).disk, DiskState::UpToDate);
+        let beta_gis = p.node(1).meta().gis;
+        assert_ne!(beta_gis.current, alpha_gis.current, "a new generation");
+        assert_eq!(beta_gis.bitmap, alpha_gis.current, "{beta_gis:?}");
+        // Beta writes block 10 (only on its disk), then its disk fails too.
+        p.bad_offset[0] = None;
+        p.queue_write(1, 3, 10, 0x44);
+        p.settle();
+        assert_eq!(p.replies_for(1, 3), vec![Ok(None)]);
+        p.broken[1] = true;
+        p.queue_write(1, 4, 11, 0x55);
+        p.settle();
+        assert_eq!(p.status(1).disk, DiskState::Failed);
+        // Both restart with working disks, both outdated: beta's newer data wins.
+        p.crash(0);
+        p.crash(1);
+        p.broken[1] = false;
+        p.boot(0);
+        p.boot(1);
+        p.settle();
+        let d = p.named(1, "sync-decision");
+        assert_eq!(
+            d.last().map(|d| d["decision"].clone()),
+            Some("Source { full: false }".into()),
+            "{d:?}"
+        );
+        p.run_ms(5_000);
+        for block in [9, 10] {
+            let at = block * 4096;
+            assert_eq!(p.disks[0][at], p.disks[1][at], "block {block}");
+        }
+        assert_eq!(p.disks[0][10 * 4096], 0x44, "beta's write reached alpha");
     }
 }
 

@@ -296,19 +296,8 @@ impl Node {
                     p.role = role;
                     p.disk = disk;
                 }
-                if had_disk
-                    && gone(disk)
-                    && self.disk == DiskState::UpToDate
-                    && (self.role == Role::Primary || role == Role::Primary)
-                    && self.meta.gis.bitmap == 0
-                {
-                    // The peer's disk is gone: what is written from now on is only
-                    // here. Start a new generation, as DRBD does when it loses the
-                    // peer's disk (simulator finding: without one, both disks later
-                    // came back with the same generation and the sync direction
-                    // went by name, discarding the writes made meanwhile).
-                    self.new_generation(self.role == Role::Primary);
-                    self.persist_superblock(true);
+                if had_disk && gone(disk) {
+                    self.new_generation_without_peer_disk();
                 }
                 self.notify("peer-state", json!({ "role": role, "disk": disk }));
                 if role == Role::Primary

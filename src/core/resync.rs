@@ -1012,6 +1012,20 @@ impl Node {
             "resync-finished",
             json!({ "role": "target", "gis": gis_json(&self.meta.gis) }),
         );
+        // The source's disk may have failed after it sent everything (its
+        // SyncDone still comes): this disk is now the only up-to-date one, and
+        // what is written from here on is only here. Without a new generation
+        // both disks later came back outdated with the same identifiers and the
+        // direction went by name: the failed source's old data overwrote this
+        // node's writes (simulator seed 35061).
+        let peer_disk_gone = self
+            .session
+            .peer
+            .as_ref()
+            .is_some_and(|p| matches!(p.disk, DiskState::Failed | DiskState::Diskless));
+        if peer_disk_gone {
+            self.new_generation_without_peer_disk();
+        }
     }
 
     pub(super) fn on_checksum_request(&mut self, id: u64, offset: u64, len: u32, verify: bool) {

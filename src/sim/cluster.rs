@@ -307,6 +307,11 @@ pub struct Sim {
     /// The node whose data the cluster chose last, while nothing since took
     /// its standing away (policy.rs).
     pub reference: Option<usize>,
+    /// Admin ids of `primary --force` not answered yet: a forced promotion
+    /// holds good data once the core says "primary" (after its superblock is
+    /// durable), not at its "forced-up-to-date" event, which a process kill
+    /// before that superblock undoes (seed 69431).
+    pub forcing: Vec<u64>,
     /// The copies of writes sent more than once (resend.rs), by group id.
     pub groups: BTreeMap<u64, Group>,
     pub next_group: u64,
@@ -454,6 +459,7 @@ impl Sim {
             favourite: 0,
             good_data: sc.start != Start::BothFresh,
             reference: None,
+            forcing: Vec::new(),
             groups: BTreeMap::new(),
             next_group: 1,
             shut_rule: std::env::var_os("MIRROR_SIM_NO_SHUT_RULE").is_none(),
@@ -803,6 +809,9 @@ impl Sim {
         let id = self.next_admin;
         self.next_admin += 1;
         self.trace_line(Some(n), || format!("admin {id}: {cmd:?}"));
+        if matches!(cmd, AdminCmd::Primary { force: true }) {
+            self.forcing.push(id);
+        }
         self.run_core(n, |c| c.handle(Event::Admin { id, cmd }));
     }
 

@@ -73,6 +73,13 @@ impl Sim {
                 }
                 Action::AdminReply { id, result } => {
                     self.trace_line(Some(n), || format!("admin {id} -> {result:?}"));
+                    if let Some(at) = self.forcing.iter().position(|f| *f == id) {
+                        self.forcing.swap_remove(at);
+                        if result.is_ok() {
+                            self.good_data = true;
+                            self.set_reference(n, "primary --force");
+                        }
+                    }
                 }
                 Action::Notify(v) => self.on_notify(n, v),
                 // The fence-peer handler: mostly "peer outdated", sometimes
@@ -527,11 +534,10 @@ impl Sim {
                 }
                 self.on_decision(n, &d, true);
             }
-            "forced-up-to-date" => {
-                self.good_data = true;
-                self.set_reference(n, "primary --force");
-                self.rebase(n, "primary --force");
-            }
+            // The operator chose this node's data: the model follows now (its
+            // writes wait for the superblock); good data is there once the
+            // core answers the command, after that superblock is durable.
+            "forced-up-to-date" => self.rebase(n, "primary --force"),
             "resync-finished" if v.get("gis").is_some() => self.good_data = true,
             "disk-failed" | "invalidated" => {
                 self.good_data = false;
