@@ -1486,6 +1486,7 @@ mod stream_writes {
     }
 }
 
+mod ack_loss;
 mod hostile_peer;
 mod start_pause;
 
