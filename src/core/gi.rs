@@ -11,6 +11,11 @@ pub struct Side {
     /// It was up to date when last known (not outdated).
     pub up_to_date: bool,
     pub crashed_primary: bool,
+    /// It holds writes its peer acknowledged but had not flushed when the link
+    /// was lost (marked in its bitmap): if the peer lost power since, they are
+    /// gone there, and this node may have made them durable (flushes answered
+    /// alone). Persisted as `md_flags::PEER_MAY_LACK`, told in the Hello.
+    pub peer_may_lack: bool,
     /// The disk was never synced since create-md.
     pub full_sync_needed: bool,
 }
@@ -66,6 +71,27 @@ pub fn decide(me: &Side, peer: &Side, me_first: bool) -> Decision {
     }
     let (mc, pc) = (me.gis.current, peer.gis.current);
     if mc == pc {
+        // A side holding writes its peer may have lost is the source: the peer
+        // acknowledged them but never flushed them, so a peer that lost power
+        // since lacks them, while this side may have promised them durable
+        // (sim-long seed 10316: a crashed primary as the source copied its old
+        // blocks over them). It never lost them itself (it did not crash: a
+        // crashed side with the mark is handled below), and a peer that kept
+        // its cache holds the same data there, so nothing is lost either way.
+        match (me.peer_may_lack, peer.peer_may_lack) {
+            (true, false) => return Decision::Source { full: false },
+            (false, true) => return Decision::Target { full: false },
+            // Both hold some (a network cut while both wrote): the one that did
+            // not crash kept its cache, so it holds the other's too.
+            (true, true) if me.crashed_primary != peer.crashed_primary => {
+                return if peer.crashed_primary {
+                    Decision::Source { full: false }
+                } else {
+                    Decision::Target { full: false }
+                };
+            }
+            _ => {}
+        }
         return match (me.crashed_primary, peer.crashed_primary) {
             (false, false) => Decision::InSync,
             (true, false) => Decision::Source { full: false },
@@ -87,10 +113,18 @@ pub fn decide(me: &Side, peer: &Side, me_first: bool) -> Decision {
     // neither is the source. Asked one side first, each node found itself
     // ahead and the two disagreed on the direction (simulator seed 5828: each
     // history held the other's current).
+    //
+    // One side went on alone (a newer generation), but the other holds writes
+    // it may have lost (acknowledged, never flushed there, then perhaps made
+    // durable here alone): each has data the other lacks, a split brain (sim-long
+    // seed 71609: a secondary lost power, came back, was promoted and wrote, and
+    // the one-way resync copied over the old primary's durable writes).
     let me_went_on = mb != 0 && mb == pc;
     let peer_went_on = pb != 0 && pb == mc;
     match (me_went_on, peer_went_on) {
+        (true, false) if peer.peer_may_lack => return Decision::SplitBrain { full: false },
         (true, false) => return Decision::Source { full: false },
+        (false, true) if me.peer_may_lack => return Decision::SplitBrain { full: false },
         (false, true) => return Decision::Target { full: false },
         (true, true) => return Decision::SplitBrain { full: true },
         (false, false) => {}
@@ -101,7 +135,9 @@ pub fn decide(me: &Side, peer: &Side, me_first: bool) -> Decision {
     let me_newer = pc != 0 && me.gis.history.contains(&pc);
     let peer_newer = mc != 0 && peer.gis.history.contains(&mc);
     match (me_newer, peer_newer) {
+        (true, false) if peer.peer_may_lack => return Decision::SplitBrain { full: true },
         (true, false) => return Decision::Source { full: true },
+        (false, true) if me.peer_may_lack => return Decision::SplitBrain { full: true },
         (false, true) => return Decision::Target { full: true },
         (true, true) => return Decision::SplitBrain { full: true },
         (false, false) => {}
@@ -167,6 +203,7 @@ mod tests {
             consistent: true,
             up_to_date: true,
             crashed_primary: false,
+            peer_may_lack: false,
             full_sync_needed: false,
         }
     }
@@ -295,6 +332,29 @@ mod tests {
         assert_eq!(
             both(&c, &side(10, 0, [0, 0])),
             Decision::Source { full: false }
+        );
+        // A side holding writes its peer may have lost is the source, over a
+        // crashed primary too (sim-long seed 10316).
+        let mut m = side(10, 0, [0, 0]);
+        m.peer_may_lack = true;
+        assert_eq!(both(&m, &c), Decision::Source { full: false });
+        assert_eq!(
+            both(&m, &side(10, 0, [0, 0])),
+            Decision::Source { full: false }
+        );
+        // Both hold some: the one that did not crash.
+        let mut mc = m;
+        mc.crashed_primary = true;
+        assert_eq!(both(&m, &mc), Decision::Source { full: false });
+        // The peer went on alone, but this side holds writes it may lack: a
+        // split brain, not a one-way resync (sim-long seed 71609).
+        assert_eq!(
+            both(&m, &side(20, 10, [0, 0])),
+            Decision::SplitBrain { full: false }
+        );
+        assert_eq!(
+            both(&m, &side(40, 30, [10, 0])),
+            Decision::SplitBrain { full: true }
         );
         // Inconsistent side is the target.
         let mut i = side(10, 0, [0, 0]);

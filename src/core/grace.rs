@@ -117,6 +117,9 @@ impl Node {
                 json!({ "reason": reason, "pause_ms": self.cfg.reconnect_grace_ms }),
             );
         }
+        // Marked now, before the flushes held in the pause may be answered
+        // from this disk alone at its end.
+        self.mark_peer_may_lack(&owed.unflushed);
         for r in owed.unflushed {
             self.bitmap.set_range(r);
         }

@@ -44,6 +44,7 @@ pub struct Announced {
     pub disk: DiskState,
     pub role: Role,
     pub crashed_primary: bool,
+    pub peer_may_lack: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -685,6 +685,27 @@ impl Node {
 
     // ----- metadata -----
 
+    /// This node holds writes its peer acknowledged but had not flushed when
+    /// the link was lost (`md_flags::PEER_MAY_LACK`, told in the Hello).
+    pub(super) fn peer_may_lack(&self) -> bool {
+        self.meta.flags & md_flags::PEER_MAY_LACK != 0
+    }
+
+    /// The link was lost with `unflushed` writes the peer acknowledged but had
+    /// not flushed: a peer that lost power lacks them, and this node may make
+    /// them durable alone (its flushes answered without the peer). Recorded in
+    /// the superblock, queued before any such flush is answered, so that the
+    /// next sync decision takes them from here (docs/SYNC-DECISION.md). Only an
+    /// up-to-date disk holds data another node should take.
+    pub(super) fn mark_peer_may_lack(&mut self, unflushed: &[Range]) {
+        if unflushed.is_empty() || self.disk != DiskState::UpToDate || self.peer_may_lack() {
+            return;
+        }
+        self.meta.flags |= md_flags::PEER_MAY_LACK;
+        self.persist_superblock(false);
+        debug_assert!(self.peer_may_lack());
+    }
+
     /// Queues a superblock write; with `gate`, local writes wait until it is durable.
     pub(super) fn persist_superblock(&mut self, gate: bool) {
         if !self.txn.want_superblock(gate) {

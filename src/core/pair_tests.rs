@@ -1602,6 +1602,7 @@ mod stream_writes {
     }
 }
 
+mod ack_loss;
 mod crossed_starts;
 mod hostile_peer;
 mod start_pause;

@@ -50,6 +50,7 @@ impl Node {
             disk: Self::peer_disk_of(self.disk),
             gis: self.meta.gis,
             crashed_primary: self.crashed_primary,
+            peer_may_lack: self.peer_may_lack(),
             out_of_sync_blocks: self.bitmap.count(),
             discard_my_data: self.discard_my_data,
         }
@@ -175,6 +176,7 @@ impl Node {
         }
         // Writes the peer acknowledged but had not flushed may be lost if it lost
         // power (simulator finding: nobody marked them, the disks stayed different).
+        self.mark_peer_may_lack(&owed.unflushed);
         for r in owed.unflushed {
             self.bitmap.set_range(r);
         }
@@ -668,6 +670,7 @@ impl Node {
             consistent: matches!(self.disk, DiskState::UpToDate | DiskState::Outdated),
             up_to_date: self.disk == DiskState::UpToDate,
             crashed_primary: self.crashed_primary,
+            peer_may_lack: self.peer_may_lack(),
             full_sync_needed: self.meta.flags & md_flags::FULL_SYNC_NEEDED != 0,
         }
     }
@@ -690,6 +693,7 @@ impl Node {
             consistent: matches!(disk_of(h.disk), DiskState::UpToDate | DiskState::Outdated),
             up_to_date: h.disk == PeerDisk::UpToDate,
             crashed_primary: h.crashed_primary,
+            peer_may_lack: h.peer_may_lack,
             full_sync_needed: false,
         };
         let me = self.side_of_self();
@@ -797,6 +801,8 @@ impl Node {
                 if self.crashed_primary {
                     self.crashed_primary = false;
                 }
+                // Nothing marked on either side: nothing the peer may lack.
+                self.meta.flags &= !md_flags::PEER_MAY_LACK;
                 self.split_brain = false;
                 self.persist_superblock(false);
                 let pages = self.bitmap.take_dirty();

@@ -896,7 +896,10 @@ impl Node {
         }
         self.crashed_primary = false;
         self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
-        self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
+        // The peer holds every marked block now (as source: it acknowledged
+        // each durable; as target: this disk holds the source's).
+        self.meta.flags &=
+            !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET | md_flags::PEER_MAY_LACK);
         self.repl = Replication::Established;
         self.outdated_now_current();
         // The peer adopts our current identifier at SyncDone: only once our
@@ -1001,7 +1004,10 @@ impl Node {
         self.disk = DiskState::UpToDate;
         self.crashed_primary = false;
         self.meta.flags |= md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE;
-        self.meta.flags &= !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET);
+        // The peer holds every marked block now (as source: it acknowledged
+        // each durable; as target: this disk holds the source's).
+        self.meta.flags &=
+            !(md_flags::FULL_SYNC_NEEDED | md_flags::SYNC_TARGET | md_flags::PEER_MAY_LACK);
         self.repl = Replication::Established;
         self.sync.stats_mut().resyncs_finished += 1;
         self.persist_superblock(false);

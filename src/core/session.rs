@@ -36,6 +36,7 @@ impl Node {
             disk: self.disk,
             role: self.role,
             crashed_primary: self.crashed_primary,
+            peer_may_lack: self.peer_may_lack(),
         }
     }
 

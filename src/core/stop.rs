@@ -40,7 +40,9 @@ impl Node {
         // The link goes with the process: writes the peer has not flushed yet may
         // still be lost there (simulator finding: after a clean stop and the peer's
         // power loss, an in-sync reconnect left the blocks different).
-        for r in self.owed.take_unflushed() {
+        let unflushed = self.owed.take_unflushed();
+        self.mark_peer_may_lack(&unflushed);
+        for r in unflushed {
             self.bitmap.set_range(r);
         }
         let pages = self.bitmap.take_dirty();

@@ -107,6 +107,9 @@ pub mod md_flags {
     pub const PEER_OUTDATED: u32 = 1 << 3;
     pub const SYNC_TARGET: u32 = 1 << 4;
     pub const FULL_SYNC_NEEDED: u32 = 1 << 5;
+    /// The bitmap marks writes the peer acknowledged but had not flushed when
+    /// the link was lost: the peer may have lost them (docs/SYNC-DECISION.md).
+    pub const PEER_MAY_LACK: u32 = 1 << 6;
 }
 
 /// The metadata the core starts from and asks the daemon to persist.

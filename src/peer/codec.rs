@@ -356,7 +356,8 @@ fn put_fixed_fields(msg: &Message, out: &mut BytesMut) -> (u16, u16, Bytes) {
         Message::Hello(h) => {
             flags = flag(h.two_primaries, FLAG_HELLO_TWO_PRIMARIES)
                 | flag(h.crashed_primary, FLAG_HELLO_CRASHED_PRIMARY)
-                | flag(h.discard_my_data, FLAG_HELLO_DISCARD_MY_DATA);
+                | flag(h.discard_my_data, FLAG_HELLO_DISCARD_MY_DATA)
+                | flag(h.peer_may_lack, FLAG_HELLO_PEER_MAY_LACK);
             out.put_u32(h.version);
             out.put_u64(h.data_size);
             out.put_u8(h.protocol);
@@ -552,7 +553,10 @@ impl<'a> Reader<'a> {
 fn allowed_flags(msg_type: u16) -> u16 {
     match msg_type {
         TYPE_HELLO => {
-            FLAG_HELLO_TWO_PRIMARIES | FLAG_HELLO_CRASHED_PRIMARY | FLAG_HELLO_DISCARD_MY_DATA
+            FLAG_HELLO_TWO_PRIMARIES
+                | FLAG_HELLO_CRASHED_PRIMARY
+                | FLAG_HELLO_DISCARD_MY_DATA
+                | FLAG_HELLO_PEER_MAY_LACK
         }
         TYPE_BITMAP_CHUNK => FLAG_BITMAP_LAST,
         TYPE_WRITE => {
@@ -600,6 +604,7 @@ fn parse_payload(msg_type: u16, flags: u16, mut payload: Bytes) -> Result<Messag
                 disk,
                 gis,
                 crashed_primary: has(FLAG_HELLO_CRASHED_PRIMARY),
+                peer_may_lack: has(FLAG_HELLO_PEER_MAY_LACK),
                 out_of_sync_blocks,
                 discard_my_data: has(FLAG_HELLO_DISCARD_MY_DATA),
             })

@@ -65,6 +65,11 @@ pub const FLAG_HELLO_TWO_PRIMARIES: u16 = 1 << 0;
 pub const FLAG_HELLO_CRASHED_PRIMARY: u16 = 1 << 1;
 /// Hello: the sender wants its data discarded on split brain.
 pub const FLAG_HELLO_DISCARD_MY_DATA: u16 = 1 << 2;
+/// Hello: the sender holds writes the receiver acknowledged but may have lost
+/// (it had not flushed them when the link was lost). Sent only when true; a
+/// peer of an older version refuses the flag (unknown bit) and the pair
+/// connects once both run this version.
+pub const FLAG_HELLO_PEER_MAY_LACK: u16 = 1 << 3;
 /// BitmapChunk: this is the last chunk.
 pub const FLAG_BITMAP_LAST: u16 = 1 << 0;
 /// Write: force unit access.

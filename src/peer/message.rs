@@ -44,6 +44,9 @@ pub struct Hello {
     pub gis: Gis,
     /// This node crashed while primary (its activity log was replayed).
     pub crashed_primary: bool,
+    /// The sender holds writes this node acknowledged but had not flushed
+    /// when the link was lost (it may have lost them in a power cut).
+    pub peer_may_lack: bool,
     /// Number of out-of-sync blocks in the sender's bitmap.
     pub out_of_sync_blocks: u64,
     /// The sender wants its data discarded if this is a split brain (`connect --discard-my-data`).

@@ -13,12 +13,13 @@ fn first_value(d: &[u8]) -> String {
 pub fn message(m: &Message) -> String {
     match m {
         Message::Hello(h) => format!(
-            "Hello({} {:?} {:?} gis {:x?} crashed {} oos {} discard {})",
+            "Hello({} {:?} {:?} gis {:x?} crashed {} may-lack {} oos {} discard {})",
             h.node,
             h.role,
             h.disk,
             h.gis,
             h.crashed_primary,
+            h.peer_may_lack,
             h.out_of_sync_blocks,
             h.discard_my_data
         ),

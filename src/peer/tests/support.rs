@@ -70,6 +70,7 @@ pub fn hello() -> impl Strategy<Value = Hello> {
             disk(),
             gis(),
             any::<bool>(),
+            any::<bool>(),
             any::<u64>(),
             any::<bool>(),
         ),
@@ -77,7 +78,15 @@ pub fn hello() -> impl Strategy<Value = Hello> {
         .prop_map(
             |(
                 (version, resource, node, data_size, protocol, two_primaries),
-                (role, disk, gis, crashed_primary, out_of_sync_blocks, discard_my_data),
+                (
+                    role,
+                    disk,
+                    gis,
+                    crashed_primary,
+                    peer_may_lack,
+                    out_of_sync_blocks,
+                    discard_my_data,
+                ),
             )| Hello {
                 version,
                 resource,
@@ -89,6 +98,7 @@ pub fn hello() -> impl Strategy<Value = Hello> {
                 disk,
                 gis,
                 crashed_primary,
+                peer_may_lack,
                 out_of_sync_blocks,
                 discard_my_data,
             },
@@ -171,6 +181,7 @@ pub fn one_of_each() -> Vec<Message> {
             disk: PeerDisk::UpToDate,
             gis,
             crashed_primary: false,
+            peer_may_lack: true,
             out_of_sync_blocks: 7,
             discard_my_data: true,
         }),

@@ -55,15 +55,21 @@ pub mod flags {
     pub const SYNC_TARGET: u32 = 1 << 4;
     /// The next resync must copy everything.
     pub const FULL_SYNC_NEEDED: u32 = 1 << 5;
+    /// The bitmap marks writes the peer acknowledged but had not flushed when
+    /// the link was lost: the peer may have lost them, this node is the sync
+    /// source for them (docs/SYNC-DECISION.md). Older versions keep the bit
+    /// as it is and ignore it.
+    pub const PEER_MAY_LACK: u32 = 1 << 6;
 
     /// Every flag with its name, for display.
-    pub const NAMES: [(u32, &str); 6] = [
+    pub const NAMES: [(u32, &str); 7] = [
         (CONSISTENT, "consistent"),
         (WAS_UP_TO_DATE, "was-up-to-date"),
         (PRIMARY, "primary"),
         (PEER_OUTDATED, "peer-outdated"),
         (SYNC_TARGET, "sync-target"),
         (FULL_SYNC_NEEDED, "full-sync-needed"),
+        (PEER_MAY_LACK, "peer-may-lack"),
     ];
 }
 
