@@ -250,6 +250,7 @@ mod tests {
                 consistent: self.flag(),
                 up_to_date: self.flag(),
                 crashed_primary: self.flag(),
+                peer_may_lack: self.flag(),
                 full_sync_needed: self.flag(),
             }
         }
