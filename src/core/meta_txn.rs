@@ -22,6 +22,10 @@ pub(super) struct MetaTxns {
     sb_txn: Option<u64>,
     /// The superblock changed while its write was in flight: write it again.
     sb_again: bool,
+    /// The next superblock write starts a new data generation: the data disk
+    /// is flushed first, and the superblock is written once that flush is
+    /// done (`sb_txn` is the flush's id until then).
+    sb_flush_first: bool,
     /// Local writes wait while a superblock with new identifiers is being persisted.
     gate_writes: bool,
     /// A new data generation starts at the next local write that the peer does
@@ -49,6 +53,7 @@ impl MetaTxns {
             al_txn: None,
             sb_txn: None,
             sb_again: false,
+            sb_flush_first: false,
             gate_writes: false,
             pending_gen: None,
             last_bitmap_save_ms: 0,
@@ -168,9 +173,28 @@ impl MetaTxns {
         true
     }
 
-    /// The superblock write `id` started.
-    pub(super) fn begin_superblock(&mut self, id: u64) {
+    /// The superblock now names a new data generation: its next write waits
+    /// for a flush of the data disk (see [`MetaTxns::begin_superblock`]).
+    pub(super) fn flush_before_superblock(&mut self) {
+        self.sb_flush_first = true;
+    }
+
+    /// The superblock write `id` started. Returns true if `id` is the data
+    /// flush that must come first (a new generation): the write itself
+    /// follows with [`MetaTxns::superblock_flushed`].
+    pub(super) fn begin_superblock(&mut self, id: u64) -> bool {
         assert!(self.sb_txn.is_none(), "one superblock write at a time");
+        self.sb_txn = Some(id);
+        self.invariants();
+        std::mem::take(&mut self.sb_flush_first)
+    }
+
+    /// The data flush before the superblock is done: its write `id` follows.
+    pub(super) fn superblock_flushed(&mut self, id: u64) {
+        assert!(
+            self.sb_txn.is_some(),
+            "a superblock flush without its transaction"
+        );
         self.sb_txn = Some(id);
         self.invariants();
     }

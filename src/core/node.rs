@@ -62,6 +62,9 @@ pub(super) enum Io {
         id: u64,
         verify: bool,
     },
+    /// Data flush before a superblock write that starts a new generation
+    /// (`MetaTxns::flush_before_superblock`).
+    SuperblockFlush,
     /// Data flush before an activity-log transaction that evicts extents.
     AlFlush {
         set: Vec<u32>,
@@ -680,6 +683,15 @@ impl Node {
         }
         let new = self.new_gi() | mark;
         self.meta.gis.current = new;
+        // Everything this disk completed before is flushed before the new
+        // identifier can be durable, as DRBD writes its new current UUID with
+        // a preflush: the new generation says this disk holds the only good
+        // data, which includes the peer's acknowledged writes still in its
+        // cache here (sim-long seed 36115: the peer's disk failed on a metadata
+        // write, this node started a generation, lost power with the peer's
+        // acknowledged write unflushed, and the resync from its newer
+        // generation went over the peer's copy).
+        self.txn.flush_before_superblock();
         self.notify("new-current-gi", json!({ "gis": gis_json(&self.meta.gis) }));
     }
 
@@ -706,13 +718,55 @@ impl Node {
         debug_assert!(self.peer_may_lack());
     }
 
+    /// The link was lost with `unconfirmed` writes answered to their clients
+    /// before the peer acknowledged them (protocol A, B): the peer may never
+    /// have received them, so this node holds acknowledged writes the peer may
+    /// lack, as for [`Node::mark_peer_may_lack`]. They reached this disk while
+    /// it was up to date; a disk that failed since still holds them, and the
+    /// flag makes the sync decision wait for it rather than let the peer's
+    /// older data serve (docs/SYNC-DECISION.md).
+    pub(super) fn mark_unconfirmed_acknowledged(&mut self, unconfirmed: &[Range]) {
+        if unconfirmed.is_empty()
+            || !matches!(self.disk, DiskState::UpToDate | DiskState::Failed)
+            || self.peer_may_lack()
+        {
+            return;
+        }
+        self.meta.flags |= md_flags::PEER_MAY_LACK;
+        self.persist_superblock(false);
+        debug_assert!(self.peer_may_lack());
+    }
+
     /// Queues a superblock write; with `gate`, local writes wait until it is durable.
     pub(super) fn persist_superblock(&mut self, gate: bool) {
         if !self.txn.want_superblock(gate) {
             return; // written again when the write in flight is done
         }
         let id = self.new_id();
-        self.txn.begin_superblock(id);
+        if self.txn.begin_superblock(id) {
+            self.ops.begin(id, Io::SuperblockFlush);
+            self.out.push(Action::Disk {
+                id,
+                op: DiskOp::Flush,
+            });
+            return;
+        }
+        self.out.push(Action::Persist {
+            id,
+            write: MetaWrite::Superblock(self.meta.clone()),
+        });
+    }
+
+    /// The data flush before a new generation's superblock is done: the
+    /// superblock (as it is now) is written. A failed flush fails the disk:
+    /// what it held may not be durable, so it must not count as the only good
+    /// data (its superblock says so once written).
+    fn on_superblock_flush_done(&mut self, result: Result<Option<Bytes>, u32>) {
+        if result.is_err() {
+            self.disk_failed("flush error");
+        }
+        let id = self.new_id();
+        self.txn.superblock_flushed(id);
         self.out.push(Action::Persist {
             id,
             write: MetaWrite::Superblock(self.meta.clone()),
@@ -1396,6 +1450,7 @@ impl Node {
             }
             Io::ChecksumRead { id, verify } => self.on_checksum_read_done(id, verify, result),
             Io::AlFlush { set } => self.on_al_flush_done(set, result),
+            Io::SuperblockFlush => self.on_superblock_flush_done(result),
             Io::ChecksumFlush { id, offset, len } => {
                 self.on_checksum_flush_done(id, offset, len, result)
             }

@@ -177,6 +177,20 @@ impl Node {
         // Writes the peer acknowledged but had not flushed may be lost if it lost
         // power (simulator finding: nobody marked them, the disks stayed different).
         self.mark_peer_may_lack(&owed.unflushed);
+        // So may the writes answered before the peer confirmed them (protocol A
+        // and B): they may have been lost on the way. They are on this disk (a
+        // write is answered before the peer's acknowledgement only when its
+        // local part succeeded on an up-to-date disk), even if the disk failed
+        // since (sim-long seed 58093: the failed side held the only copy of
+        // protocol A writes cut off by a partition, and the good side served
+        // reads without them).
+        let unconfirmed: Vec<Range> = owed
+            .recent
+            .values()
+            .filter(|r| r.req.is_some_and(|q| self.reqs.answered_before_peer(q)))
+            .map(|r| r.range)
+            .collect();
+        self.mark_unconfirmed_acknowledged(&unconfirmed);
         for r in owed.unflushed {
             self.bitmap.set_range(r);
         }

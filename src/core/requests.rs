@@ -296,6 +296,14 @@ impl Requests {
         }
     }
 
+    /// Request `rid` was answered successfully to its client, though the peer
+    /// still owes its acknowledgement (protocol A or B answered it first).
+    pub(super) fn answered_before_peer(&self, rid: u64) -> bool {
+        self.reqs
+            .get(&rid)
+            .is_some_and(|r| r.replied && r.error == 0 && r.ack_outstanding)
+    }
+
     /// The peer will not answer request `rid`: done as far as the peer goes,
     /// failed (EIO) unless this disk (`local_good`) holds a good copy.
     pub(super) fn peer_gone(&mut self, rid: u64, local_good: bool) {
