@@ -781,7 +781,7 @@ impl Node {
         }
         self.notify(
             "sync-decision",
-            json!({ "decision": format!("{decision:?}"), "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis) }),
+            json!({ "decision": format!("{decision:?}"), "gis": gis_json(&self.meta.gis), "peer_gis": gis_json(&h.gis), "peer_disk": format!("{:?}", disk_of(h.disk)) }),
         );
         // `connect --discard-my-data` applies to this connection only, as in DRBD:
         // kept, it silently discarded this node's data in a later split brain.

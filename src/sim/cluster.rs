@@ -186,6 +186,9 @@ pub struct SimNode {
     /// The simulator asked this node to `connect --discard-my-data`, and no
     /// handshake of it has decided since.
     pub discarded: bool,
+    /// Its last sync decision saw the peer's identifiers as they are now (not
+    /// from a Hello the peer has outdated since): policy.rs.
+    pub decision_fresh: bool,
     pub failed_since: Option<u64>,
     /// Since when the node's writes are frozen by fencing.
     pub suspended_since: Option<u64>,
@@ -425,6 +428,7 @@ impl Sim {
             link_gen: 0,
             bitmap_before: Vec::new(),
             discarded: false,
+            decision_fresh: false,
             failed_since: None,
             suspended_since: None,
             last_verify: None,

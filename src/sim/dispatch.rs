@@ -502,11 +502,6 @@ impl Sim {
                 }
                 if self.net.active_link(n).is_some() {
                     self.check_reference(n, &d, &v);
-                    if d.starts_with("Source") {
-                        self.set_reference(n, "sync source");
-                    } else if d.starts_with("Target") {
-                        self.set_reference(1 - n, "sync source");
-                    }
                 }
                 if d.starts_with("Source") {
                     self.model.data_wins(n);
@@ -523,7 +518,7 @@ impl Sim {
                 let d = s("decision");
                 self.check_resolution(n, &v);
                 self.nodes[n].discarded = false;
-                if self.net.active_link(n).is_some() {
+                if self.net.active_link(n).is_some() && self.nodes[n].decision_fresh {
                     let winner = if d.starts_with("Source") { n } else { 1 - n };
                     self.set_reference(winner, "split brain resolved");
                 }

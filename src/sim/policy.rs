@@ -216,29 +216,47 @@ impl Sim {
     }
 
     /// Node `n` decided `d` from generations (event `v`): the reference must
-    /// not be made a target by different generations, nor be lost.
+    /// not be made a target by different generations, nor be lost. A source
+    /// becomes the reference.
     pub fn check_reference(&mut self, n: usize, d: &str, v: &serde_json::Value) {
-        let Some(r) = self.reference else {
-            return;
-        };
         let current = |k: &str| {
             v.get(k)
                 .and_then(|g| g.get("current"))
                 .and_then(|c| c.as_str())
         };
-        let differ = current("gis") != current("peer_gis");
-        if n != r {
-            // The peer's identifiers as its Hello gave them: if the reference has
-            // moved on since it sent them (forced up to date mid-handshake), its
-            // own core refuses this handshake and connects again.
-            let now = self.nodes[r]
-                .core
-                .as_ref()
-                .map(|c| format!("{:016X}", c.meta().gis.current));
-            if now.as_deref() != current("peer_gis") {
-                return;
-            }
+        // The peer's identifiers and disk state as its Hello gave them: if the
+        // peer has moved on since it sent them (a new generation, forced up to
+        // date, invalidated, while the Hello was on the way), its own core
+        // refuses this handshake and connects again; the decision stands for
+        // nothing (seeds 12949 and 2727 set the reference from such decisions).
+        let peer_now = self.nodes[1 - n].core.as_ref().map(|c| {
+            (
+                format!("{:016X}", c.meta().gis.current),
+                format!("{:?}", c.disk_state()),
+            )
+        });
+        let peer_then = v.get("peer_disk").and_then(|x| x.as_str());
+        let fresh = peer_now.as_ref().is_some_and(|(gis, disk)| {
+            Some(gis.as_str()) == current("peer_gis") && Some(disk.as_str()) == peer_then
+        });
+        self.nodes[n].decision_fresh = fresh;
+        if !fresh {
+            return;
         }
+        let source = if d.starts_with("Source") {
+            Some(n)
+        } else if d.starts_with("Target") {
+            Some(1 - n)
+        } else {
+            None
+        };
+        let Some(r) = self.reference else {
+            if let Some(s) = source {
+                self.set_reference(s, "sync source");
+            }
+            return;
+        };
+        let differ = current("gis") != current("peer_gis");
         let r_target = (n == r && d.starts_with("Target")) || (n != r && d.starts_with("Source"));
         if r_target && differ {
             self.violate(
@@ -249,7 +267,9 @@ impl Sim {
                     Sim::name(r)
                 ),
             );
-        } else if d == "NoGoodData" {
+            return;
+        }
+        if d == "NoGoodData" {
             self.violate(
                 "reference lost",
                 format!(
@@ -258,6 +278,10 @@ impl Sim {
                     Sim::name(r)
                 ),
             );
+            return;
+        }
+        if let Some(s) = source {
+            self.set_reference(s, "sync source");
         }
     }
 }
