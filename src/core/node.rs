@@ -352,6 +352,15 @@ impl Node {
         &self.meta
     }
 
+    /// The client request (connection, cookie) whose write went to the peer
+    /// as write `seq` of this session and is not acknowledged yet; None for a
+    /// resync write or one not tracked. Read-only, for the simulator's checker
+    /// (a trim or write-zeroes carries no data that tells whose it is).
+    pub fn peer_write_origin(&self, seq: u64) -> Option<(ConnId, u64)> {
+        let rid = self.owed.write_req(seq)?;
+        self.reqs.origin(rid)
+    }
+
     pub fn bitmap_words(&self) -> &[u64] {
         self.bitmap.words()
     }

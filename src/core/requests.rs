@@ -176,6 +176,11 @@ impl Requests {
     }
 
     /// Request `rid` still waits for the peer.
+    /// The client connection and cookie of request `rid`, if it is in the table.
+    pub(super) fn origin(&self, rid: u64) -> Option<(ConnId, u64)> {
+        self.reqs.get(&rid).map(|r| (r.conn, r.cookie))
+    }
+
     pub(super) fn awaits_peer(&self, rid: u64) -> bool {
         let Some(q) = self.reqs.get(&rid) else {
             unreachable!("request {rid} a pause waited for is gone");
