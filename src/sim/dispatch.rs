@@ -450,6 +450,12 @@ impl Sim {
             .to_string();
         self.trace_line(Some(n), || format!("event {v}"));
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+        if event == "resync-started" && s("role") == "source" {
+            // Also an operator's resync (`resync --full` on either node): the
+            // source's data is the one the cluster keeps (seed 92700: a full
+            // resync from bravo made alpha, the reference until then, its target).
+            self.set_reference(n, "resync source");
+        }
         match event.as_str() {
             "peer-session"
                 if v.get("other_connections_closed").and_then(|x| x.as_u64()) > Some(0) =>
