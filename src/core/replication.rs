@@ -744,6 +744,16 @@ impl Node {
                 let pages = self.bitmap.take_dirty();
                 self.persist_bitmap_pages(pages);
                 self.repl = Replication::Established;
+                if peer_failed && !me_failed {
+                    // This disk serves both nodes now: its writes from here on
+                    // are a generation the failed disk lacks, as when the
+                    // peer's disk goes on a connected pair (sim-long seed 98070:
+                    // the peer's disk had failed while the link was down, no
+                    // generation started, this primary's flushed writes then
+                    // had the common identifiers, and after its power loss the
+                    // peer's outdated disk was the source and overwrote them).
+                    self.new_generation_without_peer_disk();
+                }
                 self.release_held();
             } else {
                 self.drop_peer(
