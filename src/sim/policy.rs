@@ -9,7 +9,8 @@
 //!   sides of a link must report mirrored roles and generations. With the
 //!   direction check of `on_decision`, exactly the winner is the source.
 //! - **The reference stays up to date.** The node whose data the cluster last
-//!   chose (a sync source, a policy's winner, a node forced up to date) is not
+//!   chose (a sync source, an operator's resync's source, a policy's winner, a
+//!   node whose `primary --force` was answered) is not
 //!   made a sync target by a comparison of different generations, nor left with
 //!   no good data on either side, unless something since says otherwise: the
 //!   other node started a generation of its own (it wrote alone), or the
