@@ -789,6 +789,17 @@ fn a_primary_with_a_failed_disk_starts_no_generation() {
     );
 }
 
+/// The superblock write among `actions`, if any: its id and contents.
+fn superblock_write(actions: &[Action]) -> Option<(u64, MetaState)> {
+    actions.iter().find_map(|a| match a {
+        Action::Persist {
+            id,
+            write: MetaWrite::Superblock(m),
+        } => Some((*id, m.clone())),
+        _ => None,
+    })
+}
+
 /// `primary --force` answers "primary" only once the superblock that makes
 /// the disk up to date is durable: a process killed before that comes back
 /// with its old, not up-to-date disk, so an earlier "primary" promised good
@@ -813,13 +824,7 @@ fn a_forced_promotion_is_answered_once_its_superblock_is_durable() {
             .any(|a| matches!(a, Action::AdminReply { .. })),
         "no answer before the superblock is durable: {actions:?}"
     );
-    let sb = actions.iter().find_map(|a| match a {
-        Action::Persist {
-            id,
-            write: MetaWrite::Superblock(m),
-        } => Some((*id, m.clone())),
-        _ => None,
-    });
+    let sb = superblock_write(&actions);
     // A new generation: its superblock follows a flush of the data disk.
     let flush = actions.iter().find_map(|a| match a {
         Action::Disk {
@@ -843,13 +848,7 @@ fn a_forced_promotion_is_answered_once_its_superblock_is_durable() {
             .any(|a| matches!(a, Action::AdminReply { .. })),
         "no answer before the superblock is durable: {actions:?}"
     );
-    let sb = actions.iter().find_map(|a| match a {
-        Action::Persist {
-            id,
-            write: MetaWrite::Superblock(m),
-        } => Some((*id, m.clone())),
-        _ => None,
-    });
+    let sb = superblock_write(&actions);
     let Some((sb_id, m)) = sb else {
         panic!("the forced superblock is written: {actions:?}");
     };
