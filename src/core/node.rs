@@ -68,6 +68,8 @@ pub(super) enum Io {
     /// Data flush before an activity-log transaction that evicts extents.
     AlFlush {
         set: Vec<u32>,
+        /// The extents the transaction drops from the log.
+        evicted: Vec<u32>,
     },
     /// Flush before the read that answers a checksum-resync request.
     ChecksumFlush {
@@ -1292,7 +1294,7 @@ impl Node {
             }
         }
         let mut pages = Vec::new();
-        for e in evicted {
+        for e in evicted.iter().copied() {
             let first = e as u64 * EXTENT / BLOCK;
             let last = ((e as u64 + 1) * EXTENT / BLOCK).min(self.bitmap.bits());
             pages.extend(self.bitmap.take_dirty_in(first..last));
@@ -1306,7 +1308,7 @@ impl Node {
             // What was written in the evicted extents may still sit in the disk's
             // volatile cache: flush it before the log forgets them, or a crash
             // loses it where no replay looks (simulator finding).
-            self.ops.begin(id, Io::AlFlush { set });
+            self.ops.begin(id, Io::AlFlush { set, evicted });
             self.out.push(Action::Disk {
                 id,
                 op: DiskOp::Flush,
@@ -1320,9 +1322,39 @@ impl Node {
     }
 
     /// The data flush before an evicting activity-log transaction is done.
-    fn on_al_flush_done(&mut self, set: Vec<u32>, result: Result<Option<Bytes>, u32>) {
+    fn on_al_flush_done(
+        &mut self,
+        set: Vec<u32>,
+        evicted: Vec<u32>,
+        result: Result<Option<Bytes>, u32>,
+    ) {
+        assert!(
+            !evicted.is_empty(),
+            "a data flush for a transaction that evicts nothing"
+        );
+        assert!(
+            evicted.iter().all(|e| !set.contains(e)),
+            "an evicted extent stays in the new set"
+        );
         if result.is_err() {
             self.disk_failed("flush error");
+            // What was written in the evicted extents may never reach the disk
+            // now, and the log is about to forget them: the bitmap keeps them,
+            // durable before the log's write (metadata writes land in order).
+            // Without this a power loss lost such a write where no replay and
+            // no bitmap looked (sim-long seed 38407: the peer had it, and the
+            // bitmap resync after the disk's repair skipped the block).
+            let mut pages = Vec::new();
+            for e in &evicted {
+                let ext = Range::new(*e as u64 * EXTENT, EXTENT);
+                self.bitmap.set_range(ext);
+                let first = ext.start / BLOCK;
+                let end = (ext.end / BLOCK).min(self.bitmap.bits());
+                pages.extend(self.bitmap.take_dirty_in(first..end));
+            }
+            pages.sort_unstable();
+            pages.dedup();
+            self.persist_bitmap_pages(pages);
         }
         let id = self.new_id();
         self.txn.al_txn_write(id);
@@ -1458,7 +1490,7 @@ impl Node {
                 self.on_sync_done_flush(source_gis, epoch, result)
             }
             Io::ChecksumRead { id, verify } => self.on_checksum_read_done(id, verify, result),
-            Io::AlFlush { set } => self.on_al_flush_done(set, result),
+            Io::AlFlush { set, evicted } => self.on_al_flush_done(set, evicted, result),
             Io::SuperblockFlush => self.on_superblock_flush_done(result),
             Io::ChecksumFlush { id, offset, len } => {
                 self.on_checksum_flush_done(id, offset, len, result)
