@@ -69,7 +69,7 @@ fn room(held: usize, total: usize, peer_full: bool) -> bool {
     !peer_full && (held == 0 || (held < CONN_MAX_BYTES && total < TOTAL_MAX_BYTES))
 }
 
-/// Waits until [`may_take`] holds for `held()`. False: `stop` fired first.
+/// Waits until [`may_take`] holds for `held()`. False: the daemon is stopping (`stop`).
 pub(super) async fn wait_for_room(
     held: impl Fn() -> usize,
     stop: &mut tokio::sync::watch::Receiver<bool>,
@@ -78,7 +78,10 @@ pub(super) async fn wait_for_room(
     while !may_take(held()) {
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = stop.changed() => return false,
+            // The value, not a change: a stop another wait of this reader already saw (a
+            // payload's) still ends this one, and the stop waits for the reader. Err: the
+            // sender is gone, which only happens when the daemon is ending.
+            _ = stop.wait_for(|&stopping| stopping) => return false,
         }
         pause = (pause * 2).min(RECHECK_MAX);
     }

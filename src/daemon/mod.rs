@@ -21,7 +21,7 @@ mod splice;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,12 @@ pub struct Shared {
     started: Instant,
     stopping: AtomicBool,
     stop_tx: tokio::sync::watch::Sender<bool>,
+    /// NBD request loops still running (`ReaderRunning`). Once the stop signal is sent each
+    /// ends soon: at once between two requests, or after reading the rest of the request
+    /// it has begun (bounded by its grace) and handing it to the core. Until then the core
+    /// may not know that request (a buffered payload is not one until it is complete), so
+    /// a stop waits for this to reach 0 as well as for the core's requests.
+    readers: AtomicUsize,
     /// Test instrumentation: with `MIRRORD_DISK_TRACE=FILE`, every completed
     /// flush and write is appended to FILE as it completes (proof of what reached the disk).
     disk_trace: Option<Mutex<std::fs::File>>,
@@ -351,6 +357,21 @@ impl Shared {
         self.handing_over.load(Ordering::Relaxed)
     }
 
+    /// Counts an NBD request loop in [`Shared::readers`] until the guard drops, on every
+    /// path out of the loop (an error or a panic included).
+    fn reader_running(&self) -> ReaderRunning<'_> {
+        self.readers.fetch_add(1, Ordering::SeqCst);
+        ReaderRunning(self)
+    }
+
+    /// Every NBD request loop has ended and the core has answered every request: nothing
+    /// a client sent (and the daemon read) is left unanswered.
+    fn clients_drained(&self) -> bool {
+        // Readers first: each hands the core what it read before it ends, so once they are
+        // all gone the core's view is complete.
+        self.readers.load(Ordering::SeqCst) == 0 && self.core().clients_idle()
+    }
+
     /// `mirrorctl restart`: checks that it can be done now and starts it.
     pub fn request_restart(&self, exe: Option<PathBuf>) -> Result<String, String> {
         let exe = exe
@@ -378,6 +399,16 @@ impl Shared {
     }
 }
 
+/// One running NBD request loop, counted in [`Shared::readers`] while it lives.
+struct ReaderRunning<'a>(&'a Shared);
+
+impl Drop for ReaderRunning<'_> {
+    fn drop(&mut self) {
+        let before = self.0.readers.fetch_sub(1, Ordering::SeqCst);
+        assert!(before > 0, "more readers ended than started");
+    }
+}
+
 /// How a serving daemon ended.
 enum Outcome {
     Stopped,
@@ -400,6 +431,11 @@ enum Next {
 /// How long a restart waits for the requests already read to be answered, unless writes are
 /// frozen by fencing (then it waits for the freeze to end: a restart fails no frozen request).
 const HANDOVER_DRAIN: Duration = Duration::from_secs(120);
+
+/// How long a stop (without a hand-over) waits for the clients' requests to be read to their
+/// end and answered: a write waiting for the peer's ack completes or the peer is declared
+/// dead by then.
+const STOP_DRAIN: Duration = Duration::from_secs(20);
 
 /// Runs `mirrord` for one resource until SIGTERM/SIGINT, or until `mirrorctl restart`
 /// replaces it with a new process image.
@@ -551,6 +587,7 @@ async fn serve(
         events,
         started: Instant::now(),
         stopping: AtomicBool::new(false),
+        readers: AtomicUsize::new(0),
         stop_tx,
         stop_rx,
         disk_trace: std::env::var_os("MIRRORD_DISK_TRACE")
@@ -666,15 +703,7 @@ async fn serve(
         drain_for_handover(&shared).await;
     } else {
         shared.handle(Event::StopBegin);
-        // Let clients' in-flight requests finish (bounded). A running resync does
-        // not hold the stop up: its progress is persisted and it resumes later.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if shared.core().clients_idle() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        drain_for_stop(&shared).await;
     }
     tasks.abort_all();
     if let Some(old) = shared.serve_metrics(None) {
@@ -790,6 +819,28 @@ async fn bind_listeners(
     ))
 }
 
+/// A stop lets the clients' requests finish (bounded by `STOP_DRAIN`): each reader ends at a
+/// request boundary, after reading the rest of a request it had begun (a client in the middle
+/// of a payload finishes its write), and the core answers what they read. A running resync
+/// does not hold the stop up: its progress is persisted and it resumes later.
+async fn drain_for_stop(shared: &Shared) {
+    let deadline = Instant::now() + STOP_DRAIN;
+    loop {
+        if shared.clients_drained() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::error!(
+                "stop: {} NBD reader(s) still in a request, or requests unanswered, after \
+                 {STOP_DRAIN:?}; stopping anyway (those requests get no answer)",
+                shared.readers.load(Ordering::SeqCst)
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A restart waits until every request read from the sockets is answered and every
 /// connection is parked at a request boundary: bounded by `HANDOVER_DRAIN`, except while
 /// writes are frozen by fencing (those wait for the freeze to end, never failed by a restart).
@@ -797,7 +848,9 @@ async fn drain_for_handover(shared: &Arc<Shared>) {
     let start = Instant::now();
     let mut last_log = start;
     loop {
-        let idle = shared.core().clients_idle() && lock(&shared.conns).is_empty();
+        // Every reader has ended and the core is idle (`clients_drained`), and every
+        // connection is parked (its socket in `handed`, or closed).
+        let idle = shared.clients_drained() && lock(&shared.conns).is_empty();
         if idle {
             return;
         }

@@ -475,7 +475,7 @@ async fn read_loop(
 /// straight from the socket.
 async fn read_frame(s: &TcpStream, buf: &mut BytesMut, total: usize) -> Result<Bytes, String> {
     // No busy-polling on the peer link (docs/ARCHITECTURE.md).
-    super::socket::read_buffered(s, buf, total, Duration::ZERO)
+    super::socket::read_buffered(s, buf, total, Duration::ZERO, None)
         .await
         .map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => "the peer closed the connection".into(),

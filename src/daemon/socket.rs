@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, Interest};
+use tokio::sync::watch;
 
 use crate::storage::engine::IoBuf;
 
@@ -70,13 +71,17 @@ pub(super) fn set_send_buffer(fd: RawFd) {
     }
 }
 
-/// up to `poll` each time the socket runs dry before it sleeps. A peer that
-/// closes before the end is `UnexpectedEof`.
+/// Reads `len` bytes into a buffer of their own: first what `buf` already holds, the rest
+/// straight from the socket, spinning up to `poll` each time the socket runs dry before it
+/// sleeps. A peer that closes before the end is `UnexpectedEof`. With `stop` (an NBD
+/// client's payload), a client that pauses for [`STOP_GRACE`] once the daemon is stopping
+/// is cut off ([`wait_for_more`]).
 pub(super) async fn read_buffered<S: NbdStream>(
     stream: &S,
     buf: &mut BytesMut,
     len: usize,
     poll: Duration,
+    mut stop: Option<&mut watch::Receiver<bool>>,
 ) -> io::Result<Bytes> {
     let mut out = IoBuf::new(len);
     let dst = out.as_mut_slice();
@@ -90,7 +95,10 @@ pub(super) async fn read_buffered<S: NbdStream>(
                 match poll_recv(stream.as_raw_fd(), &mut dst[filled..], poll) {
                     Some(read) => read,
                     None => {
-                        stream.wait_readable().await?;
+                        match stop.as_deref_mut() {
+                            Some(stop) => wait_for_more(stream, stop).await?,
+                            None => stream.wait_readable().await?,
+                        }
                         continue;
                     }
                 }
@@ -105,6 +113,35 @@ pub(super) async fn read_buffered<S: NbdStream>(
         }
     }
     Ok(out.freeze())
+}
+
+/// Once the daemon is stopping, how long an NBD client may pause in the middle of a WRITE
+/// payload (streamed or buffered) before its write is cut off (the client's socket then
+/// closes, and the write is never answered).
+pub(super) const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until the socket has more of a payload. Once the daemon is stopping, a client that
+/// is still sending finishes its write, but one that sends nothing for [`STOP_GRACE`] ends it:
+/// Err, and the write is never answered.
+pub(super) async fn wait_for_more<S: NbdStream>(
+    stream: &S,
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<()> {
+    if !*stop.borrow() {
+        tokio::select! {
+            r = stream.wait_readable() => return r,
+            // Err: the sender is gone, which only happens when the daemon is ending.
+            _ = stop.changed() => {}
+        }
+    }
+    match tokio::time::timeout(STOP_GRACE, stream.wait_readable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::other(format!(
+            "the daemon is stopping and the client sent nothing of the rest of a write \
+             payload for {} ms",
+            STOP_GRACE.as_millis()
+        ))),
+    }
 }
 
 /// Whether the other end of `fd` has shut down its sending side: its FIN (TCP) or its

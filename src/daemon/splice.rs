@@ -15,7 +15,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::Interest;
 use tokio::sync::watch;
 
-use super::socket::{read_buffered, spin_io, NbdStream};
+use super::socket::{read_buffered, spin_io, wait_for_more, NbdStream};
 use crate::storage::engine::Disk;
 
 /// Pipe capacity asked for (F_SETPIPE_SZ; the default, 64 KiB, if refused): how much of a
@@ -42,11 +42,6 @@ fn whole_blocks(offset: u64, done: usize, avail: usize, len: usize) -> usize {
     assert!(n <= avail && avail - n < WHOLE_BLOCK as usize);
     n
 }
-
-/// Once the daemon is stopping, how long a client may pause in the middle of a streamed
-/// payload before its write is cut off (the client's socket then closes, and the write is
-/// never answered).
-const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// A pipe between a client's socket and the disk. Empty between payloads; dropped (and its
 /// contents with it) when a payload does not finish.
@@ -167,7 +162,8 @@ impl Streamed {
 /// while the rest is on its way, spinning up to `poll` when the socket runs dry before it
 /// sleeps. The payload is cut off ([`Streamed::conn`]) when the connection fails (the client
 /// left mid-payload), or when the daemon is stopping (`stop`) and the client paused for
-/// [`STOP_GRACE`]. (A client still sending at a stop finishes its write: the stop drains.)
+/// [`STOP_GRACE`](super::socket::STOP_GRACE). (A client still sending at a stop finishes its
+/// write: the stop drains.)
 pub(super) async fn stream_payload<S: NbdStream>(
     mut src: Source<'_, S>,
     dest: Dest<'_>,
@@ -176,7 +172,7 @@ pub(super) async fn stream_payload<S: NbdStream>(
         Ok(Ok(())) => Streamed::written(),
         Ok(Err((e, left))) => {
             // What is in the pipe goes with the failed write; the caller drops the pipe.
-            let conn = drop_payload(src.stream, src.buf, left, src.poll).await;
+            let conn = drop_payload(src.stream, src.buf, left, src.poll, src.stop).await;
             Streamed::disk_failed(e, conn)
         }
         Err(e) => Streamed::cut(e),
@@ -255,42 +251,21 @@ async fn copy_payload<S: NbdStream>(
     Ok(Ok(()))
 }
 
-/// Waits until the socket has more of the payload. Once the daemon is stopping, a client that
-/// is still sending finishes its write, but one that sends nothing for [`STOP_GRACE`] ends it:
-/// Err, and the write is never answered.
-async fn wait_for_more<S: NbdStream>(
-    stream: &S,
-    stop: &mut watch::Receiver<bool>,
-) -> io::Result<()> {
-    if !*stop.borrow() {
-        tokio::select! {
-            r = stream.wait_readable() => return r,
-            // Err: the sender is gone, which only happens when the daemon is ending.
-            _ = stop.changed() => {}
-        }
-    }
-    match tokio::time::timeout(STOP_GRACE, stream.wait_readable()).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::other(format!(
-            "the daemon is stopping and the client sent nothing of the rest of a write \
-             payload for {} ms",
-            STOP_GRACE.as_millis()
-        ))),
-    }
-}
-
 /// Reads and drops the rest of a payload, so the next request header is next on the socket.
+/// A client that pauses through a stop is cut off, as while streaming: the stop waits for
+/// this reader.
 async fn drop_payload<S: NbdStream>(
     stream: &S,
     buf: &mut BytesMut,
     len: usize,
     poll: Duration,
+    stop: &mut watch::Receiver<bool>,
 ) -> io::Result<()> {
     const CHUNK: usize = 1 << 20;
     let mut left = len;
     while left > 0 {
         let n = left.min(CHUNK);
-        read_buffered(stream, buf, n, poll).await?;
+        read_buffered(stream, buf, n, poll, Some(&mut *stop)).await?;
         left -= n;
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! The request loop of one connection: reads and decodes requests, hands them to the core in
 //! batches, reads large WRITE payloads into their own buffers or splices them to the disk,
-//! holds back under back-pressure, and stops at a request boundary for a hand-over.
+//! holds back under back-pressure, and stops at a request boundary at a stop or a hand-over.
 
 use std::io;
 use std::sync::Arc;
@@ -27,19 +27,23 @@ const PAYLOAD_POLL: Duration = Duration::from_micros(150);
 /// Why a connection's reader stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ReaderEnd {
-    /// The client left, sent NBD_CMD_DISC, or the daemon stops: the connection closes.
+    /// The client left, sent NBD_CMD_DISC, or the daemon stops (after every request it had
+    /// begun to read went to the core): the connection closes once those are answered.
     Closed,
     /// A restart: stopped between two requests, the socket goes to the next process.
     AtBoundary,
 }
 
-/// How long a reader waits, at a restart, for the rest of a request it has begun to read.
+/// How long a reader waits, at a stop or a restart, for the rest of a request it has begun to
+/// read.
 const BOUNDARY_GRACE: Duration = Duration::from_secs(2);
 
-/// The daemon stops. Without a restart the connection closes (what was read and not
-/// decoded is dropped: the client was told nothing of it). At a restart: hands the core every
-/// whole request already read, then reads exactly the rest of a request read in part (never
-/// a byte of the next one), so the next process starts at a request boundary.
+/// The daemon stops or restarts: hands the core every whole request already read, then reads
+/// exactly the rest of a request read in part (never a byte of the next one) and hands it
+/// over too, so the reader ends at a request boundary. At a restart the next process starts
+/// there; at a plain stop the connection closes once those requests are answered (a client
+/// that paused in the middle of a request as the stop came still gets its answer, instead of
+/// an I/O error for a request it sent whole). The stop waits for this (`Shared::readers`).
 async fn stopped<S: NbdStream>(
     stream: &S,
     dec: &mut RequestDecoder,
@@ -47,9 +51,6 @@ async fn stopped<S: NbdStream>(
     ctx: &mut ReqCtx<'_>,
     events: &mut Vec<Event>,
 ) -> Result<ReaderEnd, String> {
-    if !ctx.shared.is_handing_over() {
-        return Ok(ReaderEnd::Closed);
-    }
     let deadline = tokio::time::Instant::now() + BOUNDARY_GRACE;
     loop {
         while let Some(d) = dec.decode(buf).map_err(|e| e.to_string())? {
@@ -62,7 +63,11 @@ async fn stopped<S: NbdStream>(
             return Ok(ReaderEnd::Closed);
         }
         if dec.at_boundary(buf) {
-            return Ok(ReaderEnd::AtBoundary);
+            return Ok(if ctx.shared.is_handing_over() {
+                ReaderEnd::AtBoundary
+            } else {
+                ReaderEnd::Closed
+            });
         }
         let need = dec.missing(buf);
         assert!(need > 0, "a partial request always misses bytes");
@@ -79,10 +84,15 @@ async fn stopped<S: NbdStream>(
         .await;
         match read {
             Err(_) => {
+                let instead = if ctx.shared.is_handing_over() {
+                    " instead of handing it over"
+                } else {
+                    ""
+                };
                 return Err(format!(
                     "the client sent only part of a request within {BOUNDARY_GRACE:?} of the \
-                     restart; closing the connection instead of handing it over"
-                ))
+                     stop; closing the connection{instead} (that request is not answered)"
+                ));
             }
             Ok(Ok(0)) => return Ok(ReaderEnd::Closed),
             Ok(Ok(_)) => {}
@@ -100,6 +110,8 @@ pub(super) async fn read_loop<S: NbdStream>(
     mut buf: BytesMut,
     neg: &Negotiated,
 ) -> Result<ReaderEnd, String> {
+    // Counted until this loop ends, however it ends: a stop waits for it.
+    let _running = shared.reader_running();
     let mut dec = RequestDecoder::new(MAX_IO);
     let mut ctx = ReqCtx {
         shared,
@@ -181,8 +193,14 @@ pub(super) async fn read_loop<S: NbdStream>(
                         return Err(payload_error(e));
                     }
                 } else {
-                    let payload =
-                        read_payload(stream, &mut buf, req.length as usize, payload_poll).await?;
+                    let payload = read_payload(
+                        stream,
+                        &mut buf,
+                        req.length as usize,
+                        payload_poll,
+                        &mut stop,
+                    )
+                    .await?;
                     events.extend(ctx.request(req, payload));
                 }
             } else {
@@ -248,14 +266,17 @@ pub(super) async fn read_loop<S: NbdStream>(
 }
 
 /// Reads a WRITE payload of `len` bytes into its own buffer: first what `buf` already holds,
-/// the rest straight from the socket.
+/// the rest straight from the socket. Through a stop as a streamed payload: the client
+/// finishes its write, unless it pauses for `socket::STOP_GRACE` (then the write is cut off,
+/// never answered).
 async fn read_payload<S: NbdStream>(
     stream: &S,
     buf: &mut BytesMut,
     len: usize,
     poll: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<Bytes, String> {
-    read_buffered(stream, buf, len, poll)
+    read_buffered(stream, buf, len, poll, Some(stop))
         .await
         .map_err(payload_error)
 }
