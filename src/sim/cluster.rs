@@ -314,7 +314,9 @@ pub struct Sim {
     /// holds good data once the core says "primary" (after its superblock is
     /// durable), not at its "forced-up-to-date" event, which a process kill
     /// before that superblock undoes (seed 69431).
-    pub forcing: Vec<u64>,
+    /// Each entry: (admin id, node, the node's incarnation when asked); a
+    /// process kill leaves the entry behind, for an incarnation now gone.
+    pub forcing: Vec<(u64, usize, u64)>,
     /// The copies of writes sent more than once (resend.rs), by group id.
     pub groups: BTreeMap<u64, Group>,
     pub next_group: u64,
@@ -814,9 +816,15 @@ impl Sim {
         self.next_admin += 1;
         self.trace_line(Some(n), || format!("admin {id}: {cmd:?}"));
         if matches!(cmd, AdminCmd::Primary { force: true }) {
-            self.forcing.push(id);
+            self.forcing.push((id, n, self.nodes[n].inc));
         }
         self.run_core(n, |c| c.handle(Event::Admin { id, cmd }));
+    }
+
+    /// Node `n`, as it runs now, has a `primary --force` not answered yet.
+    pub fn forcing_now(&self, n: usize) -> bool {
+        let inc = self.nodes[n].inc;
+        self.forcing.iter().any(|f| f.1 == n && f.2 == inc)
     }
 
     pub fn role(&self, n: usize) -> Option<Role> {

@@ -73,7 +73,7 @@ impl Sim {
                 }
                 Action::AdminReply { id, result } => {
                     self.trace_line(Some(n), || format!("admin {id} -> {result:?}"));
-                    if let Some(at) = self.forcing.iter().position(|f| *f == id) {
+                    if let Some(at) = self.forcing.iter().position(|f| f.0 == id) {
                         self.forcing.swap_remove(at);
                         if result.is_ok() {
                             self.good_data = true;
@@ -450,11 +450,22 @@ impl Sim {
             .to_string();
         self.trace_line(Some(n), || format!("event {v}"));
         let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-        if event == "resync-started" && s("role") == "source" {
+        if event == "resync-started" && s("role") == "target" {
             // Also an operator's resync (`resync --full` on either node): the
             // source's data is the one the cluster keeps (seed 92700: a full
             // resync from bravo made alpha, the reference until then, its target).
-            self.set_reference(n, "resync source");
+            // Taken when the target starts, not the source: a source may start
+            // on a Hello its peer had outdated on the way, and that peer refuses
+            // the session; the resync it began stands for nothing (sim-long
+            // seed 81690: bravo started as a source on alpha's old identifiers,
+            // alpha had begun a generation of its own meanwhile and reconnected).
+            // A resync that a `primary --force` started before it was answered
+            // is part of that command: the source holds good data once the
+            // answer says so (its new generation durable), not before; a kill
+            // until then undoes both (sim-long seed 39401).
+            if !self.forcing_now(1 - n) {
+                self.set_reference(1 - n, "resync target started");
+            }
         }
         match event.as_str() {
             "peer-session"

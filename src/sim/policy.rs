@@ -9,8 +9,10 @@
 //!   sides of a link must report mirrored roles and generations. With the
 //!   direction check of `on_decision`, exactly the winner is the source.
 //! - **The reference stays up to date.** The node whose data the cluster last
-//!   chose (a sync source, an operator's resync's source, a policy's winner, a
-//!   node whose `primary --force` was answered) is not
+//!   chose (a sync source, the source of a resync once its target started it,
+//!   an operator's resync included but not one a `primary --force` started
+//!   before it was answered, a policy's winner, a node whose `primary --force`
+//!   was answered) is not
 //!   made a sync target by a comparison of different generations, nor left with
 //!   no good data on either side, unless something since says otherwise: the
 //!   other node started a generation of its own (it wrote alone), or the
