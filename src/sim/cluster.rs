@@ -189,6 +189,10 @@ pub struct SimNode {
     /// Its last sync decision saw the peer's identifiers as they are now (not
     /// from a Hello the peer has outdated since): policy.rs.
     pub decision_fresh: bool,
+    /// When this node's last sync decision was taken (simulated µs): a
+    /// resync it starts at that instant was started by that decision, and
+    /// stands for nothing if the decision was not fresh.
+    pub decision_at: Option<u64>,
     pub failed_since: Option<u64>,
     /// Since when the node's writes are frozen by fencing.
     pub suspended_since: Option<u64>,
@@ -431,6 +435,7 @@ impl Sim {
             bitmap_before: Vec::new(),
             discarded: false,
             decision_fresh: false,
+            decision_at: None,
             failed_since: None,
             suspended_since: None,
             last_verify: None,

@@ -463,7 +463,13 @@ impl Sim {
             // is part of that command: the source holds good data once the
             // answer says so (its new generation durable), not before; a kill
             // until then undoes both (sim-long seed 39401).
-            if !self.forcing_now(1 - n) {
+            // A target that decided on a Hello its peer had outdated on the way
+            // starts a resync its peer refuses (sim-long seeds 2727 26938 82348:
+            // alpha was invalidated, or began a generation, while its Hello was
+            // on the way). An operator's resync has no decision at that instant.
+            let by_stale_decision =
+                self.nodes[n].decision_at == Some(self.now()) && !self.nodes[n].decision_fresh;
+            if !self.forcing_now(1 - n) && !by_stale_decision {
                 self.set_reference(1 - n, "resync target started");
             }
         }

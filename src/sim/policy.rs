@@ -243,6 +243,7 @@ impl Sim {
             Some(gis.as_str()) == current("peer_gis") && Some(disk.as_str()) == peer_then
         });
         self.nodes[n].decision_fresh = fresh;
+        self.nodes[n].decision_at = Some(self.now());
         if !fresh {
             return;
         }
