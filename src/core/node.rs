@@ -1293,15 +1293,7 @@ impl Node {
                 }
             }
         }
-        let mut pages = Vec::new();
-        for e in evicted.iter().copied() {
-            let first = e as u64 * EXTENT / BLOCK;
-            let last = ((e as u64 + 1) * EXTENT / BLOCK).min(self.bitmap.bits());
-            pages.extend(self.bitmap.take_dirty_in(first..last));
-        }
-        pages.sort_unstable();
-        pages.dedup();
-        self.persist_bitmap_pages(pages);
+        self.persist_extent_bits(&evicted);
         let id = self.new_id();
         self.txn.begin_al_txn(id);
         if evicting {
@@ -1319,6 +1311,19 @@ impl Node {
                 write: MetaWrite::ActivityLog(set),
             });
         }
+    }
+
+    /// Persists the changed bitmap pages of activity-log `extents`.
+    fn persist_extent_bits(&mut self, extents: &[u32]) {
+        let mut pages = Vec::new();
+        for e in extents {
+            let first = *e as u64 * EXTENT / BLOCK;
+            let last = ((*e as u64 + 1) * EXTENT / BLOCK).min(self.bitmap.bits());
+            pages.extend(self.bitmap.take_dirty_in(first..last));
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        self.persist_bitmap_pages(pages);
     }
 
     /// The data flush before an evicting activity-log transaction is done.
@@ -1344,17 +1349,11 @@ impl Node {
             // Without this a power loss lost such a write where no replay and
             // no bitmap looked (sim-long seed 38407: the peer had it, and the
             // bitmap resync after the disk's repair skipped the block).
-            let mut pages = Vec::new();
             for e in &evicted {
-                let ext = Range::new(*e as u64 * EXTENT, EXTENT);
-                self.bitmap.set_range(ext);
-                let first = ext.start / BLOCK;
-                let end = (ext.end / BLOCK).min(self.bitmap.bits());
-                pages.extend(self.bitmap.take_dirty_in(first..end));
+                self.bitmap
+                    .set_range(Range::new(*e as u64 * EXTENT, EXTENT));
             }
-            pages.sort_unstable();
-            pages.dedup();
-            self.persist_bitmap_pages(pages);
+            self.persist_extent_bits(&evicted);
         }
         let id = self.new_id();
         self.txn.al_txn_write(id);

@@ -131,6 +131,18 @@ fn in_sync_superblock() -> MetaState {
 }
 
 impl Pair {
+    /// Like [`Pair::in_sync`], with node `i` restarted with an activity log of
+    /// `slots` extents (the config is read at boot).
+    fn in_sync_with_al_slots(extra: &str, i: usize, slots: usize) -> Pair {
+        let mut p = Pair::in_sync(extra);
+        p.cfg[i].al_slots = slots;
+        p.crash(i);
+        p.settle();
+        p.boot(i);
+        p.settle();
+        p
+    }
+
     /// Two nodes in sync (same identifiers, consistent, nothing out of sync),
     /// with `extra` lines added to the config (tables after `[resource]`).
     fn in_sync(extra: &str) -> Pair {
@@ -1236,13 +1248,8 @@ mod resync_marks {
     /// in a power cut, and neither log covers it (simulator seed 99235).
     #[test]
     fn an_evicted_unflushed_write_of_a_sync_target_stays_marked_after_sync_done() {
-        let mut p = Pair::in_sync("[sync]\nchecksum = false");
         // Beta's activity log: two extents (4 MiB each).
-        p.cfg[1].al_slots = 2;
-        p.crash(1);
-        p.settle();
-        p.boot(1);
-        p.settle();
+        let mut p = Pair::in_sync_with_al_slots("[sync]\nchecksum = false", 1, 2);
         let held = beta_primary_sync_target(&mut p, hold_sync_done_for_beta);
         assert_eq!(held.len(), 1, "the resync is over on alpha");
         assert_eq!(

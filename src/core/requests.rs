@@ -175,12 +175,12 @@ impl Requests {
         ids
     }
 
-    /// Request `rid` still waits for the peer.
     /// The client connection and cookie of request `rid`, if it is in the table.
     pub(super) fn origin(&self, rid: u64) -> Option<(ConnId, u64)> {
         self.reqs.get(&rid).map(|r| (r.conn, r.cookie))
     }
 
+    /// Request `rid` still waits for the peer.
     pub(super) fn awaits_peer(&self, rid: u64) -> bool {
         let Some(q) = self.reqs.get(&rid) else {
             unreachable!("request {rid} a pause waited for is gone");

@@ -107,12 +107,7 @@ fn a_failed_disk_holding_unconfirmed_protocol_a_writes_is_ahead() {
 /// power, and the resync after it skipped the block).
 #[test]
 fn a_failed_flush_before_an_eviction_marks_the_evicted_extent() {
-    let mut p = Pair::in_sync("");
-    p.cfg[0].al_slots = 2;
-    p.crash(0);
-    p.settle();
-    p.boot(0);
-    p.settle();
+    let mut p = Pair::in_sync_with_al_slots("", 0, 2);
     assert!(p.in_sync_now());
     assert!(p.admin(0, AdminCmd::Primary { force: false }).is_ok());
     p.node(0).attach_client(9).expect("primary serves I/O");
