@@ -129,6 +129,7 @@ fn main() {
     let mut streamed = 0u64;
     let (mut meta_failures, mut stop_flush_failures, mut fua_trims) = (0u64, 0u64, 0u64);
     let (mut trims_cut, mut trim_skipped, mut budget_seeds) = (0u64, 0u64, 0u64);
+    let (mut held_ticks, mut held_seeds) = (0u64, 0u64);
     let mut meta_seeds = 0u64;
     let mut resolutions = 0u64;
     let (mut links, mut races, mut extra, mut crossed, mut resets) = (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -168,6 +169,8 @@ fn main() {
         trims_cut += o.stats.trims_cut_short;
         trim_skipped += o.stats.trim_bytes_skipped;
         budget_seeds += u64::from(o.stats.trims_cut_short > 0);
+        held_ticks += o.stats.held_resync_ticks;
+        held_seeds += u64::from(o.stats.held_resync_ticks > 0);
         if let Some(v) = &o.violation {
             failed += 1;
             println!(
@@ -222,6 +225,9 @@ fn main() {
     );
     eprintln!(
         "mirror-sim: {trims_cut} large trims cut short by their time budget (in {budget_seeds} seeds), {trim_skipped} bytes skipped"
+    );
+    eprintln!(
+        "mirror-sim: {held_ticks} ticks with a resync held below one request in flight (in {held_seeds} seeds)"
     );
     println!("{} passed, {} failed", results.len() - failed, failed);
     if failed > 0 {

@@ -155,6 +155,7 @@ impl Node {
                 mode: mode.name(),
                 inflight_limit: self.resync_rate.window(),
                 floor_bytes_per_sec: self.resync_rate.floor_rate(mode),
+                hold_bytes_per_sec: self.resync_rate.hold_rate(),
             };
             return Some(r.status(self.now_ms, pace));
         }

@@ -15,6 +15,18 @@
 //!   which steers the data in flight toward a fill target, is not copied: here
 //!   the idle resync simply fills the window.
 //!
+//!   Below one request: a **rate hold**. One tick after the window reached
+//!   one request with applications still writing (and the resync above its
+//!   floor), the resync is held to a token budget of a quarter of its
+//!   reference rate (its idle rate, or, for one that started under application
+//!   writes, the rate it moved at one request in flight), at least the floor
+//!   and at least [`MIN_HOLD`]. On loopback one request in flight still moved
+//!   400-850 MiB/s and took up to half of the application's IOPS
+//!   (docs/BENCH.md, resync pace). The hold ends at the first tick with no
+//!   application I/O, or when the resync moves less than half the held rate
+//!   (the hold is not what holds it back: then the floor rule widens the
+//!   window again).
+//!
 //!   Not steered by the application's latency: the core's clock moves on
 //!   ticks only, and a latency estimated from it (Little's law: writes in the
 //!   core / writes answered per second) did not rise when a resync took the
@@ -23,6 +35,9 @@
 //! - **Fixed** (`rate = "100MiB"`): a token budget refilled each tick, at most
 //!   200 ms of burst, a quarter of the cap (at least 4 MiB/s) while application
 //!   requests wait; the window stays at [`MAX_WINDOW`].
+//!
+//! Both budgets (the fixed cap's and the adaptive hold's) keep at most 200 ms
+//! of their rate, or one run of blocks (1 MiB) if that is more.
 
 /// Resync requests in flight at most (of up to 1 MiB each): the bound of the
 /// window in both modes (docs/ARCHITECTURE.md, limits).
@@ -34,6 +49,14 @@ pub(super) const MIN_WINDOW: usize = 1;
 const IDLE_FLOOR_DIVISOR: u64 = 8;
 /// The fixed mode's back-off floor while application requests wait.
 const FIXED_BACKOFF_MIN: u64 = 4 << 20;
+/// The adaptive hold is this fraction of its reference rate (25%).
+const HOLD_DIVISOR: u64 = 4;
+/// The adaptive hold never goes below this (bytes/s).
+pub(super) const MIN_HOLD: u64 = 4 << 20;
+/// A budget keeps at most this share of a second of its rate (200 ms)...
+const BURST_DIVISOR: u64 = 5;
+/// ...or one run of blocks, if that is more, so a whole request can start.
+const BURST_MIN: u64 = 1 << 20;
 
 /// What the resync's pace is set by: from `[sync] rate` and `[sync] min-rate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +103,10 @@ pub(super) struct ResyncRate {
     rate: u64,
     idle_rate: Option<u64>,
     window: usize,
-    /// Fixed mode: bytes the resync may still start.
+    /// Adaptive mode: the rate (bytes/s) the resync is held to below one
+    /// request in flight while applications write; None: not held.
+    hold: Option<u64>,
+    /// Fixed mode, or adaptive while held: bytes the resync may still start.
     budget: i64,
     /// Fixed mode: application requests waited at the last tick.
     app_busy: bool,
@@ -103,6 +129,7 @@ impl ResyncRate {
             rate: 0,
             idle_rate: None,
             window: MAX_WINDOW,
+            hold: None,
             budget: 0,
             app_busy: false,
         }
@@ -120,6 +147,7 @@ impl ResyncRate {
         self.rate = 0;
         self.idle_rate = None;
         self.window = MAX_WINDOW;
+        self.hold = None;
         self.budget = match mode {
             SyncRate::Fixed(rate) => (rate / 10) as i64,
             SyncRate::Adaptive { .. } => 0,
@@ -140,22 +168,38 @@ impl ResyncRate {
     }
 
     /// Another request may start: the window has room (`inflight` below it)
-    /// and, in fixed mode, the budget is not spent.
+    /// and, in fixed mode or while held, the budget is not spent.
     pub fn may_start(&self, mode: SyncRate, inflight: usize) -> bool {
         self.check();
-        inflight < self.window
-            && match mode {
-                SyncRate::Fixed(_) => self.budget > 0,
-                SyncRate::Adaptive { .. } => true,
-            }
+        inflight < self.window && (!self.budgeted(mode) || self.budget > 0)
     }
 
     /// A request of `bytes` started.
     pub fn started(&mut self, mode: SyncRate, bytes: u64) {
         assert!(bytes > 0, "a resync request moves something");
-        if let SyncRate::Fixed(_) = mode {
+        assert!(
+            bytes <= BURST_MIN,
+            "a resync request moves one run of blocks at most"
+        );
+        if self.budgeted(mode) {
+            // At most one run below zero: a request starts only with budget left.
             self.budget -= bytes as i64;
+            assert!(self.budget > -(BURST_MIN as i64));
         }
+    }
+
+    /// Starts are paced by the budget: fixed mode, or adaptive while held.
+    fn budgeted(&self, mode: SyncRate) -> bool {
+        match mode {
+            SyncRate::Fixed(_) => true,
+            SyncRate::Adaptive { .. } => self.hold.is_some(),
+        }
+    }
+
+    /// Adaptive: the rate the resync is held to now, if held.
+    pub fn hold_rate(&self) -> Option<u64> {
+        self.check();
+        self.hold
     }
 
     /// The floor rate while applications write (adaptive mode), if known.
@@ -181,13 +225,20 @@ impl ResyncRate {
             self.check();
             return;
         }
+        if let (SyncRate::Fixed(_), Some(_)) = (mode, self.hold) {
+            // `mirrorctl adjust` switched to a fixed cap while held.
+            self.hold = None;
+        }
         let done = s.done_bytes.saturating_sub(self.last_done_bytes);
         self.last_done_bytes = s.done_bytes;
         self.rate = smooth(Some(self.rate), done * 1000 / dt);
         let app_active = answered > 0 || s.app_inflight > 0;
         match mode {
             SyncRate::Fixed(rate) => self.fixed_tick(rate, dt, s.app_inflight > 0),
-            SyncRate::Adaptive { .. } => self.adaptive_tick(mode, app_active, done * 1000 / dt),
+            SyncRate::Adaptive { .. } => {
+                self.adaptive_tick(mode, app_active, done * 1000 / dt);
+                self.hold_refill(dt);
+            }
         }
         self.check();
     }
@@ -201,10 +252,37 @@ impl ResyncRate {
             rate
         };
         self.app_busy = app_waiting;
-        let cap = (effective / 5) as i64; // at most 200 ms of burst
-        let run = 1 << 20; // so that one whole request can start
-        self.budget = (self.budget + (effective * dt / 1000) as i64).min(cap.max(run));
-        assert!(self.budget <= cap.max(run));
+        self.refill(effective, dt);
+    }
+
+    /// Adds `dt` ms of `rate` to the budget, keeping at most 200 ms of it (or
+    /// one run of blocks, if more).
+    fn refill(&mut self, rate: u64, dt: u64) {
+        let cap = (rate / BURST_DIVISOR).max(BURST_MIN) as i64;
+        let add = rate.saturating_mul(dt) / 1000;
+        self.budget = self
+            .budget
+            .saturating_add(add.min(cap as u64) as i64)
+            .min(cap);
+        assert!(
+            self.budget <= cap,
+            "a budget keeps 200 ms of its rate at most"
+        );
+    }
+
+    /// Adaptive: refills the hold's budget, or forgets it when not held.
+    fn hold_refill(&mut self, dt: u64) {
+        match self.hold {
+            Some(h) => {
+                assert!(h >= MIN_HOLD, "the hold is at least MIN_HOLD");
+                assert_eq!(
+                    self.window, MIN_WINDOW,
+                    "held only at one request in flight"
+                );
+                self.refill(h, dt);
+            }
+            None => self.budget = 0,
+        }
     }
 
     fn adaptive_tick(&mut self, mode: SyncRate, app_active: bool, sample: u64) {
@@ -212,16 +290,36 @@ impl ResyncRate {
             if self.window == MAX_WINDOW {
                 self.idle_rate = Some(smooth(self.idle_rate, sample));
             }
+            self.hold = None;
             self.window = (self.window * 2).min(MAX_WINDOW);
             return;
         }
+        if let Some(h) = self.hold {
+            assert_eq!(
+                self.window, MIN_WINDOW,
+                "held only at one request in flight"
+            );
+            if self.rate < h / 2 {
+                // The hold is not what holds the resync back: release it, and
+                // the floor rule widens the window from the next tick on.
+                self.hold = None;
+            }
+            return;
+        }
         let below_floor = self.floor_rate(mode).is_some_and(|f| self.rate < f);
-        self.window = if below_floor {
-            (self.window + 1).min(MAX_WINDOW)
+        if below_floor {
+            self.window = (self.window + 1).min(MAX_WINDOW);
+        } else if self.window == MIN_WINDOW {
+            let reference = self.idle_rate.unwrap_or(self.rate);
+            let floor = self.floor_rate(mode).unwrap_or(0);
+            let hold = (reference / HOLD_DIVISOR).max(floor).max(MIN_HOLD);
+            self.hold = Some(hold);
+            self.budget = 0;
         } else {
-            (self.window / 2).max(MIN_WINDOW)
-        };
+            self.window = (self.window / 2).max(MIN_WINDOW);
+        }
         assert!((MIN_WINDOW..=MAX_WINDOW).contains(&self.window));
+        assert!(self.hold.is_none() || self.window == MIN_WINDOW);
     }
 
     fn check(&self) {
@@ -233,6 +331,14 @@ impl ResyncRate {
         assert!(
             self.budget <= i64::MAX / 2,
             "the fixed-mode budget is bounded"
+        );
+        assert!(
+            self.hold.is_none() || self.window == MIN_WINDOW,
+            "the resync is held only at one request in flight"
+        );
+        assert!(
+            self.hold.is_none_or(|h| h >= MIN_HOLD),
+            "a hold is at least MIN_HOLD"
         );
     }
 }
@@ -340,19 +446,118 @@ mod tests {
     }
 
     #[test]
+    fn one_tick_at_one_request_with_application_writes_holds_the_resync_to_a_quarter() {
+        let mut d = Drive::new();
+        d.c.begin(AUTO);
+        d.ticks(AUTO, 20, 800 * MIB, 0, 0);
+        let idle = d.c.idle_rate.expect("learned");
+        // Four ticks halve the window to one request; nothing is held yet.
+        d.ticks(AUTO, 4, 800 * MIB, 16, 100);
+        assert_eq!(d.c.window(), MIN_WINDOW);
+        assert_eq!(d.c.hold_rate(), None);
+        assert!(d.c.may_start(AUTO, 0));
+        // The next one holds it to a quarter of its idle rate, with one tick's budget.
+        d.ticks(AUTO, 1, 800 * MIB, 16, 100);
+        assert_eq!(d.c.hold_rate(), Some(idle / 4));
+        assert_eq!(d.c.budget, (idle / 4 / 10) as i64);
+        assert_eq!(d.c.window(), MIN_WINDOW);
+        // Requests start while the budget lasts, one in flight at a time.
+        let mut started = 0;
+        while d.c.may_start(AUTO, 0) {
+            assert!(!d.c.may_start(AUTO, 1), "still one request in flight");
+            d.c.started(AUTO, MIB);
+            started += 1;
+            assert!(started <= 100, "the budget ends the loop");
+        }
+        assert_eq!(started as u64, (idle / 4 / 10).div_ceil(MIB));
+        // While the resync moves what it is held to, the hold stays, and its
+        // budget never keeps more than 200 ms of the held rate.
+        d.ticks(AUTO, 10, idle / 4, 16, 100);
+        assert_eq!(d.c.hold_rate(), Some(idle / 4));
+        d.ticks(AUTO, 10, idle / 4, 1, 0);
+        assert!(d.c.budget <= (idle / 4 / 5) as i64, "{}", d.c.budget);
+        assert_eq!(d.c.hold_rate(), Some(idle / 4));
+        // The first tick with no application I/O releases it.
+        d.ticks(AUTO, 1, idle / 4, 0, 0);
+        assert_eq!(d.c.hold_rate(), None);
+        assert_eq!(d.c.window(), 2);
+        assert!(d.c.may_start(AUTO, 1), "no budget paces an unheld resync");
+    }
+
+    #[test]
+    fn a_resync_started_under_application_writes_is_held_to_a_quarter_of_its_one_request_rate() {
+        let mut d = Drive::new();
+        d.c.begin(AUTO);
+        d.ticks(AUTO, 4, 600 * MIB, 16, 100);
+        assert_eq!(d.c.window(), MIN_WINDOW);
+        d.ticks(AUTO, 20, 600 * MIB, 16, 100);
+        let hold = d.c.hold_rate().expect("held");
+        // Its reference is the smoothed rate when it reached one request (it
+        // counts from zero at the start).
+        assert!(hold > 100 * MIB && hold <= 150 * MIB, "{hold}");
+        assert_eq!(d.c.idle_rate, None);
+    }
+
+    #[test]
+    fn a_hold_that_is_not_what_slows_the_resync_is_released_and_the_floor_widens_the_window() {
+        let mut d = Drive::new();
+        d.c.begin(AUTO);
+        d.ticks(AUTO, 20, 800 * MIB, 0, 0);
+        d.ticks(AUTO, 5, 800 * MIB, 16, 100);
+        let hold = d.c.hold_rate().expect("held");
+        assert_eq!(hold, d.c.idle_rate.expect("learned") / 4);
+        // The disks slow down: 20 MiB/s, under half the hold and the floor.
+        d.ticks(AUTO, 12, 20 * MIB, 16, 100);
+        assert_eq!(d.c.hold_rate(), None);
+        d.ticks(AUTO, 4, 20 * MIB, 16, 100);
+        assert!(d.c.window() >= MIN_WINDOW + 3, "{}", d.c.window());
+        assert_eq!(d.c.hold_rate(), None, "not held above one request");
+    }
+
+    #[test]
+    fn a_configured_floor_above_a_quarter_is_the_hold_and_a_small_one_is_raised_to_min_hold() {
+        let high = SyncRate::Adaptive {
+            min_rate: Some(300 * MIB),
+        };
+        let mut d = Drive::new();
+        d.c.begin(high);
+        d.ticks(high, 20, 800 * MIB, 0, 0);
+        d.ticks(high, 5, 800 * MIB, 16, 100);
+        assert_eq!(d.c.hold_rate(), Some(300 * MIB));
+        // A resync whose own rate is tiny is still held to MIN_HOLD at least.
+        let tiny = SyncRate::Adaptive {
+            min_rate: Some(MIB),
+        };
+        d.c.begin(tiny);
+        d.done = 0; // the new resync counts its done bytes from zero
+        d.ticks(tiny, 20, 8 * MIB, 0, 0);
+        d.ticks(tiny, 5, 8 * MIB, 16, 100);
+        assert_eq!(d.c.hold_rate(), Some(MIN_HOLD));
+        // Switching to a fixed cap (mirrorctl adjust) ends the hold.
+        let fixed = SyncRate::Fixed(100 * MIB);
+        d.ticks(fixed, 1, 8 * MIB, 16, 100);
+        assert_eq!(d.c.hold_rate(), None);
+        assert_eq!(d.c.window(), MAX_WINDOW);
+    }
+
+    #[test]
     fn the_fixed_mode_spends_a_budget_and_backs_off_for_applications() {
         let fixed = SyncRate::Fixed(100 * MIB);
         let mut d = Drive::new();
         d.c.begin(fixed);
         assert_eq!(d.c.budget, (10 * MIB) as i64);
-        d.c.started(fixed, 10 * MIB);
+        for _ in 0..10 {
+            d.c.started(fixed, MIB);
+        }
         assert!(!d.c.may_start(fixed, 0), "the budget is spent");
         d.ticks(fixed, 1, 100 * MIB, 0, 0);
         assert_eq!(d.c.budget, (10 * MIB) as i64);
         d.ticks(fixed, 10, 100 * MIB, 0, 0);
         assert_eq!(d.c.budget, (20 * MIB) as i64, "200 ms of burst at most");
         assert_eq!(d.c.window(), MAX_WINDOW);
-        d.c.started(fixed, 20 * MIB);
+        for _ in 0..20 {
+            d.c.started(fixed, MIB);
+        }
         d.ticks(fixed, 1, 100 * MIB, 3, 0);
         // A quarter of the cap while application requests wait.
         assert_eq!(d.c.budget, (25 * MIB / 10) as i64);

@@ -416,6 +416,9 @@ pub struct ResyncPace {
     pub inflight_limit: usize,
     /// Adaptive: the rate kept while applications write, once known.
     pub floor_bytes_per_sec: Option<u64>,
+    /// Adaptive: the rate the resync is held to below one request in flight
+    /// while applications write; null when not held.
+    pub hold_bytes_per_sec: Option<u64>,
 }
 
 /// Resync and verify counters since the daemon started: what a resync

@@ -237,6 +237,9 @@ pub struct Stats {
     /// (core/split.rs), and the bytes they skipped.
     pub trims_cut_short: u64,
     pub trim_bytes_skipped: u64,
+    /// Ticks at which a sync source's adaptive pace held the resync below one
+    /// request in flight (core/resync_rate.rs).
+    pub held_resync_ticks: u64,
     pub replies: u64,
     pub reads_checked: u64,
     pub crashes: u64,
@@ -849,7 +852,14 @@ impl Sim {
             Ev::Tick { node, inc } => {
                 if self.nodes[node].inc == inc && self.alive(node) {
                     let now_ms = (now - self.nodes[node].boot_us) / 1000;
-                    self.run_core(node, |c| c.handle(Event::Tick { now_ms }));
+                    let held = self.run_core(node, |c| {
+                        c.handle(Event::Tick { now_ms });
+                        c.status()
+                            .resync
+                            .and_then(|r| r.pace)
+                            .and_then(|p| p.hold_bytes_per_sec)
+                    });
+                    self.stats.held_resync_ticks += u64::from(held.flatten().is_some());
                     self.world.after(100_000, Ev::Tick { node, inc });
                 }
             }

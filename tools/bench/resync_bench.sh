@@ -17,9 +17,10 @@
 #   4. An application during a full resync: fio (4 KiB random writes, QD16,
 #      ioengine=nbd) on the primary, and `resync --full` right after fio is
 #      launched; fio counts RESYNC_BENCH_APP_SECONDS after its start-up and a
-#      0.5 s ramp (default: 0.3 of step 1's time less the ramp, at least 0.3
-#      s: the resync must outlast fio; with 2 GiB on a quiet machine it takes
-#      about 2 s); once in sync, the same fio again. The resync's rate from its
+#      0.5 s ramp (default: step 1's time less the ramp, at least 1 s: the
+#      resync must outlast fio, and while fio writes the adaptive pace holds it
+#      to a quarter of its idle rate, so it takes more than twice step 1's
+#      time); once in sync, the same fio again. The resync's rate from its
 #      start to fio's end (status done_bytes) against its rate in step 1.
 #
 # The resync pace is the default (sync.rate = "auto", adaptive); checksum is
@@ -273,8 +274,8 @@ cmp -s "$WORK/alpha.img" "$WORK/beta.img" || die "disks differ after the checksu
 
 # 4. An application during a full resync, which must outlast fio. fio starts first: its
 # start-up and a ramp of APP_RAMP_MS are not counted, and the resync starts right after fio
-# is launched, so the counted window lies inside the resync (with 2 GiB on a quiet machine
-# the whole resync takes about 2 s).
+# is launched, so the counted window lies inside the resync (held to a quarter of its idle
+# rate while fio writes, it outlasts a window as long as step 1).
 URI="nbd+unix:///r0?socket=$WORK/alpha-run/r0.nbd"
 APP_RAMP_MS=500
 app_iops() { # name: fio 4 KiB random writes QD16 on alpha; prints the IOPS
@@ -286,7 +287,7 @@ app_iops() { # name: fio 4 KiB random writes QD16 on alpha; prints the IOPS
     $PY -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["jobs"][0]["write"]["iops"]))' \
         "$WORK/fio-$1.json"
 }
-[[ -n $APP_SECS ]] || APP_SECS=$($PY -c "print(round(max(0.3, 0.3 * ($full_t1 - $full_t0) - $APP_RAMP_MS / 1000), 1))")
+[[ -n $APP_SECS ]] || APP_SECS=$($PY -c "print(round(max(1.0, ($full_t1 - $full_t0) - $APP_RAMP_MS / 1000), 1))")
 APP_MS=$($PY -c "print(int(float('$APP_SECS') * 1000))")
 log "application: fio randwrite 4k QD16 for ${APP_SECS}s (after a ${APP_RAMP_MS} ms ramp) during a full resync"
 app_iops during-resync >"$WORK/iops-during" &
