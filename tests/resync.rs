@@ -621,3 +621,89 @@ fn an_interrupted_verify_resumes_where_it_stopped() {
     assert_eq!(done["differing_blocks"], 0, "{done}");
     eprintln!("a verify cut at 40% resumed at {from} of {size} bytes");
 }
+
+/// Issue 21: an adaptive resync (`[sync] rate = "auto"`, the default) yields
+/// to an application that writes. With 4 KiB writes going on from before the
+/// resync starts, the sync source comes down to one request in flight and is
+/// held to a rate (status `resync.pace.hold_bytes_per_sec`); once the writes
+/// stop, the hold ends and the resync completes at full speed. Both disks end
+/// equal and every acknowledged write reads back.
+#[test]
+fn an_adaptive_resync_is_held_while_an_application_writes_and_released_after() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    // Large enough that the resync outlasts the ticks it takes to come down
+    // to one request (about 0.5 s at full speed).
+    let size = 1024 * MIB;
+    let c = synced_pair(
+        ClusterSpec::new(2)
+            .size(size)
+            .table("[sync]\nchecksum = false"),
+    );
+    let st = c.status_json(0);
+    assert!(st["resync"].is_null(), "in sync before the test: {st:#}");
+
+    // The application: 4 KiB writes at QD1 over the first 64 MiB, each block
+    // once, in a thread until told to stop (at most all of those blocks).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (mut conn, _) = RawConn::handshake(c.nbd_addr(0), EXPORT);
+    let writer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut acked = BTreeMap::new();
+            let blocks = 64 * MIB / BLOCK;
+            for b in 0..blocks {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let data = pattern::bytes(0x21_0000 + b, BLOCK as usize);
+                conn.write_at(b * BLOCK, &data);
+                acked.insert(b, data);
+            }
+            conn.disconnect();
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    c.mirrorctl(0, &["resync", "--full"]).assert_success();
+
+    // Within the resync, while the writes go on: held at one request.
+    let held = c.wait_status(0, T, "the resync held while the application writes", |v| {
+        v["resync"].is_null() || v["resync"]["pace"]["hold_bytes_per_sec"].is_u64()
+    });
+    let pace = held["resync"]["pace"].clone();
+    assert!(
+        pace["hold_bytes_per_sec"].is_u64(),
+        "the resync ended before it was held: {held:#}"
+    );
+    assert_eq!(pace["mode"], "adaptive", "{held:#}");
+    assert_eq!(
+        pace["inflight_limit"], 1,
+        "held at one request in flight: {held:#}"
+    );
+    let hold = pace["hold_bytes_per_sec"].as_u64().unwrap_or(0);
+    assert!(hold >= 4 * MIB, "the hold is at least 4 MiB/s: {held:#}");
+    let done_at_hold = resync_done_bytes(&held);
+    assert!(done_at_hold < size, "{held:#}");
+
+    // The writes stop: the hold ends (or the resync completes) within ticks.
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.join().expect("the writer thread");
+    assert!(!acked.is_empty(), "the application wrote nothing");
+    let released = c.wait_status(0, T, "the hold released once the writes stopped", |v| {
+        v["resync"].is_null() || v["resync"]["pace"]["hold_bytes_per_sec"].is_null()
+    });
+    wait_in_sync(&c, "in sync after the held resync");
+    eprintln!(
+        "held at {hold} bytes/s after {done_at_hold} of {size} bytes; {} writes acknowledged; released: {}",
+        acked.len(),
+        released["resync"]["pace"]
+    );
+    assert_disks_identical(&c, "after the resync held by application writes");
+    assert_blocks(
+        &read_disk(&c, 1),
+        &acked,
+        "beta's disk after the held resync",
+    );
+}
