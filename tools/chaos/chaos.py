@@ -268,7 +268,7 @@ class Trial:
         self.params = {
             "engine": rng.choice(["uring", "threads"]),
             "checksum": rng.choice([True, False]),
-            "rate": rng.choice(["32MiB", "128MiB", "1GiB"]),
+            "rate": rng.choice(["32MiB", "128MiB", "1GiB", "auto", "auto"]),
             "qd": rng.choice([1, 2, 4, 8, 16]),
             "first_primary": rng.choice(NODES),
         }
