@@ -687,13 +687,18 @@ fn an_adaptive_resync_is_held_while_an_application_writes_and_released_after() {
     let done_at_hold = resync_done_bytes(&held);
     assert!(done_at_hold < size, "{held:#}");
 
-    // The writes stop: the hold ends (or the resync completes) within ticks.
+    // The writes stop: the hold ends within ticks, while the resync still
+    // runs (held, what is left of it takes many seconds; released, about one).
     stop.store(true, Ordering::Relaxed);
     let acked = writer.join().expect("the writer thread");
     assert!(!acked.is_empty(), "the application wrote nothing");
     let released = c.wait_status(0, T, "the hold released once the writes stopped", |v| {
         v["resync"].is_null() || v["resync"]["pace"]["hold_bytes_per_sec"].is_null()
     });
+    assert!(
+        !released["resync"].is_null(),
+        "the resync ended still held: the hold outlived the writes: {released:#}"
+    );
     wait_in_sync(&c, "in sync after the held resync");
     eprintln!(
         "held at {hold} bytes/s after {done_at_hold} of {size} bytes; {} writes acknowledged; released: {}",

@@ -18,7 +18,7 @@ use crate::peer::{Gis, Message, SyncMode, WriteKind, MAX_DATA_LEN};
 /// are durable (FUA) on the target: with 256 KiB runs the target's disk did a
 /// sync write per 256 KiB and a 2 GiB full resync ran at 0.85x a plain TCP
 /// copy; with 1 MiB runs it is on par or faster (tools/bench/resync_bench.sh).
-const RUN_BLOCKS: u64 = 256;
+pub(super) const RUN_BLOCKS: u64 = 256;
 /// A `resync-progress` / `verify-progress` event at most this often.
 const PROGRESS_EVERY_MS: u64 = 1000;
 

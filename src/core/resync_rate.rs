@@ -20,7 +20,7 @@
 //!   floor), the resync is held to a token budget of a quarter of its
 //!   reference rate (its idle rate, or, for one that started under application
 //!   writes, the rate it moved at one request in flight), at least the floor
-//!   and at least [`MIN_HOLD`]. On loopback one request in flight still moved
+//!   and at least [`MIN_PACED_RATE`]. On loopback one request in flight still moved
 //!   400-850 MiB/s and took up to half of the application's IOPS
 //!   (docs/BENCH.md, resync pace). The hold ends at the first tick with no
 //!   application I/O, or when the resync moves less than half the held rate
@@ -47,16 +47,17 @@ pub(super) const MAX_WINDOW: usize = 16;
 pub(super) const MIN_WINDOW: usize = 1;
 /// The default floor rate is the idle rate divided by this (12.5%).
 const IDLE_FLOOR_DIVISOR: u64 = 8;
-/// The fixed mode's back-off floor while application requests wait.
-const FIXED_BACKOFF_MIN: u64 = 4 << 20;
-/// The adaptive hold is this fraction of its reference rate (25%).
-const HOLD_DIVISOR: u64 = 4;
-/// The adaptive hold never goes below this (bytes/s).
-pub(super) const MIN_HOLD: u64 = 4 << 20;
+/// The lowest rate a budget paces a resync to (bytes/s): the fixed mode's
+/// back-off while application requests wait, and the adaptive hold.
+const MIN_PACED_RATE: u64 = 4 << 20;
+/// While applications write, a paced resync keeps this fraction (25%): of the
+/// fixed cap, or of the adaptive hold's reference rate.
+const BACKOFF_DIVISOR: u64 = 4;
 /// A budget keeps at most this share of a second of its rate (200 ms)...
 const BURST_DIVISOR: u64 = 5;
-/// ...or one run of blocks, if that is more, so a whole request can start.
-const BURST_MIN: u64 = 1 << 20;
+/// ...or one resync request (a run of blocks, 1 MiB), if that is more, so a
+/// whole request can start.
+const RUN_BYTES: u64 = super::resync::RUN_BLOCKS * super::bitmap::BLOCK;
 
 /// What the resync's pace is set by: from `[sync] rate` and `[sync] min-rate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,13 +179,13 @@ impl ResyncRate {
     pub fn started(&mut self, mode: SyncRate, bytes: u64) {
         assert!(bytes > 0, "a resync request moves something");
         assert!(
-            bytes <= BURST_MIN,
+            bytes <= RUN_BYTES,
             "a resync request moves one run of blocks at most"
         );
         if self.budgeted(mode) {
             // At most one run below zero: a request starts only with budget left.
             self.budget -= bytes as i64;
-            assert!(self.budget > -(BURST_MIN as i64));
+            assert!(self.budget > -(RUN_BYTES as i64));
         }
     }
 
@@ -247,7 +248,7 @@ impl ResyncRate {
         assert!(rate > 0, "a fixed resync rate is positive");
         self.window = MAX_WINDOW;
         let effective = if app_waiting || self.app_busy {
-            (rate / 4).max(FIXED_BACKOFF_MIN).min(rate)
+            (rate / BACKOFF_DIVISOR).max(MIN_PACED_RATE).min(rate)
         } else {
             rate
         };
@@ -258,7 +259,7 @@ impl ResyncRate {
     /// Adds `dt` ms of `rate` to the budget, keeping at most 200 ms of it (or
     /// one run of blocks, if more).
     fn refill(&mut self, rate: u64, dt: u64) {
-        let cap = (rate / BURST_DIVISOR).max(BURST_MIN) as i64;
+        let cap = (rate / BURST_DIVISOR).max(RUN_BYTES) as i64;
         let add = rate.saturating_mul(dt) / 1000;
         self.budget = self
             .budget
@@ -274,7 +275,7 @@ impl ResyncRate {
     fn hold_refill(&mut self, dt: u64) {
         match self.hold {
             Some(h) => {
-                assert!(h >= MIN_HOLD, "the hold is at least MIN_HOLD");
+                assert!(h >= MIN_PACED_RATE, "the hold is at least MIN_PACED_RATE");
                 assert_eq!(
                     self.window, MIN_WINDOW,
                     "held only at one request in flight"
@@ -312,7 +313,7 @@ impl ResyncRate {
         } else if self.window == MIN_WINDOW {
             let reference = self.idle_rate.unwrap_or(self.rate);
             let floor = self.floor_rate(mode).unwrap_or(0);
-            let hold = (reference / HOLD_DIVISOR).max(floor).max(MIN_HOLD);
+            let hold = (reference / BACKOFF_DIVISOR).max(floor).max(MIN_PACED_RATE);
             self.hold = Some(hold);
             self.budget = 0;
         } else {
@@ -337,8 +338,8 @@ impl ResyncRate {
             "the resync is held only at one request in flight"
         );
         assert!(
-            self.hold.is_none_or(|h| h >= MIN_HOLD),
-            "a hold is at least MIN_HOLD"
+            self.hold.is_none_or(|h| h >= MIN_PACED_RATE),
+            "a hold is at least MIN_PACED_RATE"
         );
     }
 }
@@ -524,7 +525,7 @@ mod tests {
         d.ticks(high, 20, 800 * MIB, 0, 0);
         d.ticks(high, 5, 800 * MIB, 16, 100);
         assert_eq!(d.c.hold_rate(), Some(300 * MIB));
-        // A resync whose own rate is tiny is still held to MIN_HOLD at least.
+        // A resync whose own rate is tiny is still held to MIN_PACED_RATE at least.
         let tiny = SyncRate::Adaptive {
             min_rate: Some(MIB),
         };
@@ -532,7 +533,7 @@ mod tests {
         d.done = 0; // the new resync counts its done bytes from zero
         d.ticks(tiny, 20, 8 * MIB, 0, 0);
         d.ticks(tiny, 5, 8 * MIB, 16, 100);
-        assert_eq!(d.c.hold_rate(), Some(MIN_HOLD));
+        assert_eq!(d.c.hold_rate(), Some(MIN_PACED_RATE));
         // Switching to a fixed cap (mirrorctl adjust) ends the hold.
         let fixed = SyncRate::Fixed(100 * MIB);
         d.ticks(fixed, 1, 8 * MIB, 16, 100);
