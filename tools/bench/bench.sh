@@ -53,6 +53,7 @@
 #   BENCH_ROUNDS   rounds (3)
 #   BENCH_SIZE     image size, fio size syntax (1G)
 #   BENCH_SERVERS  which rows, in order ("file mirrord qemu-nbd nbdkit nbd-server")
+#   BENCH_JOBS     only these jobs (names as in JOBS below; default: all)
 #   BENCH_OUT      output dir (target/bench)
 #   MIRRORD_BIN / MIRRORCTL_BIN   binaries (target/release/...)
 #
@@ -97,6 +98,8 @@ declare -A JOBS=(
     [lat-4k-qd1]="--rw=randwrite --bs=4k --iodepth=1"
 )
 JOB_ORDER="seqwrite-1m-qd8 randwrite-4k-qd32 lat-4k-qd1 seqread-1m-qd8 randread-4k-qd32"
+# BENCH_JOBS: run only these jobs (an A/B of a few rows); the report reads n/a elsewhere.
+ONLY_JOBS=${BENCH_JOBS:-}
 # Rows that run only some of the jobs (the busy-poll-off CPU rows: writes only).
 declare -A ROW_JOBS=(
     [mirrord-bp0]="seqwrite-1m-qd8 randwrite-4k-qd32"
@@ -429,6 +432,9 @@ main() {
                 FIO_TARGET=(--ioengine=nbd --uri="$URI")
             fi
             for job in ${ROW_JOBS[$server]:-$JOB_ORDER}; do
+                if [ -n "$ONLY_JOBS" ] && [[ " $ONLY_JOBS " != *" $job "* ]]; then
+                    continue
+                fi
                 log "$server: $job (${JOB_SECONDS}s)"
                 run_job "$server" "$job" "$round"
             done
