@@ -13,6 +13,7 @@ pub mod metrics;
 mod nbd_conn;
 pub mod notify;
 mod peer_link;
+mod peer_spin;
 mod peer_tls;
 pub mod setup;
 mod socket;

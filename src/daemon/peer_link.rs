@@ -22,13 +22,14 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 
+use super::peer_spin::PeerSpin;
 use super::peer_tls::{TlsContext, TlsRecords};
 use super::{lock, Shared};
 use crate::core::{Event, LinkId};
@@ -406,6 +407,7 @@ async fn read_loop(
     // After a large frame, the next read takes little more than a header, so the next large
     // payload is not read into (and then copied out of) the receive buffer.
     let mut after_large = false;
+    let mut spin = PeerSpin::new(shared.settings.nbd_busy_poll_us > 0 && tls.is_none());
     let reason = loop {
         let mut err = None;
         let mut large = None;
@@ -427,6 +429,7 @@ async fn read_loop(
             }
         }
         if !msgs.is_empty() {
+            spin.batch(&msgs);
             // A batch: the peer's writes go to the page cache on this thread (large ones too),
             // and the NBD replies their acks release leave together.
             super::disk_io::batch_with(&shared, super::disk_io::InlineWrites::Any, || {
@@ -459,7 +462,13 @@ async fn read_loop(
             usize::MAX
         };
         let read = match &tls {
-            None => read_some(&rd, &mut buf, limit).await,
+            None => {
+                let (read, gap) = read_some_timed(&rd, &mut buf, limit, spin.poll()).await;
+                if let Some(gap) = gap {
+                    spin.waited(gap);
+                }
+                read
+            }
             Some(records) => read_tls(&rd, records, &mut cipher, &mut buf).await,
         };
         match read {
@@ -496,7 +505,7 @@ async fn read_tls(
         if cipher.capacity() - cipher.len() < 16 * 1024 {
             cipher.reserve(64 * 1024);
         }
-        if read_some(s, cipher, usize::MAX).await? == 0 {
+        if read_some(s, cipher, usize::MAX, Duration::ZERO).await? == 0 {
             return Ok(0);
         }
         let closed = records.open(cipher, buf)?;
@@ -506,14 +515,46 @@ async fn read_tls(
     }
 }
 
-/// Reads what the socket has, at most `limit` bytes (waiting until it has something).
-async fn read_some(s: &TcpStream, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+/// Reads what the socket has, at most `limit` bytes (waiting until it has something, first
+/// spinning up to `poll` when it has nothing).
+async fn read_some(
+    s: &TcpStream,
+    buf: &mut BytesMut,
+    limit: usize,
+    poll: Duration,
+) -> io::Result<usize> {
+    read_some_timed(s, buf, limit, poll).await.0
+}
+
+/// [`read_some`], and how long the socket stayed empty if it was empty at first (None if
+/// it was not, or if it ended).
+async fn read_some_timed(
+    s: &TcpStream,
+    buf: &mut BytesMut,
+    limit: usize,
+    poll: Duration,
+) -> (io::Result<usize>, Option<Duration>) {
+    let mut empty_since = None;
+    let mut poll = poll;
     loop {
-        match s.try_read_buf(&mut (&mut *buf).limit(limit)) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.readable().await?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            other => return other,
-        }
+        let read = match s.try_read_buf(&mut (&mut *buf).limit(limit)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                empty_since.get_or_insert_with(Instant::now);
+                if let Some(read) = super::socket::poll_read(s.as_raw_fd(), buf, limit, poll) {
+                    read
+                } else {
+                    // Spun once; after a wake-up without data, sleep again.
+                    poll = Duration::ZERO;
+                    if let Err(e) = s.readable().await {
+                        return (Err(e), None);
+                    }
+                    continue;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other,
+        };
+        return (read, empty_since.map(|t: Instant| t.elapsed()));
     }
 }
 
