@@ -400,6 +400,12 @@ main() {
     load_start=$(load_line)
     log "machine: $load_start"
     tcp_floor start
+    if [[ " $SERVERS " == *" mirrord-pair-c-bp0 "* ]]; then
+        # The floor under the pair's CPU per MiB: the kernel's own cost of the transfer.
+        log "loopback floor (tools/bench/loopback_floor.py)"
+        "$PY" "$ROOT/tools/bench/loopback_floor.py" "$WORK" 1024 3 >"$RAW/loopback-floor.md" 2>&1 ||
+            log "loopback floor: failed (see $RAW/loopback-floor.md)"
+    fi
 
     local order=() round i n
     read -r -a order <<<"$SERVERS"

@@ -26,7 +26,10 @@ against the single node from the busy-poll-off rows (mirrord-pair-c-bp0,
 mirrord-bp0), per process and for the whole machine less fio; the pair's
 QD1 latency against the single node's plus the loopback TCP round trip
 plus 15 µs; the pair's 4K QD32 write IOPS against the single node's; and
-the single node and the pair's reads against the best reference.
+the single node and the pair's reads against the best reference. When
+bench.sh ran tools/bench/loopback_floor.py (RAWDIR/loopback-floor.md), the
+floor it measured under the 1M CPU ratio (the kernel's loopback TCP transfer
+and the peer's page-cache write, no nbd-mirror code) is a row there too.
 """
 import json
 import os
@@ -173,6 +176,35 @@ def cpu_ratio_rows(cpu, job, unit, single, pair):
     return rows
 
 
+def floor_ratio(rawdir):
+    """The floor ratio tools/bench/loopback_floor.py printed into RAWDIR/loopback-floor.md
+    (its last line, "floor-ratio R"), or None."""
+    try:
+        with open(os.path.join(rawdir, "loopback-floor.md")) as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("floor-ratio "):
+            try:
+                return float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
+def floor_lines(rawdir):
+    """loopback_floor.py's table, if bench.sh ran it."""
+    try:
+        with open(os.path.join(rawdir, "loopback-floor.md")) as f:
+            text = f.read().strip()
+    except OSError:
+        return []
+    return ["", "The kernel's cost of a replicated MiB on this machine, no nbd-mirror code "
+            "(tools/bench/loopback_floor.py; CPU per MiB moved, the receiver writing it into "
+            "a file's page cache):", "", text]
+
+
 def target_lines(rawdir, values, cpu, servers):
     """The targets of issue 21 and how far each figure of this run is from its target."""
     names = {n for n, _ in servers}
@@ -183,6 +215,13 @@ def target_lines(rawdir, values, cpu, servers):
     single0, pair0 = "mirrord-bp0", "mirrord-pair-c-bp0"
     if single0 in names and pair0 in names:
         out += cpu_ratio_rows(cpu, "seqwrite-1m-qd8", "MiB (1M seq write QD8, busy-poll 0)", single0, pair0)
+        floor = floor_ratio(rawdir)
+        title = "floor under that ratio here: the kernel's loopback transfer (loopback_floor.py)"
+        if floor is None:
+            out.append(target_row(title, "n/a", "≤ 2.20x", None, "n/a"))
+        else:
+            out.append(target_row(title, f"{floor:.2f}x", "≤ 2.20x", floor <= 2.2,
+                                  f"{floor - 2.2:+.2f}x"))
         out += cpu_ratio_rows(cpu, "randwrite-4k-qd32", "write (4K rand write QD32, busy-poll 0)", single0, pair0)
     if single in names and pair in names:
         lat_s, lat_p = values.get((single, "lat-4k-qd1")), values.get((pair, "lat-4k-qd1"))
@@ -346,6 +385,7 @@ def main():
             "replicated write's trip to the peer): " + floor + " usec mean."
         )
     ratio_lines += target_lines(rawdir, values, cpu, servers)
+    ratio_lines += floor_lines(rawdir)
 
     text = "\n".join(lines + ratio_lines)
     if notes:
