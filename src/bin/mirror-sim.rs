@@ -128,6 +128,7 @@ fn main() {
     let (mut events, mut sim_us, mut reads, mut crashes, mut sbs) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut streamed = 0u64;
     let (mut meta_failures, mut stop_flush_failures, mut fua_trims) = (0u64, 0u64, 0u64);
+    let mut stop_peer_flush_waits = 0u64;
     let (mut trims_cut, mut trim_skipped, mut budget_seeds) = (0u64, 0u64, 0u64);
     let (mut held_ticks, mut held_seeds) = (0u64, 0u64);
     let mut meta_seeds = 0u64;
@@ -165,6 +166,7 @@ fn main() {
         meta_failures += o.stats.meta_failures;
         meta_seeds += u64::from(o.stats.meta_failures > 0);
         stop_flush_failures += o.stats.stop_flush_failures;
+        stop_peer_flush_waits += o.stats.stop_peer_flush_waits;
         fua_trims += o.stats.fua_trims;
         trims_cut += o.stats.trims_cut_short;
         trim_skipped += o.stats.trim_bytes_skipped;
@@ -216,7 +218,7 @@ fn main() {
         resends.replies_lost
     );
     eprintln!(
-        "mirror-sim: {meta_failures} metadata writes failed (in {meta_seeds} seeds{}), {stop_flush_failures} clean stops whose data flush failed, {fua_trims} trims and write-zeroes with FUA",
+        "mirror-sim: {meta_failures} metadata writes failed (in {meta_seeds} seeds{}), {stop_flush_failures} clean stops whose data flush failed, {stop_peer_flush_waits} clean stops that waited for the peer's flush, {fua_trims} trims and write-zeroes with FUA",
         if args.no_meta_failures {
             ", --no-meta-failures"
         } else {

@@ -161,6 +161,8 @@ pub struct Node {
     pub(super) txn: super::meta_txn::MetaTxns,
     /// A clean stop has begun (`Node::begin_stop`).
     pub(super) stopping: bool,
+    /// The flush a clean stop sent the peer once its clients were idle (stop.rs).
+    pub(super) stop_peer_flush: Option<u64>,
     /// What the peer owes us in this session: writes, flushes, reads (peer_owed.rs).
     pub(super) owed: super::peer_owed::PeerOwed,
     pub(super) now_ms: u64,
@@ -241,6 +243,7 @@ impl Node {
             bitmap,
             txn: super::meta_txn::MetaTxns::new(al),
             stopping: false,
+            stop_peer_flush: None,
             owed: super::peer_owed::PeerOwed::default(),
             now_ms: 0,
             resync_rate: super::resync_rate::ResyncRate::new(0),
@@ -1697,6 +1700,7 @@ impl Node {
                 let id = self.new_id();
                 self.send_peer_flush(id);
             }
+            self.stop_flush_tick();
         }
         self.resync_tick();
         self.maybe_resume_verify();

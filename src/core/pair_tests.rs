@@ -1480,6 +1480,55 @@ fn a_clean_stop_keeps_the_activity_log_unless_the_data_was_flushed() {
     }
 }
 
+/// A clean stop of the primary asks the peer to flush the writes it
+/// acknowledged once the clients are idle, and is ready for its final metadata
+/// only after the answer: the stop then leaves no `PEER_MAY_LACK`, so a
+/// planned failover (the peer promoted, the old primary back later) is an
+/// ordinary resync, not a split brain (chaos seed 1057296862449).
+#[test]
+fn a_clean_stop_flushes_the_peer_before_its_final_metadata() {
+    let mut p = Pair::in_sync("");
+    p.run_until(5_000, "in sync", |p| p.in_sync_now());
+    p.node(0).attach_client(9).expect("alpha serves I/O");
+    p.queue_write(0, 1, 3, 0x44);
+    p.settle();
+    assert_eq!(p.replies_for(0, 1), vec![Ok(None)], "beta acknowledged it");
+    p.node(0).detach_client(9);
+    p.settle();
+    let before = stop_flushes(&p);
+    p.node(0).handle(Event::StopBegin);
+    assert!(
+        !p.node(0).stop_ready(),
+        "the stop waits for the peer's flush"
+    );
+    p.settle();
+    assert_eq!(stop_flushes(&p), before + 1, "one flush, sent at the stop");
+    assert!(p.node(0).stop_ready(), "answered: the stop may end");
+    p.node(0).shutdown(true);
+    p.settle();
+    assert_eq!(
+        p.md[0].sb.flags & md_flags::PEER_MAY_LACK,
+        0,
+        "nothing the peer acknowledged is left unflushed there"
+    );
+    // Nothing unflushed at the stop: no flush, and ready at once.
+    let mut q = Pair::in_sync("");
+    q.run_until(5_000, "in sync", |q| q.in_sync_now());
+    let before = stop_flushes(&q);
+    q.node(0).handle(Event::StopBegin);
+    assert!(q.node(0).stop_ready());
+    q.settle();
+    assert_eq!(stop_flushes(&q), before, "nothing to flush");
+}
+
+/// Flushes alpha sent to the peer so far.
+fn stop_flushes(p: &Pair) -> usize {
+    p.sent[0]
+        .iter()
+        .filter(|m| matches!(m, crate::peer::Message::Flush { .. }))
+        .count()
+}
+
 /// Local writes whose data the daemon splices from the client's socket to the disk
 /// (`Event::StreamWrite`): admitted only when nothing but the local disk needs the data
 /// and the write can start at once; otherwise nothing happens at all.

@@ -157,6 +157,16 @@ impl PeerOwed {
         assert!(r.is_some(), "peer read {id} is not outstanding");
     }
 
+    /// Writes the peer acknowledged but has not flushed.
+    pub(super) fn has_unflushed(&self) -> bool {
+        !self.unflushed.is_empty()
+    }
+
+    /// Flush `id` went to the peer and is not answered yet.
+    pub(super) fn flush_pending(&self, id: u64) -> bool {
+        self.flush_marks.contains_key(&id)
+    }
+
     /// Reads sent to the peer wait for it.
     pub(super) fn has_reads(&self) -> bool {
         !self.reads.is_empty()

@@ -13,6 +13,7 @@ impl Node {
         self.stopping = true;
         // A pause ends as its grace would have: the process is going away.
         self.end_pause_alone();
+        self.stop_flush_tick();
         if !self.freeze.suspended() {
             return;
         }
@@ -27,6 +28,45 @@ impl Node {
         }
         self.freeze.forget_fence();
         self.resume_io("stopping");
+    }
+
+    /// A clean stop whose clients are idle asks the peer, once, to flush the
+    /// writes it acknowledged, and waits for the answer ([`Node::stop_ready`])
+    /// before its final metadata: a stop that left them unflushed marked
+    /// `PEER_MAY_LACK`, and a planned failover (the stopped primary's peer
+    /// promoted, writing, the old primary back) then ended in a split brain
+    /// (chaos seed 1057296862449), though the peer never lost them. A link
+    /// lost before the answer marks them as any link loss does.
+    pub(super) fn stop_flush_tick(&mut self) {
+        if !self.stopping
+            || self.stop_peer_flush.is_some()
+            || self.conn != ConnState::Connected
+            || !self.clients_idle()
+            || !self.owed.has_unflushed()
+        {
+            return;
+        }
+        let id = self.new_id();
+        self.send_peer_flush(id);
+        self.stop_peer_flush = Some(id);
+        assert!(self.owed.flush_pending(id));
+    }
+
+    /// What a clean stop waits for before [`Event::StopFinal`]: no NBD request
+    /// in flight or held ([`Node::clients_idle`]), and, while the link is up,
+    /// the peer's answer to the stop's flush if one was needed. Outside a
+    /// stop, the same as `clients_idle` (a restart's drain).
+    pub fn stop_ready(&self) -> bool {
+        if !self.clients_idle() {
+            return false;
+        }
+        if !self.stopping || self.conn != ConnState::Connected {
+            return true;
+        }
+        match self.stop_peer_flush {
+            Some(id) => !self.owed.flush_pending(id),
+            None => !self.owed.has_unflushed(),
+        }
     }
 
     /// Clean shutdown: persist the whole bitmap state, an empty activity log if

@@ -370,7 +370,7 @@ impl Shared {
     fn clients_drained(&self) -> bool {
         // Readers first: each hands the core what it read before it ends, so once they are
         // all gone the core's view is complete.
-        self.readers.load(Ordering::SeqCst) == 0 && self.core().clients_idle()
+        self.readers.load(Ordering::SeqCst) == 0 && self.core().stop_ready()
     }
 
     /// `mirrorctl restart`: checks that it can be done now and starts it.

@@ -163,6 +163,8 @@ pub struct Stopping {
     /// The data flush before the shutdown metadata succeeded (the exit's final
     /// flush then does too; after a failed one it fails as well).
     pub flushed: bool,
+    /// The core was idle but waited for the peer's answer to the stop's flush.
+    pub waited_peer_flush: bool,
 }
 
 pub struct SimNode {
@@ -231,6 +233,8 @@ pub struct Stats {
     /// Metadata writes failed (EIO), and clean stops whose data flush failed.
     pub meta_failures: u64,
     pub stop_flush_failures: u64,
+    /// Clean stops that waited for the peer's answer to their flush (stop.rs).
+    pub stop_peer_flush_waits: u64,
     /// Trims and write-zeroes sent with FUA.
     pub fua_trims: u64,
     /// Large trims the node answered early, their time budget spent
@@ -666,6 +670,7 @@ impl Sim {
             since: now,
             shut_down: false,
             flushed: false,
+            waited_peer_flush: false,
         });
         for c in sn.clients.values_mut() {
             c.closing = true;
@@ -682,8 +687,15 @@ impl Sim {
         let inc = self.nodes[n].inc;
         let sn = &self.nodes[n];
         if !st.shut_down {
-            let idle = sn.core.as_ref().is_some_and(|c| c.is_idle())
-                && sn.clients.values().all(|c| c.inflight.is_empty());
+            let core_idle = sn.core.as_ref().is_some_and(|c| c.is_idle());
+            let ready = sn.core.as_ref().is_some_and(|c| c.stop_ready());
+            let idle = core_idle && ready && sn.clients.values().all(|c| c.inflight.is_empty());
+            if core_idle && !ready && !st.waited_peer_flush {
+                self.stats.stop_peer_flush_waits += 1;
+                if let Some(s) = self.nodes[n].stopping.as_mut() {
+                    s.waited_peer_flush = true;
+                }
+            }
             if idle || now - st.since > 20_000_000 {
                 // Clients go away with the daemon (no detach: the process exits).
                 self.nodes[n].clients.clear();
