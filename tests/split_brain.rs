@@ -516,3 +516,77 @@ fn automatic_split_brain_recovery_with_racing_connections() {
     );
     assert_eq!(rounds, 21);
 }
+
+/// A planned failover is not a split brain: a client writes to the primary
+/// (node 0) one block at a time with no flush, and is still writing when node 0
+/// is stopped cleanly with SIGTERM; node 1 is promoted and writes; node 0 comes
+/// back. The stop had node 1 flush what it acknowledged (and what was still in
+/// flight) before it ended, so node 0 holds no writes node 1 may lack: node 1
+/// is the sync source and both disks end as node 1's. Before the stop's flush
+/// this could end in a split brain (chaos seed 1057296862449).
+#[test]
+fn a_planned_failover_after_a_clean_stop_is_a_resync_not_a_split_brain() {
+    let mut c = synced_pair(ClusterSpec::new(2).size(SIZE).mirrord_only());
+    let half = SIZE / BLOCK / 2;
+    let addr = c.nbd_addr(0).clone();
+    let stop_writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop_writing = stop_writing.clone();
+        std::thread::spawn(move || {
+            let (mut conn, _) = common::nbd_wire::RawConn::handshake(&addr, common::EXPORT);
+            let blocks = pick_blocks(41, 64, half);
+            let mut k = 0u64;
+            // Bounded: the stop ends the connection; at most 100,000 writes either way.
+            while !stop_writing.load(std::sync::atomic::Ordering::Relaxed) && k < 100_000 {
+                let b = blocks[(k % blocks.len() as u64) as usize];
+                let data = pattern::bytes(4100 + k, BLOCK as usize);
+                let cookie = k + 1;
+                let sent = conn.send_request(
+                    0,
+                    common::nbd_wire::CMD_WRITE,
+                    cookie,
+                    b * BLOCK,
+                    BLOCK as u32,
+                    &data,
+                );
+                match (sent, conn.read_simple_reply()) {
+                    (Ok(()), Ok(r)) => {
+                        assert_eq!((r.cookie, r.error), (cookie, 0), "write {k} answered");
+                    }
+                    _ => break, // the daemon stopped: this write was never answered
+                }
+                k += 1;
+            }
+            k
+        })
+    };
+    // Long enough for the primary's periodic peer flush (once a second) to go by.
+    std::thread::sleep(Duration::from_millis(1500));
+    let exit = c.stop(0);
+    stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().expect("the writer thread");
+    assert!(written > 0, "the client wrote before the stop");
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "node 0 stopped cleanly: {exit:?}\n{}",
+        c.log_text(0)
+    );
+    c.wait_status(1, T, "node 1 lost the link", not_connected);
+    c.mirrorctl(1, &["primary"]).assert_success();
+    let blocks: Vec<u64> = pick_blocks(42, 16, half)
+        .into_iter()
+        .map(|b| b + half)
+        .collect();
+    write_blocks(&c, 1, &blocks, 42);
+    let survivor = read_disk(&c, 1);
+    c.start(0);
+    wait_in_sync(&c, "node 0 back after the failover");
+    for i in 0..2 {
+        assert_eq!(c.status_json(i)["split_brain"], false, "node {i}");
+        pattern::assert_same(
+            &read_disk(&c, i),
+            &survivor,
+            &format!("node {i}'s disk vs node 1's before node 0 came back"),
+        );
+    }
+}

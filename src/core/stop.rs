@@ -31,7 +31,7 @@ impl Node {
     }
 
     /// A clean stop whose clients are idle asks the peer, once, to flush the
-    /// writes it acknowledged, and waits for the answer ([`Node::stop_ready`])
+    /// writes it acknowledged or still has in flight, and waits for the answer ([`Node::stop_ready`])
     /// before its final metadata: a stop that left them unflushed marked
     /// `PEER_MAY_LACK`, and a planned failover (the stopped primary's peer
     /// promoted, writing, the old primary back) then ended in a split brain
@@ -42,7 +42,7 @@ impl Node {
             || self.stop_peer_flush.is_some()
             || self.conn != ConnState::Connected
             || !self.clients_idle()
-            || !self.owed.has_unflushed()
+            || (!self.owed.has_unflushed() && self.owed.writes_in_flight() == 0)
         {
             return;
         }
@@ -63,9 +63,12 @@ impl Node {
         if !self.stopping || self.conn != ConnState::Connected {
             return true;
         }
+        // The flush follows every write sent so far on the link, so its answer
+        // comes after their acknowledgements: writes still in flight wait for it
+        // too (sent at the next tick if none was needed before).
         match self.stop_peer_flush {
             Some(id) => !self.owed.flush_pending(id),
-            None => !self.owed.has_unflushed(),
+            None => !self.owed.has_unflushed() && self.owed.writes_in_flight() == 0,
         }
     }
 
