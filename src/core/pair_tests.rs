@@ -1480,6 +1480,14 @@ fn a_clean_stop_keeps_the_activity_log_unless_the_data_was_flushed() {
     }
 }
 
+/// Flushes alpha sent to the peer so far.
+fn peer_flushes(p: &Pair) -> usize {
+    p.sent[0]
+        .iter()
+        .filter(|m| matches!(m, crate::peer::Message::Flush { .. }))
+        .count()
+}
+
 /// A clean stop of the primary asks the peer to flush the writes it
 /// acknowledged once the clients are idle, and is ready for its final metadata
 /// only after the answer: the stop then leaves no `PEER_MAY_LACK`, so a
@@ -1495,14 +1503,14 @@ fn a_clean_stop_flushes_the_peer_before_its_final_metadata() {
     assert_eq!(p.replies_for(0, 1), vec![Ok(None)], "beta acknowledged it");
     p.node(0).detach_client(9);
     p.settle();
-    let before = stop_flushes(&p);
+    let before = peer_flushes(&p);
     p.node(0).handle(Event::StopBegin);
     assert!(
         !p.node(0).stop_ready(),
         "the stop waits for the peer's flush"
     );
     p.settle();
-    assert_eq!(stop_flushes(&p), before + 1, "one flush, sent at the stop");
+    assert_eq!(peer_flushes(&p), before + 1, "one flush, sent at the stop");
     assert!(p.node(0).stop_ready(), "answered: the stop may end");
     p.node(0).shutdown(true);
     p.settle();
@@ -1514,19 +1522,11 @@ fn a_clean_stop_flushes_the_peer_before_its_final_metadata() {
     // Nothing unflushed at the stop: no flush, and ready at once.
     let mut q = Pair::in_sync("");
     q.run_until(5_000, "in sync", |q| q.in_sync_now());
-    let before = stop_flushes(&q);
+    let before = peer_flushes(&q);
     q.node(0).handle(Event::StopBegin);
     assert!(q.node(0).stop_ready());
     q.settle();
-    assert_eq!(stop_flushes(&q), before, "nothing to flush");
-}
-
-/// Flushes alpha sent to the peer so far.
-fn stop_flushes(p: &Pair) -> usize {
-    p.sent[0]
-        .iter()
-        .filter(|m| matches!(m, crate::peer::Message::Flush { .. }))
-        .count()
+    assert_eq!(peer_flushes(&q), before, "nothing to flush");
 }
 
 /// Local writes whose data the daemon splices from the client's socket to the disk
@@ -1806,14 +1806,6 @@ mod large_writes {
     #[test]
     fn a_trim_wider_than_the_activity_log_completes_disconnected() {
         trim_of_the_whole_device(false);
-    }
-
-    /// Flushes alpha sent to the peer so far.
-    fn peer_flushes(p: &Pair) -> usize {
-        p.sent[0]
-            .iter()
-            .filter(|m| matches!(m, Message::Flush { .. }))
-            .count()
     }
 
     /// A TRIM or WRITE_ZEROES with FUA is answered (once, with its own cookie)

@@ -505,7 +505,7 @@ async fn read_tls(
         if cipher.capacity() - cipher.len() < 16 * 1024 {
             cipher.reserve(64 * 1024);
         }
-        if read_some(s, cipher, usize::MAX, Duration::ZERO).await? == 0 {
+        if read_some(s, cipher, usize::MAX).await? == 0 {
             return Ok(0);
         }
         let closed = records.open(cipher, buf)?;
@@ -515,19 +515,13 @@ async fn read_tls(
     }
 }
 
-/// Reads what the socket has, at most `limit` bytes (waiting until it has something, first
-/// spinning up to `poll` when it has nothing).
-async fn read_some(
-    s: &TcpStream,
-    buf: &mut BytesMut,
-    limit: usize,
-    poll: Duration,
-) -> io::Result<usize> {
-    read_some_timed(s, buf, limit, poll).await.0
+/// Reads what the socket has, at most `limit` bytes (waiting until it has something).
+async fn read_some(s: &TcpStream, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+    read_some_timed(s, buf, limit, Duration::ZERO).await.0
 }
 
-/// [`read_some`], and how long the socket stayed empty if it was empty at first (None if
-/// it was not, or if it ended).
+/// [`read_some`], first spinning up to `poll` when the socket has nothing; also how long
+/// the socket stayed empty if it was empty at first (None if it was not, or if it ended).
 async fn read_some_timed(
     s: &TcpStream,
     buf: &mut BytesMut,
