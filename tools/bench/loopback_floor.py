@@ -24,6 +24,7 @@ usage: loopback_floor.py DIR [MIB] [ROUNDS]
   (default 2048); ROUNDS (default 3). Prints a markdown table and a last line
   "floor-ratio R" (R = the pair's floor / the single node, tcp-recv path).
 """
+import fcntl
 import os
 import resource
 import socket
@@ -84,7 +85,6 @@ def receive_copy(rx, fd, mib):
 def receive_splice(rx, fd, mib):
     r, w = os.pipe()
     try:
-        import fcntl
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         for i in range(mib):
             base = (i % REGION) * MIB
